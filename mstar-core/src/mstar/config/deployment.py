@@ -1,0 +1,59 @@
+"""`DeploymentConfig`: the YAML of seed 000, used by the in-process API and the server.
+
+Placement lives here and only here: which ranks hold which nodes, per walk, with which
+tensor-parallel size and dtype. `validate_for_model` checks it against the model's nodes,
+walks and TP nodes before anything starts, giving one error per bad field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class NodeGroup(BaseModel):
+    """Place `node_names` on `ranks`, optionally only for `graph_walks`, sharded over
+    `tp_size` ranks, in `dtype` (overrides the model's dtype policy for these nodes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_names: list[str] = Field(min_length=1)
+    ranks: list[int] = Field(min_length=1)
+    graph_walks: list[str] | None = None
+    tp_size: int = Field(default=1, ge=1)
+    dtype: str | None = None
+
+
+class KVCacheConfig(BaseModel):
+    """Cache capacity: an explicit `num_pages` per KV node pool, or `memory_fraction` of
+    free memory divided among the ranks sharing the device (on CPU, the host's ranks).
+    `shares` splits a rank's pages between its KV nodes (default: proportional to each
+    node's bytes per token x max_seq_len)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    page_size: int = Field(default=16, ge=1)
+    num_pages: int | None = Field(default=None, ge=1)
+    memory_fraction: float = Field(default=0.3, gt=0, le=1)
+    shares: dict[str, float] | None = None
+
+
+class SchedulerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_batched_tokens: int = Field(default=2048, ge=1)
+    max_num_seqs: int = Field(default=256, ge=1)
+
+
+class DeploymentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_seq_len: int = Field(default=4096, ge=1)
+    node_groups: list[NodeGroup] = Field(default_factory=list)
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    max_concurrent_requests: int = Field(default=256, ge=1)
+    request_timeout: float | None = Field(default=None, gt=0)

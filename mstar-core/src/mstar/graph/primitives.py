@@ -1,0 +1,201 @@
+"""Graph primitives a model builds its walks from.
+
+A walk is a small program over graph nodes: `Sequential` runs items in order, `Parallel`
+runs branches on the same inputs (a branch may be skipped per request or per iteration),
+`Loop` repeats its body with carried values. These objects are declarations only: walks are
+compiled to a flat instruction list (`mstar.graph.compile`) and executed by a per-request
+cursor in the worker, never by a recursive interpreter, so one engine step can batch
+requests that stand at different places of different walks.
+
+Values flow by name: every request has an environment (name -> tensor or small host value);
+a node reads its `inputs` from it and writes its `outputs` back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+#: A skip rule sees the request's environment (host values and tensors) and the loop
+#: iteration (or None outside loops) and returns True to skip the branch this time.
+SkipRule = Callable[[Mapping[str, Any], int | None], bool]
+#: A prepare rule sees the same and returns values to add to the environment.
+PrepareRule = Callable[[Mapping[str, Any], int | None], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    """One invocation of a node (a submodule placed by the config).
+
+    `alias_of` makes a branch node: it shares the target's module and weights but keeps its
+    own KV `label` (CFG branches: `GraphNode("LLM_uncond", alias_of="LLM", label="uncond")`).
+    `inputs` / `outputs` name environment values. `rename` maps this node's output names to
+    environment names (so two branches of one module can write `velocity` and
+    `velocity_uncond`). `emit` names outputs sent to the client side (postprocess) each time
+    the node runs. `skip` makes it skippable inside a `Parallel`.
+    """
+
+    name: str
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    alias_of: str | None = None
+    label: str = "main"
+    rename: Mapping[str, str] = field(default_factory=dict)
+    emit: tuple[str, ...] = ()
+    skip: SkipRule | None = None
+    prepare: PrepareRule | None = None
+
+    @property
+    def module(self) -> str:
+        """The node whose module and weights run this invocation."""
+        return self.alias_of or self.name
+
+
+@dataclass(frozen=True)
+class Sequential:
+    items: tuple[WalkItem, ...]
+
+    def __init__(self, *items: WalkItem):
+        object.__setattr__(self, "items", tuple(items))
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Branches that may run concurrently (batched together when co-located).
+
+    Branches are `GraphNode`s; a branch whose `skip` rule says so does not run (CFG scale 1,
+    outside the CFG interval).
+    """
+
+    branches: tuple[GraphNode, ...]
+
+    def __init__(self, *branches: GraphNode):
+        object.__setattr__(self, "branches", tuple(branches))
+
+
+@dataclass(frozen=True)
+class Loop:
+    """Repeat `body` `times` times (an int, or the name of a request value) or `until` a
+    condition holds (the name of a boolean environment value, or a callable of the
+    environment), whichever comes first. `carry` maps a body output to the input it feeds
+    next iteration (a list means same-named); carried values stay on the owner's device, are
+    keyed by (request, loop) so branches share them, and migrate with the request.
+
+    `iteration` names the environment value holding the 0-based iteration (for noise keys
+    and timesteps). The condition is checked after each iteration; `times` of 0 runs nothing.
+    """
+
+    body: WalkItem
+    times: int | str | None = None
+    until: str | Callable[[Mapping[str, Any]], bool] | None = None
+    carry: Mapping[str, str] | Sequence[str] = ()
+    iteration: str = "iteration"
+
+    def carry_map(self) -> dict[str, str]:
+        if isinstance(self.carry, Mapping):
+            return dict(self.carry)
+        return {name: name for name in self.carry}
+
+
+WalkItem = Union[GraphNode, Sequential, Parallel, Loop]
+
+
+@dataclass(frozen=True)
+class Walk:
+    """A named execution plan: its body and the outputs reported at its end.
+
+    `control` names small host values sent to the conductor when the walk ends (sampled ids,
+    finish reason; at most 4 KiB per request); `results` names tensors kept on the worker
+    and reported to the conductor by handle so the next walk can consume them.
+    """
+
+    body: WalkItem
+    control: tuple[str, ...] = ()
+    results: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GraphEdge:
+    """A plain edge: `tensors` of node `src` feed node `dst` (possibly on another rank)."""
+
+    src: str
+    dst: str
+    tensors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChunkPolicy:
+    """How a streaming edge cuts a growing sequence of units (rows along dim 0) into windows.
+
+    Emission boundaries are e0 = 0, e1 = `first_chunk`, e(k+1) = e(k) + `hop`. The window for
+    emitting units [e(k), e(k+1)) spans input units [e(k) - left, e(k+1) + lookahead),
+    clipped to what exists, where left = `emit[0]` and lookahead = `window` - `emit[1]`; it is
+    ready once e(k+1) + lookahead units exist or the stream has ended. At end of stream the
+    remaining units are flushed with whatever context exists, so every input unit's output
+    is emitted exactly once. `emit[1] - emit[0]` must equal `hop`.
+    """
+
+    window: int
+    hop: int
+    emit: tuple[int, int]
+    first_chunk: int | None = None
+    max_buffered: int = 64
+
+    def __post_init__(self):
+        start, end = self.emit
+        if not (0 <= start < end <= self.window):
+            raise ValueError(f"emit range {self.emit} must satisfy 0 <= start < end <= window")
+        if end - start != self.hop:
+            raise ValueError(f"emit range {self.emit} must span hop={self.hop} units")
+        if self.first_chunk is not None and self.first_chunk <= 0:
+            raise ValueError("first_chunk must be positive")
+        if self.max_buffered < self.window:
+            raise ValueError("max_buffered must hold at least one window")
+
+    @property
+    def left(self) -> int:
+        return self.emit[0]
+
+    @property
+    def lookahead(self) -> int:
+        return self.window - self.emit[1]
+
+
+@dataclass(frozen=True)
+class StreamingGraphEdge:
+    """A cross-partition stream: each time node `src` (in the producer partition) runs for
+    a request that uses `dst`'s partition, its outputs named in `tensors` (src output name
+    -> dst input name; equal row counts: one row per unit) are appended to the request's
+    stream and cut by `policy` into windows for node `dst` (in the consumer partition).
+    Outputs of an invocation fed by a window are cut to the window's emit range (rows scale
+    with the output/input length ratio). The buffer is bounded per request (backpressure
+    pauses only that request's producer); end of stream reaches the consumer as the boolean
+    environment value `end_flag`."""
+
+    src: str
+    dst: str
+    tensors: Mapping[str, str]
+    policy: ChunkPolicy
+    end_flag: str = "stream_ended"
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A set of nodes that runs concurrently with the model's other partitions."""
+
+    name: str
+    nodes: tuple[str, ...]
+
+
+def walk_nodes(item: WalkItem) -> list[GraphNode]:
+    """Every GraphNode of a walk item, in program order."""
+    if isinstance(item, GraphNode):
+        return [item]
+    if isinstance(item, Sequential):
+        return [n for it in item.items for n in walk_nodes(it)]
+    if isinstance(item, Parallel):
+        return list(item.branches)
+    if isinstance(item, Loop):
+        return walk_nodes(item.body)
+    raise TypeError(f"not a walk item: {item!r}")

@@ -1,0 +1,234 @@
+"""The model contract: what a model declares, and the only things the runtime asks of it.
+
+A model never schedules, batches or names a rank. It declares its nodes and their engines,
+its walks, its KV layout and weights, and three host-side functions: `process_prompt` (in a
+data worker, before anything runs), `next_walk` (in the conductor, at walk boundaries, on
+small control values only) and `postprocess` (in a data worker, turning raw outputs into
+client events).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from mstar.graph.primitives import Partition, StreamingGraphEdge, Walk
+from mstar.model.forward import ExtraSpec, OutputAt, Segment
+
+if TYPE_CHECKING:
+    from mstar import events
+    from mstar.model.sampling import SamplingParams
+    from mstar.weights.spec import WeightSpec
+    from torch import nn
+
+EngineType = Literal["kv_cache", "stateless"]
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """What the KV-cache engine needs to know about a node.
+
+    The cache is sized from `num_layers`, `num_kv_heads`, `head_dim` and `dtype`; `labels`
+    are the KV labels the node's sequences may use (branch nodes' labels included).
+    `position_axes` is 1 for 1-D RoPE or A for multi-axis positions. `extras` are the extra
+    inputs the node's forward reads from `ForwardBatch.extras`; `outputs` maps each named
+    output to where it is taken (`"last"`, `"all"`, `"segment:k"`). An output named
+    `logits` is sampled by the core sampler into `token_ids`.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.float32
+    labels: tuple[str, ...] = ("main",)
+    position_axes: int = 1
+    extras: tuple[ExtraSpec, ...] = ()
+    outputs: Mapping[str, OutputAt] = field(default_factory=lambda: {"logits": "last"})
+
+    def bytes_per_token(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What `build_submodule` gets: where and how the node runs."""
+
+    node: str
+    device: torch.device
+    dtype: torch.dtype
+    tp_rank: int = 0
+    tp_size: int = 1
+    tp_group: Any = None  # torch.distributed group when tp_size > 1
+
+
+@dataclass(frozen=True)
+class Fork:
+    """Share the first `length` tokens (all when None) of a sequence copy-on-write into
+    another label and/or child: CFG branches, `n` completions, CEM candidates."""
+
+    node: str
+    length: int | None = None
+    label: str = "main"
+    child: int = 0
+    src_label: str = "main"
+    src_child: int = 0
+
+
+@dataclass
+class WalkStep:
+    """Run `walk` next. `inputs` are new environment values (tensors, host values, or
+    handles of results of earlier walks); `forks` run before it starts; `children` runs the
+    walk once per child (0..children-1), each with its own environment copy."""
+
+    walk: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+    forks: list[Fork] = field(default_factory=list)
+    children: int = 1
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The request (or this partition's part of it) is done."""
+
+    reason: str = "stop"
+
+
+@dataclass
+class RequestPlan:
+    """What `process_prompt` returns: the first walk of each partition the request uses
+    (partitions not named are never touched), request-wide host values (visible to every
+    walk's environment: `max_tokens`, `num_steps`, `guidance_scale`, …), sampling
+    parameters per site (`"default"` applies where a site has none), and the seed (drawn at
+    admission when None)."""
+
+    first_walks: dict[str, WalkStep]
+    params: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, SamplingParams] = field(default_factory=dict)
+    seed: int | None = None
+    prompt_tokens: int = 0
+
+
+@dataclass
+class RequestState:
+    """What `next_walk` sees: the request's host values, which partition/child/walk just
+    ended, and `store`, a small dict the model may keep across walks (host values only)."""
+
+    request_id: str
+    params: dict[str, Any]
+    partition: str
+    walk: str
+    child: int = 0
+    walks_done: list[str] = field(default_factory=list)
+    store: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OutputState:
+    """What `postprocess` sees for one request: its host values, a `store` for incremental
+    state (e.g. audio samples already emitted) and core's incremental detokenizer."""
+
+    request_id: str
+    params: dict[str, Any]
+    store: dict[str, Any] = field(default_factory=dict)
+    detokenizer: Any = None
+
+
+class Model:
+    """Base class of every model. Subclasses set `config_class` and `presets`, and
+    implement the declarations below.
+
+    `config_class` is a dataclass built from the checkpoint's `config.json` (via
+    `config_from_checkpoint`) or a preset, then updated with the deployment's
+    `model_kwargs` (fixed at server start).
+    """
+
+    config_class: ClassVar[type]
+    #: Preset name -> config field overrides. `tiny` (CPU tests) and `small` (CPU
+    #: benchmarks) are expected of every model; real sizes may be presets too.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    # -- configuration -------------------------------------------------------------------
+    @classmethod
+    def config_from_checkpoint(cls, checkpoint_config: dict[str, Any]) -> Any:
+        """Build the config dataclass from a checkpoint's config.json. Default: pick the
+        dataclass's fields by name."""
+        names = {f.name for f in dataclasses.fields(cls.config_class)}
+        return cls.config_class(**{k: v for k, v in checkpoint_config.items() if k in names})
+
+    @classmethod
+    def make_config(cls, *, preset: str | None = None,
+                    checkpoint_config: dict[str, Any] | None = None,
+                    model_kwargs: Mapping[str, Any] | None = None) -> Any:
+        if preset is not None:
+            if preset not in cls.presets:
+                raise ValueError(f"unknown preset {preset!r} for {cls.__name__}; "
+                                 f"available: {sorted(cls.presets)}")
+            config = cls.config_class(**cls.presets[preset])
+        elif checkpoint_config is not None:
+            config = cls.config_from_checkpoint(checkpoint_config)
+        else:
+            config = cls.config_class()
+        if model_kwargs:
+            names = {f.name for f in dataclasses.fields(config)}
+            unknown = sorted(set(model_kwargs) - names)
+            if unknown:
+                raise ValueError(f"unknown model_kwargs {unknown}; allowed: {sorted(names)}")
+            config = dataclasses.replace(config, **dict(model_kwargs))
+        return config
+
+    # -- declarations --------------------------------------------------------------------
+    def node_engine_types(self) -> dict[str, EngineType]:
+        """Every graph node (branch nodes excluded) and its engine."""
+        raise NotImplementedError
+
+    def tp_nodes(self) -> set[str]:
+        """Nodes whose weights may be sharded with `tp_size` > 1."""
+        return set()
+
+    def graph_walks(self) -> dict[str, Walk]:
+        raise NotImplementedError
+
+    def partitions(self) -> list[Partition]:
+        """Disjoint node sets that run concurrently. Default: one partition, every node."""
+        return [Partition("main", tuple(self.node_engine_types()))]
+
+    def streaming_edges(self) -> list[StreamingGraphEdge]:
+        return []
+
+    def kv_spec(self, node: str) -> KVSpec:
+        raise NotImplementedError(f"{type(self).__name__} has no KV spec for {node!r}")
+
+    def build_submodule(self, node: str, ctx: BuildContext) -> nn.Module:
+        raise NotImplementedError
+
+    def weight_spec(self, node: str) -> WeightSpec:
+        """Where the node's weights come from and how checkpoint keys map to parameters."""
+        raise NotImplementedError
+
+    def stateless_inputs(self, node: str) -> tuple[str, ...]:
+        """Optional: inputs of a stateless node (default: those its GraphNodes name)."""
+        return ()
+
+    # -- host-side request handling ------------------------------------------------------
+    def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
+        raise NotImplementedError
+
+    def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Finished:
+        raise NotImplementedError
+
+    def postprocess(self, outputs: Mapping[str, Any], state: OutputState) -> list[events.Event]:
+        raise NotImplementedError
+
+    def tokenizer(self) -> Any:
+        """The tokenizer core's detokenizer uses (None when the model emits no text)."""
+        return None
+
+    def default_segments(self, n: int) -> list[Segment]:
+        return [Segment(n, "causal")]
