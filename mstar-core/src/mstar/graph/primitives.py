@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 #: A skip rule sees the request's environment (host values and tensors) and the loop
 #: iteration (or None outside loops) and returns True to skip the branch this time.
@@ -98,7 +98,7 @@ class Loop:
         return {name: name for name in self.carry}
 
 
-WalkItem = Union[GraphNode, Sequential, Parallel, Loop]
+WalkItem = GraphNode | Sequential | Parallel | Loop
 
 
 @dataclass(frozen=True)
