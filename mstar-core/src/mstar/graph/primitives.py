@@ -107,12 +107,15 @@ class Walk:
 
     `control` names small host values sent to the conductor when the walk ends (sampled ids,
     finish reason; at most 4 KiB per request); `results` names tensors kept on the worker
-    and reported to the conductor by handle so the next walk can consume them.
+    and reported to the conductor by handle so the next walk can consume them; `emit`
+    names values sent to the client side (postprocess) when the walk ends (a denoised
+    action chunk, a final latent).
     """
 
     body: WalkItem
     control: tuple[str, ...] = ()
     results: tuple[str, ...] = ()
+    emit: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ class KVSpec:
     are the KV labels the node's sequences may use (branch nodes' labels included).
     `position_axes` is 1 for 1-D RoPE or A for multi-axis positions. `extras` are the extra
     inputs the node's forward reads from `ForwardBatch.extras`; `outputs` maps each named
-    output to where it is taken (`"last"`, `"all"`, `"segment:k"`). An output named
+    output to where it is taken (`"last"`, `"all"`, `"segment:k"`, k may be negative:
+    `"segment:-1"` is the chunk's last segment). An output named
     `logits` is sampled by the core sampler into `token_ids`.
     """
 
