@@ -1,0 +1,31 @@
+"""Deployment configuration: the YAML schema, loading, and checks against a model.
+
+Importing this package imports no torch.
+"""
+
+from mstar.config.deployment import DeploymentConfig, KVCacheConfig, NodeGroup, SchedulerConfig
+from mstar.config.loader import load_config, packaged_configs, parse_overrides
+from mstar.config.validate import (
+    DTYPES,
+    ConfigError,
+    NodePlacement,
+    Placement,
+    placement,
+    validate_for_model,
+)
+
+__all__ = [
+    "DTYPES",
+    "ConfigError",
+    "DeploymentConfig",
+    "KVCacheConfig",
+    "NodeGroup",
+    "NodePlacement",
+    "Placement",
+    "SchedulerConfig",
+    "load_config",
+    "packaged_configs",
+    "parse_overrides",
+    "placement",
+    "validate_for_model",
+]

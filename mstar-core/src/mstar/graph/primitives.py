@@ -3,7 +3,7 @@
 A walk is a small program over graph nodes: `Sequential` runs items in order, `Parallel`
 runs branches on the same inputs (a branch may be skipped per request or per iteration),
 `Loop` repeats its body with carried values. These objects are declarations only: walks are
-compiled to a flat instruction list (`mstar.graph.compile`) and executed by a per-request
+compiled to a flat instruction list (`mstar.graph.program`) and executed by a per-request
 cursor in the worker, never by a recursive interpreter, so one engine step can batch
 requests that stand at different places of different walks.
 

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+
 from mstar.graph.primitives import Partition, StreamingGraphEdge, Walk
 from mstar.model.forward import ExtraSpec, OutputAt, Segment
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from mstar import events
     from mstar.model.sampling import SamplingParams
     from mstar.weights.spec import WeightSpec
-    from torch import nn
 
 EngineType = Literal["kv_cache", "stateless"]
 
@@ -129,11 +131,13 @@ class RequestState:
 
 @dataclass
 class OutputState:
-    """What `postprocess` sees for one request: its host values, a `store` for incremental
-    state (e.g. audio samples already emitted) and core's incremental detokenizer."""
+    """What `postprocess` sees for one lane (`child`) of a request: its host values, a
+    `store` for incremental state (e.g. undecoded bytes) and core's incremental detokenizer
+    (None until the OpenAI layer brings it)."""
 
     request_id: str
     params: dict[str, Any]
+    child: int = 0
     store: dict[str, Any] = field(default_factory=dict)
     detokenizer: Any = None
 

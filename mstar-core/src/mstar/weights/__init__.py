@@ -1,0 +1,25 @@
+"""Model weights: where they come from (`sources`), how keys map (`spec`), reading and
+loading them sharded (`loader`), and seeded random weights (`dummy`)."""
+
+from mstar.weights.dummy import init_dummy_weights
+from mstar.weights.loader import LoadReport, WeightLoadError, iter_checkpoint, load_weights
+from mstar.weights.sources import (
+    WeightSourceError,
+    checkpoint_files,
+    read_checkpoint_config,
+    resolve_source,
+)
+from mstar.weights.spec import WeightSpec
+
+__all__ = [
+    "LoadReport",
+    "WeightLoadError",
+    "WeightSourceError",
+    "WeightSpec",
+    "checkpoint_files",
+    "init_dummy_weights",
+    "iter_checkpoint",
+    "load_weights",
+    "read_checkpoint_config",
+    "resolve_source",
+]

@@ -1,0 +1,24 @@
+"""Layers shared by every model: tensor-parallel linear/embedding/LM head, RMSNorm, rotary
+embedding, gated MLP and paged attention. All are plain layers at tp_size 1."""
+
+from mstar.model.layers.attention import PagedAttention
+from mstar.model.layers.linear import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from mstar.model.layers.mlp import GatedMLP
+from mstar.model.layers.norm import RMSNorm
+from mstar.model.layers.rotary import RotaryEmbedding
+
+__all__ = [
+    "ColumnParallelLinear",
+    "GatedMLP",
+    "PagedAttention",
+    "ParallelLMHead",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+]

@@ -1,0 +1,26 @@
+"""mstar: one runtime for composite multimodal models.
+
+`mstar.load(model, ...)` starts a deployment in this process; `mstar.events` are what it
+yields. Heavy modules (torch) are imported on first use, so `import mstar` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("load", "LocalDeployment", "RequestError"):
+        from mstar import runtime
+
+        return getattr(runtime, name)
+    if name == "events":
+        from mstar import events
+
+        return events
+    raise AttributeError(f"module 'mstar' has no attribute {name!r}")
+
+
+__all__ = ["LocalDeployment", "RequestError", "events", "load"]

@@ -1,0 +1,202 @@
+"""The frontend: where a request enters and where its events come out.
+
+It turns a request body into a `RequestPlan` (the model's `process_prompt`), checks it,
+hands its tensors to the transport and submits it to the conductor; it receives the
+workers' outputs, runs the model's `postprocess` into `mstar.events`, and finishes a
+request once the conductor says it is complete and every output has arrived. The in-process
+API and the HTTP server both sit on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mstar import events
+from mstar.communication import messages as msg
+from mstar.communication.channel import Channel
+from mstar.communication.transport import Transport
+from mstar.config.deployment import DeploymentConfig
+from mstar.engine.rng import draw_seed
+from mstar.engine.work import RequestError
+from mstar.model.contract import Model, OutputState, RequestPlan, WalkStep
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[events.Event], None]
+
+
+@dataclass
+class _Live:
+    sink: Sink
+    params: dict[str, Any]
+    prompt_tokens: int
+    states: dict[int, OutputState] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+    completion_tokens: int = 0
+    complete: msg.Complete | None = None
+
+
+class Frontend:
+    def __init__(self, model: Model, config: DeploymentConfig, channel: Channel,
+                 transport: Transport):
+        self.model = model
+        self.config = config
+        self.channel = channel
+        self.transport = transport
+        self.ready_workers: set[str] = set()
+        self.ready = threading.Event()
+        self.expected_workers: set[str] = set()
+        self._live: dict[str, _Live] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- admission --------------------------------------------------------------------------
+    def plan(self, request: Mapping[str, Any]) -> RequestPlan:
+        """The model's plan for a request, checked; bad input raises RequestError."""
+        if not isinstance(request, Mapping):
+            raise RequestError("the request body must be a JSON object")
+        try:
+            plan = self.model.process_prompt(request)
+            for site, params in plan.sampling.items():
+                try:
+                    params.validate()
+                except ValueError as exc:
+                    raise RequestError(f"sampling[{site}]: {exc}") from None
+        except RequestError:
+            raise
+        except (ValueError, TypeError, KeyError) as exc:
+            raise RequestError(str(exc)) from None
+        if plan.prompt_tokens > self.config.max_seq_len:
+            raise RequestError(f"prompt of {plan.prompt_tokens} tokens is longer than "
+                               f"max_seq_len={self.config.max_seq_len}", param="prompt")
+        for site, params in plan.sampling.items():
+            if params.max_tokens is not None and params.max_tokens > self.config.max_seq_len:
+                raise RequestError(f"sampling[{site}].max_tokens={params.max_tokens} is past "
+                                   f"max_seq_len={self.config.max_seq_len}", param="max_tokens")
+        return plan
+
+    def submit(self, request: Mapping[str, Any], sink: Sink, *,
+               request_id: str | None = None) -> str:
+        plan = self.plan(request)
+        rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        seed = plan.seed if plan.seed is not None else draw_seed()
+        info = msg.RequestInfo(rid, dict(plan.params), dict(plan.sampling), seed,
+                               sorted(plan.first_walks))
+        first = {p: self._wire(rid, step) for p, step in plan.first_walks.items()}
+        with self._lock:
+            self._live[rid] = _Live(sink, dict(plan.params), plan.prompt_tokens)
+        self.channel.send("conductor", msg.Submit(info, first, plan.prompt_tokens,
+                                                  self.config.request_timeout))
+        return rid
+
+    def _wire(self, rid: str, step: WalkStep) -> msg.WalkStepMsg:
+        host: dict[str, Any] = {}
+        tensors: dict[str, msg.Handle] = {}
+        for name, value in step.inputs.items():
+            if isinstance(value, torch.Tensor):
+                tensors[name] = self.transport.put(value, rid)
+            else:
+                host[name] = value
+        forks = [msg.ForkMsg(f.node, f.length, f.label, f.child, f.src_label, f.src_child)
+                 for f in step.forks]
+        return msg.WalkStepMsg(step.walk, host, tensors, forks, step.children)
+
+    def cancel(self, request_id: str, reason: str = "abort") -> None:
+        with self._lock:
+            live = request_id in self._live
+        if live:
+            self.channel.send("conductor", msg.CancelRequest(request_id, reason))
+
+    def live_requests(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    # -- the receive loop -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="frontend", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            m = self.channel.recv(timeout=0.05)
+            if m is None:
+                continue
+            try:
+                self.handle(m)
+            except Exception:
+                log.exception("frontend failed on %s", type(m).__name__)
+
+    def handle(self, m: msg.Message) -> None:
+        if isinstance(m, msg.WorkerReady):
+            self.ready_workers.add(m.address)
+            if self.expected_workers <= self.ready_workers:
+                self.ready.set()
+        elif isinstance(m, msg.Output):
+            self._output(m)
+        elif isinstance(m, msg.Complete):
+            with self._lock:
+                live = self._live.get(m.request_id)
+            if live is not None:
+                live.complete = m
+                self._maybe_finish(m.request_id, live)
+        elif isinstance(m, msg.Rejected):
+            self._finish(m.request_id, events.Error(m.message, m.code, "rate_limit_error"))
+
+    def _output(self, m: msg.Output) -> None:
+        outputs: dict[str, Any] = dict(m.host)
+        for name, handle in m.tensors.items():
+            outputs[name] = self.transport.get(handle)
+            self.transport.free(handle)
+        with self._lock:
+            live = self._live.get(m.request_id)
+        if live is None:
+            return
+        live.received[m.worker] = live.received.get(m.worker, 0) + 1
+        if "token_ids" in outputs:
+            live.completion_tokens += int(torch.as_tensor(outputs["token_ids"]).numel())
+        state = live.states.get(m.child)
+        if state is None:
+            state = live.states[m.child] = OutputState(m.request_id, live.params, m.child)
+        try:
+            for event in self.model.postprocess(outputs, state):
+                live.sink(event)
+        except Exception as exc:
+            log.exception("postprocess failed for %s", m.request_id)
+            self.cancel(m.request_id)
+            self._finish(m.request_id, events.Error(f"postprocess: {exc}", 500))
+            return
+        self._maybe_finish(m.request_id, live)
+
+    def _maybe_finish(self, rid: str, live: _Live) -> None:
+        done = live.complete
+        if done is None:
+            return
+        if done.error is not None:
+            kind = "invalid_request_error" if done.code < 500 else "internal_error"
+            self._finish(rid, events.Error(done.error, done.code, kind))
+            return
+        if any(live.received.get(w, 0) < n for w, n in done.outputs_expected.items()):
+            return
+        usage = events.Usage(live.prompt_tokens, live.completion_tokens)
+        self._finish(rid, events.Finished(done.reason, usage))
+
+    def _finish(self, rid: str, event: events.Event) -> None:
+        with self._lock:
+            live = self._live.pop(rid, None)
+        if live is None:
+            return
+        self.transport.free_request(rid)
+        live.sink(event)

@@ -1,0 +1,186 @@
+"""The control messages between the frontend, the conductor and the workers.
+
+Everything that crosses a component boundary is one of these msgspec structs, encoded to
+bytes (msgpack), even inside one process: going multi-process swaps the channel, not the
+messages. Tensors never travel here; they travel through a transport and are named by a
+`Handle`. Host values (ints, floats, strings, lists, dicts) travel in `host` dicts, tensor
+handles in `tensors` dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from mstar.model.sampling import SamplingParams
+
+
+class Handle(msgspec.Struct, frozen=True):
+    """A tensor held by a transport: `key` in the store of `owner`, for `request_id`."""
+
+    key: str
+    owner: str
+    request_id: str
+    dtype: str
+    shape: list[int]
+
+
+class ForkMsg(msgspec.Struct, frozen=True):
+    node: str
+    length: int | None = None
+    label: str = "main"
+    child: int = 0
+    src_label: str = "main"
+    src_child: int = 0
+
+
+class WalkStepMsg(msgspec.Struct):
+    walk: str
+    host: dict[str, Any] = {}
+    tensors: dict[str, Handle] = {}
+    forks: list[ForkMsg] = []
+    children: int = 1
+
+
+class RequestInfo(msgspec.Struct):
+    """What every worker needs to know about a request it runs part of."""
+
+    request_id: str
+    params: dict[str, Any]
+    sampling: dict[str, SamplingParams]
+    seed: int
+    partitions: list[str]
+
+
+# -- frontend -> conductor ----------------------------------------------------------------
+class Submit(msgspec.Struct, tag=True):
+    info: RequestInfo
+    first_walks: dict[str, WalkStepMsg]
+    prompt_tokens: int = 0
+    timeout: float | None = None
+
+
+class CancelRequest(msgspec.Struct, tag=True):
+    request_id: str
+    reason: str = "abort"
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+# -- conductor -> worker ------------------------------------------------------------------
+class StartWalk(msgspec.Struct, tag=True):
+    info: RequestInfo
+    partition: str
+    child: int
+    step: WalkStepMsg
+    #: streaming edge index -> address of the worker at the other end (consumer for edges
+    #: this partition produces, producer for edges it consumes)
+    stream_peers: dict[int, str] = {}
+
+
+class StreamEnd(msgspec.Struct, tag=True):
+    request_id: str
+    edge: int
+    total_units: int
+
+
+class Cancel(msgspec.Struct, tag=True):
+    request_id: str
+    reason: str = "abort"
+
+
+class Release(msgspec.Struct, tag=True):
+    """The request is over: free everything it holds on this worker."""
+
+    request_id: str
+
+
+# -- worker -> conductor ------------------------------------------------------------------
+class WorkerReady(msgspec.Struct, tag=True):
+    address: str
+    nodes: list[str]
+    error: str | None = None
+
+
+class WalkDone(msgspec.Struct, tag=True):
+    request_id: str
+    partition: str
+    walk: str
+    child: int
+    worker: str
+    control: dict[str, Any] = {}
+    results: dict[str, Handle] = {}
+    outputs_sent: int = 0
+    stream_units: dict[int, int] = {}
+
+
+class WalkFailed(msgspec.Struct, tag=True):
+    request_id: str
+    worker: str
+    message: str
+    code: int = 500
+    outputs_sent: int = 0
+
+
+# -- worker -> frontend -------------------------------------------------------------------
+class Output(msgspec.Struct, tag=True):
+    """Client-bound values of one node invocation (or one walk's end)."""
+
+    request_id: str
+    worker: str
+    seq_no: int
+    child: int
+    host: dict[str, Any] = {}
+    tensors: dict[str, Handle] = {}
+
+
+# -- conductor -> frontend ----------------------------------------------------------------
+class Complete(msgspec.Struct, tag=True):
+    """The request ended. The frontend finishes it once it holds `outputs_expected`
+    outputs from each worker (outputs travel on another path and may arrive later)."""
+
+    request_id: str
+    reason: str
+    outputs_expected: dict[str, int] = {}
+    error: str | None = None
+    code: int = 500
+
+
+class Rejected(msgspec.Struct, tag=True):
+    request_id: str
+    message: str
+    code: int = 429
+
+
+# -- worker <-> worker --------------------------------------------------------------------
+class StreamPush(msgspec.Struct, tag=True):
+    request_id: str
+    edge: int
+    producer: str
+    tensors: dict[str, Handle]
+    units: int
+
+
+class StreamCredit(msgspec.Struct, tag=True):
+    request_id: str
+    edge: int
+    units: int
+
+
+Message = (Submit | CancelRequest | Shutdown | StartWalk | StreamEnd | Cancel | Release
+           | WorkerReady | WalkDone | WalkFailed | Output | Complete | Rejected | StreamPush
+           | StreamCredit)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    return _decoder.decode(data)

@@ -1,0 +1,208 @@
+"""The conductor: request lifecycle and walk boundaries.
+
+It admits a request (bounded by `max_concurrent_requests`), starts the first walk of each
+partition the request uses on a worker chosen by `select_worker`, and at every walk end asks
+the model's `next_walk` (host values only: control outputs and result handles) what comes
+next. When every lane of every partition has finished, it tells the frontend how many
+outputs to expect from each worker and has the workers release the request. It never
+touches a tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mstar.communication import messages as msg
+from mstar.communication.channel import Channel
+from mstar.config.validate import Placement
+from mstar.graph.primitives import walk_nodes
+from mstar.model.contract import Finished, Model, RequestState, WalkStep
+
+log = logging.getLogger(__name__)
+
+
+def select_worker(candidates: Sequence[str], load: dict[str, int]) -> str:
+    """The one policy for choosing among workers that hold what a walk needs: the least
+    loaded, ties to the lowest rank."""
+    return min(candidates, key=lambda a: (load.get(a, 0), a))
+
+
+@dataclass
+class ConductorRequest:
+    info: msg.RequestInfo
+    prompt_tokens: int
+    deadline: float | None
+    lanes: set[tuple[str, int]] = field(default_factory=set)
+    workers: set[str] = field(default_factory=set)
+    outputs_sent: dict[str, int] = field(default_factory=dict)
+    stream_units: dict[int, dict[str, int]] = field(default_factory=dict)
+    walks_done: dict[tuple[str, int], list[str]] = field(default_factory=dict)
+    store: dict[str, Any] = field(default_factory=dict)
+    consumers: dict[int, str] = field(default_factory=dict)
+    producers: dict[int, str] = field(default_factory=dict)
+    reason: str = "stop"
+
+
+class Conductor:
+    def __init__(self, model: Model, placement: Placement, channel: Channel, *,
+                 max_concurrent_requests: int, rank_addresses: Callable[[int], str]
+                 = lambda r: f"worker:{r}"):
+        self.model = model
+        self.placement = placement
+        self.channel = channel
+        self.max_concurrent = max_concurrent_requests
+        self.address_of = rank_addresses
+        self.walks = model.graph_walks()
+        self.edges = list(model.streaming_edges())
+        self.partition_of = {n: p.name for p in model.partitions() for n in p.nodes}
+        self.requests: dict[str, ConductorRequest] = {}
+        self.ready_workers: set[str] = set()
+        self.load: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="conductor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            m = self.channel.recv(timeout=0.05)
+            if m is not None:
+                try:
+                    self.handle(m)
+                except Exception:
+                    log.exception("conductor failed on %s", type(m).__name__)
+            self._expire()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for rid, req in list(self.requests.items()):
+            if req.deadline is not None and now > req.deadline:
+                self._end(rid, "timeout", error=f"request {rid} timed out", code=504)
+
+    # -- placement --------------------------------------------------------------------------
+    def owner_of(self, walk: str) -> str:
+        """The worker that runs `walk`: one holding its KV node (else its first node)."""
+        nodes = walk_nodes(self.walks[walk].body)
+        types = self.model.node_engine_types()
+        anchor = next((n for n in nodes if types.get(n.module) == "kv_cache"), nodes[0])
+        ranks = self.placement.get(walk, anchor.name).ranks
+        return select_worker([self.address_of(ranks[0])], self.load)
+
+    # -- messages ---------------------------------------------------------------------------
+    def handle(self, m: msg.Message) -> None:
+        if isinstance(m, msg.Submit):
+            self._submit(m)
+        elif isinstance(m, msg.WalkDone):
+            self._walk_done(m)
+        elif isinstance(m, msg.WalkFailed):
+            req = self.requests.get(m.request_id)
+            if req is not None:
+                req.outputs_sent[m.worker] = max(req.outputs_sent.get(m.worker, 0),
+                                                 m.outputs_sent)
+                self._end(m.request_id, "error", error=m.message, code=m.code)
+        elif isinstance(m, msg.CancelRequest):
+            if m.request_id in self.requests:
+                self._end(m.request_id, m.reason)
+        elif isinstance(m, msg.WorkerReady):
+            self.ready_workers.add(m.address)
+            self.channel.send("frontend", m)
+        elif isinstance(m, msg.Shutdown):
+            self._stop.set()
+
+    def _submit(self, m: msg.Submit) -> None:
+        rid = m.info.request_id
+        if len(self.requests) >= self.max_concurrent:
+            self.channel.send("frontend", msg.Rejected(
+                rid, f"server busy: {self.max_concurrent} requests already running", 429))
+            return
+        deadline = time.monotonic() + m.timeout if m.timeout else None
+        req = self.requests[rid] = ConductorRequest(m.info, m.prompt_tokens, deadline)
+        owners = {p: self.owner_of(step.walk) for p, step in m.first_walks.items()}
+        for idx, edge in enumerate(self.edges):
+            src, dst = self.partition_of.get(edge.src), self.partition_of.get(edge.dst)
+            if src in owners and dst in owners:
+                req.consumers[idx], req.producers[idx] = owners[dst], owners[src]
+        for partition, step in m.first_walks.items():
+            self._dispatch(req, partition, 0, step, owners[partition])
+
+    def _dispatch(self, req: ConductorRequest, partition: str, child: int,
+                  step: msg.WalkStepMsg, owner: str) -> None:
+        peers = {}
+        for idx in req.consumers:
+            if self.partition_of.get(self.edges[idx].src) == partition:
+                peers[idx] = req.consumers[idx]
+            if self.partition_of.get(self.edges[idx].dst) == partition:
+                peers[idx] = req.producers[idx]
+        children = range(step.children) if step.children > 1 else [child]
+        req.lanes.update((partition, c) for c in children)
+        req.workers.add(owner)
+        self.load[owner] = self.load.get(owner, 0) + 1
+        self.channel.send(owner, msg.StartWalk(req.info, partition, child, step, peers))
+
+    def _walk_done(self, m: msg.WalkDone) -> None:
+        req = self.requests.get(m.request_id)
+        if req is None:
+            return
+        self.load[m.worker] = max(0, self.load.get(m.worker, 0) - 1)
+        req.outputs_sent[m.worker] = max(req.outputs_sent.get(m.worker, 0), m.outputs_sent)
+        for edge, units in m.stream_units.items():
+            req.stream_units.setdefault(edge, {})[m.worker] = units
+        history = req.walks_done.setdefault((m.partition, m.child), [])
+        history.append(m.walk)
+        state = RequestState(request_id=m.request_id, params=req.info.params,
+                             partition=m.partition, walk=m.walk, child=m.child,
+                             walks_done=list(history), store=req.store)
+        try:
+            nxt = self.model.next_walk(state, {**m.control, **m.results})
+        except Exception as exc:
+            log.exception("next_walk failed for %s", m.request_id)
+            self._end(m.request_id, "error", error=f"next_walk: {exc}", code=500)
+            return
+        if isinstance(nxt, WalkStep):
+            self._dispatch(req, m.partition, m.child, to_wire(nxt), self.owner_of(nxt.walk))
+            return
+        if isinstance(nxt, Finished) and nxt.reason != "stop":
+            req.reason = nxt.reason
+        req.lanes.discard((m.partition, m.child))
+        if not any(p == m.partition for p, _ in req.lanes):
+            self._partition_finished(req, m.partition)
+        if not req.lanes:
+            self._end(m.request_id, req.reason)
+
+    def _partition_finished(self, req: ConductorRequest, partition: str) -> None:
+        for idx, consumer in req.consumers.items():
+            if self.partition_of.get(self.edges[idx].src) == partition:
+                total = sum(req.stream_units.get(idx, {}).values())
+                self.channel.send(consumer, msg.StreamEnd(req.info.request_id, idx, total))
+
+    def _end(self, rid: str, reason: str, *, error: str | None = None, code: int = 500) -> None:
+        req = self.requests.pop(rid)
+        for worker in req.workers:
+            self.channel.send(worker, msg.Cancel(rid, reason) if error or reason != "stop"
+                              else msg.Release(rid))
+        self.channel.send("frontend", msg.Complete(rid, reason, dict(req.outputs_sent),
+                                                   error, code))
+
+
+def to_wire(step: WalkStep) -> msg.WalkStepMsg:
+    """A model's WalkStep as a message: handles stay handles, other values are host data."""
+    host: dict[str, Any] = {}
+    tensors: dict[str, msg.Handle] = {}
+    for name, value in step.inputs.items():
+        (tensors if isinstance(value, msg.Handle) else host)[name] = value
+    forks = [msg.ForkMsg(f.node, f.length, f.label, f.child, f.src_label, f.src_child)
+             for f in step.forks]
+    return msg.WalkStepMsg(step.walk, host, tensors, forks, step.children)

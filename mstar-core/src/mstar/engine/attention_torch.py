@@ -1,0 +1,176 @@
+"""The reference attention backend: gather the cached K/V, build the segment masks, SDPA.
+
+It is built once per engine step from the step's `SeqChunk`s; everything that does not
+depend on the layer (each sequence's mask, the slots of its cached context and of its new
+tokens) is computed then and reused by every layer. Faster backends are tested against it.
+
+Mask rule (DESIGN §3): every new token attends to all `context_len` cached tokens; among the
+new tokens, a token of a causal segment attends up to and including itself, a token of a
+bidirectional segment up to the end of its segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mstar.engine.kv_cache import KVCacheManager
+from mstar.model.forward import Segment, SeqChunk, SeqKey
+
+
+def segment_mask(context_len: int, segments: list[Segment],
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean mask `[n, context_len + n]` (True: attend) of a chunk of `n` new tokens."""
+    limits: list[int] = []
+    pos = 0
+    for seg in segments:
+        end = pos + seg.length
+        if seg.kind == "causal":
+            limits.extend(range(pos + 1, end + 1))
+        else:
+            limits.extend([end] * seg.length)
+        pos = end
+    n = pos
+    limit = torch.tensor(limits, dtype=torch.long, device=device)
+    new = torch.arange(n, device=device)[None, :] < limit[:, None]
+    ctx = torch.ones(n, context_len, dtype=torch.bool, device=device)
+    return torch.cat([ctx, new], dim=1)
+
+
+@dataclass
+class _Plan:
+    """One sequence's per-step attention metadata."""
+
+    rows: slice
+    mask: torch.Tensor  # [n, context_len + n]
+    context_slots: torch.Tensor | None  # [context_len] flat cache slots; None: no context
+
+
+@dataclass
+class _Decode:
+    """The batched decode path: every chunk is one token."""
+
+    slots: torch.Tensor  # [B, C] context slots, padded with slot 0
+    mask: torch.Tensor  # [B, 1, 1, C + 1]
+
+
+class TorchAttention:
+    """`AttentionBackend` over a `KVCacheManager` (or none, for cache-less ragged batches).
+
+    The engine reserves room for every `append` chunk before building this; `attend` writes
+    those chunks' new K/V into the cache. `scratch` chunks join the step's attention and are
+    never written.
+    """
+
+    def __init__(self, seqs: list[SeqChunk], *, cache: KVCacheManager | None = None,
+                 device: torch.device | str | None = None, batched_decode: bool = True) -> None:
+        """`batched_decode=False` keeps a step of one-token chunks on the per-sequence path
+        (the reference the batched one is tested against)."""
+        self.cache = cache
+        dev = torch.device(device) if device is not None else (
+            cache.pool.device if cache is not None else torch.device("cpu"))
+        self.num_tokens = 0
+        self._plans: list[_Plan] = []
+        rows: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        for s in seqs:
+            if s.start != self.num_tokens:
+                raise ValueError(f"chunk of {s.key} starts at row {s.start}, expected "
+                                 f"{self.num_tokens}: chunks must be back to back")
+            if sum(seg.length for seg in s.segments) != s.length:
+                raise ValueError(f"segments of {s.key} sum to "
+                                 f"{sum(seg.length for seg in s.segments)}, not {s.length}")
+            if cache is None and (s.context_len or s.mode == "append"):
+                raise ValueError(f"chunk of {s.key} has context or is 'append', but there is "
+                                 "no KV cache")
+            ctx = cache.slots(s.key, 0, s.context_len, write=False) if s.context_len else None
+            if s.mode == "append" and cache is not None:
+                rows.append(torch.arange(s.start, s.start + s.length, device=dev))
+                slots.append(cache.slots(s.key, s.context_len, s.length))
+            self._plans.append(_Plan(rows=slice(s.start, s.start + s.length),
+                                     mask=segment_mask(s.context_len, s.segments, dev),
+                                     context_slots=ctx))
+            self.num_tokens += s.length
+        self._write_rows = torch.cat(rows) if rows else None
+        self._write_slots = torch.cat(slots) if slots else None
+        #: Whether this step runs one padded SDPA (every chunk is one token: decode).
+        self.uses_batched_decode = batched_decode and bool(seqs) and all(
+            s.length == 1 for s in seqs)
+        self._decode = self._decode_plan(seqs, dev) if self.uses_batched_decode else None
+
+    @classmethod
+    def cacheless(cls, seg_lists: list[list[Segment]], *,
+                  device: torch.device | str = "cpu") -> TorchAttention:
+        """A ragged batch without cache (encoders): item `i` is rows of its own segments,
+        back to back, attending only within itself."""
+        seqs: list[SeqChunk] = []
+        start = 0
+        for i, segs in enumerate(seg_lists):
+            n = sum(seg.length for seg in segs)
+            seqs.append(SeqChunk(key=SeqKey(request_id="", node="", child=i), start=start,
+                                 length=n, context_len=0, segments=list(segs),
+                                 mode="scratch"))
+            start += n
+        return cls(seqs, cache=None, device=device)
+
+    def _decode_plan(self, seqs: list[SeqChunk], dev: torch.device) -> _Decode:
+        """Pad every context to the longest; the new token sits in the last column."""
+        longest = max(s.context_len for s in seqs)
+        slots = torch.zeros(len(seqs), longest, dtype=torch.long, device=dev)
+        lens = torch.tensor([s.context_len for s in seqs], device=dev)
+        for i, plan in enumerate(self._plans):
+            if plan.context_slots is not None:
+                slots[i, :plan.context_slots.shape[0]] = plan.context_slots
+        cols = torch.arange(longest + 1, device=dev)
+        mask = (cols[None, :] < lens[:, None]) | (cols[None, :] == longest)
+        return _Decode(slots=slots, mask=mask[:, None, None, :])
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """q `[T, H, D]`, k/v `[T, KVH, D]` of the new tokens -> `[T, H, D]`."""
+        if q.shape[0] != self.num_tokens:
+            raise ValueError(f"attention got {q.shape[0]} tokens, the step has "
+                             f"{self.num_tokens}")
+        if self._decode is not None:
+            out = self._attend_decode(layer_idx, q, k, v, scale)
+        else:
+            out = self._attend_each(layer_idx, q, k, v, scale)
+        if self._write_slots is not None:
+            assert self.cache is not None and self._write_rows is not None
+            self.cache.write(layer_idx, self._write_slots, k[self._write_rows],
+                             v[self._write_rows])
+        return out
+
+    def _attend_each(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+        """The reference path: one SDPA per sequence over its context and new tokens."""
+        out = torch.empty_like(q)
+        flat = self.cache.pool.flat(layer_idx) if self.cache is not None else None
+        for plan in self._plans:
+            ks, vs = k[plan.rows], v[plan.rows]
+            if plan.context_slots is not None:
+                assert flat is not None
+                kc, vc = flat[0][plan.context_slots], flat[1][plan.context_slots]
+                ks = torch.cat([kc.to(k.dtype), ks])
+                vs = torch.cat([vc.to(v.dtype), vs])
+            o = F.scaled_dot_product_attention(
+                q[plan.rows].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                attn_mask=plan.mask, scale=scale, enable_gqa=True)
+            out[plan.rows] = o.transpose(0, 1)
+        return out
+
+    def _attend_decode(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor, scale: float) -> torch.Tensor:
+        """One batched SDPA for one-token chunks, contexts padded and masked."""
+        assert self._decode is not None
+        ks, vs = k[:, None], v[:, None]  # [B, 1, KVH, D]
+        if self.cache is not None and self._decode.slots.shape[1]:
+            kf, vf = self.cache.pool.flat(layer_idx)
+            ks = torch.cat([kf[self._decode.slots].to(k.dtype), ks], dim=1)
+            vs = torch.cat([vf[self._decode.slots].to(v.dtype), vs], dim=1)
+        o = F.scaled_dot_product_attention(
+            q[:, :, None], ks.transpose(1, 2), vs.transpose(1, 2),
+            attn_mask=self._decode.mask, scale=scale, enable_gqa=True)
+        return o[:, :, 0]

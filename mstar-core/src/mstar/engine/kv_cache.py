@@ -1,0 +1,370 @@
+"""The paged KV cache: a page pool per KV node and the sequences that live in it.
+
+A sequence (`SeqKey`: request, node, label, child) owns a page table of fixed-size pages.
+Pages are reference-counted so that `fork` can share a prefix between sequences (CFG
+branches, `n` completions, CEM candidates) without copying; a shared page is copied only
+when one side is about to write into it (copy-on-write, done by `reserve`). Reserving is
+separate from committing: the engine reserves room before a step, the attention backend
+writes K/V into the reserved slots, and the engine commits the tokens after the step, so a
+failed or scratch step never changes a sequence's length.
+
+`export`/`import_sequence` turn a sequence into one contiguous tensor and back: this is how
+KV migrates between workers and how a fork reaches a label placed on another rank.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from mstar.model.contract import KVSpec
+from mstar.model.forward import SeqKey
+
+
+class OutOfPages(RuntimeError):
+    """The pool has too few free pages for a reservation; nothing was changed."""
+
+
+class PagePool:
+    """The pages of one KV node on one rank, with a free list and per-page reference counts.
+
+    Storage is one tensor `[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]`
+    (index 0 of the second axis is K, 1 is V). It is zero-filled so that padded reads of
+    unused slots (masked out by attention) never meet NaN garbage.
+    """
+
+    def __init__(self, spec: KVSpec, num_pages: int, page_size: int,
+                 device: torch.device | str = "cpu") -> None:
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"num_pages ({num_pages}) and page_size ({page_size}) must be >= 1")
+        self.spec = spec
+        self.device = torch.device(device)
+        self._page_size = page_size
+        self.kv = torch.zeros(spec.num_layers, 2, num_pages, page_size, spec.num_kv_heads,
+                              spec.head_dim, dtype=spec.dtype, device=self.device)
+        self._free: deque[int] = deque(range(num_pages))
+        self._refs = [0] * num_pages
+
+    @property
+    def num_pages(self) -> int:
+        return len(self._refs)
+
+    @property
+    def page_size(self) -> int:
+        return self._page_size
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - self.num_free
+
+    def k_cache(self, layer: int) -> torch.Tensor:
+        """K of `layer` as a view `[num_pages, page_size, KVH, D]`."""
+        return self.kv[layer, 0]
+
+    def v_cache(self, layer: int) -> torch.Tensor:
+        """V of `layer` as a view `[num_pages, page_size, KVH, D]`."""
+        return self.kv[layer, 1]
+
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `layer` as views `[num_pages * page_size, KVH, D]`, indexed by slot."""
+        shape = (self.num_pages * self.page_size, self.spec.num_kv_heads, self.spec.head_dim)
+        return self.kv[layer, 0].view(shape), self.kv[layer, 1].view(shape)
+
+    def refcount(self, page: int) -> int:
+        return self._refs[page]
+
+    def allocate(self, n: int) -> list[int]:
+        """`n` fresh pages with reference count 1; raises `OutOfPages` (allocating none)."""
+        if n > len(self._free):
+            raise OutOfPages(f"need {n} pages, {len(self._free)} of {self.num_pages} free")
+        pages = [self._free.popleft() for _ in range(n)]
+        for p in pages:
+            self._refs[p] = 1
+        return pages
+
+    def incref(self, page: int) -> None:
+        if self._refs[page] <= 0:
+            raise RuntimeError(f"page {page} is free; cannot share it")
+        self._refs[page] += 1
+
+    def decref(self, page: int) -> None:
+        """Drop one reference; the page returns to the free list at zero."""
+        if self._refs[page] <= 0:
+            raise RuntimeError(f"page {page} is already free")
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            self._free.append(page)
+
+    def copy_page(self, src: int, dst: int) -> None:
+        """Copy every layer's K/V of page `src` into page `dst`."""
+        self.kv[:, :, dst].copy_(self.kv[:, :, src])
+
+
+@dataclass
+class SeqExport:
+    """One sequence's K/V in token order, `kv` `[num_layers, 2, length, KVH, D]`: what a
+    transport moves when a sequence migrates between workers."""
+
+    length: int
+    kv: torch.Tensor
+
+
+@dataclass
+class _Seq:
+    pages: list[int] = field(default_factory=list)
+    length: int = 0
+
+
+class KVCacheManager:
+    """The sequences of one KV node over one `PagePool`."""
+
+    def __init__(self, pool: PagePool) -> None:
+        self.pool = pool
+        self._seqs: dict[SeqKey, _Seq] = {}
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _get(self, key: SeqKey) -> _Seq:
+        try:
+            return self._seqs[key]
+        except KeyError:
+            raise KeyError(f"no KV sequence {key}") from None
+
+    def create(self, key: SeqKey) -> None:
+        """Start an empty sequence."""
+        if key in self._seqs:
+            raise ValueError(f"KV sequence {key} already exists")
+        self._seqs[key] = _Seq()
+
+    def has(self, key: SeqKey) -> bool:
+        return key in self._seqs
+
+    def length(self, key: SeqKey) -> int:
+        """Committed tokens (those whose K/V are in the cache)."""
+        return self._get(key).length
+
+    def capacity(self, key: SeqKey) -> int:
+        """Tokens the sequence's pages can hold (committed plus reserved)."""
+        return len(self._get(key).pages) * self.pool.page_size
+
+    def page_table(self, key: SeqKey) -> list[int]:
+        return list(self._get(key).pages)
+
+    def keys(self, request_id: str | None = None) -> list[SeqKey]:
+        """Every sequence, or those of one request, in creation order."""
+        return [k for k in self._seqs if request_id is None or k.request_id == request_id]
+
+    # -- growing ---------------------------------------------------------------------------
+
+    def _plan(self, seq: _Seq, n_new: int) -> tuple[int, list[int]]:
+        """(pages to append, indices of shared pages in the write range to copy)."""
+        if n_new <= 0:
+            return 0, []
+        ps = self.pool.page_size
+        need = math.ceil((seq.length + n_new) / ps)
+        first = seq.length // ps
+        cow = [i for i in range(first, min(need, len(seq.pages)))
+               if self.pool.refcount(seq.pages[i]) > 1]
+        return max(0, need - len(seq.pages)), cow
+
+    def pages_needed(self, key: SeqKey, n_new: int) -> int:
+        """Pages `reserve(key, n_new)` would allocate, copy-on-write copies included."""
+        new, cow = self._plan(self._get(key), n_new)
+        return new + len(cow)
+
+    def reserve(self, key: SeqKey, n_new: int) -> None:
+        """Make room for `n_new` tokens after `length`, copying shared pages that they would
+        overwrite. Call it again after a `fork` of this sequence before writing. Raises
+        `OutOfPages` with the state unchanged when the pool is short."""
+        seq = self._get(key)
+        new, cow = self._plan(seq, n_new)
+        fresh = self.pool.allocate(new + len(cow))
+        for i, page in zip(cow, fresh[:len(cow)]):
+            self.pool.copy_page(seq.pages[i], page)
+            self.pool.decref(seq.pages[i])
+            seq.pages[i] = page
+        seq.pages.extend(fresh[len(cow):])
+
+    def slots(self, key: SeqKey, start: int, n: int, *, write: bool = True) -> torch.Tensor:
+        """Flat slot indices (`page * page_size + offset`) of positions `start..start+n-1`,
+        a LongTensor `[n]` on the pool's device. The range must be reserved. With `write`
+        (the default) every page of the range must be exclusive to this sequence: writing a
+        shared page would change a fork's K/V, so `reserve` must have copied it."""
+        seq = self._get(key)
+        ps = self.pool.page_size
+        if start < 0 or start + n > len(seq.pages) * ps:
+            raise ValueError(f"positions [{start}, {start + n}) of {key} are not reserved "
+                             f"(capacity {len(seq.pages) * ps})")
+        if n == 0:
+            return torch.empty(0, dtype=torch.long, device=self.pool.device)
+        first, last = start // ps, (start + n - 1) // ps
+        if write and any(self.pool.refcount(seq.pages[i]) > 1 for i in range(first, last + 1)):
+            raise RuntimeError(f"positions [{start}, {start + n}) of {key} lie on a shared "
+                               f"page; reserve() before writing")
+        pos = torch.arange(start, start + n, dtype=torch.long)
+        table = torch.tensor(seq.pages[first:last + 1], dtype=torch.long)
+        return (table[pos // ps - first] * ps + pos % ps).to(self.pool.device)
+
+    def commit(self, key: SeqKey, n: int) -> None:
+        """The `n` reserved tokens after `length` now hold K/V."""
+        seq = self._get(key)
+        if n < 0 or seq.length + n > len(seq.pages) * self.pool.page_size:
+            raise ValueError(f"cannot commit {n} tokens to {key}: length {seq.length}, "
+                             f"capacity {len(seq.pages) * self.pool.page_size}")
+        seq.length += n
+
+    # -- sharing and shrinking ---------------------------------------------------------------
+
+    def fork(self, src: SeqKey, dst: SeqKey, length: int | None = None) -> None:
+        """Make `dst` (new; any label/child) share the first `length` tokens of `src`
+        (all when None). Pages are shared by reference, a partially covered last page too:
+        whichever side writes into it first gets its own copy at its next `reserve`."""
+        s = self._get(src)
+        length = s.length if length is None else length
+        if not 0 <= length <= s.length:
+            raise ValueError(f"cannot fork {length} tokens of {src} (length {s.length})")
+        if dst in self._seqs:
+            raise ValueError(f"KV sequence {dst} already exists")
+        pages = s.pages[:math.ceil(length / self.pool.page_size)]
+        for p in pages:
+            self.pool.incref(p)
+        self._seqs[dst] = _Seq(pages=list(pages), length=length)
+
+    def truncate(self, key: SeqKey, length: int) -> None:
+        """Roll back to `length` tokens, releasing pages (reserved ones included) that no
+        longer hold any of them."""
+        seq = self._get(key)
+        if not 0 <= length <= seq.length:
+            raise ValueError(f"cannot truncate {key} of length {seq.length} to {length}")
+        keep = math.ceil(length / self.pool.page_size)
+        for p in seq.pages[keep:]:
+            self.pool.decref(p)
+        del seq.pages[keep:]
+        seq.length = length
+
+    def free(self, key: SeqKey) -> None:
+        seq = self._get(key)
+        for p in seq.pages:
+            self.pool.decref(p)
+        del self._seqs[key]
+
+    def free_request(self, request_id: str) -> None:
+        """Free every sequence of a request (every label and child)."""
+        for key in self.keys(request_id):
+            self.free(key)
+
+    # -- data ------------------------------------------------------------------------------
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Scatter new K/V `[n, KVH, D]` into `layer` at flat `slots`."""
+        kf, vf = self.pool.flat(layer)
+        kf.index_copy_(0, slots, k.to(kf.dtype))
+        vf.index_copy_(0, slots, v.to(vf.dtype))
+
+    def gather(self, layer: int, key: SeqKey, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V `[length, KVH, D]` of the sequence's first `length` tokens, in order."""
+        slots = self.slots(key, 0, length, write=False)
+        kf, vf = self.pool.flat(layer)
+        return kf[slots], vf[slots]
+
+    def export(self, key: SeqKey) -> SeqExport:
+        """A contiguous copy of the sequence's committed K/V, every layer."""
+        seq = self._get(key)
+        n = math.ceil(seq.length / self.pool.page_size)
+        idx = torch.tensor(seq.pages[:n], dtype=torch.long, device=self.pool.device)
+        kv = self.pool.kv.index_select(2, idx)  # [L, 2, n, page, KVH, D]
+        kv = kv.flatten(2, 3)[:, :, :seq.length].contiguous()
+        return SeqExport(length=seq.length, kv=kv)
+
+    def import_sequence(self, key: SeqKey, exported: SeqExport) -> None:
+        """Create `key` holding `exported`'s K/V. Raises `OutOfPages` leaving no trace."""
+        spec = self.pool.spec
+        want = (spec.num_layers, 2, exported.length, spec.num_kv_heads, spec.head_dim)
+        if tuple(exported.kv.shape) != want:
+            raise ValueError(f"exported KV has shape {tuple(exported.kv.shape)}, this cache "
+                             f"expects {want}")
+        self.create(key)
+        try:
+            self.reserve(key, exported.length)
+        except OutOfPages:
+            del self._seqs[key]
+            raise
+        slots = self.slots(key, 0, exported.length)
+        flat = self.pool.kv.view(spec.num_layers, 2, -1, spec.num_kv_heads, spec.head_dim)
+        flat.index_copy_(2, slots, exported.kv.to(flat.device, flat.dtype))
+        self.commit(key, exported.length)
+
+
+# ----------------------------------------------------------------------------------------
+# Capacity: how many pages each KV node of a rank gets.
+
+
+def _free_memory(device: torch.device) -> int:
+    """Free bytes on `device`: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def plan_capacity(specs: dict[str, KVSpec], *, max_seq_len: int, page_size: int,
+                  num_pages: int | None, memory_fraction: float, ranks_sharing_device: int,
+                  shares: dict[str, float] | None, device: torch.device | str,
+                  free_bytes: int | None = None) -> dict[str, int]:
+    """Pages per KV node on this rank.
+
+    An explicit `num_pages` gives every node that many (trusted as is: tests and small
+    deployments cap the pool on purpose). Otherwise `memory_fraction` of the device's free
+    memory (`free_bytes` when the caller measured it), divided by the ranks sharing the
+    device, is split between the nodes by `shares` (names of nodes on other ranks are
+    ignored) or, by default, by each node's bytes per token x `max_seq_len`. A node that
+    would get fewer pages than one `max_seq_len` sequence needs is an error.
+    """
+    if num_pages is not None:
+        return dict.fromkeys(specs, num_pages)
+    if not specs:
+        return {}
+    if ranks_sharing_device < 1:
+        raise ValueError(f"ranks_sharing_device must be >= 1, got {ranks_sharing_device}")
+    if shares is not None:
+        missing = sorted(set(specs) - set(shares))
+        if missing:
+            raise ValueError(f"kv_cache.shares has no share for KV node(s) {missing}; "
+                             f"give every KV node of this rank a share ({sorted(specs)})")
+        weights = {name: float(shares[name]) for name in specs}
+        if any(w <= 0 for w in weights.values()):
+            raise ValueError(f"kv_cache.shares must be positive, got {weights}")
+    else:
+        weights = {name: float(s.bytes_per_token() * max_seq_len) for name, s in specs.items()}
+    dev = torch.device(device)
+    free = _free_memory(dev) if free_bytes is None else free_bytes
+    budget = free * memory_fraction / ranks_sharing_device
+    total = sum(weights.values())
+    min_pages = math.ceil(max_seq_len / page_size)
+    out: dict[str, int] = {}
+    for name, spec in specs.items():
+        page_bytes = spec.bytes_per_token() * page_size
+        pages = int(budget * weights[name] / total // page_bytes)
+        if pages < min_pages:
+            raise ValueError(
+                f"KV cache too small for node {name!r} on {dev}: {memory_fraction} of "
+                f"{free / 2**30:.2f} GiB free over {ranks_sharing_device} rank(s) gives it "
+                f"{pages} pages of {page_size} tokens, but one sequence of max_seq_len="
+                f"{max_seq_len} needs {min_pages}; raise kv_cache.memory_fraction, lower "
+                f"max_seq_len, or set kv_cache.num_pages")
+        out[name] = pages
+    return out

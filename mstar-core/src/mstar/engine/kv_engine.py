@@ -1,0 +1,437 @@
+"""The KV-cache engine: continuous batching of one KV node's invocations over a paged cache.
+
+Each `step` schedules work under a token budget (running sequences first, then new ones;
+a prefill is cut into chunks, never inside a bidirectional segment), reserves pages
+(preempting the most recently admitted other request when they run out: its pages are
+dropped and rebuilt later from its history, "preemption by recompute"), builds one ragged
+`ForwardBatch` for all of it, runs the node once, samples `logits` into `token_ids`, and
+returns the finished invocations' outputs. Prefills, decode steps and denoising steps of
+different requests and walks share one forward.
+
+Per-invocation inputs read from the environment: `input_ids` [n] (required), `positions`
+([n] or [A, n]; default: the sequence's next position + arange, on every axis), `segments`
+(list of (length, kind); default one causal segment), `chunk_mode` ("append" | "scratch"),
+and the node's declared extras by name.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mstar.config.deployment import SchedulerConfig
+from mstar.engine.attention_torch import TorchAttention
+from mstar.engine.kv_cache import KVCacheManager, OutOfPages
+from mstar.engine.sampler import SampleRequest, sample, stop_reason
+from mstar.engine.sequence import Chunk, SeqState
+from mstar.engine.work import KeyedStepContext, NodeWork, RequestError, WorkResult
+from mstar.model.contract import Fork, KVSpec
+from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey, attention_context
+
+
+@dataclass
+class StepRecord:
+    """One forward of the node: who was in it (for tests, logs and metrics)."""
+
+    step: int
+    entries: list[dict[str, Any]]
+
+
+@dataclass
+class _Task:
+    work: NodeWork | None  # None for a recompute
+    key: SeqKey
+    chunk: Chunk
+    mode: str
+    wanted: dict[str, str]
+    samples: bool
+    done: int = 0
+    arrival: int = 0
+    pieces: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.chunk.length
+
+    @property
+    def request_id(self) -> str:
+        return self.key.request_id
+
+
+def _segment_range(segments: list[Segment], k: int) -> tuple[int, int]:
+    k = k if k >= 0 else len(segments) + k
+    if not 0 <= k < len(segments):
+        return (0, 0)
+    start = sum(s.length for s in segments[:k])
+    return (start, start + segments[k].length)
+
+
+class KVEngine:
+    """Runs one KV-cache node (and its branch nodes, which only differ by KV label)."""
+
+    def __init__(self, node: str, module: torch.nn.Module, spec: KVSpec, cache: KVCacheManager,
+                 *, max_seq_len: int, scheduler: SchedulerConfig,
+                 eos_token_ids: tuple[int, ...] = (), device: torch.device | str = "cpu",
+                 log_size: int = 10_000):
+        self.node = node
+        self.module = module
+        self.spec = spec
+        self.cache = cache
+        self.max_seq_len = max_seq_len
+        self.scheduler = scheduler
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.device = torch.device(device)
+        self.seqs: dict[SeqKey, SeqState] = {}
+        self.waiting: list[_Task] = []
+        self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=log_size)
+        self._arrivals = itertools.count()
+        self._admissions = itertools.count()
+        self._steps = itertools.count()
+        self._extras = {e.name: e for e in spec.extras}
+
+    # -- request-level operations -----------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.waiting)
+
+    def fork(self, request_id: str, fork: Fork) -> None:
+        src = SeqKey(request_id, self.node, fork.src_label, fork.src_child)
+        dst = SeqKey(request_id, self.node, fork.label, fork.child)
+        if src not in self.seqs:
+            raise RequestError(f"cannot fork {src}: no such sequence on {self.node}")
+        if dst in self.seqs:
+            self.release_seq(dst)
+        state = self.seqs[src]
+        if state.needs_recompute or state.recomputing:
+            raise RequestError(f"cannot fork {src} while it is preempted")
+        self.cache.fork(src, dst, fork.length)
+        self.seqs[dst] = state.forked(dst, fork.length)
+
+    def release_seq(self, key: SeqKey) -> None:
+        self.seqs.pop(key, None)
+        if self.cache.has(key):
+            self.cache.free(key)
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished, cancelled or failed request: its tasks, states and pages."""
+        self.waiting = [t for t in self.waiting if t.request_id != request_id]
+        for key in [k for k in self.seqs if k.request_id == request_id]:
+            del self.seqs[key]
+        self.cache.free_request(request_id)
+
+    def pages_in_use(self) -> int:
+        return self.cache.pool.num_used
+
+    # -- submission -------------------------------------------------------------------------
+    def submit(self, work: NodeWork) -> None:
+        """Queue one invocation; bad inputs raise RequestError before anything runs."""
+        inputs = work.inputs
+        if "input_ids" not in inputs:
+            raise RequestError(f"{work.node.name}: missing input 'input_ids'")
+        ids = torch.as_tensor(inputs["input_ids"], dtype=torch.long).reshape(-1)
+        n = int(ids.shape[0])
+        if n == 0:
+            raise RequestError(f"{work.node.name}: empty input_ids")
+        segments = [s if isinstance(s, Segment) else Segment(int(s[0]), str(s[1]))
+                    for s in inputs.get("segments") or [(n, "causal")]]
+        if sum(s.length for s in segments) != n or any(
+                s.kind not in ("causal", "bidirectional") or s.length <= 0 for s in segments):
+            raise RequestError(f"{work.node.name}: segments {segments} do not cover {n} tokens")
+        mode = inputs.get("chunk_mode", "append")
+        if mode not in ("append", "scratch"):
+            raise RequestError(f"chunk_mode must be 'append' or 'scratch', got {mode!r}")
+        key = SeqKey(work.request_id, self.node, work.node.label, work.child)
+        state = self.seqs.get(key)
+        if state is None:
+            state = self.seqs[key] = SeqState(key)
+            self.cache.create(key)
+        if mode == "append" and state.length + n > self.max_seq_len:
+            raise RequestError(
+                f"sequence of {state.length + n} tokens exceeds max_seq_len={self.max_seq_len}",
+                param="max_seq_len")
+        positions = self._positions(inputs.get("positions"), state, n)
+        token_extras, seq_extras = self._extras_for(inputs, n)
+        wanted = {name: at for name, at in self.spec.outputs.items()
+                  if name in work.node.outputs
+                  or (name == "logits" and "token_ids" in work.node.outputs)}
+        task = _Task(work=work, key=key, chunk=Chunk(ids.to(self.device), positions, segments,
+                                                     token_extras, seq_extras),
+                     mode=mode, wanted=wanted, samples="token_ids" in work.node.outputs,
+                     arrival=next(self._arrivals))
+        self.waiting.append(task)
+
+    def _positions(self, given: Any, state: SeqState, n: int) -> torch.Tensor:
+        axes = self.spec.position_axes
+        if given is None:
+            pos = torch.arange(state.next_position, state.next_position + n)
+            return pos.unsqueeze(0).expand(axes, n).contiguous().to(self.device)
+        pos = torch.as_tensor(given, dtype=torch.long)
+        if pos.dim() == 1:
+            pos = pos.unsqueeze(0).expand(axes, -1)
+        if tuple(pos.shape) != (axes, n):
+            raise RequestError(f"positions of shape {tuple(pos.shape)}; expected ({axes}, {n})")
+        return pos.contiguous().to(self.device)
+
+    def _extras_for(self, inputs: dict[str, Any], n: int):
+        token_extras: dict[str, torch.Tensor] = {}
+        seq_extras: dict[str, torch.Tensor] = {}
+        for name, ex in self._extras.items():
+            value = inputs.get(name)
+            rows = (n,) if ex.per == "token" else ()
+            shape = rows + tuple(ex.shape)
+            if value is None:
+                t = torch.full(shape, ex.default, dtype=ex.dtype, device=self.device)
+            else:
+                t = torch.as_tensor(value).to(self.device, ex.dtype)
+                if tuple(t.shape) != shape:
+                    raise RequestError(f"extra {name!r} has shape {tuple(t.shape)}; "
+                                       f"expected {shape}")
+            (token_extras if ex.per == "token" else seq_extras)[name] = t
+        return token_extras, seq_extras
+
+    # -- scheduling -------------------------------------------------------------------------
+    def _chunk_len(self, task: _Task, budget: int, batch_empty: bool) -> int:
+        remaining = task.n - task.done
+        if task.mode == "scratch":
+            return remaining if remaining <= budget or batch_empty else 0
+        take, pos = 0, 0
+        for seg in task.chunk.segments:
+            seg_end = pos + seg.length
+            if seg_end > task.done:
+                avail = seg_end - max(task.done, pos)
+                if seg.kind == "bidirectional":
+                    if take + avail <= budget or (take == 0 and batch_empty):
+                        take += avail
+                    else:
+                        break
+                else:
+                    t = min(avail, budget - take)
+                    if t <= 0:
+                        break
+                    take += t
+                    if t < avail:
+                        break
+            pos = seg_end
+        return take
+
+    def _preempt_one(self, protect: set[str]) -> bool:
+        """Drop the pages of the most recently admitted request not in `protect`."""
+        holders = [s for s in self.seqs.values() if s.admitted >= 0 and not s.needs_recompute
+                   and s.key.request_id not in protect and self.cache.has(s.key)
+                   and self.cache.capacity(s.key) > 0]
+        if not holders:
+            return False
+        victim = max(holders, key=lambda s: s.admitted).key.request_id
+        for state in self.seqs.values():
+            if state.key.request_id == victim and self.cache.has(state.key):
+                self.cache.free(state.key)
+                self.cache.create(state.key)
+                state.needs_recompute = bool(state.history)
+                state.admitted = -1
+        for task in self.waiting:
+            if task.request_id == victim and task.work is None:
+                task.done = 0  # a half-done recompute restarts
+        return True
+
+    def _start_recompute(self, state: SeqState) -> None:
+        state.needs_recompute = False
+        state.recomputing = True
+        task = _Task(work=None, key=state.key, chunk=Chunk.concat(state.history),
+                     mode="append", wanted={}, samples=False, arrival=-1)
+        self.waiting.insert(0, task)
+
+    def _schedule(self) -> tuple[list[tuple[_Task, int]], list[WorkResult]]:
+        budget = self.scheduler.max_num_batched_tokens
+        batch: list[tuple[_Task, int]] = []
+        failed: list[WorkResult] = []
+        in_batch: set[str] = set()
+        for state in list(self.seqs.values()):
+            if state.needs_recompute and any(t.key == state.key for t in self.waiting):
+                self._start_recompute(state)
+        order = sorted(self.waiting, key=lambda t: (self.seqs[t.key].admitted < 0, t.arrival))
+        admitting_new = True
+        for task in order:
+            if len(batch) >= self.scheduler.max_num_seqs or budget <= 0:
+                break
+            state = self.seqs[task.key]
+            if (state.recomputing and task.work is not None) or state.needs_recompute:
+                continue
+            is_new = state.admitted < 0
+            if is_new and not admitting_new:
+                continue
+            take = self._chunk_len(task, budget, not batch)
+            if take == 0:
+                continue
+            if task.mode == "append":
+                while True:
+                    try:
+                        self.cache.reserve(task.key, take)
+                        break
+                    except OutOfPages:
+                        if not self._preempt_one(in_batch | {task.request_id}):
+                            break
+                if self.cache.capacity(task.key) - self.cache.length(task.key) < take:
+                    others = any(s.admitted >= 0 and s.key.request_id != task.request_id
+                                 for s in self.seqs.values())
+                    if not batch and not others:
+                        failed.extend(self._fail_request(task.request_id, RequestError(
+                            "the KV cache is too small for this request "
+                            f"({self.cache.pool.num_pages} pages of "
+                            f"{self.cache.pool.page_size} tokens)", code=507)))
+                    admitting_new = admitting_new and not is_new
+                    continue
+            if state.admitted < 0:
+                state.admitted = next(self._admissions)
+            batch.append((task, take))
+            in_batch.add(task.request_id)
+            budget -= take
+        return batch, failed
+
+    def _fail(self, task: _Task, error: Exception) -> list[WorkResult]:
+        if task.work is None:
+            return self._fail_request(task.request_id, error)
+        self.waiting.remove(task)
+        return [WorkResult(task.work, error=error)]
+
+    def _fail_request(self, request_id: str, error: Exception) -> list[WorkResult]:
+        mine = [t for t in self.waiting if t.request_id == request_id]
+        self.waiting = [t for t in self.waiting if t.request_id != request_id]
+        return [WorkResult(t.work, error=error) for t in mine if t.work is not None]
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self) -> list[WorkResult]:
+        batch, results = self._schedule()
+        if not batch:
+            return results
+        try:
+            results.extend(self._run(batch))
+        except Exception as exc:  # isolate the failing invocation; the others go on
+            if len(batch) == 1:
+                return results + self._fail(batch[0][0], exc)
+            for item in batch:
+                try:
+                    results.extend(self._run([item]))
+                except Exception as single_exc:
+                    results.extend(self._fail(item[0], single_exc))
+        return results
+
+    def _run(self, batch: list[tuple[_Task, int]]) -> list[WorkResult]:
+        seq_chunks: list[SeqChunk] = []
+        pieces: list[Chunk] = []
+        start = 0
+        for task, take in batch:
+            a, b = task.done, task.done + take
+            piece = task.chunk.slice(a, b)
+            pieces.append(piece)
+            outputs: dict[str, tuple[int, int]] = {}
+            for name, at in task.wanted.items():
+                if at == "last":
+                    lo, hi = (task.n - 1, task.n)
+                elif at == "all":
+                    lo, hi = (0, task.n)
+                else:
+                    lo, hi = _segment_range(task.chunk.segments, int(at.split(":", 1)[1]))
+                lo, hi = max(lo, a), min(hi, b)
+                if lo < hi:
+                    outputs[name] = (lo - a, hi - lo)
+            seq_chunks.append(SeqChunk(key=task.key, start=start, length=take,
+                                       context_len=self.cache.length(task.key),
+                                       segments=piece.segments, mode=task.mode,
+                                       is_last_chunk=b == task.n, outputs=outputs))
+            start += take
+        works = [t.work for t, _ in batch]
+        extras = {name: torch.cat([p.token_extras[name] for p in pieces])
+                  for name in pieces[0].token_extras}
+        extras.update({name: torch.stack([p.seq_extras[name] for p in pieces])
+                       for name in pieces[0].seq_extras})
+        fb = ForwardBatch(input_ids=torch.cat([p.input_ids for p in pieces]),
+                          positions=torch.cat([p.positions for p in pieces], dim=1),
+                          seqs=seq_chunks, extras=extras, ctx=KeyedStepContext(works))
+        if self.spec.position_axes == 1:
+            fb.positions = fb.positions[0]
+        with torch.inference_mode(), attention_context(TorchAttention(seq_chunks,
+                                                                      cache=self.cache)):
+            out = self.module(fb)
+        self._log(batch)
+        finished: list[_Task] = []
+        for i, (task, take) in enumerate(batch):
+            if task.mode == "append":
+                self.cache.commit(task.key, take)
+                state = self.seqs[task.key]
+                if task.work is not None:
+                    state.history.append(pieces[i])
+                    state.appended_ids.extend(pieces[i].input_ids.tolist())
+                    state.next_position = max(state.next_position,
+                                              int(pieces[i].positions[0].max()) + 1)
+            task.done += take
+            if task.done == task.n:
+                finished.append(task)
+        for name, value in out.items():
+            holders = fb.output_seqs(name)
+            counts = [seq_chunks[i].outputs[name][1] for i in holders]
+            for i, part in zip(holders, torch.split(value, counts)):
+                batch[i][0].pieces.setdefault(name, []).append(part)
+        return self._finish(finished)
+
+    def _finish(self, finished: list[_Task]) -> list[WorkResult]:
+        results: list[WorkResult] = []
+        to_sample: list[_Task] = []
+        for task in finished:
+            self.waiting.remove(task)
+            if task.work is None:
+                self.seqs[task.key].recomputing = False
+                continue
+            if task.samples:
+                to_sample.append(task)
+            else:
+                results.append(WorkResult(task.work, self._outputs(task)))
+        if to_sample:
+            results.extend(self._sample(to_sample))
+        return results
+
+    def _outputs(self, task: _Task) -> dict[str, Any]:
+        return {name: torch.cat(parts) for name, parts in task.pieces.items()
+                if name in task.work.node.outputs}
+
+    def _sample(self, tasks: list[_Task]) -> list[WorkResult]:
+        logits = torch.cat([torch.cat(t.pieces["logits"])[-1:] for t in tasks]).float()
+        rows = []
+        for t in tasks:
+            state = self.seqs[t.key]
+            rows.append(SampleRequest(params=t.work.sampling, seed=t.work.seed,
+                                      child=t.work.child, site=t.work.node.name,
+                                      step=self.cache.length(t.key),
+                                      history=[tok for _, tok in state.sampled],
+                                      prompt_ids=state.appended_ids))
+        result = sample(logits, rows)
+        results = []
+        for i, t in enumerate(tasks):
+            state = self.seqs[t.key]
+            token = int(result.token_ids[i])
+            position = self.cache.length(t.key)
+            state.sampled.append((position, token))
+            reason = stop_reason(token, t.work.sampling, num_generated=len(state.sampled),
+                                 seq_len=position + 1, max_seq_len=self.max_seq_len,
+                                 eos_token_ids=self.eos_token_ids)
+            outputs = self._outputs(t)
+            outputs.update(token_ids=torch.tensor([token]), finished=reason is not None,
+                           finish_reason=reason)
+            if t.work.sampling.logprobs is not None and result.logprobs is not None:
+                outputs["logprobs"] = [[token, float(result.logprobs[i]),
+                                        [list(p) for p in result.top_logprobs[i]]]]
+            results.append(WorkResult(t.work, outputs))
+        return results
+
+    def _log(self, batch: list[tuple[_Task, int]]) -> None:
+        entries = []
+        for task, take in batch:
+            w = task.work
+            entries.append({
+                "request_id": task.request_id, "label": task.key.label, "child": task.key.child,
+                "walk": w.walk if w else "recompute", "node": w.node.name if w else self.node,
+                "iteration": w.iteration if w else None, "tokens": take, "mode": task.mode,
+            })
+        self.step_log.append(StepRecord(next(self._steps), entries))

@@ -1,0 +1,223 @@
+"""The core sampler: logits [B, V] plus one `SampleRequest` per row -> token ids.
+
+Order of processing, per row (each step skipped where the row's params make it a no-op):
+1. logits processors, by name from the registry, in `params.logits_processors` order;
+2. repetition penalty (HF semantics) over prompt + history: positive logits of seen tokens
+   are divided by the penalty, negative ones multiplied;
+3. frequency and presence penalties (OpenAI semantics) over history:
+   `logit -= frequency_penalty * count + presence_penalty * (count > 0)`;
+4. temperature 0: greedy argmax (ties go to the lowest token id); otherwise
+5. divide by temperature, then top-k, then top-p (the smallest set of most likely tokens
+   whose cumulative probability reaches top_p, never empty), then min-p (drop tokens whose
+   probability is below min_p times the largest);
+6. draw by the exponential race `argmax(probs / E)`, E ~ Exp(1) over the whole vocabulary,
+   keyed by the row's (seed, child, site, step) (`mstar.engine.rng`).
+
+Why the race: it samples exactly from `probs` and consumes no shared generator state, so a
+row's token is a pure function of its logits, params and key, never of the other rows in the
+batch or of the rank that runs it. Rows are processed together with per-row parameter
+tensors; per-row Python work is limited to building small index lists (and calling
+user-registered logits processors).
+
+`logprobs` report the raw model distribution (log_softmax of the unprocessed logits), as
+vLLM does by default. Stop strings are not handled here: core matches them after
+detokenisation (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mstar.engine.rng import exponential_rows, key_seed
+from mstar.model.sampling import SamplingParams
+
+#: A logits processor sees the token ids generated so far at this site and one logits row
+#: [V] and returns the new row.
+LogitsProcessorFn = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+
+_PROCESSORS: dict[str, LogitsProcessorFn] = {}
+
+
+def register_logits_processor(name: str, fn: LogitsProcessorFn) -> None:
+    """Make `fn` available to requests as `logits_processors=[name]`.
+
+    Registering the same function again is a no-op; another function under a taken name is
+    an error, so two plugins cannot silently shadow each other."""
+    if name in _PROCESSORS and _PROCESSORS[name] is not fn:
+        raise ValueError(f"logits processor {name!r} is already registered")
+    _PROCESSORS[name] = fn
+
+
+def logits_processor_names() -> list[str]:
+    return sorted(_PROCESSORS)
+
+
+def get_logits_processor(name: str) -> LogitsProcessorFn:
+    """The processor registered as `name`; ValueError listing the known ones otherwise (call
+    it at admission to reject a request early)."""
+    if name not in _PROCESSORS:
+        known = ", ".join(logits_processor_names()) or "none"
+        raise ValueError(f"unknown logits processor {name!r}; registered: {known}")
+    return _PROCESSORS[name]
+
+
+@dataclass
+class SampleRequest:
+    """One row to sample. `step` is the position of the token being sampled; `history` the
+    ids generated so far at this site; `prompt_ids` count for the repetition penalty only."""
+
+    params: SamplingParams
+    seed: int
+    child: int
+    site: str
+    step: int
+    history: Sequence[int]
+    prompt_ids: Sequence[int] = ()
+
+
+@dataclass
+class SampleResult:
+    """`logprobs[b]`: raw log-prob of `token_ids[b]`; `top_logprobs[b]`: the row's
+    `params.logprobs` most likely (id, log-prob) pairs, [] where it asked for none. Both are
+    None when no row asked for logprobs."""
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+def _row_tensor(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+
+
+def _token_index(rows: Sequence[SampleRequest], idx: Sequence[int], with_prompt: bool,
+                 vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position in `idx`, token id) pairs of the listed rows' history (and prompt). Ids
+    outside the logits' vocabulary (placeholders) cannot be sampled, so they are dropped."""
+    lengths: list[int] = []
+    toks: list[int] = []
+    for i in idx:
+        before = len(toks)
+        if with_prompt:
+            toks.extend(rows[i].prompt_ids)
+        toks.extend(rows[i].history)
+        lengths.append(len(toks) - before)
+    tok = torch.tensor(toks, dtype=torch.long)
+    pos = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor(lengths))
+    valid = (tok >= 0) & (tok < vocab)
+    return pos[valid].to(device), tok[valid].to(device)
+
+
+def process_logits(logits: torch.Tensor, rows: Sequence[SampleRequest]) -> torch.Tensor:
+    """Steps 1-3 (processors, repetition, frequency/presence penalties) as float32 logits.
+
+    `logits` is never modified; it is returned as is (cast) when no row needs any step."""
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], "
+                         f"got {tuple(logits.shape)}")
+    procs = [i for i, r in enumerate(rows) if r.params.logits_processors]
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    freq = [i for i, r in enumerate(rows)
+            if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
+    if not (procs or rep or freq):
+        return logits.float()
+    x = logits.to(torch.float32, copy=True)
+    for i in procs:
+        for name in rows[i].params.logits_processors:
+            x[i] = get_logits_processor(name)(rows[i].history, x[i])
+
+    if rep:
+        pos, toks = _token_index(rows, rep, True, x.shape[-1], x.device)
+        sub = x[rep]
+        seen = torch.zeros_like(sub, dtype=torch.bool)
+        seen[pos, toks] = True
+        penalty = _row_tensor([rows[i].params.repetition_penalty for i in rep], sub)
+        x[rep] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+
+    if freq:
+        pos, toks = _token_index(rows, freq, False, x.shape[-1], x.device)
+        sub = x[freq]
+        counts = torch.zeros_like(sub)
+        counts.index_put_((pos, toks), torch.ones_like(toks, dtype=sub.dtype), accumulate=True)
+        fp = _row_tensor([rows[i].params.frequency_penalty for i in freq], sub)
+        pp = _row_tensor([rows[i].params.presence_penalty for i in freq], sub)
+        x[freq] = sub - fp * counts - pp * (counts > 0).to(sub.dtype)
+    return x
+
+
+def _filter(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Step 5: temperature, top-k, top-p, min-p; returns the probabilities to draw from."""
+    vocab = x.shape[-1]
+    x = x / _row_tensor([p.temperature for p in params], x)
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    # top_p 1 must keep everything even where the float cumulative sum overshoots 1.
+    top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in params]
+    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+        # Stable sort: among tied logits the lower id ranks first, so top_k=1 is greedy.
+        sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
+        ranks = torch.arange(vocab, device=x.device).unsqueeze(0)
+        drop = ranks >= torch.tensor(top_k, device=x.device).unsqueeze(1)
+        sorted_probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop |= before >= _row_tensor(top_p, sorted_probs)
+        x = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if any(p.min_p > 0 for p in params):
+        min_p = _row_tensor([p.min_p for p in params], probs)
+        floor = min_p * probs.amax(dim=-1, keepdim=True)
+        probs = torch.softmax(x.masked_fill(probs < floor, float("-inf")), dim=-1)
+    return probs
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SampleRequest]) -> SampleResult:
+    """Sample one token per row of `logits` [B, V] (see the module docstring for the order).
+
+    Params are assumed validated at admission (`SamplingParams.validate`)."""
+    raw = logits.float()
+    x = process_logits(raw, rows)
+    token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+
+    greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
+    drawn = [i for i, r in enumerate(rows) if r.params.temperature != 0]
+    if greedy:
+        # A whole-batch slice avoids copying [B, V] when every row is greedy.
+        sel = slice(None) if not drawn else greedy
+        token_ids[sel] = x[sel].argmax(dim=-1)
+    if drawn:
+        sel = slice(None) if not greedy else drawn
+        probs = _filter(x[sel], [rows[i].params for i in drawn])
+        keys = torch.tensor([key_seed(rows[i].seed, rows[i].child, rows[i].site, rows[i].step)
+                             for i in drawn], dtype=torch.int64, device=logits.device)
+        race = probs.double() / exponential_rows(keys, probs.shape[-1])
+        token_ids[sel] = race.argmax(dim=-1)
+
+    asks = [r.params.logprobs for r in rows]
+    if all(k is None for k in asks):
+        return SampleResult(token_ids, None, None)
+    log_probs = torch.log_softmax(raw, dim=-1)
+    chosen = log_probs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    top: list[list[tuple[int, float]]] = [[] for _ in rows]
+    most = min(max(k or 0 for k in asks), raw.shape[-1])
+    if most:
+        values, ids = log_probs.topk(most, dim=-1)
+        values_l, ids_l = values.tolist(), ids.tolist()
+        for i, k in enumerate(asks):
+            top[i] = list(zip(ids_l[i][:k or 0], values_l[i][:k or 0]))
+    return SampleResult(token_ids, chosen, top)
+
+
+def stop_reason(token_id: int, params: SamplingParams, *, num_generated: int, seq_len: int,
+                max_seq_len: int, eos_token_ids: Sequence[int]) -> str | None:
+    """Why generation at this site ends after `token_id`, or None to go on.
+
+    A stop/EOS token wins over the length limit (the sequence ended by its own choice)."""
+    if token_id in params.stop_token_ids or (
+            not params.ignore_eos and token_id in eos_token_ids):
+        return "stop"
+    if (params.max_tokens is not None and num_generated >= params.max_tokens) \
+            or seq_len >= max_seq_len:
+        return "length"
+    return None

@@ -1,0 +1,87 @@
+"""Per-sequence engine state beside its pages: what was appended, for recompute and forks.
+
+A sequence's pages can be dropped under memory pressure (preemption by recompute); its
+history of appended chunks (ids, positions, segments, extras) is what rebuilds them, and
+what a fork inherits up to its length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mstar.model.forward import Segment, SeqKey
+
+
+def slice_segments(segments: list[Segment], a: int, b: int) -> list[Segment]:
+    """The parts of `segments` (back to back from 0) that fall in tokens [a, b)."""
+    out: list[Segment] = []
+    pos = 0
+    for seg in segments:
+        lo, hi = max(a, pos), min(b, pos + seg.length)
+        if lo < hi:
+            out.append(Segment(hi - lo, seg.kind))
+        pos += seg.length
+    return out
+
+
+@dataclass
+class Chunk:
+    """Tokens appended (or to append) to one sequence, with everything that made their K/V."""
+
+    input_ids: torch.Tensor  # [n]
+    positions: torch.Tensor  # [A, n]
+    segments: list[Segment]
+    token_extras: dict[str, torch.Tensor] = field(default_factory=dict)  # each [n, ...]
+    seq_extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def slice(self, a: int, b: int) -> Chunk:
+        return Chunk(self.input_ids[a:b], self.positions[:, a:b],
+                     slice_segments(self.segments, a, b),
+                     {k: v[a:b] for k, v in self.token_extras.items()}, self.seq_extras)
+
+    @staticmethod
+    def concat(chunks: list[Chunk]) -> Chunk:
+        names = chunks[0].token_extras.keys()
+        return Chunk(torch.cat([c.input_ids for c in chunks]),
+                     torch.cat([c.positions for c in chunks], dim=1),
+                     [s for c in chunks for s in c.segments],
+                     {k: torch.cat([c.token_extras[k] for c in chunks]) for k in names},
+                     chunks[0].seq_extras)
+
+
+@dataclass
+class SeqState:
+    key: SeqKey
+    history: list[Chunk] = field(default_factory=list)
+    next_position: int = 0
+    appended_ids: list[int] = field(default_factory=list)
+    sampled: list[tuple[int, int]] = field(default_factory=list)  # (position, token id)
+    admitted: int = -1  # admission order; -1 until it first holds pages
+    needs_recompute: bool = False
+    recomputing: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.appended_ids)
+
+    def forked(self, key: SeqKey, length: int | None) -> SeqState:
+        """The state of a fork sharing this sequence's first `length` tokens."""
+        n = self.length if length is None else length
+        history: list[Chunk] = []
+        pos = 0
+        for chunk in self.history:
+            if pos >= n:
+                break
+            history.append(chunk if pos + chunk.length <= n else chunk.slice(0, n - pos))
+            pos += chunk.length
+        next_pos = max((int(c.positions[0].max()) + 1 for c in history if c.length), default=0)
+        return SeqState(key=key, history=history, next_position=next_pos,
+                        appended_ids=self.appended_ids[:n],
+                        sampled=[(p, t) for p, t in self.sampled if p < n],
+                        admitted=self.admitted)

@@ -1,0 +1,206 @@
+"""`mstar.load`: a whole deployment in one process.
+
+The same conductor, workers and frontend the server runs as processes, here as threads
+that talk only through an in-process hub (encoded messages) and move tensors only through a
+local transport, so tests, notebooks and benchmarks exercise the real runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from mstar import events
+from mstar.api_server.frontend import Frontend
+from mstar.communication.channel import InProcessHub
+from mstar.communication.transport import LocalStore, LocalTransport
+from mstar.conductor.conductor import Conductor
+from mstar.config import DeploymentConfig, load_config, placement, validate_for_model
+from mstar.engine.kv_engine import KVEngine, StepRecord
+from mstar.engine.work import RequestError
+from mstar.model.contract import Model
+from mstar.plugins import model_registry
+from mstar.plugins.registry import ModelSpec
+from mstar.weights import read_checkpoint_config, resolve_source
+from mstar.worker.builder import LoadOptions, build_engines, checkpoint_location
+from mstar.worker.worker import Worker
+
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def _deployment_config(spec: ModelSpec, config: Any, overrides: Mapping[str, Any]
+                       ) -> DeploymentConfig:
+    if config is None:
+        data = (load_config(spec.default_config).model_dump() if spec.default_config
+                else {"model": spec.name})
+    elif isinstance(config, DeploymentConfig):
+        data = config.model_dump()
+    elif isinstance(config, Mapping):
+        data = dict(config)
+    else:
+        data = load_config(str(config)).model_dump()
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(data.get(key), Mapping):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    data.setdefault("model", spec.name)
+    return DeploymentConfig.model_validate(data)
+
+
+def _model_instance(spec: ModelSpec, config: DeploymentConfig, *, preset: str | None,
+                    options: LoadOptions) -> Model:
+    cls = spec.load_class()
+    if preset is None:
+        if options.load_format == "dummy" and not options.model_path:
+            raise ValueError(f"load_format='dummy' needs a preset (one of {list(spec.presets)}) "
+                             "or a model_path holding config.json")
+        path = resolve_source(checkpoint_location("default", options), patterns=["config.json"],
+                              cache_dir=options.cache_dir, revision=options.revision,
+                              token=options.token)
+        return cls(cls.make_config(checkpoint_config=read_checkpoint_config(path),
+                                   model_kwargs=config.model_kwargs))
+    return cls(cls.make_config(preset=preset, model_kwargs=config.model_kwargs))
+
+
+class LocalDeployment:
+    """A running deployment in this process. `generate(request)` yields `mstar.events`."""
+
+    def __init__(self, spec: ModelSpec, model: Model, config: DeploymentConfig,
+                 options: LoadOptions, *, device: str = "cpu"):
+        validate_for_model(config, model)
+        self.spec, self.model, self.config = spec, model, config
+        self.placement = placement(config, model)
+        if any(p.tp_size > 1 for p in self.placement.nodes.values()):
+            raise ValueError("tp_size > 1 needs one process per rank: serve it with "
+                             "`mstar-serve` (the in-process API runs tp_size 1 only)")
+        hub, store = InProcessHub(), LocalStore()
+        self._store = store
+        tokenizer = model.tokenizer()
+        eos = getattr(tokenizer, "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, list | tuple) else ((eos,) if eos is not None
+                                                                    else ())
+        ranks = self.placement.ranks()
+        self.frontend = Frontend(model, config, hub.channel("frontend"),
+                                 LocalTransport("frontend", store))
+        self.frontend.expected_workers = {f"worker:{r}" for r in ranks}
+        self.conductor = Conductor(model, self.placement, hub.channel("conductor"),
+                                   max_concurrent_requests=config.max_concurrent_requests)
+        self.workers: dict[int, Worker] = {}
+        for rank in ranks:
+            engines = build_engines(model, config, self.placement.nodes_on(rank), rank, options,
+                                    device=torch.device(device),
+                                    ranks_sharing_device=len(ranks), eos_token_ids=eos_ids)
+            address = f"worker:{rank}"
+            self.workers[rank] = Worker(rank, model, engines, hub.channel(address),
+                                        LocalTransport(address, store))
+        self.frontend.start()
+        self.conductor.start()
+        for worker in self.workers.values():
+            worker.start()
+        if not self.frontend.ready.wait(timeout=60):
+            self.close()
+            raise RuntimeError("workers did not report ready within 60 s")
+
+    # -- requests ---------------------------------------------------------------------------
+    def generate(self, request: Mapping[str, Any], *, request_id: str | None = None
+                 ) -> Iterator[events.Event]:
+        """Submit `request` (the JSON body `POST /generate` takes) and yield its events,
+        ending with `Finished` or `Error`. Bad input raises `RequestError` at once.
+        Closing the iterator early cancels the request."""
+        sink: queue.SimpleQueue[events.Event] = queue.SimpleQueue()
+        rid = self.frontend.submit(request, sink.put, request_id=request_id)
+        done = False
+        try:
+            while True:
+                event = sink.get()
+                yield event
+                if isinstance(event, events.Finished | events.Error):
+                    done = True
+                    return
+        finally:
+            if not done:
+                self.frontend.cancel(rid)
+
+    async def agenerate(self, request: Mapping[str, Any], *, request_id: str | None = None
+                        ) -> AsyncIterator[events.Event]:
+        """The asyncio form of `generate`."""
+        loop = asyncio.get_running_loop()
+        sink: asyncio.Queue[events.Event] = asyncio.Queue()
+        rid = self.frontend.submit(request, lambda e: loop.call_soon_threadsafe(
+            sink.put_nowait, e), request_id=request_id)
+        done = False
+        try:
+            while True:
+                event = await sink.get()
+                yield event
+                if isinstance(event, events.Finished | events.Error):
+                    done = True
+                    return
+        finally:
+            if not done:
+                self.frontend.cancel(rid)
+
+    def cancel(self, request_id: str) -> None:
+        self.frontend.cancel(request_id)
+
+    # -- introspection ----------------------------------------------------------------------
+    def step_log(self, node: str, rank: int | None = None) -> list[StepRecord]:
+        """Engine steps of `node` (on `rank`, or the first rank holding it)."""
+        for r, worker in sorted(self.workers.items()):
+            if (rank is None or r == rank) and node in worker.engines:
+                return list(worker.engines[node].step_log)
+        raise KeyError(f"no rank holds node {node!r}")
+
+    def pages_in_use(self) -> int:
+        return sum(w.pages_in_use() for w in self.workers.values())
+
+    def live_tensors(self) -> int:
+        return len(self._store.items)
+
+    def kv_engine(self, node: str, rank: int = 0) -> KVEngine:
+        engine = self.workers[rank].engines[node]
+        assert isinstance(engine, KVEngine)
+        return engine
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+        self.conductor.stop()
+        self.frontend.stop()
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(model: str, config: DeploymentConfig | Mapping[str, Any] | str | None = None, *,
+         preset: str | None = None, load_format: str = "auto", model_path: str | None = None,
+         cache_dir: str | None = None, revision: str | None = None, seed: int = 0,
+         device: str = "cpu", **overrides: Any) -> LocalDeployment:
+    """Load `model` (a registered name) and start it in this process.
+
+    `config`: a DeploymentConfig, a dict, a YAML path or a packaged config name (default:
+    the model's default config, else everything on rank 0). `overrides` replace top-level
+    config fields (`max_seq_len=512`, `kv_cache={"num_pages": 64}`, `node_groups=[...]`).
+    `load_format="dummy"` with a `preset` runs seeded random weights of the real shapes.
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unknown load_format {load_format!r}; allowed: {list(LOAD_FORMATS)}")
+    spec = model_registry().get(model)
+    deployment = _deployment_config(spec, config, overrides)
+    options = LoadOptions(load_format=load_format, model_path=model_path,
+                          weight_sources=dict(spec.weight_sources), cache_dir=cache_dir,
+                          revision=revision, token=os.environ.get("HF_TOKEN"), seed=seed)
+    instance = _model_instance(spec, deployment, preset=preset, options=options)
+    return LocalDeployment(spec, instance, deployment, options, device=device)
+
+
+__all__ = ["LocalDeployment", "RequestError", "load"]

@@ -1,0 +1,163 @@
+"""Cutting a growing stream of units into overlapping windows (one streaming edge, one
+request).
+
+The windowing is `ChunkPolicy`'s: emission boundaries e0 = 0, e1 = `first_chunk` (default
+`hop`), e(k+1) = e(k) + hop. Window k emits units [e(k), e(k+1)) and spans input units
+[e(k) - left, e(k+1) + lookahead), clipped to [0, units pushed). It is ready once
+e(k+1) + lookahead units exist, or once the stream has ended; after the end the remaining
+boundaries are clipped to the stream's length (the flush), so every unit is emitted by
+exactly one window, in order. The consumer runs its node on a whole window and keeps only
+the rows of the emitted units (`slice_emitted`).
+
+End of stream: `Window.final` is True when the window is known to be the last when it is
+cut. A stream may end after its last window was cut (possible only when lookahead is 0), and
+an empty stream that ends yields no window at all; in both cases the consumer learns of the
+end through `ended` (the edge's end flag), not through a final window.
+
+The chunker keeps only the units a future window needs: `release()` drops the rest and
+returns how many it dropped, so the edge can hand that many credits back to the producer
+(the buffer is bounded by backpressure, never by dropping data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from mstar.graph.primitives import ChunkPolicy
+
+
+@dataclass(frozen=True, eq=False)
+class Window:
+    """Input units of one window and the range of them whose output is emitted."""
+
+    index: int
+    units: dict[str, torch.Tensor]
+    win_start: int
+    win_end: int
+    emit_start: int
+    emit_end: int
+    final: bool
+
+
+class StreamChunker:
+    """Buffers one request's stream of named unit rows and cuts windows by `policy`."""
+
+    def __init__(self, policy: ChunkPolicy):
+        self.policy = policy
+        self._names: tuple[str, ...] | None = None
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._base = 0  # stream index of the buffer's first row
+        self._pushed = 0  # units pushed so far
+        self._index = 0  # index of the next window
+        self._next_emit = 0  # e(index)
+        self._end_requested = False
+        self._total: int | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Units held now."""
+        return self._pushed - self._base
+
+    @property
+    def room(self) -> int:
+        """Units the producer may still push before the buffer is full (backpressure)."""
+        return max(0, self.policy.max_buffered - self.buffered)
+
+    @property
+    def ended(self) -> bool:
+        """The stream has ended and every unit has been pushed."""
+        return self._end_requested and (self._total is None or self._pushed == self._total)
+
+    def push(self, units: Mapping[str, torch.Tensor]) -> None:
+        """Append rows; every name carries the same number of rows (one per unit)."""
+        names = tuple(sorted(units))
+        if self._names is None:
+            if not names:
+                raise ValueError("a push needs at least one named tensor")
+            self._names = names
+        elif names != self._names:
+            raise ValueError(f"pushed names {names} differ from the stream's {self._names}")
+        counts = {name: units[name].shape[0] for name in names}
+        count = counts[names[0]]
+        if any(c != count for c in counts.values()):
+            raise ValueError(f"pushed tensors have different row counts: {counts}")
+        if self._end_requested and (self._total is None or self._pushed + count > self._total):
+            raise ValueError(
+                f"push of {count} units past the end of the stream "
+                f"(pushed {self._pushed}, total {self._total})"
+            )
+        for name in names:
+            held = self._buffer.get(name)
+            self._buffer[name] = units[name] if held is None else torch.cat([held, units[name]])
+        self._pushed += count
+
+    def end(self, total_units: int | None = None) -> None:
+        """End the stream; with `total_units`, once that many units have been pushed (the
+        last pushes may still be in flight)."""
+        if total_units is not None and total_units < self._pushed:
+            raise ValueError(f"total_units={total_units} but {self._pushed} already pushed")
+        if self._end_requested and total_units != self._total:
+            raise ValueError(f"stream already ended with total_units={self._total}")
+        self._end_requested = True
+        self._total = total_units
+
+    def next_window(self) -> Window | None:
+        """The next ready window, or None (not ready yet, or every unit emitted)."""
+        start = self._next_emit
+        step = self.policy.hop
+        if self._index == 0 and self.policy.first_chunk is not None:
+            step = self.policy.first_chunk
+        stop = start + step
+        ended = self.ended
+        if ended:
+            if start >= self._pushed:
+                return None
+            stop = min(stop, self._pushed)
+        elif self._pushed < stop + self.policy.lookahead:
+            return None
+        win_start = max(0, start - self.policy.left)
+        win_end = min(stop + self.policy.lookahead, self._pushed)
+        assert self._names is not None  # a ready window holds at least one unit
+        rows = slice(win_start - self._base, win_end - self._base)
+        window = Window(
+            index=self._index,
+            units={name: self._buffer[name][rows] for name in self._names},
+            win_start=win_start,
+            win_end=win_end,
+            emit_start=start,
+            emit_end=stop,
+            final=ended and stop >= self._pushed,
+        )
+        self._index += 1
+        self._next_emit = stop
+        return window
+
+    def release(self) -> int:
+        """Drop units no future window needs; returns how many were dropped."""
+        keep_from = min(max(0, self._next_emit - self.policy.left), self._pushed)
+        dropped = keep_from - self._base
+        if dropped <= 0:
+            return 0
+        for name, held in self._buffer.items():
+            self._buffer[name] = held[dropped:]
+        self._base = keep_from
+        return dropped
+
+
+def slice_emitted(output: torch.Tensor, window: Window, dim: int = 0) -> torch.Tensor:
+    """The part of a node output computed for the whole window that belongs to its emitted
+    units: `output` has r rows per window unit along `dim` (an integer r, e.g. audio samples
+    per codec frame), and the rows of units [emit_start, emit_end) are returned."""
+    span = window.win_end - window.win_start
+    rows = output.shape[dim]
+    if rows % span:
+        raise ValueError(
+            f"output has {rows} rows along dim {dim}, not a multiple of the window's {span} units"
+        )
+    r = rows // span
+    first = (window.emit_start - window.win_start) * r
+    last = (window.emit_end - window.win_start) * r
+    return output.narrow(dim, first, last - first)

@@ -1,0 +1,107 @@
+"""Finding checkpoint files: a local path as is, or a Hugging Face hub snapshot.
+
+Only the files the node's patterns name (plus config.json) are downloaded. When a
+`*.index.json` for the patterns is present, its weight map decides the shards: repos often
+ship the same weights twice (sharded and consolidated), and only the index says which set
+is the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+class WeightSourceError(RuntimeError):
+    """The weights could not be located or fetched; the message says what to do instead."""
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, at import)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE or constants.HF_HUB_OFFLINE
+
+
+def _looks_local(source: str) -> bool:
+    """A hub id is `name` or `owner/name` and never starts with '.', '/' or '~'."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1
+
+
+def resolve_source(source: str, *, patterns: Sequence[str], subfolder: str | None = None,
+                   cache_dir: str | os.PathLike[str] | None = None, revision: str | None = None,
+                   token: str | None = None) -> Path:
+    """The local directory (or file) holding the checkpoint named by `source`: an existing
+    path, else a hub repo id downloaded (only `patterns` and config.json) into the cache."""
+    local = Path(source).expanduser()
+    if local.exists():
+        path = local / subfolder if subfolder and local.is_dir() else local
+        if not path.exists():
+            raise WeightSourceError(f"weight path {local} has no subfolder {subfolder!r}")
+        return path
+    if _looks_local(source):
+        raise WeightSourceError(f"weight path {source!r} does not exist")
+
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{subfolder}/" if subfolder else ""
+    allow = [prefix + p for p in patterns] + ["config.json"]
+    if subfolder:
+        allow.append(prefix + "config.json")
+    offline = _offline()
+    try:
+        snapshot = snapshot_download(
+            source, allow_patterns=allow, cache_dir=cache_dir, revision=revision,
+            token=token or os.environ.get("HF_TOKEN"), local_files_only=offline)
+    except (OSError, ValueError) as err:
+        why = ("HF_HUB_OFFLINE is set and it is not in the cache" if offline
+               else f"{type(err).__name__}: {err}")
+        raise WeightSourceError(
+            f"could not fetch weights of hub repo {source!r}"
+            f"{f' (revision {revision})' if revision else ''}: {why}. Pass a local checkpoint "
+            "with --model-path, download it into the cache beforehand (--cache-dir / "
+            "HF_HUB_CACHE), or use --load-format dummy for random weights.") from err
+    return Path(snapshot) / subfolder if subfolder else Path(snapshot)
+
+
+def _matches(rel: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) for p in patterns)
+
+
+def checkpoint_files(path: str | os.PathLike[str], patterns: Sequence[str]) -> list[Path]:
+    """The weight files of a checkpoint, sorted. A file path is returned as is; in a
+    directory, an index (`<pattern-matching name>.index.json`) names the shards when present,
+    otherwise every file matching `patterns` is used."""
+    root = Path(path)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint path {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    rel = {p: p.relative_to(root).as_posix() for p in files}
+    for index in files:
+        name = rel[index]
+        if name.endswith(".index.json") and _matches(name.removesuffix(".index.json"), patterns):
+            weight_map: dict[str, Any] = json.loads(index.read_text())["weight_map"]
+            shards = sorted({index.parent / f for f in weight_map.values()})
+            absent = [str(s) for s in shards if not s.is_file()]
+            if absent:
+                raise FileNotFoundError(f"{index} names shards that are missing: {absent}")
+            return shards
+    found = [p for p in files if _matches(rel[p], patterns)]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint files matching {list(patterns)} in {root}")
+    return found
+
+
+def read_checkpoint_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint's config.json (next to the file when `path` is a file), or {}."""
+    root = Path(path)
+    config = (root if root.is_dir() else root.parent) / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else {}

@@ -1,0 +1,94 @@
+"""Building a rank's nodes: the module from the model, its weights, its engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mstar.config.deployment import DeploymentConfig
+from mstar.config.validate import NodePlacement
+from mstar.engine.kv_cache import KVCacheManager, PagePool, plan_capacity
+from mstar.engine.kv_engine import KVEngine
+from mstar.engine.stateless_engine import StatelessEngine
+from mstar.model.contract import BuildContext, Model
+from mstar.weights import (
+    checkpoint_files,
+    init_dummy_weights,
+    iter_checkpoint,
+    load_weights,
+    resolve_source,
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Where weights come from. `load_format="dummy"` gives seeded random weights of the
+    real shapes (no files needed); `"auto"` reads the checkpoint (`model_path`, else each
+    weight source's hub repo through huggingface_hub)."""
+
+    load_format: str = "auto"
+    model_path: str | None = None
+    weight_sources: dict[str, str] = field(default_factory=dict)
+    cache_dir: str | None = None
+    revision: str | None = None
+    token: str | None = None
+    seed: int = 0
+
+
+def checkpoint_location(source: str, options: LoadOptions) -> str:
+    if source == "default" and options.model_path:
+        return options.model_path
+    return options.weight_sources.get(source, source)
+
+
+def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
+                 options: LoadOptions, device: torch.device) -> torch.nn.Module:
+    dtype = DTYPES[placement.dtype] if placement.dtype else (
+        model.kv_spec(node).dtype if model.node_engine_types()[node] == "kv_cache"
+        else torch.float32)
+    tp_rank, tp_size = placement.ranks.index(rank), placement.tp_size
+    ctx = BuildContext(node=node, device=device, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size)
+    module = model.build_submodule(node, ctx).to(device=device, dtype=dtype)
+    if options.load_format == "dummy":
+        init_dummy_weights(module, seed=options.seed, tp_rank=tp_rank, tp_size=tp_size)
+    elif options.load_format == "auto":
+        ws = model.weight_spec(node)
+        path = resolve_source(checkpoint_location(ws.source, options), patterns=ws.patterns,
+                              subfolder=ws.subfolder, cache_dir=options.cache_dir,
+                              revision=options.revision, token=options.token)
+        files = checkpoint_files(path, ws.patterns)
+        load_weights(module, iter_checkpoint(files, ws.format), ws, tp_rank=tp_rank,
+                     tp_size=tp_size, dtype=ws.dtype or dtype)
+    else:
+        raise ValueError(f"unknown load format {options.load_format!r}; use 'auto' or 'dummy'")
+    return module.eval()
+
+
+def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodePlacement],
+                  rank: int, options: LoadOptions, *, device: torch.device,
+                  ranks_sharing_device: int, eos_token_ids: tuple[int, ...] = ()):
+    """Every engine of one rank, by node name."""
+    engine_types = model.node_engine_types()
+    kv_nodes = {n: model.kv_spec(n) for n in nodes if engine_types[n] == "kv_cache"}
+    pages = plan_capacity(kv_nodes, max_seq_len=config.max_seq_len,
+                          page_size=config.kv_cache.page_size,
+                          num_pages=config.kv_cache.num_pages,
+                          memory_fraction=config.kv_cache.memory_fraction,
+                          ranks_sharing_device=ranks_sharing_device,
+                          shares=config.kv_cache.shares, device=device) if kv_nodes else {}
+    engines: dict[str, KVEngine | StatelessEngine] = {}
+    for node, placement in nodes.items():
+        module = build_module(model, node, placement, rank, options, device)
+        if node in kv_nodes:
+            pool = PagePool(kv_nodes[node], pages[node], config.kv_cache.page_size, device)
+            engines[node] = KVEngine(node, module, kv_nodes[node], KVCacheManager(pool),
+                                     max_seq_len=config.max_seq_len,
+                                     scheduler=config.scheduler, eos_token_ids=eos_token_ids,
+                                     device=device)
+        else:
+            engines[node] = StatelessEngine(node, module,
+                                            max_batch=config.scheduler.max_num_seqs)
+    return engines

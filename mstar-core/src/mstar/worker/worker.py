@@ -1,0 +1,345 @@
+"""A worker: one rank. It runs the walks the conductor starts on it, a cursor per request.
+
+Each loop turn it reads its messages, asks every live cursor which node invocations it
+waits on, queues the ready ones in the engines (a request whose stream buffer is full is
+paused, others go on; a stream-fed invocation waits for a window), runs one engine step
+(engines take turns), and routes the results: outputs back into cursors, client-bound values
+to the frontend, stream units to the consumer's worker, control values to the conductor at
+walk ends. Loop conditions are evaluated here; per-iteration control never leaves the rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mstar.communication import messages as msg
+from mstar.communication.channel import Channel
+from mstar.communication.transport import Transport
+from mstar.engine.kv_engine import KVEngine
+from mstar.engine.stateless_engine import StatelessEngine
+from mstar.engine.work import NodeWork, RequestError, WorkResult
+from mstar.graph.cursor import Invocation, WalkCursor
+from mstar.graph.primitives import GraphNode, StreamingGraphEdge
+from mstar.graph.program import WalkProgram, compile_walk
+from mstar.model.contract import Fork, Model
+from mstar.model.sampling import SamplingParams
+from mstar.streaming.chunker import StreamChunker, Window, slice_emitted
+
+log = logging.getLogger(__name__)
+
+Engine = KVEngine | StatelessEngine
+
+
+@dataclass
+class Lane:
+    """One walk of one (partition, child) of a request on this worker."""
+
+    partition: str
+    child: int
+    walk: str
+    cursor: WalkCursor
+    in_flight: set[str] = field(default_factory=set)
+    window: Window | None = None
+
+
+@dataclass
+class WorkerRequest:
+    request_id: str
+    info: msg.RequestInfo | None = None
+    lanes: dict[tuple[str, int], Lane] = field(default_factory=dict)
+    outputs_sent: int = 0
+    peers: dict[int, str] = field(default_factory=dict)
+    pushed: dict[int, int] = field(default_factory=dict)
+    credited: dict[int, int] = field(default_factory=dict)
+    chunkers: dict[int, StreamChunker] = field(default_factory=dict)
+    producers: dict[int, str] = field(default_factory=dict)
+
+
+def host_value(value: Any) -> Any:
+    """A value as plain data for control messages (small tensors become lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+class Worker:
+    def __init__(self, rank: int, model: Model, engines: dict[str, Engine], channel: Channel,
+                 transport: Transport):
+        self.rank = rank
+        self.address = channel.address
+        self.model = model
+        self.engines = engines
+        self.channel = channel
+        self.transport = transport
+        self.programs: dict[str, WalkProgram] = {
+            name: compile_walk(walk) for name, walk in model.graph_walks().items()}
+        self.edges: list[StreamingGraphEdge] = list(model.streaming_edges())
+        partition_of = {n: p.name for p in model.partitions() for n in p.nodes}
+        self._edge_partitions = [(partition_of.get(e.src), partition_of.get(e.dst))
+                                 for e in self.edges]
+        self.requests: dict[str, WorkerRequest] = {}
+        self._turn = itertools.cycle(list(engines))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=self.address, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def run(self) -> None:
+        self.channel.send("conductor", msg.WorkerReady(self.address, sorted(self.engines)))
+        while not self._stop.is_set():
+            busy = any(e.has_work() for e in self.engines.values())
+            m = self.channel.recv(timeout=0 if busy else 0.005)
+            while m is not None:
+                self.handle(m)
+                m = self.channel.recv(timeout=0)
+            self._schedule()
+            self._step()
+
+    # -- messages ---------------------------------------------------------------------------
+    def _request(self, request_id: str) -> WorkerRequest:
+        req = self.requests.get(request_id)
+        if req is None:
+            req = self.requests[request_id] = WorkerRequest(request_id)
+        return req
+
+    def handle(self, m: msg.Message) -> None:
+        if isinstance(m, msg.StartWalk):
+            self._start_walk(m)
+        elif isinstance(m, msg.StreamPush):
+            req = self._request(m.request_id)
+            units = {name: self.transport.get(h) for name, h in m.tensors.items()}
+            for h in m.tensors.values():
+                self.transport.free(h)
+            req.producers[m.edge] = m.producer
+            self._chunker(req, m.edge).push(units)
+        elif isinstance(m, msg.StreamEnd):
+            self._chunker(self._request(m.request_id), m.edge).end(m.total_units)
+        elif isinstance(m, msg.StreamCredit):
+            req = self.requests.get(m.request_id)
+            if req is not None:
+                req.credited[m.edge] = req.credited.get(m.edge, 0) + m.units
+        elif isinstance(m, msg.Cancel | msg.Release):
+            self._drop(m.request_id)
+        elif isinstance(m, msg.Shutdown):
+            self._stop.set()
+
+    def _chunker(self, req: WorkerRequest, edge: int) -> StreamChunker:
+        if edge not in req.chunkers:
+            req.chunkers[edge] = StreamChunker(self.edges[edge].policy)
+        return req.chunkers[edge]
+
+    def _start_walk(self, m: msg.StartWalk) -> None:
+        req = self._request(m.info.request_id)
+        req.info = m.info
+        req.peers.update(m.stream_peers)
+        step = m.step
+        try:
+            if step.walk not in self.programs:
+                raise RequestError(f"unknown walk {step.walk!r}")
+            for f in step.forks:
+                engine = self.engines.get(f.node)
+                if not isinstance(engine, KVEngine):
+                    raise RequestError(f"fork of {f.node!r}: not a KV node on {self.address}")
+                engine.fork(req.request_id, Fork(node=f.node, length=f.length, label=f.label,
+                                                 child=f.child, src_label=f.src_label,
+                                                 src_child=f.src_child))
+            tensors = {name: self.transport.get(h) for name, h in step.tensors.items()}
+        except (RequestError, KeyError) as exc:
+            self._fail(req, exc)
+            return
+        for h in step.tensors.values():
+            self.transport.free(h)
+        children = range(step.children) if step.children > 1 else [m.child]
+        for child in children:
+            env: dict[str, Any] = dict(m.info.params)
+            env.update(step.host)
+            env.update(tensors)
+            lane = Lane(m.partition, child, step.walk, WalkCursor(self.programs[step.walk], env))
+            req.lanes[(m.partition, child)] = lane
+            if lane.cursor.done:
+                self._walk_done(req, lane)
+
+    def _drop(self, request_id: str) -> None:
+        for engine in self.engines.values():
+            engine.release(request_id)
+        self.requests.pop(request_id, None)
+        self.transport.free_request(request_id)
+
+    def _fail(self, req: WorkerRequest, exc: Exception) -> None:
+        code = exc.code if isinstance(exc, RequestError) else 500
+        if code >= 500 and not isinstance(exc, RequestError):
+            log.exception("request %s failed on %s", req.request_id, self.address,
+                          exc_info=exc)
+        self.channel.send("conductor", msg.WalkFailed(req.request_id, self.address,
+                                                      f"{type(exc).__name__}: {exc}"
+                                                      if code >= 500 else str(exc),
+                                                      code, req.outputs_sent))
+        self._drop(req.request_id)
+
+    # -- scheduling lanes into engines ------------------------------------------------------
+    def _edge_active(self, req: WorkerRequest, idx: int) -> bool:
+        src_part, dst_part = self._edge_partitions[idx]
+        parts = req.info.partitions if req.info else []
+        return src_part in parts and dst_part in parts
+
+    def _schedule(self) -> None:
+        for req in list(self.requests.values()):
+            for lane in list(req.lanes.values()):
+                if lane.cursor.done:
+                    continue
+                for inv in lane.cursor.pending():
+                    if inv.node.name in lane.in_flight or not self._ready(req, lane, inv):
+                        continue
+                    if req.request_id not in self.requests:
+                        return
+                    self._submit(req, lane, inv)
+
+    def _ready(self, req: WorkerRequest, lane: Lane, inv: Invocation) -> bool:
+        node = inv.node
+        for idx, edge in enumerate(self.edges):
+            if not self._edge_active(req, idx):
+                continue
+            if edge.src == node.module:
+                outstanding = req.pushed.get(idx, 0) - req.credited.get(idx, 0)
+                if outstanding >= edge.policy.max_buffered:
+                    return False  # backpressure: this request's producer waits
+            if edge.dst == node.name:
+                chunker = self._chunker(req, idx)
+                window = chunker.next_window()
+                if window is None:
+                    if chunker.ended:  # nothing left: the loop ends without running
+                        lane.cursor.env[edge.end_flag] = True
+                        lane.in_flight.add(node.name)
+                        self._complete(req, lane, node, {})
+                    return False
+                for src_name, dst_name in edge.tensors.items():
+                    lane.cursor.env[dst_name] = window.units[src_name]
+                lane.cursor.env[edge.end_flag] = window.final
+                lane.window = window
+        return True
+
+    def _submit(self, req: WorkerRequest, lane: Lane, inv: Invocation) -> None:
+        node = inv.node
+        engine = self.engines.get(node.module)
+        info = req.info
+        if engine is None or info is None:
+            self._fail(req, RuntimeError(f"node {node.module!r} is not on {self.address}"))
+            return
+        env = lane.cursor.env
+        sampling = info.sampling.get(node.name) or info.sampling.get("default") \
+            or SamplingParams()
+        work = NodeWork(request_id=req.request_id, child=lane.child, node=node,
+                        inputs={k: env[k] for k in node.inputs if k in env}, seed=info.seed,
+                        sampling=sampling, walk=lane.walk, iteration=inv.iteration,
+                        lane=lane)
+        try:
+            engine.submit(work)
+        except RequestError as exc:
+            self._fail(req, exc)
+            return
+        lane.in_flight.add(node.name)
+
+    # -- results ----------------------------------------------------------------------------
+    def _step(self) -> None:
+        for _ in range(len(self.engines)):
+            engine = self.engines[next(self._turn)]
+            if engine.has_work():
+                for result in engine.step():
+                    self._on_result(result)
+                return
+
+    def _on_result(self, result: WorkResult) -> None:
+        work = result.work
+        req = self.requests.get(work.request_id)
+        lane: Lane = work.lane
+        if req is None or req.lanes.get((lane.partition, lane.child)) is not lane:
+            return  # cancelled meanwhile
+        if result.error is not None:
+            self._fail(req, result.error)
+            return
+        outputs = result.outputs
+        if lane.window is not None:
+            window, lane.window = lane.window, None
+            outputs = {k: slice_emitted(v, window) if isinstance(v, torch.Tensor) else v
+                       for k, v in outputs.items()}
+            self._credit(req)
+        self._push_streams(req, work.node, outputs)
+        self._complete(req, lane, work.node, outputs)
+
+    def _credit(self, req: WorkerRequest) -> None:
+        for idx, chunker in req.chunkers.items():
+            freed = chunker.release()
+            if freed and idx in req.producers:
+                self.channel.send(req.producers[idx],
+                                  msg.StreamCredit(req.request_id, idx, freed))
+
+    def _push_streams(self, req: WorkerRequest, node: GraphNode, outputs: dict[str, Any]) -> None:
+        for idx, edge in enumerate(self.edges):
+            if edge.src != node.module or not self._edge_active(req, idx):
+                continue
+            if not all(name in outputs for name in edge.tensors):
+                continue
+            peer = req.peers.get(idx)
+            if peer is None:
+                continue
+            units = {name: outputs[name] for name in edge.tensors}
+            rows = int(next(iter(units.values())).shape[0])
+            handles = {name: self.transport.put(t, req.request_id, owner=peer)
+                       for name, t in units.items()}
+            self.channel.send(peer, msg.StreamPush(req.request_id, idx, self.address, handles,
+                                                   rows))
+            req.pushed[idx] = req.pushed.get(idx, 0) + rows
+
+    def _emit(self, req: WorkerRequest, child: int, values: dict[str, Any]) -> None:
+        if not values:
+            return
+        host, tensors = {}, {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[name] = self.transport.put(value, req.request_id, owner="frontend")
+            else:
+                host[name] = value
+        self.channel.send("frontend", msg.Output(req.request_id, self.address,
+                                                 req.outputs_sent, child, host, tensors))
+        req.outputs_sent += 1
+
+    def _complete(self, req: WorkerRequest, lane: Lane, node: GraphNode,
+                  outputs: dict[str, Any]) -> None:
+        lane.in_flight.discard(node.name)
+        emitted = {name: outputs[name] for name in node.emit if name in outputs}
+        if "token_ids" in emitted and "logprobs" in outputs:
+            emitted["logprobs"] = outputs["logprobs"]
+        self._emit(req, lane.child, emitted)
+        lane.cursor.complete(node.name, outputs)
+        if lane.cursor.done:
+            self._walk_done(req, lane)
+
+    def _walk_done(self, req: WorkerRequest, lane: Lane) -> None:
+        walk = self.programs[lane.walk].walk
+        env = lane.cursor.env
+        self._emit(req, lane.child, {n: env[n] for n in walk.emit if n in env})
+        control = {n: host_value(env[n]) for n in walk.control if n in env}
+        results = {n: self.transport.put(env[n], req.request_id)
+                   for n in walk.results if isinstance(env.get(n), torch.Tensor)}
+        del req.lanes[(lane.partition, lane.child)]
+        self.channel.send("conductor", msg.WalkDone(
+            req.request_id, lane.partition, lane.walk, lane.child, self.address, control,
+            results, req.outputs_sent, dict(req.pushed)))
+
+    # -- introspection (tests, metrics) -----------------------------------------------------
+    def pages_in_use(self) -> int:
+        return sum(e.pages_in_use() for e in self.engines.values() if isinstance(e, KVEngine))

@@ -1,0 +1,274 @@
+"""Streaming-edge windowing: readiness, exactly-once emission, flush, release, slicing."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mstar.graph.primitives import ChunkPolicy
+from mstar.streaming.chunker import StreamChunker, Window, slice_emitted
+
+ORPHEUS = ChunkPolicy(window=4, hop=1, emit=(1, 2))  # left 1, lookahead 2
+
+
+def stream(n: int) -> dict[str, torch.Tensor]:
+    """A stream of n units with two named payloads (equal row counts)."""
+    return {
+        "frames": torch.arange(n, dtype=torch.float32).unsqueeze(1).repeat(1, 3),
+        "codes": torch.arange(n * 7).reshape(n, 7),
+    }
+
+
+def rows(data: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    return {k: v[start:stop] for k, v in data.items()}
+
+
+def drain(chunker: StreamChunker) -> list[Window]:
+    out = []
+    while (w := chunker.next_window()) is not None:
+        out.append(w)
+    return out
+
+
+def check_units(window: Window, data: dict[str, torch.Tensor]) -> None:
+    assert window.units.keys() == data.keys()
+    for name, value in window.units.items():
+        assert torch.equal(value, data[name][window.win_start : window.win_end])
+
+
+@pytest.mark.parametrize("n", range(13))
+def test_orpheus_windows_wait_for_lookahead_then_flush(n):
+    data = stream(n)
+    chunker = StreamChunker(ORPHEUS)
+    windows: list[Window] = []
+    for u in range(n):
+        chunker.push(rows(data, u, u + 1))
+        new = drain(chunker)
+        # Window k emits unit k and needs units up to k + 2: ready once u + 1 >= k + 3.
+        assert [w.emit_start for w in new] == ([u - 2] if u >= 2 else [])
+        for w in new:
+            assert (w.win_start, w.win_end) == (max(0, w.emit_start - 1), w.emit_start + 3)
+            assert not w.final
+        windows += new
+        chunker.release()
+        assert chunker.buffered <= 3
+    assert not chunker.ended
+    chunker.end()
+    assert chunker.ended
+    flush = drain(chunker)
+    assert len(flush) == min(n, 2)
+    if flush:
+        assert [w.final for w in flush] == [False] * (len(flush) - 1) + [True]
+        assert flush[-1].win_end == n
+    windows += flush
+    emitted = [u for w in windows for u in range(w.emit_start, w.emit_end)]
+    assert emitted == list(range(n))
+    assert [w.index for w in windows] == list(range(len(windows)))
+    for w in windows:
+        check_units(w, data)
+        assert w.win_end - w.win_start <= ORPHEUS.window
+    assert chunker.next_window() is None
+
+
+def test_empty_stream_ends_without_a_window():
+    chunker = StreamChunker(ORPHEUS)
+    chunker.end()
+    assert chunker.ended and chunker.next_window() is None and chunker.buffered == 0
+
+
+def test_first_chunk_larger_than_hop():
+    policy = ChunkPolicy(window=6, hop=2, emit=(2, 4), first_chunk=5)  # left 2, lookahead 2
+    data = stream(12)
+    chunker = StreamChunker(policy)
+    chunker.push(rows(data, 0, 6))
+    assert chunker.next_window() is None  # needs 5 + 2 units
+    chunker.push(rows(data, 6, 7))
+    first = chunker.next_window()
+    assert (first.win_start, first.emit_start, first.emit_end, first.win_end) == (0, 0, 5, 7)
+    assert chunker.next_window() is None  # [5, 7) needs 9 units
+    chunker.push(rows(data, 7, 12))
+    second, third = drain(chunker)
+    assert (second.win_start, second.emit_start, second.emit_end, second.win_end) == (3, 5, 7, 9)
+    assert (third.win_start, third.emit_start, third.emit_end, third.win_end) == (5, 7, 9, 11)
+    chunker.end()
+    fourth, last = drain(chunker)  # the flush keeps the hop boundaries, clipped at the end
+    assert (fourth.win_start, fourth.emit_start, fourth.emit_end, fourth.win_end) == (7, 9, 11, 12)
+    assert (last.win_start, last.emit_start, last.emit_end, last.win_end) == (9, 11, 12, 12)
+    assert last.final and not fourth.final
+    for w in (first, second, third, fourth, last):
+        check_units(w, data)
+
+
+def random_policy(rng: random.Random) -> ChunkPolicy:
+    window = rng.randint(1, 8)
+    start = rng.randint(0, window - 1)
+    end = rng.randint(start + 1, window)
+    first_chunk = rng.choice([None, rng.randint(1, 10)])
+    return ChunkPolicy(window, end - start, (start, end), first_chunk, max_buffered=window + 8)
+
+
+def test_random_policies_emit_every_unit_exactly_once_in_order():
+    rng = random.Random(1234)
+    for _ in range(300):
+        policy = random_policy(rng)
+        n = rng.randint(0, 40)
+        data = stream(n)
+        chunker = StreamChunker(policy)
+        announce_at = rng.randint(0, n)  # end(total_units) may come before the last pushes
+        windows: list[Window] = []
+        pushed = released = 0
+        while True:
+            if pushed >= announce_at and not chunker.ended:
+                chunker.end(total_units=n)
+            if pushed == n:
+                assert chunker.ended
+            new = drain(chunker)
+            for w in new:
+                k = w.index
+                step = policy.first_chunk if (k == 0 and policy.first_chunk) else policy.hop
+                e = windows[-1].emit_end if windows else 0
+                assert w.emit_start == e and k == len(windows)
+                assert w.win_start <= w.emit_start < w.emit_end <= w.win_end <= pushed
+                assert w.win_start == max(0, w.emit_start - policy.left)
+                assert w.emit_end == min(e + step, pushed)
+                assert w.win_end == min(w.emit_end + policy.lookahead, pushed)
+                limit = (
+                    (policy.first_chunk + policy.lookahead)
+                    if k == 0 and policy.first_chunk
+                    else policy.window
+                )
+                assert w.win_end - w.win_start <= limit
+                if not chunker.ended:  # cut before the end: full step and full lookahead
+                    assert w.emit_end == e + step
+                    assert w.win_end == e + step + policy.lookahead
+                assert w.final == (chunker.ended and w.emit_end == n)
+                check_units(w, data)
+                windows.append(w)
+            # Eager: nothing more is ready unless its lookahead exists (or the stream ended).
+            e = windows[-1].emit_end if windows else 0
+            step = policy.first_chunk if (not windows and policy.first_chunk) else policy.hop
+            if chunker.ended:
+                assert e == n
+            else:
+                assert pushed < e + step + policy.lookahead
+            if rng.random() < 0.7:
+                released += chunker.release()
+                assert chunker.buffered == pushed - min(max(0, e - policy.left), pushed)
+            assert released + chunker.buffered == pushed
+            if pushed == n:
+                break
+            size = rng.randint(0, min(5, n - pushed))
+            chunker.push(rows(data, pushed, pushed + size))
+            pushed += size
+        emitted = [u for w in windows for u in range(w.emit_start, w.emit_end)]
+        assert emitted == list(range(n)), policy
+        assert sum(w.final for w in windows) == (1 if n and windows[-1].final else 0)
+
+
+def codec(units: torch.Tensor, weight: torch.Tensor, left: int, lookahead: int) -> torch.Tensor:
+    """A convolutional "decoder" whose receptive field is exactly [u - left, u + lookahead]:
+    3 output samples per unit, as rows (units * 3,)."""
+    x = F.pad(units.T.unsqueeze(0), (left, lookahead))  # (1, C, T + context)
+    return F.conv1d(x, weight)[0].T.reshape(-1)  # (T, 3) -> (T * 3,)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [ORPHEUS, ChunkPolicy(6, 2, (2, 4), first_chunk=3), ChunkPolicy(3, 3, (0, 3))],
+)
+def test_slice_emitted_reconstructs_one_shot_output(policy):
+    torch.manual_seed(0)
+    n, channels = 23, 4
+    units = torch.randn(n, channels)
+    weight = torch.randn(3, channels, policy.left + policy.lookahead + 1)
+    one_shot = codec(units, weight, policy.left, policy.lookahead)
+    chunker = StreamChunker(policy)
+    pieces = []
+    for start in range(0, n, 2):
+        chunker.push({"frames": units[start : start + 2]})
+        for w in drain(chunker):
+            out = codec(w.units["frames"], weight, policy.left, policy.lookahead)
+            pieces.append(slice_emitted(out, w))
+        chunker.release()
+    chunker.end()
+    for w in drain(chunker):
+        out = codec(w.units["frames"], weight, policy.left, policy.lookahead)
+        pieces.append(slice_emitted(out, w))
+    torch.testing.assert_close(torch.cat(pieces), one_shot, rtol=1e-5, atol=1e-5)
+    # A unit-wise codec (no context) reconstructs exactly.
+    unitwise = torch.cat([units[:, :1] * 1, units[:, :1] * 2, units[:, :1] * 3], 1).reshape(-1)
+    chunker = StreamChunker(policy)
+    chunker.push({"frames": units})
+    chunker.end()
+    parts = []
+    for w in drain(chunker):
+        f = w.units["frames"][:, :1]
+        parts.append(slice_emitted(torch.cat([f, 2 * f, 3 * f], 1).reshape(-1), w))
+    assert torch.equal(torch.cat(parts), unitwise)
+
+
+def test_slice_emitted_dim_and_errors():
+    w = Window(0, {}, win_start=2, win_end=6, emit_start=3, emit_end=5, final=False)
+    out = torch.arange(2 * 8).reshape(2, 8)  # 2 samples per unit along dim 1
+    assert torch.equal(slice_emitted(out, w, dim=1), out[:, 2:6])
+    assert torch.equal(slice_emitted(torch.arange(4), w), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="not a multiple"):
+        slice_emitted(torch.zeros(7), w)
+
+
+def test_release_frees_units_and_room_tracks_the_bound():
+    policy = ChunkPolicy(window=4, hop=1, emit=(1, 2), max_buffered=6)
+    data = stream(10)
+    chunker = StreamChunker(policy)
+    chunker.push(rows(data, 0, 6))
+    assert chunker.buffered == 6 and chunker.room == 0
+    assert chunker.release() == 0  # window 0 still needs unit 0
+    windows = drain(chunker)  # emits units 0..3 (unit 3 needs units up to 5)
+    assert [w.emit_start for w in windows] == [0, 1, 2, 3]
+    assert chunker.release() == 3  # the next window starts at unit 4 - 1
+    assert chunker.buffered == 3 and chunker.room == 3
+    assert chunker.release() == 0
+    chunker.push(rows(data, 6, 10))
+    chunker.end()
+    rest = drain(chunker)
+    for w in rest:
+        check_units(w, data)  # rows are read relative to the released base
+    assert [w.emit_start for w in rest] == list(range(4, 10))
+    assert chunker.release() == 6 and chunker.buffered == 1
+
+
+def test_end_with_total_units_waits_for_remaining_pushes():
+    data = stream(5)
+    chunker = StreamChunker(ORPHEUS)
+    chunker.push(rows(data, 0, 3))
+    chunker.end(total_units=5)
+    assert not chunker.ended
+    assert [w.emit_start for w in drain(chunker)] == [0]  # no flush yet
+    chunker.push(rows(data, 3, 4))
+    assert not chunker.ended
+    assert [w.emit_start for w in drain(chunker)] == [1]
+    chunker.push(rows(data, 4, 5))
+    assert chunker.ended
+    tail = drain(chunker)
+    assert [w.emit_start for w in tail] == [2, 3, 4] and tail[-1].final
+    with pytest.raises(ValueError, match="past the end"):
+        chunker.push(rows(data, 0, 1))
+
+
+def test_push_and_end_errors():
+    chunker = StreamChunker(ORPHEUS)
+    chunker.push(stream(2))
+    with pytest.raises(ValueError, match="differ"):
+        chunker.push({"frames": torch.zeros(1, 3)})
+    with pytest.raises(ValueError, match="row counts"):
+        chunker.push({"frames": torch.zeros(1, 3), "codes": torch.zeros(2, 7, dtype=torch.long)})
+    with pytest.raises(ValueError, match="already pushed"):
+        chunker.end(total_units=1)
+    chunker.end()
+    with pytest.raises(ValueError, match="past the end"):
+        chunker.push(stream(1))
+    with pytest.raises(ValueError, match="already ended"):
+        chunker.end(total_units=4)
