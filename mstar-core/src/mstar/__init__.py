@@ -17,9 +17,9 @@ def __getattr__(name: str) -> Any:
 
         return getattr(runtime, name)
     if name == "events":
-        from mstar import events
+        import importlib
 
-        return events
+        return importlib.import_module("mstar.events")
     raise AttributeError(f"module 'mstar' has no attribute {name!r}")
 
 

@@ -17,6 +17,7 @@ and the node's declared extras by name.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 
 from mstar.config.deployment import SchedulerConfig
 from mstar.engine.attention_torch import TorchAttention
-from mstar.engine.kv_cache import KVCacheManager, OutOfPages
+from mstar.engine.kv_cache import KVCacheManager, OutOfPages, SeqExport
 from mstar.engine.sampler import SampleRequest, sample, stop_reason
 from mstar.engine.sequence import Chunk, SeqState
 from mstar.engine.work import KeyedStepContext, NodeWork, RequestError, WorkResult
@@ -39,6 +40,15 @@ class StepRecord:
 
     step: int
     entries: list[dict[str, Any]]
+
+
+@dataclass
+class SeqMigration:
+    """One sequence leaving this engine: its state and its K/V (None when it was preempted:
+    the destination rebuilds it from the history)."""
+
+    state: SeqState
+    kv: SeqExport | None
 
 
 @dataclass
@@ -124,6 +134,40 @@ class KVEngine:
 
     def pages_in_use(self) -> int:
         return self.cache.pool.num_used
+
+    # -- migration (per-walk placement moves a request's sequences between ranks) -----------
+    def export_request(self, request_id: str) -> list[SeqMigration]:
+        """Every sequence of a request that has no queued work, with its K/V; the request
+        stays here until `release`. Noise and sampling need no state: they are keyed by the
+        request's seed."""
+        if any(t.request_id == request_id for t in self.waiting):
+            raise RuntimeError(f"request {request_id} still has work queued on {self.node}")
+        out = []
+        for key, state in self.seqs.items():
+            if key.request_id == request_id:
+                kv = None if state.needs_recompute else self.cache.export(key)
+                out.append(SeqMigration(state, kv))
+        return out
+
+    def import_request(self, migrations: list[SeqMigration]) -> None:
+        """Adopt exported sequences (raises OutOfPages, leaving nothing behind)."""
+        done: list[SeqKey] = []
+        try:
+            for m in migrations:
+                key = m.state.key
+                if m.kv is None:
+                    self.cache.create(key)
+                    state = dataclasses.replace(m.state, needs_recompute=bool(m.state.history),
+                                                admitted=-1)
+                else:
+                    self.cache.import_sequence(key, m.kv)
+                    state = dataclasses.replace(m.state, admitted=next(self._admissions))
+                self.seqs[key] = state
+                done.append(key)
+        except OutOfPages:
+            for key in done:
+                self.release_seq(key)
+            raise
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, work: NodeWork) -> None:

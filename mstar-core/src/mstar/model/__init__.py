@@ -1,0 +1,51 @@
+"""The model contract and what a model is built from.
+
+A model plugin imports from here (and `mstar.graph`, `mstar.model.layers`,
+`mstar.weights`, `mstar.events`), never from the engine, worker or conductor.
+"""
+
+from mstar.model.contract import (
+    BuildContext,
+    EngineType,
+    Finished,
+    Fork,
+    KVSpec,
+    Model,
+    OutputState,
+    RequestPlan,
+    RequestState,
+    WalkStep,
+)
+from mstar.model.forward import (
+    ExtraSpec,
+    ForwardBatch,
+    Segment,
+    SeqChunk,
+    SeqKey,
+    StepContext,
+    attention_context,
+    ragged_attention,
+)
+from mstar.model.sampling import SamplingParams
+
+__all__ = [
+    "BuildContext",
+    "EngineType",
+    "ExtraSpec",
+    "Finished",
+    "Fork",
+    "ForwardBatch",
+    "KVSpec",
+    "Model",
+    "OutputState",
+    "RequestPlan",
+    "RequestState",
+    "SamplingParams",
+    "Segment",
+    "SeqChunk",
+    "SeqKey",
+    "StepContext",
+    "WalkStep",
+    "attention_context",
+    "ragged_attention",
+]
