@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -68,6 +68,58 @@ def _model_instance(spec: ModelSpec, config: DeploymentConfig, *, preset: str | 
     return cls(cls.make_config(preset=preset, model_kwargs=config.model_kwargs))
 
 
+class EventStream:
+    """The events of one request; `close()` (or dropping it unfinished) cancels it."""
+
+    def __init__(self, frontend: Frontend, request_id: str,
+                 sink: queue.SimpleQueue[events.Event]):
+        self.request_id = request_id
+        self._frontend = frontend
+        self._sink = sink
+        self._done = False
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> events.Event:
+        if self._done:
+            raise StopIteration
+        event = self._sink.get()
+        self._done = isinstance(event, events.Finished | events.Error)
+        return event
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._frontend.cancel(self.request_id)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class AsyncEventStream:
+    def __init__(self, frontend: Frontend, request_id: str, sink: asyncio.Queue[events.Event]):
+        self.request_id = request_id
+        self._frontend = frontend
+        self._sink = sink
+        self._done = False
+
+    def __aiter__(self) -> AsyncEventStream:
+        return self
+
+    async def __anext__(self) -> events.Event:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._sink.get()
+        self._done = isinstance(event, events.Finished | events.Error)
+        return event
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._frontend.cancel(self.request_id)
+
+
 class LocalDeployment:
     """A running deployment in this process. `generate(request)` yields `mstar.events`."""
 
@@ -109,42 +161,23 @@ class LocalDeployment:
 
     # -- requests ---------------------------------------------------------------------------
     def generate(self, request: Mapping[str, Any], *, request_id: str | None = None
-                 ) -> Iterator[events.Event]:
-        """Submit `request` (the JSON body `POST /generate` takes) and yield its events,
-        ending with `Finished` or `Error`. Bad input raises `RequestError` at once.
-        Closing the iterator early cancels the request."""
+                 ) -> EventStream:
+        """Submit `request` (the JSON body `POST /generate` takes) now and return an
+        iterator over its events, ending with `Finished` or `Error`. Bad input raises
+        `RequestError` here. Closing the iterator before the end cancels the request."""
         sink: queue.SimpleQueue[events.Event] = queue.SimpleQueue()
         rid = self.frontend.submit(request, sink.put, request_id=request_id)
-        done = False
-        try:
-            while True:
-                event = sink.get()
-                yield event
-                if isinstance(event, events.Finished | events.Error):
-                    done = True
-                    return
-        finally:
-            if not done:
-                self.frontend.cancel(rid)
+        return EventStream(self.frontend, rid, sink)
 
-    async def agenerate(self, request: Mapping[str, Any], *, request_id: str | None = None
-                        ) -> AsyncIterator[events.Event]:
-        """The asyncio form of `generate`."""
+    def agenerate(self, request: Mapping[str, Any], *, request_id: str | None = None
+                  ) -> AsyncEventStream:
+        """The asyncio form of `generate` (call it inside a running event loop)."""
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue[events.Event] = asyncio.Queue()
-        rid = self.frontend.submit(request, lambda e: loop.call_soon_threadsafe(
-            sink.put_nowait, e), request_id=request_id)
-        done = False
-        try:
-            while True:
-                event = await sink.get()
-                yield event
-                if isinstance(event, events.Finished | events.Error):
-                    done = True
-                    return
-        finally:
-            if not done:
-                self.frontend.cancel(rid)
+        rid = self.frontend.submit(
+            request, lambda e: loop.call_soon_threadsafe(sink.put_nowait, e),
+            request_id=request_id)
+        return AsyncEventStream(self.frontend, rid, sink)
 
     def cancel(self, request_id: str) -> None:
         self.frontend.cancel(request_id)
@@ -203,4 +236,4 @@ def load(model: str, config: DeploymentConfig | Mapping[str, Any] | str | None =
     return LocalDeployment(spec, instance, deployment, options, device=device)
 
 
-__all__ = ["LocalDeployment", "RequestError", "load"]
+__all__ = ["AsyncEventStream", "EventStream", "LocalDeployment", "RequestError", "load"]

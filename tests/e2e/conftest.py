@@ -1,0 +1,85 @@
+"""Fixtures for in-process end-to-end tests: a tiny testvla checkpoint on disk and helpers
+that run requests through `mstar.load` deployments."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from mstar import events
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mstar_testvla.checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("testvla-tiny"), preset="tiny")
+
+
+def collect(deployment, request: dict) -> list[events.Event]:
+    return list(deployment.generate(request))
+
+
+def tokens(evs: list[events.Event], index: int = 0) -> list[int]:
+    return [t for e in evs if isinstance(e, events.TextDelta) and e.index == index
+            for t in e.token_ids]
+
+
+def tensors(evs: list[events.Event], name: str) -> list[torch.Tensor]:
+    return [e.tensor.to_tensor() for e in evs if isinstance(e, events.NamedTensor)
+            and e.name == name]
+
+
+def audio(evs: list[events.Event]) -> torch.Tensor:
+    parts = [e.samples.to_tensor() for e in evs if isinstance(e, events.AudioChunk)]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def finished(evs: list[events.Event]) -> events.Finished:
+    assert isinstance(evs[-1], events.Finished), evs[-1]
+    return evs[-1]
+
+
+def run_concurrently(deployment, requests: list[dict]) -> list[list[events.Event]]:
+    """Run requests from parallel client threads; results in request order."""
+    results: list[list[events.Event] | None] = [None] * len(requests)
+
+    def one(i: int) -> None:
+        results[i] = collect(deployment, requests[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r is not None for r in results), "a request did not finish"
+    return results  # type: ignore[return-value]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.002)
+
+
+def settle(deployment) -> None:
+    """Wait until every request is released: pages and tensors back to zero."""
+    wait_for(lambda: deployment.pages_in_use() == 0 and deployment.live_tensors() == 0
+             and deployment.frontend.live_requests() == 0)
+
+
+def image(seed: int, h: int = 8, w: int = 8) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(3, h, w, generator=g).tolist()
+
+
+def frame(seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 8, generator=g).tolist()

@@ -1,0 +1,174 @@
+"""The runtime heart end to end, in one process, on the testvla plugin: continuous batching
+across walks, sampling keyed per request, cancels and bad input, page accounting."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import (
+    collect,
+    finished,
+    frame,
+    image,
+    run_concurrently,
+    settle,
+    tensors,
+    tokens,
+    wait_for,
+)
+
+import mstar
+from mstar import events
+
+
+@pytest.fixture(scope="module")
+def dep(tiny_ckpt):
+    d = mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=256,
+                   kv_cache={"num_pages": 256, "page_size": 4})
+    yield d
+    d.close()
+
+
+def text_req(prompt: str = "hello", **kw) -> dict:
+    return {"prompt": prompt, "max_tokens": 8, "temperature": 0, **kw}
+
+
+def act_req(seed: int = 5, **kw) -> dict:
+    return {"prompt": "<image>pick up", "image": image(1), "mode": "act", "num_steps": 4,
+            "guidance_scale": 2.0, "seed": seed, **kw}
+
+
+def test_text_image_act_rollout_modes(dep):
+    evs = collect(dep, text_req("look <image> here", image=image(0)))
+    assert len(tokens(evs)) == 8 and finished(evs).reason == "length"
+    assert finished(evs).usage.completion_tokens == 8
+    act = collect(dep, act_req())
+    (actions,) = tensors(act, "actions")
+    assert actions.shape == (4, 4) and torch.isfinite(actions).all()
+    roll = collect(dep, {"prompt": "go", "mode": "rollout", "num_frames": 3, "frame": frame(0)})
+    assert [t.shape for t in tensors(roll, "frame")] == [(4, 8)] * 3
+    settle(dep)
+
+
+def test_walks_of_three_requests_share_one_llm_forward(dep):
+    """A decode step, a denoise step and a prefill of three requests in one forward, each
+    output equal to its solo run: walks run by per-request cursors, not an interpreter."""
+    a_req = text_req("decoding for a while", max_tokens=60, ignore_eos=True)
+    b_req = act_req(num_steps=40)
+    c_req = text_req("late arrival", max_tokens=4)
+    solo = {k: collect(dep, r) for k, r in (("a", a_req), ("b", b_req), ("c", c_req))}
+    settle(dep)
+    before = len(dep.step_log("LLM"))
+    results: dict[str, list] = {}
+
+    def run(key, req):
+        results[key] = collect(dep, req)
+
+    ta = threading.Thread(target=run, args=("a", a_req))
+    ta.start()
+    wait_for(lambda: any(e["walk"] == "decode" for s in dep.step_log("LLM")[before:]
+                         for e in s.entries))
+    tb = threading.Thread(target=run, args=("b", b_req))
+    tb.start()
+    wait_for(lambda: any(e["walk"] == "denoise" for s in dep.step_log("LLM")[before:]
+                         for e in s.entries))
+    tc = threading.Thread(target=run, args=("c", c_req))
+    tc.start()
+    for t in (ta, tb, tc):
+        t.join(timeout=60)
+    shared = [s for s in dep.step_log("LLM")[before:]
+              if {"prefill", "decode", "denoise"} <= {e["walk"] for e in s.entries}]
+    assert shared, "no LLM forward held a prefill, a decode step and a denoise step"
+    assert len({e["request_id"] for e in shared[0].entries}) >= 3
+    assert tokens(results["a"]) == tokens(solo["a"])
+    assert tokens(results["c"]) == tokens(solo["c"])
+    torch.testing.assert_close(tensors(results["b"], "actions")[0],
+                               tensors(solo["b"], "actions")[0], atol=1e-5, rtol=1e-5)
+    settle(dep)
+
+
+def test_seeded_sampling_is_batch_independent_and_children_differ(dep):
+    req = text_req("sample me", temperature=1.0, top_p=0.9, seed=1234, max_tokens=12,
+                   ignore_eos=True)
+    alone = tokens(collect(dep, req))
+    others = [text_req(f"noise {i}", temperature=0.7, seed=i, max_tokens=10 + i)
+              for i in range(5)]
+    together = run_concurrently(dep, [*others[:2], req, *others[2:]])
+    assert tokens(together[2]) == alone
+    again = tokens(collect(dep, {**req, "seed": 1235}))
+    assert again != alone
+    n2 = collect(dep, {**req, "n": 3})
+    children = [tokens(n2, i) for i in range(3)]
+    assert all(len(c) == 12 for c in children)
+    assert len({tuple(c) for c in children}) == 3, children
+    settle(dep)
+
+
+def test_logprobs(dep):
+    evs = collect(dep, text_req(logprobs=3, max_tokens=3))
+    deltas = [e for e in evs if isinstance(e, events.TextDelta)]
+    assert all(e.logprobs and len(e.logprobs[0].top) == 3 for e in deltas)
+    for e in deltas:  # greedy: the chosen token is the most likely one
+        assert e.logprobs[0].token_id == e.logprobs[0].top[0][0]
+        assert e.logprobs[0].logprob <= 0
+    settle(dep)
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"mode": "act", "num_steps": 0, "prompt": "<image>x", "image": image(0)}, "num_steps"),
+    ({"mode": "act", "num_steps": 10**9, "prompt": "<image>x", "image": image(0)}, "num_steps"),
+    ({"prompt": "x" * 400}, "max_seq_len"),
+    ({"max_tokens": 10_000}, "max_tokens"),
+])
+def test_bad_input_is_a_clear_error(dep, bad, field):
+    with pytest.raises(mstar.RequestError) as err:
+        collect(dep, text_req(**bad))
+    assert field in str(err.value)
+    assert tokens(collect(dep, text_req(max_tokens=2)))  # the deployment still serves
+    settle(dep)
+
+
+def test_cancel_mid_decode_leaves_the_batch_unaffected(dep):
+    results: list = []
+    bystander = threading.Thread(target=lambda: results.append(
+        collect(dep, text_req("bystander", max_tokens=30, ignore_eos=True))))
+    bystander.start()
+    stream = dep.generate(text_req("cancel me", max_tokens=200, ignore_eos=True),
+                          request_id="cancel-decode")
+    next(stream), next(stream)
+    stream.close()  # the client goes away mid-decode
+    bystander.join(timeout=60)
+    assert len(tokens(results[0])) == 30 and finished(results[0]).reason == "length"
+    settle(dep)
+    decoded = sum(e["request_id"] == "cancel-decode" for s in dep.step_log("LLM")
+                  for e in s.entries)
+    assert decoded < 200
+
+
+def test_cancel_mid_denoise_stops_the_loop(dep):
+    before = len(dep.step_log("LLM"))
+    it = dep.generate(act_req(num_steps=800), request_id="to-cancel")
+    wait_for(lambda: sum(e["request_id"] == "to-cancel" for s in dep.step_log("LLM")[before:]
+                         for e in s.entries) >= 3)
+    dep.cancel("to-cancel")
+    evs = list(it)
+    assert isinstance(evs[-1], events.Finished) and evs[-1].reason == "abort"
+    settle(dep)
+    ran = sum(e["request_id"] == "to-cancel" for s in dep.step_log("LLM")[before:]
+              for e in s.entries)
+    assert ran < 800
+
+
+def test_unknown_model_preset_and_load_format(tiny_ckpt):
+    with pytest.raises(KeyError, match="testvla"):
+        mstar.load("no-such-model")
+    with pytest.raises(ValueError, match="tiny"):
+        mstar.load("testvla", preset="huge", load_format="dummy")
+    with pytest.raises(ValueError, match="dummy"):
+        mstar.load("testvla", preset="tiny", load_format="pickle")

@@ -1,0 +1,508 @@
+"""TestVLA: the model contract of the test plugin (declarations and host-side functions).
+
+Walks (partition "lm" unless noted):
+- `encode`: the vision encoder; its `image_features` stay on the worker (a result handle).
+- `prefill` (text), `prefill_act`, `prefill_rollout`: the prompt through the LLM. Text
+  samples the first token; act only fills the KV cache; rollout predicts the frame after
+  the prompt's initial frame.
+- `decode`: one token per iteration until the sampler says `finished`.
+- `denoise`: noise, then `num_steps` Euler steps; each step runs the LLM on a *scratch*
+  chunk of ACT placeholders over the cached prompt, beside an unconditional CFG branch
+  (label "uncond", a fork of the prompt's first `uncond_length` tokens) unless the guidance
+  scale is 1, then `combine`.
+- `rollout`: each iteration appends the previous predicted frame and predicts the next.
+- `stream` (partition "stream"): the consumer decodes windows of (token, mid-layer hidden)
+  units streamed from the LLM.
+
+Each walk starts from a fresh environment (the request's params plus the `WalkStep`'s
+inputs), so `next_walk` hands on what the next walk needs: the image features' handle, the
+first sampled token, the predicted frame.
+
+Per-invocation values a KV node reads (produced by a node's `prepare` rule or carried, and
+read only when the GraphNode lists them in `inputs`): `input_ids` [n] (required),
+`positions` ([n] or [3, n]; default: the sequence's next position + arange on every axis),
+`segments` (list of `(length, "causal" | "bidirectional")`; default one causal segment),
+`chunk_mode` ("append" default, or "scratch"), and the extras of `kv_spec("LLM")` by name.
+A listed input absent from the environment counts as not supplied (extras get their
+defaults; a stateless item lacks the key: `velocity_uncond` when the CFG branch is skipped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from mstar.events import AudioChunk, Event, NamedTensor, TensorData, TextDelta, TokenLogprob
+from mstar.graph import (
+    ChunkPolicy,
+    GraphNode,
+    Loop,
+    Parallel,
+    Partition,
+    Sequential,
+    StreamingGraphEdge,
+    Walk,
+)
+from mstar.model import (
+    BuildContext,
+    ExtraSpec,
+    Finished,
+    Fork,
+    KVSpec,
+    Model,
+    OutputState,
+    RequestPlan,
+    RequestState,
+    SamplingParams,
+    WalkStep,
+)
+from mstar.weights import WeightSpec
+from mstar_testvla.config import PRESETS, TestVLAConfig
+from mstar_testvla.modules import ActionInit, Combine, Consumer, TestVLALLM, VisionEncoder
+from mstar_testvla.tokenizer import (
+    ACT,
+    BOS,
+    EOS,
+    FRAME,
+    IMAGE_MARKER,
+    IMG,
+    ByteTokenizer,
+    decode_incremental,
+)
+
+PROMPT_INPUTS = ("input_ids", "positions", "segments", "expert_ids", "media_embeds",
+                 "frame_embeds")
+PREFILL_WALKS = {"text": "prefill", "act": "prefill_act", "rollout": "prefill_rollout"}
+STREAM_POLICY = ChunkPolicy(window=4, hop=1, emit=(1, 2), max_buffered=16)
+
+
+# ------------------------------------------------------------------------------------------
+# Request schema
+
+
+class TestVLARequest(BaseModel):
+    """The model-specific fields of `POST /generate` for testvla."""
+
+    __test__: ClassVar[bool] = False
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(description=f"Text; may contain one {IMAGE_MARKER} marker.")
+    image: list[list[list[float]]] | None = Field(
+        None, description="Pixels as nested lists [3][H][W]; H and W multiples of the "
+                          "patch size.")
+    mode: Literal["text", "act", "rollout"] = "text"
+    max_tokens: int = Field(16, ge=1, le=4096)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    logprobs: int | None = None
+    n: int = Field(1, ge=1, le=16, description="Completions (text mode only).")
+    seed: int | None = Field(None, ge=0, lt=2 ** 63)
+    num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps (act).")
+    guidance_scale: float = Field(1.0, ge=1.0, le=100.0, description="CFG scale (act).")
+    num_frames: int = Field(1, ge=1, le=64, description="Frames to predict (rollout).")
+    frame: list[list[float]] | None = Field(
+        None, description="The initial frame [frame_tokens][frame_dim] (rollout).")
+    stream_consumer: bool = Field(False, description="Also stream the consumer (text).")
+    consumer_delay_s: float = Field(
+        0.0, ge=0.0, le=10.0, description="Test instrumentation: the consumer sleeps this "
+                                          "long per call (backpressure tests).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TestVLARequest:
+        if self.prompt.count(IMAGE_MARKER) > 1:
+            raise ValueError(f"prompt may contain at most one {IMAGE_MARKER} marker")
+        if IMAGE_MARKER in self.prompt and self.image is None:
+            raise ValueError(f"prompt has an {IMAGE_MARKER} marker but no image was given")
+        if self.image is not None:
+            if len(self.image) != 3:
+                raise ValueError(f"image must have 3 channels, got {len(self.image)}")
+            rows = {len(ch) for ch in self.image}
+            cols = {len(row) for ch in self.image for row in ch}
+            if len(rows) != 1 or len(cols) != 1 or 0 in rows | cols:
+                raise ValueError("image must be a non-empty rectangular [3][H][W] array")
+        if (self.mode == "rollout") != (self.frame is not None):
+            raise ValueError("frame is required in rollout mode and only there")
+        if self.mode != "text" and (self.n != 1 or self.stream_consumer):
+            raise ValueError("n > 1 and stream_consumer need mode 'text'")
+        return self
+
+    def sampling_params(self) -> SamplingParams:
+        given = {name: getattr(self, name) for name in (
+            "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+            "frequency_penalty", "presence_penalty", "logprobs")
+            if getattr(self, name) is not None}
+        return SamplingParams(max_tokens=self.max_tokens, n=self.n,
+                              stop_token_ids=[*self.stop_token_ids, EOS], **given).validate()
+
+
+def _validation_message(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"]) or "request"
+        parts.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
+    return "invalid testvla request: " + "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------
+# Prompt layout and positions
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """The prompt's parts: [BOS + text before the image] [image patches] [text after]
+    [initial frame (rollout)]. Stored in the request's params as a plain dict.
+
+    3-axis positions (t, h, w), Qwen2-VL style: a text token at p is (p, p, p); an image of
+    grid gh×gw starting at p puts patch (r, c) at (p, p + r, p + c) and the next token at
+    p + max(gh, gw). Frame k (0: the prompt's initial frame) after text ending at P puts
+    token (r, c) at (P + k, P + r, P + c)."""
+
+    n_before: int
+    grid: tuple[int, int] | None
+    n_after: int
+    frame_grid: tuple[int, int] | None
+
+    @property
+    def n_image(self) -> int:
+        return self.grid[0] * self.grid[1] if self.grid else 0
+
+    @property
+    def n_frame(self) -> int:
+        return self.frame_grid[0] * self.frame_grid[1] if self.frame_grid else 0
+
+    @property
+    def length(self) -> int:
+        return self.n_before + self.n_image + self.n_after + self.n_frame
+
+    @property
+    def uncond_length(self) -> int:
+        """The CFG-unconditional context: everything before the text after the image."""
+        return self.n_before + self.n_image
+
+    @property
+    def text_end(self) -> int:
+        """Next position after the text (decode's first position; actions and frames)."""
+        return self.n_before + (max(self.grid) if self.grid else 0) + self.n_after
+
+    def segments(self) -> list[tuple[int, str]]:
+        parts = [(self.n_before, "causal"), (self.n_image, "bidirectional"),
+                 (self.n_after, "causal"), (self.n_frame, "bidirectional")]
+        return [(n, kind) for n, kind in parts if n]
+
+    def positions(self) -> torch.Tensor:
+        """[3, length] positions of the whole prompt."""
+        parts = [_text_positions(0, self.n_before)]
+        if self.grid:
+            parts.append(_grid_positions(self.n_before, self.n_before, self.grid))
+        after = self.n_before + (max(self.grid) if self.grid else 0)
+        parts.append(_text_positions(after, self.n_after))
+        if self.frame_grid:
+            parts.append(frame_positions(self.text_end, 0, self.frame_grid))
+        return torch.cat(parts, dim=1)
+
+    def to_params(self) -> dict[str, Any]:
+        return {"n_before": self.n_before, "grid": list(self.grid) if self.grid else None,
+                "n_after": self.n_after,
+                "frame_grid": list(self.frame_grid) if self.frame_grid else None}
+
+    @classmethod
+    def from_params(cls, d: Mapping[str, Any]) -> PromptLayout:
+        return cls(d["n_before"], tuple(d["grid"]) if d["grid"] else None, d["n_after"],
+                   tuple(d["frame_grid"]) if d["frame_grid"] else None)
+
+
+def _text_positions(start: int, n: int) -> torch.Tensor:
+    return torch.arange(start, start + n, dtype=torch.long).repeat(3, 1)
+
+
+def _grid_positions(t: int, base: int, grid: tuple[int, int]) -> torch.Tensor:
+    gh, gw = grid
+    rows = torch.arange(gh, dtype=torch.long).repeat_interleave(gw)
+    cols = torch.arange(gw, dtype=torch.long).repeat(gh)
+    return torch.stack([torch.full_like(rows, t), base + rows, base + cols])
+
+
+def frame_positions(text_end: int, k: int, frame_grid: tuple[int, int]) -> torch.Tensor:
+    """[3, frame_tokens] positions of frame `k` (see `PromptLayout`)."""
+    return _grid_positions(text_end + k, text_end, frame_grid)
+
+
+# ------------------------------------------------------------------------------------------
+# The model
+
+
+class TestVLA(Model):
+    """The test vision-language-action model (see the module docstring)."""
+
+    __test__ = False
+    config_class = TestVLAConfig
+    presets = PRESETS
+    config: TestVLAConfig
+
+    # -- declarations ----------------------------------------------------------------------
+    def node_engine_types(self) -> dict[str, Literal["kv_cache", "stateless"]]:
+        return {"vision_encoder": "stateless", "LLM": "kv_cache", "action_init": "stateless",
+                "combine": "stateless", "consumer": "stateless"}
+
+    def tp_nodes(self) -> set[str]:
+        return {"LLM"}
+
+    def partitions(self) -> list[Partition]:
+        return [Partition("lm", ("vision_encoder", "LLM", "action_init", "combine")),
+                Partition("stream", ("consumer",))]
+
+    def streaming_edges(self) -> list[StreamingGraphEdge]:
+        return [StreamingGraphEdge(src="LLM", dst="consumer",
+                                   tensors={"token_ids": "codes", "mid_hidden": "hidden"},
+                                   policy=STREAM_POLICY)]
+
+    def kv_spec(self, node: str) -> KVSpec:
+        if node != "LLM":
+            raise ValueError(f"testvla node {node!r} has no KV cache (only 'LLM' has)")
+        c = self.config
+        return KVSpec(
+            num_layers=c.num_hidden_layers, num_kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim, labels=("main", "uncond"), position_axes=3,
+            extras=(ExtraSpec("expert_ids", "token", (), torch.long, 0),
+                    ExtraSpec("media_embeds", "token", (c.expert_hidden,)),
+                    ExtraSpec("x_t", "token", (c.action_dim,)),
+                    ExtraSpec("t", "seq", ()),
+                    ExtraSpec("frame_embeds", "token", (c.frame_dim,))),
+            outputs={"logits": "last", "mid_hidden": "last", "velocity": "all",
+                     "frame_pred": "segment:-1"},
+        )
+
+    def graph_walks(self) -> dict[str, Walk]:
+        prompt = dict(inputs=PROMPT_INPUTS, prepare=self._prompt_inputs)
+        text_control = ("token_ids", "finished", "finish_reason")
+        llm_act = dict(inputs=("input_ids", "positions", "segments", "chunk_mode",
+                               "expert_ids", "x_t", "t"),
+                       outputs=("velocity",), prepare=self._action_inputs)
+        step = Sequential(
+            Parallel(GraphNode("LLM", **llm_act),
+                     GraphNode("LLM_uncond", alias_of="LLM", label="uncond",
+                               rename={"velocity": "velocity_uncond"},
+                               skip=_guidance_off, **llm_act)),
+            GraphNode("combine", inputs=("x_t", "t", "velocity", "velocity_uncond",
+                                         "guidance_scale", "num_steps"),
+                      outputs=("x_t", "t")))
+        return {
+            "encode": Walk(GraphNode("vision_encoder", inputs=("pixel_values",),
+                                     outputs=("image_features",)),
+                           results=("image_features",)),
+            "prefill": Walk(GraphNode("LLM", outputs=("token_ids", "mid_hidden"),
+                                      emit=("token_ids",), **prompt),
+                            control=text_control),
+            "prefill_act": Walk(GraphNode("LLM", **prompt)),
+            "prefill_rollout": Walk(GraphNode("LLM", outputs=("frame_pred",),
+                                              emit=("frame_pred",), **prompt),
+                                    results=("frame_pred",)),
+            "decode": Walk(Loop(GraphNode("LLM", inputs=("input_ids", "positions"),
+                                          outputs=("token_ids", "mid_hidden"),
+                                          emit=("token_ids",), prepare=self._decode_inputs),
+                                until="finished", carry={"token_ids": "input_ids"}),
+                           control=("finish_reason",)),
+            "denoise": Walk(Sequential(GraphNode("action_init", outputs=("x_t", "t")),
+                                       Loop(step, times="num_steps", carry=["x_t", "t"])),
+                            emit=("x_t",)),
+            "rollout": Walk(Loop(GraphNode("LLM", inputs=("input_ids", "positions",
+                                                          "segments", "frame_embeds"),
+                                           outputs=("frame_pred",), emit=("frame_pred",),
+                                           prepare=self._frame_inputs),
+                                 times="rollout_steps", carry={"frame_pred": "frame_embeds"})),
+            "stream": Walk(Loop(GraphNode("consumer",
+                                          inputs=("codes", "hidden", "consumer_delay_s"),
+                                          outputs=("wave",), emit=("wave",)),
+                                until="stream_ended")),
+        }
+
+    # -- prepare rules (per invocation, from the request's environment) --------------------
+    def _prompt_inputs(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
+        """The whole prompt: ids, 3-axis positions, segments, expert routing and the dense
+        media/frame rows at their placeholders."""
+        layout = PromptLayout.from_params(env["layout"])
+        ids = torch.tensor(env["prompt_ids"], dtype=torch.long)
+        n, c = ids.shape[0], self.config
+        is_img, is_frame = ids == IMG, ids == FRAME
+        media = torch.zeros(n, c.expert_hidden)
+        if layout.n_image:
+            feats = env["image_features"]
+            media = media.to(device=feats.device, dtype=feats.dtype)
+            media[is_img.to(feats.device)] = feats
+        frames = torch.zeros(n, c.frame_dim)
+        if layout.n_frame:
+            frames[is_frame] = torch.tensor(env["frame"], dtype=torch.float32)
+        return {"input_ids": ids, "positions": layout.positions(),
+                "segments": layout.segments(), "expert_ids": is_img.long(),
+                "media_embeds": media, "frame_embeds": frames}
+
+    def _decode_inputs(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
+        """Explicit positions: with image positions compressed, the next position is not
+        the sequence length."""
+        return {"positions": _text_positions(env["text_end"] + (iteration or 0), 1)}
+
+    def _action_inputs(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
+        """ACT placeholders after the text, one bidirectional scratch segment (the same for
+        both CFG branches, which share one environment)."""
+        h = self.config.action_horizon
+        return {"input_ids": torch.full((h,), ACT, dtype=torch.long),
+                "positions": _text_positions(env["text_end"], h),
+                "segments": [(h, "bidirectional")], "chunk_mode": "scratch",
+                "expert_ids": torch.ones(h, dtype=torch.long)}
+
+    def _frame_inputs(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
+        """Frame `iteration + 1`: FRAME placeholders as one bidirectional segment."""
+        layout = PromptLayout.from_params(env["layout"])
+        assert layout.frame_grid is not None
+        n = layout.n_frame
+        return {"input_ids": torch.full((n,), FRAME, dtype=torch.long),
+                "positions": frame_positions(env["text_end"], (iteration or 0) + 1,
+                                             layout.frame_grid),
+                "segments": [(n, "bidirectional")]}
+
+    # -- modules and weights ---------------------------------------------------------------
+    def build_submodule(self, node: str, ctx: BuildContext) -> nn.Module:
+        c = self.config
+        builders = {
+            "vision_encoder": lambda: VisionEncoder(c),
+            "LLM": lambda: TestVLALLM(c, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size,
+                                      tp_group=ctx.tp_group),
+            "action_init": lambda: ActionInit(c),
+            "combine": lambda: Combine(),
+            "consumer": lambda: Consumer(c),
+        }
+        if node not in builders:
+            raise ValueError(f"unknown testvla node {node!r}; nodes: {sorted(builders)}")
+        return builders[node]().to(device=ctx.device, dtype=ctx.dtype).eval()
+
+    def weight_spec(self, node: str) -> WeightSpec:
+        """One checkpoint for every node; each node maps its own keys, ignores the rest."""
+        rules: dict[str, tuple[tuple[str, str | None], ...]] = {
+            "LLM": ((r"(vision_model|connector|consumer)\..*", None),),
+            "vision_encoder": ((r"vision_model\.(.*)", r"\1"),
+                               (r"(connector\..*)", r"\1"), (r".*", None)),
+            "consumer": ((r"consumer\.(.*)", r"\1"), (r".*", None)),
+            "action_init": ((r".*", None),),
+            "combine": ((r".*", None),),
+        }
+        if node not in rules:
+            raise ValueError(f"unknown testvla node {node!r}; nodes: {sorted(rules)}")
+        return WeightSpec(key_map=rules[node])
+
+    def tokenizer(self) -> ByteTokenizer:
+        return ByteTokenizer()
+
+    # -- host side -------------------------------------------------------------------------
+    def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
+        try:
+            req = TestVLARequest.model_validate(dict(request))
+        except ValidationError as err:
+            raise ValueError(_validation_message(err)) from None
+        c = self.config
+        sampling = req.sampling_params()
+        if any(not 0 <= i < c.vocab_size for i in sampling.stop_token_ids):
+            raise ValueError(f"stop_token_ids: ids must be in [0, {c.vocab_size})")
+        before, _, after = req.prompt.rpartition(IMAGE_MARKER)
+        grid, pixels = None, None
+        if req.image is not None:
+            pixels = torch.tensor(req.image, dtype=torch.float32)
+            h, w = pixels.shape[1:]
+            if h % c.patch_size or w % c.patch_size:
+                raise ValueError(f"image: height and width must be multiples of the patch "
+                                 f"size {c.patch_size}, got {h}x{w}")
+            grid = (h // c.patch_size, w // c.patch_size)
+        frame_grid = None
+        if req.frame is not None:
+            shape = (len(req.frame), *{len(row) for row in req.frame})
+            if shape != (c.frame_tokens, c.frame_dim):
+                raise ValueError(f"frame: must be [{c.frame_tokens}][{c.frame_dim}], got "
+                                 f"{list(shape)}")
+            frame_grid = c.frame_grid
+        tok = ByteTokenizer()
+        if req.mode == "text" and grid is not None and not after:
+            raise ValueError("prompt: in text mode the image must be followed by text (the "
+                             "next token is predicted from a text token)")
+        layout = PromptLayout(1 + len(tok.encode(before)), grid, len(tok.encode(after)),
+                              frame_grid)
+        ids = ([BOS] + tok.encode(before) + [IMG] * layout.n_image + tok.encode(after)
+               + [FRAME] * layout.n_frame)
+        params = {
+            "mode": req.mode, "max_tokens": req.max_tokens, "n": req.n,
+            "num_steps": req.num_steps, "guidance_scale": req.guidance_scale,
+            "num_frames": req.num_frames, "rollout_steps": req.num_frames - 1,
+            "uncond_length": layout.uncond_length, "consumer_delay_s": req.consumer_delay_s,
+            "prompt_ids": ids, "layout": layout.to_params(), "text_end": layout.text_end,
+            "frame": req.frame,
+        }
+        prefill = WalkStep(PREFILL_WALKS[req.mode])
+        first = {"lm": WalkStep("encode", inputs={"pixel_values": pixels})
+                 if pixels is not None else prefill}
+        if req.stream_consumer:
+            first["stream"] = WalkStep("stream")
+        return RequestPlan(first_walks=first, params=params, sampling={"default": sampling},
+                           seed=req.seed, prompt_tokens=len(ids))
+
+    def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Finished:
+        p = state.params
+        if state.partition == "stream":
+            return Finished("stop")
+        if state.walk == "encode":
+            return WalkStep(PREFILL_WALKS[p["mode"]],
+                            inputs={"image_features": control["image_features"]})
+        if state.walk == "prefill":
+            if control.get("finished"):
+                return Finished(control.get("finish_reason") or "stop")
+            n = int(p["n"])
+            return WalkStep("decode", inputs={"input_ids": control["token_ids"]}, children=n,
+                            forks=[Fork("LLM", child=c) for c in range(1, n)])
+        if state.walk == "prefill_act":
+            forks = [] if p["guidance_scale"] == 1 else [
+                Fork("LLM", length=p["uncond_length"], label="uncond")]
+            return WalkStep("denoise", forks=forks)
+        if state.walk == "prefill_rollout":
+            if p["rollout_steps"] == 0:
+                return Finished("stop")
+            return WalkStep("rollout", inputs={"frame_embeds": control["frame_pred"]})
+        if state.walk == "decode":
+            return Finished(control.get("finish_reason") or "stop")
+        if state.walk in ("denoise", "rollout"):
+            return Finished("stop")
+        raise ValueError(f"testvla has no walk {state.walk!r}")
+
+    def postprocess(self, outputs: Mapping[str, Any], state: OutputState) -> list[Event]:
+        """Client events of one emission of one lane (`state.child` is the completion)."""
+        index = state.child
+        out: list[Event] = []
+        if "token_ids" in outputs:
+            ids = torch.as_tensor(outputs["token_ids"]).reshape(-1).tolist()
+            text, state.store["pending"] = decode_incremental(state.store.get("pending", b""),
+                                                              ids)
+            logprobs = None
+            if outputs.get("logprobs") is not None:
+                logprobs = [TokenLogprob(int(tok), float(lp), [(int(i), float(v)) for i, v in top])
+                            for tok, lp, top in outputs["logprobs"]]
+            out.append(TextDelta(text=text, token_ids=ids, index=index, logprobs=logprobs))
+        if "wave" in outputs:
+            wave = torch.as_tensor(outputs["wave"]).float().reshape(-1)
+            out.append(AudioChunk(samples=TensorData.from_tensor(wave),
+                                  sample_rate=self.config.sample_rate, index=index))
+        for name, event_name in (("x_t", "actions"), ("frame_pred", "frame")):
+            if name in outputs:
+                tensor = TensorData.from_tensor(torch.as_tensor(outputs[name]).float())
+                out.append(NamedTensor(event_name, tensor, index=index))
+        return out
+
+
+def _guidance_off(env: Mapping[str, Any], iteration: int | None) -> bool:
+    return float(env["guidance_scale"]) == 1.0
