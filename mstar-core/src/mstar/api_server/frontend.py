@@ -9,6 +9,7 @@ API and the HTTP server both sit on it.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import uuid
@@ -54,6 +55,7 @@ class Frontend:
         self.ready = threading.Event()
         self.expected_workers: set[str] = set()
         self._live: dict[str, _Live] = {}
+        self._used: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,6 +89,13 @@ class Frontend:
                request_id: str | None = None) -> str:
         plan = self.plan(request)
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        with self._lock:
+            if rid in self._live or rid in self._used:
+                raise RequestError(f"request id {rid!r} is already in use; request ids "
+                                   "must be unique", param="request_id")
+            self._used[rid] = None
+            while len(self._used) > 10_000:
+                self._used.popitem(last=False)
         seed = plan.seed if plan.seed is not None else draw_seed()
         info = msg.RequestInfo(rid, dict(plan.params), dict(plan.sampling), seed,
                                sorted(plan.first_walks))

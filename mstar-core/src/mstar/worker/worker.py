@@ -10,6 +10,7 @@ walk ends. Loop conditions are evaluated here; per-iteration control never leave
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -84,6 +85,11 @@ class Worker:
         self._edge_partitions = [(partition_of.get(e.src), partition_of.get(e.dst))
                                  for e in self.edges]
         self.requests: dict[str, WorkerRequest] = {}
+        #: Highest number of stream units any request had in flight to its consumer
+        #: (pushed, not yet released): never above the edge's `max_buffered`.
+        self.stream_peak = 0
+        #: Requests this worker dropped lately: late messages for them are ignored.
+        self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._turn = itertools.cycle(list(engines))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -104,7 +110,10 @@ class Worker:
             busy = any(e.has_work() for e in self.engines.values())
             m = self.channel.recv(timeout=0 if busy else 0.005)
             while m is not None:
-                self.handle(m)
+                try:
+                    self.handle(m)
+                except Exception:  # a bad message must never take the rank down
+                    log.exception("%s failed on %s", self.address, type(m).__name__)
                 m = self.channel.recv(timeout=0)
             self._schedule()
             self._step()
@@ -117,6 +126,13 @@ class Worker:
         return req
 
     def handle(self, m: msg.Message) -> None:
+        rid = getattr(m, "request_id", None) or getattr(getattr(m, "info", None),
+                                                         "request_id", None)
+        if rid in self._gone:
+            for h in {**getattr(m, "tensors", {}),
+                      **getattr(getattr(m, "step", None), "tensors", {})}.values():
+                self.transport.free(h)
+            return
         if isinstance(m, msg.StartWalk):
             self._start_walk(m)
         elif isinstance(m, msg.StreamPush):
@@ -174,6 +190,9 @@ class Worker:
                 self._walk_done(req, lane)
 
     def _drop(self, request_id: str) -> None:
+        self._gone[request_id] = None
+        while len(self._gone) > 10_000:
+            self._gone.popitem(last=False)
         for engine in self.engines.values():
             engine.release(request_id)
         self.requests.pop(request_id, None)
@@ -303,6 +322,8 @@ class Worker:
             self.channel.send(peer, msg.StreamPush(req.request_id, idx, self.address, handles,
                                                    rows))
             req.pushed[idx] = req.pushed.get(idx, 0) + rows
+            self.stream_peak = max(self.stream_peak,
+                                   req.pushed[idx] - req.credited.get(idx, 0))
 
     def _emit(self, req: WorkerRequest, child: int, values: dict[str, Any]) -> None:
         if not values:
