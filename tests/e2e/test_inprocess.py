@@ -103,6 +103,10 @@ def test_seeded_sampling_is_batch_independent_and_children_differ(dep):
     children = [tokens(n2, i) for i in range(3)]
     assert all(len(c) == 12 for c in children)
     assert len({tuple(c) for c in children}) == 3, children
+    greedy = collect(dep, text_req("same for all", max_tokens=6, n=3, ignore_eos=True))
+    assert tokens(greedy, 1) == tokens(greedy, 2) == tokens(greedy, 0) == tokens(
+        collect(dep, text_req("same for all", max_tokens=6, ignore_eos=True)))
+    assert finished(greedy).usage.completion_tokens == 18
     settle(dep)
 
 

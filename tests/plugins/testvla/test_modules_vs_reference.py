@@ -336,7 +336,8 @@ def test_text_request_plan_and_walk_transitions(model):
         Finished("length")
     step = model.next_walk(state, {"token_ids": [104], "finished": False})
     assert step == WalkStep("decode", inputs={"input_ids": [104]}, children=3,
-                            forks=[Fork("LLM", child=1), Fork("LLM", child=2)])
+                            forks=[Fork("LLM", length=2, child=1),
+                                   Fork("LLM", length=2, child=2)])
     state.walk = "decode"
     assert model.next_walk(state, {"finish_reason": "stop"}) == Finished("stop")
     assert model.next_walk(RequestState("r", plan.params, "stream", "stream"), {}) == \

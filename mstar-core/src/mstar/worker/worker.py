@@ -184,6 +184,7 @@ class Worker:
             env: dict[str, Any] = dict(m.info.params)
             env.update(step.host)
             env.update(tensors)
+            env["child"] = child
             lane = Lane(m.partition, child, step.walk, WalkCursor(self.programs[step.walk], env))
             req.lanes[(m.partition, child)] = lane
             if lane.cursor.done:

@@ -349,8 +349,15 @@ class TestVLA(Model):
 
     def _decode_inputs(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
         """Explicit positions: with image positions compressed, the next position is not
-        the sequence length."""
-        return {"positions": _text_positions(env["text_end"] + (iteration or 0), 1)}
+        the sequence length. Completions 1..n-1 are forks of the prompt without its last
+        token: their first step re-reads that token and samples their own first token."""
+        step = iteration or 0
+        if env.get("child", 0) == 0:
+            return {"positions": _text_positions(env["text_end"] + step, 1)}
+        if step == 0:
+            return {"input_ids": torch.tensor(env["prompt_ids"][-1:], dtype=torch.long),
+                    "positions": _text_positions(env["text_end"] - 1, 1)}
+        return {"positions": _text_positions(env["text_end"] + step - 1, 1)}
 
     def _action_inputs(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
         """ACT placeholders after the text, one bidirectional scratch segment (the same for
@@ -464,8 +471,10 @@ class TestVLA(Model):
             if control.get("finished"):
                 return Finished(control.get("finish_reason") or "stop")
             n = int(p["n"])
+            prompt_len = len(p["prompt_ids"])
             return WalkStep("decode", inputs={"input_ids": control["token_ids"]}, children=n,
-                            forks=[Fork("LLM", child=c) for c in range(1, n)])
+                            forks=[Fork("LLM", length=prompt_len - 1, child=c)
+                                   for c in range(1, n)])
         if state.walk == "prefill_act":
             forks = [] if p["guidance_scale"] == 1 else [
                 Fork("LLM", length=p["uncond_length"], label="uncond")]
