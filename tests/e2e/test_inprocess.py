@@ -176,3 +176,31 @@ def test_unknown_model_preset_and_load_format(tiny_ckpt):
         mstar.load("testvla", preset="huge", load_format="dummy")
     with pytest.raises(ValueError, match="dummy"):
         mstar.load("testvla", preset="tiny", load_format="pickle")
+
+
+def test_logits_processor_hook_and_ignore_eos(dep):
+    from mstar.engine.sampler import register_logits_processor
+
+    def only_x(history, logits):
+        forced = torch.full_like(logits, float("-inf"))
+        forced[..., ord("x")] = 0.0
+        return forced
+
+    register_logits_processor("test_only_x", only_x)
+    evs = collect(dep, text_req(logits_processors=["test_only_x"], max_tokens=5))
+    assert tokens(evs) == [ord("x")] * 5
+    with pytest.raises(mstar.RequestError, match="test_no_such_processor"):
+        collect(dep, text_req(logits_processors=["test_no_such_processor"]))
+
+    def only_eos(history, logits):
+        forced = torch.full_like(logits, float("-inf"))
+        forced[..., 257] = 0.0
+        return forced
+
+    register_logits_processor("test_only_eos", only_eos)
+    stopped = collect(dep, text_req(logits_processors=["test_only_eos"], max_tokens=5))
+    assert tokens(stopped) == [257] and finished(stopped).reason == "stop"
+    ignored = collect(dep, text_req(logits_processors=["test_only_eos"], max_tokens=5,
+                                    ignore_eos=True))
+    assert tokens(ignored) == [257] * 5 and finished(ignored).reason == "length"
+    settle(dep)

@@ -61,9 +61,11 @@ class KeyedStepContext:
                          step=w.iteration or 0, dtype=dtype)
 
     def sample(self, seq_index: int, logits: torch.Tensor, site: str, step: int) -> torch.Tensor:
+        """Row j of `logits` is its own draw, keyed by site "<site>/<j>"."""
         from mstar.engine.sampler import SampleRequest, sample
 
         w = self._works[seq_index]
-        rows = [SampleRequest(params=w.sampling, seed=w.seed, child=w.child, site=site,
-                              step=step, history=()) for _ in range(logits.shape[0])]
+        rows = [SampleRequest(params=w.sampling, seed=w.seed, child=w.child,
+                              site=f"{site}/{j}", step=step, history=())
+                for j in range(logits.shape[0])]
         return sample(logits, rows).token_ids

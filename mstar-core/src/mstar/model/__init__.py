@@ -26,7 +26,7 @@ from mstar.model.forward import (
     attention_context,
     ragged_attention,
 )
-from mstar.model.sampling import SamplingParams
+from mstar.model.sampling import SamplingFields, SamplingParams
 
 __all__ = [
     "BuildContext",
@@ -40,6 +40,7 @@ __all__ = [
     "OutputState",
     "RequestPlan",
     "RequestState",
+    "SamplingFields",
     "SamplingParams",
     "Segment",
     "SeqChunk",

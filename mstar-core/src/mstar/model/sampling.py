@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import msgspec
+from pydantic import BaseModel, Field
 
 #: A logits processor sees the token ids generated so far at this site and the logits row
 #: [vocab] and returns new logits. Registered by name (see `mstar.engine.sampler`).
@@ -50,3 +51,41 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         return self
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields of a request body, as a pydantic mixin for models' request
+    schemas (`class MyRequest(SamplingFields): prompt: str`). Unset fields keep
+    `SamplingParams`' defaults; `sampling_params()` validates them together."""
+
+    max_tokens: int = Field(16, description="Tokens to generate at most.")
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    n: int = 1
+    seed: int | None = Field(None, ge=0, lt=2 ** 63)
+    logits_processors: list[str] = Field(default_factory=list)
+
+    def sampling_params(self, *, eos_token_ids: Sequence[int] = ()) -> SamplingParams:
+        """The request's SamplingParams (ValueError naming the bad field). EOS ids join
+        `stop_token_ids` unless `ignore_eos`."""
+        from mstar.engine.sampler import get_logits_processor
+
+        given = {name: getattr(self, name) for name in (
+            "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+            "frequency_penalty", "presence_penalty", "logprobs")
+            if getattr(self, name) is not None}
+        for name in self.logits_processors:
+            get_logits_processor(name)
+        stops = [*self.stop_token_ids, *([] if self.ignore_eos else eos_token_ids)]
+        return SamplingParams(max_tokens=self.max_tokens, n=self.n, stop_token_ids=stops,
+                              ignore_eos=self.ignore_eos,
+                              logits_processors=list(self.logits_processors),
+                              **given).validate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -72,7 +73,10 @@ def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodeP
                   ranks_sharing_device: int, eos_token_ids: tuple[int, ...] = ()):
     """Every engine of one rank, by node name."""
     engine_types = model.node_engine_types()
-    kv_nodes = {n: model.kv_spec(n) for n in nodes if engine_types[n] == "kv_cache"}
+    kv_nodes = {  # a tensor-parallel rank holds its share of the KV heads
+        n: dataclasses.replace(model.kv_spec(n),
+                               num_kv_heads=model.kv_spec(n).num_kv_heads // p.tp_size)
+        for n, p in nodes.items() if engine_types[n] == "kv_cache"}
     pages = plan_capacity(kv_nodes, max_seq_len=config.max_seq_len,
                           page_size=config.kv_cache.page_size,
                           num_pages=config.kv_cache.num_pages,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from mstar.events import AudioChunk, Event, NamedTensor, TensorData, TextDelta, TokenLogprob
@@ -58,7 +58,7 @@ from mstar.model import (
     OutputState,
     RequestPlan,
     RequestState,
-    SamplingParams,
+    SamplingFields,
     WalkStep,
 )
 from mstar.weights import WeightSpec
@@ -85,7 +85,7 @@ STREAM_POLICY = ChunkPolicy(window=4, hop=1, emit=(1, 2), max_buffered=16)
 # Request schema
 
 
-class TestVLARequest(BaseModel):
+class TestVLARequest(SamplingFields):
     """The model-specific fields of `POST /generate` for testvla."""
 
     __test__: ClassVar[bool] = False
@@ -96,18 +96,6 @@ class TestVLARequest(BaseModel):
         None, description="Pixels as nested lists [3][H][W]; H and W multiples of the "
                           "patch size.")
     mode: Literal["text", "act", "rollout"] = "text"
-    max_tokens: int = Field(16, ge=1, le=4096)
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
-    logprobs: int | None = None
-    n: int = Field(1, ge=1, le=16, description="Completions (text mode only).")
-    seed: int | None = Field(None, ge=0, lt=2 ** 63)
     num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps (act).")
     guidance_scale: float = Field(1.0, ge=1.0, le=100.0, description="CFG scale (act).")
     num_frames: int = Field(1, ge=1, le=64, description="Frames to predict (rollout).")
@@ -136,14 +124,6 @@ class TestVLARequest(BaseModel):
         if self.mode != "text" and (self.n != 1 or self.stream_consumer):
             raise ValueError("n > 1 and stream_consumer need mode 'text'")
         return self
-
-    def sampling_params(self) -> SamplingParams:
-        given = {name: getattr(self, name) for name in (
-            "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-            "frequency_penalty", "presence_penalty", "logprobs")
-            if getattr(self, name) is not None}
-        return SamplingParams(max_tokens=self.max_tokens, n=self.n,
-                              stop_token_ids=[*self.stop_token_ids, EOS], **given).validate()
 
 
 def _validation_message(err: ValidationError) -> str:
@@ -417,7 +397,7 @@ class TestVLA(Model):
         except ValidationError as err:
             raise ValueError(_validation_message(err)) from None
         c = self.config
-        sampling = req.sampling_params()
+        sampling = req.sampling_params(eos_token_ids=[EOS])
         if any(not 0 <= i < c.vocab_size for i in sampling.stop_token_ids):
             raise ValueError(f"stop_token_ids: ids must be in [0, {c.vocab_size})")
         before, _, after = req.prompt.rpartition(IMAGE_MARKER)
