@@ -22,11 +22,12 @@ import torch
 from mstar import events
 from mstar.communication import messages as msg
 from mstar.communication.channel import Channel
+from mstar.communication.component import Component
 from mstar.communication.transport import Transport
 from mstar.config.deployment import DeploymentConfig
 from mstar.engine.rng import draw_seed
 from mstar.engine.work import RequestError
-from mstar.model.contract import Model, OutputState, RequestPlan, WalkStep
+from mstar.model.contract import Model, OutputState, RequestPlan
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,10 @@ class _Live:
     complete: msg.Complete | None = None
 
 
-class Frontend:
+class Frontend(Component):
     def __init__(self, model: Model, config: DeploymentConfig, channel: Channel,
                  transport: Transport):
+        super().__init__("frontend")
         self.model = model
         self.config = config
         self.channel = channel
@@ -57,8 +59,6 @@ class Frontend:
         self._live: dict[str, _Live] = {}
         self._used: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # -- admission --------------------------------------------------------------------------
     def plan(self, request: Mapping[str, Any]) -> RequestPlan:
@@ -99,24 +99,13 @@ class Frontend:
         seed = plan.seed if plan.seed is not None else draw_seed()
         info = msg.RequestInfo(rid, dict(plan.params), dict(plan.sampling), seed,
                                sorted(plan.first_walks))
-        first = {p: self._wire(rid, step) for p, step in plan.first_walks.items()}
+        first = {p: msg.walk_step_msg(step, lambda t: self.transport.put(t, rid))
+                 for p, step in plan.first_walks.items()}
         with self._lock:
             self._live[rid] = _Live(sink, dict(plan.params), plan.prompt_tokens)
         self.channel.send("conductor", msg.Submit(info, first, plan.prompt_tokens,
                                                   self.config.request_timeout))
         return rid
-
-    def _wire(self, rid: str, step: WalkStep) -> msg.WalkStepMsg:
-        host: dict[str, Any] = {}
-        tensors: dict[str, msg.Handle] = {}
-        for name, value in step.inputs.items():
-            if isinstance(value, torch.Tensor):
-                tensors[name] = self.transport.put(value, rid)
-            else:
-                host[name] = value
-        forks = [msg.ForkMsg(f.node, f.length, f.label, f.child, f.src_label, f.src_child)
-                 for f in step.forks]
-        return msg.WalkStepMsg(step.walk, host, tensors, forks, step.children)
 
     def cancel(self, request_id: str, reason: str = "abort") -> None:
         with self._lock:
@@ -129,17 +118,8 @@ class Frontend:
             return len(self._live)
 
     # -- the receive loop -------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="frontend", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self.stopping:
             m = self.channel.recv(timeout=0.05)
             if m is None:
                 continue

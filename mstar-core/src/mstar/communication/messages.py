@@ -9,10 +9,12 @@ handles in `tensors` dicts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
+from mstar.model.contract import Fork, WalkStep
 from mstar.model.sampling import SamplingParams
 
 
@@ -26,21 +28,27 @@ class Handle(msgspec.Struct, frozen=True):
     shape: list[int]
 
 
-class ForkMsg(msgspec.Struct, frozen=True):
-    node: str
-    length: int | None = None
-    label: str = "main"
-    child: int = 0
-    src_label: str = "main"
-    src_child: int = 0
-
-
 class WalkStepMsg(msgspec.Struct):
     walk: str
     host: dict[str, Any] = {}
     tensors: dict[str, Handle] = {}
-    forks: list[ForkMsg] = []
+    forks: list[Fork] = []
     children: int = 1
+
+
+def walk_step_msg(step: WalkStep, put: Callable[[Any], Handle] | None = None) -> WalkStepMsg:
+    """A model's WalkStep as a message: handles stay handles, tensors go through `put`
+    (the transport) and become handles, anything else is host data."""
+    host: dict[str, Any] = {}
+    tensors: dict[str, Handle] = {}
+    for name, value in step.inputs.items():
+        if isinstance(value, Handle):
+            tensors[name] = value
+        elif put is not None and hasattr(value, "dtype") and hasattr(value, "shape"):
+            tensors[name] = put(value)
+        else:
+            host[name] = value
+    return WalkStepMsg(step.walk, host, tensors, list(step.forks), step.children)
 
 
 class RequestInfo(msgspec.Struct):

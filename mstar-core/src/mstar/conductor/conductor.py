@@ -11,7 +11,6 @@ touches a tensor.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 
 from mstar.communication import messages as msg
 from mstar.communication.channel import Channel
+from mstar.communication.component import Component
 from mstar.config.validate import Placement
 from mstar.graph.primitives import walk_nodes
 from mstar.model.contract import Finished, Model, RequestState, WalkStep
@@ -48,10 +48,11 @@ class ConductorRequest:
     reason: str = "stop"
 
 
-class Conductor:
+class Conductor(Component):
     def __init__(self, model: Model, placement: Placement, channel: Channel, *,
                  max_concurrent_requests: int, rank_addresses: Callable[[int], str]
                  = lambda r: f"worker:{r}"):
+        super().__init__("conductor")
         self.model = model
         self.placement = placement
         self.channel = channel
@@ -63,21 +64,10 @@ class Conductor:
         self.requests: dict[str, ConductorRequest] = {}
         self.ready_workers: set[str] = set()
         self.load: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="conductor", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self.stopping:
             m = self.channel.recv(timeout=0.05)
             if m is not None:
                 try:
@@ -120,7 +110,7 @@ class Conductor:
             self.ready_workers.add(m.address)
             self.channel.send("frontend", m)
         elif isinstance(m, msg.Shutdown):
-            self._stop.set()
+            self.stop_soon()
 
     def _submit(self, m: msg.Submit) -> None:
         rid = m.info.request_id
@@ -172,7 +162,7 @@ class Conductor:
             self._end(m.request_id, "error", error=f"next_walk: {exc}", code=500)
             return
         if isinstance(nxt, WalkStep):
-            self._dispatch(req, m.partition, m.child, to_wire(nxt), self.owner_of(nxt.walk))
+            self._dispatch(req, m.partition, m.child, msg.walk_step_msg(nxt), self.owner_of(nxt.walk))
             return
         if isinstance(nxt, Finished) and nxt.reason != "stop":
             req.reason = nxt.reason
@@ -196,13 +186,3 @@ class Conductor:
         self.channel.send("frontend", msg.Complete(rid, reason, dict(req.outputs_sent),
                                                    error, code))
 
-
-def to_wire(step: WalkStep) -> msg.WalkStepMsg:
-    """A model's WalkStep as a message: handles stay handles, other values are host data."""
-    host: dict[str, Any] = {}
-    tensors: dict[str, msg.Handle] = {}
-    for name, value in step.inputs.items():
-        (tensors if isinstance(value, msg.Handle) else host)[name] = value
-    forks = [msg.ForkMsg(f.node, f.length, f.label, f.child, f.src_label, f.src_child)
-             for f in step.forks]
-    return msg.WalkStepMsg(step.walk, host, tensors, forks, step.children)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import msgspec
 import torch
 
 from mstar.graph.primitives import Partition, StreamingGraphEdge, Walk
@@ -68,10 +69,10 @@ class BuildContext:
     tp_group: Any = None  # torch.distributed group when tp_size > 1
 
 
-@dataclass(frozen=True)
-class Fork:
+class Fork(msgspec.Struct, frozen=True):
     """Share the first `length` tokens (all when None) of a sequence copy-on-write into
-    another label and/or child: CFG branches, `n` completions, CEM candidates."""
+    another label and/or child: CFG branches, `n` completions, CEM candidates. (A msgspec
+    struct: it travels as is in control messages.)"""
 
     node: str
     length: int | None = None

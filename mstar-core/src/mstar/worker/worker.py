@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 
 from mstar.communication import messages as msg
 from mstar.communication.channel import Channel
+from mstar.communication.component import Component
 from mstar.communication.transport import Transport
 from mstar.engine.kv_engine import KVEngine
 from mstar.engine.stateless_engine import StatelessEngine
@@ -28,7 +28,7 @@ from mstar.engine.work import NodeWork, RequestError, WorkResult
 from mstar.graph.cursor import Invocation, WalkCursor
 from mstar.graph.primitives import GraphNode, StreamingGraphEdge
 from mstar.graph.program import WalkProgram, compile_walk
-from mstar.model.contract import Fork, Model
+from mstar.model.contract import Model
 from mstar.model.sampling import SamplingParams
 from mstar.streaming.chunker import StreamChunker, Window, slice_emitted
 
@@ -69,9 +69,10 @@ def host_value(value: Any) -> Any:
     return value
 
 
-class Worker:
+class Worker(Component):
     def __init__(self, rank: int, model: Model, engines: dict[str, Engine], channel: Channel,
                  transport: Transport):
+        super().__init__(channel.address)
         self.rank = rank
         self.address = channel.address
         self.model = model
@@ -91,22 +92,11 @@ class Worker:
         #: Requests this worker dropped lately: late messages for them are ignored.
         self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._turn = itertools.cycle(list(engines))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name=self.address, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
     def run(self) -> None:
         self.channel.send("conductor", msg.WorkerReady(self.address, sorted(self.engines)))
-        while not self._stop.is_set():
+        while not self.stopping:
             busy = any(e.has_work() for e in self.engines.values())
             m = self.channel.recv(timeout=0 if busy else 0.005)
             while m is not None:
@@ -151,7 +141,7 @@ class Worker:
         elif isinstance(m, msg.Cancel | msg.Release):
             self._drop(m.request_id)
         elif isinstance(m, msg.Shutdown):
-            self._stop.set()
+            self.stop_soon()
 
     def _chunker(self, req: WorkerRequest, edge: int) -> StreamChunker:
         if edge not in req.chunkers:
@@ -170,9 +160,7 @@ class Worker:
                 engine = self.engines.get(f.node)
                 if not isinstance(engine, KVEngine):
                     raise RequestError(f"fork of {f.node!r}: not a KV node on {self.address}")
-                engine.fork(req.request_id, Fork(node=f.node, length=f.length, label=f.label,
-                                                 child=f.child, src_label=f.src_label,
-                                                 src_child=f.src_child))
+                engine.fork(req.request_id, f)
             tensors = {name: self.transport.get(h) for name, h in step.tensors.items()}
         except (RequestError, KeyError) as exc:
             self._fail(req, exc)
