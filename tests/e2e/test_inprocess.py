@@ -204,3 +204,35 @@ def test_logits_processor_hook_and_ignore_eos(dep):
                                     ignore_eos=True))
     assert tokens(ignored) == [257] * 5 and finished(ignored).reason == "length"
     settle(dep)
+
+
+def test_async_generate(dep):
+    import asyncio
+
+    async def main():
+        stream = dep.agenerate(text_req("async", max_tokens=5))
+        return [e async for e in stream]
+
+    evs = asyncio.run(main())
+    assert tokens(evs) == tokens(collect(dep, text_req("async", max_tokens=5)))
+    settle(dep)
+
+
+def test_requests_touch_only_their_partitions(dep):
+    before = len(dep.step_log("consumer"))
+    collect(dep, text_req())
+    collect(dep, text_req(stream_consumer=True, max_tokens=6))
+    consumer_steps = dep.step_log("consumer")[before:]
+    assert consumer_steps, "the streaming request never reached the consumer"
+    assert len({e["request_id"] for s in consumer_steps for e in s.entries}) == 1
+    settle(dep)
+
+
+def test_request_timeout_frees_everything(tiny_ckpt):
+    with mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=256,
+                    request_timeout=0.3) as d:
+        evs = collect(d, act_req(num_steps=1000))
+        assert isinstance(evs[-1], events.Error) and evs[-1].code == 504
+        assert "timed out" in evs[-1].message
+        assert finished(collect(d, text_req(max_tokens=2))).reason == "length"
+        settle(d)
