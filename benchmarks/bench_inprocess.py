@@ -12,13 +12,15 @@ prints the ratios and the goals of the issue:
 
 Both sides decode greedily exactly `--new-tokens` tokens (HF: no EOS id; mstar:
 `ignore_eos`; tokens are counted as produced anyway, and a short request is reported). The
-machine is shared and its load varies: `--repeat N` runs everything N times, interleaved,
-and keeps each row's best run. `--profile DIR` instead runs only
-mstar with every thread under cProfile (cProfile alone sees only the main thread) and
-prints each thread's hot spots.
+machine is shared and its load varies: `--repeat N` runs every measurement N times and
+keeps each row's best run. HF runs first, before mstar's worker thread exists (two threads
+running torch ops make libgomp throttle its spin-waits for both; see the README).
 
-    python benchmarks/bench_inprocess.py            # full run, a few minutes on 2 cores
-    python benchmarks/bench_inprocess.py --quick    # smoke run, about a minute
+`--profile DIR` instead runs only mstar, every thread under cProfile (cProfile alone sees
+only the main thread), and prints each thread's hot spots.
+
+    python benchmarks/bench_inprocess.py            # full run, ~2 minutes on 2 cores
+    python benchmarks/bench_inprocess.py --quick    # smoke run, ~30 s
 """
 
 from __future__ import annotations
@@ -349,7 +351,7 @@ def compare_tokens(deployment: mstar.LocalDeployment, model: Any, text: str,
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer requests: a ~1 minute smoke run")
+    p.add_argument("--quick", action="store_true", help="fewer requests and rounds: a ~30 s smoke run")
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--concurrency", default="1,4,16,64",
                    help="comma-separated numbers of concurrent mstar clients")
@@ -419,20 +421,24 @@ def benchmark(args: argparse.Namespace, ckpt: Path, cfg: TestVLAConfig) -> None:
         print(f"  {row.system:<28} @ {row.concurrency:>3}: {row.tok_s:7.1f} tok/s "
               f"(load {os.getloadavg()[0]:.2f})", flush=True)
 
+    # HF first, all rounds: once mstar's worker thread has run a forward, the process holds
+    # a second OpenMP thread team, which slows every thread's torch ops (see the README).
+    for round_ in range(args.repeat):
+        print(f"HF round {round_ + 1} of {args.repeat}:")
+        for row in hf_rows(model, [prompt_ids(t) for t in aligned], args.new_tokens,
+                           args.batch, batch_reps=1 if args.quick else 2):
+            keep(row)
     with load_mstar(ckpt, args.preset, max(args.levels), args.prompt_tokens,
                     args.new_tokens) as deployment:
-        compare_tokens(deployment, model, aligned[0], args.new_tokens)
         warm_up(deployment, args.new_tokens, args.prompt_tokens)
         for round_ in range(args.repeat):
-            print(f"round {round_ + 1} of {args.repeat}:")
-            for row in hf_rows(model, [prompt_ids(t) for t in aligned], args.new_tokens,
-                               args.batch, batch_reps=1 if args.quick else 2):
-                keep(row)
+            print(f"mstar round {round_ + 1} of {args.repeat}:")
             for c in args.levels:
                 keep(run_clients(deployment, c, args.requests_per_client, args.prompt_tokens,
                                  args.new_tokens, args.stagger_ms / 1000,
                                  seed=args.seed + c + 1000 * round_))
-    rows = sorted(best.values(), key=lambda r: (r.system == "mstar", r.system, r.concurrency))
+        compare_tokens(deployment, model, aligned[0], args.new_tokens)
+    rows = list(best.values())
     print(f"\nbest of {args.repeat} round(s) per row; TTFT: mean time to the first token "
           "(HF: a 1-token `generate`); TPOT: mean time per further token")
     print_table(rows)

@@ -8,6 +8,7 @@ local transport, so tests, notebooks and benchmarks exercise the real runtime.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import queue
 from collections.abc import Mapping
@@ -145,19 +146,24 @@ class LocalDeployment:
                                    max_concurrent_requests=config.max_concurrent_requests)
         self.workers: dict[int, Worker] = {}
         for rank in ranks:
-            engines = build_engines(model, config, self.placement.nodes_on(rank), rank, options,
-                                    device=torch.device(device),
-                                    ranks_sharing_device=len(ranks), eos_token_ids=eos_ids)
             address = f"worker:{rank}"
-            self.workers[rank] = Worker(rank, model, engines, hub.channel(address),
-                                        LocalTransport(address, store))
+            build = functools.partial(build_engines, model, config,
+                                      self.placement.nodes_on(rank), rank, options,
+                                      device=torch.device(device),
+                                      ranks_sharing_device=len(ranks), eos_token_ids=eos_ids)
+            self.workers[rank] = Worker(rank, model, hub.channel(address),
+                                        LocalTransport(address, store), build_engines=build)
         self.frontend.start()
         self.conductor.start()
         for worker in self.workers.values():
             worker.start()
-        if not self.frontend.ready.wait(timeout=60):
+        if not self.frontend.ready.wait(timeout=600):
             self.close()
-            raise RuntimeError("workers did not report ready within 60 s")
+            raise RuntimeError("workers did not report ready within 600 s")
+        failed = [w.startup_error for w in self.workers.values() if w.startup_error]
+        if failed:
+            self.close()
+            raise failed[0]
 
     # -- requests ---------------------------------------------------------------------------
     def generate(self, request: Mapping[str, Any], *, request_id: str | None = None

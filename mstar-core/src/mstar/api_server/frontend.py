@@ -53,7 +53,8 @@ class Frontend(Component):
         self.config = config
         self.channel = channel
         self.transport = transport
-        self.ready_workers: set[str] = set()
+        self.ready_workers: set[str] = set()  # reported in, started or not
+        self.startup_errors: dict[str, str] = {}
         self.ready = threading.Event()
         self.expected_workers: set[str] = set()
         self._live: dict[str, _Live] = {}
@@ -131,6 +132,8 @@ class Frontend(Component):
     def handle(self, m: msg.Message) -> None:
         if isinstance(m, msg.WorkerReady):
             self.ready_workers.add(m.address)
+            if m.error is not None:
+                self.startup_errors[m.address] = m.error
             if self.expected_workers <= self.ready_workers:
                 self.ready.set()
         elif isinstance(m, msg.Output):

@@ -44,7 +44,7 @@ class _Plan:
     """One sequence's per-step attention metadata."""
 
     rows: slice
-    mask: torch.Tensor  # [n, context_len + n]
+    mask: torch.Tensor | None  # [n, context_len + n]; None on the batched-decode path
     context_slots: torch.Tensor | None  # [context_len] flat cache slots; None: no context
 
 
@@ -73,6 +73,9 @@ class TorchAttention:
             cache.pool.device if cache is not None else torch.device("cpu"))
         self.num_tokens = 0
         self._plans: list[_Plan] = []
+        #: Whether this step runs one padded SDPA (every chunk is one token: decode).
+        self.uses_batched_decode = batched_decode and bool(seqs) and all(
+            s.length == 1 for s in seqs)
         rows: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
         for s in seqs:
@@ -90,14 +93,12 @@ class TorchAttention:
                 rows.append(torch.arange(s.start, s.start + s.length, device=dev))
                 slots.append(cache.slots(s.key, s.context_len, s.length))
             self._plans.append(_Plan(rows=slice(s.start, s.start + s.length),
-                                     mask=segment_mask(s.context_len, s.segments, dev),
+                                     mask=None if self.uses_batched_decode else
+                                     segment_mask(s.context_len, s.segments, dev),
                                      context_slots=ctx))
             self.num_tokens += s.length
         self._write_rows = torch.cat(rows) if rows else None
         self._write_slots = torch.cat(slots) if slots else None
-        #: Whether this step runs one padded SDPA (every chunk is one token: decode).
-        self.uses_batched_decode = batched_decode and bool(seqs) and all(
-            s.length == 1 for s in seqs)
         self._decode = self._decode_plan(seqs, dev) if self.uses_batched_decode else None
 
     @classmethod

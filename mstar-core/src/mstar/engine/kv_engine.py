@@ -220,21 +220,42 @@ class KVEngine:
         return pos.contiguous().to(self.device)
 
     def _extras_for(self, inputs: dict[str, Any], n: int):
+        """The extras this invocation supplies (absent ones get defaults at batch time)."""
         token_extras: dict[str, torch.Tensor] = {}
         seq_extras: dict[str, torch.Tensor] = {}
         for name, ex in self._extras.items():
             value = inputs.get(name)
-            rows = (n,) if ex.per == "token" else ()
-            shape = rows + tuple(ex.shape)
             if value is None:
-                t = torch.full(shape, ex.default, dtype=ex.dtype, device=self.device)
-            else:
-                t = torch.as_tensor(value).to(self.device, ex.dtype)
-                if tuple(t.shape) != shape:
-                    raise RequestError(f"extra {name!r} has shape {tuple(t.shape)}; "
-                                       f"expected {shape}")
+                continue
+            shape = ((n,) if ex.per == "token" else ()) + tuple(ex.shape)
+            t = torch.as_tensor(value).to(self.device, ex.dtype)
+            if tuple(t.shape) != shape:
+                raise RequestError(f"extra {name!r} has shape {tuple(t.shape)}; "
+                                   f"expected {shape}")
             (token_extras if ex.per == "token" else seq_extras)[name] = t
         return token_extras, seq_extras
+
+    def _default(self, name: str, rows: int | None) -> torch.Tensor:
+        """Extra `name` as if nobody supplied it: `rows` rows, or one per-seq value."""
+        ex = self._extras[name]
+        shape = ((rows,) if rows is not None else ()) + tuple(ex.shape)
+        return torch.full(shape, ex.default, dtype=ex.dtype, device=self.device)
+
+    def _batch_extras(self, pieces: list[Chunk]) -> dict[str, torch.Tensor]:
+        extras: dict[str, torch.Tensor] = {}
+        total = sum(p.length for p in pieces)
+        for name, ex in self._extras.items():
+            if ex.per == "token":
+                if not any(name in p.token_extras for p in pieces):
+                    extras[name] = self._default(name, total)
+                else:
+                    extras[name] = torch.cat([p.token_extras[name] if name in p.token_extras
+                                              else self._default(name, p.length)
+                                              for p in pieces])
+            else:
+                extras[name] = torch.stack([p.seq_extras[name] if name in p.seq_extras
+                                            else self._default(name, None) for p in pieces])
+        return extras
 
     # -- scheduling -------------------------------------------------------------------------
     def _chunk_len(self, task: _Task, budget: int, batch_empty: bool) -> int:
@@ -283,7 +304,8 @@ class KVEngine:
     def _start_recompute(self, state: SeqState) -> None:
         state.needs_recompute = False
         state.recomputing = True
-        task = _Task(work=None, key=state.key, chunk=Chunk.concat(state.history),
+        task = _Task(work=None, key=state.key,
+                     chunk=Chunk.concat(state.history, fill=self._default),
                      mode="append", wanted={}, samples=False, arrival=-1)
         self.waiting.insert(0, task)
 
@@ -387,10 +409,7 @@ class KVEngine:
                                        is_last_chunk=b == task.n, outputs=outputs))
             start += take
         works = [t.work for t, _ in batch]
-        extras = {name: torch.cat([p.token_extras[name] for p in pieces])
-                  for name in pieces[0].token_extras}
-        extras.update({name: torch.stack([p.seq_extras[name] for p in pieces])
-                       for name in pieces[0].seq_extras})
+        extras = self._batch_extras(pieces)
         fb = ForwardBatch(input_ids=torch.cat([p.input_ids for p in pieces]),
                           positions=torch.cat([p.positions for p in pieces], dim=1),
                           seqs=seq_chunks, extras=extras, ctx=KeyedStepContext(works))

@@ -7,6 +7,7 @@ what a fork inherits up to its length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -46,12 +47,14 @@ class Chunk:
                      {k: v[a:b] for k, v in self.token_extras.items()}, self.seq_extras)
 
     @staticmethod
-    def concat(chunks: list[Chunk]) -> Chunk:
-        names = chunks[0].token_extras.keys()
+    def concat(chunks: list[Chunk], fill: Callable[[str, int], torch.Tensor]) -> Chunk:
+        """One chunk of many; an extra some chunks lack is `fill(name, rows)` there."""
+        names = {k for c in chunks for k in c.token_extras}
         return Chunk(torch.cat([c.input_ids for c in chunks]),
                      torch.cat([c.positions for c in chunks], dim=1),
                      [s for c in chunks for s in c.segments],
-                     {k: torch.cat([c.token_extras[k] for c in chunks]) for k in names},
+                     {k: torch.cat([c.token_extras[k] if k in c.token_extras
+                                    else fill(k, c.length) for c in chunks]) for k in names},
                      chunks[0].seq_extras)
 
 

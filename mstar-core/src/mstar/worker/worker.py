@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,13 +71,18 @@ def host_value(value: Any) -> Any:
 
 
 class Worker(Component):
-    def __init__(self, rank: int, model: Model, engines: dict[str, Engine], channel: Channel,
-                 transport: Transport):
+    def __init__(self, rank: int, model: Model, channel: Channel, transport: Transport, *,
+                 build_engines: Callable[[], dict[str, Engine]]):
+        """`build_engines` runs on the worker's own thread at start (builds the modules and
+        loads the weights), so the rank's torch work stays on one thread."""
         super().__init__(channel.address)
         self.rank = rank
         self.address = channel.address
         self.model = model
-        self.engines = engines
+        self.engines: dict[str, Engine] = {}
+        self._build_engines = build_engines
+        #: The exception that stopped the worker from starting, if any.
+        self.startup_error: Exception | None = None
         self.channel = channel
         self.transport = transport
         self.programs: dict[str, WalkProgram] = {
@@ -91,21 +97,31 @@ class Worker(Component):
         self.stream_peak = 0
         #: Requests this worker dropped lately: late messages for them are ignored.
         self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._turn = itertools.cycle(list(engines))
 
     # -- lifecycle --------------------------------------------------------------------------
     def run(self) -> None:
+        try:
+            self.engines = self._build_engines()
+        except Exception as exc:
+            log.exception("%s failed to start", self.address)
+            self.startup_error = exc
+            self.channel.send("conductor", msg.WorkerReady(
+                self.address, [], error=f"{type(exc).__name__}: {exc}"))
+            return
+        self._turn = itertools.cycle(list(self.engines))
         self.channel.send("conductor", msg.WorkerReady(self.address, sorted(self.engines)))
         while not self.stopping:
+            self._schedule()
             busy = any(e.has_work() for e in self.engines.values())
             m = self.channel.recv(timeout=0 if busy else 0.005)
-            while m is not None:
-                try:
-                    self.handle(m)
-                except Exception:  # a bad message must never take the rank down
-                    log.exception("%s failed on %s", self.address, type(m).__name__)
-                m = self.channel.recv(timeout=0)
-            self._schedule()
+            if m is not None:
+                while m is not None:
+                    try:
+                        self.handle(m)
+                    except Exception:  # a bad message must never take the rank down
+                        log.exception("%s failed on %s", self.address, type(m).__name__)
+                    m = self.channel.recv(timeout=0)
+                self._schedule()
             self._step()
 
     # -- messages ---------------------------------------------------------------------------

@@ -84,11 +84,21 @@ class RotaryEmbedding(nn.Module):
                              f"with A = len(sections) (sections={self.sections})")
         return pos[self.axis_of_freq].T * self.inv_freq
 
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, D] for `positions`: compute once per forward, `apply` in
+        every layer."""
+        emb = torch.cat([self._angles(positions)] * 2, dim=-1)[:, None, :]
+        return emb.cos(), emb.sin()
+
+    @staticmethod
+    def apply(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = cos_sin
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = torch.cat([self._angles(positions)] * 2, dim=-1)[:, None, :]
-        cos, sin = emb.cos(), emb.sin()
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return self.apply(q, k, self.cos_sin(positions))
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}, sections={self.sections}"

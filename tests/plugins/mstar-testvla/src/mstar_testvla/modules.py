@@ -340,7 +340,7 @@ class TestVLALLM(nn.Module):
             rows = route.rows[e]
             embed = self._embed_text if e == 0 else self._embed_media
             h[e] = embed(batch, rows, route.gather(ids, e))
-        positions = batch.positions
+        cos_sin = self.rotary.cos_sin(batch.positions)
         mid: torch.Tensor | None = None
         want_mid = batch.wants("mid_hidden")
         n_tok = route.num_tokens
@@ -356,7 +356,7 @@ class TestVLALLM(nn.Module):
             q = route.scatter(q_parts).view(n_tok, attn.heads, attn.head_dim)
             k = route.scatter(k_parts).view(n_tok, attn.kv_heads, attn.head_dim)
             v = route.scatter(v_parts).view(n_tok, attn.kv_heads, attn.head_dim)
-            q, k = self.rotary(positions, q, k)
+            q, k = self.rotary.apply(q, k, cos_sin)
             o = attn.attn(q, k, v).reshape(n_tok, attn.heads * attn.head_dim)
             for e in h:
                 _, post_norm, mlp = layer.expert(e)
