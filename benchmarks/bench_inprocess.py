@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
+import json
 import os
 import pstats
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -336,11 +339,8 @@ def print_ratios(rows: list[Row], batch: int) -> None:
         print(f"  {label:<32} {ratio:6.2f}   goal >= {goal:.2f}: {verdict}")
 
 
-def compare_tokens(deployment: mstar.LocalDeployment, model: Any, text: str,
-                   new_tokens: int) -> None:
+def compare_tokens(ours: list[int], theirs: list[int]) -> None:
     """Same weights, same greedy ids? (fp32 reduction order may flip a late near-tie.)"""
-    ours = mstar_tokens(deployment, text, new_tokens)
-    theirs = hf_generate(model, [prompt_ids(text)], new_tokens)[0].tolist()
     same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
     if same is None and len(ours) == len(theirs):
         print(f"greedy check: mstar and HF produce the same {len(ours)} token ids")
@@ -372,6 +372,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="rounds of every measurement; the best of each is kept (default 2, "
                         "quick 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", choices=("hf", "mstar"), default=None,
+                   help="internal: run one system in this process and print JSON lines")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="profile mstar only (every thread, cProfile) into DIR; no HF")
     p.add_argument("--profile-top", type=int, default=25)
@@ -403,15 +405,42 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.profile is not None:
             profile(args, ckpt)
             return
+        if args.only is not None:
+            run_one(args, ckpt, cfg)
+            return
         benchmark(args, ckpt, cfg)
     load_after = os.getloadavg()
     print(f"\nload average at the end: {load_after[0]:.2f} (1 min), {load_after[1]:.2f} (5 min)")
 
 
 def benchmark(args: argparse.Namespace, ckpt: Path, cfg: TestVLAConfig) -> None:
+    """Each system in a fresh process of its own: torch work on two threads of one process
+    (the caller's and a worker's) runs two OpenMP teams, which slows both (see the README),
+    and neither system should pay for the other."""
+    rows: list[Row] = []
+    tokens: dict[str, list[int]] = {}
+    for system in ("hf", "mstar"):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--only", system, "--ckpt", str(ckpt)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        for line in proc.stdout.splitlines():
+            kind, _, payload = line.partition(" ")
+            if kind == "ROW":
+                rows.append(Row(**json.loads(payload)))
+            elif kind == "TOKENS":
+                tokens[system] = json.loads(payload)
+            else:
+                print(line, flush=True)
+    print(f"\nbest of {args.repeat} round(s) per row; TTFT: mean time to the first token "
+          "(HF: a 1-token `generate`); TPOT: mean time per further token")
+    print_table(rows)
+    print_ratios(rows, args.batch)
+    compare_tokens(tokens["mstar"], tokens["hf"])
+
+
+def run_one(args: argparse.Namespace, ckpt: Path, cfg: TestVLAConfig) -> None:
+    """The `--only` half: one system's rounds, best row per level as `ROW <json>` lines."""
     rng = random.Random(args.seed)
     aligned = [prompt_text(rng, args.prompt_tokens - 1) for _ in range(args.hf_requests)]
-    model = load_hf(ckpt, cfg, max_positions=2 * (args.prompt_tokens + args.new_tokens) + 64)
     best: dict[tuple[str, int], Row] = {}
 
     def keep(row: Row) -> None:
@@ -421,28 +450,29 @@ def benchmark(args: argparse.Namespace, ckpt: Path, cfg: TestVLAConfig) -> None:
         print(f"  {row.system:<28} @ {row.concurrency:>3}: {row.tok_s:7.1f} tok/s "
               f"(load {os.getloadavg()[0]:.2f})", flush=True)
 
-    # HF first, all rounds: once mstar's worker thread has run a forward, the process holds
-    # a second OpenMP thread team, which slows every thread's torch ops (see the README).
-    for round_ in range(args.repeat):
-        print(f"HF round {round_ + 1} of {args.repeat}:")
-        for row in hf_rows(model, [prompt_ids(t) for t in aligned], args.new_tokens,
-                           args.batch, batch_reps=1 if args.quick else 2):
-            keep(row)
-    with load_mstar(ckpt, args.preset, max(args.levels), args.prompt_tokens,
-                    args.new_tokens) as deployment:
-        warm_up(deployment, args.new_tokens, args.prompt_tokens)
+    if args.only == "hf":
+        model = load_hf(ckpt, cfg, max_positions=2 * (args.prompt_tokens + args.new_tokens) + 64)
         for round_ in range(args.repeat):
-            print(f"mstar round {round_ + 1} of {args.repeat}:")
-            for c in args.levels:
-                keep(run_clients(deployment, c, args.requests_per_client, args.prompt_tokens,
-                                 args.new_tokens, args.stagger_ms / 1000,
-                                 seed=args.seed + c + 1000 * round_))
-        compare_tokens(deployment, model, aligned[0], args.new_tokens)
-    rows = list(best.values())
-    print(f"\nbest of {args.repeat} round(s) per row; TTFT: mean time to the first token "
-          "(HF: a 1-token `generate`); TPOT: mean time per further token")
-    print_table(rows)
-    print_ratios(rows, args.batch)
+            print(f"HF round {round_ + 1} of {args.repeat}:")
+            for row in hf_rows(model, [prompt_ids(t) for t in aligned], args.new_tokens,
+                               args.batch, batch_reps=1 if args.quick else 2):
+                keep(row)
+        ids = hf_generate(model, [prompt_ids(aligned[0])], args.new_tokens)[0].tolist()
+    else:
+        with load_mstar(ckpt, args.preset, max(args.levels), args.prompt_tokens,
+                        args.new_tokens) as deployment:
+            warm_up(deployment, args.new_tokens, args.prompt_tokens)
+            for round_ in range(args.repeat):
+                print(f"mstar round {round_ + 1} of {args.repeat}:")
+                for c in args.levels:
+                    keep(run_clients(deployment, c, args.requests_per_client,
+                                     args.prompt_tokens, args.new_tokens,
+                                     args.stagger_ms / 1000,
+                                     seed=args.seed + c + 1000 * round_))
+            ids = mstar_tokens(deployment, aligned[0], args.new_tokens)
+    for row in best.values():
+        print("ROW " + json.dumps(dataclasses.asdict(row)))
+    print("TOKENS " + json.dumps(ids))
 
 
 def profile(args: argparse.Namespace, ckpt: Path) -> None:
