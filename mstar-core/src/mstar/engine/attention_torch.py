@@ -52,8 +52,9 @@ class _Plan:
 class _Decode:
     """The batched decode path: every chunk is one token."""
 
-    slots: torch.Tensor  # [B, C] context slots, padded with slot 0
+    slots: torch.Tensor  # [B, C] context slots (+ the new token's when write_first), pad 0
     mask: torch.Tensor  # [B, 1, 1, C + 1]
+    write_first: bool = False
 
 
 class TorchAttention:
@@ -117,16 +118,25 @@ class TorchAttention:
         return cls(seqs, cache=None, device=device)
 
     def _decode_plan(self, seqs: list[SeqChunk], dev: torch.device) -> _Decode:
-        """Pad every context to the longest; the new token sits in the last column."""
+        """Pad every context to the longest. When every chunk is appended, the new tokens
+        are written first and gathered with their context (slot at column `context_len`);
+        otherwise the new token is concatenated as the last column."""
         longest = max(s.context_len for s in seqs)
-        slots = torch.zeros(len(seqs), longest, dtype=torch.long, device=dev)
+        write_first = self.cache is not None and all(s.mode == "append" for s in seqs)
+        width = longest + 1 if write_first else longest
+        slots = torch.zeros(len(seqs), width, dtype=torch.long, device=dev)
         lens = torch.tensor([s.context_len for s in seqs], device=dev)
         for i, plan in enumerate(self._plans):
             if plan.context_slots is not None:
                 slots[i, :plan.context_slots.shape[0]] = plan.context_slots
         cols = torch.arange(longest + 1, device=dev)
-        mask = (cols[None, :] < lens[:, None]) | (cols[None, :] == longest)
-        return _Decode(slots=slots, mask=mask[:, None, None, :])
+        if write_first:
+            assert self._write_slots is not None
+            slots[torch.arange(len(seqs), device=dev), lens] = self._write_slots
+            mask = cols[None, :] <= lens[:, None]
+        else:
+            mask = (cols[None, :] < lens[:, None]) | (cols[None, :] == longest)
+        return _Decode(slots=slots, mask=mask[:, None, None, :], write_first=write_first)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -134,6 +144,10 @@ class TorchAttention:
         if q.shape[0] != self.num_tokens:
             raise ValueError(f"attention got {q.shape[0]} tokens, the step has "
                              f"{self.num_tokens}")
+        if self._decode is not None and self._decode.write_first:
+            assert self.cache is not None and self._write_slots is not None
+            self.cache.write(layer_idx, self._write_slots, k, v)
+            return self._attend_decode(layer_idx, q, k, v, scale)
         if self._decode is not None:
             out = self._attend_decode(layer_idx, q, k, v, scale)
         else:
@@ -166,11 +180,15 @@ class TorchAttention:
                        v: torch.Tensor, scale: float) -> torch.Tensor:
         """One batched SDPA for one-token chunks, contexts padded and masked."""
         assert self._decode is not None
-        ks, vs = k[:, None], v[:, None]  # [B, 1, KVH, D]
-        if self.cache is not None and self._decode.slots.shape[1]:
+        if self._decode.write_first:  # the new K/V are in the cache already
             kf, vf = self.cache.pool.flat(layer_idx)
-            ks = torch.cat([kf[self._decode.slots].to(k.dtype), ks], dim=1)
-            vs = torch.cat([vf[self._decode.slots].to(v.dtype), vs], dim=1)
+            ks, vs = kf[self._decode.slots].to(k.dtype), vf[self._decode.slots].to(v.dtype)
+        else:
+            ks, vs = k[:, None], v[:, None]  # [B, 1, KVH, D]
+            if self.cache is not None and self._decode.slots.shape[1]:
+                kf, vf = self.cache.pool.flat(layer_idx)
+                ks = torch.cat([kf[self._decode.slots].to(k.dtype), ks], dim=1)
+                vs = torch.cat([vf[self._decode.slots].to(v.dtype), vs], dim=1)
         o = F.scaled_dot_product_attention(
             q[:, :, None], ks.transpose(1, 2), vs.transpose(1, 2),
             attn_mask=self._decode.mask, scale=scale, enable_gqa=True)
