@@ -27,14 +27,13 @@ from mstar.engine.work import RequestError
 from mstar.model.contract import Model
 from mstar.plugins import model_registry
 from mstar.plugins.registry import ModelSpec
-from mstar.weights import read_checkpoint_config, resolve_source
-from mstar.worker.builder import LoadOptions, build_engines, checkpoint_location
+from mstar.worker.builder import LoadOptions, build_engines, make_model
 from mstar.worker.worker import Worker
 
 LOAD_FORMATS = ("auto", "dummy")
 
 
-def _deployment_config(spec: ModelSpec, config: Any, overrides: Mapping[str, Any]
+def deployment_config(spec: ModelSpec, config: Any, overrides: Mapping[str, Any]
                        ) -> DeploymentConfig:
     if config is None:
         data = (load_config(spec.default_config).model_dump() if spec.default_config
@@ -52,21 +51,6 @@ def _deployment_config(spec: ModelSpec, config: Any, overrides: Mapping[str, Any
             data[key] = value
     data.setdefault("model", spec.name)
     return DeploymentConfig.model_validate(data)
-
-
-def _model_instance(spec: ModelSpec, config: DeploymentConfig, *, preset: str | None,
-                    options: LoadOptions) -> Model:
-    cls = spec.load_class()
-    if preset is None:
-        if options.load_format == "dummy" and not options.model_path:
-            raise ValueError(f"load_format='dummy' needs a preset (one of {list(spec.presets)}) "
-                             "or a model_path holding config.json")
-        path = resolve_source(checkpoint_location("default", options), patterns=["config.json"],
-                              cache_dir=options.cache_dir, revision=options.revision,
-                              token=options.token)
-        return cls(cls.make_config(checkpoint_config=read_checkpoint_config(path),
-                                   model_kwargs=config.model_kwargs))
-    return cls(cls.make_config(preset=preset, model_kwargs=config.model_kwargs))
 
 
 class EventStream:
@@ -234,11 +218,11 @@ def load(model: str, config: DeploymentConfig | Mapping[str, Any] | str | None =
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; allowed: {list(LOAD_FORMATS)}")
     spec = model_registry().get(model)
-    deployment = _deployment_config(spec, config, overrides)
+    deployment = deployment_config(spec, config, overrides)
     options = LoadOptions(load_format=load_format, model_path=model_path,
                           weight_sources=dict(spec.weight_sources), cache_dir=cache_dir,
                           revision=revision, token=os.environ.get("HF_TOKEN"), seed=seed)
-    instance = _model_instance(spec, deployment, preset=preset, options=options)
+    instance = make_model(spec, deployment.model_kwargs, preset=preset, options=options)
     return LocalDeployment(spec, instance, deployment, options, device=device)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -13,11 +15,13 @@ from mstar.engine.kv_cache import KVCacheManager, PagePool, plan_capacity
 from mstar.engine.kv_engine import KVEngine
 from mstar.engine.stateless_engine import StatelessEngine
 from mstar.model.contract import BuildContext, Model
+from mstar.plugins.registry import ModelSpec
 from mstar.weights import (
     checkpoint_files,
     init_dummy_weights,
     iter_checkpoint,
     load_weights,
+    read_checkpoint_config,
     resolve_source,
 )
 
@@ -37,6 +41,23 @@ class LoadOptions:
     revision: str | None = None
     token: str | None = None
     seed: int = 0
+
+
+def make_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *,
+               preset: str | None, options: LoadOptions) -> Model:
+    """The model instance: its config from `preset`, else from the checkpoint's
+    config.json (`model_path` or the hub), updated with the deployment's `model_kwargs`."""
+    cls = spec.load_class()
+    if preset is None:
+        if options.load_format == "dummy" and not options.model_path:
+            raise ValueError(f"load_format 'dummy' needs a preset (one of {list(spec.presets)}) "
+                             "or a model path holding config.json")
+        path = resolve_source(checkpoint_location("default", options), patterns=["config.json"],
+                              cache_dir=options.cache_dir, revision=options.revision,
+                              token=options.token)
+        return cls(cls.make_config(checkpoint_config=read_checkpoint_config(path),
+                                   model_kwargs=model_kwargs))
+    return cls(cls.make_config(preset=preset, model_kwargs=model_kwargs))
 
 
 def checkpoint_location(source: str, options: LoadOptions) -> str:
