@@ -55,6 +55,7 @@ class Frontend(Component):
         self.transport = transport
         self.ready_workers: set[str] = set()  # reported in, started or not
         self.startup_errors: dict[str, str] = {}
+        self.worker_stats: dict[str, msg.WorkerStats] = {}
         self.ready = threading.Event()
         self.expected_workers: set[str] = set()
         self._live: dict[str, _Live] = {}
@@ -136,6 +137,8 @@ class Frontend(Component):
                 self.startup_errors[m.address] = m.error
             if self.expected_workers <= self.ready_workers:
                 self.ready.set()
+        elif isinstance(m, msg.WorkerStats):
+            self.worker_stats[m.address] = m
         elif isinstance(m, msg.Output):
             self._output(m)
         elif isinstance(m, msg.Complete):
@@ -145,7 +148,8 @@ class Frontend(Component):
                 live.complete = m
                 self._maybe_finish(m.request_id, live)
         elif isinstance(m, msg.Rejected):
-            self._finish(m.request_id, events.Error(m.message, m.code, "rate_limit_error"))
+            kind = "rate_limit_error" if m.code == 429 else "service_unavailable"
+            self._finish(m.request_id, events.Error(m.message, m.code, kind))
 
     def _output(self, m: msg.Output) -> None:
         outputs: dict[str, Any] = dict(m.host)

@@ -1,4 +1,4 @@
-"""The `mstar` command: one subcommand per task (`plugins`, `models`; `serve` later).
+"""The `mstar` command: one subcommand per task (`plugins`, `models`, `serve`).
 
 Listing commands read the registries only, so they import no torch and start fast. They
 print what they can even when two plugins claim one name, then report the conflict and
@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 
+from mstar.cli.serve import add_serve_command
 from mstar.plugins.manager import get_plugins, model_registry, transport_registry
 from mstar.plugins.registry import DuplicateNameError
 
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description=cmd_plugins.__doc__).set_defaults(func=cmd_plugins)
     commands.add_parser("models", help="list installed models",
                         description=cmd_models.__doc__).set_defaults(func=cmd_models)
-    # Further subcommands (`serve`, …) register here: add_parser(...).set_defaults(func=...).
+    add_serve_command(commands)
+    # Further subcommands register here: add_parser(...).set_defaults(func=...).
     return parser
 
 

@@ -78,6 +78,13 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
+class WorkerDied(msgspec.Struct, tag=True):
+    """A worker process is gone (launcher -> conductor): its requests fail."""
+
+    address: str
+    message: str
+
+
 # -- conductor -> worker ------------------------------------------------------------------
 class StartWalk(msgspec.Struct, tag=True):
     info: RequestInfo
@@ -133,6 +140,17 @@ class WalkFailed(msgspec.Struct, tag=True):
     outputs_sent: int = 0
 
 
+class WorkerStats(msgspec.Struct, tag=True):
+    """A worker's gauges, sent to the frontend a few times a second (metrics, leak checks).
+    `step_seconds`: mean forward time per node since the last report."""
+
+    address: str
+    pages_in_use: int
+    requests: int
+    waiting: int
+    step_seconds: dict[str, float] = {}
+
+
 # -- worker -> frontend -------------------------------------------------------------------
 class Output(msgspec.Struct, tag=True):
     """Client-bound values of one node invocation (or one walk's end)."""
@@ -178,8 +196,8 @@ class StreamCredit(msgspec.Struct, tag=True):
     units: int
 
 
-Message = (Submit | CancelRequest | Shutdown | StartWalk | StreamEnd | Cancel | Release
-           | WorkerReady | WalkDone | WalkFailed | Output | Complete | Rejected | StreamPush
+Message = (Submit | CancelRequest | Shutdown | WorkerDied | StartWalk | StreamEnd | Cancel | Release
+           | WorkerReady | WorkerStats | WalkDone | WalkFailed | Output | Complete | Rejected | StreamPush
            | StreamCredit)
 
 _encoder = msgspec.msgpack.Encoder()

@@ -63,6 +63,7 @@ class Conductor(Component):
         self.partition_of = {n: p.name for p in model.partitions() for n in p.nodes}
         self.requests: dict[str, ConductorRequest] = {}
         self.ready_workers: set[str] = set()
+        self.dead_workers: dict[str, str] = {}
         self.load: dict[str, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -109,6 +110,11 @@ class Conductor(Component):
         elif isinstance(m, msg.WorkerReady):
             self.ready_workers.add(m.address)
             self.channel.send("frontend", m)
+        elif isinstance(m, msg.WorkerDied):
+            self.dead_workers[m.address] = m.message
+            for rid, req in list(self.requests.items()):
+                if m.address in req.workers:
+                    self._end(rid, "error", error=f"{m.address} died: {m.message}", code=503)
         elif isinstance(m, msg.Shutdown):
             self.stop_soon()
 
@@ -118,9 +124,14 @@ class Conductor(Component):
             self.channel.send("frontend", msg.Rejected(
                 rid, f"server busy: {self.max_concurrent} requests already running", 429))
             return
+        owners = {p: self.owner_of(step.walk) for p, step in m.first_walks.items()}
+        dead = sorted(set(owners.values()) & set(self.dead_workers))
+        if dead:
+            self.channel.send("frontend", msg.Rejected(
+                rid, f"{dead[0]} is down: {self.dead_workers[dead[0]]}", 503))
+            return
         deadline = time.monotonic() + m.timeout if m.timeout else None
         req = self.requests[rid] = ConductorRequest(m.info, m.prompt_tokens, deadline)
-        owners = {p: self.owner_of(step.walk) for p, step in m.first_walks.items()}
         for idx, edge in enumerate(self.edges):
             src, dst = self.partition_of.get(edge.src), self.partition_of.get(edge.dst)
             if src in owners and dst in owners:
@@ -180,7 +191,7 @@ class Conductor(Component):
 
     def _end(self, rid: str, reason: str, *, error: str | None = None, code: int = 500) -> None:
         req = self.requests.pop(rid)
-        for worker in req.workers:
+        for worker in req.workers - set(self.dead_workers):
             self.channel.send(worker, msg.Cancel(rid, reason) if error or reason != "stop"
                               else msg.Release(rid))
         self.channel.send("frontend", msg.Complete(rid, reason, dict(req.outputs_sent),

@@ -1,13 +1,18 @@
 """Server settings (not the deployment): layered CLI > `MSTAR_*` environment > the YAML's
 `server:` section > defaults. `mstar-serve` and `mstar serve` build one `ServerSettings`
-and hand it, with the `DeploymentConfig`, to `mstar.serving.run_server`."""
+(`layered_settings`) and hand it, with the `DeploymentConfig`, to
+`mstar.serving.run_server`."""
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mstar.config.validate import ConfigError
 
 Protocol = Literal["SHM", "TCP", "RDMA"]
 
@@ -40,3 +45,66 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     startup_timeout: float = Field(600.0, gt=0)
     shutdown_grace: float = Field(30.0, ge=0)
+
+
+@functools.cache
+def _field_adapter(name: str) -> TypeAdapter[Any]:
+    field = ServerSettings.model_fields[name]
+    if not field.metadata:
+        return TypeAdapter(field.annotation)
+    return TypeAdapter(Annotated[field.annotation, *field.metadata])
+
+
+def _error_text(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    got = repr(error.get("input"))
+    return f"{error['msg']} (got {got if len(got) <= 60 else got[:57] + '...'})"
+
+
+def _check_layer(values: Mapping[str, Any], name: Callable[[str], str],
+                 problems: list[str]) -> dict[str, Any]:
+    """One layer's values, each validated on its own (so a bad value is blamed on the layer
+    it came from, not on the merged result); problems are appended."""
+    checked = {}
+    for key, value in values.items():
+        if key not in ServerSettings.model_fields:
+            problems.append(f"{name(key)}: unknown setting; allowed: "
+                            f"{', '.join(ServerSettings.model_fields)}")
+            continue
+        try:
+            checked[key] = _field_adapter(key).validate_python(value)
+        except ValidationError as exc:
+            problems.append(f"{name(key)}: {_error_text(exc)}")
+    return checked
+
+
+def layered_settings(cli: Mapping[str, Any], yaml_section: Any = None,
+                     defaults: Mapping[str, Any] | None = None) -> ServerSettings:
+    """Merge the layers, highest first: `cli` (options given on the command line), the
+    `MSTAR_*` environment, the YAML's `server:` section, `defaults` (a command's own
+    defaults, e.g. `mstar serve`'s plumbing), then the field defaults. Raises `ConfigError`
+    naming every bad value by its source: `--port`, `MSTAR_PORT`, `server.port`."""
+    problems: list[str] = []
+    try:
+        env = ServerSettings()
+        from_env = {key: getattr(env, key) for key in env.model_fields_set}
+    except ValidationError as exc:
+        from_env = {}
+        for error in exc.errors():
+            key = str(error["loc"][0]) if error["loc"] else "?"
+            problems.append(f"MSTAR_{key.upper()}: {error['msg']} (got {error.get('input')!r})")
+    if yaml_section is None:
+        yaml_section = {}
+    if not isinstance(yaml_section, Mapping):
+        problems.append(f"server: expected a mapping of settings (port, host, ...), got "
+                        f"{type(yaml_section).__name__}")
+        yaml_section = {}
+    merged = {
+        **_check_layer(defaults or {}, lambda key: f"default {key}", problems),
+        **_check_layer(yaml_section, lambda key: f"server.{key}", problems),
+        **from_env,
+        **_check_layer(cli, lambda key: "--" + key.replace("_", "-"), problems),
+    }
+    if problems:
+        raise ConfigError(problems, source="(server settings)")
+    return ServerSettings(**merged)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ class StepRecord:
 
     step: int
     entries: list[dict[str, Any]]
+    seconds: float = 0.0  # wall time of the node's forward
 
 
 @dataclass
@@ -415,10 +417,11 @@ class KVEngine:
                           seqs=seq_chunks, extras=extras, ctx=KeyedStepContext(works))
         if self.spec.position_axes == 1:
             fb.positions = fb.positions[0]
+        started = time.perf_counter()
         with torch.inference_mode(), attention_context(TorchAttention(seq_chunks,
                                                                       cache=self.cache)):
             out = self.module(fb)
-        self._log(batch)
+        self._log(batch, time.perf_counter() - started)
         finished: list[_Task] = []
         for i, (task, take) in enumerate(batch):
             if task.mode == "append":
@@ -488,7 +491,7 @@ class KVEngine:
             results.append(WorkResult(t.work, outputs))
         return results
 
-    def _log(self, batch: list[tuple[_Task, int]]) -> None:
+    def _log(self, batch: list[tuple[_Task, int]], seconds: float) -> None:
         entries = []
         for task, take in batch:
             w = task.work
@@ -497,4 +500,4 @@ class KVEngine:
                 "walk": w.walk if w else "recompute", "node": w.node.name if w else self.node,
                 "iteration": w.iteration if w else None, "tokens": take, "mode": task.mode,
             })
-        self.step_log.append(StepRecord(next(self._steps), entries))
+        self.step_log.append(StepRecord(next(self._steps), entries, seconds))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
 
 import torch
 
@@ -55,11 +56,13 @@ class StatelessEngine:
 
     def _run(self, works: list[NodeWork]) -> list[WorkResult]:
         items = [dict(w.inputs) for w in works]
+        started = time.perf_counter()
         with torch.inference_mode():
             outs = self.module(items, KeyedStepContext(works))
+        seconds = time.perf_counter() - started
         if len(outs) != len(works):
             raise RuntimeError(f"{self.node} returned {len(outs)} results for {len(works)} items")
         self.step_log.append(StepRecord(next(self._steps), [
             {"request_id": w.request_id, "walk": w.walk, "node": w.node.name, "child": w.child,
-             "iteration": w.iteration} for w in works]))
+             "iteration": w.iteration} for w in works], seconds))
         return [WorkResult(w, dict(o)) for w, o in zip(works, outs)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ from mstar.model.sampling import SamplingParams
 from mstar.streaming.chunker import StreamChunker, Window, slice_emitted
 
 log = logging.getLogger(__name__)
+
+STATS_INTERVAL = 0.25  # seconds between WorkerStats reports
 
 Engine = KVEngine | StatelessEngine
 
@@ -95,6 +98,7 @@ class Worker(Component):
         #: Highest number of stream units any request had in flight to its consumer
         #: (pushed, not yet released): never above the edge's `max_buffered`.
         self.stream_peak = 0
+        self._stats_from: dict[str, int] = {}
         #: Requests this worker dropped lately: late messages for them are ignored.
         self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
 
@@ -110,19 +114,31 @@ class Worker(Component):
             return
         self._turn = itertools.cycle(list(self.engines))
         self.channel.send("conductor", msg.WorkerReady(self.address, sorted(self.engines)))
+        next_stats = 0.0
         while not self.stopping:
+            if time.monotonic() >= next_stats:
+                self._send_stats()
+                next_stats = time.monotonic() + STATS_INTERVAL
+            try:
+                self._turn_once()
+            except Exception as exc:  # a bug must fail requests, not hang the rank
+                log.exception("%s: unexpected error; failing its requests", self.address)
+                for req in list(self.requests.values()):
+                    self._fail(req, RuntimeError(f"{self.address} internal error: {exc}"))
+
+    def _turn_once(self) -> None:
+        self._schedule()
+        busy = any(e.has_work() for e in self.engines.values())
+        m = self.channel.recv(timeout=0 if busy else 0.005)
+        if m is not None:
+            while m is not None:
+                try:
+                    self.handle(m)
+                except Exception:  # a bad message must never take the rank down
+                    log.exception("%s failed on %s", self.address, type(m).__name__)
+                m = self.channel.recv(timeout=0)
             self._schedule()
-            busy = any(e.has_work() for e in self.engines.values())
-            m = self.channel.recv(timeout=0 if busy else 0.005)
-            if m is not None:
-                while m is not None:
-                    try:
-                        self.handle(m)
-                    except Exception:  # a bad message must never take the rank down
-                        log.exception("%s failed on %s", self.address, type(m).__name__)
-                    m = self.channel.recv(timeout=0)
-                self._schedule()
-            self._step()
+        self._step()
 
     # -- messages ---------------------------------------------------------------------------
     def _request(self, request_id: str) -> WorkerRequest:
@@ -367,5 +383,16 @@ class Worker(Component):
             results, req.outputs_sent, dict(req.pushed)))
 
     # -- introspection (tests, metrics) -----------------------------------------------------
+    def _send_stats(self) -> None:
+        steps: dict[str, float] = {}
+        for name, engine in self.engines.items():
+            fresh = [r.seconds for r in engine.step_log if r.step >= self._stats_from.get(name, 0)]
+            if fresh:
+                steps[name] = sum(fresh) / len(fresh)
+                self._stats_from[name] = engine.step_log[-1].step + 1
+        waiting = sum(len(e.waiting) for e in self.engines.values())
+        self.channel.send("frontend", msg.WorkerStats(self.address, self.pages_in_use(),
+                                                      len(self.requests), waiting, steps))
+
     def pages_in_use(self) -> int:
         return sum(e.pages_in_use() for e in self.engines.values() if isinstance(e, KVEngine))

@@ -1,9 +1,18 @@
-"""The plugin's only entry point: register the model by import strings (no torch here)."""
+"""The plugin's only entry point: register the model by import strings (no torch here).
+
+The deployment YAMLs ship inside the package (`mstar_testvla/configs/`), so `mstar serve
+testvla` and `--config testvla_node_split` work from an installed wheel, outside the
+repository.
+"""
 
 from __future__ import annotations
 
 from mstar.plugins.hookspecs import hookimpl
 from mstar.plugins.registry import ModelRegistry, ModelSpec
+
+#: Packaged deployment configs (files `configs/<name>.yaml` of this package).
+CONFIGS = ("testvla_single", "testvla_node_split", "testvla_pd_disaggregated",
+           "testvla_stream_rank", "testvla_cfg_parallel", "testvla_tp2")
 
 
 @hookimpl
@@ -11,6 +20,8 @@ def mstar_register_models(registry: ModelRegistry) -> None:
     registry.add(ModelSpec(
         name="testvla",
         model_class="mstar_testvla.model:TestVLA",
+        configs={name: f"mstar_testvla:configs/{name}.yaml" for name in CONFIGS},
+        default_config="testvla_single",
         presets=("tiny", "small"),
         capabilities=("generate", "chat", "actions", "latents"),
         request_schema="mstar_testvla.model:TestVLARequest",

@@ -1,0 +1,385 @@
+"""`mstar-serve --config X` and `mstar serve <model>`: resolve and check everything a
+deployment needs, then hand it to `mstar.serving.run_server`.
+
+Both commands share one path (`serve`): read the YAML (a path or a packaged config name),
+split off its `server:` section, layer the server settings (CLI > `MSTAR_*` environment >
+`server:` > the command's own defaults > field defaults), apply `--set` overrides, resolve
+the tensor protocol, and validate the deployment against its model (built from `--preset`
+or the checkpoint's config.json) before any process starts. `mstar serve` only adds a
+model's default config and single-node plumbing. A user error is one message per bad
+field and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib.util
+import logging
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from pydantic import ValidationError
+
+from mstar.config import ConfigError, DeploymentConfig, loader, parse_overrides, validate_for_model
+from mstar.config.settings import ServerSettings, layered_settings
+from mstar.plugins import load_model_class, model_registry
+from mstar.plugins.registry import DuplicateNameError, ModelSpec
+
+if TYPE_CHECKING:
+    from mstar.model.contract import Model
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("RDMA", "TCP", "SHM")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: Exit statuses: an invalid config or setting; a usage error (argparse's own status).
+EXIT_INVALID, EXIT_USAGE = 1, 2
+
+
+# ------------------------------------------------------------------------------------------
+# Options
+
+
+def _shown(name: str, shown_defaults: Mapping[str, str]) -> str:
+    if name in shown_defaults:
+        return shown_defaults[name]
+    default = ServerSettings.model_fields[name].default
+    return "off" if default is False else "none" if default is None else str(default)
+
+
+def _add_options(parser: argparse.ArgumentParser, shown_defaults: Mapping[str, str]) -> None:
+    """The options both commands share. Each server option defaults to None ("not given"),
+    so that only options given on the command line outrank the other layers; the help
+    shows the effective default (`shown_defaults` where the command has its own)."""
+    def d(name: str) -> str:
+        return f"(default: {_shown(name, shown_defaults)})"
+
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", help=f"bind address {d('host')}")
+    server.add_argument("--port", type=int, help=f"HTTP port {d('port')}")
+    server.add_argument("--tensor-comm-protocol", type=str.upper, choices=PROTOCOLS,
+                        help="tensor transport between workers "
+                             f"{d('tensor_comm_protocol')}")
+    server.add_argument("--cache-dir", help=f"Hugging Face weight cache {d('cache_dir')}")
+    server.add_argument("--socket-path-prefix",
+                        help=f"ZMQ IPC socket prefix {d('socket_path_prefix')}")
+    server.add_argument("--upload-dir", help=f"temp directory for uploaded media "
+                                             f"{d('upload_dir')}")
+    server.add_argument("--timeout", type=float,
+                        help="per-request timeout in seconds; also the deployment's "
+                             f"request_timeout unless the YAML sets it {d('timeout')}")
+    server.add_argument("--mooncake-port", type=int,
+                        help=f"port of the Mooncake RDMA transfer engine {d('mooncake_port')}")
+    server.add_argument("--tcp-transfer-device",
+                        help="network device for TCP tensor transport (default: auto)")
+    server.add_argument("--enable-nvtx", action="store_true", default=None,
+                        help="emit NVTX markers for profiling (a no-op on CPU)")
+    server.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                        help=f"logging level {d('log_level')}")
+    server.add_argument("--api-key", help="require this bearer key on every route but "
+                                          "/health (also MSTAR_API_KEY)")
+    model = parser.add_argument_group("model and weights")
+    model.add_argument("--model-path", help="local checkpoint directory (default: the "
+                                            "model's hub repo)")
+    model.add_argument("--revision", help="hub revision of the checkpoint")
+    model.add_argument("--load-format", choices=("auto", "dummy"),
+                       help="auto: read the checkpoint; dummy: seeded random weights of the "
+                            f"real shapes {d('load_format')}")
+    model.add_argument("--preset", help="model size preset (tiny, small, ...) instead of "
+                                        "the checkpoint's config.json")
+    config = parser.add_argument_group("deployment config")
+    config.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a deployment config field by dotted path, value in "
+                             "YAML (e.g. max_seq_len=8192, node_groups.0.ranks=[1]); "
+                             "repeatable")
+    config.add_argument("--validate-config", action="store_true",
+                        help="print the merged deployment config and server settings as "
+                             "YAML and exit 0, or print every error and exit non-zero")
+
+
+def _cli_layer(args: argparse.Namespace) -> dict[str, Any]:
+    """The server settings given on the command line (and only those)."""
+    return {name: value for name in ServerSettings.model_fields
+            if (value := getattr(args, name, None)) is not None}
+
+
+# ------------------------------------------------------------------------------------------
+# Resolution
+
+
+def _read_config(path_or_name: str | None, model: str | None) -> tuple[dict[str, Any], str]:
+    """(YAML data, where it came from). No config at all (a model that ships none) means
+    every node on rank 0, as `mstar.load` does."""
+    if path_or_name is None:
+        return {"model": model}, f"(model {model!r} ships no config: every node on rank 0)"
+    text, source = loader._read(path_or_name)
+    return loader._parse(text, source), source
+
+
+def _deployment(data: dict[str, Any], source: str,
+                overrides: Mapping[str, Any]) -> DeploymentConfig:
+    """The deployment part of the YAML (the `server:` section already split off), with
+    `--set` overrides applied, schema-checked."""
+    problems = []
+    for key, value in overrides.items():
+        if key.split(".")[0] == "server":
+            problems.append(f"--set {key}: --set changes the deployment config; give server "
+                            "settings as options (e.g. --port) or MSTAR_* variables")
+            continue
+        try:
+            loader._set(data, key, value)
+        except ConfigError as exc:
+            problems += exc.problems
+    try:
+        config = DeploymentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems += [loader._describe(e) for e in exc.errors()]
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def resolve_protocol(settings: ServerSettings) -> ServerSettings:
+    """Seed 000's default protocol is RDMA, which needs the Mooncake transfer engine.
+    Without it and with no protocol given, a (single-node) deployment uses SHM and says why;
+    RDMA asked for explicitly without it fails here, before anything starts."""
+    has_mooncake = importlib.util.find_spec("mooncake") is not None
+    protocol = settings.tensor_comm_protocol
+    if protocol == "RDMA" and not has_mooncake:
+        raise ConfigError(["--tensor-comm-protocol: RDMA needs the Mooncake transfer engine, "
+                           "which is not installed: install the rdma extra (pip install "
+                           "'mstar-core[rdma]'), or pass --tensor-comm-protocol SHM (one node) "
+                           "or TCP"])
+    if protocol is None:
+        protocol = "RDMA" if has_mooncake else "SHM"
+        log.info("tensor protocol: %s", "RDMA (the default; Mooncake is installed)"
+                 if has_mooncake else "SHM (Mooncake, which the default RDMA needs, is not "
+                 "installed; SHM serves one node; for RDMA: pip install 'mstar-core[rdma]')")
+    return settings.model_copy(update={"tensor_comm_protocol": protocol})
+
+
+def _checkpoint_config(spec: ModelSpec, cls: type[Model],
+                       settings: ServerSettings) -> dict[str, Any]:
+    """The checkpoint's config.json (only that file is fetched from a hub repo)."""
+    from mstar.weights import WeightSourceError, read_checkpoint_config, resolve_source
+
+    presets = ", ".join(sorted(cls.presets)) or "none"
+    if settings.load_format == "dummy" and not settings.model_path:
+        raise ConfigError([f"--preset: --load-format dummy needs --preset (one of {presets}) "
+                           "or --model-path (a checkpoint directory with config.json)"])
+    source = settings.model_path or spec.weight_sources.get("default")
+    if source is None:
+        raise ConfigError([f"--model-path: model {spec.name!r} names no default checkpoint; "
+                           f"pass --model-path, or --preset (one of {presets})"])
+    try:
+        path = resolve_source(source, patterns=[], cache_dir=settings.cache_dir,
+                              revision=settings.revision)
+        checkpoint = read_checkpoint_config(path)
+    except (WeightSourceError, OSError, ValueError) as exc:
+        raise ConfigError([f"--model-path: {exc}"]) from None
+    if not checkpoint:
+        raise ConfigError([f"--model-path: no config.json in {path}"])
+    return checkpoint
+
+
+def model_for(config: DeploymentConfig, settings: ServerSettings) -> Model:
+    """The model the deployment serves, configured as the workers will build it (from
+    `--preset`, else the checkpoint's config.json, plus `model_kwargs`)."""
+    try:
+        spec = model_registry().get(config.model)
+        cls = load_model_class(config.model)
+    except KeyError as exc:
+        raise ConfigError([f"model: {exc.args[0]}"]) from None
+    except (ImportError, TypeError, DuplicateNameError) as exc:
+        raise ConfigError([f"model: {exc}"]) from None
+    if settings.preset is not None:
+        if settings.preset not in cls.presets:
+            raise ConfigError([f"--preset: unknown preset {settings.preset!r} for model "
+                               f"{config.model!r}; allowed: "
+                               f"{', '.join(sorted(cls.presets)) or 'none'}"])
+        source: dict[str, Any] = {"preset": settings.preset}
+    else:
+        source = {"checkpoint_config": _checkpoint_config(spec, cls, settings)}
+    try:
+        model_config = cls.make_config(**source, model_kwargs=config.model_kwargs)
+    except (TypeError, ValueError) as exc:
+        field = ("model_kwargs" if config.model_kwargs
+                 else "--preset" if settings.preset else "--model-path")
+        raise ConfigError([f"{field}: {exc}"]) from None
+    return cls(model_config)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mstar").setLevel(level)
+
+
+def prepare(path_or_name: str | None, cli: Mapping[str, Any], overrides: Sequence[str] = (),
+            *, model: str | None = None,
+            defaults: Mapping[str, Any] | None = None) -> tuple[ServerSettings,
+                                                                 DeploymentConfig]:
+    """Everything `run_server` needs, checked: (server settings, deployment config).
+    `model` (from `mstar serve <model>`) must be the model the config serves. Raises
+    `ConfigError` with every problem found (settings and config schema together, then the
+    placement against the model)."""
+    data, source = _read_config(path_or_name, model)
+    server_section = data.pop("server", None)
+    problems: list[str] = []
+    settings = config = None
+    try:
+        settings = layered_settings(cli, server_section, defaults)
+    except ConfigError as exc:
+        problems += exc.problems
+    try:
+        config = _deployment(data, source, parse_overrides(overrides))
+    except ConfigError as exc:
+        problems += exc.problems
+    if config is not None and model is not None and config.model != model:
+        problems.append(f"model: the config serves {config.model!r}, not {model!r}")
+    if settings is not None:
+        _configure_logging(settings.log_level)
+        try:
+            settings = resolve_protocol(settings)
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems, source)
+    assert settings is not None and config is not None
+    if config.request_timeout is None:
+        config = config.model_copy(update={"request_timeout": settings.timeout})
+    try:
+        validate_for_model(config, model_for(config, settings))
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source) from None
+    return settings, config
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block mappings; lists of scalars on one line (`ranks: [0, 1]`), as configs are
+    written by hand."""
+
+
+_Dumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", value,
+    flow_style=not any(isinstance(v, dict | list) for v in value)))
+
+
+def render(settings: ServerSettings, config: DeploymentConfig) -> str:
+    """The merged config as YAML, with the settings as its `server:` section: valid input
+    for `--config` again. The API key is never printed."""
+    data = {**config.model_dump(mode="json"),
+            "server": settings.model_dump(mode="json", exclude={"api_key"})}
+    text = yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+    return text + ("# server.api_key is set (not printed)\n" if settings.api_key else "")
+
+
+def serve(args: argparse.Namespace, *, config: str | None, model: str | None = None,
+          defaults: Mapping[str, Any] | None = None) -> int:
+    """The path both commands share: prepare, then print the merged config
+    (`--validate-config`) or launch; the exit status."""
+    try:
+        settings, deployment = prepare(config, _cli_layer(args), args.overrides, model=model,
+                                       defaults=defaults)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.validate_config:
+        sys.stdout.write(render(settings, deployment))
+        return 0
+    from mstar.serving import run_server
+
+    return run_server(settings, deployment)
+
+
+# ------------------------------------------------------------------------------------------
+# mstar-serve --config X
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mstar-serve",
+        description="Start an mstar server (API server, conductor, one worker per rank) from "
+                    "an explicit deployment config. Settings: command line > MSTAR_* "
+                    "environment > the YAML's server: section > defaults.")
+    parser.add_argument("--config", required=True, metavar="PATH_OR_NAME",
+                        help="deployment YAML: a path, or the name of a config packaged in "
+                             "a plugin (see `mstar models`)")
+    _add_options(parser, {"tensor_comm_protocol": "RDMA if Mooncake is installed, else SHM",
+                          "cache_dir": "the Hugging Face default"})
+    return parser
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """The `mstar-serve` console script."""
+    args = build_serve_parser().parse_args(argv)
+    return serve(args, config=args.config)
+
+
+# ------------------------------------------------------------------------------------------
+# mstar serve <model>
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
+        return str(os.getuid())
+
+
+def serve_defaults() -> dict[str, Any]:
+    """`mstar serve`'s plumbing: a single-node-safe protocol, per-user socket and upload
+    directories (users sharing a host never collide), the Hugging Face cache."""
+    from huggingface_hub import constants
+
+    user = _user()
+    return {"tensor_comm_protocol": "SHM", "socket_path_prefix": f"/tmp/mstar_{user}/",
+            "upload_dir": f"/tmp/mstar_uploads_{user}/", "cache_dir": constants.HF_HUB_CACHE}
+
+
+def _devices(value: str) -> str:
+    if not re.fullmatch(r"[^,\s]+(,[^,\s]+)*", value):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected device ids separated by "
+                                         "commas, e.g. 0 or 0,1,2")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve an installed model with its packaged default config (or --config) and
+    single-node plumbing; everything else as `mstar-serve`."""
+    try:
+        spec = model_registry().get(args.model)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    except DuplicateNameError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
+    return serve(args, config=args.config or spec.default_config, model=spec.name,
+                 defaults=serve_defaults())
+
+
+def add_serve_command(commands: argparse._SubParsersAction) -> None:
+    """Register `mstar serve <model>` on the `mstar` command's subparsers."""
+    parser = commands.add_parser(
+        "serve", help="serve an installed model with its default config",
+        description=cmd_serve.__doc__)
+    parser.add_argument("model", help="an installed model (see `mstar models`)")
+    parser.add_argument("--config", metavar="PATH_OR_NAME",
+                        help="deployment YAML path or packaged config name (default: the "
+                             "model's default config)")
+    parser.add_argument("--gpus", type=_devices,
+                        help="sets CUDA_VISIBLE_DEVICES, e.g. 0 or 0,1,2 (default: all "
+                             "visible)")
+    _add_options(parser, {"tensor_comm_protocol": "SHM",
+                          "socket_path_prefix": "/tmp/mstar_<user>/",
+                          "upload_dir": "/tmp/mstar_uploads_<user>/",
+                          "cache_dir": "the Hugging Face default"})
+    parser.set_defaults(func=cmd_serve)

@@ -1,0 +1,115 @@
+"""A deployment's child process: the conductor or one worker rank.
+
+`python -m mstar.serving.proc '<ProcessSpec as JSON>'` builds the model from the registry,
+connects its ZMQ channel (and, for a worker, its tensor transport) and runs the
+component's loop on the main thread until a Shutdown message or SIGTERM. The launcher sets
+the child to die with its parent, so no process outlives the server.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import signal
+import sys
+
+import msgspec
+
+log = logging.getLogger("mstar.serving")
+
+
+class ProcessSpec(msgspec.Struct):
+    """Everything a child needs, as plain data (no pickle)."""
+
+    role: str  # "conductor" | "worker"
+    deployment_id: str
+    socket_prefix: str
+    protocol: str
+    model: str
+    config: dict
+    preset: str | None = None
+    load: dict = {}
+    rank: int = -1
+    num_ranks: int = 1
+    host: str = "127.0.0.1"
+    tcp_device: str | None = None
+    log_level: str = "INFO"
+    cpu_threads: int = 1
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (no orphans after a crash)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def make_transport(protocol: str, address: str, *, deployment_id: str, host: str,
+                   device: str | None):
+    from mstar.plugins import transport_registry
+    from mstar.plugins.registry import import_string
+
+    cls = import_string(transport_registry().get(protocol).transport_class)
+    return cls(address, deployment_id=deployment_id, host=host, device=device)
+
+
+def run(spec: ProcessSpec) -> None:
+    import torch
+
+    from mstar.communication.zmq_channel import ZmqChannel
+    from mstar.conductor.conductor import Conductor
+    from mstar.config import DeploymentConfig, placement
+    from mstar.plugins import model_registry
+    from mstar.worker.builder import LoadOptions, build_engines, make_model
+    from mstar.worker.worker import Worker
+
+    config = DeploymentConfig.model_validate(spec.config)
+    model_spec = model_registry().get(spec.model)
+    options = LoadOptions(**spec.load)
+    model = make_model(model_spec, config.model_kwargs, preset=spec.preset, options=options)
+    where = placement(config, model)
+    if spec.role == "conductor":
+        channel = ZmqChannel("conductor", prefix=spec.socket_prefix)
+        component = Conductor(model, where, channel,
+                              max_concurrent_requests=config.max_concurrent_requests)
+    else:
+        torch.set_num_threads(spec.cpu_threads)
+        address = f"worker:{spec.rank}"
+        channel = ZmqChannel(address, prefix=spec.socket_prefix)
+        transport = make_transport(spec.protocol, address, deployment_id=spec.deployment_id,
+                                   host=spec.host, device=spec.tcp_device)
+        eos = getattr(model.tokenizer(), "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (
+            (eos,) if eos is not None else ())
+        build = functools.partial(build_engines, model, config, where.nodes_on(spec.rank),
+                                  spec.rank, options, device=torch.device("cpu"),
+                                  ranks_sharing_device=spec.num_ranks, eos_token_ids=eos_ids)
+        component = Worker(spec.rank, model, channel, transport, build_engines=build)
+    signal.signal(signal.SIGTERM, lambda *_: component.stop_soon())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we stop
+    try:
+        component.run()
+    finally:
+        channel.close()
+        close = getattr(component, "transport", None)
+        if close is not None and hasattr(close, "close"):
+            close.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = msgspec.json.decode(argv[0], type=ProcessSpec)
+    die_with_parent()
+    logging.basicConfig(level=spec.log_level,
+                        format=f"%(asctime)s {spec.role}{'' if spec.rank < 0 else spec.rank} "
+                               f"[%(process)d] %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The SHM and TCP tensor transports: byte-exact round trips of every dtype torch can
+create, in one process and across processes (the receiver a fresh interpreter that gets
+the handles as msgspec bytes), nothing left after `free`/`free_request`, crash cleanup,
+errors that name the handle, and registration through the plugin hook."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+import warnings
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+import torch
+
+from mstar.communication.messages import Handle
+from mstar.communication.shm import SHM_DIR, ShmTransport, cleanup_deployment, deployment_tag
+from mstar.communication.tcp import TcpTransport
+from mstar.communication.transport import LocalTransport
+from mstar.plugins import transport_registry
+from mstar.plugins.registry import import_string
+
+TRANSPORTS = {"SHM": ShmTransport, "TCP": TcpTransport}
+BIG = 64 << 20  # bytes
+
+
+def _sendable_dtypes() -> list[torch.dtype]:
+    """Every dtype of this torch that can be created and viewed as bytes (the sub-byte
+    and quantized ones cannot)."""
+    found: list[torch.dtype] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # complex32 and quantized dtypes warn on creation
+        for value in vars(torch).values():
+            if not isinstance(value, torch.dtype) or value in found:
+                continue
+            try:
+                torch.zeros(2, 3, dtype=value).t().contiguous().reshape(-1).view(torch.uint8)
+            except (RuntimeError, NotImplementedError):
+                continue
+            found.append(value)
+    return found
+
+
+DTYPES = _sendable_dtypes()
+
+
+def _random(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Random bit patterns (NaNs included) of any dtype; bools are 0 or 1."""
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    raw = torch.randint(0, 256, (math.prod(shape) * dtype.itemsize,), dtype=torch.uint8,
+                        generator=gen)
+    return raw.view(dtype).reshape(shape)
+
+
+def _cases() -> list[torch.Tensor]:
+    """For every dtype: 0-d, empty, contiguous, transposed and step-sliced tensors; one
+    64 MiB float32 tensor."""
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for dtype in DTYPES:
+            cases += [_random(dtype, (), gen), _random(dtype, (0,), gen),
+                      _random(dtype, (0, 3), gen), _random(dtype, (5, 7), gen),
+                      _random(dtype, (6, 4), gen).t(), _random(dtype, (5, 9), gen)[1:, ::3]]
+    cases.append(torch.randn(BIG // 4, generator=gen))
+    return cases
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """dtype, shape and a hash of the bytes: equal digests mean byte-exact (NaN-safe)."""
+    raw = tensor.contiguous().reshape(-1).view(torch.uint8)
+    return f"{tensor.dtype}{list(tensor.shape)}:{hashlib.blake2b(raw.numpy()).hexdigest()}"
+
+
+# A fresh interpreter: builds the transport from the registry, reads the handles
+# (msgpack) from stdin, gets and frees each, answers with the digests and what it holds.
+RECEIVER = '''
+import hashlib
+import sys
+
+import msgspec
+import torch
+
+from mstar.communication.messages import Handle
+from mstar.plugins import transport_registry
+from mstar.plugins.registry import import_string
+
+''' + textwrap.dedent(inspect.getsource(digest)) + '''
+
+protocol, deployment = sys.argv[1:3]
+transport = import_string(transport_registry().get(protocol).transport_class)(
+    "worker:1", deployment_id=deployment)
+digests = []
+for handle in msgspec.msgpack.decode(sys.stdin.buffer.read(), type=list[Handle]):
+    tensor = transport.get(handle)
+    assert tensor.device.type == "cpu" and tensor.is_contiguous()
+    digests.append(digest(tensor))
+    transport.free(handle)
+left = transport.live_handles()
+transport.close()
+sys.stdout.buffer.write(msgspec.msgpack.encode([digests, left]))
+'''
+
+# Puts three tensors, says so, and waits to be killed.
+KILLED_SENDER = '''
+import sys
+import time
+
+import torch
+
+from mstar.communication.shm import ShmTransport
+
+transport = ShmTransport("worker:0", deployment_id=sys.argv[1])
+for i in range(3):
+    transport.put(torch.full((100,), float(i)), "r", owner="worker:1")
+print("ready", flush=True)
+time.sleep(60)
+'''
+
+
+def _segments(deployment_id: str) -> list[str]:
+    return sorted(p.name for p in SHM_DIR.glob(f"mstar_{deployment_tag(deployment_id)}_*"))
+
+
+@pytest.fixture
+def deployment() -> Iterator[str]:
+    deployment_id = uuid.uuid4().hex[:8]
+    yield deployment_id
+    cleanup_deployment(deployment_id)  # a failed test leaves nothing behind
+
+
+@pytest.fixture(params=sorted(TRANSPORTS))
+def pair(request: pytest.FixtureRequest,
+         deployment: str) -> Iterator[tuple[ShmTransport | TcpTransport, ...]]:
+    """A sender (worker:0) and a receiver (worker:1) in this process."""
+    cls = TRANSPORTS[request.param]
+    sender = cls("worker:0", deployment_id=deployment)
+    receiver = cls("worker:1", deployment_id=deployment)
+    yield sender, receiver
+    sender.close()
+    receiver.close()
+
+
+def test_every_dtype_and_layout_round_trips_byte_exact_in_process(pair, deployment):
+    torch.manual_seed(0)
+    sender, receiver = pair
+    for tensor in _cases():
+        handle = sender.put(tensor, "r1", owner="worker:1")
+        assert handle.owner == "worker:1" and handle.request_id == "r1"
+        got = receiver.get(handle)
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape
+        assert torch.equal(got.contiguous().reshape(-1).view(torch.uint8),
+                           tensor.contiguous().reshape(-1).view(torch.uint8)), handle
+        receiver.free(handle)
+        assert sender.live_handles() == receiver.live_handles() == 0
+    assert _segments(deployment) == []
+
+
+@pytest.mark.parametrize("protocol", sorted(TRANSPORTS))
+def test_every_dtype_round_trips_byte_exact_across_processes(protocol, deployment):
+    sender = TRANSPORTS[protocol]("worker:0", deployment_id=deployment)
+    cases = _cases()
+    handles = [sender.put(tensor, "r1", owner="worker:1") for tensor in cases]
+    stored = len(cases) if protocol == "TCP" else sum(t.numel() > 0 for t in cases)
+    assert sender.live_handles() == stored  # SHM makes no segment for an empty tensor
+    child = subprocess.run([sys.executable, "-c", RECEIVER, protocol, deployment],
+                           input=msgspec.msgpack.encode(handles), capture_output=True,
+                           timeout=120)
+    assert child.returncode == 0, child.stderr.decode()
+    digests, left_in_child = msgspec.msgpack.decode(child.stdout)
+    assert digests == [digest(t) for t in cases]
+    assert left_in_child == 0
+    assert sender.live_handles() == 0  # the child freed every one
+    assert _segments(deployment) == []
+    sender.close()
+
+
+def test_the_receivers_tensor_is_its_own_copy(pair):
+    """Writing what `get` returned changes nothing for a second reader, and it stays
+    valid after `free`."""
+    sender, receiver = pair
+    for size in (16, BIG // 4):  # below and above SHM's copy-on-write mapping threshold
+        source = torch.arange(size, dtype=torch.float32)
+        handle = sender.put(source, "r1", owner="worker:1")
+        first = receiver.get(handle)
+        first.fill_(-1.0)
+        second = receiver.get(handle)
+        assert torch.equal(second, torch.arange(size, dtype=torch.float32))
+        receiver.free(handle)
+        assert torch.equal(first, torch.full((size,), -1.0))  # valid after free
+
+
+def test_free_request_releases_what_each_side_still_holds(pair, deployment):
+    sender, receiver = pair
+    a1 = sender.put(torch.ones(4), "a", owner="worker:1")
+    a2 = sender.put(torch.zeros(2, 2), "a", owner="worker:1")
+    b = sender.put(torch.arange(3), "b", owner="worker:1")
+    receiver.get(a1)  # read, never freed
+    assert sender.live_handles() == 3
+    sender.free_request("a")  # the sender forgets what it stored for "a"
+    with pytest.raises(KeyError, match=a2.key):
+        receiver.get(a2)
+    receiver.free_request("a")
+    assert sender.live_handles() == 1 and receiver.live_handles() == 0
+    assert torch.equal(receiver.get(b), torch.arange(3))  # other requests are untouched
+    receiver.free(b)
+    assert sender.live_handles() == receiver.live_handles() == 0
+    assert _segments(deployment) == []
+
+
+def test_a_shm_receiver_frees_what_it_read_without_the_sender(deployment):
+    sender = ShmTransport("worker:0", deployment_id=deployment)
+    receiver = ShmTransport("frontend", deployment_id=deployment)
+    handle = sender.put(torch.randn(8), "r", owner="frontend")
+    receiver.get(handle)
+    assert receiver.live_handles() == 1 and len(_segments(deployment)) == 1
+    receiver.free_request("r")
+    assert _segments(deployment) == []
+    assert sender.live_handles() == receiver.live_handles() == 0
+
+
+def test_shm_names_are_short_and_close_unlinks_what_is_left():
+    deployment_id = "a-long-deployment-name/with:odd characters"
+    sender = ShmTransport("worker:0", deployment_id=deployment_id)
+    handles = [sender.put(torch.randn(3), f"r{i}") for i in range(3)]
+    assert all(len(h.key) <= 30 and h.key.startswith("mstar_") for h in handles)
+    assert sender.put(torch.empty(0, 3), "r").key == "-"  # no segment for no bytes
+    assert len(_segments(deployment_id)) == 3
+    sender.close()
+    assert _segments(deployment_id) == [] and sender.live_handles() == 0
+
+
+def test_cleanup_deployment_removes_what_a_killed_process_left(deployment):
+    other = ShmTransport("worker:0", deployment_id=deployment + "x")
+    kept = other.put(torch.ones(2), "r")
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SENDER, deployment],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert len(_segments(deployment)) == 3  # SIGKILL left them
+    assert cleanup_deployment(deployment) == 3
+    assert _segments(deployment) == []
+    assert torch.equal(other.get(kept), torch.ones(2))  # another deployment is untouched
+    other.close()
+
+
+def test_shm_get_of_a_freed_segment_names_it(deployment):
+    sender = ShmTransport("worker:0", deployment_id=deployment)
+    handle = sender.put(torch.randn(4), "r7")
+    sender.free(handle)
+    with pytest.raises(KeyError, match=f"{handle.key} of request r7 is gone"):
+        sender.get(handle)
+
+
+def test_tcp_errors_name_the_handle(deployment):
+    sender = TcpTransport("worker:0", deployment_id=deployment)
+    receiver = TcpTransport("worker:1", deployment_id=deployment)
+    handle = sender.put(torch.randn(4), "r7", owner="worker:1")
+    receiver.free(handle)
+    with pytest.raises(KeyError, match=f"{handle.key} of request r7 is gone"):
+        receiver.get(handle)
+    again = sender.put(torch.randn(4), "r8", owner="worker:1")
+    sender.close()
+    with pytest.raises(ConnectionError, match=f"for tensor {again.key} of request r8"):
+        receiver.get(again)
+    receiver.free(again)  # the holder is gone, and its store with it: not an error
+    receiver.close()
+
+
+def test_tcp_binds_the_address_of_a_device_and_refuses_wildcards(deployment):
+    transport = TcpTransport("worker:0", deployment_id=deployment, device="lo")
+    assert transport.put(torch.ones(1), "r").key.startswith("127.0.0.1:")
+    transport.close()
+    with pytest.raises(ValueError, match="interface 'nosuchnic0'.*interfaces: .*lo"):
+        TcpTransport("worker:0", deployment_id=deployment, device="nosuchnic0")
+    with pytest.raises(ValueError, match="wildcard"):
+        TcpTransport("worker:0", deployment_id=deployment, host="0.0.0.0")
+
+
+def test_handles_travel_as_msgspec_bytes(pair):
+    sender, receiver = pair
+    handle = sender.put(torch.arange(6).reshape(2, 3), "r", owner="worker:1")
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(handle), type=Handle)
+    assert torch.equal(receiver.get(decoded), torch.arange(6).reshape(2, 3))
+    receiver.free(decoded)
+
+
+def test_core_transports_are_registered_by_protocol():
+    registry = transport_registry()
+    for protocol, cls in {**TRANSPORTS, "LOCAL": LocalTransport}.items():
+        assert import_string(registry.get(protocol.lower()).transport_class) is cls
+        assert registry.owner(protocol) == "mstar-core"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("protocol", sorted(TRANSPORTS))
+def test_cuda_tensors_arrive_on_the_host(protocol, deployment):
+    sender = TRANSPORTS[protocol]("worker:0", deployment_id=deployment)
+    source = torch.randn(3, 5, device="cuda").t()
+    handle = sender.put(source, "r")
+    got = sender.get(handle)
+    assert got.device.type == "cpu" and torch.equal(got, source.cpu())
+    sender.free(handle)
+    sender.close()
