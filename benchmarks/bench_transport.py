@@ -8,6 +8,8 @@ For each size (float32) and transport it times, median of N rounds:
   The pipe round trip alone is printed too.
 - in-process: the same with sender and receiver instances in this process.
 Bandwidth is the tensor's bytes over the latency; "of copy_" compares with the baseline.
+`clone` (a copy into new memory) is printed too: a receiver needs memory of its own for
+every tensor, and where fresh pages are expensive (VMs) it bounds what a transport can do.
 
     python benchmarks/bench_transport.py            # ~30 s
     python benchmarks/bench_transport.py --quick    # fewer rounds
@@ -137,7 +139,8 @@ def main() -> None:
         tensor = torch.randn(nbytes // 4)
         target = torch.empty_like(tensor)
         baseline = _median_seconds(lambda t=tensor, d=target: d.copy_(t), rounds)
-        rows = [("copy_ (preallocated)", baseline)]
+        rows = [("copy_ (preallocated)", baseline),
+                ("clone (new memory)", _median_seconds(tensor.clone, rounds))]
         for protocol in PROTOCOLS:
             rows.append((f"{protocol} cross-process",
                          _cross_process(protocol, tensor, rounds, deployment_id)))

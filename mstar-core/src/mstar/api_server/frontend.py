@@ -115,6 +115,13 @@ class Frontend(Component):
         if live:
             self.channel.send("conductor", msg.CancelRequest(request_id, reason))
 
+    def fail_all(self, message: str, code: int = 503) -> None:
+        """End every live request with an error (the conductor is gone)."""
+        with self._lock:
+            rids = list(self._live)
+        for rid in rids:
+            self._finish(rid, events.Error(message, code, "service_unavailable"))
+
     def live_requests(self) -> int:
         with self._lock:
             return len(self._live)

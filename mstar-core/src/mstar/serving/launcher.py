@@ -1,0 +1,211 @@
+"""`run_server`: a deployment as processes behind the HTTP API.
+
+This process runs the API server (uvicorn) and the frontend; the conductor and one worker
+per rank are child processes (`mstar.serving.proc`) that talk over ZMQ and move tensors
+through the chosen transport. Start-up never hangs: children that exit or report an error
+fail it within its timeout. A child that dies later fails its requests (`WorkerDied`) and
+turns `/health` unhealthy. SIGINT/SIGTERM drain (uvicorn's graceful shutdown, bounded by
+`shutdown_grace`), then every child is stopped and sockets and SHM segments are removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+
+from mstar.api_server.frontend import Frontend
+from mstar.communication import messages as msg
+from mstar.communication.zmq_channel import ZmqChannel
+from mstar.config import DeploymentConfig, placement, validate_for_model
+from mstar.config.settings import ServerSettings
+from mstar.plugins import model_registry
+from mstar.serving.proc import ProcessSpec, make_transport
+from mstar.worker.builder import LoadOptions, make_model
+
+log = logging.getLogger("mstar.serving")
+
+
+def resolve_protocol(requested: str | None, *, node_count: int = 1) -> str:
+    """The tensor transport: RDMA needs Mooncake; without it the default is SHM on one
+    node (said in the log) and an explicit RDMA is an error."""
+    has_mooncake = importlib.util.find_spec("mooncake") is not None
+    if requested is None:
+        if has_mooncake:
+            return "RDMA"
+        log.info("Mooncake is not installed: using the SHM tensor transport on this node "
+                 "(install mstar-core[rdma] for RDMA, or pass --tensor-comm-protocol TCP)")
+        return "SHM" if node_count == 1 else "TCP"
+    if requested.upper() == "RDMA" and not has_mooncake:
+        raise ValueError("--tensor-comm-protocol RDMA needs Mooncake: install the `rdma` "
+                         "extra (pip install 'mstar-core[rdma]') or pass SHM or TCP")
+    return requested.upper()
+
+
+class ProcessDeployment:
+    """The conductor and workers as child processes; the frontend in this process."""
+
+    def __init__(self, settings: ServerSettings, config: DeploymentConfig):
+        self.settings, self.config = settings, config
+        self.id = uuid.uuid4().hex[:8]
+        self.protocol = resolve_protocol(settings.tensor_comm_protocol)
+        self.spec = model_registry().get(config.model)
+        options = LoadOptions(load_format=settings.load_format, model_path=settings.model_path,
+                              weight_sources=dict(self.spec.weight_sources),
+                              cache_dir=settings.cache_dir, revision=settings.revision,
+                              token=os.environ.get("HF_TOKEN"))
+        self.model = make_model(self.spec, config.model_kwargs, preset=settings.preset,
+                                options=options)
+        validate_for_model(config, self.model)
+        self.ranks = placement(config, self.model).ranks()
+        self.socket_dir = Path(settings.socket_path_prefix) / f"d{self.id}"
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        channel = ZmqChannel("frontend", prefix=str(self.socket_dir))
+        self.transport = make_transport(self.protocol, "frontend", deployment_id=self.id,
+                                        host="127.0.0.1", device=settings.tcp_transfer_device)
+        self.frontend = Frontend(self.model, config, channel, self.transport)
+        self.frontend.expected_workers = {f"worker:{r}" for r in self.ranks}
+        self.failure: str | None = None
+        self._closing = False
+        self.frontend.start()
+        base = dict(deployment_id=self.id, socket_prefix=str(self.socket_dir),
+                    protocol=self.protocol, model=config.model, config=config.model_dump(),
+                    preset=settings.preset, load=dataclasses.asdict(options),
+                    num_ranks=len(self.ranks), tcp_device=settings.tcp_transfer_device,
+                    log_level=settings.log_level,
+                    cpu_threads=max(1, (os.cpu_count() or 1) // len(self.ranks)))
+        self.procs: dict[str, subprocess.Popen] = {
+            "conductor": self._spawn(ProcessSpec(role="conductor", **base))}
+        for rank in self.ranks:
+            self.procs[f"worker:{rank}"] = self._spawn(ProcessSpec(role="worker", rank=rank,
+                                                                   **base))
+        self._monitor = threading.Thread(target=self._watch, name="monitor", daemon=True)
+        self._monitor.start()
+
+    def _spawn(self, spec: ProcessSpec) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "mstar.serving.proc",
+                                 msgspec.json.encode(spec).decode()])
+
+    def _watch(self) -> None:
+        while not self._closing:
+            for name, proc in self.procs.items():
+                code = proc.poll()
+                if code is not None and not self._closing and self.failure is None:
+                    self.failure = f"{name} exited with code {code}"
+                    log.error("%s", self.failure)
+                    if name == "conductor":
+                        self.frontend.fail_all(self.failure, 503)
+                    else:
+                        self.frontend.channel.send("conductor",
+                                                   msg.WorkerDied(name, self.failure))
+            time.sleep(0.1)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once every worker reported ready; False on a start-up failure or timeout
+        (then `failure` says why)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.failure is not None:
+                return False
+            if self.frontend.ready.wait(timeout=0.1):
+                if self.frontend.startup_errors:
+                    self.failure = "; ".join(f"{a}: {e}" for a, e in
+                                             sorted(self.frontend.startup_errors.items()))
+                    return False
+                return True
+        self.failure = f"workers not ready within {timeout:.0f} s"
+        return False
+
+    def child_pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop every child (asking first), then remove sockets and SHM segments."""
+        if self._closing:
+            return
+        self._closing = True
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                try:
+                    self.frontend.channel.send(name, msg.Shutdown())
+                except Exception:  # the socket may be gone with its process
+                    pass
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.frontend.stop()
+        self.frontend.channel.close()
+        if hasattr(self.transport, "close"):
+            self.transport.close()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        if self.protocol == "SHM":
+            from mstar.communication.shm import cleanup_deployment
+
+            cleanup_deployment(self.id)
+
+
+def port_is_free(host: str, port: int) -> str | None:
+    """None when `host:port` can be bound, else the reason."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return str(exc)
+    return None
+
+
+def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
+    """Serve until SIGINT/SIGTERM; the exit code (0 after a clean shutdown)."""
+    import uvicorn
+
+    from mstar.api_server.app import create_app
+    from mstar.serving.backend import ProcessBackend
+
+    busy = port_is_free(settings.host, settings.port)
+    if busy is not None:
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {busy}",
+              file=sys.stderr)
+        return 1
+    deployment = ProcessDeployment(settings, config)
+    exit_code = [0]
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(ProcessBackend(deployment), settings), host=settings.host,
+        port=settings.port, log_level=settings.log_level.lower(), lifespan="off",
+        timeout_graceful_shutdown=int(settings.shutdown_grace)))
+
+    def announce() -> None:
+        if deployment.wait_ready(settings.startup_timeout):
+            print(f"mstar: serving {config.model} at http://{settings.host}:{settings.port} "
+                  f"({len(deployment.ranks)} rank(s), {deployment.protocol})", flush=True)
+        else:
+            print(f"error: start-up failed: {deployment.failure}", file=sys.stderr, flush=True)
+            exit_code[0] = 1
+            server.should_exit = True
+
+    threading.Thread(target=announce, name="announce", daemon=True).start()
+    try:
+        server.run()
+    finally:
+        deployment.close()
+    return exit_code[0]
