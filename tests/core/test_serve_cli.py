@@ -1,7 +1,7 @@
 """`mstar-serve` and `mstar serve`: options and defaults (seed 000), settings layering,
 `--validate-config` (the merged YAML, or every error), the tensor-protocol default, and the
 packaged testvla configs (each valid, each placing what its name says, mirrored in
-`configs/`). Commands run in-process; only the delegation test stands in for the launcher."""
+`configs/`). Commands run in-process; only the launch tests stand in for `run_server`."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ import importlib.resources
 import importlib.util
 import logging
 import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import yaml
 from huggingface_hub import constants as hf_constants
 
+import mstar.serving
 from mstar.cli.main import main
 from mstar.cli.serve import build_serve_parser, serve_main
 from mstar.config import DeploymentConfig, load_config, packaged_configs, placement
@@ -237,8 +236,7 @@ INVALID = {
                      ["model_kwargs: unknown model_kwargs ['colour']"]),
     "yaml-syntax": ("model: [testvla\n", [], {}, ["yaml (line"]),
     "no-preset-for-dummy": ("model: testvla\n", ["--load-format", "dummy"], {},
-                            ["--preset: --load-format dummy needs --preset (one of small, "
-                             "tiny)"]),
+                            ["--preset: load_format 'dummy' needs a preset"]),
     "unknown-preset": ("model: testvla\n", ["--preset", "huge"], {},
                        ["--preset: unknown preset 'huge' for model 'testvla'; allowed: "
                         "small, tiny"]),
@@ -294,7 +292,7 @@ def test_rdma_asked_for_without_mooncake_fails_before_starting(capsys):
     code, out, err = run(capsys, serve_main, ["--config", "testvla_single",
                                               "--tensor-comm-protocol", "RDMA", *TINY])
     assert code == 1 and out == ""
-    assert "--tensor-comm-protocol: RDMA needs the Mooncake transfer engine" in err
+    assert "--tensor-comm-protocol RDMA needs Mooncake" in err
     assert "mstar-core[rdma]" in err and "SHM" in err
 
 
@@ -333,8 +331,7 @@ def test_both_commands_hand_the_checked_deployment_to_run_server(capsys, monkeyp
         calls.append((settings, config))
         return 3
 
-    monkeypatch.setitem(sys.modules, "mstar.serving",
-                        types.SimpleNamespace(run_server=run_server))
+    monkeypatch.setattr(mstar.serving, "run_server", run_server)
     assert serve_main(["--config", "testvla_stream_rank", "--preset", "tiny",
                        "--load-format", "dummy", "--port", "9100"]) == 3
     assert main(["serve", "testvla", "--preset", "tiny", "--load-format", "dummy"]) == 3
@@ -351,8 +348,7 @@ def test_an_invalid_deployment_never_reaches_run_server(capsys, monkeypatch):
     def run_server(settings, config):
         raise AssertionError("launched an invalid deployment")
 
-    monkeypatch.setitem(sys.modules, "mstar.serving",
-                        types.SimpleNamespace(run_server=run_server))
+    monkeypatch.setattr(mstar.serving, "run_server", run_server)
     assert serve_main(["--config", "testvla_single", "--preset", "huge"]) == 1
 
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -199,20 +200,43 @@ def test_the_receivers_tensor_is_its_own_copy(pair):
         assert torch.equal(first, torch.full((size,), -1.0))  # valid after free
 
 
-def test_free_request_releases_what_each_side_still_holds(pair, deployment):
+def test_concurrent_gets_from_one_sender(pair):
+    """Receiver threads share one connection per peer (TCP) without mixing replies."""
     sender, receiver = pair
-    a1 = sender.put(torch.ones(4), "a", owner="worker:1")
-    a2 = sender.put(torch.zeros(2, 2), "a", owner="worker:1")
-    b = sender.put(torch.arange(3), "b", owner="worker:1")
-    receiver.get(a1)  # read, never freed
-    assert sender.live_handles() == 3
-    sender.free_request("a")  # the sender forgets what it stored for "a"
-    with pytest.raises(KeyError, match=a2.key):
-        receiver.get(a2)
+    sources = [torch.full((1000 + i,), float(i)) for i in range(48)]
+    handles = [sender.put(t, "r", owner="worker:1") for t in sources]
+    results: dict[int, torch.Tensor] = {}
+
+    def fetch(indices: range) -> None:
+        for i in indices:
+            results[i] = receiver.get(handles[i])
+            receiver.free(handles[i])
+
+    threads = [threading.Thread(target=fetch, args=(range(k, 48, 4),)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert all(torch.equal(results[i], sources[i]) for i in range(48))
+    assert sender.live_handles() == receiver.live_handles() == 0
+
+
+def test_free_request_frees_only_what_is_addressed_to_the_caller(pair, deployment):
+    """A worker releasing a request must not pull its outputs from under their reader:
+    it frees what is addressed to itself (results nobody consumed); receivers free the rest
+    (also what reaches them after they dropped the request)."""
+    sender, receiver = pair
+    mine = sender.put(torch.ones(4), "a")  # a walk result kept for itself
+    in_flight = sender.put(torch.zeros(2, 2), "a", owner="worker:1")
+    other = sender.put(torch.arange(3), "b", owner="worker:1")
+    sender.free_request("a")
+    with pytest.raises(KeyError, match=mine.key):
+        receiver.get(mine)
+    assert torch.equal(receiver.get(in_flight), torch.zeros(2, 2))
+    receiver.free(in_flight)
     receiver.free_request("a")
-    assert sender.live_handles() == 1 and receiver.live_handles() == 0
-    assert torch.equal(receiver.get(b), torch.arange(3))  # other requests are untouched
-    receiver.free(b)
+    assert torch.equal(receiver.get(other), torch.arange(3))  # other requests untouched
+    receiver.free(other)
     assert sender.live_handles() == receiver.live_handles() == 0
     assert _segments(deployment) == []
 
@@ -256,12 +280,17 @@ def test_cleanup_deployment_removes_what_a_killed_process_left(deployment):
     other.close()
 
 
-def test_shm_get_of_a_freed_segment_names_it(deployment):
+def test_shm_get_of_a_freed_or_foreign_segment_is_refused(deployment):
     sender = ShmTransport("worker:0", deployment_id=deployment)
     handle = sender.put(torch.randn(4), "r7")
     sender.free(handle)
     with pytest.raises(KeyError, match=f"{handle.key} of request r7 is gone"):
         sender.get(handle)
+    elsewhere = Handle(key="mstar_x/../../etc/passwd", owner="worker:0", request_id="r7",
+                       dtype="uint8", shape=[4])
+    for call in (sender.get, sender.free):
+        with pytest.raises(ValueError, match="not an SHM segment of deployment"):
+            call(elsewhere)
 
 
 def test_tcp_errors_name_the_handle(deployment):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import importlib.util
 import logging
 import os
 import re
@@ -28,12 +27,10 @@ from pydantic import ValidationError
 from mstar.config import ConfigError, DeploymentConfig, loader, parse_overrides, validate_for_model
 from mstar.config.settings import ServerSettings, layered_settings
 from mstar.plugins import load_model_class, model_registry
-from mstar.plugins.registry import DuplicateNameError, ModelSpec
+from mstar.plugins.registry import DuplicateNameError
 
 if TYPE_CHECKING:
     from mstar.model.contract import Model
-
-log = logging.getLogger(__name__)
 
 PROTOCOLS = ("RDMA", "TCP", "SHM")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -145,52 +142,26 @@ def _deployment(data: dict[str, Any], source: str,
     return config
 
 
-def resolve_protocol(settings: ServerSettings) -> ServerSettings:
-    """Seed 000's default protocol is RDMA, which needs the Mooncake transfer engine.
-    Without it and with no protocol given, a (single-node) deployment uses SHM and says why;
-    RDMA asked for explicitly without it fails here, before anything starts."""
-    has_mooncake = importlib.util.find_spec("mooncake") is not None
-    protocol = settings.tensor_comm_protocol
-    if protocol == "RDMA" and not has_mooncake:
-        raise ConfigError(["--tensor-comm-protocol: RDMA needs the Mooncake transfer engine, "
-                           "which is not installed: install the rdma extra (pip install "
-                           "'mstar-core[rdma]'), or pass --tensor-comm-protocol SHM (one node) "
-                           "or TCP"])
-    if protocol is None:
-        protocol = "RDMA" if has_mooncake else "SHM"
-        log.info("tensor protocol: %s", "RDMA (the default; Mooncake is installed)"
-                 if has_mooncake else "SHM (Mooncake, which the default RDMA needs, is not "
-                 "installed; SHM serves one node; for RDMA: pip install 'mstar-core[rdma]')")
-    return settings.model_copy(update={"tensor_comm_protocol": protocol})
+def _with_protocol(settings: ServerSettings) -> ServerSettings:
+    """The settings with the tensor protocol resolved by the launcher's own rule (RDMA
+    needs Mooncake; without it the default is SHM on one node, logged), so an explicit RDMA
+    without Mooncake fails here and `--validate-config` prints what will run."""
+    from mstar.serving.launcher import resolve_protocol
 
-
-def _checkpoint_config(spec: ModelSpec, cls: type[Model],
-                       settings: ServerSettings) -> dict[str, Any]:
-    """The checkpoint's config.json (only that file is fetched from a hub repo)."""
-    from mstar.weights import WeightSourceError, read_checkpoint_config, resolve_source
-
-    presets = ", ".join(sorted(cls.presets)) or "none"
-    if settings.load_format == "dummy" and not settings.model_path:
-        raise ConfigError([f"--preset: --load-format dummy needs --preset (one of {presets}) "
-                           "or --model-path (a checkpoint directory with config.json)"])
-    source = settings.model_path or spec.weight_sources.get("default")
-    if source is None:
-        raise ConfigError([f"--model-path: model {spec.name!r} names no default checkpoint; "
-                           f"pass --model-path, or --preset (one of {presets})"])
     try:
-        path = resolve_source(source, patterns=[], cache_dir=settings.cache_dir,
-                              revision=settings.revision)
-        checkpoint = read_checkpoint_config(path)
-    except (WeightSourceError, OSError, ValueError) as exc:
-        raise ConfigError([f"--model-path: {exc}"]) from None
-    if not checkpoint:
-        raise ConfigError([f"--model-path: no config.json in {path}"])
-    return checkpoint
+        protocol = resolve_protocol(settings.tensor_comm_protocol)
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+    return settings.model_copy(update={"tensor_comm_protocol": protocol})
 
 
 def model_for(config: DeploymentConfig, settings: ServerSettings) -> Model:
     """The model the deployment serves, configured as the workers will build it (from
-    `--preset`, else the checkpoint's config.json, plus `model_kwargs`)."""
+    `--preset`, else the checkpoint's config.json, plus `model_kwargs`); each failure is
+    blamed on the option or field that caused it."""
+    from mstar.weights import WeightSourceError
+    from mstar.worker.builder import LoadOptions, make_model
+
     try:
         spec = model_registry().get(config.model)
         cls = load_model_class(config.model)
@@ -198,21 +169,28 @@ def model_for(config: DeploymentConfig, settings: ServerSettings) -> Model:
         raise ConfigError([f"model: {exc.args[0]}"]) from None
     except (ImportError, TypeError, DuplicateNameError) as exc:
         raise ConfigError([f"model: {exc}"]) from None
-    if settings.preset is not None:
-        if settings.preset not in cls.presets:
-            raise ConfigError([f"--preset: unknown preset {settings.preset!r} for model "
-                               f"{config.model!r}; allowed: "
-                               f"{', '.join(sorted(cls.presets)) or 'none'}"])
-        source: dict[str, Any] = {"preset": settings.preset}
+    if settings.preset is not None and settings.preset not in cls.presets:
+        raise ConfigError([f"--preset: unknown preset {settings.preset!r} for model "
+                           f"{config.model!r}; allowed: "
+                           f"{', '.join(sorted(cls.presets)) or 'none'}"])
+    options = LoadOptions(load_format=settings.load_format, model_path=settings.model_path,
+                          weight_sources=dict(spec.weight_sources),
+                          cache_dir=settings.cache_dir, revision=settings.revision,
+                          token=os.environ.get("HF_TOKEN"))
+    needs_preset = (settings.preset is None and settings.load_format == "dummy"
+                    and not settings.model_path)
+    if needs_preset:
+        field = "--preset"
+    elif config.model_kwargs:
+        field = "model_kwargs"
     else:
-        source = {"checkpoint_config": _checkpoint_config(spec, cls, settings)}
+        field = "--preset" if settings.preset else "--model-path"
     try:
-        model_config = cls.make_config(**source, model_kwargs=config.model_kwargs)
-    except (TypeError, ValueError) as exc:
-        field = ("model_kwargs" if config.model_kwargs
-                 else "--preset" if settings.preset else "--model-path")
+        return make_model(spec, config.model_kwargs, preset=settings.preset, options=options)
+    except WeightSourceError as exc:
+        raise ConfigError([f"--model-path: {exc}"]) from None
+    except (OSError, TypeError, ValueError) as exc:
         raise ConfigError([f"{field}: {exc}"]) from None
-    return cls(model_config)
 
 
 def _configure_logging(level: str) -> None:
@@ -245,7 +223,7 @@ def prepare(path_or_name: str | None, cli: Mapping[str, Any], overrides: Sequenc
     if settings is not None:
         _configure_logging(settings.log_level)
         try:
-            settings = resolve_protocol(settings)
+            settings = _with_protocol(settings)
         except ConfigError as exc:
             problems += exc.problems
     if problems:

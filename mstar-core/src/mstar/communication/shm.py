@@ -107,7 +107,8 @@ class ShmTransport:
         self.address = address
         self.deployment_id = deployment_id
         self._prefix = f"mstar_{deployment_tag(deployment_id)}_"
-        self._known: dict[str, str] = {}  # segment name -> request id (created or read)
+        #: segment name -> (request id, owner): the segments created or read here
+        self._known: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
     def put(self, tensor: torch.Tensor, request_id: str, owner: str | None = None) -> Handle:
@@ -117,7 +118,7 @@ class ShmTransport:
             key = f"{self._prefix}{os.getpid()}_{_base36(next(_ids))}"
             _write_segment(SHM_DIR / key, data)
             with self._lock:
-                self._known[key] = request_id
+                self._known[key] = (request_id, owner or self.address)
         return Handle(key=key, owner=owner or self.address, request_id=request_id,
                       dtype=str(tensor.dtype).removeprefix("torch."),
                       shape=list(tensor.shape))
@@ -127,7 +128,7 @@ class ShmTransport:
         if handle.key == EMPTY_KEY:
             return torch.empty(handle.shape, dtype=handle_dtype(handle))
         try:
-            fd = os.open(SHM_DIR / handle.key, os.O_RDONLY)
+            fd = os.open(self._path(handle), os.O_RDONLY)
         except FileNotFoundError:
             raise KeyError(f"SHM segment {handle.key} of request {handle.request_id} is gone "
                            f"(freed, or never created)") from None
@@ -140,19 +141,31 @@ class ShmTransport:
         finally:
             os.close(fd)
         with self._lock:
-            self._known.setdefault(handle.key, handle.request_id)
+            self._known.setdefault(handle.key, (handle.request_id, self.address))
         return from_host_bytes(data, handle)
 
     def free(self, handle: Handle) -> None:
         if handle.key == EMPTY_KEY:
             return
+        self._path(handle)
         with self._lock:
             self._known.pop(handle.key, None)
         _unlink(handle.key)
 
+    def _path(self, handle: Handle) -> Path:
+        """The segment of a handle, which must be one of this deployment's (a key comes
+        from a message: never a path elsewhere)."""
+        if not handle.key.startswith(self._prefix) or "/" in handle.key:
+            raise ValueError(f"{handle.key!r} is not an SHM segment of deployment "
+                             f"{self.deployment_id!r}")
+        return SHM_DIR / handle.key
+
     def free_request(self, request_id: str) -> None:
         with self._lock:
-            names = [name for name, rid in self._known.items() if rid == request_id]
+            # only what is addressed to this component: the others' items are theirs to
+            # free (a receiver frees what arrives after it dropped the request)
+            names = [name for name, (rid, owner) in self._known.items()
+                     if rid == request_id and owner == self.address]
             for name in names:
                 del self._known[name]
         for name in names:

@@ -67,7 +67,7 @@ class TcpTransport:
                              "address peers can reach (or a device), not a wildcard")
         self.address = address
         self.deployment_id = deployment_id
-        self._store: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (request id, bytes)
+        self._store: dict[int, tuple[str, str, torch.Tensor]] = {}  # id -> (rid, owner, bytes)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._peers: dict[str, _Connection] = {}
@@ -84,16 +84,18 @@ class TcpTransport:
         data = host_bytes(tensor)
         with self._lock:
             item = next(self._ids)
-            self._store[item] = (request_id, data)
+            self._store[item] = (request_id, owner or self.address, data)
         return Handle(key=f"{self.host}:{self.port}/{item}", owner=owner or self.address,
                       request_id=request_id, dtype=str(tensor.dtype).removeprefix("torch."),
                       shape=list(tensor.shape))
 
     def free_request(self, request_id: str) -> None:
-        """Forget every stored tensor of the request (sent but never freed by a receiver;
-        the receivers hold nothing)."""
+        """Forget the request's stored tensors addressed to this component (the others are
+        their receivers' to free: a receiver frees what arrives after it dropped the
+        request)."""
         with self._lock:
-            for item in [i for i, (rid, _) in self._store.items() if rid == request_id]:
+            for item in [i for i, (rid, owner, _) in self._store.items()
+                         if rid == request_id and owner == self.address]:
                 del self._store[item]
 
     def live_handles(self) -> int:
@@ -191,7 +193,7 @@ class TcpTransport:
                     if entry is None:
                         sock.sendall(_REPLY.pack(_UNKNOWN, 0))
                     else:
-                        payload = memoryview(entry[1].numpy())
+                        payload = memoryview(entry[2].numpy())
                         _send_all(sock, _REPLY.pack(_FOUND, len(payload)), payload)
                 elif op == _DROP:
                     with self._lock:
