@@ -41,7 +41,12 @@ def colocated(tiny_ckpt):
      {"node_names": [*LM_NODES, "consumer"], "ranks": [0]}],
     [{"node_names": ["vision_encoder"], "ranks": [1]}, {"node_names": LM_NODES, "ranks": [0]},
      {"node_names": ["consumer"], "ranks": [2]}],
-], ids=["vision-on-rank-1", "three-ranks"])
+    [{"node_names": ["vision_encoder"], "ranks": [0]},
+     {"node_names": ["LLM"], "ranks": [0],
+      "graph_walks": ["prefill", "prefill_act", "prefill_rollout"]},
+     {"node_names": ["LLM"], "ranks": [1], "graph_walks": ["decode", "denoise", "rollout"]},
+     {"node_names": ["action_init", "combine", "consumer"], "ranks": [1]}],
+], ids=["vision-on-rank-1", "three-ranks", "prefill-decode-split"])
 def test_node_split_placement_gives_identical_outputs(tiny_ckpt, colocated, groups):
     with mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=256,
                     node_groups=groups) as d:

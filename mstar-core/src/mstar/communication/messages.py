@@ -94,6 +94,16 @@ class StartWalk(msgspec.Struct, tag=True):
     #: streaming edge index -> address of the worker at the other end (consumer for edges
     #: this partition produces, producer for edges it consumes)
     stream_peers: dict[int, str] = {}
+    #: KV nodes whose sequences arrive by `SeqImport` before the walk may start
+    imports: list[str] = []
+
+
+class Migrate(msgspec.Struct, tag=True):
+    """Send the request's sequences of `node` to `dest` (the next walk runs there)."""
+
+    request_id: str
+    node: str
+    dest: str
 
 
 class StreamEnd(msgspec.Struct, tag=True):
@@ -190,15 +200,43 @@ class StreamPush(msgspec.Struct, tag=True):
     units: int
 
 
+class ChunkMsg(msgspec.Struct):
+    """A sequence's appended tokens (its history) by handle."""
+
+    input_ids: Handle
+    positions: Handle
+    segments: list[tuple[int, str]]
+    token_extras: dict[str, Handle] = {}
+    seq_extras: dict[str, Handle] = {}
+
+
+class SeqTransfer(msgspec.Struct):
+    """One sequence moving between workers: its K/V, history and sampling state."""
+
+    label: str
+    child: int
+    kv: Handle | None
+    history: ChunkMsg | None
+    next_position: int
+    appended_ids: list[int]
+    sampled: list[tuple[int, int]]
+
+
+class SeqImport(msgspec.Struct, tag=True):
+    request_id: str
+    node: str
+    seqs: list[SeqTransfer]
+
+
 class StreamCredit(msgspec.Struct, tag=True):
     request_id: str
     edge: int
     units: int
 
 
-Message = (Submit | CancelRequest | Shutdown | WorkerDied | StartWalk | StreamEnd | Cancel | Release
+Message = (Submit | CancelRequest | Shutdown | WorkerDied | StartWalk | Migrate | StreamEnd | Cancel | Release
            | WorkerReady | WorkerStats | WalkDone | WalkFailed | Output | Complete | Rejected | StreamPush
-           | StreamCredit)
+           | SeqImport | StreamCredit)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

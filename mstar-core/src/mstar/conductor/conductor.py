@@ -44,6 +44,7 @@ class ConductorRequest:
     walks_done: dict[tuple[str, int], list[str]] = field(default_factory=dict)
     store: dict[str, Any] = field(default_factory=dict)
     consumers: dict[int, str] = field(default_factory=dict)
+    kv_home: dict[str, str] = field(default_factory=dict)  # KV node -> worker holding it
     producers: dict[int, str] = field(default_factory=dict)
     reason: str = "stop"
 
@@ -84,6 +85,11 @@ class Conductor(Component):
                 self._end(rid, "timeout", error=f"request {rid} timed out", code=504)
 
     # -- placement --------------------------------------------------------------------------
+    def kv_nodes_of(self, walk: str) -> list[str]:
+        types = self.model.node_engine_types()
+        return sorted({n.module for n in walk_nodes(self.walks[walk].body)
+                       if types.get(n.module) == "kv_cache"})
+
     def owner_of(self, walk: str) -> str:
         """The worker that runs `walk`: one holding its KV node (else its first node)."""
         nodes = walk_nodes(self.walks[walk].body)
@@ -147,11 +153,19 @@ class Conductor(Component):
                 peers[idx] = req.consumers[idx]
             if self.partition_of.get(self.edges[idx].dst) == partition:
                 peers[idx] = req.producers[idx]
+        imports = []
+        for node in self.kv_nodes_of(step.walk):
+            home = req.kv_home.get(node)
+            if home is not None and home != owner:  # per-walk placement: the KV moves
+                self.channel.send(home, msg.Migrate(req.info.request_id, node, owner))
+                imports.append(node)
+            req.kv_home[node] = owner
         children = range(step.children) if step.children > 1 else [child]
         req.lanes.update((partition, c) for c in children)
         req.workers.add(owner)
         self.load[owner] = self.load.get(owner, 0) + 1
-        self.channel.send(owner, msg.StartWalk(req.info, partition, child, step, peers))
+        self.channel.send(owner, msg.StartWalk(req.info, partition, child, step, peers,
+                                               imports))
 
     def _walk_done(self, m: msg.WalkDone) -> None:
         req = self.requests.get(m.request_id)

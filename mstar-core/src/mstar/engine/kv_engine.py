@@ -237,7 +237,7 @@ class KVEngine:
             (token_extras if ex.per == "token" else seq_extras)[name] = t
         return token_extras, seq_extras
 
-    def _default(self, name: str, rows: int | None) -> torch.Tensor:
+    def default_extra(self, name: str, rows: int | None) -> torch.Tensor:
         """Extra `name` as if nobody supplied it: `rows` rows, or one per-seq value."""
         ex = self._extras[name]
         shape = ((rows,) if rows is not None else ()) + tuple(ex.shape)
@@ -249,14 +249,14 @@ class KVEngine:
         for name, ex in self._extras.items():
             if ex.per == "token":
                 if not any(name in p.token_extras for p in pieces):
-                    extras[name] = self._default(name, total)
+                    extras[name] = self.default_extra(name, total)
                 else:
                     extras[name] = torch.cat([p.token_extras[name] if name in p.token_extras
-                                              else self._default(name, p.length)
+                                              else self.default_extra(name, p.length)
                                               for p in pieces])
             else:
                 extras[name] = torch.stack([p.seq_extras[name] if name in p.seq_extras
-                                            else self._default(name, None) for p in pieces])
+                                            else self.default_extra(name, None) for p in pieces])
         return extras
 
     # -- scheduling -------------------------------------------------------------------------
@@ -307,7 +307,7 @@ class KVEngine:
         state.needs_recompute = False
         state.recomputing = True
         task = _Task(work=None, key=state.key,
-                     chunk=Chunk.concat(state.history, fill=self._default),
+                     chunk=Chunk.concat(state.history, fill=self.default_extra),
                      mode="append", wanted={}, samples=False, arrival=-1)
         self.waiting.insert(0, task)
 

@@ -24,6 +24,7 @@ from mstar.communication import messages as msg
 from mstar.communication.channel import Channel
 from mstar.communication.component import Component
 from mstar.communication.transport import Transport
+from mstar.engine.kv_cache import OutOfPages
 from mstar.engine.kv_engine import KVEngine
 from mstar.engine.stateless_engine import StatelessEngine
 from mstar.engine.work import NodeWork, RequestError, WorkResult
@@ -33,6 +34,7 @@ from mstar.graph.program import WalkProgram, compile_walk
 from mstar.model.contract import Model
 from mstar.model.sampling import SamplingParams
 from mstar.streaming.chunker import StreamChunker, Window, slice_emitted
+from mstar.worker.migration import export_sequences, import_sequences
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class WorkerRequest:
     credited: dict[int, int] = field(default_factory=dict)
     chunkers: dict[int, StreamChunker] = field(default_factory=dict)
     producers: dict[int, str] = field(default_factory=dict)
+    imported: set[str] = field(default_factory=set)  # KV nodes whose sequences arrived
+    pending_starts: list[msg.StartWalk] = field(default_factory=list)  # awaiting imports
 
 
 def host_value(value: Any) -> Any:
@@ -156,7 +160,16 @@ class Worker(Component):
                 self.transport.free(h)
             return
         if isinstance(m, msg.StartWalk):
-            self._start_walk(m)
+            req = self._request(m.info.request_id)
+            if set(m.imports) <= req.imported:
+                req.imported -= set(m.imports)
+                self._start_walk(m)
+            else:
+                req.pending_starts.append(m)
+        elif isinstance(m, msg.Migrate):
+            self._migrate(m)
+        elif isinstance(m, msg.SeqImport):
+            self._import(m)
         elif isinstance(m, msg.StreamPush):
             req = self._request(m.request_id)
             units = {name: self.transport.get(h) for name, h in m.tensors.items()}
@@ -174,6 +187,37 @@ class Worker(Component):
             self._drop(m.request_id)
         elif isinstance(m, msg.Shutdown):
             self.stop_soon()
+
+    def _migrate(self, m: msg.Migrate) -> None:
+        req = self._request(m.request_id)
+        engine = self.engines.get(m.node)
+        try:
+            if not isinstance(engine, KVEngine):
+                raise RequestError(f"cannot migrate {m.node!r}: not a KV node on "
+                                   f"{self.address}")
+            seqs = export_sequences(engine, m.request_id, self.transport, m.dest)
+        except (RequestError, RuntimeError) as exc:
+            self._fail(req, exc)
+            return
+        self.channel.send(m.dest, msg.SeqImport(m.request_id, m.node, seqs))
+
+    def _import(self, m: msg.SeqImport) -> None:
+        req = self._request(m.request_id)
+        engine = self.engines.get(m.node)
+        try:
+            if not isinstance(engine, KVEngine):
+                raise RequestError(f"cannot import {m.node!r}: not a KV node on "
+                                   f"{self.address}")
+            import_sequences(engine, m.request_id, m.seqs, self.transport)
+        except (RequestError, OutOfPages, KeyError) as exc:
+            self._fail(req, exc)
+            return
+        req.imported.add(m.node)
+        for start in list(req.pending_starts):
+            if set(start.imports) <= req.imported:
+                req.pending_starts.remove(start)
+                req.imported -= set(start.imports)
+                self._start_walk(start)
 
     def _chunker(self, req: WorkerRequest, edge: int) -> StreamChunker:
         if edge not in req.chunkers:
