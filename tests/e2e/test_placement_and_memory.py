@@ -46,14 +46,16 @@ def colocated(tiny_ckpt):
       "graph_walks": ["prefill", "prefill_act", "prefill_rollout"]},
      {"node_names": ["LLM"], "ranks": [1], "graph_walks": ["decode", "denoise", "rollout"]},
      {"node_names": ["action_init", "combine", "consumer"], "ranks": [1]}],
-], ids=["vision-on-rank-1", "three-ranks", "prefill-decode-split"])
+    [{"node_names": ["vision_encoder", *LM_NODES, "consumer"], "ranks": [0]},
+     {"node_names": ["LLM_uncond"], "ranks": [1]}],
+], ids=["vision-on-rank-1", "three-ranks", "prefill-decode-split", "cfg-branch-on-rank-1"])
 def test_node_split_placement_gives_identical_outputs(tiny_ckpt, colocated, groups):
     with mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=256,
                     node_groups=groups) as d:
         assert sorted(d.workers) == sorted({r for g in groups for r in g["ranks"]})
         for rank, worker in d.workers.items():  # each rank built exactly what it holds
-            assert set(worker.engines) == {n for g in groups if rank in g["ranks"]
-                                           for n in g["node_names"]}
+            assert set(worker.engines) == {n.removesuffix("_uncond") for g in groups
+                                           if rank in g["ranks"] for n in g["node_names"]}
         text, actions, wave = outputs(d)
         settle(d)
     assert text == colocated[0]

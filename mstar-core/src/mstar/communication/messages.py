@@ -96,6 +96,10 @@ class StartWalk(msgspec.Struct, tag=True):
     stream_peers: dict[int, str] = {}
     #: KV nodes whose sequences arrive by `SeqImport` before the walk may start
     imports: list[str] = []
+    #: graph nodes of this walk placed on other workers (name -> address): `NodeCall`s
+    remote_nodes: dict[str, str] = {}
+    #: forks (index in step.forks) whose new sequence lives on another worker
+    fork_dests: dict[int, str] = {}
 
 
 class Migrate(msgspec.Struct, tag=True):
@@ -200,6 +204,30 @@ class StreamPush(msgspec.Struct, tag=True):
     units: int
 
 
+class NodeCall(msgspec.Struct, tag=True):
+    """Run one node invocation of a walk owned elsewhere (a CFG branch on its own rank);
+    the result goes back to `reply_to` as a `NodeResult`."""
+
+    call_id: int
+    info: RequestInfo
+    walk: str
+    node: str
+    child: int
+    iteration: int | None
+    reply_to: str
+    host: dict[str, Any] = {}
+    tensors: dict[str, Handle] = {}
+
+
+class NodeResult(msgspec.Struct, tag=True):
+    call_id: int
+    request_id: str
+    host: dict[str, Any] = {}
+    tensors: dict[str, Handle] = {}
+    error: str | None = None
+    code: int = 500
+
+
 class ChunkMsg(msgspec.Struct):
     """A sequence's appended tokens (its history) by handle."""
 
@@ -236,7 +264,7 @@ class StreamCredit(msgspec.Struct, tag=True):
 
 Message = (Submit | CancelRequest | Shutdown | WorkerDied | StartWalk | Migrate | StreamEnd | Cancel | Release
            | WorkerReady | WorkerStats | WalkDone | WalkFailed | Output | Complete | Rejected | StreamPush
-           | SeqImport | StreamCredit)
+           | SeqImport | NodeCall | NodeResult | StreamCredit)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -160,12 +160,25 @@ class Conductor(Component):
                 self.channel.send(home, msg.Migrate(req.info.request_id, node, owner))
                 imports.append(node)
             req.kv_home[node] = owner
+        nodes = walk_nodes(self.walks[step.walk].body)
+        remote = {}
+        for n in nodes:  # nodes of this walk placed elsewhere run by NodeCall
+            where = self.address_of(self.placement.get(step.walk, n.name).ranks[0])
+            if where != owner:
+                remote[n.name] = where
+                req.workers.add(where)
+        fork_dests = {}
+        for i, f in enumerate(step.forks):  # a branch elsewhere gets its context there
+            target = next((n for n in nodes if n.module == f.node and n.label == f.label
+                           and n.name in remote), None)
+            if target is not None:
+                fork_dests[i] = remote[target.name]
         children = range(step.children) if step.children > 1 else [child]
         req.lanes.update((partition, c) for c in children)
         req.workers.add(owner)
         self.load[owner] = self.load.get(owner, 0) + 1
         self.channel.send(owner, msg.StartWalk(req.info, partition, child, step, peers,
-                                               imports))
+                                               imports, remote, fork_dests))
 
     def _walk_done(self, m: msg.WalkDone) -> None:
         req = self.requests.get(m.request_id)

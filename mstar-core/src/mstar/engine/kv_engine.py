@@ -144,12 +144,11 @@ class KVEngine:
         request's seed."""
         if any(t.request_id == request_id for t in self.waiting):
             raise RuntimeError(f"request {request_id} still has work queued on {self.node}")
-        out = []
-        for key, state in self.seqs.items():
-            if key.request_id == request_id:
-                kv = None if state.needs_recompute else self.cache.export(key)
-                out.append(SeqMigration(state, kv))
-        return out
+        return [self.export_seq(key) for key in self.seqs if key.request_id == request_id]
+
+    def export_seq(self, key: SeqKey) -> SeqMigration:
+        state = self.seqs[key]
+        return SeqMigration(state, None if state.needs_recompute else self.cache.export(key))
 
     def import_request(self, migrations: list[SeqMigration]) -> None:
         """Adopt exported sequences (raises OutOfPages, leaving nothing behind)."""

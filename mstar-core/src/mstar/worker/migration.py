@@ -16,25 +16,29 @@ from mstar.engine.sequence import Chunk, SeqState
 from mstar.model.forward import Segment, SeqKey
 
 
+def to_wire(engine: KVEngine, m: SeqMigration, transport: Transport,
+            dest: str) -> msg.SeqTransfer:
+    """One exported sequence as a message, its tensors addressed to `dest`."""
+    def put(t):
+        return transport.put(t, m.state.key.request_id, owner=dest)
+
+    state = m.state
+    history = None
+    if state.history:
+        c = Chunk.concat(state.history, fill=engine.default_extra)
+        history = msg.ChunkMsg(put(c.input_ids), put(c.positions),
+                               [(s.length, s.kind) for s in c.segments],
+                               {k: put(v) for k, v in c.token_extras.items()},
+                               {k: put(v) for k, v in c.seq_extras.items()})
+    return msg.SeqTransfer(state.key.label, state.key.child,
+                           put(m.kv.kv) if m.kv is not None else None, history,
+                           state.next_position, list(state.appended_ids), list(state.sampled))
+
+
 def export_sequences(engine: KVEngine, request_id: str, transport: Transport,
                      dest: str) -> list[msg.SeqTransfer]:
-    def put(t):
-        return transport.put(t, request_id, owner=dest)
-
-    out = []
-    for m in engine.export_request(request_id):
-        state = m.state
-        history = None
-        if state.history:
-            c = Chunk.concat(state.history, fill=engine.default_extra)
-            history = msg.ChunkMsg(put(c.input_ids), put(c.positions),
-                                   [(s.length, s.kind) for s in c.segments],
-                                   {k: put(v) for k, v in c.token_extras.items()},
-                                   {k: put(v) for k, v in c.seq_extras.items()})
-        out.append(msg.SeqTransfer(state.key.label, state.key.child,
-                                   put(m.kv.kv) if m.kv is not None else None, history,
-                                   state.next_position, list(state.appended_ids),
-                                   list(state.sampled)))
+    """Every sequence of the request, then forget it here."""
+    out = [to_wire(engine, m, transport, dest) for m in engine.export_request(request_id)]
     engine.release(request_id)
     return out
 

@@ -32,9 +32,10 @@ from mstar.graph.cursor import Invocation, WalkCursor
 from mstar.graph.primitives import GraphNode, StreamingGraphEdge
 from mstar.graph.program import WalkProgram, compile_walk
 from mstar.model.contract import Model
+from mstar.model.forward import SeqKey
 from mstar.model.sampling import SamplingParams
 from mstar.streaming.chunker import StreamChunker, Window, slice_emitted
-from mstar.worker.migration import export_sequences, import_sequences
+from mstar.worker.migration import export_sequences, import_sequences, to_wire
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,15 @@ class Lane:
     cursor: WalkCursor
     in_flight: set[str] = field(default_factory=set)
     window: Window | None = None
+    remote: dict[str, str] = field(default_factory=dict)  # node name -> worker running it
+
+
+@dataclass(frozen=True)
+class RemoteCaller:
+    """The lane of a `NodeCall`: the result goes back to the walk's owner."""
+
+    reply_to: str
+    call_id: int
 
 
 @dataclass
@@ -67,6 +77,7 @@ class WorkerRequest:
     chunkers: dict[int, StreamChunker] = field(default_factory=dict)
     producers: dict[int, str] = field(default_factory=dict)
     imported: set[str] = field(default_factory=set)  # KV nodes whose sequences arrived
+    calls: dict[int, tuple[Lane, GraphNode]] = field(default_factory=dict)  # NodeCalls out
     pending_starts: list[msg.StartWalk] = field(default_factory=list)  # awaiting imports
 
 
@@ -103,6 +114,7 @@ class Worker(Component):
         #: (pushed, not yet released): never above the edge's `max_buffered`.
         self.stream_peak = 0
         self._stats_from: dict[str, int] = {}
+        self._call_ids = itertools.count()
         #: Requests this worker dropped lately: late messages for them are ignored.
         self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
 
@@ -168,6 +180,10 @@ class Worker(Component):
                 req.pending_starts.append(m)
         elif isinstance(m, msg.Migrate):
             self._migrate(m)
+        elif isinstance(m, msg.NodeCall):
+            self._serve_call(m)
+        elif isinstance(m, msg.NodeResult):
+            self._call_returned(m)
         elif isinstance(m, msg.SeqImport):
             self._import(m)
         elif isinstance(m, msg.StreamPush):
@@ -187,6 +203,64 @@ class Worker(Component):
             self._drop(m.request_id)
         elif isinstance(m, msg.Shutdown):
             self.stop_soon()
+
+    def _take(self, tensors: dict[str, msg.Handle]) -> dict[str, Any]:
+        values = {name: self.transport.get(h) for name, h in tensors.items()}
+        for h in tensors.values():
+            self.transport.free(h)
+        return values
+
+    def _send_values(self, values: dict[str, Any], request_id: str, dest: str
+                     ) -> tuple[dict[str, Any], dict[str, msg.Handle]]:
+        host, tensors = {}, {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[name] = self.transport.put(value, request_id, owner=dest)
+            else:
+                host[name] = value
+        return host, tensors
+
+    def _serve_call(self, m: msg.NodeCall) -> None:
+        """Run a node invocation for a walk owned by another worker."""
+        req = self._request(m.info.request_id)
+        req.info = req.info or m.info
+        caller = RemoteCaller(m.reply_to, m.call_id)
+        try:
+            node = next(n for n in self.programs[m.walk].nodes if n.name == m.node)
+            engine = self.engines[node.module]
+            info = m.info
+            engine.submit(NodeWork(request_id=info.request_id, child=m.child, node=node,
+                                   inputs={**m.host, **self._take(m.tensors)},
+                                   seed=info.seed, sampling=self._sampling(info, node),
+                                   walk=m.walk, iteration=m.iteration, lane=caller))
+        except (RequestError, KeyError, StopIteration) as exc:
+            self._reply(caller, m.info.request_id, error=exc)
+
+    def _reply(self, caller: RemoteCaller, request_id: str, outputs: dict[str, Any] | None = None,
+               error: Exception | None = None) -> None:
+        if error is not None:
+            code = error.code if isinstance(error, RequestError) else 500
+            result = msg.NodeResult(caller.call_id, request_id, error=str(error), code=code)
+        else:
+            host, tensors = self._send_values(outputs or {}, request_id, caller.reply_to)
+            result = msg.NodeResult(caller.call_id, request_id, host, tensors)
+        self.channel.send(caller.reply_to, result)
+
+    def _call_returned(self, m: msg.NodeResult) -> None:
+        req = self.requests.get(m.request_id)
+        if req is None or m.call_id not in req.calls:
+            for h in m.tensors.values():
+                self.transport.free(h)
+            return
+        lane, node = req.calls.pop(m.call_id)
+        outputs = {**m.host, **self._take(m.tensors)}
+        if m.error is not None:
+            self._fail(req, RequestError(m.error, code=m.code) if m.code < 500
+                       else RuntimeError(m.error))
+            return
+        if req.lanes.get((lane.partition, lane.child)) is lane:
+            self._push_streams(req, node, outputs)
+            self._complete(req, lane, node, outputs)
 
     def _migrate(self, m: msg.Migrate) -> None:
         req = self._request(m.request_id)
@@ -232,11 +306,17 @@ class Worker(Component):
         try:
             if step.walk not in self.programs:
                 raise RequestError(f"unknown walk {step.walk!r}")
-            for f in step.forks:
+            for i, f in enumerate(step.forks):
                 engine = self.engines.get(f.node)
                 if not isinstance(engine, KVEngine):
                     raise RequestError(f"fork of {f.node!r}: not a KV node on {self.address}")
                 engine.fork(req.request_id, f)
+                dest = m.fork_dests.get(i)
+                if dest is not None:  # the branch runs elsewhere: its context moves there
+                    key = SeqKey(req.request_id, f.node, f.label, f.child)
+                    transfer = to_wire(engine, engine.export_seq(key), self.transport, dest)
+                    engine.release_seq(key)
+                    self.channel.send(dest, msg.SeqImport(req.request_id, f.node, [transfer]))
             tensors = {name: self.transport.get(h) for name, h in step.tensors.items()}
         except (RequestError, KeyError) as exc:
             self._fail(req, exc)
@@ -249,7 +329,8 @@ class Worker(Component):
             env.update(step.host)
             env.update(tensors)
             env["child"] = child
-            lane = Lane(m.partition, child, step.walk, WalkCursor(self.programs[step.walk], env))
+            lane = Lane(m.partition, child, step.walk, WalkCursor(self.programs[step.walk], env),
+                        remote=dict(m.remote_nodes))
             req.lanes[(m.partition, child)] = lane
             if lane.cursor.done:
                 self._walk_done(req, lane)
@@ -320,22 +401,35 @@ class Worker(Component):
         node = inv.node
         engine = self.engines.get(node.module)
         info = req.info
-        if engine is None or info is None:
+        if (engine is None and node.name not in lane.remote) or info is None:
             self._fail(req, RuntimeError(f"node {node.module!r} is not on {self.address}"))
             return
         env = lane.cursor.env
-        sampling = info.sampling.get(node.name) or info.sampling.get("default") \
-            or SamplingParams()
+        inputs = {k: env[k] for k in node.inputs if k in env}
+        dest = lane.remote.get(node.name)
+        if dest is not None:  # placed on another worker: call it there
+            call_id = next(self._call_ids)
+            req.calls[call_id] = (lane, node)
+            host, tensors = self._send_values(inputs, req.request_id, dest)
+            self.channel.send(dest, msg.NodeCall(call_id, info, lane.walk, node.name,
+                                                 lane.child, inv.iteration, self.address,
+                                                 host, tensors))
+            lane.in_flight.add(node.name)
+            return
         work = NodeWork(request_id=req.request_id, child=lane.child, node=node,
-                        inputs={k: env[k] for k in node.inputs if k in env}, seed=info.seed,
-                        sampling=sampling, walk=lane.walk, iteration=inv.iteration,
-                        lane=lane)
+                        inputs=inputs, seed=info.seed, sampling=self._sampling(info, node),
+                        walk=lane.walk, iteration=inv.iteration, lane=lane)
         try:
             engine.submit(work)
         except RequestError as exc:
             self._fail(req, exc)
             return
         lane.in_flight.add(node.name)
+
+    @staticmethod
+    def _sampling(info: msg.RequestInfo, node: GraphNode) -> SamplingParams:
+        return info.sampling.get(node.name) or info.sampling.get("default") \
+            or SamplingParams()
 
     # -- results ----------------------------------------------------------------------------
     def _step(self) -> None:
@@ -348,6 +442,10 @@ class Worker(Component):
 
     def _on_result(self, result: WorkResult) -> None:
         work = result.work
+        if isinstance(work.lane, RemoteCaller):
+            if work.request_id in self.requests:
+                self._reply(work.lane, work.request_id, result.outputs, result.error)
+            return
         req = self.requests.get(work.request_id)
         lane: Lane = work.lane
         if req is None or req.lanes.get((lane.partition, lane.child)) is not lane:
@@ -393,12 +491,7 @@ class Worker(Component):
     def _emit(self, req: WorkerRequest, child: int, values: dict[str, Any]) -> None:
         if not values:
             return
-        host, tensors = {}, {}
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[name] = self.transport.put(value, req.request_id, owner="frontend")
-            else:
-                host[name] = value
+        host, tensors = self._send_values(values, req.request_id, "frontend")
         self.channel.send("frontend", msg.Output(req.request_id, self.address,
                                                  req.outputs_sent, child, host, tensors))
         req.outputs_sent += 1

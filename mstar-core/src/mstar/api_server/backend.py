@@ -1,0 +1,136 @@
+"""What the HTTP app needs from a deployment, and the adapter over an in-process one.
+
+The app talks only to a `Backend`, so the same routes serve an in-process `LocalDeployment`
+(tests, notebooks: `LocalBackend`) and the process-based deployment of `mstar-serve` (its
+own adapter implements the same protocol). Everything but `submit` and `stats` is called on
+the event loop, so those methods must be cheap and never block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+
+from mstar import events
+
+if TYPE_CHECKING:
+    from mstar.api_server.frontend import Frontend
+    from mstar.communication.component import Component
+    from mstar.runtime import LocalDeployment
+
+Sink = Callable[[events.Event], None]
+
+
+class ModelInfo(TypedDict):
+    """What `/v1/models` shows and what admission needs."""
+
+    name: str
+    capabilities: list[str]
+    max_model_len: int
+    max_concurrent_requests: int
+
+
+class Stats(TypedDict):
+    """The gauges `/metrics` reads at scrape time.
+
+    `queue_depth`: node invocations waiting for an engine step, summed over the ranks (an
+    admitted request always runs, so this is where work queues up); `running`: requests in
+    flight; `step_seconds`: mean forward seconds per engine step of each (rank, node) over
+    the workers' last report interval (absent while a node is idle).
+    """
+
+    pages_in_use: int
+    queue_depth: int
+    running: int
+    step_seconds: dict[tuple[int, str], float]
+
+
+class Backend(Protocol):
+    def model_info(self) -> ModelInfo:
+        """The served model (constant for the backend's life)."""
+
+    def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str) -> str:
+        """Start a request (blocking: runs the model's `process_prompt`); `sink` receives its
+        events from another thread, the last one `Finished` or `Error`. Bad input raises
+        `mstar.engine.work.RequestError` (with `.code`, `.param`)."""
+
+    def cancel(self, request_id: str) -> None:
+        """End a request early (its sink then gets a final event); unknown ids are ignored."""
+
+    def ready(self) -> bool:
+        """Every worker is up (weights loaded, warmed up) and none has failed."""
+
+    def failed(self) -> str | None:
+        """Why the deployment cannot serve (a worker failed to start or died), else None."""
+
+    def live_requests(self) -> int:
+        """Requests submitted and not yet finished (admission compares it to the limit)."""
+
+    def stats(self) -> Stats:
+        """Current gauges (may block briefly: called off the event loop)."""
+
+
+def frontend_stats(frontend: Frontend) -> Stats:
+    """Stats from the workers' latest `WorkerStats` reports to a frontend (any deployment
+    whose frontend runs in this process can use it)."""
+    reports = list(frontend.worker_stats.values())
+    steps: dict[tuple[int, str], float] = {}
+    for report in reports:
+        rank = int(report.address.rpartition(":")[2])
+        for node, seconds in report.step_seconds.items():
+            steps[(rank, node)] = seconds
+    return Stats(pages_in_use=sum(r.pages_in_use for r in reports),
+                 queue_depth=sum(r.waiting for r in reports),
+                 running=frontend.live_requests(), step_seconds=steps)
+
+
+def _stopped(component: Component) -> bool:
+    """The component's loop thread has ended (it crashed or was stopped)."""
+    thread = component._thread  # Component has no public liveness accessor yet
+    return thread is not None and not thread.is_alive()
+
+
+class LocalBackend:
+    """A `Backend` over an in-process `LocalDeployment` (its frontend, conductor and workers
+    are threads of this process)."""
+
+    def __init__(self, deployment: LocalDeployment):
+        self.deployment = deployment
+        self.frontend = deployment.frontend
+
+    def model_info(self) -> ModelInfo:
+        spec, config = self.deployment.spec, self.deployment.config
+        return ModelInfo(name=spec.name, capabilities=list(spec.capabilities),
+                         max_model_len=config.max_seq_len,
+                         max_concurrent_requests=config.max_concurrent_requests)
+
+    def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str) -> str:
+        return self.frontend.submit(body, sink, request_id=request_id)
+
+    def cancel(self, request_id: str) -> None:
+        self.frontend.cancel(request_id)
+
+    def ready(self) -> bool:
+        return self.frontend.ready.is_set() and self.failed() is None
+
+    def failed(self) -> str | None:
+        errors = self.frontend.startup_errors
+        if errors:
+            return "; ".join(f"{address} failed to start: {error}"
+                             for address, error in sorted(errors.items()))
+        d = self.deployment
+        parts: list[tuple[str, Component]] = [("frontend", d.frontend), ("conductor", d.conductor)]
+        parts += [(f"worker:{rank}", w) for rank, w in sorted(d.workers.items())]
+        for name, component in parts:
+            if _stopped(component):
+                return f"{name} is not running"
+        return None
+
+    def live_requests(self) -> int:
+        return self.frontend.live_requests()
+
+    def stats(self) -> Stats:
+        return frontend_stats(self.frontend)
+
+
+__all__ = ["Backend", "LocalBackend", "ModelInfo", "Sink", "Stats", "frontend_stats"]
