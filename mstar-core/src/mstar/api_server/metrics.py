@@ -71,7 +71,7 @@ class Metrics:
         for status in STATUSES:
             self.requests.labels(status)
         self.first_output = Histogram(
-            "mstar_time_to_first_output_seconds", "From admission to a request's first "
+            "mstar_time_to_first_output_seconds", "From a request's arrival to its first "
             "output event.", buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.inter_token = Histogram(
             "mstar_inter_token_latency_seconds", "Gaps between successive text or audio "
