@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -204,8 +205,15 @@ def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
             server.should_exit = True
 
     threading.Thread(target=announce, name="announce", daemon=True).start()
+    # uvicorn re-raises the signal that stopped it once it is done, with the handlers that
+    # were there before it: make those ours, so the signal ends the drain, not the process,
+    # and the children, sockets and shared memory are cleaned up below.
+    previous = {sig: signal.signal(sig, lambda *_: None)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run()
     finally:
         deployment.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return exit_code[0]
