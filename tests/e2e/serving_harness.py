@@ -1,0 +1,115 @@
+"""Starting real `mstar-serve` processes for end-to-end tests, and checking what they leave
+behind (child processes, sockets, shared-memory segments)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+SERVE = "import sys; from mstar.cli.serve import serve_main; sys.exit(serve_main())"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def shm_segments() -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob("mstar_*"))
+
+
+class Server:
+    """One `mstar-serve` process on a free loopback port."""
+
+    def __init__(self, tmp: Path, *args: str, port: int | None = None,
+                 env: dict[str, str] | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.sockets = tmp / f"sockets-{self.port}"
+        self.log = tmp / f"server-{self.port}.log"
+        cmd = [sys.executable, "-c", SERVE, *args, "--host", "127.0.0.1", "--port",
+               str(self.port), "--socket-path-prefix", str(self.sockets)]
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(env or {})})
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited ({self.proc.returncode}):\n"
+                                     f"{self.output()}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not healthy in {timeout} s:\n{self.output()}")
+
+    def generate(self, body: dict) -> httpx.Response:
+        return self.client.post("/generate", json=body)
+
+    def metric(self, name: str) -> float:
+        for line in self.client.get("/metrics").text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def worker_pids(self) -> dict[str, int]:
+        """'conductor' / 'worker:<rank>' -> pid, from the children's command lines."""
+        found = {}
+        for pid in children(self.proc.pid):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if '"role":"conductor"' in cmd:
+                found["conductor"] = pid
+            elif '"role":"worker"' in cmd:
+                rank = cmd.split('"rank":', 1)[1].split(",", 1)[0]
+                found[f"worker:{rank}"] = pid
+        return found
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"server did not stop in {timeout} s:\n{self.output()}")
+
+    def assert_clean(self) -> None:
+        """Nothing left: no children, no sockets, no shared memory of this server."""
+        assert self.proc.poll() is not None
+        assert children(self.proc.pid) == []
+        leftover = list(self.sockets.glob("*/*")) if self.sockets.exists() else []
+        assert leftover == [], leftover

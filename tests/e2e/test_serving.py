@@ -1,0 +1,225 @@
+"""The deployment as real processes behind HTTP: every packaged placement gives the same
+outputs as the in-process co-located run, and the server's life cycle (start-up, drain,
+dead workers, floods, ports in use) leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from conftest import audio, collect, frame, image, tensors, tokens
+from serving_harness import Server, children, shm_segments
+
+import mstar
+
+TEXT = {"prompt": "the picture <image> shows", "image": image(21), "max_tokens": 8,
+        "temperature": 0, "stream_consumer": True, "logprobs": 2}
+SAMPLED = {"prompt": "tell me", "max_tokens": 8, "temperature": 1.0, "seed": 99,
+           "ignore_eos": True}
+ACT = {"prompt": "<image>stack the cups", "image": image(22), "mode": "act", "num_steps": 3,
+       "guidance_scale": 2.0, "seed": 5}
+ROLL = {"prompt": "go", "mode": "rollout", "num_frames": 2, "frame": frame(23)}
+REQUESTS = {"text": TEXT, "sampled": SAMPLED, "act": ACT, "rollout": ROLL}
+
+
+def decoded(body: dict) -> list:
+    return [mstar.events.decode(mstar.events.encode(msgspec_event(e)))
+            for e in body["events"]]
+
+
+def msgspec_event(event: dict):
+    import msgspec
+
+    return msgspec.json.decode(json.dumps(event).encode(), type=mstar.events.Event)
+
+
+def summary(evs: list) -> dict:
+    text_lp = [lp.logprob for e in evs if isinstance(e, mstar.events.TextDelta)
+               for lp in (e.logprobs or [])]
+    return {"tokens": tokens(evs), "audio": audio(evs), "actions": tensors(evs, "actions"),
+            "frames": tensors(evs, "frame"), "logprobs": torch.tensor(text_lp)}
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert got["tokens"] == want["tokens"]
+    for key in ("audio", "logprobs"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4)
+    for key in ("actions", "frames"):
+        assert len(got[key]) == len(want[key])
+        for a, b in zip(got[key], want[key]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_ckpt):
+    with mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=512) as d:
+        return {name: summary(collect(d, req)) for name, req in REQUESTS.items()}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("config, protocol", [
+    ("testvla_single", "SHM"), ("testvla_node_split", "SHM"), ("testvla_node_split", "TCP"),
+    ("testvla_pd_disaggregated", "SHM"), ("testvla_stream_rank", "SHM"),
+    ("testvla_cfg_parallel", "TCP"),
+])
+def test_every_layout_gives_the_same_outputs(tmp_path, tiny_ckpt, expected, config, protocol):
+    server = Server(tmp_path, "--config", config, "--model-path", str(tiny_ckpt),
+                    "--tensor-comm-protocol", protocol)
+    try:
+        server.wait_healthy()
+        for name, req in REQUESTS.items():
+            response = server.generate(req)
+            assert response.status_code == 200, response.text
+            assert_same(summary(decoded(response.json())), expected[name])
+        deadline = time.monotonic() + 5
+        while server.metric("mstar_kv_pages_in_use") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.metric("mstar_kv_pages_in_use") == 0
+    finally:
+        assert server.stop() == 0, server.output()
+    server.assert_clean()
+    assert shm_segments() == []
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory):
+    """Two concurrent requests at most, a 3 s timeout, the consumer on its own rank."""
+    tmp = tmp_path_factory.mktemp("small-server")
+    server = Server(tmp, "--config", "testvla_stream_rank", "--preset", "tiny",
+                    "--load-format", "dummy", "--timeout", "3",
+                    "--set", "max_concurrent_requests=2")
+    server.wait_healthy()
+    yield server
+    assert server.stop() == 0, server.output()
+    server.assert_clean()
+
+
+def wait_idle(server: Server) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if server.metric("mstar_kv_pages_in_use") == 0 and \
+                server.metric("mstar_running_requests") == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the server did not return to idle")
+
+
+@pytest.mark.timeout(120)
+def test_flood_gets_answers_or_429_never_a_hang(small_server):
+    statuses: list[int] = []
+
+    def one(i: int) -> None:
+        r = httpx.post(small_server.url + "/generate", timeout=60,
+                       json={"prompt": f"flood {i}", "max_tokens": 24, "ignore_eos": True})
+        statuses.append(r.status_code)
+        if r.status_code in (429, 503):
+            assert "retry-after" in r.headers
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert len(statuses) == 20 and set(statuses) <= {200, 429, 503}
+    assert 200 in statuses and 429 in statuses
+    wait_idle(small_server)
+
+
+@pytest.mark.timeout(60)
+def test_timeout_and_disconnect_free_everything(small_server):
+    r = small_server.generate({"prompt": "slow consumer", "max_tokens": 200,
+                               "ignore_eos": True, "stream_consumer": True,
+                               "consumer_delay_s": 0.05})
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["message"]
+    with httpx.stream("POST", small_server.url + "/generate", timeout=30,
+                      json={"prompt": "walk away", "max_tokens": 400, "ignore_eos": True,
+                            "stream": True, "stream_consumer": True}) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: text_delta"):
+                break  # the client goes away mid-stream
+    wait_idle(small_server)
+    assert small_server.generate({"prompt": "still fine", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_worker_fails_its_requests_and_health(tmp_path):
+    server = Server(tmp_path, "--config", "testvla_stream_rank", "--preset", "tiny",
+                    "--load-format", "dummy")
+    try:
+        server.wait_healthy()
+        pids = server.worker_pids()
+        assert set(pids) == {"conductor", "worker:0", "worker:1"}
+        events: list[str] = []
+        with httpx.stream("POST", server.url + "/generate", timeout=30,
+                          json={"prompt": "long", "max_tokens": 400, "ignore_eos": True,
+                                "stream": True}) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    events.append(line)
+                    if len(events) == 2:
+                        import os
+
+                        os.kill(pids["worker:0"], signal.SIGKILL)
+        assert events[-1] == "event: error", events[-3:]
+        health = server.client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        assert server.generate({"prompt": "x", "max_tokens": 2}).status_code == 503
+    finally:
+        assert server.stop() == 0, server.output()
+    server.assert_clean()
+    assert shm_segments() == []
+
+
+@pytest.mark.timeout(60)
+def test_a_second_server_on_a_port_in_use_fails_clearly(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = Server(tmp_path, "--config", "testvla_single", "--preset", "tiny",
+                        "--load-format", "dummy", port=port)
+        assert server.proc.wait(timeout=30) == 1
+    assert "cannot listen" in server.output()
+    assert children(server.proc.pid) == []
+
+
+@pytest.mark.timeout(300)
+def test_three_ranks_launch_and_stop_ten_times(tmp_path):
+    config = tmp_path / "three.yaml"
+    config.write_text("model: testvla\nmax_seq_len: 256\nnode_groups:\n"
+                      "  - {node_names: [vision_encoder], ranks: [1]}\n"
+                      "  - {node_names: [LLM, action_init, combine], ranks: [0]}\n"
+                      "  - {node_names: [consumer], ranks: [2]}\n")
+    saw_503 = False
+    for i in range(10):
+        server = Server(tmp_path, "--config", str(config), "--preset", "tiny",
+                        "--load-format", "dummy")
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # a request during start-up: 503
+                try:
+                    r = server.generate({"prompt": "hi", "max_tokens": 2})
+                except httpx.TransportError:
+                    time.sleep(0.05)
+                    continue
+                if r.status_code == 503:
+                    saw_503 = True
+                    assert "retry-after" in r.headers
+                    time.sleep(0.05)
+                    continue
+                assert r.status_code == 200, r.text
+                break
+            else:
+                raise AssertionError(f"launch {i} not serving in 60 s:\n{server.output()}")
+        finally:
+            assert server.stop() == 0, server.output()
+        server.assert_clean()
+    assert saw_503
+    assert shm_segments() == []
