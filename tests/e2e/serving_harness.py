@@ -105,7 +105,7 @@ class Server:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"server did not stop in {timeout} s:\n{self.output()}")
+            raise AssertionError(f"server did not stop in {timeout} s:\n{self.output()}") from None
 
     def assert_clean(self) -> None:
         """Nothing left: no children, no sockets, no shared memory of this server."""
