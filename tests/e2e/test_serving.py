@@ -66,7 +66,7 @@ def expected(tiny_ckpt):
 @pytest.mark.parametrize("config, protocol", [
     ("testvla_single", "SHM"), ("testvla_node_split", "SHM"), ("testvla_node_split", "TCP"),
     ("testvla_pd_disaggregated", "SHM"), ("testvla_stream_rank", "SHM"),
-    ("testvla_cfg_parallel", "TCP"),
+    ("testvla_cfg_parallel", "TCP"), ("testvla_tp2", "SHM"),
 ])
 def test_every_layout_gives_the_same_outputs(tmp_path, tiny_ckpt, expected, config, protocol):
     server = Server(tmp_path, "--config", config, "--model-path", str(tiny_ckpt),

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from mstar.events import TensorData
 from mstar.model.contract import Fork, WalkStep
 from mstar.model.sampling import SamplingParams
 
@@ -228,6 +229,45 @@ class NodeResult(msgspec.Struct, tag=True):
     code: int = 500
 
 
+class TPSeq(msgspec.Struct):
+    """One sequence's part of a tensor-parallel step, as the leader scheduled it."""
+
+    request_id: str
+    label: str
+    child: int
+    take: int
+    context_len: int
+    segments: list[tuple[int, str]]
+    mode: str
+    is_last: bool
+    outputs: dict[str, tuple[int, int]]
+    seed: int
+    iteration: int | None = None
+
+
+class TPStep(msgspec.Struct, tag=True):
+    """Leader -> followers of a tensor-parallel node: run this batch on your shard (the
+    collectives inside the forward keep the ranks in step)."""
+
+    node: str
+    seqs: list[TPSeq]
+    input_ids: TensorData
+    positions: TensorData
+    extras: dict[str, TensorData] = {}
+
+
+class TPOp(msgspec.Struct, tag=True):
+    """Leader -> followers: a cache operation outside a step, so page tables stay equal.
+    kind: "fork" (with `fork`), "reset" (a preempted sequence), "free", "release"."""
+
+    node: str
+    kind: str
+    request_id: str
+    label: str = "main"
+    child: int = 0
+    fork: Fork | None = None
+
+
 class ChunkMsg(msgspec.Struct):
     """A sequence's appended tokens (its history) by handle."""
 
@@ -264,7 +304,7 @@ class StreamCredit(msgspec.Struct, tag=True):
 
 Message = (Submit | CancelRequest | Shutdown | WorkerDied | StartWalk | Migrate | StreamEnd | Cancel | Release
            | WorkerReady | WorkerStats | WalkDone | WalkFailed | Output | Complete | Rejected | StreamPush
-           | SeqImport | NodeCall | NodeResult | StreamCredit)
+           | SeqImport | NodeCall | NodeResult | TPStep | TPOp | StreamCredit)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

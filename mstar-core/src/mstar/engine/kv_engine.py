@@ -20,19 +20,24 @@ import collections
 import dataclasses
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from mstar.communication import messages as msg
 from mstar.config.deployment import SchedulerConfig
 from mstar.engine.attention_torch import TorchAttention
 from mstar.engine.kv_cache import KVCacheManager, OutOfPages, SeqExport
 from mstar.engine.sampler import SampleRequest, sample, stop_reason
 from mstar.engine.sequence import Chunk, SeqState
 from mstar.engine.work import KeyedStepContext, NodeWork, RequestError, WorkResult
+from mstar.events import TensorData
+from mstar.graph.primitives import GraphNode
 from mstar.model.contract import Fork, KVSpec
 from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey, attention_context
+from mstar.model.sampling import SamplingParams
 
 
 @dataclass
@@ -74,6 +79,17 @@ class _Task:
         return self.key.request_id
 
 
+def tp_step(node: str, fb: ForwardBatch, works: list[NodeWork | None]) -> msg.TPStep:
+    """A leader's batch as the message its tensor-parallel followers replay."""
+    seqs = [msg.TPSeq(c.key.request_id, c.key.label, c.key.child, c.length, c.context_len,
+                      [(g.length, g.kind) for g in c.segments], c.mode, c.is_last_chunk,
+                      dict(c.outputs), w.seed if w else 0, w.iteration if w else None)
+            for c, w in zip(fb.seqs, works)]
+    return msg.TPStep(node, seqs, TensorData.from_tensor(fb.input_ids),
+                      TensorData.from_tensor(fb.positions),
+                      {k: TensorData.from_tensor(v) for k, v in fb.extras.items()})
+
+
 def _segment_range(segments: list[Segment], k: int) -> tuple[int, int]:
     k = k if k >= 0 else len(segments) + k
     if not 0 <= k < len(segments):
@@ -104,6 +120,11 @@ class KVEngine:
         self._admissions = itertools.count()
         self._steps = itertools.count()
         self._extras = {e.name: e for e in spec.extras}
+        #: Tensor-parallel leader: sends every step and cache operation to the followers
+        #: (set by the worker; None on a plain node or a follower).
+        self.mirror: Callable[[Any], None] | None = None
+        #: The ranks sharding this node (leader first), () when it is not tensor parallel.
+        self.tp_ranks: tuple[int, ...] = ()
 
     # -- request-level operations -----------------------------------------------------------
     def has_work(self) -> bool:
@@ -121,11 +142,13 @@ class KVEngine:
             raise RequestError(f"cannot fork {src} while it is preempted")
         self.cache.fork(src, dst, fork.length)
         self.seqs[dst] = state.forked(dst, fork.length)
+        self._mirror_op("fork", request_id, fork=fork)
 
     def release_seq(self, key: SeqKey) -> None:
         self.seqs.pop(key, None)
         if self.cache.has(key):
             self.cache.free(key)
+        self._mirror_op("free", key.request_id, key.label, key.child)
 
     def release(self, request_id: str) -> None:
         """Forget a finished, cancelled or failed request: its tasks, states and pages."""
@@ -133,6 +156,7 @@ class KVEngine:
         for key in [k for k in self.seqs if k.request_id == request_id]:
             del self.seqs[key]
         self.cache.free_request(request_id)
+        self._mirror_op("release", request_id)
 
     def pages_in_use(self) -> int:
         return self.cache.pool.num_used
@@ -152,6 +176,9 @@ class KVEngine:
 
     def import_request(self, migrations: list[SeqMigration]) -> None:
         """Adopt exported sequences (raises OutOfPages, leaving nothing behind)."""
+        if self.mirror is not None:
+            raise RequestError(f"{self.node} is tensor parallel: its sequences cannot "
+                               "migrate (place its walks on the same ranks)")
         done: list[SeqKey] = []
         try:
             for m in migrations:
@@ -169,6 +196,55 @@ class KVEngine:
             for key in done:
                 self.release_seq(key)
             raise
+
+    # -- tensor-parallel followers replay the leader ----------------------------------------
+    def _mirror_op(self, kind: str, request_id: str, label: str = "main", child: int = 0,
+                   fork: Fork | None = None) -> None:
+        if self.mirror is not None:
+            self.mirror(msg.TPOp(self.node, kind, request_id, label, child, fork))
+
+    def apply(self, op: msg.TPOp) -> None:
+        """A follower: the leader's cache operation."""
+        key = SeqKey(op.request_id, self.node, op.label, op.child)
+        if op.kind == "fork" and op.fork is not None:
+            f = op.fork
+            self.cache.fork(SeqKey(op.request_id, self.node, f.src_label, f.src_child),
+                            SeqKey(op.request_id, self.node, f.label, f.child), f.length)
+        elif op.kind in ("free", "reset") and self.cache.has(key):
+            self.cache.free(key)
+            if op.kind == "reset":
+                self.cache.create(key)
+        elif op.kind == "release":
+            self.cache.free_request(op.request_id)
+
+    def follow(self, step: msg.TPStep) -> None:
+        """A follower: run the leader's batch on this shard, with the same cache ops."""
+        chunks, works, start = [], [], 0
+        for s in step.seqs:
+            key = SeqKey(s.request_id, self.node, s.label, s.child)
+            if not self.cache.has(key):
+                self.cache.create(key)
+            if s.mode == "append":
+                self.cache.reserve(key, s.take)
+            chunks.append(SeqChunk(key=key, start=start, length=s.take,
+                                   context_len=s.context_len,
+                                   segments=[Segment(n, kind) for n, kind in s.segments],
+                                   mode=s.mode, is_last_chunk=s.is_last,
+                                   outputs={k: tuple(v) for k, v in s.outputs.items()}))
+            works.append(NodeWork(s.request_id, s.child, GraphNode(self.node), {}, s.seed,
+                                  SamplingParams(), iteration=s.iteration))
+            start += s.take
+        fb = ForwardBatch(input_ids=step.input_ids.to_tensor().to(self.device),
+                          positions=step.positions.to_tensor().to(self.device), seqs=chunks,
+                          extras={k: v.to_tensor().to(self.device)
+                                  for k, v in step.extras.items()},
+                          ctx=KeyedStepContext(works))
+        with torch.inference_mode(), attention_context(TorchAttention(chunks,
+                                                                      cache=self.cache)):
+            self.module(fb)
+        for c in chunks:
+            if c.mode == "append":
+                self.cache.commit(c.key, c.length)
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, work: NodeWork) -> None:
@@ -295,6 +371,7 @@ class KVEngine:
             if state.key.request_id == victim and self.cache.has(state.key):
                 self.cache.free(state.key)
                 self.cache.create(state.key)
+                self._mirror_op("reset", victim, state.key.label, state.key.child)
                 state.needs_recompute = bool(state.history)
                 state.admitted = -1
         for task in self.waiting:
@@ -416,6 +493,8 @@ class KVEngine:
                           seqs=seq_chunks, extras=extras, ctx=KeyedStepContext(works))
         if self.spec.position_axes == 1:
             fb.positions = fb.positions[0]
+        if self.mirror is not None:
+            self.mirror(tp_step(self.node, fb, works))
         started = time.perf_counter()
         with torch.inference_mode(), attention_context(TorchAttention(seq_chunks,
                                                                       cache=self.cache)):

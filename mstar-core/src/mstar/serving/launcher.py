@@ -33,7 +33,7 @@ from mstar.config import DeploymentConfig, placement, validate_for_model
 from mstar.config.settings import ServerSettings
 from mstar.plugins import model_registry
 from mstar.serving.proc import ProcessSpec, make_transport
-from mstar.worker.builder import LoadOptions, make_model
+from mstar.worker.builder import LoadOptions, make_model, tp_group_ranks
 
 log = logging.getLogger("mstar.serving")
 
@@ -69,7 +69,13 @@ class ProcessDeployment:
         self.model = make_model(self.spec, config.model_kwargs, preset=settings.preset,
                                 options=options)
         validate_for_model(config, self.model)
-        self.ranks = placement(config, self.model).ranks()
+        where = placement(config, self.model)
+        self.ranks = where.ranks()
+        tp_port = 0
+        if any(p.tp_size > 1 for p in where.nodes.values()):
+            for rank in self.ranks:
+                tp_group_ranks(where.nodes_on(rank))  # one tensor-parallel group per rank
+            tp_port = free_port()
         self.socket_dir = Path(settings.socket_path_prefix) / f"d{self.id}"
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         channel = ZmqChannel("frontend", prefix=str(self.socket_dir))
@@ -85,7 +91,8 @@ class ProcessDeployment:
                     preset=settings.preset, load=dataclasses.asdict(options),
                     num_ranks=len(self.ranks), tcp_device=settings.tcp_transfer_device,
                     log_level=settings.log_level,
-                    cpu_threads=max(1, (os.cpu_count() or 1) // len(self.ranks)))
+                    cpu_threads=max(1, (os.cpu_count() or 1) // len(self.ranks)),
+                    tp_port=tp_port)
         self.procs: dict[str, subprocess.Popen] = {
             "conductor": self._spawn(ProcessSpec(role="conductor", **base))}
         for rank in self.ranks:
@@ -163,6 +170,12 @@ class ProcessDeployment:
             from mstar.communication.shm import cleanup_deployment
 
             cleanup_deployment(self.id)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def port_is_free(host: str, port: int) -> str | None:

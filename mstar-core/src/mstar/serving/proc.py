@@ -37,6 +37,7 @@ class ProcessSpec(msgspec.Struct):
     tcp_device: str | None = None
     log_level: str = "INFO"
     cpu_threads: int = 1
+    tp_port: int = 0  # rendezvous port of the tensor-parallel group (gloo), 0: none
 
 
 def die_with_parent() -> None:
@@ -63,7 +64,7 @@ def run(spec: ProcessSpec) -> None:
     from mstar.conductor.conductor import Conductor
     from mstar.config import DeploymentConfig, placement
     from mstar.plugins import model_registry
-    from mstar.worker.builder import LoadOptions, build_engines, make_model
+    from mstar.worker.builder import LoadOptions, build_engines, make_model, tp_group_ranks
     from mstar.worker.worker import Worker
 
     config = DeploymentConfig.model_validate(spec.config)
@@ -81,12 +82,23 @@ def run(spec: ProcessSpec) -> None:
         channel = ZmqChannel(address, prefix=spec.socket_prefix)
         transport = make_transport(spec.protocol, address, deployment_id=spec.deployment_id,
                                    host=spec.host, device=spec.tcp_device)
+        nodes = where.nodes_on(spec.rank)
+        group = tp_group_ranks(nodes)
+        if group:
+            import datetime
+
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{spec.tp_port}",
+                                    rank=group.index(spec.rank), world_size=len(group),
+                                    timeout=datetime.timedelta(seconds=120))
         eos = getattr(model.tokenizer(), "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (
             (eos,) if eos is not None else ())
-        build = functools.partial(build_engines, model, config, where.nodes_on(spec.rank),
-                                  spec.rank, options, device=torch.device("cpu"),
-                                  ranks_sharing_device=spec.num_ranks, eos_token_ids=eos_ids)
+        build = functools.partial(build_engines, model, config, nodes, spec.rank, options,
+                                  device=torch.device("cpu"),
+                                  ranks_sharing_device=spec.num_ranks, eos_token_ids=eos_ids,
+                                  tp_group=torch.distributed.group.WORLD if group else None)
         component = Worker(spec.rank, model, channel, transport, build_engines=build)
     signal.signal(signal.SIGTERM, lambda *_: component.stop_soon())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we stop

@@ -67,12 +67,14 @@ def checkpoint_location(source: str, options: LoadOptions) -> str:
 
 
 def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
-                 options: LoadOptions, device: torch.device) -> torch.nn.Module:
+                 options: LoadOptions, device: torch.device,
+                 tp_group: Any = None) -> torch.nn.Module:
     dtype = DTYPES[placement.dtype] if placement.dtype else (
         model.kv_spec(node).dtype if model.node_engine_types()[node] == "kv_cache"
         else torch.float32)
     tp_rank, tp_size = placement.ranks.index(rank), placement.tp_size
-    ctx = BuildContext(node=node, device=device, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size)
+    ctx = BuildContext(node=node, device=device, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size,
+                       tp_group=tp_group if tp_size > 1 else None)
     module = model.build_submodule(node, ctx).to(device=device, dtype=dtype)
     if options.load_format == "dummy":
         init_dummy_weights(module, seed=options.seed, tp_rank=tp_rank, tp_size=tp_size)
@@ -89,10 +91,20 @@ def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
     return module.eval()
 
 
+def tp_group_ranks(nodes: dict[str, NodePlacement]) -> tuple[int, ...]:
+    """The ranks of this rank's tensor-parallel group (one group per rank), or ()."""
+    groups = {p.ranks for p in nodes.values() if p.tp_size > 1}
+    if len(groups) > 1:
+        raise ValueError(f"a rank may belong to one tensor-parallel group, not {sorted(groups)}")
+    return next(iter(groups), ())
+
+
 def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodePlacement],
                   rank: int, options: LoadOptions, *, device: torch.device,
-                  ranks_sharing_device: int, eos_token_ids: tuple[int, ...] = ()):
-    """Every engine of one rank, by node name."""
+                  ranks_sharing_device: int, eos_token_ids: tuple[int, ...] = (),
+                  tp_group: Any = None):
+    """Every engine of one rank, by node name. `tp_group`: the torch.distributed group of
+    this rank's tensor-parallel nodes (processes only)."""
     engine_types = model.node_engine_types()
     kv_nodes = {  # a tensor-parallel rank holds its share of the KV heads
         n: dataclasses.replace(model.kv_spec(n),
@@ -109,13 +121,14 @@ def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodeP
         pages = {n: min(p, full * config.scheduler.max_num_seqs) for n, p in pages.items()}
     engines: dict[str, KVEngine | StatelessEngine] = {}
     for node, placement in nodes.items():
-        module = build_module(model, node, placement, rank, options, device)
+        module = build_module(model, node, placement, rank, options, device, tp_group)
         if node in kv_nodes:
             pool = PagePool(kv_nodes[node], pages[node], config.kv_cache.page_size, device)
             engines[node] = KVEngine(node, module, kv_nodes[node], KVCacheManager(pool),
                                      max_seq_len=config.max_seq_len,
                                      scheduler=config.scheduler, eos_token_ids=eos_token_ids,
                                      device=device)
+            engines[node].tp_ranks = placement.ranks if placement.tp_size > 1 else ()
         else:
             engines[node] = StatelessEngine(node, module,
                                             max_batch=config.scheduler.max_num_seqs)

@@ -11,6 +11,7 @@ walk ends. Loop conditions are evaluated here; per-iteration control never leave
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import time
@@ -128,7 +129,15 @@ class Worker(Component):
             self.channel.send("conductor", msg.WorkerReady(
                 self.address, [], error=f"{type(exc).__name__}: {exc}"))
             return
-        self._turn = itertools.cycle(list(self.engines))
+        for engine in self.engines.values():  # a tensor-parallel leader drives followers
+            if isinstance(engine, KVEngine) and engine.tp_ranks[:1] == (self.rank,):
+                followers = [f"worker:{r}" for r in engine.tp_ranks[1:]]
+                engine.mirror = functools.partial(self._send_all, followers)
+        #: engines this rank schedules itself (a TP follower's replay the leader's steps)
+        self._scheduled = [n for n, e in self.engines.items()
+                           if not (isinstance(e, KVEngine) and e.tp_ranks
+                                   and e.tp_ranks[0] != self.rank)]
+        self._turn = itertools.cycle(self._scheduled)
         self.channel.send("conductor", msg.WorkerReady(self.address, sorted(self.engines)))
         next_stats = 0.0
         while not self.stopping:
@@ -180,6 +189,10 @@ class Worker(Component):
                 req.pending_starts.append(m)
         elif isinstance(m, msg.Migrate):
             self._migrate(m)
+        elif isinstance(m, msg.TPStep):
+            self.engines[m.node].follow(m)
+        elif isinstance(m, msg.TPOp):
+            self.engines[m.node].apply(m)
         elif isinstance(m, msg.NodeCall):
             self._serve_call(m)
         elif isinstance(m, msg.NodeResult):
@@ -203,6 +216,10 @@ class Worker(Component):
             self._drop(m.request_id)
         elif isinstance(m, msg.Shutdown):
             self.stop_soon()
+
+    def _send_all(self, dests: list[str], m: msg.Message) -> None:
+        for dest in dests:
+            self.channel.send(dest, m)
 
     def _take(self, tensors: dict[str, msg.Handle]) -> dict[str, Any]:
         values = {name: self.transport.get(h) for name, h in tensors.items()}
@@ -433,7 +450,7 @@ class Worker(Component):
 
     # -- results ----------------------------------------------------------------------------
     def _step(self) -> None:
-        for _ in range(len(self.engines)):
+        for _ in range(len(self._scheduled)):
             engine = self.engines[next(self._turn)]
             if engine.has_work():
                 for result in engine.step():

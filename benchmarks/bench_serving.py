@@ -1,0 +1,412 @@
+"""mstar over HTTP (`mstar-serve`: API server, conductor and worker as processes) versus the
+in-process API and sequential transformers `generate`, on the same weights, side by side.
+
+Why: the server adds a process hop per message (ZMQ), an asyncio event loop, SSE framing
+and a client on the same machine. This measures what that costs: output tokens/s and time
+to first token of 1, 4, 16 and 64 concurrent SSE streams, against the in-process API
+(`bench_inprocess.py --only mstar`, the same workload: the same seeds give the same
+ragged prompts and staggered starts) and sequential `generate` (`--only hf`), as ratios.
+Goal of the issue: HTTP within 10 % of in-process at 16 streams.
+
+The three systems never share a process (two OpenMP thread teams in one process halve
+throughput on 2 cores; see the README). The rounds alternate: a fresh in-process run, then
+the same round over HTTP on the one server, so a change in the machine's load hits both;
+each row keeps its best round. The CPU seconds of every server process (from /proc) and of
+the client are printed per level: on a machine with few cores they are where the time goes.
+
+    python benchmarks/bench_serving.py            # full run, ~5 minutes on 2 cores
+    python benchmarks/bench_serving.py --quick    # smoke run, ~1.5 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+from bench_inprocess import Row, Timing, mstar_request, print_table, ragged_prompts
+
+from mstar import events
+from mstar_testvla.checkpoint import write_tiny_checkpoint
+from mstar_testvla.config import PRESETS
+
+HTTP_GOAL = 0.9  # HTTP@16 / in-process@16
+GOAL_LEVEL = 16
+SERVE = "import sys; from mstar.cli.serve import serve_main; sys.exit(serve_main())"
+INPROCESS = Path(__file__).with_name("bench_inprocess.py")
+HTTP, INPROC = "mstar HTTP (SSE)", "mstar in-process"
+SEQUENTIAL = "HF generate (sequential)"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------------------
+# The server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cache_overrides(max_streams: int, prompt_tokens: int, new_tokens: int) -> list[str]:
+    """`--set` options for the cache `bench_inprocess.load_mstar` gives the in-process side
+    (every stream fits: no preemption in either figure)."""
+    max_seq_len = prompt_tokens + 16 + new_tokens + 16
+    pages_per_seq = -(-max_seq_len // 16) + 1
+    return ["--set", f"max_seq_len={max_seq_len}", "--set", "kv_cache.page_size=16",
+            "--set", f"kv_cache.num_pages={max_streams * pages_per_seq + 16}",
+            "--set", f"max_concurrent_requests={max(256, max_streams)}"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def child_roles(pid: int) -> dict[str, int]:
+    """'conductor' / 'worker:<rank>' -> pid: the server's children, by command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if parent != pid:
+            continue
+        if '"role":"conductor"' in cmd:
+            found["conductor"] = int(entry.name)
+        elif '"role":"worker"' in cmd:
+            found["worker:" + cmd.split('"rank":', 1)[1].split(",", 1)[0]] = int(entry.name)
+    return found
+
+
+@dataclass
+class Server:
+    """A running `mstar-serve` and the pids of its processes."""
+
+    url: str
+    pids: dict[str, int]  # "api server", "conductor", "worker:0", ...
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds per process so far, the client (this process) included."""
+        used = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        times = os.times()
+        used["client"] = times.user + times.system
+        return used
+
+
+@contextmanager
+def serve(args: argparse.Namespace, ckpt: Path, tmp: Path) -> Iterator[Server]:
+    """`mstar-serve --config testvla_single` on the checkpoint, healthy; SIGTERM at the end
+    (the server drains and removes its sockets and shared memory)."""
+    port = args.port or free_port()
+    log_path = tmp / "server.log"
+    cmd = [sys.executable, "-c", SERVE, "--config", args.config, "--preset", args.preset,
+           "--model-path", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
+           "--socket-path-prefix", str(tmp / "sockets"), "--log-level", args.server_log_level,
+           *cache_overrides(max(args.levels), args.prompt_tokens, args.new_tokens)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url, log_path, timeout=300)
+        yield Server(url, {"api server": proc.pid, **child_roles(proc.pid)})
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=url, timeout=5) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mstar-serve exited ({proc.returncode}):\n"
+                                   f"{log_path.read_text()}")
+            try:
+                if client.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"mstar-serve not healthy in {timeout:.0f} s:\n{log_path.read_text()}")
+
+
+# ------------------------------------------------------------------------------------------
+# HTTP clients
+
+
+_EVENT = msgspec.json.Decoder(events.Event)
+
+
+async def stream_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Timing:
+    """One SSE request: the time of its first `text_delta` frame and the tokens received."""
+    submitted = time.perf_counter()
+    first, tokens, reason, tag = 0.0, 0, "", ""
+    async with client.stream("POST", "/generate", json={**body, "stream": True}) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())!r}")
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                tag = line[7:]
+            elif line.startswith("data: ") and tag:
+                event = _EVENT.decode(line[6:])
+                if isinstance(event, events.TextDelta):
+                    if not tokens:
+                        first = time.perf_counter()
+                    tokens += len(event.token_ids)
+                elif isinstance(event, events.Finished):
+                    reason = event.reason
+                elif isinstance(event, events.Error):
+                    raise RuntimeError(f"mstar request failed: {event.message}")
+            elif not line:
+                tag = ""
+    return Timing(submitted, first, time.perf_counter(), tokens, reason)
+
+
+def client_plans(concurrency: int, per_client: int, prompt_tokens: int, stagger_s: float,
+                 seed: int) -> list[tuple[float, list[str]]]:
+    """(start delay, prompts) per client: what `bench_inprocess.run_clients` draws from the
+    same seed, so both sides get the same workload."""
+    rng = random.Random(seed)
+    return [(rng.uniform(0, stagger_s), ragged_prompts(rng, per_client, prompt_tokens))
+            for _ in range(concurrency)]
+
+
+async def http_clients(client: httpx.AsyncClient, concurrency: int, per_client: int,
+                       prompt_tokens: int, new_tokens: int, stagger_s: float,
+                       seed: int) -> Row:
+    """`concurrency` clients (tasks on one connection pool), each starting after its delay
+    and sending its requests back to back."""
+    async def one(index: int, delay: float, prompts: list[str]) -> list[Timing]:
+        await asyncio.sleep(delay)
+        return [await stream_request(client, mstar_request(text, new_tokens,
+                                                           seed=index * 1000 + j))
+                for j, text in enumerate(prompts)]
+
+    plans = client_plans(concurrency, per_client, prompt_tokens, stagger_s, seed)
+    per = await asyncio.gather(*(one(i, d, p) for i, (d, p) in enumerate(plans)))
+    return summarize(HTTP, concurrency, [t for ts in per for t in ts], new_tokens)
+
+
+def summarize(system: str, concurrency: int, timings: list[Timing], new_tokens: int) -> Row:
+    """A row as `bench_inprocess.run_clients` computes it: tokens over the wall time from
+    the first submission to the last end; mean TTFT and time per further token."""
+    wall = max(t.done for t in timings) - min(t.submitted for t in timings)
+    tpots = [(t.done - t.first_token) / (t.tokens - 1) for t in timings if t.tokens > 1]
+    return Row(system, concurrency, len(timings), sum(t.tokens for t in timings), wall,
+               1000 * statistics.mean(t.first_token - t.submitted for t in timings),
+               1000 * statistics.mean(tpots), sum(t.tokens < new_tokens for t in timings))
+
+
+@dataclass
+class CpuUse:
+    """CPU seconds each process spent during one level (its wall time alongside)."""
+
+    concurrency: int
+    wall: float
+    seconds: dict[str, float]
+
+
+async def http_round(server: Server, args: argparse.Namespace, round_seed: int,
+                     warm: bool) -> tuple[list[Row], list[CpuUse]]:
+    """One round over HTTP at every level (seed `round_seed + c`, as the in-process side),
+    after a warm-up (prefill and decode at 1 and 4 streams) when `warm`."""
+    stagger = args.stagger_ms / 1000
+    limits = httpx.Limits(max_connections=max(args.levels), max_keepalive_connections=None)
+    rows, cpu = [], []
+    async with httpx.AsyncClient(base_url=server.url, limits=limits,
+                                 timeout=httpx.Timeout(600.0)) as client:
+        if warm:
+            await http_clients(client, 1, 1, args.prompt_tokens, args.new_tokens // 4, 0.0,
+                               seed=12345)
+            await http_clients(client, 4, 1, args.prompt_tokens, args.new_tokens // 4, 0.01,
+                               seed=54321)
+        for c in args.levels:
+            before, start = server.cpu(), time.perf_counter()
+            row = await http_clients(client, c, args.requests_per_client, args.prompt_tokens,
+                                     args.new_tokens, stagger, seed=round_seed + c)
+            after, wall = server.cpu(), time.perf_counter() - start
+            rows.append(row)
+            cpu.append(CpuUse(c, wall, {k: after[k] - before[k] for k in after}))
+            print(f"  {row.system:<28} @ {c:>3}: {row.tok_s:7.1f} tok/s "
+                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    return rows, cpu
+
+
+# ------------------------------------------------------------------------------------------
+# The in-process and HF sides (bench_inprocess.py in a fresh process)
+
+
+def inprocess_rows(args: argparse.Namespace, ckpt: Path, only: str, seed: int,
+                   repeat: int) -> list[Row]:
+    """`bench_inprocess.py --only <only>` on the same checkpoint and workload; its rows."""
+    cmd = [sys.executable, str(INPROCESS), "--only", only, "--ckpt", str(ckpt),
+           "--preset", args.preset, "--concurrency", ",".join(map(str, args.levels)),
+           "--requests-per-client", str(args.requests_per_client),
+           "--hf-requests", str(args.hf_requests), "--prompt-tokens", str(args.prompt_tokens),
+           "--new-tokens", str(args.new_tokens), "--stagger-ms", str(args.stagger_ms),
+           "--threads", str(args.threads), "--repeat", str(repeat), "--seed", str(seed),
+           *(["--quick"] if args.quick else [])]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    rows = []
+    for line in proc.stdout.splitlines():
+        kind, _, payload = line.partition(" ")
+        if kind == "ROW":
+            row = Row(**json.loads(payload))
+            rows.append(dataclasses.replace(row, system=INPROC) if row.system == "mstar"
+                        else row)
+        elif line.startswith("  "):
+            print(line, flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# Report
+
+
+def best_rows(rows: list[Row]) -> list[Row]:
+    """Each (system, streams) row's best round, in first-seen order."""
+    best: dict[tuple[str, int], Row] = {}
+    for row in rows:
+        key = (row.system, row.concurrency)
+        if key not in best or row.tok_s > best[key].tok_s:
+            best[key] = row
+    return list(best.values())
+
+
+def print_ratios(rows: list[Row], levels: list[int]) -> None:
+    by = {(r.system, r.concurrency): r for r in rows}
+    print("\nratios (output tokens/s; TTFT difference):")
+    for c in levels:
+        http, inproc = by.get((HTTP, c)), by.get((INPROC, c))
+        if http is None or inproc is None:
+            continue
+        ratio = http.tok_s / inproc.tok_s
+        goal = (f"   goal >= {HTTP_GOAL:.2f}: {'met' if ratio >= HTTP_GOAL else 'NOT met'}"
+                if c == GOAL_LEVEL else "")
+        print(f"  HTTP@{c} / in-process@{c:<12} {ratio:6.2f}   TTFT "
+              f"{http.ttft_ms - inproc.ttft_ms:+7.1f} ms{goal}")
+    http1, seq = by.get((HTTP, 1)), by.get((SEQUENTIAL, 1))
+    if http1 is not None and seq is not None:
+        print(f"  HTTP@1 / HF sequential{'':<9} {http1.tok_s / seq.tok_s:6.2f}   TTFT "
+              f"{http1.ttft_ms - seq.ttft_ms:+7.1f} ms")
+
+
+def print_cpu(uses: list[CpuUse], rows: list[Row], cores: int) -> None:
+    """Mean CPU seconds per 1000 output tokens of each process, per level, and how busy the
+    machine was (all processes' CPU over cores x wall)."""
+    names = list(uses[0].seconds)
+    tokens = {r.concurrency: r.tokens for r in rows if r.system == HTTP}
+    print("\nCPU seconds per 1000 output tokens over HTTP (mean over rounds; from /proc):")
+    print(f"  {'streams':>7} " + " ".join(f"{n:>11}" for n in names) + f" {'busy %':>7}")
+    for c in dict.fromkeys(u.concurrency for u in uses):
+        mine = [u for u in uses if u.concurrency == c]
+        per = {n: statistics.mean(u.seconds[n] for u in mine) for n in names}
+        busy = statistics.mean(sum(u.seconds.values()) / (cores * u.wall) for u in mine)
+        print(f"  {c:>7} " + " ".join(f"{1000 * per[n] / tokens[c]:11.3f}" for n in names)
+              + f" {100 * busy:7.1f}")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="one round, fewer requests")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    p.add_argument("--config", default="testvla_single",
+                   help="deployment config for mstar-serve (packaged name or YAML path)")
+    p.add_argument("--concurrency", default="1,4,16,64",
+                   help="comma-separated numbers of concurrent clients")
+    p.add_argument("--requests-per-client", type=int, default=None,
+                   help="back-to-back requests per client (default 3, quick 1)")
+    p.add_argument("--hf-requests", type=int, default=None,
+                   help="sequential HF requests (default 4, quick 2)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--stagger-ms", type=float, default=200.0,
+                   help="each client starts after a random delay below this")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch threads of the in-process and HF runs (the server's worker "
+                        "takes all cores for its one rank)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="rounds; each row keeps its best (default 2, quick 1)")
+    p.add_argument("--ckpt", type=Path, default=None,
+                   help="checkpoint directory (written there if it has no model.safetensors)")
+    p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    p.add_argument("--server-log-level", default="INFO",
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="mstar-serve --log-level (INFO, its default, logs every request)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if args.requests_per_client is None:
+        args.requests_per_client = 1 if args.quick else 3
+    if args.hf_requests is None:
+        args.hf_requests = 2 if args.quick else 4
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 2
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    cores = os.cpu_count() or 1
+    print(f"{cores} cores; load average {os.getloadavg()[0]:.2f}; preset {args.preset!r}, "
+          f"config {args.config!r}; prompts ~{args.prompt_tokens} tokens, {args.new_tokens} "
+          f"new tokens, greedy, fp32; {args.repeat} round(s)", flush=True)
+    rows: list[Row] = []
+    cpu: list[CpuUse] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.ckpt or Path(tmp) / "ckpt"
+        if not (ckpt / "model.safetensors").exists():
+            write_tiny_checkpoint(ckpt, preset=args.preset, seed=args.seed)
+        print("HF generate (its own process):", flush=True)
+        rows += inprocess_rows(args, ckpt, "hf", args.seed, args.repeat)
+        with serve(args, ckpt, Path(tmp)) as server:
+            print(f"mstar-serve up at {server.url}: processes {server.pids}", flush=True)
+            for round_ in range(args.repeat):
+                seed = args.seed + 1000 * round_
+                print(f"round {round_ + 1} of {args.repeat}: in-process (fresh process), "
+                      "then HTTP", flush=True)
+                rows += inprocess_rows(args, ckpt, "mstar", seed, 1)
+                http, used = asyncio.run(http_round(server, args, seed, warm=round_ == 0))
+                rows += http
+                cpu += used
+    best = best_rows(rows)
+    print(f"\nbest of {args.repeat} round(s) per row; TTFT: mean time to the first token "
+          "(HF: a 1-token `generate`); TPOT: mean time per further token")
+    print_table(best)
+    print_ratios(best, args.levels)
+    print_cpu(cpu, best, cores)
+    load = os.getloadavg()
+    print(f"\nload average at the end: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min)")
+
+
+if __name__ == "__main__":
+    main()
