@@ -236,3 +236,16 @@ def test_request_timeout_frees_everything(tiny_ckpt):
         assert "timed out" in evs[-1].message
         assert finished(collect(d, text_req(max_tokens=2))).reason == "length"
         settle(d)
+
+
+def test_per_node_dtype_override(tiny_ckpt):
+    groups = [{"node_names": ["vision_encoder"], "ranks": [0], "dtype": "bfloat16"},
+              {"node_names": ["LLM", "action_init", "combine", "consumer"], "ranks": [0]}]
+    with mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=256,
+                    node_groups=groups) as d:
+        engines = d.workers[0].engines
+        assert next(engines["vision_encoder"].module.parameters()).dtype == torch.bfloat16
+        assert next(engines["LLM"].module.parameters()).dtype == torch.float32
+        evs = collect(d, text_req("look <image> here", image=image(0), max_tokens=4))
+        assert len(tokens(evs)) == 4
+        settle(d)
