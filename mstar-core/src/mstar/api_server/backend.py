@@ -84,12 +84,6 @@ def frontend_stats(frontend: Frontend) -> Stats:
                  running=frontend.live_requests(), step_seconds=steps)
 
 
-def _stopped(component: Component) -> bool:
-    """The component's loop thread has ended (it crashed or was stopped)."""
-    thread = component._thread  # Component has no public liveness accessor yet
-    return thread is not None and not thread.is_alive()
-
-
 class LocalBackend:
     """A `Backend` over an in-process `LocalDeployment` (its frontend, conductor and workers
     are threads of this process)."""
@@ -122,7 +116,7 @@ class LocalBackend:
         parts: list[tuple[str, Component]] = [("frontend", d.frontend), ("conductor", d.conductor)]
         parts += [(f"worker:{rank}", w) for rank, w in sorted(d.workers.items())]
         for name, component in parts:
-            if _stopped(component):
+            if not component.alive():
                 return f"{name} is not running"
         return None
 

@@ -16,6 +16,10 @@ class Component:
         """The loop: until `stopping`, receive and handle messages."""
         raise NotImplementedError
 
+    def alive(self) -> bool:
+        """The loop's thread is running (False before `start` and after it ended)."""
+        return self._thread is not None and self._thread.is_alive()
+
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()

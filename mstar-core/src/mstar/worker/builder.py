@@ -55,7 +55,11 @@ def make_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *,
         path = resolve_source(checkpoint_location("default", options), patterns=["config.json"],
                               cache_dir=options.cache_dir, revision=options.revision,
                               token=options.token)
-        return cls(cls.make_config(checkpoint_config=read_checkpoint_config(path),
+        checkpoint_config = read_checkpoint_config(path)
+        if not checkpoint_config:
+            raise ValueError(f"no config.json in {path}: pass a checkpoint directory that has "
+                             f"one, or a preset (one of {list(spec.presets)})")
+        return cls(cls.make_config(checkpoint_config=checkpoint_config,
                                    model_kwargs=model_kwargs))
     return cls(cls.make_config(preset=preset, model_kwargs=model_kwargs))
 
