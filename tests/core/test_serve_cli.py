@@ -68,12 +68,13 @@ def test_mstar_serve_options_parse_and_only_given_ones_are_set():
         "--upload-dir", "/u", "--timeout", "12.5", "--mooncake-port", "9090",
         "--tcp-transfer-device", "eth0", "--enable-nvtx", "--log-level", "debug",
         "--model-path", "/m", "--revision", "main", "--load-format", "dummy",
-        "--preset", "tiny", "--api-key", "k", "--set", "max_seq_len=64", "--set", "a.b=1",
-        "--validate-config"])
+        "--preset", "tiny", "--api-key", "k", "--data-workers", "3", "--set",
+        "max_seq_len=64", "--set", "a.b=1", "--validate-config"])
     assert (args.host, args.port, args.tensor_comm_protocol, args.timeout) == (
         "127.0.0.1", 9000, "TCP", 12.5)
     assert (args.mooncake_port, args.tcp_transfer_device, args.enable_nvtx,
             args.log_level) == (9090, "eth0", True, "DEBUG")
+    assert args.data_workers == 3
     assert args.overrides == ["max_seq_len=64", "a.b=1"] and args.validate_config
 
 
@@ -94,7 +95,8 @@ def test_mstar_serve_defaults_are_seed_000s(capsys):
         "upload_dir": "/tmp/mstar_uploads", "timeout": 600.0, "mooncake_port": 8080,
         "tcp_transfer_device": None, "enable_nvtx": False, "log_level": "INFO",
         "model_path": None, "revision": None, "load_format": "dummy", "preset": "tiny",
-        "max_body_bytes": 64 * 1024 * 1024, "startup_timeout": 600.0, "shutdown_grace": 30.0}
+        "max_body_bytes": 64 * 1024 * 1024, "startup_timeout": 600.0, "shutdown_grace": 30.0,
+        "data_workers": 1}
     expected = load_config("testvla_single").model_copy(update={"request_timeout": 600.0})
     assert DeploymentConfig.model_validate(data) == expected
 
@@ -174,6 +176,18 @@ def test_layering_order(capsys, monkeypatch, tmp_path):
     assert data["server"]["upload_dir"] == "/tmp/from_yaml"
     assert data["server"]["socket_path_prefix"].startswith("/tmp/mstar_")
     assert data["request_timeout"] == 40.0  # from the merged --timeout
+
+
+def test_data_workers_come_from_any_layer_and_must_be_positive(capsys, monkeypatch, tmp_path):
+    path = write(tmp_path, "model: testvla\nserver: {data_workers: 2}\n")
+    assert merged(capsys, serve_main, ["--config", path, *TINY])["server"]["data_workers"] == 2
+    monkeypatch.setenv("MSTAR_DATA_WORKERS", "3")
+    assert merged(capsys, serve_main, ["--config", path, *TINY])["server"]["data_workers"] == 3
+    assert merged(capsys, main, ["serve", "testvla", "--data-workers", "4", *TINY])[
+        "server"]["data_workers"] == 4
+    code, out, err = run(capsys, serve_main, ["--config", path, "--data-workers", "0", *TINY])
+    assert code == 1 and out == ""
+    assert "--data-workers: Input should be greater than or equal to 1" in err
 
 
 def test_request_timeout_follows_timeout_unless_the_yaml_sets_it(capsys, tmp_path):

@@ -5,10 +5,13 @@ dead workers, floods, ports in use) leaves nothing behind."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -164,13 +167,118 @@ def test_a_killed_worker_fails_its_requests_and_health(tmp_path):
                 if line.startswith("event:"):
                     events.append(line)
                     if len(events) == 2:
-                        import os
-
                         os.kill(pids["worker:0"], signal.SIGKILL)
         assert events[-1] == "event: error", events[-3:]
         health = server.client.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "unhealthy"
         assert server.generate({"prompt": "x", "max_tokens": 2}).status_code == 503
+    finally:
+        assert server.stop() == 0, server.output()
+    server.assert_clean()
+    assert shm_segments() == []
+
+
+#: A request that streams for seconds (the consumer sleeps 50 ms per window).
+SLOW = {"prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream": True,
+        "stream_consumer": True, "consumer_delay_s": 0.05}
+
+
+def data_worker_pids(server: Server) -> dict[str, int]:
+    """'frontend:<k>' -> pid of each data-worker process, from the children's command
+    lines."""
+    found = {}
+    for pid in children(server.proc.pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if '"role":"data_worker"' in cmd:
+            index = cmd.split('"rank":', 1)[1].split(",", 1)[0]
+            found[f"frontend:{index}"] = pid
+    return found
+
+
+def submitted_by(server: Server, request_id: str) -> list[str]:
+    """The data workers whose log says they submitted `request_id`."""
+    return re.findall(rf"(frontend:\d+): {re.escape(request_id)} submitted", server.output())
+
+
+@pytest.mark.timeout(180)
+def test_two_data_workers_share_the_requests(tmp_path, tiny_ckpt, expected):
+    """Prompt processing and postprocessing run in two data-worker processes: outputs equal
+    the in-process run, a second request while the first streams goes to the idle data
+    worker, and bad input found there is still a 400 naming the field."""
+    server = Server(tmp_path, "--config", "testvla_node_split", "--model-path", str(tiny_ckpt),
+                    "--data-workers", "2")
+    try:
+        server.wait_healthy()
+        assert sorted(data_worker_pids(server)) == ["frontend:0", "frontend:1"]
+        responses: dict[str, httpx.Response] = {}
+
+        def one(name: str) -> None:
+            responses[name] = server.generate(REQUESTS[name])
+
+        threads = [threading.Thread(target=one, args=(name,)) for name in REQUESTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        for name, response in responses.items():
+            assert response.status_code == 200, response.text
+            assert_same(summary(decoded(response.json())), expected[name])
+        assert len(responses) == len(REQUESTS)
+
+        with httpx.stream("POST", server.url + "/generate", timeout=30,
+                          headers={"x-request-id": "held-1"}, json=SLOW) as stream:
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the connection
+            while not next(lines).startswith("event: text_delta"):
+                pass  # held-1 is now live on one data worker; the next goes to the other
+            r = server.client.post("/generate", json={"prompt": "hi", "max_tokens": 2},
+                                   headers={"x-request-id": "second-1"})
+            assert r.status_code == 200, r.text
+        assert submitted_by(server, "held-1") == ["frontend:0"]
+        assert submitted_by(server, "second-1") == ["frontend:1"]
+
+        for body, field in [({"prompt": "hi", "max_tokens": 1000}, "max_tokens"),
+                            ({"max_tokens": 4}, "prompt"),
+                            ({"prompt": "hi", "temperature": -1}, "temperature")]:
+            r = server.generate(body)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] == 400
+            assert field in f"{error['param']} {error['message']}", error
+        wait_idle(server)
+    finally:
+        assert server.stop() == 0, server.output()
+    server.assert_clean()
+    assert shm_segments() == []
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_data_worker_fails_its_requests_and_health(tmp_path):
+    server = Server(tmp_path, "--config", "testvla_stream_rank", "--preset", "tiny",
+                    "--load-format", "dummy", "--data-workers", "2")
+    try:
+        server.wait_healthy()
+        pids = data_worker_pids(server)
+        frames: list[str] = []
+        with httpx.stream("POST", server.url + "/generate", timeout=30, json=SLOW) as stream:
+            for line in stream.iter_lines():
+                if line:
+                    frames.append(line)
+                if len(frames) == 4:  # two events in: the first request is frontend:0's
+                    os.kill(pids["frontend:0"], signal.SIGKILL)
+        assert frames[-2] == "event: error", frames[-4:]
+        error = json.loads(frames[-1].removeprefix("data: "))
+        assert error["code"] == 503 and "frontend:0" in error["message"]
+        health = server.client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        assert "frontend:0" in health.json()["detail"]
+        assert server.generate({"prompt": "x", "max_tokens": 2}).status_code == 503
+        deadline = time.monotonic() + 10  # the conductor ended it: the workers freed it
+        while server.metric("mstar_kv_pages_in_use") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.metric("mstar_kv_pages_in_use") == 0
     finally:
         assert server.stop() == 0, server.output()
     server.assert_clean()

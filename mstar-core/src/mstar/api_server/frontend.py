@@ -3,8 +3,12 @@
 It turns a request body into a `RequestPlan` (the model's `process_prompt`), checks it,
 hands its tensors to the transport and submits it to the conductor; it receives the
 workers' outputs, runs the model's `postprocess` into `mstar.events`, and finishes a
-request once the conductor says it is complete and every output has arrived. The in-process
-API and the HTTP server both sit on it.
+request once the conductor says it is complete and every output has arrived.
+
+The in-process API calls `submit` directly (one frontend, address "frontend"). When served,
+each data-worker process runs one (address "frontend:<k>"): requests arrive from the API
+server's gateway as `ClientRequest` messages and their events go back as `ClientEvent`s, so
+the model's code (tokenising, media decoding, detokenising) never runs in the API server.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import torch
 
 from mstar import events
@@ -47,8 +52,11 @@ class _Live:
 
 class Frontend(Component):
     def __init__(self, model: Model, config: DeploymentConfig, channel: Channel,
-                 transport: Transport):
-        super().__init__("frontend")
+                 transport: Transport, *, client: str = "api"):
+        """`client`: the address that `ClientRequest`s come from and whose `ClientEvent`s
+        this frontend sends (the API server's gateway)."""
+        super().__init__(channel.address)
+        self.client = client
         self.model = model
         self.config = config
         self.channel = channel
@@ -100,7 +108,7 @@ class Frontend(Component):
                 self._used.popitem(last=False)
         seed = plan.seed if plan.seed is not None else draw_seed()
         info = msg.RequestInfo(rid, dict(plan.params), dict(plan.sampling), seed,
-                               sorted(plan.first_walks))
+                               sorted(plan.first_walks), frontend=self.channel.address)
         first = {p: msg.walk_step_msg(step, lambda t: self.transport.put(t, rid))
                  for p, step in plan.first_walks.items()}
         with self._lock:
@@ -114,13 +122,6 @@ class Frontend(Component):
             live = request_id in self._live
         if live:
             self.channel.send("conductor", msg.CancelRequest(request_id, reason))
-
-    def fail_all(self, message: str, code: int = 503) -> None:
-        """End every live request with an error (the conductor is gone)."""
-        with self._lock:
-            rids = list(self._live)
-        for rid in rids:
-            self._finish(rid, events.Error(message, code, "service_unavailable"))
 
     def live_requests(self) -> int:
         with self._lock:
@@ -138,7 +139,13 @@ class Frontend(Component):
                 log.exception("frontend failed on %s", type(m).__name__)
 
     def handle(self, m: msg.Message) -> None:
-        if isinstance(m, msg.WorkerReady):
+        if isinstance(m, msg.ClientRequest):
+            self._client_request(m)
+        elif isinstance(m, msg.ClientCancel):
+            self.cancel(m.request_id, m.reason)
+        elif isinstance(m, msg.Shutdown):
+            self.stop_soon()
+        elif isinstance(m, msg.WorkerReady):
             self.ready_workers.add(m.address)
             if m.error is not None:
                 self.startup_errors[m.address] = m.error
@@ -157,6 +164,23 @@ class Frontend(Component):
         elif isinstance(m, msg.Rejected):
             kind = "rate_limit_error" if m.code == 429 else "service_unavailable"
             self._finish(m.request_id, events.Error(m.message, m.code, kind))
+
+    def _client_request(self, m: msg.ClientRequest) -> None:
+        """Submit a request from the gateway; its events (bad input included, as a 400
+        `Error`) go back to the gateway."""
+        def sink(event: events.Event) -> None:
+            self.channel.send(self.client, msg.ClientEvent(m.request_id, events.encode(event)))
+
+        try:
+            self.submit(msgspec.json.decode(m.body_json), sink, request_id=m.request_id)
+        except RequestError as exc:
+            sink(events.Error(str(exc), exc.code, "invalid_request_error"
+                              if exc.code < 500 else "internal_error", exc.param))
+        except Exception as exc:  # a bug (the model's code): this request fails, not us
+            log.exception("%s: submitting %s failed", self.channel.address, m.request_id)
+            sink(events.Error(f"internal error: {type(exc).__name__}: {exc}", 500))
+        else:
+            log.info("%s: %s submitted", self.channel.address, m.request_id)
 
     def _output(self, m: msg.Output) -> None:
         outputs: dict[str, Any] = dict(m.host)

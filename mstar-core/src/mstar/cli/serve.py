@@ -80,6 +80,9 @@ def _add_options(parser: argparse.ArgumentParser, shown_defaults: Mapping[str, s
                         help=f"logging level {d('log_level')}")
     server.add_argument("--api-key", help="require this bearer key on every route but "
                                           "/health (also MSTAR_API_KEY)")
+    server.add_argument("--data-workers", type=int,
+                        help="processes that run the model's request preprocessing and "
+                             f"output postprocessing, off the API server {d('data_workers')}")
     model = parser.add_argument_group("model and weights")
     model.add_argument("--model-path", help="local checkpoint directory (default: the "
                                             "model's hub repo)")
@@ -282,9 +285,9 @@ def serve(args: argparse.Namespace, *, config: str | None, model: str | None = N
 def build_serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mstar-serve",
-        description="Start an mstar server (API server, conductor, one worker per rank) from "
-                    "an explicit deployment config. Settings: command line > MSTAR_* "
-                    "environment > the YAML's server: section > defaults.")
+        description="Start an mstar server (API server, data workers, conductor, one worker "
+                    "per rank) from an explicit deployment config. Settings: command line > "
+                    "MSTAR_* environment > the YAML's server: section > defaults.")
     parser.add_argument("--config", required=True, metavar="PATH_OR_NAME",
                         help="deployment YAML: a path, or the name of a config packaged in "
                              "a plugin (see `mstar models`)")

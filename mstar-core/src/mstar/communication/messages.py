@@ -1,4 +1,5 @@
-"""The control messages between the frontend, the conductor and the workers.
+"""The control messages between the API server's gateway, the frontends (data workers),
+the conductor and the workers.
 
 Everything that crosses a component boundary is one of these msgspec structs, encoded to
 bytes (msgpack), even inside one process: going multi-process swaps the channel, not the
@@ -53,13 +54,36 @@ def walk_step_msg(step: WalkStep, put: Callable[[Any], Handle] | None = None) ->
 
 
 class RequestInfo(msgspec.Struct):
-    """What every worker needs to know about a request it runs part of."""
+    """What every worker needs to know about a request it runs part of. `frontend`: the
+    address of the frontend that owns the request (its outputs and its end go there)."""
 
     request_id: str
     params: dict[str, Any]
     sampling: dict[str, SamplingParams]
     seed: int
     partitions: list[str]
+    frontend: str = "frontend"
+
+
+# -- API server (gateway) <-> data worker (frontend) --------------------------------------
+class ClientRequest(msgspec.Struct, tag=True):
+    """A request body (JSON, as the client sent it) for a data worker's frontend."""
+
+    request_id: str
+    body_json: bytes
+
+
+class ClientCancel(msgspec.Struct, tag=True):
+    request_id: str
+    reason: str = "abort"
+
+
+class ClientEvent(msgspec.Struct, tag=True):
+    """One `mstar.events` event of a request (msgspec-encoded), data worker -> gateway; the
+    last one of a request is `Finished` or `Error`."""
+
+    request_id: str
+    event: bytes
 
 
 # -- frontend -> conductor ----------------------------------------------------------------
@@ -156,7 +180,8 @@ class WalkFailed(msgspec.Struct, tag=True):
 
 
 class WorkerStats(msgspec.Struct, tag=True):
-    """A worker's gauges, sent to the frontend a few times a second (metrics, leak checks).
+    """A worker's gauges, sent a few times a second to where status goes (the frontend in
+    one process, the API server's gateway when served): metrics, leak checks.
     `step_seconds`: mean forward time per node since the last report."""
 
     address: str
@@ -302,7 +327,8 @@ class StreamCredit(msgspec.Struct, tag=True):
     units: int
 
 
-Message = (Submit | CancelRequest | Shutdown | WorkerDied | StartWalk | Migrate | StreamEnd | Cancel | Release
+Message = (ClientRequest | ClientCancel | ClientEvent
+           | Submit | CancelRequest | Shutdown | WorkerDied | StartWalk | Migrate | StreamEnd | Cancel | Release
            | WorkerReady | WorkerStats | WalkDone | WalkFailed | Output | Complete | Rejected | StreamPush
            | SeqImport | NodeCall | NodeResult | TPStep | TPOp | StreamCredit)
 

@@ -3,9 +3,9 @@
 It admits a request (bounded by `max_concurrent_requests`), starts the first walk of each
 partition the request uses on a worker chosen by `select_worker`, and at every walk end asks
 the model's `next_walk` (host values only: control outputs and result handles) what comes
-next. When every lane of every partition has finished, it tells the frontend how many
-outputs to expect from each worker and has the workers release the request. It never
-touches a tensor.
+next. When every lane of every partition has finished, it tells the request's frontend
+(`RequestInfo.frontend`) how many outputs to expect from each worker and has the workers
+release the request. It never touches a tensor.
 """
 
 from __future__ import annotations
@@ -52,8 +52,11 @@ class ConductorRequest:
 class Conductor(Component):
     def __init__(self, model: Model, placement: Placement, channel: Channel, *,
                  max_concurrent_requests: int, rank_addresses: Callable[[int], str]
-                 = lambda r: f"worker:{r}"):
+                 = lambda r: f"worker:{r}", status_address: str = "frontend"):
+        """`status_address`: where the workers' readiness is forwarded (the frontend in one
+        process, the API server's gateway when served)."""
         super().__init__("conductor")
+        self.status_address = status_address
         self.model = model
         self.placement = placement
         self.channel = channel
@@ -115,7 +118,7 @@ class Conductor(Component):
                 self._end(m.request_id, m.reason)
         elif isinstance(m, msg.WorkerReady):
             self.ready_workers.add(m.address)
-            self.channel.send("frontend", m)
+            self.channel.send(self.status_address, m)
         elif isinstance(m, msg.WorkerDied):
             self.dead_workers[m.address] = m.message
             for rid, req in list(self.requests.items()):
@@ -127,13 +130,13 @@ class Conductor(Component):
     def _submit(self, m: msg.Submit) -> None:
         rid = m.info.request_id
         if len(self.requests) >= self.max_concurrent:
-            self.channel.send("frontend", msg.Rejected(
+            self.channel.send(m.info.frontend, msg.Rejected(
                 rid, f"server busy: {self.max_concurrent} requests already running", 429))
             return
         owners = {p: self.owner_of(step.walk) for p, step in m.first_walks.items()}
         dead = sorted(set(owners.values()) & set(self.dead_workers))
         if dead:
-            self.channel.send("frontend", msg.Rejected(
+            self.channel.send(m.info.frontend, msg.Rejected(
                 rid, f"{dead[0]} is down: {self.dead_workers[dead[0]]}", 503))
             return
         deadline = time.monotonic() + m.timeout if m.timeout else None
@@ -221,6 +224,6 @@ class Conductor(Component):
         for worker in req.workers - set(self.dead_workers):
             self.channel.send(worker, msg.Cancel(rid, reason) if error or reason != "stop"
                               else msg.Release(rid))
-        self.channel.send("frontend", msg.Complete(rid, reason, dict(req.outputs_sent),
-                                                   error, code))
+        self.channel.send(req.info.frontend, msg.Complete(rid, reason, dict(req.outputs_sent),
+                                                          error, code))
 

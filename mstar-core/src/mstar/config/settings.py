@@ -45,6 +45,8 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     startup_timeout: float = Field(600.0, gt=0)
     shutdown_grace: float = Field(30.0, ge=0)
+    data_workers: int = Field(1, ge=1, description="Processes running the model's "
+                              "process_prompt and postprocess, off the API server.")
 
 
 @functools.cache

@@ -1,11 +1,13 @@
 """`run_server`: a deployment as processes behind the HTTP API.
 
-This process runs the API server (uvicorn) and the frontend; the conductor and one worker
-per rank are child processes (`mstar.serving.proc`) that talk over ZMQ and move tensors
-through the chosen transport. Start-up never hangs: children that exit or report an error
-fail it within its timeout. A child that dies later fails its requests (`WorkerDied`) and
-turns `/health` unhealthy. SIGINT/SIGTERM drain (uvicorn's graceful shutdown, bounded by
-`shutdown_grace`), then every child is stopped and sockets and SHM segments are removed.
+This process runs the API server (uvicorn) and the gateway (`mstar.api_server.gateway`);
+the data workers (a frontend each: the model's `process_prompt` and `postprocess`), the
+conductor and one worker per rank are child processes (`mstar.serving.proc`) that talk
+over ZMQ and move tensors through the chosen transport. Start-up never hangs: children
+that exit or report an error fail it within its timeout. A child that dies later fails its
+requests with 503 (a worker's through the conductor, a data worker's through the gateway)
+and turns `/health` unhealthy. SIGINT/SIGTERM drain (uvicorn's graceful shutdown, bounded
+by `shutdown_grace`), then every child is stopped and sockets and SHM segments are removed.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from pathlib import Path
 
 import msgspec
 
-from mstar.api_server.frontend import Frontend
+from mstar.api_server.gateway import Gateway
 from mstar.communication import messages as msg
 from mstar.communication.zmq_channel import ZmqChannel
 from mstar.config import DeploymentConfig, placement, validate_for_model
 from mstar.config.settings import ServerSettings
 from mstar.plugins import model_registry
-from mstar.serving.proc import ProcessSpec, make_transport
+from mstar.serving.proc import ProcessSpec
 from mstar.worker.builder import LoadOptions, make_model, tp_group_ranks
 
 log = logging.getLogger("mstar.serving")
@@ -55,7 +57,8 @@ def resolve_protocol(requested: str | None, *, node_count: int = 1) -> str:
 
 
 class ProcessDeployment:
-    """The conductor and workers as child processes; the frontend in this process."""
+    """The data workers, the conductor and the workers as child processes; the gateway in
+    this process."""
 
     def __init__(self, settings: ServerSettings, config: DeploymentConfig):
         self.settings, self.config = settings, config
@@ -78,26 +81,27 @@ class ProcessDeployment:
             tp_port = free_port()
         self.socket_dir = Path(settings.socket_path_prefix) / f"d{self.id}"
         self.socket_dir.mkdir(parents=True, exist_ok=True)
-        channel = ZmqChannel("frontend", prefix=str(self.socket_dir))
-        self.transport = make_transport(self.protocol, "frontend", deployment_id=self.id,
-                                        host="127.0.0.1", device=settings.tcp_transfer_device)
-        self.frontend = Frontend(self.model, config, channel, self.transport)
-        self.frontend.expected_workers = {f"worker:{r}" for r in self.ranks}
+        data_workers = [f"frontend:{k}" for k in range(settings.data_workers)]
+        self.gateway = Gateway(ZmqChannel("api", prefix=str(self.socket_dir)), data_workers,
+                               [f"worker:{r}" for r in self.ranks])
         self.failure: str | None = None
         self._closing = False
-        self.frontend.start()
+        self.gateway.start()
+        cpus = os.cpu_count() or 1
         base = dict(deployment_id=self.id, socket_prefix=str(self.socket_dir),
                     protocol=self.protocol, model=config.model, config=config.model_dump(),
                     preset=settings.preset, load=dataclasses.asdict(options),
                     num_ranks=len(self.ranks), tcp_device=settings.tcp_transfer_device,
-                    log_level=settings.log_level,
-                    cpu_threads=max(1, (os.cpu_count() or 1) // len(self.ranks)),
-                    tp_port=tp_port)
+                    log_level=settings.log_level, gateway_address=self.gateway.channel.address)
         self.procs: dict[str, subprocess.Popen] = {
             "conductor": self._spawn(ProcessSpec(role="conductor", **base))}
+        for k, address in enumerate(data_workers):
+            # one torch thread each: data workers scale by their number, the ranks need cores
+            self.procs[address] = self._spawn(ProcessSpec(role="data_worker", rank=k, **base))
         for rank in self.ranks:
-            self.procs[f"worker:{rank}"] = self._spawn(ProcessSpec(role="worker", rank=rank,
-                                                                   **base))
+            self.procs[f"worker:{rank}"] = self._spawn(ProcessSpec(
+                role="worker", rank=rank, cpu_threads=max(1, cpus // len(self.ranks)),
+                tp_port=tp_port, **base))
         self._monitor = threading.Thread(target=self._watch, name="monitor", daemon=True)
         self._monitor.start()
 
@@ -106,30 +110,38 @@ class ProcessDeployment:
                                  msgspec.json.encode(spec).decode()])
 
     def _watch(self) -> None:
+        """Every child that exits while serving fails what it was running; the first one
+        to go is the deployment's failure (`/health` turns unhealthy)."""
+        gone: set[str] = set()
         while not self._closing:
             for name, proc in self.procs.items():
                 code = proc.poll()
-                if code is not None and not self._closing and self.failure is None:
-                    self.failure = f"{name} exited with code {code}"
-                    log.error("%s", self.failure)
-                    if name == "conductor":
-                        self.frontend.fail_all(self.failure, 503)
-                    else:
-                        self.frontend.channel.send("conductor",
-                                                   msg.WorkerDied(name, self.failure))
+                if code is None or name in gone or self._closing:
+                    continue
+                gone.add(name)
+                message = f"{name} exited with code {code}"
+                log.error("%s", message)
+                if self.failure is None:
+                    self.failure = message
+                if name == "conductor":
+                    self.gateway.fail_all(message, 503)
+                elif name in self.gateway.data_workers:
+                    self.gateway.data_worker_died(name, message)
+                else:
+                    self.gateway.channel.send("conductor", msg.WorkerDied(name, message))
             time.sleep(0.1)
 
     def wait_ready(self, timeout: float) -> bool:
-        """True once every worker reported ready; False on a start-up failure or timeout
-        (then `failure` says why)."""
+        """True once every worker and data worker reported ready; False on a start-up
+        failure or timeout (then `failure` says why)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.failure is not None:
                 return False
-            if self.frontend.ready.wait(timeout=0.1):
-                if self.frontend.startup_errors:
+            if self.gateway.ready.wait(timeout=0.1):
+                if self.gateway.startup_errors:
                     self.failure = "; ".join(f"{a}: {e}" for a, e in
-                                             sorted(self.frontend.startup_errors.items()))
+                                             sorted(self.gateway.startup_errors.items()))
                     return False
                 return True
         self.failure = f"workers not ready within {timeout:.0f} s"
@@ -146,7 +158,7 @@ class ProcessDeployment:
         for name, proc in self.procs.items():
             if proc.poll() is None:
                 try:
-                    self.frontend.channel.send(name, msg.Shutdown())
+                    self.gateway.channel.send(name, msg.Shutdown())
                 except Exception:  # the socket may be gone with its process
                     pass
         deadline = time.monotonic() + timeout
@@ -161,10 +173,8 @@ class ProcessDeployment:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self.frontend.stop()
-        self.frontend.channel.close()
-        if hasattr(self.transport, "close"):
-            self.transport.close()
+        self.gateway.stop()
+        self.gateway.channel.close()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
         if self.protocol == "SHM":
             from mstar.communication.shm import cleanup_deployment
@@ -194,7 +204,7 @@ def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
     import uvicorn
 
     from mstar.api_server.app import create_app
-    from mstar.serving.backend import ProcessBackend
+    from mstar.serving.backend import GatewayBackend
 
     busy = port_is_free(settings.host, settings.port)
     if busy is not None:
@@ -204,14 +214,15 @@ def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
     deployment = ProcessDeployment(settings, config)
     exit_code = [0]
     server = uvicorn.Server(uvicorn.Config(
-        create_app(ProcessBackend(deployment), settings), host=settings.host,
+        create_app(GatewayBackend(deployment), settings), host=settings.host,
         port=settings.port, log_level=settings.log_level.lower(), lifespan="off",
         timeout_graceful_shutdown=int(settings.shutdown_grace)))
 
     def announce() -> None:
         if deployment.wait_ready(settings.startup_timeout):
             print(f"mstar: serving {config.model} at http://{settings.host}:{settings.port} "
-                  f"({len(deployment.ranks)} rank(s), {deployment.protocol})", flush=True)
+                  f"({len(deployment.ranks)} rank(s), {settings.data_workers} data worker(s), "
+                  f"{deployment.protocol})", flush=True)
         else:
             print(f"error: start-up failed: {deployment.failure}", file=sys.stderr, flush=True)
             exit_code[0] = 1

@@ -1,9 +1,11 @@
-"""A deployment's child process: the conductor or one worker rank.
+"""A deployment's child process: the conductor, one worker rank or one data worker.
 
 `python -m mstar.serving.proc '<ProcessSpec as JSON>'` builds the model from the registry,
-connects its ZMQ channel (and, for a worker, its tensor transport) and runs the
-component's loop on the main thread until a Shutdown message or SIGTERM. The launcher sets
-the child to die with its parent, so no process outlives the server.
+connects its ZMQ channel (and, for a worker or a data worker, its tensor transport) and
+runs the component's loop on the main thread until a Shutdown message or SIGTERM. A data
+worker is a `Frontend` (the model's `process_prompt` and `postprocess`) fed by the API
+server's gateway. The launcher sets the child to die with its parent, so no process
+outlives the server.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ log = logging.getLogger("mstar.serving")
 class ProcessSpec(msgspec.Struct):
     """Everything a child needs, as plain data (no pickle)."""
 
-    role: str  # "conductor" | "worker"
+    role: str  # "conductor" | "worker" | "data_worker"
     deployment_id: str
     socket_prefix: str
     protocol: str
@@ -31,13 +33,15 @@ class ProcessSpec(msgspec.Struct):
     config: dict
     preset: str | None = None
     load: dict = {}
-    rank: int = -1
+    rank: int = -1  # a worker's rank, a data worker's index
     num_ranks: int = 1
     host: str = "127.0.0.1"
     tcp_device: str | None = None
     log_level: str = "INFO"
     cpu_threads: int = 1
     tp_port: int = 0  # rendezvous port of the tensor-parallel group (gloo), 0: none
+    #: the API server's gateway: readiness, worker stats and client events go there
+    gateway_address: str = "api"
 
 
 def die_with_parent() -> None:
@@ -60,6 +64,8 @@ def make_transport(protocol: str, address: str, *, deployment_id: str, host: str
 def run(spec: ProcessSpec) -> None:
     import torch
 
+    from mstar.api_server.frontend import Frontend
+    from mstar.communication import messages as msg
     from mstar.communication.zmq_channel import ZmqChannel
     from mstar.conductor.conductor import Conductor
     from mstar.config import DeploymentConfig, placement
@@ -75,7 +81,16 @@ def run(spec: ProcessSpec) -> None:
     if spec.role == "conductor":
         channel = ZmqChannel("conductor", prefix=spec.socket_prefix)
         component = Conductor(model, where, channel,
-                              max_concurrent_requests=config.max_concurrent_requests)
+                              max_concurrent_requests=config.max_concurrent_requests,
+                              status_address=spec.gateway_address)
+    elif spec.role == "data_worker":
+        torch.set_num_threads(spec.cpu_threads)
+        address = f"frontend:{spec.rank}"
+        channel = ZmqChannel(address, prefix=spec.socket_prefix)
+        transport = make_transport(spec.protocol, address, deployment_id=spec.deployment_id,
+                                   host=spec.host, device=spec.tcp_device)
+        component = Frontend(model, config, channel, transport, client=spec.gateway_address)
+        channel.send(spec.gateway_address, msg.WorkerReady(address, []))
     else:
         torch.set_num_threads(spec.cpu_threads)
         address = f"worker:{spec.rank}"
@@ -99,7 +114,8 @@ def run(spec: ProcessSpec) -> None:
                                   device=torch.device("cpu"),
                                   ranks_sharing_device=spec.num_ranks, eos_token_ids=eos_ids,
                                   tp_group=torch.distributed.group.WORLD if group else None)
-        component = Worker(spec.rank, model, channel, transport, build_engines=build)
+        component = Worker(spec.rank, model, channel, transport, build_engines=build,
+                           status_address=spec.gateway_address)
     signal.signal(signal.SIGTERM, lambda *_: component.stop_soon())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we stop
     try:

@@ -91,11 +91,15 @@ def host_value(value: Any) -> Any:
 
 class Worker(Component):
     def __init__(self, rank: int, model: Model, channel: Channel, transport: Transport, *,
-                 build_engines: Callable[[], dict[str, Engine]]):
+                 build_engines: Callable[[], dict[str, Engine]],
+                 status_address: str = "frontend"):
         """`build_engines` runs on the worker's own thread at start (builds the modules and
-        loads the weights), so the rank's torch work stays on one thread."""
+        loads the weights), so the rank's torch work stays on one thread. `status_address`:
+        where `WorkerStats` go (the frontend in one process, the API server's gateway when
+        served); outputs go to each request's own frontend."""
         super().__init__(channel.address)
         self.rank = rank
+        self.status_address = status_address
         self.address = channel.address
         self.model = model
         self.engines: dict[str, Engine] = {}
@@ -508,9 +512,11 @@ class Worker(Component):
     def _emit(self, req: WorkerRequest, child: int, values: dict[str, Any]) -> None:
         if not values:
             return
-        host, tensors = self._send_values(values, req.request_id, "frontend")
-        self.channel.send("frontend", msg.Output(req.request_id, self.address,
-                                                 req.outputs_sent, child, host, tensors))
+        assert req.info is not None  # a lane exists only once its StartWalk brought the info
+        frontend = req.info.frontend
+        host, tensors = self._send_values(values, req.request_id, frontend)
+        self.channel.send(frontend, msg.Output(req.request_id, self.address,
+                                               req.outputs_sent, child, host, tensors))
         req.outputs_sent += 1
 
     def _complete(self, req: WorkerRequest, lane: Lane, node: GraphNode,
@@ -545,8 +551,8 @@ class Worker(Component):
                 steps[name] = sum(fresh) / len(fresh)
                 self._stats_from[name] = engine.step_log[-1].step + 1
         waiting = sum(len(e.waiting) for e in self.engines.values())
-        self.channel.send("frontend", msg.WorkerStats(self.address, self.pages_in_use(),
-                                                      len(self.requests), waiting, steps))
+        self.channel.send(self.status_address, msg.WorkerStats(
+            self.address, self.pages_in_use(), len(self.requests), waiting, steps))
 
     def pages_in_use(self) -> int:
         return sum(e.pages_in_use() for e in self.engines.values() if isinstance(e, KVEngine))
