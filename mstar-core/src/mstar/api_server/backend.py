@@ -8,13 +8,14 @@ the event loop, so those methods must be cheap and never block.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from mstar import events
+from mstar.communication.messages import WorkerStats
 
 if TYPE_CHECKING:
-    from mstar.api_server.frontend import Frontend
     from mstar.communication.component import Component
     from mstar.runtime import LocalDeployment
 
@@ -50,9 +51,10 @@ class Backend(Protocol):
         """The served model (constant for the backend's life)."""
 
     def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str) -> str:
-        """Start a request (blocking: runs the model's `process_prompt`); `sink` receives its
-        events from another thread, the last one `Finished` or `Error`. Bad input raises
-        `mstar.engine.work.RequestError` (with `.code`, `.param`)."""
+        """Start a request; `sink` receives its events from another thread, the last one
+        `Finished` or `Error`. Bad input raises `mstar.engine.work.RequestError` (with
+        `.code`, `.param`) where the model's `process_prompt` runs in this process, or
+        arrives as a first `Error` event (code 400) where it runs in a data worker."""
 
     def cancel(self, request_id: str) -> None:
         """End a request early (its sink then gets a final event); unknown ids are ignored."""
@@ -70,10 +72,25 @@ class Backend(Protocol):
         """Current gauges (may block briefly: called off the event loop)."""
 
 
-def frontend_stats(frontend: Frontend) -> Stats:
-    """Stats from the workers' latest `WorkerStats` reports to a frontend (any deployment
-    whose frontend runs in this process can use it)."""
-    reports = list(frontend.worker_stats.values())
+class Entry(Protocol):
+    """Where requests enter a deployment and worker reports arrive: the in-process
+    `Frontend`, or the `Gateway` of a served deployment."""
+
+    ready: threading.Event
+    startup_errors: dict[str, str]
+    worker_stats: dict[str, WorkerStats]
+
+    def submit(self, body: Mapping[str, Any], sink: Sink, *,
+               request_id: str | None = None) -> str: ...
+
+    def cancel(self, request_id: str, reason: str = "abort") -> None: ...
+
+    def live_requests(self) -> int: ...
+
+
+def entry_stats(entry: Entry) -> Stats:
+    """Stats from the workers' latest `WorkerStats` reports to the entry."""
+    reports = list(entry.worker_stats.values())
     steps: dict[tuple[int, str], float] = {}
     for report in reports:
         rank = int(report.address.rpartition(":")[2])
@@ -81,16 +98,15 @@ def frontend_stats(frontend: Frontend) -> Stats:
             steps[(rank, node)] = seconds
     return Stats(pages_in_use=sum(r.pages_in_use for r in reports),
                  queue_depth=sum(r.waiting for r in reports),
-                 running=frontend.live_requests(), step_seconds=steps)
+                 running=entry.live_requests(), step_seconds=steps)
 
 
-class LocalBackend:
-    """A `Backend` over an in-process `LocalDeployment` (its frontend, conductor and workers
-    are threads of this process)."""
+class EntryBackend:
+    """A `Backend` over a deployment's entry; subclasses say whether its parts are alive."""
 
-    def __init__(self, deployment: LocalDeployment):
+    def __init__(self, deployment: Any, entry: Entry):
         self.deployment = deployment
-        self.frontend = deployment.frontend
+        self.entry = entry
 
     def model_info(self) -> ModelInfo:
         spec, config = self.deployment.spec, self.deployment.config
@@ -99,19 +115,40 @@ class LocalBackend:
                          max_concurrent_requests=config.max_concurrent_requests)
 
     def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str) -> str:
-        return self.frontend.submit(body, sink, request_id=request_id)
+        return self.entry.submit(body, sink, request_id=request_id)
 
     def cancel(self, request_id: str) -> None:
-        self.frontend.cancel(request_id)
+        self.entry.cancel(request_id)
 
     def ready(self) -> bool:
-        return self.frontend.ready.is_set() and self.failed() is None
+        return self.entry.ready.is_set() and self.failed() is None
 
     def failed(self) -> str | None:
-        errors = self.frontend.startup_errors
+        errors = self.entry.startup_errors
         if errors:
             return "; ".join(f"{address} failed to start: {error}"
                              for address, error in sorted(errors.items()))
+        return self.dead()
+
+    def dead(self) -> str | None:
+        """Which part of the deployment stopped, if one did."""
+        return None
+
+    def live_requests(self) -> int:
+        return self.entry.live_requests()
+
+    def stats(self) -> Stats:
+        return entry_stats(self.entry)
+
+
+class LocalBackend(EntryBackend):
+    """A `Backend` over an in-process `LocalDeployment` (its frontend, conductor and workers
+    are threads of this process)."""
+
+    def __init__(self, deployment: LocalDeployment):
+        super().__init__(deployment, deployment.frontend)
+
+    def dead(self) -> str | None:
         d = self.deployment
         parts: list[tuple[str, Component]] = [("frontend", d.frontend), ("conductor", d.conductor)]
         parts += [(f"worker:{rank}", w) for rank, w in sorted(d.workers.items())]
@@ -120,11 +157,6 @@ class LocalBackend:
                 return f"{name} is not running"
         return None
 
-    def live_requests(self) -> int:
-        return self.frontend.live_requests()
 
-    def stats(self) -> Stats:
-        return frontend_stats(self.frontend)
-
-
-__all__ = ["Backend", "LocalBackend", "ModelInfo", "Sink", "Stats", "frontend_stats"]
+__all__ = ["Backend", "Entry", "EntryBackend", "LocalBackend", "ModelInfo", "Sink", "Stats",
+           "entry_stats"]
