@@ -95,7 +95,7 @@ def small_server(tmp_path_factory):
     """Two concurrent requests at most, a 3 s timeout, the consumer on its own rank."""
     tmp = tmp_path_factory.mktemp("small-server")
     server = Server(tmp, "--config", "testvla_stream_rank", "--preset", "tiny",
-                    "--load-format", "dummy", "--timeout", "3",
+                    "--load-format", "dummy", "--timeout", "3", "--enable-nvtx",
                     "--set", "max_concurrent_requests=2")
     server.wait_healthy()
     yield server

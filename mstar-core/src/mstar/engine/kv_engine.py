@@ -30,6 +30,7 @@ from mstar.communication import messages as msg
 from mstar.config.deployment import SchedulerConfig
 from mstar.engine.attention_torch import TorchAttention
 from mstar.engine.kv_cache import KVCacheManager, OutOfPages, SeqExport
+from mstar.engine.profiling import step_range
 from mstar.engine.sampler import SampleRequest, sample, stop_reason
 from mstar.engine.sequence import Chunk, SeqState
 from mstar.engine.work import KeyedStepContext, NodeWork, RequestError, WorkResult
@@ -123,6 +124,8 @@ class KVEngine:
         #: Tensor-parallel leader: sends every step and cache operation to the followers
         #: (set by the worker; None on a plain node or a follower).
         self.mirror: Callable[[Any], None] | None = None
+        #: Emit an NVTX range around each forward (CUDA only; `--enable-nvtx`).
+        self.nvtx = False
         #: The ranks sharding this node (leader first), () when it is not tensor parallel.
         self.tp_ranks: tuple[int, ...] = ()
 
@@ -496,8 +499,8 @@ class KVEngine:
         if self.mirror is not None:
             self.mirror(tp_step(self.node, fb, works))
         started = time.perf_counter()
-        with torch.inference_mode(), attention_context(TorchAttention(seq_chunks,
-                                                                      cache=self.cache)):
+        with torch.inference_mode(), step_range(f"{self.node} step", self.nvtx), \
+                attention_context(TorchAttention(seq_chunks, cache=self.cache)):
             out = self.module(fb)
         self._log(batch, time.perf_counter() - started)
         finished: list[_Task] = []

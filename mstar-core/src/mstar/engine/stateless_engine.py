@@ -15,6 +15,7 @@ import time
 import torch
 
 from mstar.engine.kv_engine import StepRecord
+from mstar.engine.profiling import step_range
 from mstar.engine.work import KeyedStepContext, NodeWork, WorkResult
 
 
@@ -25,6 +26,7 @@ class StatelessEngine:
         self.module = module
         self.max_batch = max_batch
         self.waiting: list[NodeWork] = []
+        self.nvtx = False  # NVTX range around each call (CUDA only; `--enable-nvtx`)
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=log_size)
         self._steps = itertools.count()
 
@@ -57,7 +59,7 @@ class StatelessEngine:
     def _run(self, works: list[NodeWork]) -> list[WorkResult]:
         items = [dict(w.inputs) for w in works]
         started = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), step_range(f"{self.node} step", self.nvtx):
             outs = self.module(items, KeyedStepContext(works))
         seconds = time.perf_counter() - started
         if len(outs) != len(works):

@@ -92,7 +92,8 @@ class ProcessDeployment:
                     protocol=self.protocol, model=config.model, config=config.model_dump(),
                     preset=settings.preset, load=dataclasses.asdict(options),
                     num_ranks=len(self.ranks), tcp_device=settings.tcp_transfer_device,
-                    log_level=settings.log_level, gateway_address=self.gateway.channel.address)
+                    log_level=settings.log_level, gateway_address=self.gateway.channel.address,
+                    enable_nvtx=settings.enable_nvtx)
         self.procs: dict[str, subprocess.Popen] = {
             "conductor": self._spawn(ProcessSpec(role="conductor", **base))}
         for k, address in enumerate(data_workers):

@@ -40,6 +40,7 @@ class ProcessSpec(msgspec.Struct):
     log_level: str = "INFO"
     cpu_threads: int = 1
     tp_port: int = 0  # rendezvous port of the tensor-parallel group (gloo), 0: none
+    enable_nvtx: bool = False
     #: the API server's gateway: readiness, worker stats and client events go there
     gateway_address: str = "api"
 
@@ -113,7 +114,8 @@ def run(spec: ProcessSpec) -> None:
         build = functools.partial(build_engines, model, config, nodes, spec.rank, options,
                                   device=torch.device("cpu"),
                                   ranks_sharing_device=spec.num_ranks, eos_token_ids=eos_ids,
-                                  tp_group=torch.distributed.group.WORLD if group else None)
+                                  tp_group=torch.distributed.group.WORLD if group else None,
+                                  enable_nvtx=spec.enable_nvtx)
         component = Worker(spec.rank, model, channel, transport, build_engines=build,
                            status_address=spec.gateway_address)
     signal.signal(signal.SIGTERM, lambda *_: component.stop_soon())

@@ -106,7 +106,7 @@ def tp_group_ranks(nodes: dict[str, NodePlacement]) -> tuple[int, ...]:
 def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodePlacement],
                   rank: int, options: LoadOptions, *, device: torch.device,
                   ranks_sharing_device: int, eos_token_ids: tuple[int, ...] = (),
-                  tp_group: Any = None):
+                  tp_group: Any = None, enable_nvtx: bool = False):
     """Every engine of one rank, by node name. `tp_group`: the torch.distributed group of
     this rank's tensor-parallel nodes (processes only)."""
     engine_types = model.node_engine_types()
@@ -136,4 +136,6 @@ def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodeP
         else:
             engines[node] = StatelessEngine(node, module,
                                             max_batch=config.scheduler.max_num_seqs)
+    for engine in engines.values():
+        engine.nvtx = enable_nvtx
     return engines
