@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import ValidationError
 
 from mstar.config import ConfigError, DeploymentConfig, loader, parse_overrides, validate_for_model
 from mstar.config.settings import ServerSettings, layered_settings
@@ -118,28 +117,21 @@ def _read_config(path_or_name: str | None, model: str | None) -> tuple[dict[str,
     every node on rank 0, as `mstar.load` does."""
     if path_or_name is None:
         return {"model": model}, f"(model {model!r} ships no config: every node on rank 0)"
-    text, source = loader._read(path_or_name)
-    return loader._parse(text, source), source
+    return loader.read_config_data(path_or_name)
 
 
 def _deployment(data: dict[str, Any], source: str,
                 overrides: Mapping[str, Any]) -> DeploymentConfig:
     """The deployment part of the YAML (the `server:` section already split off), with
     `--set` overrides applied, schema-checked."""
-    problems = []
-    for key, value in overrides.items():
-        if key.split(".")[0] == "server":
-            problems.append(f"--set {key}: --set changes the deployment config; give server "
-                            "settings as options (e.g. --port) or MSTAR_* variables")
-            continue
-        try:
-            loader._set(data, key, value)
-        except ConfigError as exc:
-            problems += exc.problems
+    problems = [f"--set {key}: --set changes the deployment config; give server settings "
+                "as options (e.g. --port) or MSTAR_* variables"
+                for key in overrides if key.split(".")[0] == "server"]
     try:
-        config = DeploymentConfig.model_validate(data)
-    except ValidationError as exc:
-        problems += [loader._describe(e) for e in exc.errors()]
+        config = loader.config_from_data(data, source, {
+            k: v for k, v in overrides.items() if k.split(".")[0] != "server"})
+    except ConfigError as exc:
+        problems += exc.problems
     if problems:
         raise ConfigError(problems, source)
     return config

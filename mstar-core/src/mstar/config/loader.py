@@ -146,18 +146,36 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{path}: {error['msg']} (got {got if len(got) <= 60 else got[:57] + '...'})"
 
 
-def load_config(path_or_name: str, *,
-                overrides: Mapping[str, Any] | None = None) -> DeploymentConfig:
-    """Read, override and check the schema of a deployment config (not yet against its
-    model: see `validate_for_model`). `overrides` maps dotted paths to values."""
+def read_config_data(path_or_name: str) -> tuple[dict[str, Any], str]:
+    """A deployment YAML (path or packaged name) as data, and where it came from."""
     text, source = _read(path_or_name)
-    data = _parse(text, source)
+    return _parse(text, source), source
+
+
+def config_from_data(data: dict[str, Any], source: str,
+                     overrides: Mapping[str, Any] | None = None) -> DeploymentConfig:
+    """Apply dotted-path `overrides` and check the schema, reporting every problem at once
+    (a `server:` section must have been split off: it holds server settings)."""
+    problems: list[str] = []
     for key, value in (overrides or {}).items():
         try:
             _set(data, key, value)
         except ConfigError as exc:
-            raise ConfigError(exc.problems, source) from None
+            problems += exc.problems
     try:
-        return DeploymentConfig.model_validate(data)
+        config = DeploymentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([_describe(e) for e in exc.errors()], source) from None
+        problems += [_describe(e) for e in exc.errors()]
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path_or_name: str, *,
+                overrides: Mapping[str, Any] | None = None) -> DeploymentConfig:
+    """Read, override and check the schema of a deployment config (not yet against its
+    model: see `validate_for_model`). `overrides` maps dotted paths to values; a `server:`
+    section (settings of `mstar-serve`) is ignored here."""
+    data, source = read_config_data(path_or_name)
+    data.pop("server", None)
+    return config_from_data(data, source, overrides)
