@@ -127,17 +127,7 @@ class Frontend(Component):
         with self._lock:
             return len(self._live)
 
-    # -- the receive loop -------------------------------------------------------------------
-    def run(self) -> None:
-        while not self.stopping:
-            m = self.channel.recv(timeout=0.05)
-            if m is None:
-                continue
-            try:
-                self.handle(m)
-            except Exception:
-                log.exception("frontend failed on %s", type(m).__name__)
-
+    # -- messages -------------------------------------------------------------------------
     def handle(self, m: msg.Message) -> None:
         if isinstance(m, msg.ClientRequest):
             self._client_request(m)

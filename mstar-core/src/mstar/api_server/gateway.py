@@ -103,17 +103,7 @@ class Gateway(Component):
         for rid in rids:
             self._finish(rid, events.Error(message, code, "service_unavailable"))
 
-    # -- the receive loop -------------------------------------------------------------------
-    def run(self) -> None:
-        while not self.stopping:
-            m = self.channel.recv(timeout=0.05)
-            if m is None:
-                continue
-            try:
-                self.handle(m)
-            except Exception:
-                log.exception("gateway failed on %s", type(m).__name__)
-
+    # -- messages -------------------------------------------------------------------------
     def handle(self, m: msg.Message) -> None:
         if isinstance(m, msg.ClientEvent):
             event = events.decode(m.event)

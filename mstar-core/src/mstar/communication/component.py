@@ -3,7 +3,13 @@ own thread in one process (or as a process's main loop when served)."""
 
 from __future__ import annotations
 
+import logging
 import threading
+
+from mstar.communication.channel import Channel
+from mstar.communication.messages import Message
+
+log = logging.getLogger(__name__)
 
 
 class Component:
@@ -12,9 +18,25 @@ class Component:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    channel: Channel
+
     def run(self) -> None:
-        """The loop: until `stopping`, receive and handle messages."""
+        """Until `stopping`: handle each message (a failing one is logged, never fatal to
+        the loop) and `tick()` between them."""
+        while not self.stopping:
+            m = self.channel.recv(timeout=0.05)
+            if m is not None:
+                try:
+                    self.handle(m)
+                except Exception:
+                    log.exception("%s failed on %s", self.name, type(m).__name__)
+            self.tick()
+
+    def handle(self, m: Message) -> None:
         raise NotImplementedError
+
+    def tick(self) -> None:
+        """Periodic work of the loop (deadlines); nothing by default."""
 
     def alive(self) -> bool:
         """The loop's thread is running (False before `start` and after it ended)."""

@@ -71,17 +71,8 @@ class Conductor(Component):
         self.load: dict[str, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
-    def run(self) -> None:
-        while not self.stopping:
-            m = self.channel.recv(timeout=0.05)
-            if m is not None:
-                try:
-                    self.handle(m)
-                except Exception:
-                    log.exception("conductor failed on %s", type(m).__name__)
-            self._expire()
-
-    def _expire(self) -> None:
+    def tick(self) -> None:
+        """Requests past their deadline end with `timeout`."""
         now = time.monotonic()
         for rid, req in list(self.requests.items()):
             if req.deadline is not None and now > req.deadline:
