@@ -1,8 +1,9 @@
-"""mstar over HTTP (`mstar-serve`: API server, conductor and worker as processes) versus the
-in-process API and sequential transformers `generate`, on the same weights, side by side.
+"""mstar over HTTP (`mstar-serve`: API server, data worker, conductor and worker as
+processes) versus the in-process API and sequential transformers `generate`, on the same
+weights, side by side.
 
-Why: the server adds a process hop per message (ZMQ), an asyncio event loop, SSE framing
-and a client on the same machine. This measures what that costs: output tokens/s and time
+Why: the server adds process hops (ZMQ), an asyncio event loop, SSE framing and a client on
+the same machine. This measures what that costs: output tokens/s and time
 to first token of 1, 4, 16 and 64 concurrent SSE streams, against the in-process API
 (`bench_inprocess.py --only mstar`, the same workload: the same seeds give the same
 ragged prompts and staggered starts) and sequential `generate` (`--only hf`), as ratios.
@@ -11,11 +12,11 @@ Goal of the issue: HTTP within 10 % of in-process at 16 streams.
 The three systems never share a process (two OpenMP thread teams in one process halve
 throughput on 2 cores; see the README). The rounds alternate: a fresh in-process run, then
 the same round over HTTP on the one server, so a change in the machine's load hits both;
-each row keeps its best round. The CPU seconds of every server process (from /proc) and of
+each row keeps its best round. The CPU time of every server process (from /proc) and of
 the client are printed per level: on a machine with few cores they are where the time goes.
 
-    python benchmarks/bench_serving.py            # full run, ~5 minutes on 2 cores
-    python benchmarks/bench_serving.py --quick    # smoke run, ~1.5 minutes
+    python benchmarks/bench_serving.py            # full run, ~3.5 minutes on 2 cores
+    python benchmarks/bench_serving.py --quick    # smoke run, ~1 minute
 """
 
 from __future__ import annotations
@@ -82,24 +83,33 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def machine_cpu() -> float:
+    """CPU seconds every core of the machine has spent on processes or stolen so far
+    (/proc/stat): less what our processes used, it is the load of others during a
+    measurement. Interrupt time is left out: it is our loopback traffic's, unattributed."""
+    user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + steal) / CLOCK_TICKS
+
+
 def child_roles(pid: int) -> dict[str, int]:
-    """'conductor' / 'worker:<rank>' -> pid: the server's children, by command line."""
+    """'<role>' or '<role>:<rank or index>' -> pid for each of the server's children
+    (conductor, workers, data workers), from the spec on their command lines."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            argv = (entry / "cmdline").read_bytes().decode().split("\0")
         except OSError:
             continue
-        if parent != pid:
+        if parent != pid or "mstar.serving.proc" not in argv:
             continue
-        if '"role":"conductor"' in cmd:
-            found["conductor"] = int(entry.name)
-        elif '"role":"worker"' in cmd:
-            found["worker:" + cmd.split('"rank":', 1)[1].split(",", 1)[0]] = int(entry.name)
-    return found
+        spec = json.loads(argv[argv.index("mstar.serving.proc") + 1])
+        rank = spec.get("rank", -1)
+        found[spec["role"] + (f":{rank}" if rank >= 0 else "")] = int(entry.name)
+    return dict(sorted(found.items()))
 
 
 @dataclass
@@ -107,7 +117,7 @@ class Server:
     """A running `mstar-serve` and the pids of its processes."""
 
     url: str
-    pids: dict[str, int]  # "api server", "conductor", "worker:0", ...
+    pids: dict[str, int]  # "api server", "conductor", "data_worker:0", "worker:0", ...
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds per process so far, the client (this process) included."""
@@ -226,13 +236,27 @@ def summarize(system: str, concurrency: int, timings: list[Timing], new_tokens: 
                1000 * statistics.mean(tpots), sum(t.tokens < new_tokens for t in timings))
 
 
+async def server_ttft(client: httpx.AsyncClient) -> tuple[float, float]:
+    """(sum, count) of the server's time-to-first-output histogram: from a request's
+    arrival at the route to its first event reaching the event loop."""
+    found = {}
+    for line in (await client.get("/metrics")).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("mstar_time_to_first_output_seconds_sum",
+                    "mstar_time_to_first_output_seconds_count"):
+            found[name.rsplit("_", 1)[1]] = float(value)
+    return found["sum"], found["count"]
+
+
 @dataclass
 class CpuUse:
-    """CPU seconds each process spent during one level (its wall time alongside)."""
+    """CPU seconds each of our processes spent during one level, and the CPU seconds of
+    everything else on the machine (other work, steal) over the same wall time."""
 
     concurrency: int
     wall: float
     seconds: dict[str, float]
+    others: float
 
 
 async def http_round(server: Server, args: argparse.Namespace, round_seed: int,
@@ -250,14 +274,22 @@ async def http_round(server: Server, args: argparse.Namespace, round_seed: int,
             await http_clients(client, 4, 1, args.prompt_tokens, args.new_tokens // 4, 0.01,
                                seed=54321)
         for c in args.levels:
-            before, start = server.cpu(), time.perf_counter()
+            ttft_before = await server_ttft(client)
+            before, machine, start = server.cpu(), machine_cpu(), time.perf_counter()
             row = await http_clients(client, c, args.requests_per_client, args.prompt_tokens,
                                      args.new_tokens, stagger, seed=round_seed + c)
             after, wall = server.cpu(), time.perf_counter() - start
+            ttft_after = await server_ttft(client)
+            used = {k: after[k] - before[k] for k in after}
+            others = machine_cpu() - machine - sum(used.values())
             rows.append(row)
-            cpu.append(CpuUse(c, wall, {k: after[k] - before[k] for k in after}))
-            print(f"  {row.system:<28} @ {c:>3}: {row.tok_s:7.1f} tok/s "
-                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+            cpu.append(CpuUse(c, wall, used, others))
+            inside = (ttft_after[0] - ttft_before[0]) / (ttft_after[1] - ttft_before[1])
+            share = max(0.0, 100 * others / (cores() * wall))
+            print(f"  {row.system:<28} @ {c:>3}: {row.tok_s:7.1f} tok/s, TTFT "
+                  f"{row.ttft_ms:.0f} ms (server-side {1000 * inside:.0f}) (load "
+                  f"{os.getloadavg()[0]:.2f}; others used {share:.0f} % of the machine)",
+                  flush=True)
     return rows, cpu
 
 
@@ -266,8 +298,9 @@ async def http_round(server: Server, args: argparse.Namespace, round_seed: int,
 
 
 def inprocess_rows(args: argparse.Namespace, ckpt: Path, only: str, seed: int,
-                   repeat: int) -> list[Row]:
-    """`bench_inprocess.py --only <only>` on the same checkpoint and workload; its rows."""
+                   repeat: int, server: Server | None = None) -> list[Row]:
+    """`bench_inprocess.py --only <only>` on the same checkpoint and workload; its rows.
+    Prints how much of the machine others (not it, us or the idle `server`) used."""
     cmd = [sys.executable, str(INPROCESS), "--only", only, "--ckpt", str(ckpt),
            "--preset", args.preset, "--concurrency", ",".join(map(str, args.levels)),
            "--requests-per-client", str(args.requests_per_client),
@@ -275,7 +308,15 @@ def inprocess_rows(args: argparse.Namespace, ckpt: Path, only: str, seed: int,
            "--new-tokens", str(args.new_tokens), "--stagger-ms", str(args.stagger_ms),
            "--threads", str(args.threads), "--repeat", str(repeat), "--seed", str(seed),
            *(["--quick"] if args.quick else [])]
+    idle_before = sum(server.cpu().values()) if server else 0.0
+    machine, children, start = machine_cpu(), _children_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    wall = time.perf_counter() - start
+    idle = (sum(server.cpu().values()) if server else 0.0) - idle_before
+    others = machine_cpu() - machine - (_children_cpu() - children) - idle
+    share = max(0.0, 100 * others / (cores() * wall))
+    print(f"  ({only}: others used {share:.0f} % of the machine over its {wall:.0f} s, load "
+          "and start-up included)", flush=True)
     rows = []
     for line in proc.stdout.splitlines():
         kind, _, payload = line.partition(" ")
@@ -286,6 +327,15 @@ def inprocess_rows(args: argparse.Namespace, ckpt: Path, only: str, seed: int,
         elif line.startswith("  "):
             print(line, flush=True)
     return rows
+
+
+def _children_cpu() -> float:
+    times = os.times()
+    return times.children_user + times.children_system
+
+
+def cores() -> int:
+    return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -302,9 +352,11 @@ def best_rows(rows: list[Row]) -> list[Row]:
     return list(best.values())
 
 
-def print_ratios(rows: list[Row], levels: list[int]) -> None:
+def print_ratios(rows: list[Row], levels: list[int], rounds: list[list[Row]]) -> None:
+    """Best row over best row, then each round's own ratio (its in-process run and the
+    HTTP run right after it): their spread is the noise of this machine."""
     by = {(r.system, r.concurrency): r for r in rows}
-    print("\nratios (output tokens/s; TTFT difference):")
+    print("\nratios (output tokens/s of the best rows; TTFT difference; each round's ratio):")
     for c in levels:
         http, inproc = by.get((HTTP, c)), by.get((INPROC, c))
         if http is None or inproc is None:
@@ -312,27 +364,37 @@ def print_ratios(rows: list[Row], levels: list[int]) -> None:
         ratio = http.tok_s / inproc.tok_s
         goal = (f"   goal >= {HTTP_GOAL:.2f}: {'met' if ratio >= HTTP_GOAL else 'NOT met'}"
                 if c == GOAL_LEVEL else "")
-        print(f"  HTTP@{c} / in-process@{c:<12} {ratio:6.2f}   TTFT "
-              f"{http.ttft_ms - inproc.ttft_ms:+7.1f} ms{goal}")
+        per_round = []
+        for round_rows in rounds:
+            mine = {r.system: r for r in round_rows if r.concurrency == c}
+            if HTTP in mine and INPROC in mine:
+                per_round.append(f"{mine[HTTP].tok_s / mine[INPROC].tok_s:.2f}")
+        print(f"  {f'HTTP@{c} / in-process@{c}':<32} {ratio:6.2f}   TTFT "
+              f"{http.ttft_ms - inproc.ttft_ms:+7.1f} ms   rounds {' '.join(per_round)}{goal}")
     http1, seq = by.get((HTTP, 1)), by.get((SEQUENTIAL, 1))
     if http1 is not None and seq is not None:
-        print(f"  HTTP@1 / HF sequential{'':<9} {http1.tok_s / seq.tok_s:6.2f}   TTFT "
+        print(f"  {'HTTP@1 / HF sequential':<32} {http1.tok_s / seq.tok_s:6.2f}   TTFT "
               f"{http1.ttft_ms - seq.ttft_ms:+7.1f} ms")
 
 
-def print_cpu(uses: list[CpuUse], rows: list[Row], cores: int) -> None:
-    """Mean CPU seconds per 1000 output tokens of each process, per level, and how busy the
-    machine was (all processes' CPU over cores x wall)."""
+def print_cpu(uses: list[CpuUse], rows: list[Row]) -> None:
+    """CPU ms per output token of each process, per level (every token costs the same
+    work, so the shares say where HTTP's CPU goes), and the share of the machine (cores x
+    wall) that we and others used."""
     names = list(uses[0].seconds)
     tokens = {r.concurrency: r.tokens for r in rows if r.system == HTTP}
-    print("\nCPU seconds per 1000 output tokens over HTTP (mean over rounds; from /proc):")
-    print(f"  {'streams':>7} " + " ".join(f"{n:>11}" for n in names) + f" {'busy %':>7}")
+    print("\nCPU ms per output token over HTTP, by process (mean over rounds; /proc), and "
+          "the share of the machine used by us and by others:")
+    width = {n: max(9, len(n)) for n in names}
+    print(f"  {'streams':>7} " + " ".join(f"{n:>{width[n]}}" for n in names)
+          + f" {'us %':>6} {'others %':>8}")
     for c in dict.fromkeys(u.concurrency for u in uses):
         mine = [u for u in uses if u.concurrency == c]
         per = {n: statistics.mean(u.seconds[n] for u in mine) for n in names}
-        busy = statistics.mean(sum(u.seconds.values()) / (cores * u.wall) for u in mine)
-        print(f"  {c:>7} " + " ".join(f"{1000 * per[n] / tokens[c]:11.3f}" for n in names)
-              + f" {100 * busy:7.1f}")
+        us = statistics.mean(sum(u.seconds.values()) / (cores() * u.wall) for u in mine)
+        others = max(0.0, statistics.mean(u.others / (cores() * u.wall) for u in mine))
+        cells = " ".join(f"{1000 * per[n] / tokens[c]:{width[n]}.3f}" for n in names)
+        print(f"  {c:>7} {cells} {100 * us:6.1f} {100 * others:8.1f}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -376,11 +438,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    cores = os.cpu_count() or 1
-    print(f"{cores} cores; load average {os.getloadavg()[0]:.2f}; preset {args.preset!r}, "
+    print(f"{cores()} cores; load average {os.getloadavg()[0]:.2f}; preset {args.preset!r}, "
           f"config {args.config!r}; prompts ~{args.prompt_tokens} tokens, {args.new_tokens} "
           f"new tokens, greedy, fp32; {args.repeat} round(s)", flush=True)
     rows: list[Row] = []
+    rounds: list[list[Row]] = []
     cpu: list[CpuUse] = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.ckpt or Path(tmp) / "ckpt"
@@ -394,16 +456,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 seed = args.seed + 1000 * round_
                 print(f"round {round_ + 1} of {args.repeat}: in-process (fresh process), "
                       "then HTTP", flush=True)
-                rows += inprocess_rows(args, ckpt, "mstar", seed, 1)
+                inproc = inprocess_rows(args, ckpt, "mstar", seed, 1, server)
                 http, used = asyncio.run(http_round(server, args, seed, warm=round_ == 0))
-                rows += http
+                rounds.append(inproc + http)
+                rows += inproc + http
                 cpu += used
     best = best_rows(rows)
     print(f"\nbest of {args.repeat} round(s) per row; TTFT: mean time to the first token "
           "(HF: a 1-token `generate`); TPOT: mean time per further token")
     print_table(best)
-    print_ratios(best, args.levels)
-    print_cpu(cpu, best, cores)
+    print_ratios(best, args.levels, rounds)
+    print_cpu(cpu, best)
     load = os.getloadavg()
     print(f"\nload average at the end: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min)")
 
