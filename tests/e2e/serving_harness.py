@@ -36,8 +36,9 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def shm_segments() -> list[str]:
-    return sorted(p.name for p in Path("/dev/shm").glob("mstar_*"))
+def shm_segments(deployment_id: str = "") -> list[str]:
+    """Shared-memory segments of one deployment (all of mstar's when no id is given)."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"mstar_{deployment_id}*"))
 
 
 class Server:
@@ -55,9 +56,17 @@ class Server:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, **(env or {})})
         self.client = httpx.Client(base_url=self.url, timeout=60)
+        self._id: str | None = None
 
     def output(self) -> str:
         return self.log.read_text()
+
+    @property
+    def deployment_id(self) -> str:
+        """The id the launcher gave this deployment (its socket directory is d<id>)."""
+        dirs = sorted(self.sockets.glob("d*")) if self.sockets.exists() else []
+        assert dirs, "the server has not created its socket directory yet"
+        return dirs[0].name[1:]
 
     def wait_healthy(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -100,6 +109,8 @@ class Server:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         self.client.close()
         if self.proc.poll() is None:
+            if self.sockets.exists() and any(self.sockets.glob("d*")):
+                self._id = self.deployment_id
             self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout=timeout)
@@ -113,3 +124,5 @@ class Server:
         assert children(self.proc.pid) == []
         leftover = list(self.sockets.glob("*/*")) if self.sockets.exists() else []
         assert leftover == [], leftover
+        if getattr(self, "_id", None):  # only this server's: others may run beside it
+            assert shm_segments(self._id + "_") == []
