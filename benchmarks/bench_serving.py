@@ -250,10 +250,10 @@ async def server_ttft(client: httpx.AsyncClient) -> tuple[float, float]:
 
 @dataclass
 class CpuUse:
-    """CPU seconds each of our processes spent during one level, and the CPU seconds of
-    everything else on the machine (other work, steal) over the same wall time."""
+    """CPU seconds each of our processes spent during one level's `row`, and the CPU
+    seconds of everything else on the machine (other work, steal) over the same wall time."""
 
-    concurrency: int
+    row: Row
     wall: float
     seconds: dict[str, float]
     others: float
@@ -283,7 +283,7 @@ async def http_round(server: Server, args: argparse.Namespace, round_seed: int,
             used = {k: after[k] - before[k] for k in after}
             others = machine_cpu() - machine - sum(used.values())
             rows.append(row)
-            cpu.append(CpuUse(c, wall, used, others))
+            cpu.append(CpuUse(row, wall, used, others))
             inside = (ttft_after[0] - ttft_before[0]) / (ttft_after[1] - ttft_before[1])
             share = max(0.0, 100 * others / (cores() * wall))
             print(f"  {row.system:<28} @ {c:>3}: {row.tok_s:7.1f} tok/s, TTFT "
@@ -377,24 +377,27 @@ def print_ratios(rows: list[Row], levels: list[int], rounds: list[list[Row]]) ->
               f"{http1.ttft_ms - seq.ttft_ms:+7.1f} ms")
 
 
-def print_cpu(uses: list[CpuUse], rows: list[Row]) -> None:
-    """CPU ms per output token of each process, per level (every token costs the same
-    work, so the shares say where HTTP's CPU goes), and the share of the machine (cores x
-    wall) that we and others used."""
+def print_cpu(uses: list[CpuUse]) -> None:
+    """For the round each level's HTTP row comes from (its best): CPU ms per output token
+    of each process (every token costs the same work, so the shares say where HTTP's CPU
+    goes) and the share of the machine (cores x wall) that we and others used."""
+    best: dict[int, CpuUse] = {}
+    for use in uses:
+        c = use.row.concurrency
+        if c not in best or use.row.tok_s > best[c].row.tok_s:
+            best[c] = use
     names = list(uses[0].seconds)
-    tokens = {r.concurrency: r.tokens for r in rows if r.system == HTTP}
-    print("\nCPU ms per output token over HTTP, by process (mean over rounds; /proc), and "
-          "the share of the machine used by us and by others:")
     width = {n: max(9, len(n)) for n in names}
+    print("\nCPU ms per output token over HTTP, by process (the best round's; /proc), and "
+          "the share of the machine used by us and by others:")
     print(f"  {'streams':>7} " + " ".join(f"{n:>{width[n]}}" for n in names)
           + f" {'us %':>6} {'others %':>8}")
-    for c in dict.fromkeys(u.concurrency for u in uses):
-        mine = [u for u in uses if u.concurrency == c]
-        per = {n: statistics.mean(u.seconds[n] for u in mine) for n in names}
-        us = statistics.mean(sum(u.seconds.values()) / (cores() * u.wall) for u in mine)
-        others = max(0.0, statistics.mean(u.others / (cores() * u.wall) for u in mine))
-        cells = " ".join(f"{1000 * per[n] / tokens[c]:{width[n]}.3f}" for n in names)
-        print(f"  {c:>7} {cells} {100 * us:6.1f} {100 * others:8.1f}")
+    for c, use in best.items():
+        cells = " ".join(f"{1000 * use.seconds[n] / use.row.tokens:{width[n]}.3f}"
+                         for n in names)
+        machine = cores() * use.wall
+        print(f"  {c:>7} {cells} {100 * sum(use.seconds.values()) / machine:6.1f} "
+              f"{max(0.0, 100 * use.others / machine):8.1f}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -466,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           "(HF: a 1-token `generate`); TPOT: mean time per further token")
     print_table(best)
     print_ratios(best, args.levels, rounds)
-    print_cpu(cpu, best)
+    print_cpu(cpu)
     load = os.getloadavg()
     print(f"\nload average at the end: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min)")
 
