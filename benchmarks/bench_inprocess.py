@@ -378,6 +378,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="profile mstar only (every thread, cProfile) into DIR; no HF")
     p.add_argument("--profile-top", type=int, default=25)
     args = p.parse_args(argv)
+    return resolve_defaults(args)
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Levels from `--concurrency`, and the `--quick`-dependent defaults (shared with
+    bench_serving.py)."""
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if args.requests_per_client is None:
         args.requests_per_client = 1 if args.quick else 3

@@ -42,7 +42,14 @@ from typing import Any
 
 import httpx
 import msgspec
-from bench_inprocess import Row, Timing, mstar_request, print_table, ragged_prompts
+from bench_inprocess import (
+    Row,
+    Timing,
+    mstar_request,
+    print_table,
+    ragged_prompts,
+    resolve_defaults,
+)
 
 from mstar import events
 from mstar_testvla.checkpoint import write_tiny_checkpoint
@@ -429,14 +436,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="mstar-serve --log-level (INFO, its default, logs every request)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    if args.requests_per_client is None:
-        args.requests_per_client = 1 if args.quick else 3
-    if args.hf_requests is None:
-        args.hf_requests = 2 if args.quick else 4
-    if args.repeat is None:
-        args.repeat = 1 if args.quick else 2
-    return args
+    return resolve_defaults(args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
