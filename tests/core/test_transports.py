@@ -1,7 +1,8 @@
 """The SHM and TCP tensor transports: byte-exact round trips of every dtype torch can
 create, in one process and across processes (the receiver a fresh interpreter that gets
-the handles as msgspec bytes), nothing left after `free`/`free_request`, crash cleanup,
-errors that name the handle, and registration through the plugin hook."""
+the handles as msgspec bytes), small tensors inline in their handles, nothing held after
+`free`/`free_request`, SHM segments reused only once their receiver is done, crash
+cleanup, errors that name the handle, and registration through the plugin hook."""
 
 from __future__ import annotations
 
@@ -22,14 +23,22 @@ import pytest
 import torch
 
 from mstar.communication.messages import Handle
-from mstar.communication.shm import SHM_DIR, ShmTransport, cleanup_deployment, deployment_tag
+from mstar.communication.shm import (
+    SHM_DIR,
+    ShmTransport,
+    cleanup_deployment,
+    deployment_tag,
+    segments_in_use,
+)
 from mstar.communication.tcp import TcpTransport
+from mstar.communication.tensor_bytes import INLINE_KEY, INLINE_MAX
 from mstar.communication.transport import LocalTransport
 from mstar.plugins import transport_registry
 from mstar.plugins.registry import import_string
 
 TRANSPORTS = {"SHM": ShmTransport, "TCP": TcpTransport}
 BIG = 64 << 20  # bytes
+STORED = INLINE_MAX // 4 + 1  # float32 elements: the smallest tensor not sent inline
 
 
 def _sendable_dtypes() -> list[torch.dtype]:
@@ -62,8 +71,8 @@ def _random(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) ->
 
 
 def _cases() -> list[torch.Tensor]:
-    """For every dtype: 0-d, empty, contiguous, transposed and step-sliced tensors; one
-    64 MiB float32 tensor."""
+    """For every dtype: 0-d, empty, contiguous, transposed and step-sliced tensors (inline)
+    and a transposed one stored by the transport; one 64 MiB float32 tensor."""
     gen = torch.Generator().manual_seed(0)
     cases = []
     with warnings.catch_warnings():
@@ -71,14 +80,18 @@ def _cases() -> list[torch.Tensor]:
         for dtype in DTYPES:
             cases += [_random(dtype, (), gen), _random(dtype, (0,), gen),
                       _random(dtype, (0, 3), gen), _random(dtype, (5, 7), gen),
-                      _random(dtype, (6, 4), gen).t(), _random(dtype, (5, 9), gen)[1:, ::3]]
+                      _random(dtype, (6, 4), gen).t(), _random(dtype, (5, 9), gen)[1:, ::3],
+                      _random(dtype, (INLINE_MAX // dtype.itemsize // 8 + 1, 8), gen).t()]
     cases.append(torch.randn(BIG // 4, generator=gen))
     return cases
 
 
 def digest(tensor: torch.Tensor) -> str:
-    """dtype, shape and a hash of the bytes: equal digests mean byte-exact (NaN-safe)."""
-    raw = tensor.contiguous().reshape(-1).view(torch.uint8)
+    """dtype, shape and a hash of the bytes: equal digests mean byte-exact (NaN-safe). The
+    bits are gathered as integers (float4 has no copy kernel of its own)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    bits = tensor.view(ints[tensor.element_size()]) if tensor.element_size() in ints else tensor
+    raw = bits.contiguous().reshape(-1).view(torch.uint8)
     return f"{tensor.dtype}{list(tensor.shape)}:{hashlib.blake2b(raw.numpy()).hexdigest()}"
 
 
@@ -122,7 +135,7 @@ from mstar.communication.shm import ShmTransport
 
 transport = ShmTransport("worker:0", deployment_id=sys.argv[1])
 for i in range(3):
-    transport.put(torch.full((100,), float(i)), "r", owner="worker:1")
+    transport.put(torch.full((1 << 17,), float(i)), "r", owner="worker:1")
 print("ready", flush=True)
 time.sleep(60)
 '''
@@ -159,11 +172,11 @@ def test_every_dtype_and_layout_round_trips_byte_exact_in_process(pair, deployme
         assert handle.owner == "worker:1" and handle.request_id == "r1"
         got = receiver.get(handle)
         assert got.dtype == tensor.dtype and got.shape == tensor.shape
-        assert torch.equal(got.contiguous().reshape(-1).view(torch.uint8),
-                           tensor.contiguous().reshape(-1).view(torch.uint8)), handle
+        assert digest(got) == digest(tensor), handle
         receiver.free(handle)
+        del got
         assert sender.live_handles() == receiver.live_handles() == 0
-    assert _segments(deployment) == []
+    assert segments_in_use(deployment) == []
 
 
 @pytest.mark.parametrize("protocol", sorted(TRANSPORTS))
@@ -171,8 +184,9 @@ def test_every_dtype_round_trips_byte_exact_across_processes(protocol, deploymen
     sender = TRANSPORTS[protocol]("worker:0", deployment_id=deployment)
     cases = _cases()
     handles = [sender.put(tensor, "r1", owner="worker:1") for tensor in cases]
-    stored = len(cases) if protocol == "TCP" else sum(t.numel() > 0 for t in cases)
-    assert sender.live_handles() == stored  # SHM makes no segment for an empty tensor
+    stored = sum(h.inline is None for h in handles)
+    assert stored == len(DTYPES) + 1  # the rest travel inline
+    assert sender.live_handles() == stored
     child = subprocess.run([sys.executable, "-c", RECEIVER, protocol, deployment],
                            input=msgspec.msgpack.encode(handles), capture_output=True,
                            timeout=120)
@@ -181,15 +195,16 @@ def test_every_dtype_round_trips_byte_exact_across_processes(protocol, deploymen
     assert digests == [digest(t) for t in cases]
     assert left_in_child == 0
     assert sender.live_handles() == 0  # the child freed every one
-    assert _segments(deployment) == []
+    assert segments_in_use(deployment) == []
     sender.close()
+    assert _segments(deployment) == []
 
 
 def test_the_receivers_tensor_is_its_own_copy(pair):
     """Writing what `get` returned changes nothing for a second reader, and it stays
     valid after `free`."""
     sender, receiver = pair
-    for size in (16, BIG // 4):  # below and above SHM's copy-on-write mapping threshold
+    for size in (16, STORED, BIG // 4):  # inline; copied; SHM's copy-on-write mapping
         source = torch.arange(size, dtype=torch.float32)
         handle = sender.put(source, "r1", owner="worker:1")
         first = receiver.get(handle)
@@ -203,7 +218,7 @@ def test_the_receivers_tensor_is_its_own_copy(pair):
 def test_concurrent_gets_from_one_sender(pair):
     """Receiver threads share one connection per peer (TCP) without mixing replies."""
     sender, receiver = pair
-    sources = [torch.full((1000 + i,), float(i)) for i in range(48)]
+    sources = [torch.full((STORED + i,), float(i)) for i in range(48)]
     handles = [sender.put(t, "r", owner="worker:1") for t in sources]
     results: dict[int, torch.Tensor] = {}
 
@@ -226,38 +241,39 @@ def test_free_request_frees_only_what_is_addressed_to_the_caller(pair, deploymen
     it frees what is addressed to itself (results nobody consumed); receivers free the rest
     (also what reaches them after they dropped the request)."""
     sender, receiver = pair
-    mine = sender.put(torch.ones(4), "a")  # a walk result kept for itself
-    in_flight = sender.put(torch.zeros(2, 2), "a", owner="worker:1")
-    other = sender.put(torch.arange(3), "b", owner="worker:1")
+    mine = sender.put(torch.ones(STORED), "a")  # a walk result kept for itself
+    in_flight = sender.put(torch.zeros(2, STORED), "a", owner="worker:1")
+    other = sender.put(torch.arange(STORED), "b", owner="worker:1")
     sender.free_request("a")
     with pytest.raises(KeyError, match=mine.key):
         receiver.get(mine)
-    assert torch.equal(receiver.get(in_flight), torch.zeros(2, 2))
+    assert torch.equal(receiver.get(in_flight), torch.zeros(2, STORED))
     receiver.free(in_flight)
     receiver.free_request("a")
-    assert torch.equal(receiver.get(other), torch.arange(3))  # other requests untouched
+    assert torch.equal(receiver.get(other), torch.arange(STORED))  # other requests untouched
     receiver.free(other)
     assert sender.live_handles() == receiver.live_handles() == 0
-    assert _segments(deployment) == []
+    assert segments_in_use(deployment) == []
 
 
 def test_a_shm_receiver_frees_what_it_read_without_the_sender(deployment):
     sender = ShmTransport("worker:0", deployment_id=deployment)
     receiver = ShmTransport("frontend", deployment_id=deployment)
-    handle = sender.put(torch.randn(8), "r", owner="frontend")
+    handle = sender.put(torch.randn(STORED), "r", owner="frontend")
     receiver.get(handle)
-    assert receiver.live_handles() == 1 and len(_segments(deployment)) == 1
+    assert receiver.live_handles() == 1 and len(segments_in_use(deployment)) == 1
     receiver.free_request("r")
-    assert _segments(deployment) == []
+    assert segments_in_use(deployment) == []
     assert sender.live_handles() == receiver.live_handles() == 0
 
 
 def test_shm_names_are_short_and_close_unlinks_what_is_left():
     deployment_id = "a-long-deployment-name/with:odd characters"
     sender = ShmTransport("worker:0", deployment_id=deployment_id)
-    handles = [sender.put(torch.randn(3), f"r{i}") for i in range(3)]
-    assert all(len(h.key) <= 30 and h.key.startswith("mstar_") for h in handles)
-    assert sender.put(torch.empty(0, 3), "r").key == "-"  # no segment for no bytes
+    handles = [sender.put(torch.randn(STORED), f"r{i}") for i in range(3)]
+    assert all(len(h.key.partition("#")[0]) <= 30 and h.key.startswith("mstar_")
+               for h in handles)
+    assert sender.put(torch.empty(0, 3), "r").key == INLINE_KEY  # no segment for no bytes
     assert len(_segments(deployment_id)) == 3
     sender.close()
     assert _segments(deployment_id) == [] and sender.live_handles() == 0
@@ -265,7 +281,7 @@ def test_shm_names_are_short_and_close_unlinks_what_is_left():
 
 def test_cleanup_deployment_removes_what_a_killed_process_left(deployment):
     other = ShmTransport("worker:0", deployment_id=deployment + "x")
-    kept = other.put(torch.ones(2), "r")
+    kept = other.put(torch.ones(STORED), "r")
     child = subprocess.Popen([sys.executable, "-c", KILLED_SENDER, deployment],
                              stdout=subprocess.PIPE, text=True)
     try:
@@ -276,17 +292,17 @@ def test_cleanup_deployment_removes_what_a_killed_process_left(deployment):
     assert len(_segments(deployment)) == 3  # SIGKILL left them
     assert cleanup_deployment(deployment) == 3
     assert _segments(deployment) == []
-    assert torch.equal(other.get(kept), torch.ones(2))  # another deployment is untouched
+    assert torch.equal(other.get(kept), torch.ones(STORED))  # another deployment is untouched
     other.close()
 
 
 def test_shm_get_of_a_freed_or_foreign_segment_is_refused(deployment):
     sender = ShmTransport("worker:0", deployment_id=deployment)
-    handle = sender.put(torch.randn(4), "r7")
+    handle = sender.put(torch.randn(STORED), "r7")
     sender.free(handle)
     with pytest.raises(KeyError, match=f"{handle.key} of request r7 is gone"):
         sender.get(handle)
-    elsewhere = Handle(key="mstar_x/../../etc/passwd", owner="worker:0", request_id="r7",
+    elsewhere = Handle(key="mstar_x/../../etc/passwd#1", owner="worker:0", request_id="r7",
                        dtype="uint8", shape=[4])
     for call in (sender.get, sender.free):
         with pytest.raises(ValueError, match="not an SHM segment of deployment"):
@@ -296,11 +312,11 @@ def test_shm_get_of_a_freed_or_foreign_segment_is_refused(deployment):
 def test_tcp_errors_name_the_handle(deployment):
     sender = TcpTransport("worker:0", deployment_id=deployment)
     receiver = TcpTransport("worker:1", deployment_id=deployment)
-    handle = sender.put(torch.randn(4), "r7", owner="worker:1")
+    handle = sender.put(torch.randn(STORED), "r7", owner="worker:1")
     receiver.free(handle)
     with pytest.raises(KeyError, match=f"{handle.key} of request r7 is gone"):
         receiver.get(handle)
-    again = sender.put(torch.randn(4), "r8", owner="worker:1")
+    again = sender.put(torch.randn(STORED), "r8", owner="worker:1")
     sender.close()
     with pytest.raises(ConnectionError, match=f"for tensor {again.key} of request r8"):
         receiver.get(again)
@@ -310,7 +326,7 @@ def test_tcp_errors_name_the_handle(deployment):
 
 def test_tcp_binds_the_address_of_a_device_and_refuses_wildcards(deployment):
     transport = TcpTransport("worker:0", deployment_id=deployment, device="lo")
-    assert transport.put(torch.ones(1), "r").key.startswith("127.0.0.1:")
+    assert transport.put(torch.ones(STORED), "r").key.startswith("127.0.0.1:")
     transport.close()
     with pytest.raises(ValueError, match="interface 'nosuchnic0'.*interfaces: .*lo"):
         TcpTransport("worker:0", deployment_id=deployment, device="nosuchnic0")
@@ -324,6 +340,62 @@ def test_handles_travel_as_msgspec_bytes(pair):
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(handle), type=Handle)
     assert torch.equal(receiver.get(decoded), torch.arange(6).reshape(2, 3))
     receiver.free(decoded)
+
+
+def test_small_tensors_travel_inline_in_their_handle(pair):
+    """Up to INLINE_MAX bytes nothing is stored: the receiver needs no segment or peer."""
+    sender, receiver = pair
+    small = torch.randn(INLINE_MAX // 4).reshape(-1, 4).t()
+    handle = sender.put(small, "r", owner="worker:1")
+    assert handle.key == INLINE_KEY and len(handle.inline) == INLINE_MAX
+    assert sender.live_handles() == 0
+    sender.close()  # the sender's store is irrelevant to an inline handle
+    got = receiver.get(handle)
+    assert torch.equal(got, small)
+    got.add_(1)  # writable, and the receiver's own
+    assert torch.equal(receiver.get(handle), small)
+    with pytest.raises(ValueError, match="holds 3 bytes"):
+        receiver.get(msgspec.structs.replace(handle, inline=b"abc"))
+
+
+def test_a_shm_segment_is_reused_only_after_its_receiver_is_done(deployment):
+    """The pool reuses a segment once the receiver freed the handle and dropped every
+    tensor made from it; a tensor still alive keeps its bytes (copy-on-write mapping of a
+    segment the sender would otherwise overwrite)."""
+    sender = ShmTransport("worker:0", deployment_id=deployment)
+    receiver = ShmTransport("worker:1", deployment_id=deployment)
+    big = BIG // 16 // 4  # float32 elements, above the mapping threshold
+    first = sender.put(torch.full((big,), 1.0), "r", owner="worker:1")
+    held = receiver.get(first)[::2]  # a view outlives the tensor `get` returned
+    receiver.free(first)
+    assert segments_in_use(deployment) == [first.key.partition("#")[0]]  # held is alive
+    second = sender.put(torch.full((big,), 2.0), "r", owner="worker:1")
+    assert second.key.partition("#")[0] != first.key.partition("#")[0]
+    assert torch.equal(held, torch.full((big // 2,), 1.0))
+    del held
+    assert segments_in_use(deployment) == [second.key.partition("#")[0]]
+    third = sender.put(torch.full((big,), 3.0), "r", owner="worker:1")
+    assert third.key.partition("#")[0] == first.key.partition("#")[0]  # reused
+    with pytest.raises(KeyError, match="is gone"):
+        receiver.get(first)  # a stale handle of a reused segment is refused
+    for handle, value in ((second, 2.0), (third, 3.0)):
+        assert torch.equal(receiver.get(handle), torch.full((big,), value))
+        receiver.free(handle)
+    assert segments_in_use(deployment) == [] and len(_segments(deployment)) == 2
+    sender.close()
+    receiver.close()
+    assert _segments(deployment) == []
+
+
+def test_the_shm_pool_keeps_few_free_segments(deployment):
+    sender = ShmTransport("worker:0", deployment_id=deployment)
+    handles = [sender.put(torch.randn(STORED), "r") for _ in range(8)]
+    assert len(_segments(deployment)) == 8
+    for handle in handles:
+        sender.free(handle)
+    sender.free(sender.put(torch.randn(STORED), "r"))
+    assert len(_segments(deployment)) == 3  # at most IDLE_PER_CAPACITY + the one taken
+    sender.close()
 
 
 def test_core_transports_are_registered_by_protocol():

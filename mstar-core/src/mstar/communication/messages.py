@@ -21,13 +21,15 @@ from mstar.model.sampling import SamplingParams
 
 
 class Handle(msgspec.Struct, frozen=True):
-    """A tensor held by a transport: `key` in the store of `owner`, for `request_id`."""
+    """A tensor held by a transport: `key` in the store of `owner`, for `request_id`; a
+    small one travels in `inline` instead (its raw bytes; see `tensor_bytes`)."""
 
     key: str
     owner: str
     request_id: str
     dtype: str
     shape: list[int]
+    inline: bytes | None = None
 
 
 class WalkStepMsg(msgspec.Struct):

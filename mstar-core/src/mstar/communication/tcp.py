@@ -5,7 +5,8 @@ is: `"<host>:<port>/<id>"`. Every instance runs one small server (a listening th
 thread per connected peer) answering two requests, `GET id` (the raw bytes) and `DROP id`
 (forget it). `get` fetches over one connection per peer, reused and serialised by a lock;
 `free` sends DROP. Pulling means nothing travels for a handle never read, and the memory
-stays with the component that made the tensor until the receiver is done with it.
+stays with the component that made the tensor until the receiver is done with it. Tensors
+of at most `INLINE_MAX` bytes travel inside the handle instead.
 
 Wire format (network byte order): a request is `op:u8 id:u64`; a reply is
 `status:u8 length:u64` followed, for a found GET, by `length` bytes.
@@ -23,7 +24,16 @@ from collections.abc import Callable
 import torch
 
 from mstar.communication.messages import Handle
-from mstar.communication.shm import from_host_bytes, handle_nbytes, host_bytes
+from mstar.communication.tensor_bytes import (
+    INLINE_MAX,
+    from_host_bytes,
+    handle_nbytes,
+    host_bytes,
+    inline_handle,
+    inline_tensor,
+    make_handle,
+    tensor_nbytes,
+)
 
 _REQUEST = struct.Struct("!BQ")
 _REPLY = struct.Struct("!BQ")
@@ -81,13 +91,14 @@ class TcpTransport:
 
     # -- the sender's side ----------------------------------------------------------------
     def put(self, tensor: torch.Tensor, request_id: str, owner: str | None = None) -> Handle:
+        owner = owner or self.address
+        if tensor_nbytes(tensor) <= INLINE_MAX:
+            return inline_handle(tensor, owner, request_id)
         data = host_bytes(tensor)
         with self._lock:
             item = next(self._ids)
-            self._store[item] = (request_id, owner or self.address, data)
-        return Handle(key=f"{self.host}:{self.port}/{item}", owner=owner or self.address,
-                      request_id=request_id, dtype=str(tensor.dtype).removeprefix("torch."),
-                      shape=list(tensor.shape))
+            self._store[item] = (request_id, owner, data)
+        return make_handle(tensor, f"{self.host}:{self.port}/{item}", owner, request_id)
 
     def free_request(self, request_id: str) -> None:
         """Forget the request's stored tensors addressed to this component (the others are
@@ -105,6 +116,8 @@ class TcpTransport:
 
     # -- the receiver's side --------------------------------------------------------------
     def get(self, handle: Handle) -> torch.Tensor:
+        if handle.inline is not None:
+            return inline_tensor(handle)
         nbytes = handle_nbytes(handle)
         status, length, data = self._request(handle, _GET)
         if status == _UNKNOWN:
@@ -118,6 +131,8 @@ class TcpTransport:
     def free(self, handle: Handle) -> None:
         """Tell the sender to forget the tensor. A sender that is gone took its store with
         it, so an unreachable one is not an error."""
+        if handle.inline is not None:
+            return
         with contextlib.suppress(ConnectionError):
             self._request(handle, _DROP)
 
