@@ -1,7 +1,8 @@
 """mstar: one runtime for composite multimodal models.
 
 `mstar.load(model, ...)` starts a deployment in this process; `mstar.events` are what it
-yields. Heavy modules (torch) are imported on first use, so `import mstar` stays light.
+yields; `mstar.MStarClient` / `mstar.AsyncMStarClient` talk to a server. Heavy modules
+(torch) are imported on first use, so `import mstar` stays light.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ def __getattr__(name: str) -> Any:
         from mstar import runtime
 
         return getattr(runtime, name)
+    if name in ("MStarClient", "AsyncMStarClient"):
+        from mstar import client
+
+        return getattr(client, name)
     if name == "events":
         import importlib
 
@@ -23,4 +28,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mstar' has no attribute {name!r}")
 
 
-__all__ = ["LocalDeployment", "RequestError", "events", "load"]
+__all__ = ["AsyncMStarClient", "LocalDeployment", "MStarClient", "RequestError", "events",
+           "load"]

@@ -42,9 +42,15 @@ class TensorData(msgspec.Struct, frozen=True):
 
 
 class TokenLogprob(msgspec.Struct, frozen=True):
+    """The log-prob of a sampled token and the `top` alternatives (id, log-prob). `token`
+    and `top_tokens` are their text, filled by the data worker from the model's tokenizer
+    (empty when the model has none)."""
+
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = []
+    token: str = ""
+    top_tokens: list[str] = []
 
 
 class TextDelta(msgspec.Struct, tag="text_delta", tag_field="event", frozen=True):
@@ -86,11 +92,14 @@ class Usage(msgspec.Struct, frozen=True):
 
 
 class Finished(msgspec.Struct, tag="finished", tag_field="event", frozen=True):
-    """The request ended. `reason`: "stop", "length", "abort", "timeout" or "error"."""
+    """The request ended. `reason`: "stop", "length", "abort", "timeout" or "error";
+    `reasons`: each completion's own reason by index where `n` > 1 made several (a stop
+    string or EOS ends one, `max_tokens` another)."""
 
     reason: str
     usage: Usage = Usage()
     index: int | None = None
+    reasons: dict[int, str] = {}
 
 
 class Error(msgspec.Struct, tag="error", tag_field="event", frozen=True):

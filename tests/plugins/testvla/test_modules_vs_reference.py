@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from mstar.chat import IncrementalDetokenizer
 from mstar.engine import rng
 from mstar.events import AudioChunk, NamedTensor, TextDelta
 from mstar.graph import GraphNode, walk_nodes
@@ -27,7 +28,7 @@ from mstar.plugins import model_registry
 from mstar.streaming.chunker import StreamChunker, slice_emitted
 from mstar_testvla.checkpoint import write_tiny_checkpoint
 from mstar_testvla.model import STREAM_POLICY, TestVLA
-from mstar_testvla.tokenizer import ACT, FRAME, IMG
+from mstar_testvla.tokenizer import ACT, FRAME, IMG, ByteTokenizer
 from testvla import Chunk, KeyedNoise, load_model, load_node, new_cache, run_llm
 from testvla.reference import Reference
 
@@ -351,13 +352,16 @@ def test_rollout_of_one_frame_ends_after_prefill(model):
 
 
 def test_postprocess_streams_utf8_and_tensors(model):
-    state = OutputState("r", {})
+    def lane(child: int = 0) -> OutputState:  # as the frontend makes it
+        return OutputState("r", {}, child, detokenizer=IncrementalDetokenizer(ByteTokenizer()))
+
+    state = lane()
     text = "é!".encode()
     first = model.postprocess({"token_ids": torch.tensor([text[0]])}, state)
     second = model.postprocess({"token_ids": [text[1], text[2], 257]}, state)
     assert first == [TextDelta(text="", token_ids=[text[0]])]
     assert second == [TextDelta(text="é!", token_ids=[text[1], text[2], 257])]
-    child = model.postprocess({"token_ids": [104]}, OutputState("r", {}, child=2))
+    child = model.postprocess({"token_ids": [104]}, lane(2))
     assert child == [TextDelta(text="h", token_ids=[104], index=2)]
     events = model.postprocess({"wave": torch.ones(8), "x_t": torch.zeros(4, 4),
                                 "frame_pred": torch.zeros(4, 8)}, state)

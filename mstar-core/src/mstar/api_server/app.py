@@ -62,11 +62,19 @@ def error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+def error_body(status: int, message: str, *, param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}` (`code`: a
+    short name such as "model_not_found", else the status)."""
+    return {"error": {"message": message, "type": error_type(status), "param": param,
+                      "code": code if code is not None else status}}
+
+
 def error_response(status: int, message: str, *, param: str | None = None,
-                   headers: Mapping[str, str] | None = None) -> JSONResponse:
-    """An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
-    body = {"error": {"message": message, "type": error_type(status), "param": param,
-                      "code": status}}
+                   headers: Mapping[str, str] | None = None,
+                   code: str | int | None = None) -> JSONResponse:
+    """An error answer in OpenAI's shape (see `error_body`)."""
+    body = error_body(status, message, param=param, code=code)
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
 
 
@@ -74,13 +82,13 @@ class ApiError(Exception):
     """An HTTP error a route raises; answered by `error_response`."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 headers: Mapping[str, str] | None = None):
+                 headers: Mapping[str, str] | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = dict(headers or {})
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     """The client closed its connection while its request ran."""
 
 
@@ -136,7 +144,7 @@ def _require_key(api_key: str) -> Callable[[Request], Awaitable[None]]:
     return require_key
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object, refused past `limit` bytes (declared or streamed)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
@@ -156,12 +164,16 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
-def _terminal(event: events.Event) -> bool:
+def terminal(event: events.Event) -> bool:
     return isinstance(event, events.Finished | events.Error)
 
 
-def _error_event_response(event: events.Error) -> JSONResponse:
-    status = event.code if 400 <= event.code < 600 else 500
+def event_status(event: events.Error) -> int:
+    return event.code if 400 <= event.code < 600 else 500
+
+
+def error_event_response(event: events.Error) -> JSONResponse:
+    status = event_status(event)
     return error_response(status, event.message, param=event.param,
                           headers=_RETRY if status in (429, 503) else None)
 
@@ -186,7 +198,7 @@ def _result(request_id: str, collected: list[events.Event]) -> dict[str, Any]:
     return out
 
 
-class _Run:
+class Run:
     """One submitted request as the app sees it: the queue its events arrive in, its
     metrics, and its end (finished, or cancelled when the client leaves or it falls
     silent for `timeout` seconds)."""
@@ -210,14 +222,14 @@ class _Run:
     async def next(self, request: Request | None = None) -> events.Event:
         """The next event. After `timeout` s without one the request is cancelled and a
         504 `Error` stands in; with `request`, a client that left (checked every
-        `_DISCONNECT_POLL_S` s, events or not) raises `_ClientGone`."""
+        `_DISCONNECT_POLL_S` s, events or not) raises `ClientGone`."""
         deadline = self._loop.time() + self.timeout
         while True:
             now = self._loop.time()
             if request is not None and now >= self._check_client_at:
                 self._check_client_at = now + _DISCONNECT_POLL_S
                 if await request.is_disconnected():
-                    raise _ClientGone
+                    raise ClientGone
             if now >= deadline:
                 self.close("timeout")
                 return events.Error(f"no output for {self.timeout:g} s: request "
@@ -230,7 +242,7 @@ class _Run:
             except TimeoutError:
                 continue
             self.metrics.event(event)
-            if _terminal(event) and not self.done:
+            if terminal(event) and not self.done:
                 self.done = True
                 self.metrics.finish(status_of(event))
                 log.info("%s ended: %s", self.request_id, event.reason
@@ -246,7 +258,7 @@ class _Run:
             log.info("%s cancelled (%s)", self.request_id, status)
 
 
-class _EventStream(StreamingResponse):
+class EventStream(StreamingResponse):
     """SSE whose `on_close` runs however the response ends (finished, the client gone,
     the server stopping), so a request still running is cancelled."""
 
@@ -262,24 +274,107 @@ class _EventStream(StreamingResponse):
             self._on_close()
 
 
-async def _sse(run: _Run, first: events.Event) -> AsyncIterator[bytes]:
+async def _sse(run: Run, first: events.Event) -> AsyncIterator[bytes]:
     event = first
     while True:
         yield _sse_frame(event)
-        if _terminal(event):
+        if terminal(event):
             break
         event = await run.next()
     if isinstance(event, events.Finished):
         yield b"data: [DONE]\n\n"
 
 
+class Runner:
+    """Admission and the start of a request, shared by every route that runs one: refuse
+    early, never queue (a deployment that cannot serve; one at its limit, counting the
+    requests still being submitted so a flood never piles up there), then submit and wait
+    for the first event, which decides the HTTP status."""
+
+    def __init__(self, backend: Backend, settings: ServerSettings, metrics: Metrics):
+        self.backend, self.settings, self.metrics = backend, settings, metrics
+        self.limit = backend.model_info()["max_concurrent_requests"]
+        self._admitting = 0
+
+    def admit(self) -> None:
+        problem = self.backend.failed()
+        if problem is not None:
+            raise ApiError(503, f"the deployment cannot serve: {problem}")
+        if not self.backend.ready():
+            raise ApiError(503, "the deployment is starting; retry shortly", headers=_RETRY)
+        if self.backend.live_requests() + self._admitting >= self.limit:
+            raise ApiError(429, f"server busy: {self.limit} requests are running; retry "
+                                "shortly", headers=_RETRY)
+
+    async def start(self, request: Request, body: Mapping[str, Any], *,
+                    kind: str = "generate", blobs: list[bytes] | None = None,
+                    recorder: RequestMetrics | None = None) -> tuple[Run, events.Event]:
+        """Submit and await the first event. An `Error` first event raises `ApiError`
+        (the request has ended); the caller owns the `Run` and must `close` it."""
+        rid = request.state.request_id
+        recorder = recorder or self.metrics.request()
+        try:
+            self.admit()
+            run = Run(self.backend, rid, self.settings.timeout, recorder)
+            self._admitting += 1
+            try:
+                await anyio.to_thread.run_sync(
+                    lambda: self.backend.submit(body, run.sink, rid, kind=kind,
+                                                blobs=blobs or ()))
+            except RequestError as exc:
+                raise ApiError(exc.code, str(exc), param=exc.param,
+                               headers=_RETRY if exc.code == 429 else None) from None
+            finally:
+                self._admitting -= 1
+        except ApiError as exc:
+            recorder.finish("rejected" if exc.status in (429, 503) else "error")
+            log.info("%s refused (%d): %s", rid, exc.status, exc.message)
+            raise
+        except Exception:
+            recorder.finish("error")
+            raise
+        log.info("%s submitted (%s)", rid, kind)
+        try:
+            first = await run.next(request)
+        except ClientGone:
+            run.close()
+            raise ApiError(499, "the client closed the request") from None
+        except BaseException:
+            run.close()
+            raise
+        if isinstance(first, events.Error):
+            run.close()
+            status = event_status(first)
+            raise ApiError(status, first.message, param=first.param,
+                           headers=_RETRY if status in (429, 503) else None)
+        return run, first
+
+
+async def collect(run: Run, first: events.Event, request: Request) -> list[events.Event]:
+    """Every event of a non-streamed request, the last one `Finished` (an `Error` raises
+    `ApiError`)."""
+    collected = [first]
+    while not terminal(collected[-1]):
+        collected.append(await run.next(request))
+    last = collected[-1]
+    if isinstance(last, events.Error):
+        status = event_status(last)
+        raise ApiError(status, last.message, param=last.param,
+                       headers=_RETRY if status in (429, 503) else None)
+    return collected
+
+
 def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     """The HTTP app over `backend`; `settings` gives the API key, the request timeout
-    (seconds without an event before a request is cancelled with 504) and the body limit."""
+    (seconds without an event before a request is cancelled with 504), the body limit and
+    the media limits. Routes beyond `/generate` come from the model's capabilities (the
+    OpenAI-compatible ones: `mstar.api_server.openai_routes`)."""
+    from mstar.api_server.openai_routes import add_openai_routes
+
     info = backend.model_info()
-    limit = info["max_concurrent_requests"]
     created = int(time.time())
     metrics = Metrics(backend.stats)
+    runner = Runner(backend, settings, metrics)
     app = FastAPI(title="mstar", openapi_url=None, docs_url=None, redoc_url=None)
     app.add_middleware(RequestIdMiddleware)
     guarded = APIRouter(dependencies=[Depends(_require_key(settings.api_key))]
@@ -287,7 +382,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, exc.message, param=exc.param, headers=exc.headers)
+        return error_response(exc.status, exc.message, param=exc.param, headers=exc.headers,
+                              code=exc.code)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -304,20 +400,6 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         message = "; ".join(f"{f or 'request'}: {e.get('msg', 'invalid')}"
                             for f, e in zip(fields, errors)) or "invalid request"
         return error_response(400, message, param=(fields[0] or None) if fields else None)
-
-    admitting = 0  # requests between admission and the end of their submit
-
-    def admit() -> None:
-        """Refuse early, never queue: a deployment that cannot serve, or one at its limit
-        (counting the requests still in `submit`, so a flood never piles up there)."""
-        problem = backend.failed()
-        if problem is not None:
-            raise ApiError(503, f"the deployment cannot serve: {problem}")
-        if not backend.ready():
-            raise ApiError(503, "the deployment is starting; retry shortly", headers=_RETRY)
-        if backend.live_requests() + admitting >= limit:
-            raise ApiError(429, f"server busy: {limit} requests are running; retry shortly",
-                           headers=_RETRY)
 
     @app.get("/health")
     async def health() -> Response:
@@ -342,57 +424,33 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
 
     @guarded.post("/generate")
     async def generate(request: Request) -> Response:
-        nonlocal admitting
         rid = request.state.request_id
         recorder = metrics.request()
         try:
-            body = await _read_json(request, settings.max_body_bytes)
+            body = await read_json(request, settings.max_body_bytes)
             stream = body.pop("stream", False)  # the transport's option, not the model's
             if not isinstance(stream, bool):
                 raise ApiError(400, "stream must be true or false", param="stream")
-            admit()
-            run = _Run(backend, rid, settings.timeout, recorder)
-            admitting += 1
-            try:
-                await anyio.to_thread.run_sync(backend.submit, body, run.sink, rid)
-            except RequestError as exc:
-                raise ApiError(exc.code, str(exc), param=exc.param,
-                               headers=_RETRY if exc.code == 429 else None) from None
-            finally:
-                admitting -= 1
-        except ApiError as exc:
-            recorder.finish("rejected" if exc.status in (429, 503) else "error")
-            log.info("%s refused (%d): %s", rid, exc.status, exc.message)
-            raise
-        except Exception:
+        except ApiError:
             recorder.finish("error")
             raise
-        log.info("%s submitted (stream=%s)", rid, stream)
-        handed_over = False
+        run, first = await runner.start(request, body, recorder=recorder)
+        if stream:
+            return EventStream(_sse(run, first), on_close=run.close)
         try:
-            first = await run.next(request)
-            if isinstance(first, events.Error):
-                return _error_event_response(first)
-            if stream:
-                handed_over = True
-                return _EventStream(_sse(run, first), on_close=run.close)
-            collected = [first]
-            while not _terminal(collected[-1]):
-                collected.append(await run.next(request))
-            last = collected[-1]
-            if isinstance(last, events.Error):
-                return _error_event_response(last)
-            return Response(msgspec.json.encode(_result(rid, collected)),
+            return Response(msgspec.json.encode(_result(rid, await collect(run, first,
+                                                                             request))),
                             media_type="application/json")
-        except _ClientGone:
+        except ClientGone:
             return Response(status_code=499)  # nobody reads it; the request is cancelled
         finally:
-            if not handed_over:
-                run.close()
+            run.close()
 
+    add_openai_routes(guarded, runner, info, settings, created)
     app.include_router(guarded)
     return app
 
 
-__all__ = ["RETRY_AFTER_S", "ApiError", "RequestIdMiddleware", "create_app", "error_response",
-           "error_type", "new_request_id"]
+__all__ = ["RETRY_AFTER_S", "ApiError", "ClientGone", "EventStream", "RequestIdMiddleware",
+           "Run", "Runner", "collect", "create_app", "error_body", "error_response",
+           "error_type", "new_request_id", "read_json"]

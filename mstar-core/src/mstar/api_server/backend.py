@@ -9,7 +9,7 @@ the event loop, so those methods must be cheap and never block.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from mstar import events
@@ -50,8 +50,10 @@ class Backend(Protocol):
     def model_info(self) -> ModelInfo:
         """The served model (constant for the backend's life)."""
 
-    def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str) -> str:
-        """Start a request; `sink` receives its events from another thread, the last one
+    def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str, *,
+               kind: str = "generate", blobs: Sequence[bytes] = ()) -> str:
+        """Start a request (`kind` "generate", "completion" or "chat", whose media parts
+        index `blobs`); `sink` receives its events from another thread, the last one
         `Finished` or `Error`. Bad input raises `mstar.engine.work.RequestError` (with
         `.code`, `.param`) where the model's `process_prompt` runs in this process, or
         arrives as a first `Error` event (code 400) where it runs in a data worker."""
@@ -80,8 +82,8 @@ class Entry(Protocol):
     startup_errors: dict[str, str]
     worker_stats: dict[str, WorkerStats]
 
-    def submit(self, body: Mapping[str, Any], sink: Sink, *,
-               request_id: str | None = None) -> str: ...
+    def submit(self, body: Mapping[str, Any], sink: Sink, *, request_id: str,
+               kind: str = "generate", blobs: Sequence[bytes] = ()) -> str: ...
 
     def cancel(self, request_id: str, reason: str = "abort") -> None: ...
 
@@ -114,8 +116,9 @@ class EntryBackend:
                          max_model_len=config.max_seq_len,
                          max_concurrent_requests=config.max_concurrent_requests)
 
-    def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str) -> str:
-        return self.entry.submit(body, sink, request_id=request_id)
+    def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str, *,
+               kind: str = "generate", blobs: Sequence[bytes] = ()) -> str:
+        return self.entry.submit(body, sink, request_id=request_id, kind=kind, blobs=blobs)
 
     def cancel(self, request_id: str) -> None:
         self.entry.cancel(request_id)

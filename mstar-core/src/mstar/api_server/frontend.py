@@ -1,9 +1,12 @@
 """The frontend: where a request enters and where its events come out.
 
-It turns a request body into a `RequestPlan` (the model's `process_prompt`), checks it,
-hands its tensors to the transport and submits it to the conductor; it receives the
-workers' outputs, runs the model's `postprocess` into `mstar.events`, and finishes a
-request once the conductor says it is complete and every output has arrived.
+It turns a request body into a `RequestPlan` (the model's `process_prompt`, or for a chat
+its chat template and `process_chat`), checks it, hands its tensors to the transport and
+submits it to the conductor; it receives the workers' outputs, runs the model's
+`postprocess` into `mstar.events` (with core's incremental detokenizer in the lane's
+`OutputState`), applies stop strings (a completion ends before the first one; once every
+completion has, the request is cancelled on every rank) and finishes a request once the
+conductor says it is complete and every output has arrived.
 
 The in-process API calls `submit` directly (one frontend, address "frontend"). When served,
 each data-worker process runs one (address "frontend:<k>"): requests arrive from the API
@@ -17,14 +20,15 @@ import collections
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import torch
 
 from mstar import events
+from mstar.chat import IncrementalDetokenizer, StopStrings, build_chat_prompt
 from mstar.communication import messages as msg
 from mstar.communication.channel import Channel
 from mstar.communication.component import Component
@@ -34,9 +38,17 @@ from mstar.engine.rng import draw_seed
 from mstar.engine.work import RequestError
 from mstar.model.contract import Model, OutputState, RequestPlan
 
+if TYPE_CHECKING:
+    from mstar.media import MediaLimits
+
 log = logging.getLogger(__name__)
 
 Sink = Callable[[events.Event], None]
+
+
+#: Stop strings a request may give at most, and their longest length.
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
+REQUEST_KINDS = ("generate", "completion", "chat")
 
 
 @dataclass
@@ -44,20 +56,41 @@ class _Live:
     sink: Sink
     params: dict[str, Any]
     prompt_tokens: int
+    completions: int = 1
+    stops: list[str] = field(default_factory=list)
     states: dict[int, OutputState] = field(default_factory=dict)
+    stop_state: dict[int, StopStrings] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
     completion_tokens: int = 0
     complete: msg.Complete | None = None
+    stopped: bool = False  # every completion met a stop string: cancelled by us
+
+
+def stop_strings(value: Any) -> list[str]:
+    """The request's `stop` (a string or a list of strings), checked."""
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if (not isinstance(stops, list) or len(stops) > MAX_STOPS
+            or not all(isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS for x in stops)):
+        raise RequestError(f"stop must be a string or a list of at most {MAX_STOPS} "
+                           f"non-empty strings of at most {MAX_STOP_CHARS} characters",
+                           param="stop")
+    return list(stops)
 
 
 class Frontend(Component):
     def __init__(self, model: Model, config: DeploymentConfig, channel: Channel,
-                 transport: Transport, *, client: str = "api"):
+                 transport: Transport, *, client: str = "api",
+                 media_limits: MediaLimits | None = None):
         """`client`: the address that `ClientRequest`s come from and whose `ClientEvent`s
-        this frontend sends (the API server's gateway)."""
+        this frontend sends (the API server's gateway); `media_limits`: what decoded chat
+        media may be (pixels, duration)."""
         super().__init__(channel.address)
         self.client = client
         self.model = model
+        self.tokenizer = model.tokenizer()
+        self.media_limits = media_limits
         self.config = config
         self.channel = channel
         self.transport = transport
@@ -71,12 +104,20 @@ class Frontend(Component):
         self._lock = threading.Lock()
 
     # -- admission --------------------------------------------------------------------------
-    def plan(self, request: Mapping[str, Any]) -> RequestPlan:
-        """The model's plan for a request, checked; bad input raises RequestError."""
+    def plan(self, request: Mapping[str, Any], kind: str = "generate",
+             blobs: Sequence[bytes] = ()) -> RequestPlan:
+        """The model's plan for a request, checked; bad input raises RequestError. `kind`
+        "chat": `request` holds normalised `messages` (see `mstar.chat.prompt`) whose media
+        parts index `blobs`, plus sampling fields."""
         if not isinstance(request, Mapping):
             raise RequestError("the request body must be a JSON object")
+        if kind not in REQUEST_KINDS:
+            raise RequestError(f"unknown request kind {kind!r}; kinds: {REQUEST_KINDS}")
         try:
-            plan = self.model.process_prompt(request)
+            if kind == "chat":
+                plan = self._plan_chat(request, blobs)
+            else:
+                plan = self.model.process_prompt(request)
             for site, params in plan.sampling.items():
                 try:
                     params.validate()
@@ -85,7 +126,12 @@ class Frontend(Component):
         except RequestError:
             raise
         except (ValueError, TypeError, KeyError) as exc:
-            raise RequestError(str(exc)) from None
+            raise RequestError(str(exc), code=getattr(exc, "status", 400),
+                               param=getattr(exc, "param", None)) from None
+        if self.tokenizer is None and any(p.response_format is not None
+                                          for p in plan.sampling.values()):
+            raise RequestError("response_format needs a model with a tokenizer",
+                               param="response_format")
         if plan.prompt_tokens > self.config.max_seq_len:
             raise RequestError(f"prompt of {plan.prompt_tokens} tokens is longer than "
                                f"max_seq_len={self.config.max_seq_len}", param="prompt")
@@ -95,9 +141,28 @@ class Frontend(Component):
                                    f"max_seq_len={self.config.max_seq_len}", param="max_tokens")
         return plan
 
+    def _plan_chat(self, request: Mapping[str, Any], blobs: Sequence[bytes]) -> RequestPlan:
+        from mstar.media import MediaLimits
+
+        messages = request.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list", param="messages")
+        prompt = build_chat_prompt(self.model, messages, blobs,
+                                   self.media_limits or MediaLimits(),
+                                   template_kwargs=request.get("chat_template_kwargs"))
+        fields = {k: v for k, v in request.items()
+                  if k not in ("messages", "chat_template_kwargs")}
+        return self.model.process_chat(prompt, fields)
+
     def submit(self, request: Mapping[str, Any], sink: Sink, *,
-               request_id: str | None = None) -> str:
-        plan = self.plan(request)
+               request_id: str | None = None, kind: str = "generate",
+               blobs: Sequence[bytes] = ()) -> str:
+        if isinstance(request, Mapping) and "stop" in request:
+            stops = stop_strings(request["stop"])
+            request = {k: v for k, v in request.items() if k != "stop"}
+        else:
+            stops = []
+        plan = self.plan(request, kind, blobs)
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         with self._lock:
             if rid in self._live or rid in self._used:
@@ -111,8 +176,10 @@ class Frontend(Component):
                                sorted(plan.first_walks), frontend=self.channel.address)
         first = {p: msg.walk_step_msg(step, lambda t: self.transport.put(t, rid))
                  for p, step in plan.first_walks.items()}
+        completions = max((p.n for p in plan.sampling.values()), default=1)
         with self._lock:
-            self._live[rid] = _Live(sink, dict(plan.params), plan.prompt_tokens)
+            self._live[rid] = _Live(sink, dict(plan.params), plan.prompt_tokens, completions,
+                                    stops)
         self.channel.send("conductor", msg.Submit(info, first, plan.prompt_tokens,
                                                   self.config.request_timeout))
         return rid
@@ -162,7 +229,8 @@ class Frontend(Component):
             self.channel.send(self.client, msg.ClientEvent(m.request_id, events.encode(event)))
 
         try:
-            self.submit(msgspec.json.decode(m.body_json), sink, request_id=m.request_id)
+            self.submit(msgspec.json.decode(m.body_json), sink, request_id=m.request_id,
+                        kind=m.kind, blobs=m.blobs)
         except RequestError as exc:
             sink(events.Error(str(exc), exc.code, "invalid_request_error"
                               if exc.code < 500 else "internal_error", exc.param))
@@ -186,9 +254,15 @@ class Frontend(Component):
             live.completion_tokens += int(torch.as_tensor(outputs["token_ids"]).numel())
         state = live.states.get(m.child)
         if state is None:
-            state = live.states[m.child] = OutputState(m.request_id, live.params, m.child)
+            state = live.states[m.child] = OutputState(
+                m.request_id, live.params, m.child,
+                detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None)
         try:
             for event in self.model.postprocess(outputs, state):
+                if isinstance(event, events.TextDelta):
+                    event = self._text(live, state, event)
+                    if event is None:
+                        continue
                 live.sink(event)
         except Exception as exc:
             log.exception("postprocess failed for %s", m.request_id)
@@ -197,18 +271,53 @@ class Frontend(Component):
             return
         self._maybe_finish(m.request_id, live)
 
+    def _text(self, live: _Live, state: OutputState,
+              event: events.TextDelta) -> events.TextDelta | None:
+        """A text event after stop strings (None once its completion has stopped), with the
+        text of its logprobs' tokens."""
+        if event.logprobs and state.detokenizer is not None:
+            text = state.detokenizer.token_text
+            event = msgspec.structs.replace(event, logprobs=[
+                msgspec.structs.replace(lp, token=text(lp.token_id),
+                                        top_tokens=[text(i) for i, _ in lp.top])
+                for lp in event.logprobs])
+        if not live.stops:
+            return event
+        stops = live.stop_state.setdefault(event.index, StopStrings(live.stops))
+        if stops.matched:
+            return None
+        event = msgspec.structs.replace(event, text=stops.push(event.text))
+        if stops.matched and not live.stopped and sum(
+                s.matched for s in live.stop_state.values()) == live.completions:
+            live.stopped = True  # every completion is done: end the request everywhere
+            self.channel.send("conductor", msg.CancelRequest(state.request_id, "abort"))
+        return event
+
     def _maybe_finish(self, rid: str, live: _Live) -> None:
         done = live.complete
         if done is None:
             return
-        if done.error is not None:
+        if done.error is not None and not live.stopped:
             kind = "invalid_request_error" if done.code < 500 else "internal_error"
             self._finish(rid, events.Error(done.error, done.code, kind))
             return
         if any(live.received.get(w, 0) < n for w, n in done.outputs_expected.items()):
             return
+        reasons = dict(done.reasons)
+        for index, stops in sorted(live.stop_state.items()):
+            held = stops.flush()
+            if held:
+                live.sink(events.TextDelta(text=held, token_ids=[], index=index))
+            if stops.matched:
+                reasons[index] = "stop"
+        reason = "stop" if live.stopped else done.reason
+        if live.completions > 1 or reasons:
+            # a lane with no reason of its own ended normally, unless the request was cut
+            natural = "stop" if live.stopped or done.reason in ("stop", "length") \
+                else done.reason
+            reasons = {i: reasons.get(i, natural) for i in range(live.completions)}
         usage = events.Usage(live.prompt_tokens, live.completion_tokens)
-        self._finish(rid, events.Finished(done.reason, usage))
+        self._finish(rid, events.Finished(reason, usage, reasons=reasons))
 
     def _finish(self, rid: str, event: events.Event) -> None:
         with self._lock:

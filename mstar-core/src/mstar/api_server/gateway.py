@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -53,10 +53,11 @@ class Gateway(Component):
         self._lock = threading.Lock()
 
     # -- requests (called from the app's threads) -------------------------------------------
-    def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str) -> str:
-        """Hand `body` to a data worker; `sink` gets its events from the gateway's thread.
-        Only a reused request id raises here (`RequestError`): a data worker reports bad
-        input as the request's first event."""
+    def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str, *,
+               kind: str = "generate", blobs: Sequence[bytes] = ()) -> str:
+        """Hand `body` (of `kind`, with its media `blobs`) to a data worker; `sink` gets its
+        events from the gateway's thread. Only a reused request id raises here
+        (`RequestError`): a data worker reports bad input as the request's first event."""
         data = msgspec.json.encode(body)
         with self._lock:
             if request_id in self._live or request_id in self._used:
@@ -71,7 +72,7 @@ class Gateway(Component):
                 self._used.popitem(last=False)
             self._live[request_id] = (target, sink)
             self._load[target] += 1
-        self.channel.send(target, msg.ClientRequest(request_id, data))
+        self.channel.send(target, msg.ClientRequest(request_id, data, kind, list(blobs)))
         return request_id
 
     def cancel(self, request_id: str, reason: str = "abort") -> None:

@@ -82,6 +82,20 @@ def _add_options(parser: argparse.ArgumentParser, shown_defaults: Mapping[str, s
     server.add_argument("--data-workers", type=int,
                         help="processes that run the model's request preprocessing and "
                              f"output postprocessing, off the API server {d('data_workers')}")
+    media = parser.add_argument_group("media (chat images, audio, video)")
+    media.add_argument("--allow-private-media-urls", action="store_true", default=None,
+                       help="let media URLs reach private, loopback and link-local "
+                            "addresses (refused by default)")
+    media.add_argument("--media-max-bytes", type=int,
+                       help=f"bytes per media item {d('media_max_bytes')}")
+    media.add_argument("--media-max-image-pixels", type=int,
+                       help=f"width x height per image {d('media_max_image_pixels')}")
+    media.add_argument("--media-max-audio-seconds", type=float,
+                       help=f"seconds per audio item {d('media_max_audio_seconds')}")
+    media.add_argument("--media-max-video-seconds", type=float,
+                       help=f"seconds per video {d('media_max_video_seconds')}")
+    media.add_argument("--media-fetch-timeout", type=float,
+                       help=f"seconds per URL fetch {d('media_fetch_timeout')}")
     model = parser.add_argument_group("model and weights")
     model.add_argument("--model-path", help="local checkpoint directory (default: the "
                                             "model's hub repo)")

@@ -69,10 +69,14 @@ class RequestInfo(msgspec.Struct):
 
 # -- API server (gateway) <-> data worker (frontend) --------------------------------------
 class ClientRequest(msgspec.Struct, tag=True):
-    """A request body (JSON, as the client sent it) for a data worker's frontend."""
+    """A request body (JSON) for a data worker's frontend. `kind`: "generate" (the model's
+    native request), "completion" (a text prompt) or "chat" (messages, see `mstar.chat`);
+    `blobs`: the raw media bytes the body's media parts refer to by index."""
 
     request_id: str
     body_json: bytes
+    kind: str = "generate"
+    blobs: list[bytes] = []
 
 
 class ClientCancel(msgspec.Struct, tag=True):
@@ -215,6 +219,7 @@ class Complete(msgspec.Struct, tag=True):
     outputs_expected: dict[str, int] = {}
     error: str | None = None
     code: int = 500
+    reasons: dict[int, str] = {}  # by child, where its lanes ended for another reason
 
 
 class Rejected(msgspec.Struct, tag=True):

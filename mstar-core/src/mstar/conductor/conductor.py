@@ -47,6 +47,7 @@ class ConductorRequest:
     kv_home: dict[str, str] = field(default_factory=dict)  # KV node -> worker holding it
     producers: dict[int, str] = field(default_factory=dict)
     reason: str = "stop"
+    child_reasons: dict[int, str] = field(default_factory=dict)
 
 
 class Conductor(Component):
@@ -198,6 +199,7 @@ class Conductor(Component):
             return
         if isinstance(nxt, Finished) and nxt.reason != "stop":
             req.reason = nxt.reason
+            req.child_reasons[m.child] = nxt.reason
         req.lanes.discard((m.partition, m.child))
         if not any(p == m.partition for p, _ in req.lanes):
             self._partition_finished(req, m.partition)
@@ -216,5 +218,5 @@ class Conductor(Component):
             self.channel.send(worker, msg.Cancel(rid, reason) if error or reason != "stop"
                               else msg.Release(rid))
         self.channel.send(req.info.frontend, msg.Complete(rid, reason, dict(req.outputs_sent),
-                                                          error, code))
+                                                          error, code, req.child_reasons))
 

@@ -29,7 +29,8 @@ class KVCacheConfig(BaseModel):
     """Cache capacity: an explicit `num_pages` per KV node pool, or `memory_fraction` of
     free memory divided among the ranks sharing the device (on CPU, the host's ranks).
     `shares` splits a rank's pages between its KV nodes (default: proportional to each
-    node's bytes per token x max_seq_len)."""
+    node's bytes per token x max_seq_len). `enable_prefix_caching`: reuse the cached pages
+    of prompts that start the same way (off for tensor-parallel nodes)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -37,6 +38,7 @@ class KVCacheConfig(BaseModel):
     num_pages: int | None = Field(default=None, ge=1)
     memory_fraction: float = Field(default=0.3, gt=0, le=1)
     shares: dict[str, float] | None = None
+    enable_prefix_caching: bool = True
 
 
 class SchedulerConfig(BaseModel):
@@ -56,4 +58,7 @@ class DeploymentConfig(BaseModel):
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     max_concurrent_requests: int = Field(default=256, ge=1)
+    #: Bytes of outputs kept for reuse by each of the model's `cacheable_nodes` on each
+    #: rank (an encoder-output cache keyed by the inputs' hash; 0: off).
+    encoder_cache_bytes: int = Field(default=256 * 2**20, ge=0)
     request_timeout: float | None = Field(default=None, gt=0)

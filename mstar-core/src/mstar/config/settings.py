@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mstar.config.validate import ConfigError
+
+if TYPE_CHECKING:
+    from mstar.media.limits import MediaLimits
 
 Protocol = Literal["SHM", "TCP", "RDMA"]
 
@@ -47,6 +50,29 @@ class ServerSettings(BaseSettings):
     shutdown_grace: float = Field(30.0, ge=0)
     data_workers: int = Field(1, ge=1, description="Processes running the model's "
                               "process_prompt and postprocess, off the API server.")
+    allow_private_media_urls: bool = Field(False, description="Fetch media URLs whose host "
+                                           "is private, loopback or link-local (SSRF guard "
+                                           "off).")
+    media_max_bytes: int = Field(20 * 1024 * 1024, gt=0,
+                                 description="Per media item, fetched, inline or uploaded.")
+    media_max_image_pixels: int = Field(4096 * 4096, gt=0)
+    media_max_audio_seconds: float = Field(600.0, gt=0)
+    media_max_video_seconds: float = Field(600.0, gt=0)
+    media_fetch_timeout: float = Field(10.0, gt=0, description="Seconds for a whole media "
+                                       "URL fetch, redirects included.")
+
+    def media_limits(self) -> MediaLimits:
+        """The `MediaLimits` these settings give every media fetch, decode and upload."""
+        # Imported here: mstar.media pulls in Pillow, soundfile and PyAV, which commands
+        # that only read settings never need.
+        from mstar.media.limits import MediaLimits
+
+        return MediaLimits(max_bytes=self.media_max_bytes,
+                           max_image_pixels=self.media_max_image_pixels,
+                           max_audio_seconds=self.media_max_audio_seconds,
+                           max_video_seconds=self.media_max_video_seconds,
+                           fetch_timeout_s=self.media_fetch_timeout,
+                           allow_private_urls=self.allow_private_media_urls)
 
 
 @functools.cache

@@ -10,6 +10,12 @@ failed or scratch step never changes a sequence's length.
 
 `export`/`import_sequence` turn a sequence into one contiguous tensor and back: this is how
 KV migrates between workers and how a fork reaches a label placed on another rank.
+
+Prefix caching (`mstar.engine.prefix_cache`): full pages whose K/V are final may be
+`register`ed under a content hash; a new sequence `adopt`s the longest cached run of its
+prompt's pages instead of recomputing them. A hashed page is never written again (`reserve`
+copies it first, as it copies a shared page), and when its last holder frees it, it stays
+cached until the allocator needs it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mstar.engine.prefix_cache import PrefixTable
 from mstar.model.contract import KVSpec
 from mstar.model.forward import SeqKey
 
@@ -35,6 +42,10 @@ class PagePool:
     Storage is one tensor `[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]`
     (index 0 of the second axis is K, 1 is V). It is zero-filled so that padded reads of
     unused slots (masked out by attention) never meet NaN garbage.
+
+    A page no sequence holds is free: either never cached (the free list) or idle in the
+    `prefix` table (cached K/V kept for reuse). `allocate` takes never-cached pages first,
+    then evicts the least recently released cached ones.
     """
 
     def __init__(self, spec: KVSpec, num_pages: int, page_size: int,
@@ -48,6 +59,7 @@ class PagePool:
                               spec.head_dim, dtype=spec.dtype, device=self.device)
         self._free: deque[int] = deque(range(num_pages))
         self._refs = [0] * num_pages
+        self.prefix = PrefixTable()
 
     @property
     def num_pages(self) -> int:
@@ -59,7 +71,13 @@ class PagePool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages no sequence holds (cached idle pages included: they can be taken)."""
+        return len(self._free) + self.prefix.num_idle
+
+    @property
+    def num_cached(self) -> int:
+        """Free pages that still hold reusable, hashed K/V."""
+        return self.prefix.num_idle
 
     @property
     def num_used(self) -> int:
@@ -82,10 +100,11 @@ class PagePool:
         return self._refs[page]
 
     def allocate(self, n: int) -> list[int]:
-        """`n` fresh pages with reference count 1; raises `OutOfPages` (allocating none)."""
-        if n > len(self._free):
-            raise OutOfPages(f"need {n} pages, {len(self._free)} of {self.num_pages} free")
-        pages = [self._free.popleft() for _ in range(n)]
+        """`n` fresh pages with reference count 1, never-cached ones first, then evicted
+        cached ones (least recently released first); raises `OutOfPages` (allocating none)."""
+        if n > self.num_free:
+            raise OutOfPages(f"need {n} pages, {self.num_free} of {self.num_pages} free")
+        pages = [self._free.popleft() if self._free else self.prefix.evict() for _ in range(n)]
         for p in pages:
             self._refs[p] = 1
         return pages
@@ -95,13 +114,26 @@ class PagePool:
             raise RuntimeError(f"page {page} is free; cannot share it")
         self._refs[page] += 1
 
+    def reuse(self, page: int) -> None:
+        """Take one more reference to a cached page, idle or held."""
+        if self._refs[page] == 0:
+            self.prefix.revive(page)
+            self._refs[page] = 1
+        else:
+            self.incref(page)
+
     def decref(self, page: int) -> None:
-        """Drop one reference; the page returns to the free list at zero."""
+        """Drop one reference; at zero the page is free again (kept cached if hashed)."""
         if self._refs[page] <= 0:
             raise RuntimeError(f"page {page} is already free")
         self._refs[page] -= 1
-        if self._refs[page] == 0:
+        if self._refs[page] == 0 and not self.prefix.release(page):
             self._free.append(page)
+
+    def immutable(self, page: int) -> bool:
+        """Writing `page` would change K/V someone else relies on: another holder's, or the
+        cached K/V of its hash. Such a page is copied before a write."""
+        return self._refs[page] > 1 or self.prefix.is_hashed(page)
 
     def copy_page(self, src: int, dst: int) -> None:
         """Copy every layer's K/V of page `src` into page `dst`."""
@@ -172,7 +204,7 @@ class KVCacheManager:
         need = math.ceil((seq.length + n_new) / ps)
         first = seq.length // ps
         cow = [i for i in range(first, min(need, len(seq.pages)))
-               if self.pool.refcount(seq.pages[i]) > 1]
+               if self.pool.immutable(seq.pages[i])]
         return max(0, need - len(seq.pages)), cow
 
     def pages_needed(self, key: SeqKey, n_new: int) -> int:
@@ -181,8 +213,8 @@ class KVCacheManager:
         return new + len(cow)
 
     def reserve(self, key: SeqKey, n_new: int) -> None:
-        """Make room for `n_new` tokens after `length`, copying shared pages that they would
-        overwrite. Call it again after a `fork` of this sequence before writing. Raises
+        """Make room for `n_new` tokens after `length`, copying shared or hashed pages that
+        they would overwrite. Call it again after a `fork` of this sequence before writing. Raises
         `OutOfPages` with the state unchanged when the pool is short."""
         seq = self._get(key)
         new, cow = self._plan(seq, n_new)
@@ -196,8 +228,9 @@ class KVCacheManager:
     def slots(self, key: SeqKey, start: int, n: int, *, write: bool = True) -> torch.Tensor:
         """Flat slot indices (`page * page_size + offset`) of positions `start..start+n-1`,
         a LongTensor `[n]` on the pool's device. The range must be reserved. With `write`
-        (the default) every page of the range must be exclusive to this sequence: writing a
-        shared page would change a fork's K/V, so `reserve` must have copied it."""
+        (the default) every page of the range must be exclusive to this sequence and
+        unhashed: writing it would change a fork's or the prefix cache's K/V, so `reserve`
+        must have copied it."""
         seq = self._get(key)
         ps = self.pool.page_size
         if start < 0 or start + n > len(seq.pages) * ps:
@@ -206,7 +239,7 @@ class KVCacheManager:
         if n == 0:
             return torch.empty(0, dtype=torch.long, device=self.pool.device)
         first, last = start // ps, (start + n - 1) // ps
-        if write and any(self.pool.refcount(seq.pages[i]) > 1 for i in range(first, last + 1)):
+        if write and any(self.pool.immutable(seq.pages[i]) for i in range(first, last + 1)):
             raise RuntimeError(f"positions [{start}, {start + n}) of {key} lie on a shared "
                                f"page; reserve() before writing")
         pos = torch.arange(start, start + n, dtype=torch.long)
@@ -245,16 +278,51 @@ class KVCacheManager:
         if not 0 <= length <= seq.length:
             raise ValueError(f"cannot truncate {key} of length {seq.length} to {length}")
         keep = math.ceil(length / self.pool.page_size)
-        for p in seq.pages[keep:]:
+        for p in reversed(seq.pages[keep:]):
             self.pool.decref(p)
         del seq.pages[keep:]
         seq.length = length
 
     def free(self, key: SeqKey) -> None:
+        """Drop the sequence. Its pages are released last page first, so that cached
+        prefixes are evicted from their tails (a chain is useless without its head)."""
         seq = self._get(key)
-        for p in seq.pages:
+        for p in reversed(seq.pages):
             self.pool.decref(p)
         del self._seqs[key]
+
+    # -- prefix caching --------------------------------------------------------------------
+
+    def match_prefix(self, hashes: list[bytes]) -> list[int]:
+        """The cached pages of the longest run of `hashes` (a prompt's page hashes)."""
+        pages: list[int] = []
+        for h in hashes:
+            page = self.pool.prefix.lookup(h)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def adopt(self, key: SeqKey, pages: list[int]) -> None:
+        """Make the empty sequence `key` start with the cached full `pages` (shared by
+        reference, never copied: nobody writes a hashed page)."""
+        seq = self._get(key)
+        if seq.pages or seq.length:
+            raise ValueError(f"KV sequence {key} is not empty; cannot adopt cached pages")
+        for p in pages:
+            self.pool.reuse(p)
+        seq.pages = list(pages)
+        seq.length = len(pages) * self.pool.page_size
+
+    def register(self, key: SeqKey, hashes: list[bytes], start: int = 0) -> int:
+        """Cache the sequence's full committed pages `start..` under `hashes` (page `i`
+        under `hashes[i]`; their K/V are final). Returns the first page not yet covered, the
+        `start` of the next call."""
+        seq = self._get(key)
+        end = min(len(hashes), seq.length // self.pool.page_size)
+        for i in range(start, end):
+            self.pool.prefix.register(seq.pages[i], hashes[i])
+        return max(start, end)
 
     def free_request(self, request_id: str) -> None:
         """Free every sequence of a request (every label and child)."""

@@ -8,6 +8,14 @@ dropped and rebuilt later from its history, "preemption by recompute"), builds o
 returns the finished invocations' outputs. Prefills, decode steps and denoising steps of
 different requests and walks share one forward.
 
+Prefix caching: the first chunk of a new sequence (a prompt, or the rebuild of a preempted
+one) starts from the longest run of its full pages already in the cache (`prefix_cache`
+hashes everything that determines a page's K/V) and computes only the rest; its own full
+pages are registered once the step that wrote them is done. `counters` counts the tokens of
+such first chunks that were run (`prompt_tokens_computed`) and reused
+(`prefix_cache_hit_tokens`). Off for tensor-parallel nodes (their followers replay the
+leader's page operations and cannot see its cache).
+
 Per-invocation inputs read from the environment: `input_ids` [n] (required), `positions`
 ([n] or [A, n]; default: the sequence's next position + arange, on every axis), `segments`
 (list of (length, kind); default one causal segment), `chunk_mode` ("append" | "scratch"),
@@ -30,9 +38,11 @@ from mstar.communication import messages as msg
 from mstar.config.deployment import SchedulerConfig
 from mstar.engine.attention_torch import TorchAttention
 from mstar.engine.kv_cache import KVCacheManager, OutOfPages, SeqExport
+from mstar.engine.prefix_cache import page_hashes, reusable_length
 from mstar.engine.profiling import step_range
 from mstar.engine.sampler import SampleRequest, sample, stop_reason
 from mstar.engine.sequence import Chunk, SeqState
+from mstar.engine.structured import GrammarStates
 from mstar.engine.work import KeyedStepContext, NodeWork, RequestError, WorkResult
 from mstar.events import TensorData
 from mstar.graph.primitives import GraphNode
@@ -70,6 +80,9 @@ class _Task:
     done: int = 0
     arrival: int = 0
     pieces: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    first: bool = False  # the chunk starts its sequence (a prompt or a rebuild)
+    hashes: list[bytes] | None = None  # its full pages' prefix-cache hashes
+    registered: int = 0  # pages of it registered in the prefix cache so far
 
     @property
     def n(self) -> int:
@@ -105,7 +118,8 @@ class KVEngine:
     def __init__(self, node: str, module: torch.nn.Module, spec: KVSpec, cache: KVCacheManager,
                  *, max_seq_len: int, scheduler: SchedulerConfig,
                  eos_token_ids: tuple[int, ...] = (), device: torch.device | str = "cpu",
-                 log_size: int = 10_000):
+                 log_size: int = 10_000, tokenizer: Callable[[], Any] | None = None,
+                 prefix_caching: bool = True):
         self.node = node
         self.module = module
         self.spec = spec
@@ -114,6 +128,8 @@ class KVEngine:
         self.scheduler = scheduler
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = torch.device(device)
+        #: `response_format` state per sampled sequence (`tokenizer`: the model's, for it).
+        self.grammar = GrammarStates(tokenizer)
         self.seqs: dict[SeqKey, SeqState] = {}
         self.waiting: list[_Task] = []
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=log_size)
@@ -121,6 +137,9 @@ class KVEngine:
         self._admissions = itertools.count()
         self._steps = itertools.count()
         self._extras = {e.name: e for e in spec.extras}
+        self.prefix_caching = prefix_caching
+        #: Cumulative: tokens of sequences' first chunks run, and taken from cached pages.
+        self.counters = {"prompt_tokens_computed": 0, "prefix_cache_hit_tokens": 0}
         #: Tensor-parallel leader: sends every step and cache operation to the followers
         #: (set by the worker; None on a plain node or a follower).
         self.mirror: Callable[[Any], None] | None = None
@@ -149,6 +168,7 @@ class KVEngine:
 
     def release_seq(self, key: SeqKey) -> None:
         self.seqs.pop(key, None)
+        self.grammar.release(key)
         if self.cache.has(key):
             self.cache.free(key)
         self._mirror_op("free", key.request_id, key.label, key.child)
@@ -159,6 +179,7 @@ class KVEngine:
         for key in [k for k in self.seqs if k.request_id == request_id]:
             del self.seqs[key]
         self.cache.free_request(request_id)
+        self.grammar.release_request(request_id)
         self._mirror_op("release", request_id)
 
     def pages_in_use(self) -> int:
@@ -409,8 +430,14 @@ class KVEngine:
             is_new = state.admitted < 0
             if is_new and not admitting_new:
                 continue
+            if task.done == 0 and task.mode == "append" and self.cache.length(task.key) == 0:
+                task.first = True
+                reused = self._reuse_prefix(task)
+            else:
+                reused = 0
             take = self._chunk_len(task, budget, not batch)
             if take == 0:
+                self._undo_reuse(task, reused)
                 continue
             if task.mode == "append":
                 while True:
@@ -421,6 +448,7 @@ class KVEngine:
                         if not self._preempt_one(in_batch | {task.request_id}):
                             break
                 if self.cache.capacity(task.key) - self.cache.length(task.key) < take:
+                    self._undo_reuse(task, reused)
                     others = any(s.admitted >= 0 and s.key.request_id != task.request_id
                                  for s in self.seqs.values())
                     if not batch and not others:
@@ -432,10 +460,61 @@ class KVEngine:
                     continue
             if state.admitted < 0:
                 state.admitted = next(self._admissions)
+            if reused and task.work is not None:
+                self._record(state, task.chunk.slice(0, reused))
+            if task.first:
+                self.counters["prefix_cache_hit_tokens"] += reused
+                self.counters["prompt_tokens_computed"] += take
             batch.append((task, take))
             in_batch.add(task.request_id)
             budget -= take
         return batch, failed
+
+    # -- prefix caching ---------------------------------------------------------------------
+    def _reuse_prefix(self, task: _Task) -> int:
+        """Start the empty sequence of `task` (its first chunk) from the cached pages of the
+        chunk's longest cached prefix; returns the tokens reused (0 when off). Stops before
+        the first token whose outputs are wanted (at least the last token runs) and never
+        inside a bidirectional segment."""
+        if not self.prefix_caching or self.tp_ranks:
+            return 0
+        ps = self.cache.pool.page_size
+        chunk = task.chunk
+        if task.hashes is None:
+            extras = self._batch_extras([chunk])  # exactly what the forward would see
+            task.hashes = page_hashes(
+                chunk.input_ids, chunk.positions, chunk.segments,
+                {k: v for k, v in extras.items() if self._extras[k].per == "token"},
+                {k: v for k, v in extras.items() if self._extras[k].per == "seq"},
+                page_size=ps, salt=f"{self.node}|{task.key.label}|{self.cache.pool.spec.dtype}")
+        pages = self.cache.match_prefix(task.hashes)
+        if not pages:
+            return 0
+        limit = task.n - 1
+        for at in task.wanted.values():
+            if at == "all":
+                limit = 0
+            elif at.startswith("segment:"):
+                limit = min(limit, _segment_range(chunk.segments, int(at.split(":", 1)[1]))[0])
+        reused = reusable_length(len(pages) * ps, chunk.segments, limit, ps)
+        if reused:
+            self.cache.adopt(task.key, pages[:reused // ps])
+            task.done = reused
+        return reused
+
+    def _undo_reuse(self, task: _Task, reused: int) -> None:
+        """The task could not be scheduled after all: give its adopted pages back."""
+        if reused:
+            self.cache.truncate(task.key, 0)
+            task.done = 0
+
+    @staticmethod
+    def _record(state: SeqState, piece: Chunk) -> None:
+        """`piece` is now in the sequence's cache: remember it (recompute, forks, sampling
+        penalties, next position)."""
+        state.history.append(piece)
+        state.appended_ids.extend(piece.input_ids.tolist())
+        state.next_position = max(state.next_position, int(piece.positions[0].max()) + 1)
 
     def _fail(self, task: _Task, error: Exception) -> list[WorkResult]:
         if task.work is None:
@@ -507,12 +586,11 @@ class KVEngine:
         for i, (task, take) in enumerate(batch):
             if task.mode == "append":
                 self.cache.commit(task.key, take)
-                state = self.seqs[task.key]
                 if task.work is not None:
-                    state.history.append(pieces[i])
-                    state.appended_ids.extend(pieces[i].input_ids.tolist())
-                    state.next_position = max(state.next_position,
-                                              int(pieces[i].positions[0].max()) + 1)
+                    self._record(self.seqs[task.key], pieces[i])
+                if task.hashes:
+                    task.registered = self.cache.register(task.key, task.hashes,
+                                                          task.registered)
             task.done += take
             if task.done == task.n:
                 finished.append(task)
@@ -552,10 +630,14 @@ class KVEngine:
                                       child=t.work.child, site=t.work.node.name,
                                       step=self.cache.length(t.key),
                                       history=[tok for _, tok in state.sampled],
-                                      prompt_ids=state.appended_ids))
-        result = sample(logits, rows)
+                                      prompt_ids=state.appended_ids, key=t.key))
+        result = sample(logits, rows, self.grammar)
         results = []
         for i, t in enumerate(tasks):
+            if i in result.failed:
+                results.append(WorkResult(t.work, error=RequestError(
+                    result.failed[i], param="response_format")))
+                continue
             state = self.seqs[t.key]
             token = int(result.token_ids[i])
             position = self.cache.length(t.key)

@@ -2,6 +2,10 @@
 
 Order of processing, per row (each step skipped where the row's params make it a no-op):
 1. logits processors, by name from the registry, in `params.logits_processors` order;
+   then `response_format`: tokens its grammar forbids at this point get -inf
+   (`mstar.engine.structured`). After the processors, so none can bring a forbidden token
+   back; before the penalties and filters, so those only reweigh allowed tokens and top-k /
+   top-p / min-p keep their meaning among them (a penalty never lifts -inf);
 2. repetition penalty (HF semantics) over prompt + history: positive logits of seen tokens
    are divided by the penalty, negative ones multiplied;
 3. frequency and presence penalties (OpenAI semantics) over history:
@@ -20,18 +24,21 @@ tensors; per-row Python work is limited to building small index lists (and calli
 user-registered logits processors).
 
 `logprobs` report the raw model distribution (log_softmax of the unprocessed logits), as
-vLLM does by default. Stop strings are not handled here: core matches them after
+vLLM does by default, also for constrained rows: they say how likely the model found each
+token, not how likely the grammar-masked draw was. Stop strings are not handled here: core matches them after
 detokenisation (DESIGN §3).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from mstar.engine.rng import exponential_rows, key_seed
+from mstar.engine.structured import GrammarStates, RowMasks
+from mstar.model.forward import SeqKey
 from mstar.model.sampling import SamplingParams
 
 #: A logits processor sees the token ids generated so far at this site and one logits row
@@ -67,7 +74,9 @@ def get_logits_processor(name: str) -> LogitsProcessorFn:
 @dataclass
 class SampleRequest:
     """One row to sample. `step` is the position of the token being sampled; `history` the
-    ids generated so far at this site; `prompt_ids` count for the repetition penalty only."""
+    ids generated so far at this site; `prompt_ids` count for the repetition penalty only.
+    `key` names the sampled sequence across steps: a `response_format` keeps its grammar
+    state under it (None for in-node sampling, which cannot be constrained)."""
 
     params: SamplingParams
     seed: int
@@ -76,17 +85,20 @@ class SampleRequest:
     step: int
     history: Sequence[int]
     prompt_ids: Sequence[int] = ()
+    key: SeqKey | None = None
 
 
 @dataclass
 class SampleResult:
     """`logprobs[b]`: raw log-prob of `token_ids[b]`; `top_logprobs[b]`: the row's
     `params.logprobs` most likely (id, log-prob) pairs, [] where it asked for none. Both are
-    None when no row asked for logprobs."""
+    None when no row asked for logprobs. `failed` maps a row to why its `response_format`
+    could not be applied: its token is meaningless and its request must fail."""
 
     token_ids: torch.Tensor
     logprobs: torch.Tensor | None
     top_logprobs: list[list[tuple[int, float]]] | None
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 def _row_tensor(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -111,8 +123,10 @@ def _token_index(rows: Sequence[SampleRequest], idx: Sequence[int], with_prompt:
     return pos[valid].to(device), tok[valid].to(device)
 
 
-def process_logits(logits: torch.Tensor, rows: Sequence[SampleRequest]) -> torch.Tensor:
-    """Steps 1-3 (processors, repetition, frequency/presence penalties) as float32 logits.
+def process_logits(logits: torch.Tensor, rows: Sequence[SampleRequest],
+                   masks: RowMasks | None = None) -> torch.Tensor:
+    """Steps 1-3 (processors, grammar masks, repetition, frequency/presence penalties) as
+    float32 logits.
 
     `logits` is never modified; it is returned as is (cast) when no row needs any step."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
@@ -122,12 +136,14 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleRequest]) -> torch
     rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
     freq = [i for i, r in enumerate(rows)
             if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
-    if not (procs or rep or freq):
+    if not (procs or rep or freq or masks):
         return logits.float()
     x = logits.to(torch.float32, copy=True)
     for i in procs:
         for name in rows[i].params.logits_processors:
             x[i] = get_logits_processor(name)(rows[i].history, x[i])
+    if masks:
+        x[masks.rows] = x[masks.rows].masked_fill(~masks.allowed, float("-inf"))
 
     if rep:
         pos, toks = _token_index(rows, rep, True, x.shape[-1], x.device)
@@ -172,12 +188,25 @@ def _filter(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SampleRequest]) -> SampleResult:
+def sample(logits: torch.Tensor, rows: Sequence[SampleRequest],
+           grammar: GrammarStates | None = None) -> SampleResult:
     """Sample one token per row of `logits` [B, V] (see the module docstring for the order).
 
-    Params are assumed validated at admission (`SamplingParams.validate`)."""
+    Params are assumed validated at admission (`SamplingParams.validate`). `grammar` holds
+    the state of rows with a `response_format` (ValueError when such a row comes without)."""
     raw = logits.float()
-    x = process_logits(raw, rows)
+    masks = None
+    if any(r.params.response_format is not None for r in rows):
+        if grammar is None:
+            raise ValueError("rows with a response_format need grammar state to sample")
+        masks = grammar.masks(rows, raw.shape[-1], raw.device)
+    x = process_logits(raw, rows, masks)
+    failed = dict(masks.failed) if masks else {}
+    if masks:
+        # A logits processor may have ruled out every token the grammar allows.
+        stuck = (~torch.isfinite(x[masks.rows]).any(dim=-1)).tolist()
+        failed.update({i: "no token the response_format allows is left (a logits processor "
+                          "ruled them all out)" for i, s in zip(masks.rows, stuck) if s})
     token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
 
     greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
@@ -196,7 +225,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRequest]) -> SampleResult:
 
     asks = [r.params.logprobs for r in rows]
     if all(k is None for k in asks):
-        return SampleResult(token_ids, None, None)
+        return SampleResult(token_ids, None, None, failed)
     log_probs = torch.log_softmax(raw, dim=-1)
     chosen = log_probs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     top: list[list[tuple[int, float]]] = [[] for _ in rows]
@@ -206,7 +235,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRequest]) -> SampleResult:
         values_l, ids_l = values.tolist(), ids.tolist()
         for i, k in enumerate(asks):
             top[i] = list(zip(ids_l[i][:k or 0], values_l[i][:k or 0]))
-    return SampleResult(token_ids, chosen, top)
+    return SampleResult(token_ids, chosen, top, failed)
 
 
 def stop_reason(token_id: int, params: SamplingParams, *, num_generated: int, seq_len: int,

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from mstar import events
+    from mstar.chat.prompt import ChatPrompt
     from mstar.model.sampling import SamplingParams
     from mstar.weights.spec import WeightSpec
 
@@ -222,6 +223,13 @@ class Model:
         """Optional: inputs of a stateless node (default: those its GraphNodes name)."""
         return ()
 
+    def cacheable_nodes(self) -> set[str]:
+        """Stateless nodes whose outputs are a pure function of their inputs (no noise, no
+        state: vision and audio encoders). The engine keys each invocation by a hash of its
+        inputs and serves repeats (the same image in another request) from a bounded cache
+        (`encoder_cache_bytes`) without running the node."""
+        return set()
+
     # -- host-side request handling ------------------------------------------------------
     def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
         raise NotImplementedError
@@ -235,6 +243,20 @@ class Model:
     def tokenizer(self) -> Any:
         """The tokenizer core's detokenizer uses (None when the model emits no text)."""
         return None
+
+    # -- chat (the OpenAI layer; models with the "chat" capability) ----------------------
+    def chat_template(self) -> str | None:
+        """The Jinja chat template (a checkpoint's `chat_template`), rendered by
+        `mstar.chat.render_chat` with HF-style messages; media parts appear as
+        `{"type": "image" | "audio" | "video"}` and the template writes the model's marker
+        for each. None: the model has no chat."""
+        return None
+
+    def process_chat(self, prompt: ChatPrompt, request: Mapping[str, Any]) -> RequestPlan:
+        """`process_prompt` for a chat: `prompt` holds the rendered text and the decoded
+        media (PIL images, `mstar.media.Audio`/`Video`) in marker order; `request` the
+        sampling fields of `SamplingFields` (max_tokens, temperature, n, logprobs, ...)."""
+        raise NotImplementedError(f"{type(self).__name__} does not take chat requests")
 
     def default_segments(self, n: int) -> list[Segment]:
         return [Segment(n, "causal")]

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import msgspec
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 #: A logits processor sees the token ids generated so far at this site and the logits row
 #: [vocab] and returns new logits. Registered by name (see `mstar.engine.sampler`).
 LogitsProcessor = Callable[[Sequence[int], "object"], "object"]
+
+
+class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
+    """A grammar the sampled text must follow (structured outputs).
+
+    `schema` is the JSON schema as a JSON string (`json_schema`), the regular expression
+    (`regex`) or the Lark grammar (`lark`); `json_object` (any JSON object) needs none. It is
+    a string so the params stay hashable and travel in control messages unchanged."""
+
+    type: Literal["json_object", "json_schema", "regex", "lark"]
+    schema: str = ""
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -28,6 +41,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int | None = None
     n: int = 1
     logits_processors: list[str] = []
+    response_format: ResponseFormat | None = None
 
     def validate(self) -> SamplingParams:
         """Raise ValueError naming the bad field; return self when valid."""
@@ -50,7 +64,41 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.response_format is not None:
+            from mstar.engine.structured import check_response_format
+
+            check_response_format(self.response_format)
         return self
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`. The schema is always enforced: `strict` is
+    accepted for compatibility and changes nothing."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatField(BaseModel):
+    """OpenAI's `response_format`: `{"type": "text"}` (no constraint), `{"type":
+    "json_object"}` or `{"type": "json_schema", "json_schema": {"name", "schema"}}`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def to_params(self) -> ResponseFormat | None:
+        """The core `ResponseFormat` (None for text); ValueError naming the missing part."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return ResponseFormat(type="json_object")
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise ValueError("response_format: type json_schema needs json_schema.schema")
+        return ResponseFormat(type="json_schema", schema=json.dumps(self.json_schema.schema_))
 
 
 class SamplingFields(BaseModel):
@@ -72,6 +120,7 @@ class SamplingFields(BaseModel):
     n: int = 1
     seed: int | None = Field(None, ge=0, lt=2 ** 63)
     logits_processors: list[str] = Field(default_factory=list)
+    response_format: ResponseFormatField | None = None
 
     def sampling_params(self, *, eos_token_ids: Sequence[int] = ()) -> SamplingParams:
         """The request's SamplingParams (ValueError naming the bad field). EOS ids join
@@ -85,7 +134,8 @@ class SamplingFields(BaseModel):
         for name in self.logits_processors:
             get_logits_processor(name)
         stops = [*self.stop_token_ids, *([] if self.ignore_eos else eos_token_ids)]
+        fmt = self.response_format.to_params() if self.response_format is not None else None
         return SamplingParams(max_tokens=self.max_tokens, n=self.n, stop_token_ids=stops,
                               ignore_eos=self.ignore_eos,
                               logits_processors=list(self.logits_processors),
-                              **given).validate()
+                              response_format=fmt, **given).validate()

@@ -93,7 +93,8 @@ class ProcessDeployment:
                     preset=settings.preset, load=dataclasses.asdict(options),
                     num_ranks=len(self.ranks), tcp_device=settings.tcp_transfer_device,
                     log_level=settings.log_level, gateway_address=self.gateway.channel.address,
-                    enable_nvtx=settings.enable_nvtx)
+                    enable_nvtx=settings.enable_nvtx,
+                    media_limits=dataclasses.asdict(settings.media_limits()))
         self.procs: dict[str, subprocess.Popen] = {
             "conductor": self._spawn(ProcessSpec(role="conductor", **base))}
         for k, address in enumerate(data_workers):

@@ -41,6 +41,7 @@ class ProcessSpec(msgspec.Struct):
     cpu_threads: int = 1
     tp_port: int = 0  # rendezvous port of the tensor-parallel group (gloo), 0: none
     enable_nvtx: bool = False
+    media_limits: dict = {}  # a data worker's `MediaLimits` fields (decoding chat media)
     #: the API server's gateway: readiness, worker stats and client events go there
     gateway_address: str = "api"
 
@@ -90,7 +91,10 @@ def run(spec: ProcessSpec) -> None:
         channel = ZmqChannel(address, prefix=spec.socket_prefix)
         transport = make_transport(spec.protocol, address, deployment_id=spec.deployment_id,
                                    host=spec.host, device=spec.tcp_device)
-        component = Frontend(model, config, channel, transport, client=spec.gateway_address)
+        from mstar.media import MediaLimits
+
+        component = Frontend(model, config, channel, transport, client=spec.gateway_address,
+                             media_limits=MediaLimits(**spec.media_limits))
         channel.send(spec.gateway_address, msg.WorkerReady(address, []))
     else:
         torch.set_num_threads(spec.cpu_threads)

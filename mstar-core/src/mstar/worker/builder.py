@@ -131,7 +131,7 @@ def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodeP
             engines[node] = KVEngine(node, module, kv_nodes[node], KVCacheManager(pool),
                                      max_seq_len=config.max_seq_len,
                                      scheduler=config.scheduler, eos_token_ids=eos_token_ids,
-                                     device=device)
+                                     device=device, tokenizer=model.tokenizer)
             engines[node].tp_ranks = placement.ranks if placement.tp_size > 1 else ()
         else:
             engines[node] = StatelessEngine(node, module,

@@ -40,6 +40,7 @@ class TestVLAConfig:
     mid_layer: int = 2
     # Vision encoder (one pre-norm ViT block).
     patch_size: int = 4
+    chat_image_size: int = 16  # chat images are resized to this square (pixels)
     vision_hidden: int = 32
     vision_heads: int = 2
     vision_intermediate: int = 64

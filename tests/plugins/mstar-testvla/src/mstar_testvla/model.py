@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import ConfigDict, Field, ValidationError, model_validator
@@ -62,6 +62,9 @@ from mstar.model import (
     WalkStep,
 )
 from mstar.weights import WeightSpec
+
+if TYPE_CHECKING:
+    from mstar.chat import ChatPrompt
 from mstar_testvla.config import PRESETS, TestVLAConfig
 from mstar_testvla.modules import ActionInit, Combine, Consumer, TestVLALLM, VisionEncoder
 from mstar_testvla.tokenizer import (
@@ -72,13 +75,21 @@ from mstar_testvla.tokenizer import (
     IMAGE_MARKER,
     IMG,
     ByteTokenizer,
-    decode_incremental,
 )
 
 PROMPT_INPUTS = ("input_ids", "positions", "segments", "expert_ids", "media_embeds",
                  "frame_embeds")
 PREFILL_WALKS = {"text": "prefill", "act": "prefill_act", "rollout": "prefill_rollout"}
 STREAM_POLICY = ChunkPolicy(window=4, hop=1, emit=(1, 2), max_buffered=16)
+#: "role: text" lines, `<image>` where an image part was, then "assistant:".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message.role }}: "
+    "{% if message.content is string %}{{ message.content }}"
+    "{% else %}{% for part in message.content %}"
+    "{% if part.type == 'text' %}{{ part.text }}"
+    "{% elif part.type == 'image' %}" + IMAGE_MARKER + "{% endif %}"
+    "{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -108,10 +119,6 @@ class TestVLARequest(SamplingFields):
 
     @model_validator(mode="after")
     def _consistent(self) -> TestVLARequest:
-        if self.prompt.count(IMAGE_MARKER) > 1:
-            raise ValueError(f"prompt may contain at most one {IMAGE_MARKER} marker")
-        if IMAGE_MARKER in self.prompt and self.image is None:
-            raise ValueError(f"prompt has an {IMAGE_MARKER} marker but no image was given")
         if self.image is not None:
             if len(self.image) != 3:
                 raise ValueError(f"image must have 3 channels, got {len(self.image)}")
@@ -124,6 +131,13 @@ class TestVLARequest(SamplingFields):
         if self.mode != "text" and (self.n != 1 or self.stream_consumer):
             raise ValueError("n > 1 and stream_consumer need mode 'text'")
         return self
+
+
+def _validated(request: Mapping[str, Any]) -> TestVLARequest:
+    try:
+        return TestVLARequest.model_validate(dict(request))
+    except ValidationError as err:
+        raise ValueError(_validation_message(err)) from None
 
 
 def _validation_message(err: ValidationError) -> str:
@@ -390,20 +404,44 @@ class TestVLA(Model):
     def tokenizer(self) -> ByteTokenizer:
         return ByteTokenizer()
 
+    def chat_template(self) -> str:
+        return CHAT_TEMPLATE
+
     # -- host side -------------------------------------------------------------------------
     def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
-        try:
-            req = TestVLARequest.model_validate(dict(request))
-        except ValidationError as err:
-            raise ValueError(_validation_message(err)) from None
+        req = _validated(request)
+        pixels = torch.tensor(req.image, dtype=torch.float32) if req.image is not None else None
+        return self._plan(req, pixels)
+
+    def process_chat(self, prompt: ChatPrompt, request: Mapping[str, Any]) -> RequestPlan:
+        """A chat: the rendered text (the template wrote an `<image>` marker for the image)
+        and at most one image, resized to `chat_image_size` square, RGB in [0, 1]."""
+        if prompt.audios or prompt.videos:
+            raise ValueError("testvla takes text and one image; no audio or video")
+        if len(prompt.images) > 1:
+            raise ValueError(f"testvla takes at most one image per chat, got "
+                             f"{len(prompt.images)}")
+        req = _validated({**request, "prompt": prompt.text})
+        pixels = None
+        if prompt.images:
+            size = self.config.chat_image_size
+            image = prompt.images[0].convert("RGB").resize((size, size))
+            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+            pixels = pixels.reshape(size, size, 3).permute(2, 0, 1).float() / 255.0
+        return self._plan(req, pixels)
+
+    def _plan(self, req: TestVLARequest, pixels: torch.Tensor | None) -> RequestPlan:
         c = self.config
+        if req.prompt.count(IMAGE_MARKER) > 1:
+            raise ValueError(f"prompt may contain at most one {IMAGE_MARKER} marker")
+        if IMAGE_MARKER in req.prompt and pixels is None:
+            raise ValueError(f"prompt has an {IMAGE_MARKER} marker but no image was given")
         sampling = req.sampling_params(eos_token_ids=[EOS])
         if any(not 0 <= i < c.vocab_size for i in sampling.stop_token_ids):
             raise ValueError(f"stop_token_ids: ids must be in [0, {c.vocab_size})")
         before, _, after = req.prompt.rpartition(IMAGE_MARKER)
-        grid, pixels = None, None
-        if req.image is not None:
-            pixels = torch.tensor(req.image, dtype=torch.float32)
+        grid = None
+        if pixels is not None:
             h, w = pixels.shape[1:]
             if h % c.patch_size or w % c.patch_size:
                 raise ValueError(f"image: height and width must be multiples of the patch "
@@ -475,8 +513,7 @@ class TestVLA(Model):
         out: list[Event] = []
         if "token_ids" in outputs:
             ids = torch.as_tensor(outputs["token_ids"]).reshape(-1).tolist()
-            text, state.store["pending"] = decode_incremental(state.store.get("pending", b""),
-                                                              ids)
+            text = state.detokenizer.push(ids)
             logprobs = None
             if outputs.get("logprobs") is not None:
                 logprobs = [TokenLogprob(int(tok), float(lp), [(int(i), float(v)) for i, v in top])

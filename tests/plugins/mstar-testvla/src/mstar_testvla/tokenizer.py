@@ -6,7 +6,6 @@ incremental decoding non-trivial (one character may span several tokens).
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Iterable
 
 BOS, EOS, IMG, ACT, FRAME, PAD = 256, 257, 258, 259, 260, 261
@@ -27,10 +26,7 @@ class ByteTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
-
-def decode_incremental(pending: bytes, ids: Iterable[int]) -> tuple[str, bytes]:
-    """Text completed by `ids` after the undecoded bytes `pending`, and the bytes still
-    pending (an incomplete UTF-8 sequence at the end). Invalid bytes become U+FFFD."""
-    data = pending + bytes(i for i in ids if 0 <= i < 256)
-    text, consumed = codecs.utf_8_decode(data, "replace", False)
-    return text, data[consumed:]
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes (b"" for the special ids): what grammar-constrained sampling
+        (`response_format`) needs to know which ids can continue a text."""
+        return [bytes([i]) for i in range(256)] + [b""] * len(SPECIAL_IDS)

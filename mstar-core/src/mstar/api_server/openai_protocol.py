@@ -1,0 +1,334 @@
+"""OpenAI's request and response shapes for `/v1/chat/completions` and `/v1/completions`.
+
+Requests are pydantic models (a bad field is a 400 whose `param` names it, as OpenAI's
+are); `native_fields` turns one into the sampling fields every model's request takes
+(`mstar.model.SamplingFields`), and the `*_response` / `*_chunk` functions build the
+answers from `mstar.events`. vLLM's extensions that users rely on (`top_k`, `min_p`,
+`repetition_penalty`, `ignore_eos`, `chat_template_kwargs`) are accepted too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mstar import events
+
+_FORBID = ConfigDict(extra="forbid")
+_IGNORE = ConfigDict(extra="ignore")
+
+
+class TextPart(BaseModel):
+    model_config = _FORBID
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    model_config = _FORBID
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    model_config = _FORBID
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(BaseModel):
+    model_config = _FORBID
+    data: str = Field(description="base64 audio bytes")
+    format: str = Field(description="wav, mp3, flac, ogg, ...")
+
+
+class AudioPart(BaseModel):
+    model_config = _FORBID
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class VideoURL(BaseModel):
+    model_config = _FORBID
+    url: str
+    fps: float | None = Field(None, gt=0, le=30, description="Frames sampled per second.")
+
+
+class VideoPart(BaseModel):
+    model_config = _FORBID
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart | VideoPart,
+                        Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    model_config = _IGNORE
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = _FORBID
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _FORBID
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _Sampling(BaseModel):
+    """Fields both routes share."""
+
+    model_config = _IGNORE
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    seed: int | None = Field(None, ge=0, lt=2 ** 63)
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = None
+    # vLLM's extensions
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class InvalidRequest(ValueError):
+    """A request OpenAI would refuse with 400; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+#: Names pydantic puts in an error's location for the member of a union that failed.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list|dict|none|[a-z_-]+\[.*\])$")
+
+
+def _loc(loc: Sequence[Any]) -> str:
+    """pydantic's location as OpenAI writes `param`: messages[0].content[1].type."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part != "body" and not _UNION_MEMBER.match(str(part)):
+            out += ("." if out else "") + str(part)
+    return out
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def _got(error: Any) -> str:
+    """The offending value, when it is short enough to quote."""
+    value = error.get("input")
+    if isinstance(value, str | int | float | bool) and len(repr(value)) <= 40:
+        return f" (got {value!r})"
+    return ""
+
+
+def parse(model: type[T], body: dict[str, Any]) -> T:
+    """`body` as `model`, or InvalidRequest naming the first bad field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        # the deepest error first: in a union, the member that got furthest is the one meant
+        errors = sorted(exc.errors(), key=lambda e: -len(e["loc"]))
+        first = errors[0]
+        param = _loc(first["loc"]) or None
+        detail = "; ".join(f"{_loc(e['loc']) or 'body'}: {e['msg']}{_got(e)}"
+                           for e in errors[:5])
+        raise InvalidRequest(f"invalid request: {detail}", param) from None
+
+
+def check_common(req: _Sampling) -> None:
+    """What OpenAI refuses before running anything (the model name is checked by the
+    route: an unknown model is a 404)."""
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true",
+                             "stream_options")
+
+
+def check_chat(req: ChatCompletionRequest) -> None:
+    if req.tools or req.tool_choice not in (None, "none") or req.functions:
+        raise InvalidRequest("tool calling is not supported yet", "tools")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
+
+
+def check_completion(req: CompletionRequest) -> None:
+    if isinstance(req.prompt, list) and len(req.prompt) != 1:
+        raise InvalidRequest("prompt: give one string (batches of prompts are not "
+                             "supported: send one request each)", "prompt")
+    if req.echo or req.suffix is not None or req.best_of not in (None, 1):
+        raise InvalidRequest("echo, suffix and best_of are not supported",
+                             "echo" if req.echo else "suffix" if req.suffix else "best_of")
+
+
+def native_fields(req: _Sampling, *, default_max_tokens: int) -> dict[str, Any]:
+    """The sampling fields of a model's native request (`SamplingFields`)."""
+    out: dict[str, Any] = {"n": req.n, "ignore_eos": req.ignore_eos}
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    out["max_tokens"] = max_tokens or default_max_tokens
+    for name in ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty",
+                 "top_k", "min_p", "repetition_penalty", "stop"):
+        value = getattr(req, name)
+        if value is not None:
+            out[name] = value
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs:
+            out["logprobs"] = req.top_logprobs or 0
+        fmt = req.response_format
+        if fmt is not None and fmt.type != "text":
+            out["response_format"] = fmt.model_dump(by_alias=True, exclude_none=True)
+    elif isinstance(req, CompletionRequest) and req.logprobs is not None:
+        out["logprobs"] = req.logprobs
+    return out
+
+
+# -- responses ------------------------------------------------------------------------------
+
+def usage_json(usage: events.Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+
+
+def _token_bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="surrogatepass"))
+
+
+def chat_logprobs(items: Sequence[events.TokenLogprob]) -> list[dict[str, Any]]:
+    return [{"token": lp.token, "logprob": lp.logprob, "bytes": _token_bytes(lp.token),
+             "top_logprobs": [{"token": text, "logprob": value, "bytes": _token_bytes(text)}
+                              for text, (_, value) in zip(lp.top_tokens, lp.top)]}
+            for lp in items]
+
+
+def completion_logprobs(items: Sequence[events.TokenLogprob], offset: int) -> dict[str, Any]:
+    """OpenAI's legacy logprobs: parallel lists; `offset` is the text length before."""
+    offsets = []
+    for lp in items:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {"tokens": [lp.token for lp in items],
+            "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [dict(zip(lp.top_tokens, (v for _, v in lp.top))) for lp in items],
+            "text_offset": offsets}
+
+
+class Choices:
+    """Collects a request's events into its choices (text, logprobs) per index."""
+
+    def __init__(self, n: int):
+        self.text = [""] * n
+        self.logprobs: list[list[events.TokenLogprob]] = [[] for _ in range(n)]
+
+    def add(self, event: events.TextDelta) -> None:
+        self.text[event.index] += event.text
+        if event.logprobs:
+            self.logprobs[event.index].extend(event.logprobs)
+
+
+def finish_reasons(done: events.Finished, n: int) -> list[str]:
+    """OpenAI's finish_reason per choice ("stop" or "length"; a cut request says why)."""
+    return [done.reasons.get(i, done.reason) for i in range(n)]
+
+
+def chat_response(rid: str, model: str, created: int, choices: Choices,
+                  done: events.Finished, want_logprobs: bool) -> dict[str, Any]:
+    reasons = finish_reasons(done, len(choices.text))
+    return {
+        "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created,
+        "model": model, "system_fingerprint": None,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                     "logprobs": {"content": chat_logprobs(choices.logprobs[i])}
+                     if want_logprobs else None,
+                     "finish_reason": reasons[i]}
+                    for i, text in enumerate(choices.text)],
+        "usage": usage_json(done.usage),
+    }
+
+
+def completion_response(rid: str, model: str, created: int, choices: Choices,
+                        done: events.Finished, want_logprobs: bool) -> dict[str, Any]:
+    reasons = finish_reasons(done, len(choices.text))
+    return {
+        "id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": i, "text": text,
+                     "logprobs": completion_logprobs(choices.logprobs[i], 0)
+                     if want_logprobs else None,
+                     "finish_reason": reasons[i]}
+                    for i, text in enumerate(choices.text)],
+        "usage": usage_json(done.usage),
+    }
+
+
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict[str, Any],
+               *, finish_reason: str | None = None,
+               logprobs: Sequence[events.TokenLogprob] | None = None) -> dict[str, Any]:
+    return {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created,
+            "model": model, "system_fingerprint": None,
+            "choices": [{"index": index, "delta": delta,
+                         "logprobs": {"content": chat_logprobs(logprobs)}
+                         if logprobs is not None else None,
+                         "finish_reason": finish_reason}]}
+
+
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str, *,
+                     finish_reason: str | None = None,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created,
+            "model": model, "system_fingerprint": None,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                         "finish_reason": finish_reason}]}
+
+
+def usage_chunk(rid: str, model: str, created: int, usage: events.Usage,
+                object_name: str) -> dict[str, Any]:
+    prefix = "chatcmpl" if object_name == "chat.completion.chunk" else "cmpl"
+    return {"id": f"{prefix}-{rid}", "object": object_name, "created": created,
+            "model": model, "choices": [], "usage": usage_json(usage)}

@@ -1,0 +1,254 @@
+"""The OpenAI-compatible routes, enabled by the model's declared capabilities (never its
+name): `chat` gives `POST /v1/chat/completions`, `completions` gives `POST /v1/completions`.
+
+Here, in the API server: parse and check the request (`openai_protocol`), refuse media the
+model does not take (capabilities `image_input`, `audio_input`, `video_input`), fetch every
+media item (`mstar.media.fetch_media`: data URIs, http(s) with the private-address guard
+and the size and time limits), and send the data worker normalised messages whose media
+parts index the fetched bytes (`kind="chat"`). The data worker decodes the media, renders
+the model's chat template, detokenises and applies stop strings; its events come back as
+`mstar.events`, turned here into OpenAI's JSON or SSE chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import msgspec
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from mstar import events
+from mstar.api_server import openai_protocol as oai
+from mstar.api_server.app import (
+    ApiError,
+    ClientGone,
+    EventStream,
+    Run,
+    Runner,
+    collect,
+    error_body,
+    event_status,
+    read_json,
+    terminal,
+)
+
+if TYPE_CHECKING:
+    from mstar.api_server.backend import ModelInfo
+    from mstar.config.settings import ServerSettings
+    from mstar.media import MediaLimits
+
+#: content part type -> (normalised kind, the capability it needs)
+_MEDIA_PARTS = {"image_url": ("image", "image_input"), "input_audio": ("audio", "audio_input"),
+                "video_url": ("video", "video_input")}
+
+
+def _accepts(capabilities: set[str]) -> str:
+    kinds = ["text"] + [kind for kind, cap in _MEDIA_PARTS.values() if cap in capabilities]
+    return ", ".join(kinds)
+
+
+async def _media_bytes(part: Any, where: str, limits: MediaLimits,
+                       client: httpx.AsyncClient) -> bytes:
+    from mstar import media
+
+    try:
+        if part.type == "input_audio":
+            return media.decode_base64(part.input_audio.data, limits)
+        url = part.image_url.url if part.type == "image_url" else part.video_url.url
+        return await media.fetch_media(url, limits, client=client)
+    except media.MediaError as exc:
+        raise ApiError(exc.status, str(exc), param=exc.param or where) from None
+
+
+async def resolve_messages(req: oai.ChatCompletionRequest, capabilities: set[str],
+                           model: str, limits: MediaLimits, client: httpx.AsyncClient,
+                           ) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The normalised messages (media parts `{"type": kind, "blob": i, ...}`) and the
+    media bytes they index, fetched concurrently."""
+    messages: list[dict[str, Any]] = []
+    fetches = []
+    for m, message in enumerate(req.messages):
+        content: Any = message.content if message.content is not None else ""
+        if isinstance(content, list):
+            parts = []
+            for p, part in enumerate(content):
+                where = f"messages[{m}].content[{p}]"
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text})
+                    continue
+                kind, capability = _MEDIA_PARTS[part.type]
+                if capability not in capabilities:
+                    raise ApiError(400, f"model {model!r} does not take {kind} input; it "
+                                        f"accepts: {_accepts(capabilities)}", param=where)
+                entry: dict[str, Any] = {"type": kind, "blob": len(fetches)}
+                if part.type == "video_url" and part.video_url.fps is not None:
+                    entry["fps"] = part.video_url.fps
+                if part.type == "input_audio":
+                    entry["format"] = part.input_audio.format
+                parts.append(entry)
+                fetches.append(_media_bytes(part, where, limits, client))
+            content = parts
+        messages.append({"role": message.role, "content": content,
+                         **({"name": message.name} if message.name else {})})
+    blobs = list(await asyncio.gather(*fetches)) if fetches else []
+    return messages, blobs
+
+
+def _frame(data: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(data) + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+async def _stream(run: Run, first: events.Event, n: int, include_usage: bool,
+                  chunk: Callable[..., dict[str, Any]], usage_object: str,
+                  ids: tuple[str, str, int]) -> AsyncIterator[bytes]:
+    """OpenAI's SSE: a chunk per text event, a closing chunk per choice with its
+    finish_reason, the usage chunk when asked, then [DONE]; an error mid-stream is one
+    `data: {"error": ...}` frame and the end."""
+    event = first
+    while True:
+        if isinstance(event, events.TextDelta):
+            for frame in chunk(event, None):
+                yield _frame(frame)
+        elif isinstance(event, events.Finished):
+            reasons = oai.finish_reasons(event, n)
+            for index in range(n):
+                for frame in chunk(events.TextDelta("", [], index), reasons[index]):
+                    yield _frame(frame)
+            if include_usage:
+                yield _frame(oai.usage_chunk(*ids, event.usage, usage_object))
+            yield _DONE
+            return
+        elif isinstance(event, events.Error):
+            yield _frame(error_body(event_status(event), event.message, param=event.param))
+            return
+        if terminal(event):
+            return
+        event = await run.next()
+
+
+def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
+                      settings: ServerSettings, created: int) -> None:
+    """Add the routes the model's capabilities enable to `router`."""
+    capabilities = set(info["capabilities"])
+    served = info["name"]
+    limits = settings.media_limits()
+    max_len = info["max_model_len"]
+
+    def check_model(name: str) -> None:
+        if name != served:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{served!r}", param="model", code="model_not_found")
+
+    async def run_openai(request: Request, req: oai._Sampling, body: dict[str, Any],
+                         kind: str, blobs: list[bytes],
+                         respond: Callable[[oai.Choices, events.Finished], dict[str, Any]],
+                         chunk: Callable[..., dict[str, Any]], usage_object: str) -> Response:
+        rid = request.state.request_id
+        run, first = await runner.start(request, body, kind=kind, blobs=blobs)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventStream(_stream(run, first, req.n, include_usage, chunk, usage_object,
+                                       (rid, req.model, created)), on_close=run.close)
+        try:
+            collected = await collect(run, first, request)
+        except ClientGone:
+            return Response(status_code=499)
+        finally:
+            run.close()
+        choices = oai.Choices(req.n)
+        for event in collected:
+            if isinstance(event, events.TextDelta) and event.index < req.n:
+                choices.add(event)
+        done = collected[-1]
+        assert isinstance(done, events.Finished)
+        return Response(msgspec.json.encode(respond(choices, done)),
+                        media_type="application/json")
+
+    def parsed(model: type[oai.T], body: dict[str, Any]) -> oai.T:
+        try:
+            req = oai.parse(model, body)
+            oai.check_common(req)
+            if isinstance(req, oai.ChatCompletionRequest):
+                oai.check_chat(req)
+            elif isinstance(req, oai.CompletionRequest):
+                oai.check_completion(req)
+        except oai.InvalidRequest as exc:
+            raise ApiError(400, str(exc), param=exc.param) from None
+        check_model(req.model)
+        return req
+
+    if "chat" in capabilities:
+        @router.post("/v1/chat/completions")
+        async def chat_completions(request: Request) -> Response:
+            req = parsed(oai.ChatCompletionRequest,
+                         await read_json(request, settings.max_body_bytes))
+            runner.admit()  # before fetching media for a request that cannot run
+            async with httpx.AsyncClient(follow_redirects=False) as client:
+                messages, blobs = await resolve_messages(req, capabilities, served, limits,
+                                                         client)
+            body = {"messages": messages, **oai.native_fields(req, default_max_tokens=max_len)}
+            if req.chat_template_kwargs:
+                body["chat_template_kwargs"] = req.chat_template_kwargs
+            rid, model = request.state.request_id, req.model
+
+            def respond(choices: oai.Choices, done: events.Finished) -> dict[str, Any]:
+                return oai.chat_response(rid, model, created, choices, done, req.logprobs)
+
+            started: set[int] = set()
+
+            def chunk(event: events.TextDelta, finish: str | None) -> list[dict[str, Any]]:
+                frames = []
+                if event.index not in started:
+                    started.add(event.index)
+                    frames.append(oai.chat_chunk(rid, model, created, event.index,
+                                                 {"role": "assistant", "content": ""}))
+                if finish is not None:
+                    frames.append(oai.chat_chunk(rid, model, created, event.index, {},
+                                                 finish_reason=finish))
+                elif event.text or event.logprobs:
+                    frames.append(oai.chat_chunk(
+                        rid, model, created, event.index, {"content": event.text},
+                        logprobs=event.logprobs or [] if req.logprobs else None))
+                return frames
+
+            return await run_openai(request, req, body, "chat", blobs, respond, chunk,
+                                    "chat.completion.chunk")
+
+    if "completions" in capabilities:
+        @router.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            req = parsed(oai.CompletionRequest,
+                         await read_json(request, settings.max_body_bytes))
+            prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+            body = {"prompt": prompt, **oai.native_fields(req, default_max_tokens=16)}
+            rid, model = request.state.request_id, req.model
+            want_logprobs = req.logprobs is not None
+            offsets = [0] * req.n
+
+            def respond(choices: oai.Choices, done: events.Finished) -> dict[str, Any]:
+                return oai.completion_response(rid, model, created, choices, done,
+                                               want_logprobs)
+
+            def chunk(event: events.TextDelta, finish: str | None) -> list[dict[str, Any]]:
+                if finish is None and not event.text and not event.logprobs:
+                    return []
+                logprobs = None
+                if want_logprobs and finish is None:
+                    logprobs = oai.completion_logprobs(event.logprobs or [],
+                                                       offsets[event.index])
+                offsets[event.index] += len(event.text)
+                return [oai.completion_chunk(rid, model, created, event.index, event.text,
+                                             finish_reason=finish, logprobs=logprobs)]
+
+            return await run_openai(request, req, body, "completion", [], respond, chunk,
+                                    "text_completion")
+
+
+__all__ = ["add_openai_routes", "resolve_messages"]

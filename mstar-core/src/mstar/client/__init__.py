@@ -1,0 +1,30 @@
+"""The Python SDK: `MStarClient` (blocking) and `AsyncMStarClient` (asyncio) for an mstar
+server, over its native `/generate` and its OpenAI-compatible routes.
+
+Importing it needs httpx and msgspec only (no torch), so it serves client machines that
+never run a model.
+"""
+
+from mstar.client._async import AsyncMStarClient, AsyncStream
+from mstar.client._sync import MStarClient, Stream
+from mstar.client.errors import (
+    APIConnectionError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    InternalServerError,
+    MStarError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
+from mstar.client.results import ChatChoice, ChatDelta, ChatResponse, GenerateResponse, ModelInfo
+
+__all__ = [
+    "APIConnectionError", "APITimeoutError", "AsyncMStarClient", "AsyncStream",
+    "AuthenticationError", "BadRequestError", "ChatChoice", "ChatDelta", "ChatResponse",
+    "GenerateResponse", "InternalServerError", "MStarClient", "MStarError", "ModelInfo",
+    "NotFoundError", "PayloadTooLargeError", "RateLimitError", "ServiceUnavailableError",
+    "Stream",
+]

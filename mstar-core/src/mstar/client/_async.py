@@ -1,0 +1,155 @@
+"""`AsyncMStarClient`: the asyncio client, on `httpx.AsyncClient`; the same calls as
+`MStarClient`, awaited.
+
+A streamed call is awaited like any other (the server has accepted the request, or the
+error is raised, when the await returns) and gives an `AsyncStream` to `async for` over:
+`async for event in await client.chat("Hi", stream=True)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
+
+import httpx
+
+from mstar import events
+from mstar.client import _protocol as protocol
+from mstar.client._base import ClientBase
+from mstar.client.errors import MStarError
+from mstar.client.results import ChatDelta, ChatResponse, GenerateResponse, ModelInfo
+
+T = TypeVar("T")
+E = TypeVar("E")
+
+
+class AsyncStream(Generic[E]):
+    """A streamed answer, already accepted by the server: `async for` it once. Leaving
+    the loop early and `await close()` (or `async with`) end the request on the server."""
+
+    def __init__(self, response: httpx.Response, reader: protocol.FrameReader[E], url: str):
+        self.response = response
+        self.request_id = protocol.request_id(response)
+        self._reader, self._url = reader, url
+        self._items = self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[E]:
+        try:
+            async for line in self.response.aiter_lines():
+                for item in self._reader.feed(line):
+                    yield item
+                if self._reader.done:
+                    return
+        except httpx.TransportError as exc:
+            raise protocol.transport_error(exc, self._url) from exc
+        finally:
+            await self.response.aclose()
+        self._reader.finish()
+
+    def __aiter__(self) -> AsyncIterator[E]:
+        return self._items
+
+    async def __anext__(self) -> E:
+        return await anext(self._items)
+
+    async def close(self) -> None:
+        await self._items.aclose()
+        await self.response.aclose()
+
+    async def __aenter__(self) -> AsyncStream[E]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class AsyncMStarClient(ClientBase):
+    """An asyncio client for an mstar server: `async with AsyncMStarClient(url) as c:
+    (await c.chat("Hi")).text`. Settings as `MStarClient`'s."""
+
+    _HTTP: ClassVar[type[httpx.AsyncClient]] = httpx.AsyncClient
+    _http: httpx.AsyncClient
+
+    # -- routes ------------------------------------------------------------------------------
+    async def chat(self, text_or_messages: str | Sequence[Mapping[str, Any]], *,
+                   images: object = None, model: str | None = None, stream: bool = False,
+                   system: str | None = None, max_tokens: int | None = None,
+                   temperature: float | None = None, **extra: Any,
+                   ) -> ChatResponse | AsyncStream[ChatDelta]:
+        """See `MStarClient.chat`."""
+        messages = protocol.chat_messages(text_or_messages, images=images, system=system)
+        body = protocol.chat_body(messages, model=model or await self._default_model(),
+                                  stream=stream, max_tokens=max_tokens,
+                                  temperature=temperature, extra=extra)
+        return await (self._stream(protocol.CHAT, body) if stream else
+                      self._request(protocol.CHAT, body))
+
+    async def generate(self, request: Mapping[str, Any] | None = None, *,
+                       stream: bool = False, **fields: Any,
+                       ) -> GenerateResponse | AsyncStream[events.Event]:
+        """See `MStarClient.generate`."""
+        body = protocol.generate_body(request, fields, stream)
+        return await (self._stream(protocol.GENERATE, body) if stream else
+                      self._request(protocol.GENERATE, body))
+
+    async def models(self) -> list[ModelInfo]:
+        return await self._request(protocol.MODELS)
+
+    async def health(self) -> dict[str, Any]:
+        """See `MStarClient.health`."""
+        return await self._request(protocol.HEALTH)
+
+    async def _default_model(self) -> str:
+        return self._model or self._remember_model(await self.models())
+
+    # -- transport ---------------------------------------------------------------------------
+    async def _send(self, route: protocol.Route, body: Any) -> httpx.Response:
+        request = self._http.build_request(route.method, route.path, json=body)
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                delay = self._retry.after_transport_error(route, attempt, exc, self.base_url)
+                self._log_retry(route, attempt, delay, protocol.retry_reason(exc, None))
+            else:
+                if response.status_code in route.expect:
+                    return response
+                await self._read(response)
+                delay = self._retry.after_status(route, attempt, response)
+                self._log_retry(route, attempt, delay, protocol.retry_reason(None, response))
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _read(self, response: httpx.Response) -> None:
+        try:
+            await response.aread()
+        except httpx.TransportError as exc:
+            raise protocol.transport_error(exc, self.base_url) from exc
+        finally:
+            await response.aclose()
+
+    async def _request(self, route: protocol.Route[T, Any], body: Any = None) -> T:
+        response = await self._send(route, body)
+        await self._read(response)
+        return protocol.parse_response(route, response)
+
+    async def _stream(self, route: protocol.Route[Any, E], body: Any) -> AsyncStream[E]:
+        response = await self._send(route, body)
+        try:
+            reader = protocol.stream_reader(route, response)
+        except MStarError:
+            await response.aclose()
+            raise
+        return AsyncStream(response, reader, self.base_url)
+
+    # -- life cycle --------------------------------------------------------------------------
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncMStarClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

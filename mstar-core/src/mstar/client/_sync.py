@@ -1,0 +1,160 @@
+"""`MStarClient`: the blocking client, on `httpx.Client`.
+
+Each public method builds its body with `_protocol` and hands a `Route` to `_request`
+(one answer) or `_stream` (SSE); `_send` is the one place that talks to the network and
+retries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
+
+import httpx
+
+from mstar import events
+from mstar.client import _protocol as protocol
+from mstar.client._base import ClientBase
+from mstar.client.errors import MStarError
+from mstar.client.results import ChatDelta, ChatResponse, GenerateResponse, ModelInfo
+
+T = TypeVar("T")
+E = TypeVar("E")
+
+
+class Stream(Generic[E]):
+    """A streamed answer, already accepted by the server (its status checked): iterate it
+    once for the items. Leaving the loop early and `close()` (or `with`) end the request
+    on the server. `request_id` is the server's id for it."""
+
+    def __init__(self, response: httpx.Response, reader: protocol.FrameReader[E], url: str):
+        self.response = response
+        self.request_id = protocol.request_id(response)
+        self._reader, self._url = reader, url
+        self._items = self._iterate()
+
+    def _iterate(self) -> Iterator[E]:
+        try:
+            for line in self.response.iter_lines():
+                yield from self._reader.feed(line)
+                if self._reader.done:
+                    return
+        except httpx.TransportError as exc:
+            raise protocol.transport_error(exc, self._url) from exc
+        finally:
+            self.response.close()
+        self._reader.finish()
+
+    def __iter__(self) -> Iterator[E]:
+        return self._items
+
+    def __next__(self) -> E:
+        return next(self._items)
+
+    def close(self) -> None:
+        self._items.close()
+        self.response.close()
+
+    def __enter__(self) -> Stream[E]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class MStarClient(ClientBase):
+    """A blocking client for an mstar server.
+
+    `MStarClient("http://localhost:8000").chat("Hi").text`; with `stream=True` the call
+    returns a `Stream` to iterate. Use it as a context manager or `close()` it."""
+
+    _HTTP: ClassVar[type[httpx.Client]] = httpx.Client
+    _http: httpx.Client
+
+    # -- routes ------------------------------------------------------------------------------
+    def chat(self, text_or_messages: str | Sequence[Mapping[str, Any]], *,
+             images: object = None, model: str | None = None, stream: bool = False,
+             system: str | None = None, max_tokens: int | None = None,
+             temperature: float | None = None, **extra: Any,
+             ) -> ChatResponse | Stream[ChatDelta]:
+        """OpenAI chat completion. A str is one user message (or pass OpenAI `messages`);
+        `images` (a path, URL, bytes or PIL image, or a list) join the last user message;
+        `extra` fields go into the body as given (e.g. `seed`, `stream_options`)."""
+        messages = protocol.chat_messages(text_or_messages, images=images, system=system)
+        body = protocol.chat_body(messages, model=model or self._default_model(),
+                                  stream=stream, max_tokens=max_tokens,
+                                  temperature=temperature, extra=extra)
+        return self._stream(protocol.CHAT, body) if stream else \
+            self._request(protocol.CHAT, body)
+
+    def generate(self, request: Mapping[str, Any] | None = None, *, stream: bool = False,
+                 **fields: Any) -> GenerateResponse | Stream[events.Event]:
+        """Native `POST /generate` with the model's own request fields (a dict, keywords,
+        or both). Streamed, it yields `mstar.events` objects (`TextDelta.text`, audio
+        chunks, images, tensors, then `Finished`); an error event raises."""
+        body = protocol.generate_body(request, fields, stream)
+        return self._stream(protocol.GENERATE, body) if stream else \
+            self._request(protocol.GENERATE, body)
+
+    def models(self) -> list[ModelInfo]:
+        return self._request(protocol.MODELS)
+
+    def health(self) -> dict[str, Any]:
+        """The server's health as it is now (`{"status": "ok" | "starting" |
+        "unhealthy", ...}`); never retried, raises only when the server is unreachable."""
+        return self._request(protocol.HEALTH)
+
+    def _default_model(self) -> str:
+        return self._model or self._remember_model(self.models())
+
+    # -- transport ---------------------------------------------------------------------------
+    def _send(self, route: protocol.Route, body: Any) -> httpx.Response:
+        request = self._http.build_request(route.method, route.path, json=body)
+        attempt = 0
+        while True:
+            try:
+                response = self._http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                delay = self._retry.after_transport_error(route, attempt, exc, self.base_url)
+                self._log_retry(route, attempt, delay, protocol.retry_reason(exc, None))
+            else:
+                if response.status_code in route.expect:
+                    return response
+                self._read(response)
+                delay = self._retry.after_status(route, attempt, response)
+                self._log_retry(route, attempt, delay, protocol.retry_reason(None, response))
+            time.sleep(delay)
+            attempt += 1
+
+    def _read(self, response: httpx.Response) -> None:
+        try:
+            response.read()
+        except httpx.TransportError as exc:
+            raise protocol.transport_error(exc, self.base_url) from exc
+        finally:
+            response.close()
+
+    def _request(self, route: protocol.Route[T, Any], body: Any = None) -> T:
+        response = self._send(route, body)
+        self._read(response)
+        return protocol.parse_response(route, response)
+
+    def _stream(self, route: protocol.Route[Any, E], body: Any) -> Stream[E]:
+        response = self._send(route, body)
+        try:
+            reader = protocol.stream_reader(route, response)
+        except MStarError:
+            response.close()
+            raise
+        return Stream(response, reader, self.base_url)
+
+    # -- life cycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> MStarClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

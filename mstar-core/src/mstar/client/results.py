@@ -1,0 +1,93 @@
+"""What SDK calls return: small typed views of the server's answers, each keeping the raw
+JSON (`raw`) so nothing the server sent is out of reach, and the `x-request-id` to find the
+request in the server's log.
+
+Token counts reuse `mstar.events.Usage`, so a chat and a native `/generate` report usage in
+one type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mstar.events import Event, Usage
+
+
+@dataclass(frozen=True)
+class ChatChoice:
+    """One completion of a chat request; `text` is its message content ("" if none)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    message: dict[str, Any]
+    logprobs: Any = None
+
+
+@dataclass(frozen=True)
+class ChatResponse:
+    """A non-streamed chat completion; `text` and `finish_reason` are the first choice's."""
+
+    choices: list[ChatChoice]
+    usage: Usage | None
+    raw: dict[str, Any]
+    request_id: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text if self.choices else ""
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason if self.choices else None
+
+    @property
+    def id(self) -> str | None:
+        return self.raw.get("id")
+
+    @property
+    def model(self) -> str | None:
+        return self.raw.get("model")
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    """One streamed piece of a chat completion: the new `text` of choice `index`; the last
+    piece of a choice has its `finish_reason`. A chunk carrying token counts (OpenAI's
+    `stream_options={"include_usage": True}`) gives a delta with `usage`, and text "" when
+    it has no choices."""
+
+    text: str
+    index: int = 0
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class GenerateResponse:
+    """A non-streamed native `/generate`: every event the model produced (decoded into
+    `mstar.events` types: text deltas, audio chunks, images, tensors, then `Finished`) and
+    `text`, the concatenated text of each completion index ([] when the model made none)."""
+
+    id: str
+    events: list[Event]
+    text: list[str]
+    finish_reason: str
+    usage: Usage
+    raw: dict[str, Any] = field(repr=False)
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A served model as `GET /v1/models` lists it."""
+
+    id: str
+    capabilities: list[str]
+    max_model_len: int | None
+    raw: dict[str, Any] = field(repr=False)
+
+
+__all__ = ["ChatChoice", "ChatDelta", "ChatResponse", "GenerateResponse", "ModelInfo"]
