@@ -227,3 +227,28 @@ def test_a_streaming_client_that_leaves_cancels_its_request(server):
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
     wait_idle(server)
+
+
+def test_json_schema_response_format_gives_valid_json(client):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["color", "count"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}}
+    reply = client.chat.completions.create(
+        model="testvla", messages=[{"role": "user", "content": "describe it"}], n=2,
+        seed=3, temperature=1.0, max_tokens=60, response_format=fmt)
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), schema)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="testvla", messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "bad", "schema": {"type": "object", "properties": {"a": {
+                    "type": "no-such-type"}}}}})
+    assert info.value.body["param"] == "response_format"

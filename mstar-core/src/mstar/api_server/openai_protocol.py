@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mstar import events
+from mstar.model.sampling import ResponseFormatField
 
 _FORBID = ConfigDict(extra="forbid")
 _IGNORE = ConfigDict(extra="ignore")
@@ -79,20 +80,6 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    name: str = "response"
-    description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(BaseModel):
-    model_config = _FORBID
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
 class _Sampling(BaseModel):
     """Fields both routes share."""
 
@@ -121,7 +108,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
+    response_format: ResponseFormatField | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -197,6 +184,15 @@ def check_chat(req: ChatCompletionRequest) -> None:
         raise InvalidRequest("tool calling is not supported yet", "tools")
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
+    if req.response_format is not None:
+        from mstar.engine.structured import check_response_format
+
+        try:
+            fmt = req.response_format.to_params()
+            if fmt is not None:
+                check_response_format(fmt)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), "response_format") from None
 
 
 def check_completion(req: CompletionRequest) -> None:
