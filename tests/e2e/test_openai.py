@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 
 import httpx
@@ -27,7 +28,8 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openai-server")
     srv = Server(tmp, "--config", "testvla_single", "--preset", "tiny", "--load-format",
-                 "dummy", "--api-key", KEY)
+                 "dummy", "--api-key", KEY, "--upload-dir", str(tmp / "uploads"))
+    srv.uploads = tmp / "uploads"
     srv.client.headers["Authorization"] = f"Bearer {KEY}"
     srv.wait_healthy()
     yield srv
@@ -252,3 +254,32 @@ def test_json_schema_response_format_gives_valid_json(client):
                 "name": "bad", "schema": {"type": "object", "properties": {"a": {
                     "type": "no-such-type"}}}}})
     assert info.value.body["param"] == "response_format"
+
+
+def test_an_uploaded_image_is_used_then_removed(server, client):
+    """multipart/form-data: the JSON body in `request`, the file as `upload://<name>`; the
+    same answer as the image sent as a data URL, and the upload directory empty after."""
+    url = png_data_url((10, 200, 30))
+    png = base64.b64decode(url.split(",", 1)[1])
+
+    def body(image: str) -> dict:
+        return {"model": "testvla", **GREEDY, "logprobs": True, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": "name it"}]}]}
+
+    inline = client.chat.completions.create(**body(url))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    response = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=30,
+                          data={"request": json.dumps(body("upload://leaf.png"))},
+                          files={"leaf": ("leaf.png", png, "image/png")})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["message"]["content"] == inline.choices[0].message.content
+    assert [i["logprob"] for i in choice["logprobs"]["content"]] == pytest.approx(
+        [i.logprob for i in inline.choices[0].logprobs.content], abs=1e-5)
+    assert [p for p in server.uploads.rglob("*") if p.is_file() and p.name != ".mstar-uploads"] == []
+    missing = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=30,
+                         data={"request": json.dumps(body("upload://other.png"))},
+                         files={"leaf": ("leaf.png", png, "image/png")})
+    assert missing.status_code == 400
+    assert "no file named 'other.png'" in missing.json()["error"]["message"]

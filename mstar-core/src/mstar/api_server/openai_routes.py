@@ -4,8 +4,9 @@ name): `chat` gives `POST /v1/chat/completions`, `completions` gives `POST /v1/c
 Here, in the API server: parse and check the request (`openai_protocol`), refuse media the
 model does not take (capabilities `image_input`, `audio_input`, `video_input`), fetch every
 media item (`mstar.media.fetch_media`: data URIs, http(s) with the private-address guard
-and the size and time limits), and send the data worker normalised messages whose media
-parts index the fetched bytes (`kind="chat"`). The data worker decodes the media, renders
+and the size and time limits; `upload://<name>`: a file sent with the request as
+multipart/form-data, kept under `--upload-dir` until its bytes are read), and send the data
+worker normalised messages whose media parts index the fetched bytes (`kind="chat"`). The data worker decodes the media, renders
 the model's chat template, detokenises and applies stop strings; its events come back as
 `mstar.events`, turned here into OpenAI's JSON or SSE chunks.
 """
@@ -13,12 +14,15 @@ the model's chat template, detokenises and applies stop strings; its events come
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import msgspec
 from fastapi import APIRouter, Request
+from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
 from mstar import events
@@ -39,7 +43,7 @@ from mstar.api_server.app import (
 if TYPE_CHECKING:
     from mstar.api_server.backend import ModelInfo
     from mstar.config.settings import ServerSettings
-    from mstar.media import MediaLimits
+    from mstar.media import MediaLimits, UploadStore
 
 #: content part type -> (normalised kind, the capability it needs)
 _MEDIA_PARTS = {"image_url": ("image", "image_input"), "input_audio": ("audio", "audio_input"),
@@ -51,14 +55,19 @@ def _accepts(capabilities: set[str]) -> str:
     return ", ".join(kinds)
 
 
+UPLOAD_SCHEME = "upload://"
+
+
 async def _media_bytes(part: Any, where: str, limits: MediaLimits,
-                       client: httpx.AsyncClient) -> bytes:
+                       client: httpx.AsyncClient, uploaded: Callable[[str], bytes]) -> bytes:
     from mstar import media
 
     try:
         if part.type == "input_audio":
             return media.decode_base64(part.input_audio.data, limits)
         url = part.image_url.url if part.type == "image_url" else part.video_url.url
+        if url.startswith(UPLOAD_SCHEME):
+            return uploaded(url.removeprefix(UPLOAD_SCHEME))
         return await media.fetch_media(url, limits, client=client)
     except media.MediaError as exc:
         raise ApiError(exc.status, str(exc), param=exc.param or where) from None
@@ -66,9 +75,10 @@ async def _media_bytes(part: Any, where: str, limits: MediaLimits,
 
 async def resolve_messages(req: oai.ChatCompletionRequest, capabilities: set[str],
                            model: str, limits: MediaLimits, client: httpx.AsyncClient,
+                           uploaded: Callable[[str], bytes],
                            ) -> tuple[list[dict[str, Any]], list[bytes]]:
     """The normalised messages (media parts `{"type": kind, "blob": i, ...}`) and the
-    media bytes they index, fetched concurrently."""
+    media bytes they index, fetched concurrently (`uploaded(name)`: an uploaded file's)."""
     messages: list[dict[str, Any]] = []
     fetches = []
     for m, message in enumerate(req.messages):
@@ -90,7 +100,7 @@ async def resolve_messages(req: oai.ChatCompletionRequest, capabilities: set[str
                 if part.type == "input_audio":
                     entry["format"] = part.input_audio.format
                 parts.append(entry)
-                fetches.append(_media_bytes(part, where, limits, client))
+                fetches.append(_media_bytes(part, where, limits, client, uploaded))
             content = parts
         messages.append({"role": message.role, "content": content,
                          **({"name": message.name} if message.name else {})})
@@ -141,6 +151,54 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
     limits = settings.media_limits()
     max_len = info["max_model_len"]
 
+    uploads: list[UploadStore] = []  # made on the first upload: most servers never see one
+
+    def upload_store() -> UploadStore:
+        from mstar.media import UploadStore
+
+        if not uploads:  # one directory per API server process: each purges its own
+            uploads.append(UploadStore(Path(settings.upload_dir) / f"api-{os.getpid()}",
+                                       limits))
+            uploads[0].purge()
+        return uploads[0]
+
+    async def read_body(request: Request) -> dict[str, Any]:
+        """The JSON body, or for multipart/form-data its `request` field, the files saved
+        under the request's upload directory (read back as `upload://<file name>`)."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await read_json(request, settings.max_body_bytes)
+        from mstar.media import MediaError
+
+        length = request.headers.get("content-length", "")
+        if not length.isdigit() or int(length) > settings.max_body_bytes:
+            raise ApiError(413, f"a multipart body needs a content-length of at most "
+                                f"{settings.max_body_bytes} bytes")
+        form = await request.form(max_files=64, max_fields=4,
+                                  max_part_size=settings.max_body_bytes)
+        try:
+            raw = form.get("request")
+            if not isinstance(raw, str):
+                raise ApiError(400, "a multipart request needs a `request` field holding "
+                                    "the JSON body", param="request")
+            try:
+                body = msgspec.json.decode(raw)
+            except msgspec.DecodeError as exc:
+                raise ApiError(400, f"the request field is not valid JSON: {exc}",
+                               param="request") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "the request field must be a JSON object",
+                               param="request")
+            for _, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    try:
+                        upload_store().save(request.state.request_id, value.filename or "",
+                                            await value.read())
+                    except MediaError as exc:
+                        raise ApiError(exc.status, str(exc), param="files") from None
+            return body
+        finally:
+            await form.close()
+
     def check_model(name: str) -> None:
         if name != served:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves "
@@ -187,16 +245,21 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
     if "chat" in capabilities:
         @router.post("/v1/chat/completions")
         async def chat_completions(request: Request) -> Response:
-            req = parsed(oai.ChatCompletionRequest,
-                         await read_json(request, settings.max_body_bytes))
-            runner.admit()  # before fetching media for a request that cannot run
-            async with httpx.AsyncClient(follow_redirects=False) as client:
-                messages, blobs = await resolve_messages(req, capabilities, served, limits,
-                                                         client)
+            rid = request.state.request_id
+            try:
+                req = parsed(oai.ChatCompletionRequest, await read_body(request))
+                runner.admit()  # before fetching media for a request that cannot run
+                async with httpx.AsyncClient(follow_redirects=False) as client:
+                    messages, blobs = await resolve_messages(
+                        req, capabilities, served, limits, client,
+                        lambda name: upload_store().read(rid, name))
+            finally:
+                if uploads:  # the bytes are read: the files can go
+                    uploads[0].release(rid)
             body = {"messages": messages, **oai.native_fields(req, default_max_tokens=max_len)}
             if req.chat_template_kwargs:
                 body["chat_template_kwargs"] = req.chat_template_kwargs
-            rid, model = request.state.request_id, req.model
+            model = req.model
 
             def respond(choices: oai.Choices, done: events.Finished) -> dict[str, Any]:
                 return oai.chat_response(rid, model, created, choices, done, req.logprobs)
