@@ -36,7 +36,7 @@ KEY = "sdk-test-key"
 #: A greedy, seeded text request.
 TEXT = {"prompt": "hello", "max_tokens": 8, "temperature": 0, "seed": 3}
 #: A request that runs for seconds (the streamed consumer sleeps 50 ms per window), past
-#: the module server's 2 s request timeout.
+#: the module server's 4 s request timeout.
 LONG = {"prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream_consumer": True,
         "consumer_delay_s": 0.05}
 ACT = {"prompt": "pick up", "mode": "act", "num_steps": 2, "seed": 4}
@@ -44,9 +44,9 @@ ACT = {"prompt": "pick up", "mode": "act", "num_steps": 2, "seed": 4}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    """Keyed, a 2 s request timeout, at most two requests at once."""
+    """Keyed, a 4 s request timeout, at most two requests at once."""
     server = Server(tmp_path_factory.mktemp("sdk"), "--config", "testvla_single", "--preset",
-                    "tiny", "--load-format", "dummy", "--api-key", KEY, "--timeout", "2",
+                    "tiny", "--load-format", "dummy", "--api-key", KEY, "--timeout", "4",
                     "--set", "max_concurrent_requests=2")
     server.wait_healthy()
     yield server
@@ -235,16 +235,16 @@ def test_a_client_waits_for_a_server_that_starts_later(tmp_path, caplog):
         Server(tmp_path, "--config", "testvla_single", "--preset", "tiny", "--load-format",
                "dummy", port=port)))
     answers: dict[str, GenerateResponse] = {}
+    health: list[dict] = []
 
     def while_starting() -> None:
         """Asks as soon as the server listens (not ready yet: a 503 first)."""
-        while True:
-            try:
-                httpx.get(url + "/health")
-                break
-            except httpx.TransportError:
-                time.sleep(0.02)
         with MStarClient(url, max_retries=30, backoff=0.05) as c:
+            while not health:
+                try:
+                    health.append(c.health())  # never retried: the state as it is
+                except APIConnectionError:
+                    time.sleep(0.02)
             answers["starting"] = c.generate(TEXT)
 
     prober = threading.Thread(target=while_starting)
@@ -256,6 +256,7 @@ def test_a_client_waits_for_a_server_that_starts_later(tmp_path, caplog):
             answers["refused"] = c.generate(TEXT)
             prober.join(timeout=60)
         assert answers["refused"].text == answers["starting"].text
+        assert health == [{"status": "starting"}]
         logged = retry_log(caplog)
         assert any("connection failed (ConnectError)" in m for m in logged), logged
         assert any("503 Service Unavailable" in m for m in logged), logged
@@ -283,9 +284,9 @@ def test_async_client_basics_and_429_retries(server, caplog):
             with pytest.raises(BadRequestError):
                 await c.generate(prompt="hi", max_tokens=1000, stream=True)
             # four at once where two fit: the others get 429 + Retry-After and try again
-            flood = await asyncio.gather(*(c.generate(prompt=f"flood {i}", max_tokens=48,
+            flood = await asyncio.gather(*(c.generate(prompt=f"flood {i}", max_tokens=32,
                                                       ignore_eos=True) for i in range(4)))
-            assert [r.usage.completion_tokens for r in flood] == [48] * 4
+            assert [r.usage.completion_tokens for r in flood] == [32] * 4
 
     with caplog.at_level(logging.INFO, logger="mstar.client"):
         asyncio.run(main())
@@ -303,6 +304,7 @@ def test_the_client_imports_without_torch():
 
 
 # -- the shared protocol pieces -------------------------------------------------------------------
+@pytest.mark.timeout(10)
 def test_sse_decoder_follows_the_framing_rules():
     lines = [": a comment", "event: text_delta", "data: {\"a\":", "data:1}", "", "",
              "id: 7", "data: [DONE]", ""]
@@ -311,6 +313,7 @@ def test_sse_decoder_follows_the_framing_rules():
     assert frames == [SSEFrame("text_delta", '{"a":\n1}'), SSEFrame(None, "[DONE]")]
 
 
+@pytest.mark.timeout(10)
 def test_retry_policy_backs_off_honours_retry_after_and_stops():
     policy = RetryPolicy(max_retries=3, backoff=0.5)
     assert [policy.delay(i) for i in range(4)] == [0.5, 1.0, 2.0, None]

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 import msgspec
 
-from mstar import events
+from mstar import __version__, events
 from mstar.client._media import image_url
 from mstar.client._sse import SSEDecoder, SSEFrame
 from mstar.client.errors import APIConnectionError, APITimeoutError, MStarError, error_class
@@ -37,7 +37,8 @@ E = TypeVar("E")
 
 #: Statuses that mean "not now": the server is at its limit or still starting.
 RETRY_STATUSES = frozenset({429, 503})
-#: Transport failures after which the request cannot have run: retried.
+#: Transport failures before any answer: a refused or timed-out connect, or a connection
+#: the server closed before answering (typically a stale keep-alive one): retried.
 RETRY_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 #: No wait between retries is longer, whatever `Retry-After` or the backoff say.
 MAX_RETRY_DELAY_S = 30.0
@@ -129,8 +130,9 @@ def _stream_status(code: Any, type: Any) -> int:
 @dataclass(frozen=True)
 class RetryPolicy:
     """At most `max_retries` retries, waiting `backoff * 2**attempt` seconds (or what the
-    server's `Retry-After` asks), only where a retry cannot repeat work: refused or dropped
-    connections, 429 and 503. A streamed answer is never retried once it has begun."""
+    server's `Retry-After` asks), only for failures before any answer (`RETRY_TRANSPORT`)
+    and for 429 and 503, which the server sends before doing any work. A streamed answer
+    is never retried once it has begun."""
 
     max_retries: int = 2
     backoff: float = 0.5
@@ -196,8 +198,6 @@ def retry_reason(exc: httpx.TransportError | None, response: httpx.Response | No
 
 def headers(api_key: str | None) -> dict[str, str]:
     """Headers every request carries: the bearer key (argument, else `MSTAR_API_KEY`)."""
-    from mstar import __version__
-
     out = {"User-Agent": f"mstar-python/{__version__}"}
     key = api_key if api_key is not None else os.environ.get("MSTAR_API_KEY")
     if key:

@@ -1,0 +1,42 @@
+"""The native `/generate` route through the Python SDK: the model's own request fields in,
+`mstar.events` out (text whole or streamed, and a tensor output: testvla's robot actions).
+
+    mstar serve testvla --preset tiny --load-format dummy     # in another shell
+    python examples/sdk_generate.py
+
+`MSTAR_URL` picks the server (default http://localhost:8000) and `MSTAR_API_KEY` the key,
+if it has one. The tiny test model has random weights: its text is gibberish.
+"""
+
+import os
+
+import numpy as np
+
+from mstar import MStarClient, events
+
+url = os.environ.get("MSTAR_URL", "http://localhost:8000")
+
+with MStarClient(url) as client:
+    print("health:", client.health()["status"])
+    print("models:", [m.id for m in client.models()])
+
+    # The fields are the model's request schema (testvla: prompt, max_tokens, mode, ...).
+    result = client.generate(prompt="The capital of France is", max_tokens=16, temperature=0)
+    print(f"text: {result.text[0]!r} (finish: {result.finish_reason}, "
+          f"{result.usage.completion_tokens} tokens)")
+
+    # Streamed: events as they are produced; only text deltas have `.text`.
+    print("streamed: ", end="")
+    for event in client.generate(prompt="Tell me a story", max_tokens=16, stream=True):
+        print(repr(getattr(event, "text", "")), end=" ", flush=True)
+    print()
+
+    # A vision-language-action request: the actions come back as a named tensor.
+    act = client.generate({"prompt": "pick up the cup", "mode": "act", "num_steps": 4,
+                           "seed": 0})
+    for event in act.events:
+        if isinstance(event, events.NamedTensor):
+            t = event.tensor
+            array = np.frombuffer(t.data, dtype=t.dtype).reshape(t.shape)
+            print(f"{event.name}: shape {list(array.shape)}, "
+                  f"first row {[round(float(x), 3) for x in array[0]]}")
