@@ -85,11 +85,24 @@ class Server:
     def generate(self, body: dict) -> httpx.Response:
         return self.client.post("/generate", json=body)
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, default: float | None = None) -> float:
+        """One sample of `/metrics` (`name` may carry labels); `default` if it is absent."""
         for line in self.client.get("/metrics").text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
+        if default is None:
+            raise KeyError(name)
+        return default
+
+    def wait_idle(self, timeout: float = 10) -> None:
+        """Every request ended and every KV page free again (from /metrics)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.metric("mstar_kv_pages_in_use") == 0 and \
+                    self.metric("mstar_running_requests") == 0:
+                return
+            time.sleep(0.1)
+        raise AssertionError("the server did not return to idle")
 
     def worker_pids(self) -> dict[str, int]:
         """'conductor' / 'worker:<rank>' -> pid, from the children's command lines."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 
 import httpx
 import openai
@@ -52,16 +51,6 @@ def png_data_url(color: tuple[int, int, int], size: tuple[int, int] = (20, 12)) 
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def wait_idle(server: Server) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if server.metric("mstar_kv_pages_in_use") == 0 and \
-                server.metric("mstar_running_requests") == 0:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the server did not return to idle")
 
 
 def test_models_list_shows_capabilities_and_length(client):
@@ -167,7 +156,7 @@ def test_stop_strings_cut_the_text_and_end_the_request(server, client):
             got, reason = reply.choices[0].message.content, reply.choices[0].finish_reason
             assert reply.usage.completion_tokens < full.usage.completion_tokens
         assert got == text[:text.index(stop)] and reason == "stop"
-    wait_idle(server)
+    server.wait_idle()
 
 
 def test_completions_match_generate(server, client):
@@ -228,7 +217,7 @@ def test_a_streaming_client_that_leaves_cancels_its_request(server):
             assert response.status_code == 200
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
-    wait_idle(server)
+    server.wait_idle()
 
 
 def test_json_schema_response_format_gives_valid_json(client):

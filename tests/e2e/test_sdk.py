@@ -48,6 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     server = Server(tmp_path_factory.mktemp("sdk"), "--config", "testvla_single", "--preset",
                     "tiny", "--load-format", "dummy", "--api-key", KEY, "--timeout", "4",
                     "--set", "max_concurrent_requests=2")
+    server.client.headers["Authorization"] = f"Bearer {KEY}"
     server.wait_healthy()
     yield server
     assert server.stop() == 0, server.output()
@@ -64,24 +65,6 @@ def raw(server: Server) -> httpx.Client:
     """A plain httpx client with the key, to compare the SDK with the wire."""
     return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
                         timeout=30)
-
-
-def metric(server: Server, name: str, default: float | None = None) -> float:
-    """One sample of `/metrics` (`name` may carry labels); `default` if it is absent."""
-    with raw(server) as c:
-        for line in c.get("/metrics").text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-    if default is None:
-        raise KeyError(name)
-    return default
-
-
-def wait_idle(server: Server) -> None:
-    deadline = time.monotonic() + 10
-    while metric(server, "mstar_running_requests") or metric(server, "mstar_kv_pages_in_use"):
-        assert time.monotonic() < deadline, "the server did not return to idle"
-        time.sleep(0.05)
 
 
 def token_ids(evs: list[events.Event]) -> list[int]:
@@ -143,12 +126,12 @@ def test_models_and_health(client):
 
 @pytest.mark.timeout(60)
 def test_leaving_a_stream_early_ends_the_request_on_the_server(client, server):
-    aborted = metric(server, 'mstar_requests_total{status="abort"}', 0.0)
+    aborted = server.metric('mstar_requests_total{status="abort"}', 0.0)
     stream = client.generate(LONG, stream=True)
     assert isinstance(next(stream), events.TextDelta)
     stream.close()
-    wait_idle(server)
-    assert metric(server, 'mstar_requests_total{status="abort"}') == aborted + 1
+    server.wait_idle()
+    assert server.metric('mstar_requests_total{status="abort"}') == aborted + 1
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -178,7 +161,7 @@ def test_an_error_event_inside_a_stream_raises_its_class(client, server):
     assert not any(isinstance(e, events.Finished | events.Error) for e in received)
     assert info.value.status == 504 and "timed out" in info.value.message
     assert info.value.request_id == stream.request_id
-    wait_idle(server)
+    server.wait_idle()
 
 
 @pytest.mark.timeout(60)
@@ -202,7 +185,7 @@ def test_a_timeout_is_an_api_timeout_error_and_not_retried(server):
         with pytest.raises(APITimeoutError):
             c.generate(LONG)
         assert time.monotonic() - started < 1.5
-    wait_idle(server)
+    server.wait_idle()
 
 
 @pytest.mark.timeout(30)

@@ -102,16 +102,6 @@ def small_server(tmp_path_factory):
     server.assert_clean()
 
 
-def wait_idle(server: Server) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if server.metric("mstar_kv_pages_in_use") == 0 and \
-                server.metric("mstar_running_requests") == 0:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the server did not return to idle")
-
-
 @pytest.mark.timeout(120)
 def test_flood_gets_answers_or_429_never_a_hang(small_server):
     statuses: list[int] = []
@@ -130,7 +120,7 @@ def test_flood_gets_answers_or_429_never_a_hang(small_server):
         t.join(timeout=90)
     assert len(statuses) == 20 and set(statuses) <= {200, 429, 503}
     assert 200 in statuses and 429 in statuses
-    wait_idle(small_server)
+    small_server.wait_idle()
 
 
 @pytest.mark.timeout(60)
@@ -146,7 +136,7 @@ def test_timeout_and_disconnect_free_everything(small_server):
         for line in stream.iter_lines():
             if line.startswith("event: text_delta"):
                 break  # the client goes away mid-stream
-    wait_idle(small_server)
+    small_server.wait_idle()
     assert small_server.generate({"prompt": "still fine", "max_tokens": 2}).status_code == 200
 
 
@@ -245,7 +235,7 @@ def test_two_data_workers_share_the_requests(tmp_path, tiny_ckpt, expected):
             error = r.json()["error"]
             assert error["type"] == "invalid_request_error" and error["code"] == 400
             assert field in f"{error['param']} {error['message']}", error
-        wait_idle(server)
+        server.wait_idle()
     finally:
         assert server.stop() == 0, server.output()
     server.assert_clean()
