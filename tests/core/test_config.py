@@ -231,7 +231,7 @@ def _write(tmp_path, text: str) -> str:
     ("max_seq_len: 10\n", ["model: required"]),
     ("model: tiny\nnode_group: []\n",
      ["node_group: unknown key; allowed: model, max_seq_len, node_groups, model_kwargs, "
-      "kv_cache, scheduler, max_concurrent_requests, request_timeout"]),
+      "kv_cache, scheduler, max_concurrent_requests, encoder_cache_bytes, request_timeout"]),
     ("model: tiny\nnode_groups:\n  - {node_names: [LLM], ranks: [0]}\n"
      "  - {node_names: [vit_encoder], rank: [0], tp_size: 0}\n"
      "kv_cache: {page_sise: 8, memory_fraction: 2}\n",
@@ -239,7 +239,8 @@ def _write(tmp_path, text: str) -> str:
       "node_groups.1.tp_size: Input should be greater than or equal to 1 (got 0)",
       "node_groups.1.rank: unknown key; allowed: node_names, ranks, graph_walks, tp_size, dtype",
       "kv_cache.memory_fraction: Input should be less than or equal to 1 (got 2)",
-      "kv_cache.page_sise: unknown key; allowed: page_size, num_pages, memory_fraction, shares"]),
+      "kv_cache.page_sise: unknown key; allowed: page_size, num_pages, memory_fraction, shares, "
+      "enable_prefix_caching"]),
 ])
 def test_yaml_and_schema_errors_list_every_bad_field(tmp_path, text, expected):
     path = _write(tmp_path, text)

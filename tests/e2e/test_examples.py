@@ -75,3 +75,23 @@ def test_curl_chat(server):
     assert '"object":"chat.completion.chunk"' in streamed
     assert streamed.rstrip().endswith("data: [DONE]") and '"usage":{' in streamed
     assert '"finish_reason":"length"' in native
+
+
+def readme_blocks(section: str) -> list[str]:
+    """The ```python blocks of one `## ` section of the README."""
+    text = (EXAMPLES.parent / "README.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+
+
+@pytest.mark.parametrize("section", ["Python SDK", "OpenAI-compatible API"])
+def test_the_readme_examples_run_as_written(server, tmp_path, section):
+    """Only the address changes (the test server's port) and the key (it has one)."""
+    blocks = readme_blocks(section)
+    assert blocks, f"no python block under '## {section}'"
+    for i, code in enumerate(blocks):
+        script = tmp_path / f"block{i}.py"
+        script.write_text(code.replace("http://localhost:8000", server.url)
+                          .replace('api_key="none"', f'api_key="{KEY}"'))
+        out = run(server, sys.executable, str(script))
+        assert out.strip(), f"block {i} of '{section}' printed nothing"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import httpx
 import openai
@@ -272,3 +273,34 @@ def test_an_uploaded_image_is_used_then_removed(server, client):
                          files={"leaf": ("leaf.png", png, "image/png")})
     assert missing.status_code == 400
     assert "no file named 'other.png'" in missing.json()["error"]["message"]
+
+
+def test_repeated_images_and_system_prompts_hit_the_caches(server, client):
+    """The same image twice is encoded once (the encoder-output cache), and the same system
+    prompt's pages are reused (prefix caching), with the same answer."""
+    system = "You are a careful assistant who answers in one short sentence. " * 3
+
+    def ask(question: str):
+        return client.chat.completions.create(model="testvla", **GREEDY, logprobs=True,
+                                              messages=[
+            {"role": "system", "content": system},
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": png_data_url((7, 7, 7))}},
+                {"type": "text", "text": question}]}])
+
+    def counter(name: str) -> float:
+        return server.metric(name, 0.0)
+
+    encoded = counter('mstar_node_invocations_total{node="vision_encoder"}')
+    hits = counter('mstar_encoder_cache_hits_total{node="vision_encoder"}')
+    reused = counter('mstar_prefix_cache_hit_tokens_total{node="LLM"}')
+    first, second = ask("what?"), ask("what?")
+    time.sleep(0.6)  # the workers report their counters every 0.25 s
+    assert counter('mstar_node_invocations_total{node="vision_encoder"}') == encoded + 1
+    assert counter('mstar_encoder_cache_hits_total{node="vision_encoder"}') == hits + 1
+    reused = counter('mstar_prefix_cache_hit_tokens_total{node="LLM"}') - reused
+    before_image = 1 + len(f"system: {system}\nuser: ")
+    assert before_image // 16 * 16 <= reused < second.usage.prompt_tokens  # last token runs
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert [i.logprob for i in second.choices[0].logprobs.content] == pytest.approx(
+        [i.logprob for i in first.choices[0].logprobs.content], abs=1e-5)

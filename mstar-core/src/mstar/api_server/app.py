@@ -375,6 +375,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     created = int(time.time())
     metrics = Metrics(backend.stats)
     runner = Runner(backend, settings, metrics)
+    backend.use_media_limits(settings.media_limits())
     app = FastAPI(title="mstar", openapi_url=None, docs_url=None, redoc_url=None)
     app.add_middleware(RequestIdMiddleware)
     guarded = APIRouter(dependencies=[Depends(_require_key(settings.api_key))]

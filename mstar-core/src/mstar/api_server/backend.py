@@ -17,6 +17,7 @@ from mstar.communication.messages import WorkerStats
 
 if TYPE_CHECKING:
     from mstar.communication.component import Component
+    from mstar.media import MediaLimits
     from mstar.runtime import LocalDeployment
 
 Sink = Callable[[events.Event], None]
@@ -37,13 +38,16 @@ class Stats(TypedDict):
     `queue_depth`: node invocations waiting for an engine step, summed over the ranks (an
     admitted request always runs, so this is where work queues up); `running`: requests in
     flight; `step_seconds`: mean forward seconds per engine step of each (rank, node) over
-    the workers' last report interval (absent while a node is idle).
+    the workers' last report interval (absent while a node is idle); `counters`: the
+    engines' cumulative counts by "<node>.<name>" (`LLM.prefix_cache_hit_tokens`), summed
+    over the workers.
     """
 
     pages_in_use: int
     queue_depth: int
     running: int
     step_seconds: dict[tuple[int, str], float]
+    counters: dict[str, int]
 
 
 class Backend(Protocol):
@@ -73,6 +77,9 @@ class Backend(Protocol):
     def stats(self) -> Stats:
         """Current gauges (may block briefly: called off the event loop)."""
 
+    def use_media_limits(self, limits: MediaLimits) -> None:
+        """Where chat media are decoded, decode them within `limits` (the server's)."""
+
 
 class Entry(Protocol):
     """Where requests enter a deployment and worker reports arrive: the in-process
@@ -94,13 +101,16 @@ def entry_stats(entry: Entry) -> Stats:
     """Stats from the workers' latest `WorkerStats` reports to the entry."""
     reports = list(entry.worker_stats.values())
     steps: dict[tuple[int, str], float] = {}
+    counters: dict[str, int] = {}
     for report in reports:
         rank = int(report.address.rpartition(":")[2])
         for node, seconds in report.step_seconds.items():
             steps[(rank, node)] = seconds
+        for name, value in report.counters.items():
+            counters[name] = counters.get(name, 0) + value
     return Stats(pages_in_use=sum(r.pages_in_use for r in reports),
                  queue_depth=sum(r.waiting for r in reports),
-                 running=entry.live_requests(), step_seconds=steps)
+                 running=entry.live_requests(), step_seconds=steps, counters=counters)
 
 
 class EntryBackend:
@@ -137,6 +147,10 @@ class EntryBackend:
         """Which part of the deployment stopped, if one did."""
         return None
 
+    def use_media_limits(self, limits: MediaLimits) -> None:
+        """Decode chat media within the server's limits. Served, the launcher gave the data
+        workers the same settings when it started them: nothing to do here."""
+
     def live_requests(self) -> int:
         return self.entry.live_requests()
 
@@ -150,6 +164,9 @@ class LocalBackend(EntryBackend):
 
     def __init__(self, deployment: LocalDeployment):
         super().__init__(deployment, deployment.frontend)
+
+    def use_media_limits(self, limits: MediaLimits) -> None:
+        self.deployment.frontend.media_limits = limits  # it decodes in this process
 
     def dead(self) -> str | None:
         d = self.deployment

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from mstar import events
 from mstar.api_server.backend import Stats
@@ -25,6 +25,17 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _OUTPUTS = (events.TextDelta, events.AudioChunk, events.Image, events.NamedTensor)
 _STREAMED = (events.TextDelta, events.AudioChunk)
+#: The engines' counters `/metrics` shows: (metric name, counter name, help), each by node.
+ENGINE_COUNTERS = (
+    ("mstar_prefix_cache_hit_tokens", "prefix_cache_hit_tokens",
+     "Prompt tokens whose K/V came from the prefix cache instead of being computed."),
+    ("mstar_prompt_tokens_computed", "prompt_tokens_computed",
+     "Prompt tokens a KV-cache node actually ran (rebuilds after preemption included)."),
+    ("mstar_encoder_cache_hits", "encoder_cache_hits",
+     "Invocations of a cacheable node served from its encoder-output cache."),
+    ("mstar_node_invocations", "node_invocations",
+     "Invocations a stateless node actually ran."),
+)
 
 
 def status_of(event: events.Finished | events.Error) -> str:
@@ -59,6 +70,13 @@ class _BackendGauges:
             for (rank, node), seconds in sorted(self._steps.items()):
                 steps.add_metric([str(rank), node], seconds)
         yield steps
+        for metric, counter, doc in ENGINE_COUNTERS:
+            family = CounterMetricFamily(metric, doc + " (all ranks)", labels=["node"])
+            for key, value in sorted(stats["counters"].items()):
+                node, _, name = key.rpartition(".")
+                if name == counter:
+                    family.add_metric([node], value)
+            yield family
 
 
 class Metrics:

@@ -188,13 +188,16 @@ class WalkFailed(msgspec.Struct, tag=True):
 class WorkerStats(msgspec.Struct, tag=True):
     """A worker's gauges, sent a few times a second to where status goes (the frontend in
     one process, the API server's gateway when served): metrics, leak checks.
-    `step_seconds`: mean forward time per node since the last report."""
+    `step_seconds`: mean forward time per node since the last report; `counters`: the
+    engines' cumulative counts as "<node>.<name>" (`LLM.prefix_cache_hit_tokens`,
+    `vision_encoder.encoder_cache_hits`, ...)."""
 
     address: str
     pages_in_use: int
     requests: int
     waiting: int
     step_seconds: dict[str, float] = {}
+    counters: dict[str, int] = {}
 
 
 # -- worker -> frontend -------------------------------------------------------------------

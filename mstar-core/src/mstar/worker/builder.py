@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ from mstar.weights import (
     read_checkpoint_config,
     resolve_source,
 )
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -103,6 +106,21 @@ def tp_group_ranks(nodes: dict[str, NodePlacement]) -> tuple[int, ...]:
     return next(iter(groups), ())
 
 
+def prefix_caching(config: DeploymentConfig, node: str, placement: NodePlacement,
+                   rank: int) -> bool:
+    """Whether `node`'s KV engine caches prefixes: as configured, except for tensor-parallel
+    nodes, whose followers replay the leader's page operations and could not follow a
+    lookup in the leader's cache (said once, by the leader)."""
+    if not config.kv_cache.enable_prefix_caching:
+        return False
+    if placement.tp_size > 1:
+        if placement.ranks[0] == rank:
+            log.info("prefix caching is off for %s: it is tensor parallel (tp_size %d)",
+                     node, placement.tp_size)
+        return False
+    return True
+
+
 def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodePlacement],
                   rank: int, options: LoadOptions, *, device: torch.device,
                   ranks_sharing_device: int, eos_token_ids: tuple[int, ...] = (),
@@ -124,6 +142,7 @@ def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodeP
         full = -(-config.max_seq_len // config.kv_cache.page_size)
         pages = {n: min(p, full * config.scheduler.max_num_seqs) for n, p in pages.items()}
     engines: dict[str, KVEngine | StatelessEngine] = {}
+    cacheable = model.cacheable_nodes()
     for node, placement in nodes.items():
         module = build_module(model, node, placement, rank, options, device, tp_group)
         if node in kv_nodes:
@@ -131,11 +150,14 @@ def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodeP
             engines[node] = KVEngine(node, module, kv_nodes[node], KVCacheManager(pool),
                                      max_seq_len=config.max_seq_len,
                                      scheduler=config.scheduler, eos_token_ids=eos_token_ids,
-                                     device=device, tokenizer=model.tokenizer)
+                                     device=device, tokenizer=model.tokenizer,
+                                     prefix_caching=prefix_caching(config, node, placement,
+                                                                   rank))
             engines[node].tp_ranks = placement.ranks if placement.tp_size > 1 else ()
         else:
-            engines[node] = StatelessEngine(node, module,
-                                            max_batch=config.scheduler.max_num_seqs)
+            engines[node] = StatelessEngine(
+                node, module, max_batch=config.scheduler.max_num_seqs,
+                cache_bytes=config.encoder_cache_bytes if node in cacheable else 0)
     for engine in engines.values():
         engine.nvtx = enable_nvtx
     return engines

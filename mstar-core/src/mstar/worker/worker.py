@@ -552,7 +552,13 @@ class Worker(Component):
                 self._stats_from[name] = engine.step_log[-1].step + 1
         waiting = sum(len(e.waiting) for e in self.engines.values())
         self.channel.send(self.status_address, msg.WorkerStats(
-            self.address, self.pages_in_use(), len(self.requests), waiting, steps))
+            self.address, self.pages_in_use(), len(self.requests), waiting, steps,
+            self.counters()))
+
+    def counters(self) -> dict[str, int]:
+        """Every engine's cumulative counters, as "<node>.<name>"."""
+        return {f"{node}.{name}": value for node, engine in self.engines.items()
+                for name, value in engine.counters.items()}
 
     def pages_in_use(self) -> int:
         return sum(e.pages_in_use() for e in self.engines.values() if isinstance(e, KVEngine))

@@ -252,6 +252,9 @@ class TestVLA(Model):
     def tp_nodes(self) -> set[str]:
         return {"LLM"}
 
+    def cacheable_nodes(self) -> set[str]:
+        return {"vision_encoder"}
+
     def partitions(self) -> list[Partition]:
         return [Partition("lm", ("vision_encoder", "LLM", "action_init", "combine")),
                 Partition("stream", ("consumer",))]
