@@ -5,7 +5,7 @@ Each request is `POST /v1/chat/completions` (streamed) with a long system prompt
 user message holding the same image and a question of its own. Two `mstar-serve`s on the
 same weights, one after the other: caches on (the default) and off
 (`kv_cache.enable_prefix_caching=false`, `encoder_cache_bytes=0`). For 1 and 16 concurrent
-clients it prints time to first token (the first content chunk) and output tokens/s side
+clients it prints time to first token (the first chunk carrying a token) and output tokens/s side
 by side, the ratios, and the server's cache counters (from /metrics) for the cached run.
 
     python benchmarks/bench_chat.py            # ~3 minutes on 2 cores
@@ -56,7 +56,7 @@ def image_url(seed: int) -> str:
 
 def chat_body(system: str, image: str, question: str, new_tokens: int) -> dict:
     return {"model": "testvla", "stream": True, "max_tokens": new_tokens, "temperature": 0,
-            "ignore_eos": True, "messages": [
+            "ignore_eos": True, "logprobs": True, "messages": [
                 {"role": "system", "content": system},
                 {"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": image}},
@@ -64,7 +64,8 @@ def chat_body(system: str, image: str, question: str, new_tokens: int) -> dict:
 
 
 async def stream_chat(client: httpx.AsyncClient, body: dict) -> Timing:
-    """One streamed chat: when its first content chunk came, and the tokens received (the
+    """One streamed chat: when its first token came (a chunk with logprobs: a token's
+    text may still be held back as an incomplete character) and the tokens received (the
     usage chunk's count)."""
     submitted = time.perf_counter()
     first, tokens, reason = 0.0, 0, ""
@@ -79,7 +80,7 @@ async def stream_chat(client: httpx.AsyncClient, body: dict) -> Timing:
             if "error" in chunk:
                 raise RuntimeError(f"chat failed: {chunk['error']}")
             for choice in chunk["choices"]:
-                if choice["delta"].get("content") and not first:
+                if (choice.get("logprobs") or {}).get("content") and not first:
                     first = time.perf_counter()
                 reason = choice["finish_reason"] or reason
             if chunk.get("usage"):
