@@ -207,6 +207,10 @@ def test_unknown_model_and_bad_key_raise_their_classes(server, client):
     wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
+    missing = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+        "model": "testvla", "messages": [{"role": "user", "content": "hi"}]})
+    assert missing.status_code == 401
+    assert missing.json()["error"]["type"] == "authentication_error"
 
 
 def test_a_streaming_client_that_leaves_cancels_its_request(server):
