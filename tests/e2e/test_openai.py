@@ -295,6 +295,7 @@ def test_repeated_images_and_system_prompts_hit_the_caches(server, client):
     def counter(name: str) -> float:
         return server.metric(name, 0.0)
 
+    time.sleep(0.6)  # the workers report their counters every 0.25 s: earlier tests' in
     encoded = counter('mstar_node_invocations_total{node="vision_encoder"}')
     hits = counter('mstar_encoder_cache_hits_total{node="vision_encoder"}')
     reused = counter('mstar_prefix_cache_hit_tokens_total{node="LLM"}')
