@@ -272,3 +272,37 @@ def test_push_and_end_errors():
         chunker.push(stream(1))
     with pytest.raises(ValueError, match="already ended"):
         chunker.end(total_units=4)
+
+
+class _Triples:
+    """Test assembler: drops negative rows, packs three valid ones into one unit."""
+
+    def __init__(self):
+        self.held: list[int] = []
+
+    def push(self, rows):
+        self.held += [int(v) for v in rows["tok"].tolist() if v >= 0]
+        n = len(self.held) // 3 * 3
+        done, self.held = self.held[:n], self.held[n:]
+        return {"frame": torch.tensor(done, dtype=torch.long).reshape(-1, 3)}
+
+
+def test_an_assembler_turns_producer_rows_into_units_and_credits_rows():
+    policy = ChunkPolicy(window=2, hop=1, emit=(0, 1), max_buffered=20, assemble=_Triples)
+    chunker = StreamChunker(policy)
+    tokens = [1, 2, -1, 3, 4, 5, -7, 6, 7, 8, 9]  # frames (1,2,3) (4,5,6) (7,8,9)
+    for t in tokens[:8]:
+        chunker.push({"tok": torch.tensor([t])})
+    (first,) = drain(chunker)  # frame 0 needs frame 1 as lookahead
+    assert first.units["frame"].tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert chunker.release() == 4  # frame 0 is gone: the rows up to it (1, 2, -1, 3)
+    for t in tokens[8:]:
+        chunker.push({"tok": torch.tensor([t])})
+    chunker.end(total_units=len(tokens) + 1)  # one more row is still in flight
+    assert not chunker.ended
+    chunker.push({"tok": torch.tensor([-1])})
+    assert chunker.ended
+    rest = drain(chunker)
+    assert [w.units["frame"][w.emit_start - w.win_start].tolist() for w in rest] == [
+        [4, 5, 6], [7, 8, 9]]
+    assert chunker.release() == len(tokens) + 1 - 4  # all emitted: every row is free

@@ -144,6 +144,11 @@ class ChunkPolicy:
     emit: tuple[int, int]
     first_chunk: int | None = None
     max_buffered: int = 64
+    #: Optional: makes, per request, the object that turns the producer's rows into the
+    #: units windows are cut from (`mstar.streaming.chunker.UnitAssembler`: e.g. seven
+    #: audio codes into one codec frame, dropping invalid ones). `max_buffered` then counts
+    #: the producer's rows (what backpressure sees); `window`, `hop`, `emit` count units.
+    assemble: Callable[[], Any] | None = None
 
     def __post_init__(self):
         start, end = self.emit

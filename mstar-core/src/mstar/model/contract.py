@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import msgspec
@@ -243,6 +244,14 @@ class Model:
     def tokenizer(self) -> Any:
         """The tokenizer core's detokenizer uses (None when the model emits no text)."""
         return None
+
+    #: Files of the default checkpoint the host side needs (tokenizer, chat template), as
+    #: glob patterns: `make_model` fetches them and calls `use_checkpoint_files`.
+    host_files: ClassVar[tuple[str, ...]] = ()
+
+    def use_checkpoint_files(self, directory: Path | None) -> None:
+        """Where the `host_files` are; None when there is no checkpoint (dummy weights
+        without a model path: the model falls back to what it ships, or fails clearly)."""
 
     # -- chat (the OpenAI layer; models with the "chat" capability) ----------------------
     def chat_template(self) -> str | None:

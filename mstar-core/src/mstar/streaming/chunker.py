@@ -17,16 +17,33 @@ end through `ended` (the edge's end flag), not through a final window.
 The chunker keeps only the units a future window needs: `release()` drops the rest and
 returns how many it dropped, so the edge can hand that many credits back to the producer
 (the buffer is bounded by backpressure, never by dropping data).
+
+Assembly: with `ChunkPolicy.assemble`, the producer's rows pass through a per-request
+`UnitAssembler` before windowing (Orpheus: valid audio codes, seven to a codec frame). The
+end of the stream and the credits are then counted in the producer's rows: `end(total)`
+takes the rows the producer pushed, and `release()` returns the rows whose units are gone
+(rows that made no unit are credited with the next unit, or at the end of the stream).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from mstar.graph.primitives import ChunkPolicy
+
+
+class UnitAssembler(Protocol):
+    """Turns a request's producer rows into units, keeping whatever state it needs (a
+    partial frame, a count of valid codes)."""
+
+    def push(self, rows: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The units the new rows complete (each name with the same number of rows; none
+        or empty tensors when they complete none)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +72,10 @@ class StreamChunker:
         self._next_emit = 0  # e(index)
         self._end_requested = False
         self._total: int | None = None
+        self._assembler: UnitAssembler | None = policy.assemble() if policy.assemble else None
+        self._rows = 0  # producer rows pushed (the units themselves without an assembler)
+        self._credited = 0  # producer rows handed back by `release`
+        self._marks: deque[tuple[int, int]] = deque()  # (units, rows) after each push
 
     @property
     def buffered(self) -> int:
@@ -68,11 +89,27 @@ class StreamChunker:
 
     @property
     def ended(self) -> bool:
-        """The stream has ended and every unit has been pushed."""
-        return self._end_requested and (self._total is None or self._pushed == self._total)
+        """The stream has ended and every producer row has been pushed."""
+        return self._end_requested and (self._total is None or self._rows == self._total)
 
     def push(self, units: Mapping[str, torch.Tensor]) -> None:
-        """Append rows; every name carries the same number of rows (one per unit)."""
+        """Append the producer's rows (every name with the same number of rows: one per
+        unit, or whatever the policy's assembler turns into units)."""
+        rows = _row_count(units)
+        if self._end_requested and (self._total is None or self._rows + rows > self._total):
+            raise ValueError(
+                f"push of {rows} rows past the end of the stream "
+                f"(pushed {self._rows}, total {self._total})"
+            )
+        self._rows += rows
+        if self._assembler is not None:
+            units = {k: v for k, v in self._assembler.push(units).items() if v.shape[0]}
+            self._marks.append((self._pushed + _row_count(units) if units else self._pushed,
+                                self._rows))
+        if units:
+            self._append(units)
+
+    def _append(self, units: Mapping[str, torch.Tensor]) -> None:
         names = tuple(sorted(units))
         if self._names is None:
             if not names:
@@ -80,25 +117,17 @@ class StreamChunker:
             self._names = names
         elif names != self._names:
             raise ValueError(f"pushed names {names} differ from the stream's {self._names}")
-        counts = {name: units[name].shape[0] for name in names}
-        count = counts[names[0]]
-        if any(c != count for c in counts.values()):
-            raise ValueError(f"pushed tensors have different row counts: {counts}")
-        if self._end_requested and (self._total is None or self._pushed + count > self._total):
-            raise ValueError(
-                f"push of {count} units past the end of the stream "
-                f"(pushed {self._pushed}, total {self._total})"
-            )
+        count = _row_count(units)
         for name in names:
             held = self._buffer.get(name)
             self._buffer[name] = units[name] if held is None else torch.cat([held, units[name]])
         self._pushed += count
 
     def end(self, total_units: int | None = None) -> None:
-        """End the stream; with `total_units`, once that many units have been pushed (the
-        last pushes may still be in flight)."""
-        if total_units is not None and total_units < self._pushed:
-            raise ValueError(f"total_units={total_units} but {self._pushed} already pushed")
+        """End the stream; with `total_units`, once the producer has pushed that many rows
+        (the last pushes may still be in flight)."""
+        if total_units is not None and total_units < self._rows:
+            raise ValueError(f"total_units={total_units} but {self._rows} already pushed")
         if self._end_requested and total_units != self._total:
             raise ValueError(f"stream already ended with total_units={self._total}")
         self._end_requested = True
@@ -136,15 +165,37 @@ class StreamChunker:
         return window
 
     def release(self) -> int:
-        """Drop units no future window needs; returns how many were dropped."""
+        """Drop units no future window needs; returns how many producer rows that frees
+        (the units themselves without an assembler)."""
         keep_from = min(max(0, self._next_emit - self.policy.left), self._pushed)
         dropped = keep_from - self._base
-        if dropped <= 0:
-            return 0
-        for name, held in self._buffer.items():
-            self._buffer[name] = held[dropped:]
-        self._base = keep_from
-        return dropped
+        if dropped > 0:
+            for name, held in self._buffer.items():
+                self._buffer[name] = held[dropped:]
+            self._base = keep_from
+        if self._assembler is None:
+            return max(0, dropped)
+        # rows are free once the units they made are: those up to the push that completed
+        # the last dropped unit (the first push that left `_base` units or more)
+        while self._marks and self._marks[0][0] < self._base:
+            self._marks.popleft()
+        freed = self._credited
+        if self._base and self._marks:
+            freed = max(freed, self._marks[0][1])
+        if self.ended and self._next_emit >= self._pushed:
+            freed = self._rows  # all emitted: rows that made no unit are free too
+        freed, self._credited = freed - self._credited, max(freed, self._credited)
+        return freed
+
+
+def _row_count(units: Mapping[str, torch.Tensor]) -> int:
+    counts = {name: int(t.shape[0]) for name, t in units.items()}
+    if not counts:
+        raise ValueError("a push needs at least one named tensor")
+    count = next(iter(counts.values()))
+    if any(c != count for c in counts.values()):
+        raise ValueError(f"pushed tensors have different row counts: {counts}")
+    return count
 
 
 def slice_emitted(output: torch.Tensor, window: Window, dim: int = 0) -> torch.Tensor:

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,7 +50,21 @@ class LoadOptions:
 def make_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *,
                preset: str | None, options: LoadOptions) -> Model:
     """The model instance: its config from `preset`, else from the checkpoint's
-    config.json (`model_path` or the hub), updated with the deployment's `model_kwargs`."""
+    config.json (`model_path` or the hub), updated with the deployment's `model_kwargs`;
+    given the checkpoint's host files (tokenizer) when it declares some."""
+    model = _configured_model(spec, model_kwargs, preset=preset, options=options)
+    if model.host_files:
+        directory = None
+        if options.load_format != "dummy" or options.model_path:
+            directory = resolve_source(
+                checkpoint_location("default", options), patterns=list(model.host_files),
+                cache_dir=options.cache_dir, revision=options.revision, token=options.token)
+        model.use_checkpoint_files(directory)
+    return model
+
+
+def _configured_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *,
+                      preset: str | None, options: LoadOptions) -> Model:
     cls = spec.load_class()
     if preset is None:
         if options.load_format == "dummy" and not options.model_path:
@@ -68,8 +83,15 @@ def make_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *,
 
 
 def checkpoint_location(source: str, options: LoadOptions) -> str:
-    if source == "default" and options.model_path:
-        return options.model_path
+    """Where a weight source is: `--model-path` for the default one, and for another a
+    subfolder of that path named after it when there is one (a local checkpoint of a model
+    whose codec ships in its own repo: `<model path>/snac`), else the source's repo."""
+    if options.model_path:
+        if source == "default":
+            return options.model_path
+        inside = Path(options.model_path) / source
+        if inside.is_dir():
+            return str(inside)
     return options.weight_sources.get(source, source)
 
 
