@@ -22,7 +22,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mstar_orpheus.config import CUSTOM_TOKEN_BASE, END_OF_TEXT, PRESETS, OrpheusConfig
+from mstar_orpheus.config import (
+    AUDIO_TOKEN_BASE,
+    CODEBOOK_SIZE,
+    CODES_PER_FRAME,
+    CUSTOM_TOKEN_BASE,
+    END_OF_TEXT,
+    PRESETS,
+    START_OF_SPEECH,
+    OrpheusConfig,
+)
 
 #: Llama-3's special tokens that Orpheus prompts and tokenizer configs name.
 LLAMA3_SPECIALS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001,
@@ -149,3 +158,37 @@ def write_tiny_checkpoint(directory: str | Path, preset: str = "tiny", seed: int
 
     write_tiny_snac(out / "snac", config.snac, seed)
     return out
+
+
+def make_it_speak(directory: str | Path, seed: int = 0) -> None:
+    """Give an untied LM checkpoint a band structure so that, random as it is, every token
+    it samples is an audio code of the right frame position: each audio token's embedding
+    names its position, the head points each position to the next one's band (start of
+    speech to position 0), and the layers' output projections are zero, so the residual
+    stream carries the embedding while every forward costs what it costs. For tests and
+    benchmarks of the serving path (frames stream, windows decode) with random weights."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / "model.safetensors"
+    state = load_file(str(path))
+    if "lm_head.weight" not in state:
+        raise ValueError("make_it_speak needs an untied checkpoint (tie_word_embeddings=False)")
+    embed, head = state["model.embed_tokens.weight"], state["lm_head.weight"]
+    gen = torch.Generator().manual_seed(seed)
+    embed[AUDIO_TOKEN_BASE:] = 0.0
+    for position in range(CODES_PER_FRAME):
+        band = slice(AUDIO_TOKEN_BASE + position * CODEBOOK_SIZE,
+                     AUDIO_TOKEN_BASE + (position + 1) * CODEBOOK_SIZE)
+        embed[band, position] = 1.0
+        following = (position + 1) % CODES_PER_FRAME
+        nxt = slice(AUDIO_TOKEN_BASE + following * CODEBOOK_SIZE,
+                    AUDIO_TOKEN_BASE + (following + 1) * CODEBOOK_SIZE)
+        head[nxt] = 0.05 * torch.randn(CODEBOOK_SIZE, head.shape[1], generator=gen)
+        head[nxt, position] = 1.0
+    embed[START_OF_SPEECH] = 0.0
+    embed[START_OF_SPEECH, CODES_PER_FRAME - 1] = 1.0
+    for name in state:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            state[name] = torch.zeros_like(state[name])
+    save_file(state, str(path))
+
