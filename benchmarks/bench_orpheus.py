@@ -80,6 +80,8 @@ async def speak(client: httpx.AsyncClient, frames: int, seed: int) -> tuple[floa
                     samples += len(event.samples.data) // 4
                 elif isinstance(event, events.Error):
                     raise RuntimeError(event.message)
+            elif not line:
+                tag = ""
     return first - start, time.perf_counter() - start, samples / RATE
 
 
@@ -124,6 +126,7 @@ def serve(ckpt: Path, tmp: Path, config: str) -> Iterator[str]:
 
 SEQUENTIAL_SCRIPT = r'''
 import json, sys, time
+import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 import snac
 from mstar_orpheus.config import (AUDIO_TOKEN_BASE, CODEBOOK_SIZE, CODES_PER_FRAME,
@@ -156,7 +159,9 @@ print(json.dumps({"times": times, "samples": int(audio.shape[-1])}))
 
 def sequential(ckpt: Path, frames: int, requests: int) -> Result:
     done = subprocess.run([sys.executable, "-c", SEQUENTIAL_SCRIPT, str(ckpt), str(frames),
-                           str(requests), TEXT], capture_output=True, text=True, check=True)
+                           str(requests), TEXT], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the sequential baseline failed:\n{done.stderr}")
     data = json.loads(done.stdout.strip().splitlines()[-1])
     seconds = data["samples"] / RATE
     mean = statistics.mean(data["times"])

@@ -192,3 +192,27 @@ def make_it_speak(directory: str | Path, seed: int = 0) -> None:
             state[name] = torch.zeros_like(state[name])
     save_file(state, str(path))
 
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mstar_orpheus.checkpoint DIR [--preset tiny] [--speaking]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny Orpheus checkpoint in the "
+                                                 "hub layouts (LM, tokenizer, snac/).")
+    parser.add_argument("directory")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speaking", action="store_true",
+                        help="untied, with make_it_speak: every sampled token an audio code")
+    args = parser.parse_args(argv)
+    overrides = {"tie_word_embeddings": False} if args.speaking else {}
+    out = write_tiny_checkpoint(args.directory, preset=args.preset, seed=args.seed,
+                                **overrides)
+    if args.speaking:
+        make_it_speak(out, args.seed)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
+
