@@ -7,9 +7,12 @@ while the LM is still generating. The checkpoint is tiny and made to speak
 from __future__ import annotations
 
 import base64
+import io
 
 import numpy as np
+import openai
 import pytest
+import soundfile
 from serving_harness import Server
 
 import mstar
@@ -49,19 +52,65 @@ def served_audio(body: dict) -> tuple[np.ndarray, int]:
     return np.concatenate(audio), len(chunks)
 
 
-@pytest.mark.parametrize("config", ["orpheus_colocated", "orpheus_pd_disaggregated",
-                                    "orpheus_codec_split"])
-def test_every_layout_speaks_the_same_audio(tmp_path, speaking_ckpt, expected, config):
+def check_layout(server: Server, expected: np.ndarray) -> None:
+    response = server.generate(REQUEST)
+    assert response.status_code == 200, response.text
+    audio, chunks = served_audio(response.json())
+    assert audio.size == FRAMES * 2048 and chunks == FRAMES - 1  # frames 0-1 together
+    np.testing.assert_allclose(audio, expected, atol=1e-5)
+    server.wait_idle()
+
+
+@pytest.fixture(scope="module")
+def colocated(tmp_path_factory, speaking_ckpt):
+    server = Server(tmp_path_factory.mktemp("orpheus-colocated"), "--config",
+                    "orpheus_colocated", "--model-path", str(speaking_ckpt),
+                    "--set", "max_seq_len=1024")
+    server.wait_healthy()
+    yield server
+    assert server.stop() == 0, server.output()
+    server.assert_clean()
+
+
+def test_the_colocated_layout_speaks_the_in_process_audio(colocated, expected):
+    check_layout(colocated, expected)
+
+
+@pytest.mark.parametrize("config", ["orpheus_pd_disaggregated", "orpheus_codec_split"])
+def test_every_split_layout_speaks_the_same_audio(tmp_path, speaking_ckpt, expected, config):
     server = Server(tmp_path, "--config", config, "--model-path", str(speaking_ckpt),
                     "--set", "max_seq_len=1024")
     try:
         server.wait_healthy()
-        response = server.generate(REQUEST)
-        assert response.status_code == 200, response.text
-        audio, chunks = served_audio(response.json())
-        assert audio.size == FRAMES * 2048 and chunks == FRAMES - 1  # frames 0-1 together
-        np.testing.assert_allclose(audio, expected, atol=1e-5)
-        server.wait_idle()
+        check_layout(server, expected)
     finally:
         assert server.stop() == 0, server.output()
     server.assert_clean()
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "opus"])
+def test_openai_speech_decodes_to_24khz_audio_of_every_frame(colocated, expected, fmt):
+    """`audio.speech.create`, whole and with_streaming_response, read with soundfile:
+    24 kHz and the utterance's length (mp3/opus resampled or primed: within a frame)."""
+    client = openai.OpenAI(base_url=colocated.url + "/v1", api_key="none", max_retries=0)
+    kwargs = dict(model="orpheus", input=REQUEST["input"], voice="zoe", response_format=fmt,
+                  extra_body={"max_tokens": REQUEST["max_tokens"], "ignore_eos": True,
+                              "seed": REQUEST["seed"]})
+    whole = client.audio.speech.create(**kwargs).content
+    with client.audio.speech.with_streaming_response.create(**kwargs) as response:
+        pieces = list(response.iter_bytes())
+    assert b"".join(pieces) == whole or fmt in ("mp3", "opus")
+    audio, rate = soundfile.read(io.BytesIO(whole), dtype="float32")
+    assert rate == 24000
+    want = expected.size * rate // 24000
+    if fmt in ("wav", "flac"):
+        assert audio.shape[0] == want
+        np.testing.assert_allclose(audio, expected, atol=1e-3)  # 16-bit samples
+    else:
+        assert abs(audio.shape[0] - want) <= 2048 * rate // 24000
+
+
+def test_an_unknown_voice_is_a_400_listing_the_voices(colocated):
+    client = openai.OpenAI(base_url=colocated.url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="voices: tara, leah, jess, leo, dan"):
+        client.audio.speech.create(model="orpheus", input="hi", voice="nova")

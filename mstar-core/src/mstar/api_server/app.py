@@ -259,11 +259,13 @@ class Run:
 
 
 class EventStream(StreamingResponse):
-    """SSE whose `on_close` runs however the response ends (finished, the client gone,
-    the server stopping), so a request still running is cancelled."""
+    """A streamed answer (SSE by default) whose `on_close` runs however the response ends
+    (finished, the client gone, the server stopping), so a request still running is
+    cancelled."""
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream",
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], *,
+                 media_type: str = "text/event-stream"):
+        super().__init__(content, media_type=media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
 
@@ -370,6 +372,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     the media limits. Routes beyond `/generate` come from the model's capabilities (the
     OpenAI-compatible ones: `mstar.api_server.openai_routes`)."""
     from mstar.api_server.openai_routes import add_openai_routes
+    from mstar.api_server.speech_route import add_speech_route
 
     info = backend.model_info()
     created = int(time.time())
@@ -448,6 +451,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
             run.close()
 
     add_openai_routes(guarded, runner, info, settings, created)
+    add_speech_route(guarded, runner, info, settings, created)
     app.include_router(guarded)
     return app
 

@@ -5,8 +5,8 @@ Importing it needs httpx and msgspec only (no torch), so it serves client machin
 never run a model.
 """
 
-from mstar.client._async import AsyncMStarClient, AsyncStream
-from mstar.client._sync import MStarClient, Stream
+from mstar.client._async import AsyncByteStream, AsyncMStarClient, AsyncStream
+from mstar.client._sync import ByteStream, MStarClient, Stream
 from mstar.client.errors import (
     APIConnectionError,
     APITimeoutError,
@@ -19,12 +19,19 @@ from mstar.client.errors import (
     RateLimitError,
     ServiceUnavailableError,
 )
-from mstar.client.results import ChatChoice, ChatDelta, ChatResponse, GenerateResponse, ModelInfo
+from mstar.client.results import (
+    ChatChoice,
+    ChatDelta,
+    ChatResponse,
+    GenerateResponse,
+    ModelInfo,
+    Speech,
+)
 
 __all__ = [
-    "APIConnectionError", "APITimeoutError", "AsyncMStarClient", "AsyncStream",
-    "AuthenticationError", "BadRequestError", "ChatChoice", "ChatDelta", "ChatResponse",
-    "GenerateResponse", "InternalServerError", "MStarClient", "MStarError", "ModelInfo",
-    "NotFoundError", "PayloadTooLargeError", "RateLimitError", "ServiceUnavailableError",
-    "Stream",
+    "APIConnectionError", "APITimeoutError", "AsyncByteStream", "AsyncMStarClient",
+    "AsyncStream", "AuthenticationError", "BadRequestError", "ByteStream", "ChatChoice",
+    "ChatDelta", "ChatResponse", "GenerateResponse", "InternalServerError", "MStarClient",
+    "MStarError", "ModelInfo", "NotFoundError", "PayloadTooLargeError", "RateLimitError",
+    "ServiceUnavailableError", "Speech", "Stream",
 ]

@@ -18,7 +18,7 @@ from mstar import events
 from mstar.client import _protocol as protocol
 from mstar.client._base import ClientBase
 from mstar.client.errors import MStarError
-from mstar.client.results import ChatDelta, ChatResponse, GenerateResponse, ModelInfo
+from mstar.client.results import ChatDelta, ChatResponse, GenerateResponse, ModelInfo, Speech
 
 T = TypeVar("T")
 E = TypeVar("E")
@@ -64,6 +64,42 @@ class AsyncStream(Generic[E]):
         await self.close()
 
 
+class AsyncByteStream:
+    """A binary answer as it arrives: `async for` it once for `bytes` (see `ByteStream`).
+    Leaving early and `await close()` (or `async with`) end the request on the server."""
+
+    def __init__(self, response: httpx.Response, url: str):
+        self.response = response
+        self.request_id = protocol.request_id(response)
+        self._url = url
+        self._items = self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self.response.aiter_bytes():
+                yield piece
+        except httpx.TransportError as exc:
+            raise protocol.transport_error(exc, self._url) from exc
+        finally:
+            await self.response.aclose()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._items
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._items)
+
+    async def close(self) -> None:
+        await self._items.aclose()
+        await self.response.aclose()
+
+    async def __aenter__(self) -> AsyncByteStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
 class AsyncMStarClient(ClientBase):
     """An asyncio client for an mstar server: `async with AsyncMStarClient(url) as c:
     (await c.chat("Hi")).text`. Settings as `MStarClient`'s."""
@@ -92,6 +128,16 @@ class AsyncMStarClient(ClientBase):
         body = protocol.generate_body(request, fields, stream)
         return await (self._stream(protocol.GENERATE, body) if stream else
                       self._request(protocol.GENERATE, body))
+
+    async def tts(self, text: str, *, voice: str | None = None, format: str = "wav",
+                  model: str | None = None, stream: bool = False, **extra: Any,
+                  ) -> Speech | AsyncByteStream:
+        """See `MStarClient.tts`."""
+        body = protocol.speech_body(text, model=model or await self._default_model(),
+                                    voice=voice, format=format, extra=extra)
+        if not stream:
+            return await self._request(protocol.SPEECH, body)
+        return AsyncByteStream(await self._send(protocol.SPEECH, body), self.base_url)
 
     async def models(self) -> list[ModelInfo]:
         return await self._request(protocol.MODELS)

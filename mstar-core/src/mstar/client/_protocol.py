@@ -30,6 +30,7 @@ from mstar.client.results import (
     ChatResponse,
     GenerateResponse,
     ModelInfo,
+    Speech,
 )
 
 T = TypeVar("T")
@@ -366,6 +367,40 @@ def parse_generate_frame(frame: SSEFrame, rid: str | None) -> list[events.Event]
     return [event]
 
 
+# ------------------------------------------------------------------------------------------
+# Speech (OpenAI's /v1/audio/speech)
+
+#: The Content-Type of each speech format, as the server sends it.
+SPEECH_MEDIA_TYPES = {"audio/mpeg": "mp3", "audio/ogg": "opus", "audio/aac": "aac",
+                      "audio/flac": "flac", "audio/wav": "wav", "audio/pcm": "pcm"}
+
+
+def speech_body(text: str, *, model: str, voice: str | None, format: str,
+                extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON of a speech call: the audio streamed as encoded (`stream_format` "audio",
+    which a whole answer is read from too); `voice` None leaves the model's default."""
+    body: dict[str, Any] = {"model": model, "input": text, "response_format": format,
+                            "stream_format": "audio"}
+    if voice is not None:
+        body["voice"] = voice
+    body.update(extra)
+    return body
+
+
+def parse_speech(response: httpx.Response) -> Speech:
+    from mstar.client._audio import container_rate
+
+    kind = response.headers.get("content-type", "").split(";")[0].strip()
+    if kind not in SPEECH_MEDIA_TYPES:
+        raise ValueError(f"content-type {kind!r} is not a speech format")
+    fmt, audio = SPEECH_MEDIA_TYPES[kind], response.content
+    rate = container_rate(audio, fmt)
+    if rate is None and response.headers.get("x-sample-rate", "").isdigit():
+        rate = int(response.headers["x-sample-rate"])
+    return Speech(audio=audio, format=fmt, sample_rate=rate,
+                  request_id=request_id(response))
+
+
 def parse_models(response: httpx.Response) -> list[ModelInfo]:
     return [ModelInfo(id=m["id"], capabilities=list(m.get("capabilities") or []),
                       max_model_len=m.get("max_model_len"), raw=m)
@@ -380,6 +415,8 @@ CHAT: Route[ChatResponse, ChatDelta] = Route("POST", "/v1/chat/completions", par
                                              parse_chat_frame)
 GENERATE: Route[GenerateResponse, events.Event] = Route("POST", "/generate", parse_generate,
                                                         parse_generate_frame)
+#: Streamed (`tts(stream=True)`), the answer's bytes are yielded as they come.
+SPEECH: Route[Speech, Any] = Route("POST", "/v1/audio/speech", parse_speech)
 MODELS: Route[list[ModelInfo], Any] = Route("GET", "/v1/models", parse_models)
 #: 503 is an answer here ("starting", "unhealthy"), and a probe is never retried.
 HEALTH: Route[dict[str, Any], Any] = Route("GET", "/health", parse_json, expect=(200, 503),

@@ -17,7 +17,7 @@ from mstar import events
 from mstar.client import _protocol as protocol
 from mstar.client._base import ClientBase
 from mstar.client.errors import MStarError
-from mstar.client.results import ChatDelta, ChatResponse, GenerateResponse, ModelInfo
+from mstar.client.results import ChatDelta, ChatResponse, GenerateResponse, ModelInfo, Speech
 
 T = TypeVar("T")
 E = TypeVar("E")
@@ -63,6 +63,42 @@ class Stream(Generic[E]):
         self.close()
 
 
+class ByteStream:
+    """A binary answer as it arrives (speech: the audio file in pieces, which concatenate
+    to the whole file): iterate it once for `bytes`. Leaving early and `close()` (or
+    `with`) end the request on the server."""
+
+    def __init__(self, response: httpx.Response, url: str):
+        self.response = response
+        self.request_id = protocol.request_id(response)
+        self._url = url
+        self._items = self._iterate()
+
+    def _iterate(self) -> Iterator[bytes]:
+        try:
+            yield from self.response.iter_bytes()
+        except httpx.TransportError as exc:  # the server cut it: the answer is not whole
+            raise protocol.transport_error(exc, self._url) from exc
+        finally:
+            self.response.close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._items
+
+    def __next__(self) -> bytes:
+        return next(self._items)
+
+    def close(self) -> None:
+        self._items.close()
+        self.response.close()
+
+    def __enter__(self) -> ByteStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 class MStarClient(ClientBase):
     """A blocking client for an mstar server.
 
@@ -96,6 +132,20 @@ class MStarClient(ClientBase):
         body = protocol.generate_body(request, fields, stream)
         return self._stream(protocol.GENERATE, body) if stream else \
             self._request(protocol.GENERATE, body)
+
+    def tts(self, text: str, *, voice: str | None = None, format: str = "wav",
+            model: str | None = None, stream: bool = False, **extra: Any,
+            ) -> Speech | ByteStream:
+        """Speech from text (`/v1/audio/speech`; models with the "speech" capability):
+        a `Speech` (`.audio`, `.format`, `.sample_rate`, `.samples()`, `.to_wav(path)`);
+        streamed, a `ByteStream` of the encoded file's pieces as the model speaks. `format`:
+        mp3, opus, aac, flac, wav or pcm; `voice` None is the model's default; `extra`
+        goes into the body (`speed`, `seed`, `temperature`, `max_tokens`, ...)."""
+        body = protocol.speech_body(text, model=model or self._default_model(), voice=voice,
+                                    format=format, extra=extra)
+        if not stream:
+            return self._request(protocol.SPEECH, body)
+        return ByteStream(self._send(protocol.SPEECH, body), self.base_url)
 
     def models(self) -> list[ModelInfo]:
         return self._request(protocol.MODELS)

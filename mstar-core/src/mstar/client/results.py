@@ -9,9 +9,13 @@ one type.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mstar.events import Event, Usage
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -90,4 +94,35 @@ class ModelInfo:
     raw: dict[str, Any] = field(repr=False)
 
 
-__all__ = ["ChatChoice", "ChatDelta", "ChatResponse", "GenerateResponse", "ModelInfo"]
+@dataclass(frozen=True)
+class Speech:
+    """The audio of a speech call (`tts`): the file's bytes as the server encoded them,
+    its `format` (mp3, opus, aac, flac, wav or pcm) and `sample_rate` (the header's where
+    the format has one, else the server's `x-sample-rate`)."""
+
+    audio: bytes
+    format: str
+    sample_rate: int | None
+    request_id: str | None = None
+
+    def samples(self) -> np.ndarray:
+        """Mono float32 samples in [-1, 1] (decoded with soundfile, or PyAV where it
+        cannot read the format; needs numpy and soundfile)."""
+        from mstar.client._audio import decode
+
+        return decode(self.audio, self.format, self.sample_rate)[0]
+
+    def to_wav(self, path: str | Path) -> Path:
+        """Write the audio as a 16-bit WAV file with its sizes filled in (a streamed WAV
+        states none), decoding other formats; returns the path."""
+        import soundfile
+
+        from mstar.client._audio import decode
+
+        samples, rate = decode(self.audio, self.format, self.sample_rate, dtype="int16")
+        soundfile.write(path, samples, rate, format="WAV", subtype="PCM_16")
+        return Path(path)
+
+
+__all__ = ["ChatChoice", "ChatDelta", "ChatResponse", "GenerateResponse", "ModelInfo",
+           "Speech"]

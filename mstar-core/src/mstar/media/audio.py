@@ -38,7 +38,8 @@ def _with_soundfile(data: bytes, limits: MediaLimits) -> tuple[np.ndarray, int] 
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as file:
             rate = file.samplerate
-            if file.frames > 0 and file.frames / rate > limits.max_audio_seconds:
+            # libsndfile says 2**63 - 1 frames for a stream of unknown length: not a length
+            if 0 < file.frames < 2 ** 62 and file.frames / rate > limits.max_audio_seconds:
                 raise _over(file.frames / rate, limits)
             # Read at most one sample past the limit, so an understated header is caught.
             cap = int(limits.max_audio_seconds * rate) + 1

@@ -102,7 +102,14 @@ class TestVLARequest(SamplingFields):
     __test__: ClassVar[bool] = False
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(description=f"Text; may contain one {IMAGE_MARKER} marker.")
+    prompt: str | None = Field(None, description=f"Text; may contain one {IMAGE_MARKER} "
+                                                 "marker. Required unless `input` is given.")
+    input: str | None = Field(None, description="Speech (capability 'speech'): the text to "
+                                                "speak, run as a text prompt whose consumer "
+                                                "streams the audio.")
+    voice: Literal["alloy", "echo"] | None = Field(
+        None, description="Speech: the voice (names only: the tiny consumer has one sound); "
+                          "None: 'alloy'.")
     image: list[list[list[float]]] | None = Field(
         None, description="Pixels as nested lists [3][H][W]; H and W multiples of the "
                           "patch size.")
@@ -119,6 +126,10 @@ class TestVLARequest(SamplingFields):
 
     @model_validator(mode="after")
     def _consistent(self) -> TestVLARequest:
+        if (self.prompt is None) == (self.input is None):
+            raise ValueError("give exactly one of prompt and input (speech)")
+        if self.input is not None:  # speech: the text is the prompt, the consumer speaks
+            self.prompt, self.stream_consumer = self.input, True
         if self.image is not None:
             if len(self.image) != 3:
                 raise ValueError(f"image must have 3 channels, got {len(self.image)}")

@@ -23,7 +23,8 @@ def mstar_register_models(registry: ModelRegistry) -> None:
         configs={name: f"mstar_testvla:configs/{name}.yaml" for name in CONFIGS},
         default_config="testvla_single",
         presets=("tiny", "small"),
-        capabilities=("generate", "chat", "completions", "image_input", "actions", "latents"),
+        capabilities=("generate", "chat", "completions", "image_input", "actions", "latents",
+                      "speech"),
         request_schema="mstar_testvla.model:TestVLARequest",
         description="Tiny vision-language-action test model: Llama text expert, half-width "
                     "action expert (flow matching with CFG), ViT encoder, frame rollout and "
