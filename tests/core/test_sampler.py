@@ -99,7 +99,7 @@ def test_randn_is_keyed():
     assert abs(big.mean().item()) < 0.03 and abs(big.std().item() - 1) < 0.03
 
 
-def test_uniform_and_exponential_rows_depend_only_on_their_key():
+def test_uniform_rows_depend_only_on_their_key():
     # 64 rows of 3001 draws go in several chunks on CPU, a single row in one.
     keys = torch.tensor([rng.key_seed(1, 0, "s", t) for t in range(64)])
     together = rng.uniform_rows(keys, 3001)
@@ -109,11 +109,6 @@ def test_uniform_and_exponential_rows_depend_only_on_their_key():
     assert not torch.equal(together[0], together[1])
     u = rng.uniform((50000,), seed=1, child=0, site="s", step=0, dtype=torch.float64)
     assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
-    e = rng.exponential((50000,), seed=1, child=0, site="s", step=1)
-    assert e.min() > 0 and torch.isfinite(e).all()
-    assert abs(e.mean().item() - 1) < 0.02 and abs(e.var().item() - 1) < 0.05
-    assert torch.equal(rng.exponential((7,), seed=1, child=0, site="s", step=1),
-                       rng.exponential((7,), seed=1, child=0, site="s", step=1))
 
 
 # --- greedy and determinism ----------------------------------------------------------------
@@ -335,3 +330,25 @@ def test_cuda_draws_match_cpu():
               SamplingParams(temperature=1.0, top_k=50, min_p=0.01, repetition_penalty=1.2)]
     rows = [row(params[i % 3], seed=i, step=i, history=[i, 2 * i]) for i in range(64)]
     assert torch.equal(sample(logits, rows).token_ids, sample(logits.cuda(), rows).token_ids.cpu())
+
+
+def test_the_candidate_nucleus_equals_a_whole_vocabulary_sort():
+    """top-k / top-p look among the most likely tokens first; rows whose cut lies beyond
+    them (flat distributions, top_p near 1, top-k past the candidates) are sorted whole:
+    either way the kept set is the whole sort's."""
+    from mstar.engine.sampler import TOP_CANDIDATES, _nucleus
+
+    def whole(x, top_k, top_p):
+        sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
+        drop = torch.arange(x.shape[-1]).unsqueeze(0) >= torch.tensor(top_k).unsqueeze(1)
+        probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
+        drop |= (probs.cumsum(-1) - probs) >= torch.tensor(top_p).unsqueeze(1)
+        return ~torch.zeros_like(drop).scatter(-1, order, drop)
+
+    vocab = 4 * TOP_CANDIDATES + 123
+    gen = torch.Generator().manual_seed(0)
+    top_k = [vocab, 50, 2 * TOP_CANDIDATES, vocab, 1, 10]
+    top_p = [0.8, 0.9, float("inf"), 0.999, float("inf"), 0.3]
+    for scale in (0.1, 1.0, 3.0, 20.0):  # flat (whole sorts) to peaked (candidates only)
+        x = torch.randn(len(top_k), vocab, generator=gen) * scale
+        assert torch.equal(_nucleus(x, top_k, top_p), whole(x, top_k, top_p)), scale

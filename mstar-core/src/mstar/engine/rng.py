@@ -8,11 +8,11 @@ versions) into a 63-bit `key_seed`, and randomness is derived from that key alon
 Two derivations, both keyed the same way:
 - `randn` (flow noise) draws from a `torch.Generator` seeded with the key, on CPU in float32,
   then moves the result, so CPU and GPU runs get bit-identical noise.
-- `uniform_rows` / `exponential_rows` (the sampler's race) evaluate Philox4x32-10 (Salmon et
+- `uniform_rows` (the sampler's draw) evaluates Philox4x32-10 (Salmon et
   al., 2011) with the key as Philox key and the element index as counter, in int64 tensor
   ops on the logits' own device: a whole batch of rows costs a few kernels, no per-row
-  generator and no host round trip. The integer stream is identical on every device; the
-  float transform (`log`) may differ by an ulp between CPU and CUDA.
+  generator and no host round trip. The integer stream and its uniforms are identical on
+  every device.
 """
 
 from __future__ import annotations
@@ -117,12 +117,6 @@ def uniform_rows(keys: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)[:, :n] if len(parts) > 1 else parts[0][:, :n]
 
 
-def exponential_rows(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """float64 Exp(1) draws, shape [B, n], strictly positive and finite; row b depends only
-    on `keys[b]`."""
-    return -torch.log(uniform_rows(keys, n))
-
-
 def _keyed(shape: tuple[int, ...] | torch.Size, seed: int, child: int, site: str, step: int,
            device: str | torch.device,
            draw: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
@@ -139,10 +133,3 @@ def uniform(shape: tuple[int, ...] | torch.Size, *, seed: int, child: int, site:
     """Uniforms for this key (the Philox stream of `uniform_rows`); in (0, 1) before the cast
     to `dtype`, which may round values next to 1 up to 1."""
     return _keyed(shape, seed, child, site, step, device, uniform_rows).to(dtype)
-
-
-def exponential(shape: tuple[int, ...] | torch.Size, *, seed: int, child: int, site: str,
-                step: int, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> torch.Tensor:
-    """Exp(1) draws for this key (the Philox stream of `exponential_rows`)."""
-    return _keyed(shape, seed, child, site, step, device, exponential_rows).to(dtype)
