@@ -27,6 +27,7 @@ from mstar.model.layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
+    heads_per_rank,
 )
 from mstar.weights.spec import WeightSpec
 from mstar_orpheus.config import OrpheusConfig
@@ -39,12 +40,8 @@ class _Attention(nn.Module):
 
     def __init__(self, cfg: OrpheusConfig, layer_idx: int, tp: dict[str, Any]):
         super().__init__()
-        tp_size = tp["tp_size"]
-        if cfg.num_key_value_heads % tp_size:
-            raise ValueError(f"num_key_value_heads={cfg.num_key_value_heads} is not divisible "
-                             f"by tp_size={tp_size}")
-        self.heads = cfg.num_attention_heads // tp_size
-        self.kv_heads = cfg.num_key_value_heads // tp_size
+        self.heads, self.kv_heads = heads_per_rank(cfg.num_attention_heads,
+                                                   cfg.num_key_value_heads, tp["tp_size"])
         self.head_dim = cfg.head_dim
         q_width = cfg.num_attention_heads * cfg.head_dim
         kv_width = cfg.num_key_value_heads * cfg.head_dim

@@ -1,7 +1,7 @@
 """Layers shared by every model: tensor-parallel linear/embedding/LM head, RMSNorm, rotary
 embedding, gated MLP and paged attention. All are plain layers at tp_size 1."""
 
-from mstar.model.layers.attention import PagedAttention
+from mstar.model.layers.attention import PagedAttention, heads_per_rank
 from mstar.model.layers.linear import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -21,4 +21,5 @@ __all__ = [
     "RotaryEmbedding",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "heads_per_rank",
 ]

@@ -13,6 +13,15 @@ from torch import nn
 from mstar.model.forward import current_attention
 
 
+def heads_per_rank(num_heads: int, num_kv_heads: int, tp_size: int) -> tuple[int, int]:
+    """(query heads, KV heads) each of `tp_size` ranks holds: whole heads, so the KV heads
+    must divide among the ranks (ValueError naming both otherwise)."""
+    if num_kv_heads % tp_size or num_heads % tp_size:
+        raise ValueError(f"num_attention_heads={num_heads} and num_key_value_heads="
+                         f"{num_kv_heads} must be divisible by tp_size={tp_size}")
+    return num_heads // tp_size, num_kv_heads // tp_size
+
+
 class PagedAttention(nn.Module):
     """q [T, H, D], k/v [T, KVH, D] -> [T, H, D]; H and KVH are this rank's head counts."""
 
