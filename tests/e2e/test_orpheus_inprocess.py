@@ -28,6 +28,7 @@ from mstar_orpheus.config import (
     END_OF_SPEECH,
     START_OF_SPEECH,
     TINY_SNAC,
+    VOICES,
     SnacConfig,
 )
 from mstar_orpheus.model import frame_levels
@@ -149,7 +150,7 @@ def test_a_partial_frame_is_dropped_and_an_invalid_window_is_silence(dep):
     assert torch.count_nonzero(audio[4 * SAMPLES:]) > 0
 
 
-def test_concurrent_requests_share_lm_steps_and_codec_batches(dep):
+def test_concurrent_requests_in_four_voices_share_lm_steps_and_codec_batches(dep):
     names = [scripted(f"script-batch-{i}", tokens_for(random_codes(8, seed=20 + i)))
              for i in range(4)]
     before_lm = len(dep.step_log("LLM"))
@@ -157,7 +158,7 @@ def test_concurrent_requests_share_lm_steps_and_codec_batches(dep):
     results: dict[int, list] = {}
 
     def one(i: int) -> None:
-        results[i] = list(dep.generate({"input": f"line {i}", "voice": "tara",
+        results[i] = list(dep.generate({"input": f"line {i}", "voice": VOICES[i],
                                         "max_tokens": 200, "logits_processors": [names[i]]}))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
