@@ -19,19 +19,15 @@ import asyncio
 import base64
 import io
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 import msgspec
 from bench_inprocess import Row, Timing, print_table
-from bench_serving import SERVE, free_port, summarize, wait_healthy
+from bench_serving import launch, summarize
 from PIL import Image
 
 from mstar_testvla.checkpoint import write_tiny_checkpoint
@@ -112,28 +108,6 @@ def counters(url: str) -> dict[str, float]:
     return found
 
 
-@contextmanager
-def serve(ckpt: Path, tmp: Path, preset: str, extra: list[str]) -> Iterator[str]:
-    port = free_port()
-    log = tmp / f"server-{port}.log"
-    cmd = [sys.executable, "-c", SERVE, "--config", "testvla_single", "--preset", preset,
-           "--model-path", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
-           "--socket-path-prefix", str(tmp / f"sockets-{port}"), "--log-level", "WARNING",
-           "--set", "max_seq_len=1024", *extra]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, url, log, timeout=300)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer requests")
@@ -162,7 +136,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         ckpt = Path(tmp) / "ckpt"
         write_tiny_checkpoint(ckpt, preset=args.preset, seed=args.seed)
         for label, extra in ((UNCACHED, OFF), (CACHED, [])):
-            with serve(ckpt, Path(tmp), args.preset, extra) as url:
+            with launch(["--config", "testvla_single", "--preset", args.preset,
+                         "--model-path", str(ckpt), "--log-level", "WARNING", "--set",
+                         "max_seq_len=1024", *extra], Path(tmp)) as server:
+                url = server.url
                 asyncio.run(clients(url, system, 1, 1, args.new_tokens, image_url(999),
                                     "warm-up"))
                 before = counters(url)

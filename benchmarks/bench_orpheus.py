@@ -20,20 +20,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import msgspec
-from bench_serving import SERVE, free_port, wait_healthy
+from bench_serving import generate_events, launch
 
 from mstar import events
 from mstar_orpheus.checkpoint import make_it_speak, write_tiny_checkpoint
@@ -58,30 +55,16 @@ class Result:
                 f"{self.rtf:>6.2f} {self.audio_per_wall:>8.2f}")
 
 
-_EVENT = msgspec.json.Decoder(events.Event)
-
-
 async def speak(client: httpx.AsyncClient, frames: int, seed: int) -> tuple[float, float, float]:
     """One streamed request: (seconds to the first audio, seconds in all, audio seconds)."""
     body = {"input": TEXT, "max_tokens": frames * CODES_PER_FRAME, "ignore_eos": True,
-            "seed": seed, "stream": True}
+            "seed": seed}
     start = time.perf_counter()
-    first, samples, tag = 0.0, 0, ""
-    async with client.stream("POST", "/generate", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())!r}")
-        async for line in response.aiter_lines():
-            if line.startswith("event: "):
-                tag = line[7:]
-            elif line.startswith("data: ") and tag:
-                event = _EVENT.decode(line[6:])
-                if isinstance(event, events.AudioChunk):
-                    first = first or time.perf_counter()
-                    samples += len(event.samples.data) // 4
-                elif isinstance(event, events.Error):
-                    raise RuntimeError(event.message)
-            elif not line:
-                tag = ""
+    first, samples = 0.0, 0
+    async for event in generate_events(client, body):
+        if isinstance(event, events.AudioChunk):
+            first = first or time.perf_counter()
+            samples += len(event.samples.data) // 4
     return first - start, time.perf_counter() - start, samples / RATE
 
 
@@ -101,27 +84,6 @@ async def clients(url: str, concurrency: int, per_client: int, frames: int,
 async def _client(client: httpx.AsyncClient, index: int, count: int,
                   frames: int) -> list[tuple[float, float, float]]:
     return [await speak(client, frames, 100 * index + j) for j in range(count)]
-
-
-@contextmanager
-def serve(ckpt: Path, tmp: Path, config: str) -> Iterator[str]:
-    port = free_port()
-    log = tmp / f"server-{port}.log"
-    cmd = [sys.executable, "-c", SERVE, "--config", config,  # sizes: the checkpoint's
-           "--model-path", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
-           "--socket-path-prefix", str(tmp / f"sockets-{port}"), "--log-level", "WARNING",
-           "--set", "max_seq_len=4096"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(proc, f"http://127.0.0.1:{port}", log, timeout=300)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 SEQUENTIAL_SCRIPT = r'''
@@ -187,7 +149,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         results.append(sequential(ckpt, frames, 2))
         print(results[-1].row(), flush=True)
         for system, config in LAYOUTS.items():
-            with serve(ckpt, Path(tmp), config) as url:
+            # sizes: the checkpoint's (no preset)
+            with launch(["--config", config, "--model-path", str(ckpt), "--log-level",
+                         "WARNING", "--set", "max_seq_len=4096"], Path(tmp)) as server:
+                url = server.url
                 asyncio.run(clients(url, 1, 1, 4, "warm-up"))
                 for level in levels:
                     results.append(asyncio.run(clients(url, level, 1, frames, system)))

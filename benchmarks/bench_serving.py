@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,15 +135,13 @@ class Server:
 
 
 @contextmanager
-def serve(args: argparse.Namespace, ckpt: Path, tmp: Path) -> Iterator[Server]:
-    """`mstar-serve --config testvla_single` on the checkpoint, healthy; SIGTERM at the end
-    (the server drains and removes its sockets and shared memory)."""
-    port = args.port or free_port()
-    log_path = tmp / "server.log"
-    cmd = [sys.executable, "-c", SERVE, "--config", args.config, "--preset", args.preset,
-           "--model-path", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
-           "--socket-path-prefix", str(tmp / "sockets"), "--log-level", args.server_log_level,
-           *cache_overrides(max(args.levels), args.prompt_tokens, args.new_tokens)]
+def launch(options: Sequence[str], tmp: Path, port: int = 0) -> Iterator[Server]:
+    """`mstar-serve <options>` on 127.0.0.1, healthy; SIGTERM at the end (the server drains
+    and removes its sockets and shared memory). Shared by the serving benchmarks."""
+    port = port or free_port()
+    log_path = tmp / f"server-{port}.log"
+    cmd = [sys.executable, "-c", SERVE, *options, "--host", "127.0.0.1", "--port", str(port),
+           "--socket-path-prefix", str(tmp / f"sockets-{port}")]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -158,6 +156,14 @@ def serve(args: argparse.Namespace, ckpt: Path, tmp: Path) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def serve(args: argparse.Namespace, ckpt: Path, tmp: Path) -> Iterator[Server]:
+    """`mstar-serve --config testvla_single` (or `--config`) on the checkpoint."""
+    return launch(["--config", args.config, "--preset", args.preset, "--model-path",
+                   str(ckpt), "--log-level", args.server_log_level,
+                   *cache_overrides(max(args.levels), args.prompt_tokens, args.new_tokens)],
+                  tmp, args.port)
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
@@ -183,10 +189,10 @@ def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: floa
 _EVENT = msgspec.json.Decoder(events.Event)
 
 
-async def stream_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Timing:
-    """One SSE request: the time of its first `text_delta` frame and the tokens received."""
-    submitted = time.perf_counter()
-    first, tokens, reason, tag = 0.0, 0, "", ""
+async def generate_events(client: httpx.AsyncClient,
+                          body: dict[str, Any]) -> AsyncIterator[events.Event]:
+    """The `mstar.events` of one streamed `/generate` (an `error` event raises)."""
+    tag = ""
     async with client.stream("POST", "/generate", json={**body, "stream": True}) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())!r}")
@@ -195,16 +201,24 @@ async def stream_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Tim
                 tag = line[7:]
             elif line.startswith("data: ") and tag:
                 event = _EVENT.decode(line[6:])
-                if isinstance(event, events.TextDelta):
-                    if not tokens:
-                        first = time.perf_counter()
-                    tokens += len(event.token_ids)
-                elif isinstance(event, events.Finished):
-                    reason = event.reason
-                elif isinstance(event, events.Error):
+                if isinstance(event, events.Error):
                     raise RuntimeError(f"mstar request failed: {event.message}")
+                yield event
             elif not line:
                 tag = ""
+
+
+async def stream_request(client: httpx.AsyncClient, body: dict[str, Any]) -> Timing:
+    """One SSE request: the time of its first `text_delta` frame and the tokens received."""
+    submitted = time.perf_counter()
+    first, tokens, reason = 0.0, 0, ""
+    async for event in generate_events(client, body):
+        if isinstance(event, events.TextDelta):
+            if not tokens:
+                first = time.perf_counter()
+            tokens += len(event.token_ids)
+        elif isinstance(event, events.Finished):
+            reason = event.reason
     return Timing(submitted, first, time.perf_counter(), tokens, reason)
 
 
