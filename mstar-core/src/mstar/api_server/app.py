@@ -172,10 +172,12 @@ def event_status(event: events.Error) -> int:
     return event.code if 400 <= event.code < 600 else 500
 
 
-def error_event_response(event: events.Error) -> JSONResponse:
+def error_event_error(event: events.Error) -> ApiError:
+    """The `ApiError` a route raises for a request that failed with `event` (429 and 503
+    say when to retry)."""
     status = event_status(event)
-    return error_response(status, event.message, param=event.param,
-                          headers=_RETRY if status in (429, 503) else None)
+    return ApiError(status, event.message, param=event.param,
+                    headers=_RETRY if status in (429, 503) else None)
 
 
 def _sse_frame(event: events.Event) -> bytes:
@@ -346,9 +348,7 @@ class Runner:
             raise
         if isinstance(first, events.Error):
             run.close()
-            status = event_status(first)
-            raise ApiError(status, first.message, param=first.param,
-                           headers=_RETRY if status in (429, 503) else None)
+            raise error_event_error(first)
         return run, first
 
 
@@ -360,9 +360,7 @@ async def collect(run: Run, first: events.Event, request: Request) -> list[event
         collected.append(await run.next(request))
     last = collected[-1]
     if isinstance(last, events.Error):
-        status = event_status(last)
-        raise ApiError(status, last.message, param=last.param,
-                       headers=_RETRY if status in (429, 503) else None)
+        raise error_event_error(last)
     return collected
 
 
@@ -457,5 +455,6 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
 
 
 __all__ = ["RETRY_AFTER_S", "ApiError", "ClientGone", "EventStream", "RequestIdMiddleware",
-           "Run", "Runner", "collect", "create_app", "error_body", "error_response",
+           "Run", "Runner", "collect", "create_app", "error_body", "error_event_error",
+           "error_response",
            "error_type", "new_request_id", "read_json"]

@@ -43,6 +43,7 @@ from mstar.api_server.app import (
     Run,
     Runner,
     error_body,
+    error_event_error,
     event_status,
     read_json,
 )
@@ -131,7 +132,7 @@ async def _first_audio(run: Run, first: events.Event, request: Request) -> event
     event = first
     while not (isinstance(event, events.AudioChunk) and event.index == 0):
         if isinstance(event, events.Error):
-            raise ApiError(event_status(event), event.message, param=event.param)
+            raise error_event_error(event)
         if isinstance(event, events.Finished):
             raise ApiError(500, f"the model finished ({event.reason}) without any audio")
         event = await run.next(request)
