@@ -191,6 +191,10 @@ LLM = "node_groups.2"
      "num_kv_heads"),
     ({"kv_cache": {"shares": {"vit_encoder": 1.0}}},
      "kv_cache.shares.vit_encoder: not a KV-cache node; allowed: LLM"),
+    ({"max_seq_len": 512, "kv_cache": {"num_pages": 24}},
+     "kv_cache.num_pages: 24 pages of 16 tokens hold 384 tokens, less than one sequence of "
+     "max_seq_len=512 (32 pages); raise kv_cache.num_pages to at least 32 or lower "
+     "max_seq_len"),
     ({"group2": {"node_names": ["LLM"], "ranks": [0], "graph_walks": ["decode"],
                  "dtype": "bfloat16"},
       "group3": {"node_names": ["LLM"], "ranks": [0], "graph_walks": ["prefill", "image_gen"]}},
@@ -254,8 +258,8 @@ def test_overrides_apply_dotted_paths_before_validation(tmp_path, model):
     path = _write(tmp_path, SINGLE_YAML)
     config = load_config(path, overrides=parse_overrides([
         "max_seq_len=8192", "node_groups.2.ranks=[0, 1]", "node_groups.2.tp_size=2",
-        "node_groups.2.dtype=bfloat16", "kv_cache.num_pages=64", "model_kwargs.action_horizon=3"]))
-    assert config.max_seq_len == 8192 and config.kv_cache.num_pages == 64
+        "node_groups.2.dtype=bfloat16", "kv_cache.num_pages=512", "model_kwargs.action_horizon=3"]))
+    assert config.max_seq_len == 8192 and config.kv_cache.num_pages == 512
     assert config.node_groups[2].ranks == [0, 1] and config.node_groups[2].tp_size == 2
     assert config.node_groups[2].dtype == "bfloat16"
     assert config.model_kwargs == {"action_horizon": 3}

@@ -214,7 +214,7 @@ def test_plan_capacity_explicit_pages() -> None:
     specs = {"thinker": SPEC, "talker": KVSpec(num_layers=1, num_kv_heads=1, head_dim=8)}
     got = plan_capacity(specs, max_seq_len=4096, page_size=16, num_pages=7,
                         memory_fraction=0.5, ranks_sharing_device=1, shares=None,
-                        device="cpu")
+                        device="cpu", max_num_seqs=1)
     assert got == {"thinker": 7, "talker": 7}
 
 
@@ -223,7 +223,8 @@ def test_plan_capacity_fraction_and_shares() -> None:
     small = KVSpec(num_layers=1, num_kv_heads=1, head_dim=8)  # 64 bytes per token
     assert big.bytes_per_token() == 256 and small.bytes_per_token() == 64
     specs = {"a": big, "b": small}
-    common = dict(max_seq_len=64, page_size=16, num_pages=None, device="cpu")
+    common = dict(max_seq_len=64, page_size=16, num_pages=None, device="cpu",
+                  max_num_seqs=10**6)
     free = 2**20
     # Default split: by bytes per token x max_seq_len (4:1); 1 MiB * 0.5 / 2 ranks = 256 KiB.
     got = plan_capacity(specs, memory_fraction=0.5, ranks_sharing_device=2, shares=None,
@@ -244,8 +245,18 @@ def test_plan_capacity_fraction_and_shares() -> None:
     assert abs(got["a"] * 256 / (got["b"] * 64) - 4) < 0.05
 
 
+def test_plan_capacity_never_exceeds_max_num_seqs_full_sequences() -> None:
+    """1 GiB of free memory would give a 256-byte-per-token node 4M tokens; 3 sequences of
+    100 tokens in pages of 16 use at most 3 x 7 pages, and that is all it gets."""
+    specs = {"a": KVSpec(num_layers=2, num_kv_heads=2, head_dim=8)}
+    got = plan_capacity(specs, max_seq_len=100, page_size=16, num_pages=None,
+                        memory_fraction=1.0, ranks_sharing_device=1, shares=None,
+                        device="cpu", max_num_seqs=3, free_bytes=2**30)
+    assert got == {"a": 3 * 7}
+
+
 def test_plan_capacity_too_small_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"KV cache too small for node 'llm'.*needs 256"):
         plan_capacity({"llm": SPEC}, max_seq_len=4096, page_size=16, num_pages=None,
                       memory_fraction=0.1, ranks_sharing_device=4, shares=None,
-                      device="cpu", free_bytes=2**20)
+                      device="cpu", free_bytes=2**20, max_num_seqs=256)

@@ -34,6 +34,7 @@ from mstar.communication.channel import Channel
 from mstar.communication.component import Component
 from mstar.communication.transport import Transport
 from mstar.config.deployment import DeploymentConfig
+from mstar.engine.kv_cache import capacity_tokens
 from mstar.engine.rng import draw_seed
 from mstar.engine.work import RequestError
 from mstar.model.contract import Model, OutputState, RequestPlan
@@ -139,7 +140,33 @@ class Frontend(Component):
             if params.max_tokens is not None and params.max_tokens > self.config.max_seq_len:
                 raise RequestError(f"sampling[{site}].max_tokens={params.max_tokens} is past "
                                    f"max_seq_len={self.config.max_seq_len}", param="max_tokens")
+        self._check_kv_capacity(plan)
         return plan
+
+    def _check_kv_capacity(self, plan: RequestPlan) -> None:
+        """Refuse a request whose completions can never be in the KV cache together: the
+        prompt once (completions share its pages) plus each completion's tokens, a sequence
+        never passing max_seq_len. (Config validation made one max_seq_len sequence fit, so
+        a single completion always does.)"""
+        if "kv_cache" not in self.model.node_engine_types().values():
+            return
+        cfg = self.config
+        capacity = capacity_tokens(cfg.kv_cache.num_pages, cfg.kv_cache.page_size,
+                                   cfg.max_seq_len, cfg.scheduler.max_num_seqs)
+        prompt = plan.prompt_tokens
+        for params in plan.sampling.values():
+            if params.max_tokens is None or params.n == 1:
+                continue
+            need = prompt + params.n * (min(prompt + params.max_tokens, cfg.max_seq_len)
+                                        - prompt)
+            if need > capacity:
+                pages = ("" if cfg.kv_cache.num_pages is None
+                         else f"kv_cache.num_pages={cfg.kv_cache.num_pages} x ")
+                raise RequestError(
+                    f"n={params.n} completions of max_tokens={params.max_tokens} after a "
+                    f"prompt of {prompt} tokens need {need} tokens of KV cache, more than its "
+                    f"capacity of {capacity} tokens ({pages}page_size="
+                    f"{cfg.kv_cache.page_size}); lower max_tokens or n", param="max_tokens")
 
     def _plan_chat(self, request: Mapping[str, Any], blobs: Sequence[bytes]) -> RequestPlan:
         from mstar.media import MediaLimits

@@ -150,7 +150,7 @@ def _group_problems(index: int, group: NodeGroup, model: Model, view: _ModelView
 
 
 def _config_problems(config: DeploymentConfig, model: Model, view: _ModelView) -> list[str]:
-    """Problems outside node groups: model_kwargs and KV-cache shares."""
+    """Problems outside node groups: model_kwargs, KV-cache shares and size."""
     problems = []
     config_class = type(model).config_class
     fields = {f.name for f in dataclasses.fields(config_class)}
@@ -163,6 +163,13 @@ def _config_problems(config: DeploymentConfig, model: Model, view: _ModelView) -
         if node not in kv_nodes:
             problems.append(f"kv_cache.shares.{node}: not a KV-cache node; allowed: "
                             f"{_join(kv_nodes)}")
+    kv = config.kv_cache
+    need = -(-config.max_seq_len // kv.page_size)
+    if kv_nodes and kv.num_pages is not None and kv.num_pages < need:
+        problems.append(f"kv_cache.num_pages: {kv.num_pages} pages of {kv.page_size} tokens "
+                        f"hold {kv.num_pages * kv.page_size} tokens, less than one sequence of "
+                        f"max_seq_len={config.max_seq_len} ({need} pages); raise "
+                        f"kv_cache.num_pages to at least {need} or lower max_seq_len")
     return problems
 
 

@@ -389,17 +389,38 @@ def _free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def pages_for(tokens: int, page_size: int) -> int:
+    """Pages that hold `tokens` tokens of one sequence."""
+    return -(-tokens // page_size)
+
+
+def max_useful_pages(max_seq_len: int, page_size: int, max_num_seqs: int) -> int:
+    """Pages a pool can use at most: `max_num_seqs` sequences (one step's batch) of
+    `max_seq_len` tokens each. A pool planned from memory never gets more."""
+    return pages_for(max_seq_len, page_size) * max_num_seqs
+
+
+def capacity_tokens(num_pages: int | None, page_size: int, max_seq_len: int,
+                    max_num_seqs: int) -> int:
+    """Tokens one KV node's pool holds: the configured pages, or (planned from memory, not
+    known before the worker starts) the most it may get, `max_useful_pages`."""
+    if num_pages is None:
+        num_pages = max_useful_pages(max_seq_len, page_size, max_num_seqs)
+    return num_pages * page_size
+
+
 def plan_capacity(specs: dict[str, KVSpec], *, max_seq_len: int, page_size: int,
                   num_pages: int | None, memory_fraction: float, ranks_sharing_device: int,
                   shares: dict[str, float] | None, device: torch.device | str,
-                  free_bytes: int | None = None) -> dict[str, int]:
+                  max_num_seqs: int, free_bytes: int | None = None) -> dict[str, int]:
     """Pages per KV node on this rank.
 
-    An explicit `num_pages` gives every node that many (trusted as is: tests and small
-    deployments cap the pool on purpose). Otherwise `memory_fraction` of the device's free
-    memory (`free_bytes` when the caller measured it), divided by the ranks sharing the
-    device, is split between the nodes by `shares` (names of nodes on other ranks are
-    ignored) or, by default, by each node's bytes per token x `max_seq_len`. A node that
+    An explicit `num_pages` gives every node that many (config validation checked that one
+    `max_seq_len` sequence fits). Otherwise `memory_fraction` of the device's free memory
+    (`free_bytes` when the caller measured it), divided by the ranks sharing the device, is
+    split between the nodes by `shares` (names of nodes on other ranks are ignored) or, by
+    default, by each node's bytes per token x `max_seq_len`, and capped at
+    `max_useful_pages` (memory a small model could never fill stays free). A node that
     would get fewer pages than one `max_seq_len` sequence needs is an error.
     """
     if num_pages is not None:
@@ -422,7 +443,8 @@ def plan_capacity(specs: dict[str, KVSpec], *, max_seq_len: int, page_size: int,
     free = _free_memory(dev) if free_bytes is None else free_bytes
     budget = free * memory_fraction / ranks_sharing_device
     total = sum(weights.values())
-    min_pages = math.ceil(max_seq_len / page_size)
+    min_pages = pages_for(max_seq_len, page_size)
+    cap = max_useful_pages(max_seq_len, page_size, max_num_seqs)
     out: dict[str, int] = {}
     for name, spec in specs.items():
         page_bytes = spec.bytes_per_token() * page_size
@@ -434,5 +456,5 @@ def plan_capacity(specs: dict[str, KVSpec], *, max_seq_len: int, page_size: int,
                 f"{pages} pages of {page_size} tokens, but one sequence of max_seq_len="
                 f"{max_seq_len} needs {min_pages}; raise kv_cache.memory_fraction, lower "
                 f"max_seq_len, or set kv_cache.num_pages")
-        out[name] = pages
+        out[name] = min(pages, cap)
     return out

@@ -69,7 +69,7 @@ class SeqMigration:
     kv: SeqExport | None
 
 
-@dataclass
+@dataclass(eq=False)  # tasks are compared by identity (`waiting.remove`)
 class _Task:
     work: NodeWork | None  # None for a recompute
     key: SeqKey
@@ -160,13 +160,18 @@ class KVEngine:
         if dst in self.seqs:
             self.release_seq(dst)
         state = self.seqs[src]
+        self.seqs[dst] = child = state.forked(dst, fork.length)
         if state.needs_recompute or state.recomputing:
-            raise RequestError(f"cannot fork {src} while it is preempted")
+            # The source's pages are gone or partial: the fork is rebuilt from its history
+            # like any preempted sequence (a follower creates it at its first step).
+            self.cache.create(dst)
+            child.needs_recompute, child.admitted = bool(child.history), -1
+            return
         self.cache.fork(src, dst, fork.length)
-        self.seqs[dst] = state.forked(dst, fork.length)
         self._mirror_op("fork", request_id, fork=fork)
 
     def release_seq(self, key: SeqKey) -> None:
+        self.waiting = [t for t in self.waiting if t.key != key]
         self.seqs.pop(key, None)
         self.grammar.release(key)
         if self.cache.has(key):
@@ -397,10 +402,10 @@ class KVEngine:
                 self.cache.create(state.key)
                 self._mirror_op("reset", victim, state.key.label, state.key.child)
                 state.needs_recompute = bool(state.history)
+                state.recomputing = False
                 state.admitted = -1
-        for task in self.waiting:
-            if task.request_id == victim and task.work is None:
-                task.done = 0  # a half-done recompute restarts
+        # A half-done recompute is dropped: `_schedule` starts a fresh one from the history.
+        self.waiting = [t for t in self.waiting if t.request_id != victim or t.work is not None]
         return True
 
     def _start_recompute(self, state: SeqState) -> None:
@@ -424,6 +429,8 @@ class KVEngine:
         for task in order:
             if len(batch) >= self.scheduler.max_num_seqs or budget <= 0:
                 break
+            if task not in self.waiting:  # its request failed in this very loop
+                continue
             state = self.seqs[task.key]
             if (state.recomputing and task.work is not None) or state.needs_recompute:
                 continue
@@ -452,10 +459,11 @@ class KVEngine:
                     others = any(s.admitted >= 0 and s.key.request_id != task.request_id
                                  for s in self.seqs.values())
                     if not batch and not others:
+                        pool = self.cache.pool
                         failed.extend(self._fail_request(task.request_id, RequestError(
-                            "the KV cache is too small for this request "
-                            f"({self.cache.pool.num_pages} pages of "
-                            f"{self.cache.pool.page_size} tokens)", code=507)))
+                            f"the KV cache of {self.node} cannot hold this request: its "
+                            f"{pool.num_pages} pages of {pool.page_size} tokens hold "
+                            f"{pool.num_pages * pool.page_size} tokens", code=507)))
                     admitting_new = admitting_new and not is_new
                     continue
             if state.admitted < 0:

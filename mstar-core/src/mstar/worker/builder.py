@@ -159,10 +159,8 @@ def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodeP
                           num_pages=config.kv_cache.num_pages,
                           memory_fraction=config.kv_cache.memory_fraction,
                           ranks_sharing_device=ranks_sharing_device,
-                          shares=config.kv_cache.shares, device=device) if kv_nodes else {}
-    if config.kv_cache.num_pages is None:  # never more than max_num_seqs full sequences
-        full = -(-config.max_seq_len // config.kv_cache.page_size)
-        pages = {n: min(p, full * config.scheduler.max_num_seqs) for n, p in pages.items()}
+                          shares=config.kv_cache.shares, device=device,
+                          max_num_seqs=config.scheduler.max_num_seqs) if kv_nodes else {}
     engines: dict[str, KVEngine | StatelessEngine] = {}
     cacheable = model.cacheable_nodes()
     for node, placement in nodes.items():

@@ -371,8 +371,8 @@ class Worker(Component):
             log.exception("request %s failed on %s", req.request_id, self.address,
                           exc_info=exc)
         self.channel.send("conductor", msg.WalkFailed(req.request_id, self.address,
-                                                      f"{type(exc).__name__}: {exc}"
-                                                      if code >= 500 else str(exc),
+                                                      str(exc) if isinstance(exc, RequestError)
+                                                      else f"{type(exc).__name__}: {exc}",
                                                       code, req.outputs_sent))
         self._drop(req.request_id)
 
