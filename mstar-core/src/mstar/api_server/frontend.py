@@ -34,7 +34,7 @@ from mstar.communication.channel import Channel
 from mstar.communication.component import Component
 from mstar.communication.transport import Transport
 from mstar.config.deployment import DeploymentConfig
-from mstar.engine.kv_cache import capacity_tokens
+from mstar.engine.kv_cache import capacity_tokens, pages_for_completions
 from mstar.engine.rng import draw_seed
 from mstar.engine.work import RequestError
 from mstar.model.contract import Model, OutputState, RequestPlan
@@ -144,29 +144,27 @@ class Frontend(Component):
         return plan
 
     def _check_kv_capacity(self, plan: RequestPlan) -> None:
-        """Refuse a request whose completions can never be in the KV cache together: the
-        prompt once (completions share its pages) plus each completion's tokens, a sequence
-        never passing max_seq_len. (Config validation made one max_seq_len sequence fit, so
-        a single completion always does.)"""
+        """Refuse a request whose completions can never be in the KV cache together
+        (`pages_for_completions`). Config validation made one max_seq_len sequence fit, so a
+        single completion always does."""
         if "kv_cache" not in self.model.node_engine_types().values():
             return
-        cfg = self.config
-        capacity = capacity_tokens(cfg.kv_cache.num_pages, cfg.kv_cache.page_size,
-                                   cfg.max_seq_len, cfg.scheduler.max_num_seqs)
-        prompt = plan.prompt_tokens
+        kv, max_seq_len = self.config.kv_cache, self.config.max_seq_len
+        capacity = capacity_tokens(kv.num_pages, kv.page_size, max_seq_len,
+                                   self.config.scheduler.max_num_seqs)
         for params in plan.sampling.values():
             if params.max_tokens is None or params.n == 1:
                 continue
-            need = prompt + params.n * (min(prompt + params.max_tokens, cfg.max_seq_len)
-                                        - prompt)
-            if need > capacity:
-                pages = ("" if cfg.kv_cache.num_pages is None
-                         else f"kv_cache.num_pages={cfg.kv_cache.num_pages} x ")
+            pages = pages_for_completions(plan.prompt_tokens, params.max_tokens, params.n,
+                                          max_seq_len=max_seq_len, page_size=kv.page_size)
+            if pages * kv.page_size > capacity:
+                configured = "" if kv.num_pages is None else f"kv_cache.num_pages={kv.num_pages} x "
                 raise RequestError(
                     f"n={params.n} completions of max_tokens={params.max_tokens} after a "
-                    f"prompt of {prompt} tokens need {need} tokens of KV cache, more than its "
-                    f"capacity of {capacity} tokens ({pages}page_size="
-                    f"{cfg.kv_cache.page_size}); lower max_tokens or n", param="max_tokens")
+                    f"prompt of {plan.prompt_tokens} tokens need {pages * kv.page_size} "
+                    f"tokens of KV cache ({pages} pages), more than its capacity of "
+                    f"{capacity} tokens ({configured}page_size={kv.page_size}); lower "
+                    "max_tokens or n", param="max_tokens")
 
     def _plan_chat(self, request: Mapping[str, Any], blobs: Sequence[bytes]) -> RequestPlan:
         from mstar.media import MediaLimits

@@ -409,6 +409,17 @@ def capacity_tokens(num_pages: int | None, page_size: int, max_seq_len: int,
     return num_pages * page_size
 
 
+def pages_for_completions(prompt: int, max_tokens: int, n: int, *, max_seq_len: int,
+                          page_size: int) -> int:
+    """Pages `n` completions of a `prompt`-token prompt hold together at their longest. A
+    completion of `max_tokens` tokens holds `prompt + max_tokens - 1` tokens (its last token
+    is sampled, never run; max_seq_len at most); completions after the first share the
+    prompt's full pages before its last token (a fork shares whole pages; each child runs
+    or re-reads that last token itself)."""
+    own = pages_for(min(prompt + max_tokens - 1, max_seq_len), page_size)
+    return own + (n - 1) * (own - (prompt - 1) // page_size)
+
+
 def plan_capacity(specs: dict[str, KVSpec], *, max_seq_len: int, page_size: int,
                   num_pages: int | None, memory_fraction: float, ranks_sharing_device: int,
                   shares: dict[str, float] | None, device: torch.device | str,

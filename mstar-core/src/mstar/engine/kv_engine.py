@@ -454,7 +454,7 @@ class KVEngine:
                     except OutOfPages:
                         if not self._preempt_one(in_batch | {task.request_id}):
                             break
-                if self.cache.capacity(task.key) - self.cache.length(task.key) < take:
+                if self.cache.pages_needed(task.key, take):  # new or copy-on-write pages
                     self._undo_reuse(task, reused)
                     others = any(s.admitted >= 0 and s.key.request_id != task.request_id
                                  for s in self.seqs.values())
