@@ -5,10 +5,14 @@ at admission; a configured cache smaller than one max_seq_len sequence never sta
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from conftest import collect, finished, run_concurrently, settle, tokens
+from serving_harness import Server
 
 import mstar
+from mstar import events
 from mstar.config import ConfigError
 
 TINY = dict(preset="tiny", load_format="dummy", max_seq_len=128)
@@ -54,3 +58,48 @@ def test_completions_that_cannot_fit_together_are_refused_at_admission():
 def test_a_cache_smaller_than_one_sequence_does_not_start():
     with pytest.raises(ConfigError, match=r"kv_cache.num_pages: 31 pages .* at least 32"):
         mstar.load("testvla", **TINY, kv_cache={"num_pages": 31, "page_size": 4})
+
+
+def text(evs, index: int) -> str:
+    return "".join(e.text for e in evs if isinstance(e, events.TextDelta) and e.index == index)
+
+
+@pytest.mark.timeout(120)
+def test_eight_concurrent_n2_chats_through_http_give_unpressured_texts(tmp_path):
+    """8 chats of n=2 at once need 8 x 15 pages of 4 tokens; the served cache has 32. The
+    reference: the rendered prompts in process with a roomy cache."""
+    srv = Server(tmp_path, "--config", "testvla_single", "--preset", "tiny", "--load-format",
+                 "dummy", "--set", "max_seq_len=128", "--set", "kv_cache.num_pages=32",
+                 "--set", "kv_cache.page_size=4")
+    try:
+        fields = {"n": 2, "max_tokens": 16, "temperature": 1.0, "ignore_eos": True}
+        with mstar.load("testvla", **TINY) as roomy:
+            expected = []
+            for i in range(8):
+                evs = collect(roomy, {"prompt": f"user: chat {i}\nassistant:", "seed": i,
+                                      **fields})
+                expected.append([text(evs, 0), text(evs, 1)])
+        srv.wait_healthy()
+
+        def chat(i: int) -> list[str]:
+            reply = srv.client.post("/v1/chat/completions", json={
+                "model": "testvla", "messages": [{"role": "user", "content": f"chat {i}"}],
+                "seed": i, **fields})
+            assert reply.status_code == 200, reply.text
+            return [c["message"]["content"] for c in reply.json()["choices"]]
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(chat, range(8)))
+        assert srv.metric('mstar_preemptions_total{node="LLM"}') > 0
+        assert got == expected
+        too_big = srv.client.post("/v1/chat/completions", json={
+            "model": "testvla", "messages": [{"role": "user", "content": "chat 0"}],
+            **fields, "n": 4, "max_tokens": 100})
+        assert too_big.status_code == 400, too_big.text
+        error = too_big.json()["error"]
+        assert (error["type"], error["param"]) == ("invalid_request_error", "max_tokens")
+        assert "capacity of 128 tokens (kv_cache.num_pages=32 x page_size=4)" in error["message"]
+        srv.wait_idle()
+    finally:
+        assert srv.stop() == 0, srv.output()
+    srv.assert_clean()

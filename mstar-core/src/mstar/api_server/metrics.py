@@ -31,6 +31,8 @@ ENGINE_COUNTERS = (
      "Prompt tokens whose K/V came from the prefix cache instead of being computed."),
     ("mstar_prompt_tokens_computed", "prompt_tokens_computed",
      "Prompt tokens a KV-cache node actually ran (rebuilds after preemption included)."),
+    ("mstar_preemptions", "preemptions",
+     "Requests whose KV pages a node dropped under memory pressure (rebuilt by recompute)."),
     ("mstar_encoder_cache_hits", "encoder_cache_hits",
      "Invocations of a cacheable node served from its encoder-output cache."),
     ("mstar_node_invocations", "node_invocations",

@@ -138,8 +138,10 @@ class KVEngine:
         self._steps = itertools.count()
         self._extras = {e.name: e for e in spec.extras}
         self.prefix_caching = prefix_caching
-        #: Cumulative: tokens of sequences' first chunks run, and taken from cached pages.
-        self.counters = {"prompt_tokens_computed": 0, "prefix_cache_hit_tokens": 0}
+        #: Cumulative: tokens of sequences' first chunks run, and taken from cached pages;
+        #: requests preempted (their pages dropped, to be rebuilt).
+        self.counters = {"prompt_tokens_computed": 0, "prefix_cache_hit_tokens": 0,
+                         "preemptions": 0}
         #: Tensor-parallel leader: sends every step and cache operation to the followers
         #: (set by the worker; None on a plain node or a follower).
         self.mirror: Callable[[Any], None] | None = None
@@ -396,6 +398,7 @@ class KVEngine:
         if not holders:
             return False
         victim = max(holders, key=lambda s: s.admitted).key.request_id
+        self.counters["preemptions"] += 1
         for state in self.seqs.values():
             if state.key.request_id == victim and self.cache.has(state.key):
                 self.cache.free(state.key)
