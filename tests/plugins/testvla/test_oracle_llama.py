@@ -9,23 +9,19 @@ oracle, so the other tests may trust it.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from mstar.model.forward import SeqKey
 from mstar_testvla.checkpoint import write_tiny_checkpoint
+from mstar_testvla.oracle import llama_oracle
 from testvla import Chunk, load_model, load_node, new_cache, run_llm
 from testvla.reference import Reference
 
 ATOL = 1e-4
 PROMPT = [256] + list(b"The quick brown fox")  # BOS + 19 bytes = 20 tokens
-LLAMA_KEY = re.compile(r"model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight|"
-                       r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|"
-                       r"input_layernorm|post_attention_layernorm)\.weight")
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +32,8 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_llama(checkpoint):
     """transformers' Llama with the same dims, loaded from the checkpoint's Llama keys."""
-    model = load_model(checkpoint)
-    c = model.config
-    config = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, max_position_embeddings=128,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, dtype=torch.float32)
-    llama = LlamaForCausalLM(config).float().eval()
-    state = {k: v for k, v in load_file(str(checkpoint / "model.safetensors")).items()
-             if LLAMA_KEY.fullmatch(k)}
     assert any("_moe_gen" in k for k in load_file(str(checkpoint / "model.safetensors")))
-    llama.load_state_dict(state, strict=True)
-    return llama
+    return llama_oracle(checkpoint)
 
 
 def hf_last_logits(llama: LlamaForCausalLM, ids: list[int]) -> torch.Tensor:
