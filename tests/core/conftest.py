@@ -61,3 +61,21 @@ def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Plug
     for name in list(sys.modules):
         if name.split(".")[0] in plugins.packages:
             del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """testvla's tiny LLM node with dummy weights, and its model: a real KV-cache module
+    for engine tests."""
+    import torch
+
+    from mstar.model.contract import BuildContext
+    from mstar.weights import init_dummy_weights
+    from mstar_testvla.model import TestVLA
+
+    torch.manual_seed(0)
+    model = TestVLA(TestVLA.make_config(preset="tiny"))
+    module = model.build_submodule("LLM", BuildContext("LLM", torch.device("cpu"),
+                                                       torch.float32))
+    init_dummy_weights(module, seed=0)
+    return model, module.eval()

@@ -13,10 +13,9 @@ from mstar.engine.kv_engine import KVEngine
 from mstar.engine.prefix_cache import page_hashes, reusable_length
 from mstar.engine.work import NodeWork
 from mstar.graph.primitives import GraphNode
-from mstar.model.contract import BuildContext, KVSpec
+from mstar.model.contract import KVSpec
 from mstar.model.forward import Segment, SeqKey
 from mstar.model.sampling import SamplingParams
-from mstar.weights import init_dummy_weights
 from mstar.worker.builder import prefix_caching
 
 PAGE = 4
@@ -191,18 +190,6 @@ def test_adopted_pages_are_shared_and_never_written() -> None:
 
 
 # -- the engine on the testvla LLM -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def llm():
-    from mstar_testvla.model import TestVLA
-
-    torch.manual_seed(0)
-    model = TestVLA(TestVLA.make_config(preset="tiny"))
-    module = model.build_submodule("LLM", BuildContext("LLM", torch.device("cpu"),
-                                                       torch.float32))
-    init_dummy_weights(module, seed=0)
-    return model, module.eval()
 
 
 def engine(llm, prefix_caching: bool) -> KVEngine:

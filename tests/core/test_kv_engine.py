@@ -1,0 +1,94 @@
+"""The KV engine at the edge of its pages, on testvla's tiny LLM: forks of a preempted
+sequence and forks whose copy-on-write page cannot be had yet, each giving the logits of a
+roomy engine that never ran short."""
+
+from __future__ import annotations
+
+import torch
+
+from mstar.config.deployment import SchedulerConfig
+from mstar.engine.kv_cache import KVCacheManager, PagePool
+from mstar.engine.kv_engine import KVEngine
+from mstar.engine.work import NodeWork
+from mstar.graph.primitives import GraphNode
+from mstar.model.contract import Fork
+from mstar.model.sampling import SamplingParams
+
+PAGE = 4
+NODE = GraphNode("LLM", inputs=("input_ids",), outputs=("logits",))
+IDS = list(range(40, 60))
+
+
+def engine(llm, pages: int) -> KVEngine:
+    model, module = llm
+    spec = model.kv_spec("LLM")
+    return KVEngine("LLM", module, spec, KVCacheManager(PagePool(spec, pages, PAGE)),
+                    max_seq_len=64, scheduler=SchedulerConfig(), prefix_caching=False)
+
+
+def submit(e: KVEngine, rid: str, child: int, ids: list[int]) -> None:
+    e.submit(NodeWork(rid, child, NODE, {"input_ids": torch.tensor(ids)}, seed=0,
+                      sampling=SamplingParams()))
+
+
+def step(e: KVEngine) -> dict[tuple[str, int], torch.Tensor]:
+    """One step: the last-token logits of each invocation it finished."""
+    out = {}
+    for r in e.step():
+        assert r.error is None, r.error
+        out[(r.work.request_id, r.work.child)] = r.outputs["logits"][-1]
+    return out
+
+
+def drain(e: KVEngine) -> dict[tuple[str, int], torch.Tensor]:
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    for _ in range(20):
+        if not e.has_work():
+            return out
+        out.update(step(e))
+    raise AssertionError("the engine did not finish its work")
+
+
+def test_a_fork_of_a_preempted_sequence_is_rebuilt_from_history(llm):
+    """A's prompt (3 pages) is preempted by B (5 of 6 pages); then A forks child 1 from it
+    and both children decode: the fork starts as a preempted sequence and is rebuilt."""
+    def run(e: KVEngine, pressure: bool) -> dict:
+        submit(e, "A", 0, IDS[:10])
+        drain(e)
+        if pressure:
+            submit(e, "B", 0, IDS[:20])
+            drain(e)
+            assert e.counters["preemptions"] == 1 and e.pages_in_use() == 5
+        e.fork("A", Fork("LLM", length=9, child=1))
+        if pressure:
+            e.release("B")
+        submit(e, "A", 0, [7])
+        submit(e, "A", 1, IDS[9:10])
+        return drain(e)
+
+    want, got = run(engine(llm, 64), False), run(engine(llm, 6), True)
+    assert got.keys() == want.keys() == {("A", 0), ("A", 1)}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0)
+
+
+def test_a_fork_waits_for_its_copy_on_write_page(llm):
+    """Children 1 and 2 share A's half-full second page with child 0; one free page is left.
+    Child 1 copies the page and runs; the others' writes would need a copy that cannot be
+    had, so they wait instead of writing into the shared page."""
+    def run(e: KVEngine) -> dict:
+        submit(e, "A", 0, IDS[:6])
+        drain(e)
+        for child in (1, 2):
+            e.fork("A", Fork("LLM", length=5, child=child))
+        for child in (1, 2):
+            submit(e, "A", child, IDS[5:6])
+        submit(e, "A", 0, [7])
+        return step(e)
+
+    roomy, tight = engine(llm, 64), engine(llm, 3)
+    want, got = run(roomy), run(tight)
+    assert len(want) == 3 and got.keys() == {("A", 1)}
+    torch.testing.assert_close(got[("A", 1)], want[("A", 1)], atol=1e-5, rtol=0)
+    tight.release("A")
+    assert tight.pages_in_use() == 0 and not tight.has_work()
