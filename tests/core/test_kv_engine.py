@@ -92,3 +92,24 @@ def test_a_fork_waits_for_its_copy_on_write_page(llm):
     torch.testing.assert_close(got[("A", 1)], want[("A", 1)], atol=1e-5, rtol=0)
     tight.release("A")
     assert tight.pages_in_use() == 0 and not tight.has_work()
+
+
+def test_a_request_that_cannot_fit_fails_whole_and_alone(llm):
+    """Child 1 needs a page of a full pool that only its own request holds: the request
+    fails (507, the cache's size named) with every task of it, child 0's too although its
+    own half-full page had room; nothing of it runs after the failure."""
+    e = engine(llm, 2)
+    submit(e, "A", 0, IDS[:6])
+    drain(e)
+    e.fork("A", Fork("LLM", length=4, child=1))
+    submit(e, "A", 1, IDS[4:5])
+    submit(e, "A", 0, [7])
+    results = e.step()
+    assert sorted(r.work.child for r in results) == [0, 1]
+    for r in results:
+        assert r.error.code == 507
+        assert str(r.error) == ("the KV cache of LLM cannot hold this request: its 2 pages "
+                                "of 4 tokens hold 8 tokens")
+    assert not e.has_work()
+    e.release("A")
+    assert e.pages_in_use() == 0

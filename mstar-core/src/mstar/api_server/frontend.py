@@ -158,7 +158,8 @@ class Frontend(Component):
             pages = pages_for_completions(plan.prompt_tokens, params.max_tokens, params.n,
                                           max_seq_len=max_seq_len, page_size=kv.page_size)
             if pages * kv.page_size > capacity:
-                configured = "" if kv.num_pages is None else f"kv_cache.num_pages={kv.num_pages} x "
+                configured = ("" if kv.num_pages is None
+                              else f"kv_cache.num_pages={kv.num_pages} x ")
                 raise RequestError(
                     f"n={params.n} completions of max_tokens={params.max_tokens} after a "
                     f"prompt of {plan.prompt_tokens} tokens need {pages * kv.page_size} "

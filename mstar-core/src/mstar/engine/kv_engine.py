@@ -424,6 +424,7 @@ class KVEngine:
         batch: list[tuple[_Task, int]] = []
         failed: list[WorkResult] = []
         in_batch: set[str] = set()
+        gone: set[str] = set()  # requests failed in this loop (their tasks are dropped)
         for state in list(self.seqs.values()):
             if state.needs_recompute and any(t.key == state.key for t in self.waiting):
                 self._start_recompute(state)
@@ -432,7 +433,7 @@ class KVEngine:
         for task in order:
             if len(batch) >= self.scheduler.max_num_seqs or budget <= 0:
                 break
-            if task not in self.waiting:  # its request failed in this very loop
+            if task.request_id in gone:
                 continue
             state = self.seqs[task.key]
             if (state.recomputing and task.work is not None) or state.needs_recompute:
@@ -462,6 +463,7 @@ class KVEngine:
                     others = any(s.admitted >= 0 and s.key.request_id != task.request_id
                                  for s in self.seqs.values())
                     if not batch and not others:
+                        gone.add(task.request_id)
                         pool = self.cache.pool
                         failed.extend(self._fail_request(task.request_id, RequestError(
                             f"the KV cache of {self.node} cannot hold this request: its "
