@@ -113,3 +113,29 @@ def test_a_request_that_cannot_fit_fails_whole_and_alone(llm):
     assert not e.has_work()
     e.release("A")
     assert e.pages_in_use() == 0
+
+
+def test_a_raising_logits_processor_fails_its_request_alone(llm):
+    """The forward is shared; the processor raises in sampling, after the K/V were
+    committed: only its request fails, the other samples as in a batch of its own."""
+    from mstar.engine.sampler import register_logits_processor
+
+    def explode(history, logits):
+        raise RuntimeError("processor bug")
+
+    register_logits_processor("test_kv_engine_explodes", explode)
+    sampled = GraphNode("LLM", inputs=("input_ids",), outputs=("token_ids",))
+
+    def run(e: KVEngine, rids: list[str]) -> dict:
+        for rid in rids:
+            bad = ["test_kv_engine_explodes"] if rid == "bad" else []
+            e.submit(NodeWork(rid, 0, sampled, {"input_ids": torch.tensor(IDS[:6])}, seed=0,
+                              sampling=SamplingParams(temperature=0, logits_processors=bad)))
+        out = {r.work.request_id: r for r in e.step()}
+        assert not e.has_work()
+        return out
+
+    want = run(engine(llm, 64), ["good"])["good"].outputs["token_ids"]
+    both = run(engine(llm, 64), ["bad", "good"])
+    assert str(both["bad"].error) == "processor bug"
+    assert both["good"].error is None and torch.equal(both["good"].outputs["token_ids"], want)

@@ -546,18 +546,23 @@ class KVEngine:
         if not batch:
             return results
         try:
-            results.extend(self._run(batch))
+            ran = [(batch, self._forward(batch))]
         except Exception as exc:  # isolate the failing invocation; the others go on
             if len(batch) == 1:
                 return results + self._fail(batch[0][0], exc)
+            ran = []
             for item in batch:
                 try:
-                    results.extend(self._run([item]))
+                    ran.append(([item], self._forward([item])))
                 except Exception as single_exc:
                     results.extend(self._fail(item[0], single_exc))
+        for part, forward in ran:  # nothing was committed before every forward ran
+            results.extend(self._commit(part, *forward))
         return results
 
-    def _run(self, batch: list[tuple[_Task, int]]) -> list[WorkResult]:
+    def _forward(self, batch: list[tuple[_Task, int]]
+                 ) -> tuple[list[SeqChunk], list[Chunk], ForwardBatch, dict[str, torch.Tensor]]:
+        """Run the node on `batch`; changes no state (a failure is the batch's input)."""
         seq_chunks: list[SeqChunk] = []
         pieces: list[Chunk] = []
         start = 0
@@ -595,6 +600,13 @@ class KVEngine:
                 attention_context(TorchAttention(seq_chunks, cache=self.cache)):
             out = self.module(fb)
         self._log(batch, time.perf_counter() - started)
+        return seq_chunks, pieces, fb, out
+
+    def _commit(self, batch: list[tuple[_Task, int]], seq_chunks: list[SeqChunk],
+                pieces: list[Chunk], fb: ForwardBatch,
+                out: dict[str, torch.Tensor]) -> list[WorkResult]:
+        """The forward's K/V into the sequences, its outputs to their tasks; finished
+        invocations' results."""
         finished: list[_Task] = []
         for i, (task, take) in enumerate(batch):
             if task.mode == "append":
@@ -627,7 +639,14 @@ class KVEngine:
             else:
                 results.append(WorkResult(task.work, self._outputs(task)))
         if to_sample:
-            results.extend(self._sample(to_sample))
+            try:
+                results.extend(self._sample(to_sample))
+            except Exception:  # a request's logits processor raised: it fails alone
+                for task in to_sample:
+                    try:
+                        results.extend(self._sample([task]))
+                    except Exception as exc:
+                        results.append(WorkResult(task.work, error=exc))
         return results
 
     def _outputs(self, task: _Task) -> dict[str, Any]:
