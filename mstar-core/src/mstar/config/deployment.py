@@ -26,8 +26,9 @@ class NodeGroup(BaseModel):
 
 
 class KVCacheConfig(BaseModel):
-    """Cache capacity: an explicit `num_pages` per KV node pool, or `memory_fraction` of
-    free memory divided among the ranks sharing the device (on CPU, the host's ranks).
+    """Cache capacity: an explicit `num_pages` per KV node pool (at least one `max_seq_len`
+    sequence's), or `memory_fraction` of free memory divided among the ranks sharing the
+    device (on CPU, the host's ranks), at most `scheduler.max_num_seqs` such sequences.
     `shares` splits a rank's pages between its KV nodes (default: proportional to each
     node's bytes per token x max_seq_len). `enable_prefix_caching`: reuse the cached pages
     of prompts that start the same way (off for tensor-parallel nodes)."""
