@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from mstar.engine.kv_cache import KVCacheManager, OutOfPages, PagePool, plan_capacity
+from mstar.engine.kv_cache import (
+    KVCacheManager,
+    OutOfPages,
+    PagePool,
+    pages_for_completions,
+    plan_capacity,
+)
 from mstar.model.contract import KVSpec
 from mstar.model.forward import SeqKey
 
@@ -260,3 +266,14 @@ def test_plan_capacity_too_small_is_a_clear_error() -> None:
         plan_capacity({"llm": SPEC}, max_seq_len=4096, page_size=16, num_pages=None,
                       memory_fraction=0.1, ranks_sharing_device=4, shares=None,
                       device="cpu", free_bytes=2**20, max_num_seqs=256)
+
+
+def test_pages_for_completions_counts_shared_prompt_pages_once() -> None:
+    """A 16-token prompt in pages of 4: each completion of 24 tokens holds 39 tokens (10
+    pages); forks share the 3 full pages before the prompt's last token."""
+    assert pages_for_completions(16, 24, 1, max_seq_len=128, page_size=4) == 10
+    assert pages_for_completions(16, 24, 4, max_seq_len=128, page_size=4) == 10 + 3 * 7
+    # max_seq_len ends every completion at 32 tokens (8 pages)
+    assert pages_for_completions(16, 24, 2, max_seq_len=32, page_size=4) == 8 + 5
+    # a page-aligned prompt: its last page holds the last token, each fork copies it
+    assert pages_for_completions(8, 1, 3, max_seq_len=128, page_size=4) == 2 + 2 * 1
