@@ -51,7 +51,7 @@ def test_completions_that_cannot_fit_together_are_refused_at_admission():
             collect(d, sampled(0, 4, 100))
         assert err.value.param == "max_tokens"
         assert "capacity of 128 tokens" in str(err.value)
-        assert len(completions(collect(d, sampled(0, 4, 24)), 4)) == 4  # 4 x 24 fit
+        assert len(completions(collect(d, sampled(0, 4, 24)), 4)) == 4  # 31 of 32 pages
         settle(d)
 
 
