@@ -389,7 +389,7 @@ def test_a_second_server_on_a_port_in_use_fails_clearly(tmp_path):
     assert children(server.proc.pid) == []
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
 def test_three_ranks_launch_and_stop_three_times(tmp_path):
     config = tmp_path / "three.yaml"
     config.write_text("model: testvla\nmax_seq_len: 256\nnode_groups:\n"
