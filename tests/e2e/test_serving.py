@@ -142,11 +142,24 @@ def test_timeout_and_disconnect_free_everything(small_server):
     assert small_server.generate({"prompt": "still fine", "max_tokens": 2}).status_code == 200
 
 
+#: A request that streams for seconds (the consumer sleeps 50 ms per window).
+SLOW = {"prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream": True,
+        "stream_consumer": True, "consumer_delay_s": 0.05}
+#: One that runs for minutes (the consumer sleeps 1 s per window).
+STUCK = {**SLOW, "consumer_delay_s": 1.0}
+
+
+def wait_running(server: Server, n: int) -> None:
+    """Until `n` requests run (from /metrics)."""
+    deadline = time.monotonic() + 30
+    while server.metric("mstar_running_requests") < n:
+        assert time.monotonic() < deadline, f"{n} requests never ran at once"
+
+
 def stops_for_a_restart(server: Server) -> None:
     """After a child died: until the server has exited, `/health` and new requests get
     503 with Retry-After (or no connection, once it stopped listening); it then exits with
     `EXIT_CHILD_DIED` so that a supervisor starts it again, leaving nothing behind."""
-    answers = 0
     deadline = time.monotonic() + 60
     while server.proc.poll() is None and time.monotonic() < deadline:
         try:
@@ -155,7 +168,6 @@ def stops_for_a_restart(server: Server) -> None:
         except httpx.TransportError:
             time.sleep(0.05)  # no longer listening: exiting
             continue
-        answers += 1
         assert health.status_code == 503 and health.json()["status"] == "unhealthy"
         assert generate.status_code == 503 and generate.json()["error"]["code"] == 503
         assert "retry-after" in health.headers and "retry-after" in generate.headers
@@ -172,6 +184,10 @@ def test_a_killed_worker_fails_its_requests_and_stops_the_server(tmp_path):
         server.wait_healthy()
         pids = server.worker_pids()
         assert set(pids) == {"conductor", "worker:0", "worker:1"}
+        plain: list[httpx.Response] = []  # a non-streamed request, running at the kill
+        waiting = threading.Thread(target=lambda: plain.append(httpx.post(
+            server.url + "/generate", json={**STUCK, "stream": False}, timeout=60)))
+        waiting.start()
         events: list[str] = []
         with httpx.stream("POST", server.url + "/generate", timeout=30,
                           json={"prompt": "long", "max_tokens": 400, "ignore_eos": True,
@@ -180,15 +196,14 @@ def test_a_killed_worker_fails_its_requests_and_stops_the_server(tmp_path):
                 if line.startswith("event:"):
                     events.append(line)
                     if len(events) == 2:
+                        wait_running(server, 2)
                         os.kill(pids["worker:0"], signal.SIGKILL)
+        waiting.join(timeout=60)
         assert events[-1] == "event: error", events[-3:]
+        assert plain[0].status_code == 503 and plain[0].headers["retry-after"]
+        assert "worker:0" in plain[0].json()["error"]["message"]
     finally:
         stops_for_a_restart(server)
-
-
-#: A request that streams for seconds (the consumer sleeps 50 ms per window).
-SLOW = {"prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream": True,
-        "stream_consumer": True, "consumer_delay_s": 0.05}
 
 
 def data_worker_pids(server: Server) -> dict[str, int]:
@@ -289,20 +304,17 @@ def test_sigterm_ends_stuck_requests_with_a_clean_503(tmp_path):
     traceback and uvicorn never had to cancel a task."""
     server = Server(tmp_path, "--config", "testvla_stream_rank", "--preset", "tiny",
                     "--load-format", "dummy", env={"MSTAR_SHUTDOWN_GRACE": "1"})
-    stuck = {**SLOW, "consumer_delay_s": 1.0}  # minutes of work
     plain: list[httpx.Response] = []
     try:
         server.wait_healthy()
         waiting = threading.Thread(target=lambda: plain.append(httpx.post(
-            server.url + "/generate", json={**stuck, "stream": False}, timeout=60)))
+            server.url + "/generate", json={**STUCK, "stream": False}, timeout=60)))
         waiting.start()
-        with httpx.stream("POST", server.url + "/generate", timeout=60, json=stuck) as stream:
+        with httpx.stream("POST", server.url + "/generate", timeout=60, json=STUCK) as stream:
             frames = stream.iter_lines()
             while not next(frames).startswith("event: text_delta"):
                 pass
-            deadline = time.monotonic() + 30
-            while server.metric("mstar_running_requests") < 2:
-                assert time.monotonic() < deadline, "the second request never started"
+            wait_running(server, 2)
             server.proc.send_signal(signal.SIGTERM)
             rest = [line for line in frames if line]
         waiting.join(timeout=60)
