@@ -332,6 +332,22 @@ def test_sigterm_ends_stuck_requests_with_a_clean_503(tmp_path):
     server.assert_clean()
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_during_start_up_stops_cleanly(tmp_path):
+    """A SIGTERM as soon as the deployment exists (its children starting, uvicorn not yet
+    running) stops the server cleanly: exit 0, nothing left."""
+    server = Server(tmp_path, "--config", "testvla_stream_rank", "--preset", "tiny",
+                    "--load-format", "dummy")
+    deadline = time.monotonic() + 60
+    while not list(server.sockets.glob("d*/owner.json")):
+        assert server.proc.poll() is None, server.output()
+        assert time.monotonic() < deadline, "no deployment in 60 s"
+        time.sleep(0.01)
+    assert server.stop() == 0, server.output()
+    assert "Traceback" not in server.output()
+    server.assert_clean()
+
+
 #: Its image (75 KiB) travels through an SHM segment, which stays in its sender's pool.
 BIG_IMAGE = {"prompt": "the picture <image> shows", "image": image(21, 80, 80), "max_tokens": 2}
 

@@ -242,18 +242,46 @@ def draining_server(config: Any, grace: float, fail: Callable[[], None]) -> Any:
 def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
     """Serve until SIGINT/SIGTERM, or until a child dies; the exit code (0 after a clean
     shutdown, 1 when start-up failed, `EXIT_CHILD_DIED`)."""
-    import uvicorn
-
-    from mstar.api_server.app import create_app
-    from mstar.serving.backend import GatewayBackend
-
     busy = port_is_free(settings.host, settings.port)
     if busy is not None:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {busy}",
               file=sys.stderr)
         return 1
     leftovers.sweep(Path(settings.socket_path_prefix))
-    deployment = ProcessDeployment(settings, config)
+    # From here on SIGINT/SIGTERM stop the server cleanly whenever they come: one that
+    # arrives before uvicorn runs is remembered (uvicorn then stops at once). uvicorn
+    # re-raises the signal that stopped it once it is done, with the handlers that were
+    # there before it: these, so the signal ends the drain, not the process, and the
+    # children, sockets and shared memory are cleaned up below.
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        deployment = ProcessDeployment(settings, config)
+    except BaseException:
+        _restore(previous)
+        raise
+    try:
+        return _serve(settings, config, deployment, stop)
+    finally:
+        deployment.close()
+        _restore(previous)
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def _serve(settings: ServerSettings, config: DeploymentConfig, deployment: ProcessDeployment,
+           stop: threading.Event) -> int:
+    """Run uvicorn over `deployment` until it stops (`stop`: a signal came before); the
+    exit code."""
+    import uvicorn
+
+    from mstar.api_server.app import create_app
+    from mstar.serving.backend import GatewayBackend
+
     exit_code = [0]
 
     def fail_running() -> None:
@@ -289,15 +317,6 @@ def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
             server.should_exit = True
 
     threading.Thread(target=announce, name="announce", daemon=True).start()
-    # uvicorn re-raises the signal that stopped it once it is done, with the handlers that
-    # were there before it: make those ours, so the signal ends the drain, not the process,
-    # and the children, sockets and shared memory are cleaned up below.
-    previous = {sig: signal.signal(sig, lambda *_: None)
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.run()
-    finally:
-        deployment.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    server.should_exit = stop.is_set()
+    server.run()
     return exit_code[0]

@@ -9,7 +9,7 @@ start time (field 22 of /proc/<pid>/stat), written before any child starts. At s
 whose owner is dead, its SHM segments (named after the deployment id) and the directory.
 A pid that runs again but started at another time was reused: its owner is dead too. A
 directory without `owner.json` (a deployment still being created) is never touched, nor is
-a live owner's.
+a live owner's or another user's.
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def sweep(prefix: Path) -> list[Swept]:
     swept = []
     entries = sorted(prefix.iterdir()) if prefix.is_dir() else []
     for path in entries:
-        if not _DEPLOYMENT_DIR.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
-            continue
+        if not _DEPLOYMENT_DIR.fullmatch(path.name) or path.is_symlink() or not path.is_dir() \
+                or path.stat().st_uid != os.getuid():
+            continue  # not a deployment directory of this user's
         try:
             record = json.loads((path / OWNER_FILE).read_text())
         except (OSError, ValueError):
