@@ -253,9 +253,8 @@ def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
     # re-raises the signal that stopped it once it is done, with the handlers that were
     # there before it: these, so the signal ends the drain, not the process, and the
     # children, sockets and shared memory are cleaned up below.
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = _StopSignal()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         deployment = ProcessDeployment(settings, config)
     except BaseException:
@@ -268,15 +267,33 @@ def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
         _restore(previous)
 
 
+class _StopSignal:
+    """The SIGINT/SIGTERM handler while uvicorn does not hold the signals: a signal is
+    remembered and passed on to the server once there is one."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.server: Any = None
+
+    def __call__(self, *_: Any) -> None:
+        self.seen = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def attach(self, server: Any) -> None:
+        self.server = server
+        if self.seen:
+            server.should_exit = True
+
+
 def _restore(handlers: dict[int, Any]) -> None:
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
 
 
 def _serve(settings: ServerSettings, config: DeploymentConfig, deployment: ProcessDeployment,
-           stop: threading.Event) -> int:
-    """Run uvicorn over `deployment` until it stops (`stop`: a signal came before); the
-    exit code."""
+           stop: _StopSignal) -> int:
+    """Run uvicorn over `deployment` until it stops; the exit code."""
     import uvicorn
 
     from mstar.api_server.app import create_app
@@ -296,6 +313,7 @@ def _serve(settings: ServerSettings, config: DeploymentConfig, deployment: Proce
         port=settings.port, log_level=settings.log_level.lower(), lifespan="off",
         timeout_graceful_shutdown=int(settings.shutdown_grace + _GRACE_MARGIN_S)),
         settings.shutdown_grace, fail_running)
+    stop.attach(server)
 
     def child_died(message: str) -> None:
         if exit_code[0] == 0:
@@ -317,6 +335,5 @@ def _serve(settings: ServerSettings, config: DeploymentConfig, deployment: Proce
             server.should_exit = True
 
     threading.Thread(target=announce, name="announce", daemon=True).start()
-    server.should_exit = stop.is_set()
     server.run()
     return exit_code[0]
