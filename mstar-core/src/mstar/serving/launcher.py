@@ -174,16 +174,22 @@ class ProcessDeployment:
         return [p.pid for p in self.procs.values()]
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop every child (asking first), then remove sockets and SHM segments."""
+        """Stop every child (asking first; one still starting reads no message, so it
+        gets SIGTERM at once), then remove sockets and SHM segments."""
         if self._closing:
             return
         self._closing = True
+        starting = self.gateway.expected - self.gateway.ready_workers
         for name, proc in self.procs.items():
-            if proc.poll() is None:
-                try:
-                    self.gateway.channel.send(name, msg.Shutdown())
-                except Exception:  # the socket may be gone with its process
-                    pass
+            if proc.poll() is not None:
+                continue
+            if name in starting:
+                proc.terminate()
+                continue
+            try:
+                self.gateway.channel.send(name, msg.Shutdown())
+            except Exception:  # the socket may be gone with its process
+                pass
         deadline = time.monotonic() + timeout
         for proc in self.procs.values():
             try:
