@@ -3,6 +3,7 @@ behind (child processes, sockets, shared-memory segments)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -45,10 +46,11 @@ class Server:
     """One `mstar-serve` process on a free loopback port."""
 
     def __init__(self, tmp: Path, *args: str, port: int | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, sockets: Path | None = None):
+        """`sockets`: the socket path prefix (default: one of its own under `tmp`)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.sockets = tmp / f"sockets-{self.port}"
+        self.sockets = sockets or tmp / f"sockets-{self.port}"
         self.log = tmp / f"server-{self.port}.log"
         cmd = [sys.executable, "-c", SERVE, *args, "--host", "127.0.0.1", "--port",
                str(self.port), "--socket-path-prefix", str(self.sockets)]
@@ -63,10 +65,18 @@ class Server:
 
     @property
     def deployment_id(self) -> str:
-        """The id the launcher gave this deployment (its socket directory is d<id>)."""
-        dirs = sorted(self.sockets.glob("d*")) if self.sockets.exists() else []
-        assert dirs, "the server has not created its socket directory yet"
-        return dirs[0].name[1:]
+        """The id the launcher gave this deployment (its socket directory is d<id>, the
+        one whose owner record names this server)."""
+        if self._id is None:
+            for path in sorted(self.sockets.glob("d*/owner.json")):
+                if json.loads(path.read_text())["pid"] == self.proc.pid:
+                    self._id = path.parent.name[1:]
+        assert self._id, "the server has not created its socket directory yet"
+        return self._id
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.sockets / f"d{self.deployment_id}"
 
     def wait_healthy(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -76,6 +86,7 @@ class Server:
                                      f"{self.output()}")
             try:
                 if self.client.get("/health").status_code == 200:
+                    assert self.deployment_id  # known from now on, even once it exited
                     return
             except httpx.TransportError:
                 pass
@@ -122,8 +133,8 @@ class Server:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         self.client.close()
         if self.proc.poll() is None:
-            if self.sockets.exists() and any(self.sockets.glob("d*")):
-                self._id = self.deployment_id
+            if self.sockets.exists() and any(self.sockets.glob("d*/owner.json")):
+                assert self.deployment_id
             self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout=timeout)
@@ -135,7 +146,9 @@ class Server:
         """Nothing left: no children, no sockets, no shared memory of this server."""
         assert self.proc.poll() is not None
         assert children(self.proc.pid) == []
-        leftover = list(self.sockets.glob("*/*")) if self.sockets.exists() else []
-        assert leftover == [], leftover
-        if getattr(self, "_id", None):  # only this server's: others may run beside it
+        if self._id is not None:  # only this server's: others may run beside it
+            assert not self.socket_dir.exists(), list(self.socket_dir.iterdir())
             assert shm_segments(self._id + "_") == []
+        else:
+            leftover = list(self.sockets.glob("*/*")) if self.sockets.exists() else []
+            assert leftover == [], leftover

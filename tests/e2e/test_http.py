@@ -392,7 +392,9 @@ def test_a_dead_worker_turns_health_unhealthy():
             d.workers[0].stop()
             r = c.get("/health")
             assert r.status_code == 503 and r.json()["status"] == "unhealthy"
-            assert "worker:0" in r.json()["detail"]
-            assert_error(c.post("/generate", json=TEXT), 503, mentions="worker:0")
+            assert "worker:0" in r.json()["detail"] and r.headers["retry-after"] == "1"
+            r = c.post("/generate", json=TEXT)
+            assert_error(r, 503, mentions="worker:0")
+            assert r.headers["retry-after"] == "1"
     finally:
         d.close()

@@ -1,6 +1,7 @@
 """The deployment as real processes behind HTTP: every packaged placement gives the same
 outputs as the in-process co-located run, and the server's life cycle (start-up, drain,
-dead workers, floods, ports in use) leaves nothing behind."""
+dead workers, floods, ports in use, SIGTERM with stuck requests, kill -9) leaves nothing
+behind."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import httpx
 import pytest
 import torch
 from conftest import audio, collect, frame, image, tensors, tokens
-from serving_harness import Server, children
+from serving_harness import Server, children, shm_segments
 
 import mstar
+from mstar.serving.launcher import EXIT_CHILD_DIED
 
 TEXT = {"prompt": "the picture <image> shows", "image": image(21), "max_tokens": 8,
         "temperature": 0, "stream_consumer": True, "logprobs": 2}
@@ -140,14 +142,52 @@ def test_timeout_and_disconnect_free_everything(small_server):
     assert small_server.generate({"prompt": "still fine", "max_tokens": 2}).status_code == 200
 
 
+#: A request that streams for seconds (the consumer sleeps 50 ms per window).
+SLOW = {"prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream": True,
+        "stream_consumer": True, "consumer_delay_s": 0.05}
+#: One that runs for minutes (the consumer sleeps 1 s per window).
+STUCK = {**SLOW, "consumer_delay_s": 1.0}
+
+
+def wait_running(server: Server, n: int) -> None:
+    """Until `n` requests run (from /metrics)."""
+    deadline = time.monotonic() + 30
+    while server.metric("mstar_running_requests") < n:
+        assert time.monotonic() < deadline, f"{n} requests never ran at once"
+
+
+def stops_for_a_restart(server: Server) -> None:
+    """After a child died: until the server has exited, `/health` and new requests get
+    503 with Retry-After (or no connection, once it stopped listening); it then exits with
+    `EXIT_CHILD_DIED` so that a supervisor starts it again, leaving nothing behind."""
+    deadline = time.monotonic() + 60
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            health = server.client.get("/health")
+            generate = server.generate({"prompt": "x", "max_tokens": 2})
+        except httpx.TransportError:
+            time.sleep(0.05)  # no longer listening: exiting
+            continue
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        assert generate.status_code == 503 and generate.json()["error"]["code"] == 503
+        assert "retry-after" in health.headers and "retry-after" in generate.headers
+    assert server.stop() == EXIT_CHILD_DIED, server.output()
+    assert "stopping the server (exit status 3)" in server.output()
+    server.assert_clean()
+
+
 @pytest.mark.timeout(120)
-def test_a_killed_worker_fails_its_requests_and_health(tmp_path):
+def test_a_killed_worker_fails_its_requests_and_stops_the_server(tmp_path):
     server = Server(tmp_path, "--config", "testvla_stream_rank", "--preset", "tiny",
                     "--load-format", "dummy")
     try:
         server.wait_healthy()
         pids = server.worker_pids()
         assert set(pids) == {"conductor", "worker:0", "worker:1"}
+        plain: list[httpx.Response] = []  # a non-streamed request, running at the kill
+        waiting = threading.Thread(target=lambda: plain.append(httpx.post(
+            server.url + "/generate", json={**STUCK, "stream": False}, timeout=60)))
+        waiting.start()
         events: list[str] = []
         with httpx.stream("POST", server.url + "/generate", timeout=30,
                           json={"prompt": "long", "max_tokens": 400, "ignore_eos": True,
@@ -156,19 +196,14 @@ def test_a_killed_worker_fails_its_requests_and_health(tmp_path):
                 if line.startswith("event:"):
                     events.append(line)
                     if len(events) == 2:
+                        wait_running(server, 2)
                         os.kill(pids["worker:0"], signal.SIGKILL)
+        waiting.join(timeout=60)
         assert events[-1] == "event: error", events[-3:]
-        health = server.client.get("/health")
-        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
-        assert server.generate({"prompt": "x", "max_tokens": 2}).status_code == 503
+        assert plain[0].status_code == 503 and plain[0].headers["retry-after"]
+        assert "worker:0" in plain[0].json()["error"]["message"]
     finally:
-        assert server.stop() == 0, server.output()
-    server.assert_clean()
-
-
-#: A request that streams for seconds (the consumer sleeps 50 ms per window).
-SLOW = {"prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream": True,
-        "stream_consumer": True, "consumer_delay_s": 0.05}
+        stops_for_a_restart(server)
 
 
 def data_worker_pids(server: Server) -> dict[str, int]:
@@ -242,7 +277,7 @@ def test_two_data_workers_share_the_requests(tmp_path, tiny_ckpt, expected):
 
 
 @pytest.mark.timeout(120)
-def test_a_killed_data_worker_fails_its_requests_and_health(tmp_path):
+def test_a_killed_data_worker_fails_its_requests_and_stops_the_server(tmp_path):
     server = Server(tmp_path, "--config", "testvla_stream_rank", "--preset", "tiny",
                     "--load-format", "dummy", "--data-workers", "2")
     try:
@@ -258,17 +293,115 @@ def test_a_killed_data_worker_fails_its_requests_and_health(tmp_path):
         assert frames[-2] == "event: error", frames[-4:]
         error = json.loads(frames[-1].removeprefix("data: "))
         assert error["code"] == 503 and "frontend:0" in error["message"]
-        health = server.client.get("/health")
-        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
-        assert "frontend:0" in health.json()["detail"]
-        assert server.generate({"prompt": "x", "max_tokens": 2}).status_code == 503
-        deadline = time.monotonic() + 10  # the conductor ended it: the workers freed it
-        while server.metric("mstar_kv_pages_in_use") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert server.metric("mstar_kv_pages_in_use") == 0
     finally:
-        assert server.stop() == 0, server.output()
+        stops_for_a_restart(server)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_ends_stuck_requests_with_a_clean_503(tmp_path):
+    """Requests still running when the shutdown grace (1 s) ends get a 503: an SSE error
+    event when streamed, a JSON error with Retry-After otherwise; the log has no
+    traceback and uvicorn never had to cancel a task."""
+    server = Server(tmp_path, "--config", "testvla_stream_rank", "--preset", "tiny",
+                    "--load-format", "dummy", env={"MSTAR_SHUTDOWN_GRACE": "1"})
+    plain: list[httpx.Response] = []
+    try:
+        server.wait_healthy()
+        waiting = threading.Thread(target=lambda: plain.append(httpx.post(
+            server.url + "/generate", json={**STUCK, "stream": False}, timeout=60)))
+        waiting.start()
+        with httpx.stream("POST", server.url + "/generate", timeout=60, json=STUCK) as stream:
+            frames = stream.iter_lines()
+            while not next(frames).startswith("event: text_delta"):
+                pass
+            wait_running(server, 2)
+            server.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in frames if line]
+        waiting.join(timeout=60)
+        assert rest[-2] == "event: error", rest[-4:]
+        error = json.loads(rest[-1].removeprefix("data: "))
+        assert error["code"] == 503 and "shutting down" in error["message"]
+        assert plain[0].status_code == 503 and plain[0].headers["retry-after"]
+        assert "shutting down" in plain[0].json()["error"]["message"]
+        assert server.proc.wait(timeout=60) == 0, server.output()
+    finally:
+        server.stop()
+    log = server.output()
+    assert "ended with 503" in log
+    assert "Traceback" not in log and "graceful shutdown exceeded" not in log, log
     server.assert_clean()
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_during_start_up_stops_cleanly(tmp_path):
+    """A SIGTERM as soon as the deployment exists (its children starting, uvicorn not yet
+    running) stops the server cleanly: exit 0, nothing left."""
+    server = Server(tmp_path, "--config", "testvla_stream_rank", "--preset", "tiny",
+                    "--load-format", "dummy")
+    deadline = time.monotonic() + 60
+    while not list(server.sockets.glob("d*/owner.json")):
+        assert server.proc.poll() is None, server.output()
+        assert time.monotonic() < deadline, "no deployment in 60 s"
+        time.sleep(0.01)
+    assert server.stop() == 0, server.output()
+    assert "Traceback" not in server.output()
+    server.assert_clean()
+
+
+#: Its image (75 KiB) travels through an SHM segment, which stays in its sender's pool.
+BIG_IMAGE = {"prompt": "the picture <image> shows", "image": image(21, 80, 80), "max_tokens": 2}
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_servers_leftovers_are_swept_at_the_next_start(tmp_path):
+    """kill -9 of an API server and its children leaves its socket directory and SHM
+    segments; the next start on the same socket prefix removes them, and never what a
+    live deployment there uses."""
+    sockets = tmp_path / "sockets"
+    args = ("--config", "testvla_single", "--preset", "tiny", "--load-format", "dummy",
+            "--tensor-comm-protocol", "SHM")
+    killed = Server(tmp_path, *args, sockets=sockets)
+    live = Server(tmp_path, *args, sockets=sockets)
+    third: Server | None = None
+    try:
+        for server in (killed, live):
+            server.wait_healthy()
+            assert server.generate(BIG_IMAGE).status_code == 200
+        doomed = [killed.proc.pid, *children(killed.proc.pid)]
+        for pid in doomed:
+            os.kill(pid, signal.SIGKILL)
+        killed.proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(running(pid) for pid in doomed):
+            assert time.monotonic() < deadline, "the killed children did not exit"
+            time.sleep(0.05)
+        left = shm_segments(killed.deployment_id + "_")
+        assert left and killed.socket_dir.exists()
+        live_segments = shm_segments(live.deployment_id + "_")
+        assert live_segments
+
+        third = Server(tmp_path, *args, sockets=sockets)
+        third.wait_healthy()
+        assert not killed.socket_dir.exists()
+        assert shm_segments(killed.deployment_id + "_") == []
+        assert f"removed what deployment {killed.deployment_id} left behind" in third.output()
+        assert live.deployment_id not in third.output()
+        assert live.socket_dir.exists()
+        assert set(live_segments) <= set(shm_segments(live.deployment_id + "_"))
+        assert live.generate(BIG_IMAGE).status_code == 200
+    finally:
+        for server in (live, third):
+            if server is not None:
+                assert server.stop() == 0, server.output()
+                server.assert_clean()
+
+
+def running(pid: int) -> bool:
+    """`pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.timeout(60)
@@ -285,14 +418,14 @@ def test_a_second_server_on_a_port_in_use_fails_clearly(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_three_ranks_launch_and_stop_ten_times(tmp_path):
+def test_three_ranks_launch_and_stop_three_times(tmp_path):
     config = tmp_path / "three.yaml"
     config.write_text("model: testvla\nmax_seq_len: 256\nnode_groups:\n"
                       "  - {node_names: [vision_encoder], ranks: [1]}\n"
                       "  - {node_names: [LLM, action_init, combine], ranks: [0]}\n"
                       "  - {node_names: [consumer], ranks: [2]}\n")
     saw_503 = False
-    for i in range(10):
+    for i in range(3):
         server = Server(tmp_path, "--config", str(config), "--preset", "tiny",
                         "--load-format", "dummy")
         try:

@@ -46,7 +46,8 @@ from mstar.engine.work import RequestError
 
 log = logging.getLogger("mstar.api_server")
 
-#: Seconds a client should wait before retrying a 429 or a 503 "starting".
+#: Seconds a client should wait before retrying a 429 or a 503 (starting; or stopping
+#: after a part of the deployment died, for a supervisor to start it again).
 RETRY_AFTER_S = 1
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks its client
@@ -303,7 +304,7 @@ class Runner:
     def admit(self) -> None:
         problem = self.backend.failed()
         if problem is not None:
-            raise ApiError(503, f"the deployment cannot serve: {problem}")
+            raise ApiError(503, f"the deployment cannot serve: {problem}", headers=_RETRY)
         if not self.backend.ready():
             raise ApiError(503, "the deployment is starting; retry shortly", headers=_RETRY)
         if self.backend.live_requests() + self._admitting >= self.limit:
@@ -407,7 +408,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     async def health() -> Response:
         problem = backend.failed()
         if problem is not None:
-            return JSONResponse({"status": "unhealthy", "detail": problem}, status_code=503)
+            return JSONResponse({"status": "unhealthy", "detail": problem}, status_code=503,
+                                headers=_RETRY)
         if not backend.ready():
             return JSONResponse({"status": "starting"}, status_code=503, headers=_RETRY)
         return JSONResponse({"status": "ok"})

@@ -1,8 +1,9 @@
 """The SHM tensor transport: tensors between processes of one node through POSIX shared memory.
 
 Each sender keeps a pool of segments, files of the tmpfs at /dev/shm named
-`mstar_<tag>_<pid>_<n>` (the tag names the deployment, so a launcher can remove what a
-crashed deployment left with `cleanup_deployment`). A segment is a 4 KiB header and a data
+`mstar_<tag>_<pid>_<n>` (the tag names the deployment, so the launcher removes what a
+crashed deployment left with `cleanup_deployment`: at a clean stop, and at the next start
+for a deployment whose API server was killed, `mstar.serving.leftovers`). A segment is a 4 KiB header and a data
 area whose capacity is a power of two; the sender keeps it mapped and `put` copies the
 tensor into it, so a reused segment costs one memory copy and no page allocation (a fresh
 tmpfs page is what makes a new segment slow: measured, a new 64 MiB segment takes 4x the

@@ -5,13 +5,19 @@ the data workers (a frontend each: the model's `process_prompt` and `postprocess
 conductor and one worker per rank are child processes (`mstar.serving.proc`) that talk
 over ZMQ and move tensors through the chosen transport. Start-up never hangs: children
 that exit or report an error fail it within its timeout. A child that dies later fails its
-requests with 503 (a worker's through the conductor, a data worker's through the gateway)
-and turns `/health` unhealthy. SIGINT/SIGTERM drain (uvicorn's graceful shutdown, bounded
-by `shutdown_grace`), then every child is stopped and sockets and SHM segments are removed.
+requests with 503 (a worker's through the conductor, a data worker's through the gateway),
+turns `/health` unhealthy and stops the server with `EXIT_CHILD_DIED`, so that a supervisor
+starts it again (a dead rank cannot rejoin in place: its peers, its tensor-parallel group
+and the KV pages of its requests are gone with it); until it has stopped, requests get 503
+with Retry-After. SIGINT/SIGTERM drain (uvicorn's graceful shutdown): requests still running
+after `shutdown_grace` end with a 503 error event, then every child is stopped and sockets
+and SHM segments are removed. What a killed server left is swept at the next start
+(`mstar.serving.leftovers`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.util
 import logging
@@ -24,7 +30,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -34,10 +42,17 @@ from mstar.communication.zmq_channel import ZmqChannel
 from mstar.config import DeploymentConfig, placement, validate_for_model
 from mstar.config.settings import ServerSettings
 from mstar.plugins import model_registry
+from mstar.serving import leftovers
 from mstar.serving.proc import ProcessSpec
 from mstar.worker.builder import LoadOptions, make_model, tp_group_ranks
 
 log = logging.getLogger("mstar.serving")
+
+#: The exit status after a child process died while serving (start-up failures exit 1).
+EXIT_CHILD_DIED = 3
+#: Seconds uvicorn waits beyond `shutdown_grace` for the 503s of requests still running
+#: to reach their clients, before it cancels what is left.
+_GRACE_MARGIN_S = 5.0
 
 
 def resolve_protocol(requested: str | None, *, node_count: int = 1) -> str:
@@ -81,10 +96,13 @@ class ProcessDeployment:
             tp_port = free_port()
         self.socket_dir = Path(settings.socket_path_prefix) / f"d{self.id}"
         self.socket_dir.mkdir(parents=True, exist_ok=True)
+        leftovers.claim(self.socket_dir)
         data_workers = [f"frontend:{k}" for k in range(settings.data_workers)]
         self.gateway = Gateway(ZmqChannel("api", prefix=str(self.socket_dir)), data_workers,
                                [f"worker:{r}" for r in self.ranks])
         self.failure: str | None = None
+        #: called (from the monitor thread) when a child dies: the server stops
+        self.on_child_death: Callable[[str], None] | None = None
         self._closing = False
         self.gateway.start()
         cpus = os.cpu_count() or 1
@@ -113,7 +131,8 @@ class ProcessDeployment:
 
     def _watch(self) -> None:
         """Every child that exits while serving fails what it was running; the first one
-        to go is the deployment's failure (`/health` turns unhealthy)."""
+        to go is the deployment's failure (`/health` turns unhealthy) and stops the server
+        (`on_child_death`)."""
         gone: set[str] = set()
         while not self._closing:
             for name, proc in self.procs.items():
@@ -131,6 +150,8 @@ class ProcessDeployment:
                     self.gateway.data_worker_died(name, message)
                 else:
                     self.gateway.channel.send("conductor", msg.WorkerDied(name, message))
+                if self.on_child_death is not None:
+                    self.on_child_death(message)
             time.sleep(0.1)
 
     def wait_ready(self, timeout: float) -> bool:
@@ -153,16 +174,22 @@ class ProcessDeployment:
         return [p.pid for p in self.procs.values()]
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop every child (asking first), then remove sockets and SHM segments."""
+        """Stop every child (asking first; one still starting reads no message, so it
+        gets SIGTERM at once), then remove sockets and SHM segments."""
         if self._closing:
             return
         self._closing = True
+        starting = self.gateway.expected - self.gateway.ready_workers
         for name, proc in self.procs.items():
-            if proc.poll() is None:
-                try:
-                    self.gateway.channel.send(name, msg.Shutdown())
-                except Exception:  # the socket may be gone with its process
-                    pass
+            if proc.poll() is not None:
+                continue
+            if name in starting:
+                proc.terminate()
+                continue
+            try:
+                self.gateway.channel.send(name, msg.Shutdown())
+            except Exception:  # the socket may be gone with its process
+                pass
         deadline = time.monotonic() + timeout
         for proc in self.procs.values():
             try:
@@ -201,24 +228,107 @@ def port_is_free(host: str, port: int) -> str | None:
     return None
 
 
-def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
-    """Serve until SIGINT/SIGTERM; the exit code (0 after a clean shutdown)."""
+def draining_server(config: Any, grace: float, fail: Callable[[], None]) -> Any:
+    """A uvicorn server whose graceful shutdown calls `fail` after `grace` seconds: it ends
+    the requests still running with a 503 error event, so their clients get a clean answer
+    and uvicorn, which waits longer, never cancels a task mid-response."""
     import uvicorn
 
-    from mstar.api_server.app import create_app
-    from mstar.serving.backend import GatewayBackend
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            timer = asyncio.get_running_loop().call_later(grace, fail)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
 
+    return Server(config)
+
+
+def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
+    """Serve until SIGINT/SIGTERM, or until a child dies; the exit code (0 after a clean
+    shutdown, 1 when start-up failed, `EXIT_CHILD_DIED`)."""
     busy = port_is_free(settings.host, settings.port)
     if busy is not None:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {busy}",
               file=sys.stderr)
         return 1
-    deployment = ProcessDeployment(settings, config)
+    leftovers.sweep(Path(settings.socket_path_prefix))
+    # From here on SIGINT/SIGTERM stop the server cleanly whenever they come: one that
+    # arrives before uvicorn runs is remembered (uvicorn then stops at once). uvicorn
+    # re-raises the signal that stopped it once it is done, with the handlers that were
+    # there before it: these, so the signal ends the drain, not the process, and the
+    # children, sockets and shared memory are cleaned up below.
+    stop = _StopSignal()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        deployment = ProcessDeployment(settings, config)
+    except BaseException:
+        _restore(previous)
+        raise
+    try:
+        return _serve(settings, config, deployment, stop)
+    finally:
+        deployment.close()
+        _restore(previous)
+
+
+class _StopSignal:
+    """The SIGINT/SIGTERM handler while uvicorn does not hold the signals: a signal is
+    remembered and passed on to the server once there is one."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.server: Any = None
+
+    def __call__(self, *_: Any) -> None:
+        self.seen = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def attach(self, server: Any) -> None:
+        self.server = server
+        if self.seen:
+            server.should_exit = True
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def _serve(settings: ServerSettings, config: DeploymentConfig, deployment: ProcessDeployment,
+           stop: _StopSignal) -> int:
+    """Run uvicorn over `deployment` until it stops; the exit code."""
+    import uvicorn
+
+    from mstar.api_server.app import create_app
+    from mstar.serving.backend import GatewayBackend
+
     exit_code = [0]
-    server = uvicorn.Server(uvicorn.Config(
+
+    def fail_running() -> None:
+        live = deployment.gateway.live_requests()
+        if live:
+            log.warning("%d request(s) still running after the %g s shutdown grace: ended "
+                        "with 503", live, settings.shutdown_grace)
+            deployment.gateway.fail_all("the server is shutting down; retry on a new one", 503)
+
+    server = draining_server(uvicorn.Config(
         create_app(GatewayBackend(deployment), settings), host=settings.host,
         port=settings.port, log_level=settings.log_level.lower(), lifespan="off",
-        timeout_graceful_shutdown=int(settings.shutdown_grace)))
+        timeout_graceful_shutdown=int(settings.shutdown_grace + _GRACE_MARGIN_S)),
+        settings.shutdown_grace, fail_running)
+    stop.attach(server)
+
+    def child_died(message: str) -> None:
+        if exit_code[0] == 0:
+            exit_code[0] = EXIT_CHILD_DIED
+            log.error("stopping the server (exit status %d) so that it can be started "
+                      "again: %s", EXIT_CHILD_DIED, message)
+        server.should_exit = True
+
+    deployment.on_child_death = child_died
 
     def announce() -> None:
         if deployment.wait_ready(settings.startup_timeout):
@@ -231,15 +341,5 @@ def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
             server.should_exit = True
 
     threading.Thread(target=announce, name="announce", daemon=True).start()
-    # uvicorn re-raises the signal that stopped it once it is done, with the handlers that
-    # were there before it: make those ours, so the signal ends the drain, not the process,
-    # and the children, sockets and shared memory are cleaned up below.
-    previous = {sig: signal.signal(sig, lambda *_: None)
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.run()
-    finally:
-        deployment.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    server.run()
     return exit_code[0]
