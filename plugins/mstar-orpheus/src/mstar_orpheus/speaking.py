@@ -24,7 +24,7 @@ import torch
 
 from mstar_orpheus.config import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, CODES_PER_FRAME, START_OF_SPEECH
 
-#: Scale of the structure in the token rows, of the noise on them, and of layer 0's gate.
+#: A (the scale of the structure in the token rows), the noise on them, layer 0's gate.
 SCALE, NOISE, GATE = 4.0, 0.05, 10.0
 POINTS_TO = CODES_PER_FRAME  # dims 7-13
 CONSTANT = 2 * CODES_PER_FRAME  # dim 14
