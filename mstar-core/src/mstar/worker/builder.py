@@ -88,19 +88,19 @@ def checkpoint_location(source: str, options: LoadOptions) -> str:
     """Where a weight source is: `--model-path` for the default one, and for another a
     subfolder of that path named after it when there is one (a local checkpoint of a model
     whose codec ships in its own repo: `<model path>/snac`), else the source's repo (a
-    model that names none has no checkpoint to fetch: that is said, not a hub repo named
-    after the source's label)."""
+    source not among the model's weight sources is itself a repo id or path, except
+    "default": a model that names no main checkpoint has none to fetch, which is said)."""
     if options.model_path:
         if source == "default":
             return options.model_path
         inside = Path(options.model_path) / source
         if inside.is_dir():
             return str(inside)
-    if source not in options.weight_sources:
+    if source == "default" and source not in options.weight_sources:
         raise WeightSourceError(
-            f"the model names no hub repo for its weight source {source!r}: pass a local "
+            "the model names no hub repo for its weight source 'default': pass a local "
             "checkpoint with --model-path, or use --load-format dummy with a --preset")
-    return options.weight_sources[source]
+    return options.weight_sources.get(source, source)
 
 
 def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
