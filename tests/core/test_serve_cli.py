@@ -251,6 +251,9 @@ INVALID = {
     "model-kwargs": ("model: testvla\nmodel_kwargs: {colour: 1}\n", ["--preset", "tiny"], {},
                      ["model_kwargs: unknown model_kwargs ['colour']"]),
     "yaml-syntax": ("model: [testvla\n", [], {}, ["yaml (line"]),
+    "no-hub-repo": ("model: testvla\n", [], {},
+                    ["--model-path: the model names no hub repo for its weight source "
+                     "'default'"]),
     "no-preset-for-dummy": ("model: testvla\n", ["--load-format", "dummy"], {},
                             ["--preset: load_format 'dummy' needs a preset"]),
     "unknown-preset": ("model: testvla\n", ["--preset", "huge"], {},

@@ -318,3 +318,29 @@ def test_dummy_tp_shards_recombine_to_the_tp1_dummy() -> None:
     recombined = _recombine(shards)
     for name, value in full.named_parameters():
         assert torch.equal(recombined[name], value.detach()), name
+
+
+def test_a_models_dummy_adjustment_sees_full_tensors_and_is_sharded_after() -> None:
+    """`Model.adjust_dummy_weight` (the `adjust` hook) gets every parameter's full tensor on
+    every rank, with a generator seeded by (seed, name) that may draw more; what it returns
+    is what each rank shards, so TP layouts still hold the same weights."""
+    seen: dict[int, dict[str, tuple[int, ...]]] = {}
+
+    def adjusting(rank: int):
+        def adjust(name: str, full: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            seen.setdefault(rank, {})[name] = tuple(full.shape)
+            return full + torch.randn(full.shape, generator=gen)
+        return adjust
+
+    plain, full = TinyLM(), TinyLM()
+    init_dummy_weights(plain, seed=7)
+    init_dummy_weights(full, seed=7, adjust=adjusting(-1))
+    shards = [TinyLM(r, 2) for r in range(2)]
+    for r, shard in enumerate(shards):
+        init_dummy_weights(shard, seed=7, tp_rank=r, tp_size=2, adjust=adjusting(r))
+    assert seen[0] == seen[1] == seen[-1] == {
+        name: tuple(p.shape) for name, p in full.named_parameters()}
+    recombined = _recombine(shards)
+    for (name, value), before in zip(full.named_parameters(), plain.parameters()):
+        assert torch.equal(recombined[name], value.detach()), name
+        assert not torch.equal(value, before), name

@@ -3,10 +3,11 @@
 The LLM's tokens are scripted (a logits processor forces each next token), so the codes
 are known and may include what the authors' decoder skips (text tokens, the start of
 speech, a code in the wrong level band). The oracle is the reference's windowed algorithm
-run with the `snac` package on the same codes and weights (noise off on both sides):
-every chunk between the first and the flush equals its window's samples [2048:4096]; the
-first chunk holds frames 0-1 and the flush the last two frames, so the stream holds
-exactly 2048 samples per frame. Also: short utterances, concurrent requests sharing LM
+run with the `snac` package on the same codes and weights: every chunk between the first
+and the flush equals its window's samples [2048:4096]; the first chunk holds frames 0-1
+and the flush the last two frames, so the stream holds exactly 2048 samples per frame.
+Noise off on both sides, and on (the real codec's `noise: true`): then the package's
+decode of each window draws, block by block, the runtime's keyed noise of that window. Also: short utterances, concurrent requests sharing LM
 steps and codec batches, a cancelled request freeing its pages and its codec work."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from conftest import wait_for
 
 import mstar
 from mstar import events
+from mstar.engine.rng import key_seed
 from mstar.engine.sampler import register_logits_processor
 from mstar_orpheus.config import (
     AUDIO_TOKEN_BASE,
@@ -35,7 +37,7 @@ from mstar_orpheus.model import frame_levels
 
 pytestmark = pytest.mark.timeout(120)
 
-QUIET_SNAC = {**TINY_SNAC, "noise": False}  # the oracle cannot share our keyed noise
+QUIET_SNAC = {**TINY_SNAC, "noise": False}
 SAMPLES = 2048
 
 
@@ -125,6 +127,66 @@ def test_the_stream_matches_the_reference_windows(dep, oracle):
     assert torch.allclose(tail[SAMPLES:], oracle(frames[7:9])[SAMPLES:2 * SAMPLES], atol=1e-5)
     assert sum(c.numel() for c in chunks) == 9 * SAMPLES
     assert evs[-1].usage.completion_tokens == len(tokens_for(codes))
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory):
+    """A checkpoint whose codec adds noise (TINY_SNAC, as the real one, has `noise: true`),
+    served; and the `snac` package's model of the same files."""
+    snac = pytest.importorskip("snac")
+    from mstar_orpheus.checkpoint import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("orpheus-noisy") / "ckpt", seed=4)
+    assert json.loads((path / "snac" / "config.json").read_text())["noise"] is True
+    dep = mstar.load("orpheus", preset="tiny", model_path=str(path), max_seq_len=1024,
+                     kv_cache={"num_pages": 256})
+    yield dep, snac.SNAC.from_pretrained(str(path / "snac")).eval()
+    dep.close()
+
+
+def decode_with_keyed_noise(model, frames: torch.Tensor, seed: int,
+                            iteration: int) -> torch.Tensor:
+    """The package's decode of one window whose k-th NoiseBlock draws its `torch.randn`
+    from the global generator seeded as the runtime keys that block's noise (request seed,
+    child 0, site "snac_noise/k", the codec loop's iteration): the same noise, drawn by the
+    package's own code."""
+    blocks = [m for m in model.decoder.modules() if type(m).__name__ == "NoiseBlock"]
+    assert blocks
+
+    def seeding(k: int):
+        def hook(*_: object) -> None:
+            torch.manual_seed(key_seed(seed, 0, f"snac_noise/{k}", iteration))
+        return hook
+
+    hooks = [block.register_forward_pre_hook(seeding(k)) for k, block in enumerate(blocks)]
+    try:
+        with torch.inference_mode():
+            return model.decode(frame_levels(frames[None]))[0, 0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_with_noise_on_the_stream_matches_the_reference_windows(noisy):
+    dep, reference = noisy
+    codes = random_codes(9, seed=6)
+    chunks, _ = speak(dep, tokens_for(codes), "script-noisy", seed=77)
+    frames = torch.tensor(codes)
+    # the reference's windows, one per codec iteration: frames 0-3 keeping frames 0-1;
+    # then k-3..k keeping frame k-2; the flush: frames 6-8 keeping 7, 7-8 keeping 8
+    windows = ([(0, 4, slice(0, 2 * SAMPLES))]
+               + [(k - 3, k + 1, slice(SAMPLES, 2 * SAMPLES)) for k in range(4, 9)]
+               + [(6, 9, slice(SAMPLES, 2 * SAMPLES)), (7, 9, slice(SAMPLES, 2 * SAMPLES))])
+    assert len(chunks) == len(windows)
+    quiet = []
+    for iteration, ((start, end, keep), got) in enumerate(zip(windows, chunks)):
+        window = frames[start:end]
+        want = decode_with_keyed_noise(reference, window, 77, iteration)[keep]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=f"window {iteration}")
+        with torch.inference_mode():
+            quiet.append(reference.decode(frame_levels(window[None]))[0, 0][keep])
+    # the noise is there: the package's own draws (other noise) give other audio
+    assert (torch.cat(chunks) - torch.cat(quiet)).abs().max() > 0.01
 
 
 @pytest.mark.parametrize("n_frames", [1, 3])

@@ -21,7 +21,13 @@ from mstar.api_server.frontend import Frontend
 from mstar.communication.channel import InProcessHub
 from mstar.communication.transport import LocalStore, LocalTransport
 from mstar.conductor.conductor import Conductor
-from mstar.config import DeploymentConfig, load_config, placement, validate_for_model
+from mstar.config import (
+    DeploymentConfig,
+    load_config,
+    placement,
+    validate_for_model,
+    with_preset_cap,
+)
 from mstar.engine.kv_engine import KVEngine, StepRecord
 from mstar.engine.work import RequestError
 from mstar.model.contract import Model
@@ -234,6 +240,8 @@ def load(model: str, config: DeploymentConfig | Mapping[str, Any] | str | None =
                           weight_sources=dict(spec.weight_sources), cache_dir=cache_dir,
                           revision=revision, token=os.environ.get("HF_TOKEN"), seed=seed)
     instance = make_model(spec, deployment.model_kwargs, preset=preset, options=options)
+    deployment = with_preset_cap(deployment, instance, preset,
+                                 explicit="max_seq_len" in overrides)
     return LocalDeployment(spec, instance, deployment, options, device=device)
 
 

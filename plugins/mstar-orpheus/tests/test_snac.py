@@ -11,6 +11,7 @@ import pytest
 import snac
 import torch
 
+from mstar.streaming.chunker import StreamChunker, slice_emitted
 from mstar.weights import (
     WeightLoadError,
     checkpoint_files,
@@ -19,7 +20,14 @@ from mstar.weights import (
     read_checkpoint_config,
     resolve_source,
 )
-from mstar_orpheus.config import SAMPLES_PER_FRAME, TINY_SNAC, SnacConfig
+from mstar_orpheus.config import (
+    AUDIO_TOKEN_BASE,
+    CODEBOOK_SIZE,
+    SAMPLES_PER_FRAME,
+    TINY_SNAC,
+    SnacConfig,
+)
+from mstar_orpheus.model import STREAM_POLICY
 from mstar_orpheus.snac import SnacDecoder, snac_weight_spec, write_tiny_snac
 
 torch.set_num_threads(1)  # tests/conftest.py does not reach plugin test folders
@@ -97,28 +105,40 @@ def keyed_noise(seeds: list[int]) -> Callable[[tuple[int, ...]], torch.Tensor]:
 
 
 def reference_stream(reference: torch.nn.Module, frames: torch.Tensor,
-                     seeds: Iterator[int]) -> torch.Tensor:
-    """Orpheus' `tokens_decoder`: once 4 frames are in, each new frame decodes the last 4
-    and keeps samples [2048:4096] (one frame of left context, two of lookahead)."""
+                     seeds: Iterator[int]) -> list[torch.Tensor]:
+    """The reference windowing, written from Orpheus' `tokens_decoder`: once 4 frames are
+    in, each new frame decodes the last 4 with the package and keeps samples [2048:4096]
+    (one frame of left context, two of lookahead); the first window also gives its frame
+    0, samples [0:2048], which the reference drops and we keep (see `mstar_orpheus.model`).
+    One chunk per window, each window decoded alone after seeding the global RNG."""
     chunks = []
-    for end in range(4, frames.shape[1] + 1):
+    for end in range(4, frames.shape[0] + 1):
         torch.manual_seed(next(seeds))
-        audio = reference.decode(levels(frames[:, end - 4:end]))
-        chunks.append(audio[:, :, 2048:4096])
-    return torch.cat(chunks, dim=-1)
+        audio = reference.decode(levels(frames[None, end - 4:end]))[0, 0]
+        chunks.append(audio[:4096] if end == 4 else audio[2048:4096])
+    return chunks
 
 
 def test_streaming_windows_match_package(models) -> None:
+    """Our side untouched: the LM's tokens go through Orpheus' chunk policy (its frame
+    assembler, core's `StreamChunker`), our decoder decodes the ready windows in one batch
+    (row w with window w's noise) and core's `slice_emitted` keeps each window's frames."""
     reference, ours = models
-    frames = random_frames(7, batch=1, seed=7)
-    windows = torch.cat([frames[:, end - 4:end] for end in range(4, 8)])  # 4 windows, 1 call
+    frames = torch.randint(1, 4096, (7, 7), generator=torch.Generator().manual_seed(7))
+    tokens = AUDIO_TOKEN_BASE + CODEBOOK_SIZE * torch.arange(7) + frames  # position bands
+    chunker = StreamChunker(STREAM_POLICY)
+    chunker.push({"token_ids": tokens.reshape(-1)})
+    windows = list(iter(chunker.next_window, None))  # before the end: no flush windows
     seeds = [1000 + w for w in range(len(windows))]
     with torch.no_grad():
         want = reference_stream(reference, frames, iter(seeds))
-        audio = ours.decode(levels(windows), noise=keyed_noise(seeds))
-    got = torch.cat(list(audio[:, :, 2048:4096]), dim=-1).unsqueeze(0)
-    assert got.shape == want.shape == (1, 1, 4 * SAMPLES_PER_FRAME)
-    assert (got - want).abs().max() <= TOL
+        batch = torch.stack([w.units["token_ids"] for w in windows])
+        audio = ours.decode(levels(batch), noise=keyed_noise(seeds))
+    got = [slice_emitted(audio[i, 0], w) for i, w in enumerate(windows)]
+    assert [g.numel() for g in got] == [w.numel() for w in want] == [2 * SAMPLES_PER_FRAME] + [
+        SAMPLES_PER_FRAME] * 3
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() <= TOL
 
 
 def test_real_config_keys_map_both_ways() -> None:

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from mstar.config import ConfigError, DeploymentConfig, loader, parse_overrides, validate_for_model
+from mstar.config import (
+    ConfigError,
+    DeploymentConfig,
+    loader,
+    parse_overrides,
+    validate_for_model,
+    with_preset_cap,
+)
 from mstar.config.settings import ServerSettings, layered_settings
 from mstar.plugins import load_model_class, model_registry
 from mstar.plugins.registry import DuplicateNameError
@@ -223,8 +230,11 @@ def prepare(path_or_name: str | None, cli: Mapping[str, Any], overrides: Sequenc
         settings = layered_settings(cli, server_section, defaults)
     except ConfigError as exc:
         problems += exc.problems
+    explicit_len = False
     try:
-        config = _deployment(data, source, parse_overrides(overrides))
+        parsed = parse_overrides(overrides)
+        explicit_len = "max_seq_len" in parsed
+        config = _deployment(data, source, parsed)
     except ConfigError as exc:
         problems += exc.problems
     if config is not None and model is not None and config.model != model:
@@ -241,7 +251,10 @@ def prepare(path_or_name: str | None, cli: Mapping[str, Any], overrides: Sequenc
     if config.request_timeout is None:
         config = config.model_copy(update={"request_timeout": settings.timeout})
     try:
-        validate_for_model(config, model_for(config, settings))
+        model_instance = model_for(config, settings)
+        config = with_preset_cap(config, model_instance, settings.preset,
+                                 explicit=explicit_len)
+        validate_for_model(config, model_instance)
     except ConfigError as exc:
         raise ConfigError(exc.problems, source) from None
     return settings, config

@@ -3,7 +3,13 @@
 Importing this package imports no torch.
 """
 
-from mstar.config.deployment import DeploymentConfig, KVCacheConfig, NodeGroup, SchedulerConfig
+from mstar.config.deployment import (
+    DeploymentConfig,
+    KVCacheConfig,
+    NodeGroup,
+    SchedulerConfig,
+    with_preset_cap,
+)
 from mstar.config.loader import load_config, packaged_configs, parse_overrides
 from mstar.config.validate import (
     DTYPES,
@@ -28,4 +34,5 @@ __all__ = [
     "parse_overrides",
     "placement",
     "validate_for_model",
+    "with_preset_cap",
 ]

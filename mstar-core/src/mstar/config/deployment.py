@@ -7,9 +7,12 @@ walks and TP nodes before anything starts, giving one error per bad field.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from mstar.model.contract import Model
 
 
 class NodeGroup(BaseModel):
@@ -63,3 +66,15 @@ class DeploymentConfig(BaseModel):
     #: rank (an encoder-output cache keyed by the inputs' hash; 0: off).
     encoder_cache_bytes: int = Field(default=256 * 2**20, ge=0)
     request_timeout: float | None = Field(default=None, gt=0)
+
+
+def with_preset_cap(config: DeploymentConfig, model: Model, preset: str | None, *,
+                    explicit: bool) -> DeploymentConfig:
+    """`config` with `max_seq_len` at most the preset's cap (`Model.preset_max_seq_len`):
+    a tiny preset served from a packaged YAML written for the real model does not take
+    the real context length (and size its KV cache for it). A `max_seq_len` set
+    `explicit`ly (`--set`, `mstar.load(max_seq_len=...)`) always wins."""
+    cap = type(model).preset_max_seq_len.get(preset) if preset else None
+    if explicit or cap is None or config.max_seq_len <= cap:
+        return config
+    return config.model_copy(update={"max_seq_len": cap})

@@ -158,6 +158,11 @@ class Model:
     #: Preset name -> config field overrides. `tiny` (CPU tests) and `small` (CPU
     #: benchmarks) are expected of every model; real sizes may be presets too.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Preset name -> the longest sequence that preset is meant for: a deployment with the
+    #: preset gets min(config's `max_seq_len`, cap) unless `max_seq_len` is set explicitly
+    #: (`--set max_seq_len=`, `mstar.load(max_seq_len=)`), so a tiny model does not inherit
+    #: the real model's context length (and KV cache) from a packaged YAML.
+    preset_max_seq_len: ClassVar[dict[str, int]] = {}
 
     def __init__(self, config: Any):
         self.config = config
@@ -219,6 +224,16 @@ class Model:
     def weight_spec(self, node: str) -> WeightSpec:
         """Where the node's weights come from and how checkpoint keys map to parameters."""
         raise NotImplementedError
+
+    def adjust_dummy_weight(self, node: str, name: str, weight: torch.Tensor,
+                            generator: torch.Generator) -> torch.Tensor:
+        """Dummy weights (`--load-format dummy`) that show the model's kind of output: a
+        speech LM whose random tokens would never be audio codes can give its embedding and
+        head a structure that makes them so. `weight` is the full (unsharded) tensor of
+        parameter `name` of `node` as `mstar.weights.dummy` drew it (tied parameters once,
+        under their first name); `generator` is seeded by (seed, name) and may draw more.
+        The result is sharded and loaded. Default: unchanged."""
+        return weight
 
     def stateless_inputs(self, node: str) -> tuple[str, ...]:
         """Optional: inputs of a stateless node (default: those its GraphNodes name)."""

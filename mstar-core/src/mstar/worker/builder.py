@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from mstar.engine.stateless_engine import StatelessEngine
 from mstar.model.contract import BuildContext, Model
 from mstar.plugins.registry import ModelSpec
 from mstar.weights import (
+    WeightSourceError,
     checkpoint_files,
     init_dummy_weights,
     iter_checkpoint,
@@ -85,13 +87,19 @@ def _configured_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *
 def checkpoint_location(source: str, options: LoadOptions) -> str:
     """Where a weight source is: `--model-path` for the default one, and for another a
     subfolder of that path named after it when there is one (a local checkpoint of a model
-    whose codec ships in its own repo: `<model path>/snac`), else the source's repo."""
+    whose codec ships in its own repo: `<model path>/snac`), else the source's repo (a
+    source not among the model's weight sources is itself a repo id or path, except
+    "default": a model that names no main checkpoint has none to fetch, which is said)."""
     if options.model_path:
         if source == "default":
             return options.model_path
         inside = Path(options.model_path) / source
         if inside.is_dir():
             return str(inside)
+    if source == "default" and source not in options.weight_sources:
+        raise WeightSourceError(
+            "the model names no hub repo for its weight source 'default': pass a local "
+            "checkpoint with --model-path, or use --load-format dummy with a --preset")
     return options.weight_sources.get(source, source)
 
 
@@ -106,7 +114,8 @@ def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
                        tp_group=tp_group if tp_size > 1 else None)
     module = model.build_submodule(node, ctx).to(device=device, dtype=dtype)
     if options.load_format == "dummy":
-        init_dummy_weights(module, seed=options.seed, tp_rank=tp_rank, tp_size=tp_size)
+        init_dummy_weights(module, seed=options.seed, tp_rank=tp_rank, tp_size=tp_size,
+                           adjust=functools.partial(model.adjust_dummy_weight, node))
     elif options.load_format == "auto":
         ws = model.weight_spec(node)
         path = resolve_source(checkpoint_location(ws.source, options), patterns=ws.patterns,

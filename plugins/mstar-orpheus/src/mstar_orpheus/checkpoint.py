@@ -8,7 +8,8 @@
 - `tokenizer.json` + `tokenizer_config.json`: a byte-level BPE trained in milliseconds on a
   few sentences, whose special tokens carry their real ids (`<|begin_of_text|>` 128000,
   `<|eot_id|>` 128009, `<custom_token_N>` 128256 + N), so prompts have real ids.
-- `snac/`: the codec, by `mstar_orpheus.snac.write_tiny_snac`.
+- `snac/`: the codec, by `mstar_orpheus.snac.write_tiny_snac` (needs the `snac` package:
+  `pip install 'mstar-orpheus[checkpoint]'`).
 """
 
 from __future__ import annotations
@@ -16,22 +17,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from mstar_orpheus.config import (
-    AUDIO_TOKEN_BASE,
-    CODEBOOK_SIZE,
-    CODES_PER_FRAME,
-    CUSTOM_TOKEN_BASE,
-    END_OF_TEXT,
-    PRESETS,
-    START_OF_SPEECH,
-    OrpheusConfig,
-)
+from mstar_orpheus.config import CUSTOM_TOKEN_BASE, END_OF_TEXT, PRESETS, OrpheusConfig
+from mstar_orpheus.speaking import speaking_weight
 
 #: Llama-3's special tokens that Orpheus prompts and tokenizer configs name.
 LLAMA3_SPECIALS = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001,
@@ -146,51 +142,48 @@ def write_tokenizer(directory: str | Path) -> Path:
     return out
 
 
-def write_tiny_checkpoint(directory: str | Path, preset: str = "tiny", seed: int = 0,
-                          **overrides: Any) -> Path:
-    """The whole checkpoint of `preset` (config fields replaced by `overrides`) in
-    `directory`: LM, tokenizer and `snac/`; returns the directory."""
+def write_tiny_checkpoint(directory: str | Path, preset: str = "tiny", seed: int = 0, *,
+                          speaking: bool = False, **overrides: Any) -> Path:
+    """The whole checkpoint of `preset` (config fields replaced by `overrides`) at
+    `directory`: LM, tokenizer and `snac/`, the LM made to speak (`make_it_speak`) when
+    `speaking`; returns the directory. Written into a temporary sibling renamed at the end,
+    so a failure leaves nothing at `directory` (which must not exist, or be empty)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
     config = dataclasses.replace(OrpheusConfig(**PRESETS[preset]), **overrides)
-    out = write_tokenizer(write_lm(directory, config, seed))
-    from mstar_orpheus.snac import write_tiny_snac
+    out = Path(directory)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory: remove it or "
+                              "choose another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        write_tokenizer(write_lm(work, config, seed))
+        from mstar_orpheus.snac import write_tiny_snac
 
-    write_tiny_snac(out / "snac", config.snac, seed)
+        write_tiny_snac(work / "snac", config.snac, seed)
+        if speaking:
+            make_it_speak(work, seed)
+        work.chmod(0o755)  # mkdtemp makes it private; a checkpoint is not
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return out
 
 
 def make_it_speak(directory: str | Path, seed: int = 0) -> None:
-    """Give an untied LM checkpoint a band structure so that, random as it is, every token
-    it samples is an audio code of the right frame position: each audio token's embedding
-    names its position, the head points each position to the next one's band (start of
-    speech to position 0), and the layers' output projections are zero, so the residual
-    stream carries the embedding while every forward costs what it costs. For tests and
-    benchmarks of the serving path (frames stream, windows decode) with random weights."""
+    """Lay `mstar_orpheus.speaking`'s structure over the LM of a checkpoint (tied or not),
+    so that, random as it is, every token it samples is an audio code of the right frame
+    position. For tests and benchmarks of the serving path (frames stream, windows
+    decode) with random weights; `--load-format dummy` does the same to dummy weights."""
     from safetensors.torch import load_file
 
     path = Path(directory) / "model.safetensors"
-    state = load_file(str(path))
-    if "lm_head.weight" not in state:
-        raise ValueError("make_it_speak needs an untied checkpoint (tie_word_embeddings=False)")
-    embed, head = state["model.embed_tokens.weight"], state["lm_head.weight"]
     gen = torch.Generator().manual_seed(seed)
-    embed[AUDIO_TOKEN_BASE:] = 0.0
-    for position in range(CODES_PER_FRAME):
-        band = slice(AUDIO_TOKEN_BASE + position * CODEBOOK_SIZE,
-                     AUDIO_TOKEN_BASE + (position + 1) * CODEBOOK_SIZE)
-        embed[band, position] = 1.0
-        following = (position + 1) % CODES_PER_FRAME
-        nxt = slice(AUDIO_TOKEN_BASE + following * CODEBOOK_SIZE,
-                    AUDIO_TOKEN_BASE + (following + 1) * CODEBOOK_SIZE)
-        head[nxt] = 0.05 * torch.randn(CODEBOOK_SIZE, head.shape[1], generator=gen)
-        head[nxt, position] = 1.0
-    embed[START_OF_SPEECH] = 0.0
-    embed[START_OF_SPEECH, CODES_PER_FRAME - 1] = 1.0
-    for name in state:
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            state[name] = torch.zeros_like(state[name])
-    save_file(state, str(path))
+    state = {name: speaking_weight(name, tensor, gen).contiguous()
+             for name, tensor in load_file(str(path)).items()}
+    save_file(state, str(path), metadata={"format": "pt"})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,16 +196,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speaking", action="store_true",
-                        help="untied, with make_it_speak: every sampled token an audio code")
+                        help="make_it_speak: every token the LM samples is an audio code")
     args = parser.parse_args(argv)
-    overrides = {"tie_word_embeddings": False} if args.speaking else {}
-    out = write_tiny_checkpoint(args.directory, preset=args.preset, seed=args.seed,
-                                **overrides)
-    if args.speaking:
-        make_it_speak(out, args.seed)
+    try:
+        out = write_tiny_checkpoint(args.directory, preset=args.preset, seed=args.seed,
+                                    speaking=args.speaking)
+    except (ImportError, OSError) as err:
+        parser.exit(1, f"error: {err}\n")
     print(out)
 
 
 if __name__ == "__main__":
     main()
-

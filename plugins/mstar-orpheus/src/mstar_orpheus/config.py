@@ -85,3 +85,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                   snac=SnacConfig(**{**TINY_SNAC, "decoder_dim": 64})),
     "3b": {},
 }
+#: The small presets' context: their packaged YAMLs carry the real model's 131072 tokens.
+#: A tiny Orpheus speaks its default 1200 tokens within 2048.
+PRESET_MAX_SEQ_LEN = {"tiny": 2048, "small": 4096}

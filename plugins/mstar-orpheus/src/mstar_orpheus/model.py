@@ -59,6 +59,7 @@ from mstar_orpheus.config import (
     CUSTOM_TOKEN_BASE,
     DEFAULT_VOICE,
     END_OF_SPEECH,
+    PRESET_MAX_SEQ_LEN,
     PRESETS,
     PROMPT_END,
     SAMPLES_PER_FRAME,
@@ -190,6 +191,7 @@ class Orpheus(Model):
 
     config_class = OrpheusConfig
     presets = PRESETS
+    preset_max_seq_len: ClassVar[dict[str, int]] = PRESET_MAX_SEQ_LEN
     config: OrpheusConfig
     host_files: ClassVar[tuple[str, ...]] = ("tokenizer.json", "tokenizer_config.json",
                                              "special_tokens_map.json")
@@ -262,6 +264,19 @@ class Orpheus(Model):
                           for pattern, target in spec.key_map)
             return dataclasses.replace(spec, key_map=(*rules, (r"(.*)", r"decoder.\1")))
         raise ValueError(f"unknown orpheus node {node!r}; nodes: LLM, snac_decoder")
+
+    def adjust_dummy_weight(self, node: str, name: str, weight: torch.Tensor,
+                            generator: torch.Generator) -> torch.Tensor:
+        """Dummy Orpheus speaks: the LM samples audio codes only (`speaking`) and the codec
+        turns them into audible noise (`audible_value`; generic dummy gains are near
+        silent)."""
+        if node == "LLM":
+            from mstar_orpheus.speaking import speaking_weight
+
+            return speaking_weight(name, weight, generator)
+        from mstar_orpheus.snac import audible_value
+
+        return audible_value(name, weight.shape, generator).to(weight.dtype)
 
     # -- tokenizer -------------------------------------------------------------------------
     def use_checkpoint_files(self, directory: Path | None) -> None:

@@ -244,28 +244,35 @@ def snac_weight_spec() -> WeightSpec:
     )
 
 
+def audible_value(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """A random value for SNAC parameter `name` (the package's names or ours) under which a
+    random codec is audible: the gains (g) make the output depend on the codes while its
+    tanh stays mostly unsaturated (larger ones saturate it, smaller ones, such as generic
+    dummy weights, leave only the biases' near-silent output)."""
+    if name.endswith("alpha"):
+        return 0.5 + torch.rand(shape, generator=generator)
+    if name.endswith(("original0", "weight_g")):
+        return 0.5 + 0.4 * torch.rand(shape, generator=generator)
+    if name.endswith("bias"):
+        return 0.01 * torch.randn(shape, generator=generator)
+    return torch.randn(shape, generator=generator)  # v and codebooks
+
+
 def write_tiny_snac(directory: Path, config: SnacConfig, seed: int = 0) -> None:
     """Write a checkpoint of the reference `snac.SNAC(**config)` in the hub's layout
-    (`pytorch_model.bin` + `config.json`) with seeded random weights. Every parameter is
-    drawn (codebooks, g and v, biases, Snake's α), so no default init hides a mistake; the
-    gains (g) are chosen so the output depends on the codes and its tanh stays mostly
-    unsaturated (larger ones saturate it, smaller ones leave only the biases' output)."""
-    import snac  # the oracle; a test dependency only
+    (`pytorch_model.bin` + `config.json`) with seeded random weights (`audible_value`).
+    Every parameter is drawn (codebooks, g and v, biases, Snake's α), so no default init
+    hides a mistake. Needs the `snac` package (`pip install 'mstar-orpheus[checkpoint]'`)."""
+    try:
+        import snac  # the reference, for the hub's keys; not a runtime dependency
+    except ImportError as err:
+        raise ImportError("writing a SNAC checkpoint needs the snac package: "
+                          "pip install 'mstar-orpheus[checkpoint]'") from err
 
     model = snac.SNAC(**asdict(config))
     gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, value in model.state_dict().items():
-        if name.endswith("alpha"):
-            drawn = 0.5 + torch.rand(value.shape, generator=gen)
-        elif name.endswith("original0"):
-            drawn = 0.5 + 0.4 * torch.rand(value.shape, generator=gen)
-        elif name.endswith("bias"):
-            drawn = 0.01 * torch.randn(value.shape, generator=gen)
-        else:  # v and codebooks
-            drawn = torch.randn(value.shape, generator=gen)
-        state[name] = drawn.to(value.dtype)
-    model.load_state_dict(state)
+    model.load_state_dict({name: audible_value(name, value.shape, gen).to(value.dtype)
+                           for name, value in model.state_dict().items()})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / "pytorch_model.bin")
