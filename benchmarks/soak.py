@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import io
 import json
 import math
 import random
@@ -41,6 +43,7 @@ from typing import Any
 
 import httpx
 from bench_serving import launch
+from PIL import Image
 
 from mstar.communication.shm import segments_in_use
 
@@ -99,6 +102,20 @@ def chat_body(rng: random.Random, model: str, **extra: Any) -> dict[str, Any]:
 
 def chat(rng: random.Random, model: str) -> Call:
     return Call("/v1/chat/completions", chat_body(rng, model), "json")
+
+
+def chat_image(rng: random.Random, model: str) -> Call:
+    """A chat with a small PNG of random pixels as a data URL (media decode, the encoder)."""
+    side = rng.randint(4, 32)
+    img = Image.frombytes("RGB", (side, side), rng.randbytes(3 * side * side))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}},
+               {"type": "text", "text": words(rng, 1, 8)}]
+    return Call("/v1/chat/completions", {**chat_body(rng, model),
+                                         "messages": [{"role": "user", "content": content}]},
+                "json")
 
 
 def chat_stream(rng: random.Random, model: str) -> Call:
@@ -224,6 +241,7 @@ class Kind:
 
 KINDS = {k.name: k for k in (
     Kind("chat", chat, ("testvla",)),
+    Kind("chat_image", chat_image, ("testvla",), weight=0.5),
     Kind("chat_stream", chat_stream, ("testvla",)),
     Kind("completion", completion, ("testvla",)),
     Kind("generate", generate, ("testvla",)),
@@ -346,7 +364,7 @@ async def client(http: httpx.AsyncClient, target: Target, rng: random.Random, en
         target.results.append(Result(target.model, kind.name, outcome,
                                      time.perf_counter() - start, call, detail))
         if outcome == "429":
-            await asyncio.sleep(rng.uniform(0.05, 0.3))
+            await asyncio.sleep(rng.uniform(0.1, 0.5))
 
 
 async def metrics(http: httpx.AsyncClient) -> dict[str, float]:
