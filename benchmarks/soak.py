@@ -146,13 +146,16 @@ def disconnect(rng: random.Random, model: str) -> Call:
 
 
 def n_choices(rng: random.Random, model: str) -> Call:
-    """n > 1 forks; long enough (`ignore_eos`) to press on a small KV cache."""
+    """n > 1 forks, long enough (`ignore_eos`) that two of them overflow the small KV cache
+    the soak gives testvla, while one alone always fits (short prompts: < 8 pages a child)."""
     n, stream = rng.randint(2, 4), rng.random() < 0.5
-    extra = {"n": n, "ignore_eos": True, "stream": stream, **sampling(rng, 16, 64)}
+    extra = {"n": n, "ignore_eos": True, "stream": stream, **sampling(rng, 16, 48)}
+    text = words(rng, 1, 6)
     if rng.random() < 0.5:
-        return Call("/v1/chat/completions", chat_body(rng, model, **extra),
-                    "sse" if stream else "json", n=n)
-    return Call("/v1/completions", {"model": model, "prompt": words(rng, 1, 16), **extra},
+        body = {**chat_body(rng, model, **extra),
+                "messages": [{"role": "user", "content": text}]}
+        return Call("/v1/chat/completions", body, "sse" if stream else "json", n=n)
+    return Call("/v1/completions", {"model": model, "prompt": text, **extra},
                 "sse" if stream else "json", n=n)
 
 
@@ -228,8 +231,8 @@ REFUSED = frozenset({"400", "404", "413", "429"})
 @dataclass(frozen=True)
 class Kind:
     """A kind of request: how to make one, for which models, the outcomes that are not
-    failures, its share of the mix, and (`pending`) the known bug that keeps it out of the
-    default mix until its fix lands (`--kinds` or `--with-pending` turns it on)."""
+    failures, its share of the mix, and (`pending`) why it is left out of the
+    default mix (`--kinds` or `--with-pending` turns it on)."""
 
     name: str
     make: Make
@@ -246,12 +249,13 @@ KINDS = {k.name: k for k in (
     Kind("completion", completion, ("testvla",)),
     Kind("generate", generate, ("testvla",)),
     Kind("disconnect", disconnect, ("testvla",), DROPPED),
-    Kind("n", n_choices, ("testvla",)),
+    Kind("n", n_choices, ("testvla",), weight=2.0),
     Kind("speech", speech, MODELS, weight=2.0),
     Kind("speech_drop", speech_drop, ("orpheus",), DROPPED),
     Kind("speech_default", speech_default, ("orpheus",), weight=0.5,
-         pending="the streaming-edge deadlock: rows the UnitAssembler drops are never "
-                 "credited, so a dummy Orpheus speaking to its default max_tokens hangs"),
+         pending="up to 1200 tokens each (minutes on a loaded CPU: not for the 20 s run); "
+                 "and until the streaming-edge fix lands (rows the UnitAssembler drops are "
+                 "never credited) a dummy Orpheus deadlocks on it"),
     Kind("bad", bad, MODELS, REFUSED),
     Kind("bad_deep_json", bad_deep_json, MODELS, REFUSED, weight=0.3),
 )}
@@ -516,8 +520,9 @@ def report(targets: list[Target], finals: list[dict[str, Any]], wall: float) -> 
               f"{'not checked' if shm is None else shm}; the server counted {counted}")
     failed = failures_of(targets, finals)
     if failed:
-        print("\nfailed requests (kind, body, answer):")
-        print_examples(results, kinds)
+        if any(r.outcome not in kinds[r.kind].expected for r in results):
+            print("\nfailed requests (kind, body, answer):")
+            print_examples(results, kinds)
         print("\nFAILED:\n  " + "\n  ".join(failed))
     else:
         print("\nOK: no hangs, no 5xx, every gauge back to 0")
@@ -545,7 +550,7 @@ def deployment_id(sockets: Path) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     pending = "; ".join(f"{k.name}: {k.pending}" for k in KINDS.values() if k.pending)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=f"Kinds off by default (known bugs): {pending}")
+                                epilog=f"Kinds off by default: {pending}")
     p.add_argument("--model", choices=(*MODELS, "both"), default="both")
     p.add_argument("--duration", type=float, default=60.0,
                    help="seconds the clients send new requests")
@@ -561,9 +566,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kinds", default="",
                    help=f"comma-separated kinds (default: all but pending); {sorted(KINDS)}")
     p.add_argument("--with-pending", action="store_true",
-                   help="also the kinds that hit known, not yet fixed bugs")
+                   help="also the kinds left out by default (see below)")
     p.add_argument("--kv-pages", type=int, default=32,
-                   help="testvla's kv_cache.num_pages: small, so that n > 1 presses on it")
+                   help="testvla's kv_cache.num_pages (16 tokens a page): every request "
+                        "of the mix fits alone, two long n > 1 requests do not")
     p.add_argument("--url", help="soak a running server (one --model) instead of starting one")
     p.add_argument("--deployment-id", help="with --url: its id, to check its /dev/shm segments")
     p.add_argument("--seed", type=int, default=0)
