@@ -205,11 +205,10 @@ def bad(rng: random.Random, model: str) -> Call:
         ("/v1/audio/speech", {"model": model, "input": prompt, "speed": 10}),
         ("/v1/audio/speech", {"model": model, "voice": "tara"}),
     ]
-    if model == "orpheus":
-        common += [("/v1/audio/speech", {"model": model, "input": prompt,
-                                         "voice": "nobody"}),
-                   ("/v1/audio/speech", {"model": model, "input": prompt,
-                                         "instructions": "whisper"})]
+    if model == "orpheus":  # no chat or completions routes: what it serves
+        common = [(path, body) for path, body in common if not path.startswith("/v1/c")] + [
+            ("/v1/audio/speech", {"model": model, "input": prompt, "voice": "nobody"}),
+            ("/v1/audio/speech", {"model": model, "input": prompt, "instructions": "whisper"})]
     path, body = rng.choice(common)
     return Call(path, body, "json")
 
@@ -217,10 +216,11 @@ def bad(rng: random.Random, model: str) -> Call:
 def bad_deep_json(rng: random.Random, model: str) -> Call:
     """A body nested thousands deep: refused like any bad body, not a crash."""
     depth = rng.randint(2000, 20000)
-    path, base = rng.choice((("/v1/chat/completions", json.dumps(chat_body(rng, model))),
-                             ("/generate", json.dumps({"prompt": words(rng, 1, 4)}))))
-    return Call(path, (base[:-1] + ', "x": ' + "[" * depth + "]" * depth + "}").encode(),
-                "json")
+    route = (("/v1/chat/completions", chat_body(rng, model)) if model == "testvla" else
+             ("/v1/audio/speech", speech_body(rng, model)))
+    path, body = rng.choice((route, ("/generate", {"prompt": words(rng, 1, 4)})))
+    text = json.dumps(body)[:-1] + ', "x": ' + "[" * depth + "]" * depth + "}"
+    return Call(path, text.encode(), "json")
 
 
 OK = frozenset({"200", "429"})
@@ -275,8 +275,9 @@ class Result:
     detail: str = ""
 
 
-async def perform(http: httpx.AsyncClient, call: Call) -> tuple[str, str]:
-    """Send `call` and read its answer: (outcome, detail for a report)."""
+async def perform(http: httpx.AsyncClient, call: Call, received: list[int]) -> tuple[str, str]:
+    """Send `call` and read its answer: (outcome, detail for a report). `received[0]`
+    counts the frames or audio chunks read so far (what a hang had got)."""
     content = call.body if isinstance(call.body, bytes) else json.dumps(call.body).encode()
     async with http.stream("POST", call.path, content=content,
                            headers={"content-type": "application/json"}) as response:
@@ -285,13 +286,12 @@ async def perform(http: httpx.AsyncClient, call: Call) -> tuple[str, str]:
         if call.read == "json":
             return check_json(call, json.loads(await response.aread()))
         if call.read == "audio" or (call.read == "drop" and call.path.endswith("/speech")):
-            chunks = 0
             async for chunk in response.aiter_bytes():
-                chunks += bool(chunk)
-                if call.read == "drop" and chunks >= call.drop_after:
+                received[0] += bool(chunk)
+                if call.read == "drop" and received[0] >= call.drop_after:
                     return DISCONNECT, ""
-            return ("200", "") if chunks else ("malformed", "an empty audio file")
-        return await read_sse(call, response)
+            return ("200", "") if received[0] else ("malformed", "an empty audio file")
+        return await read_sse(call, response, received)
 
 
 def check_json(call: Call, answer: Any) -> tuple[str, str]:
@@ -305,10 +305,11 @@ def check_json(call: Call, answer: Any) -> tuple[str, str]:
     return ("200", "") if ok else ("malformed", json.dumps(answer)[:300])
 
 
-async def read_sse(call: Call, response: httpx.Response) -> tuple[str, str]:
+async def read_sse(call: Call, response: httpx.Response,
+                   received: list[int]) -> tuple[str, str]:
     """An SSE answer to its end (`[DONE]`, or the speech route's `speech.audio.done`); an
     error frame is the outcome "stream <its code>"; a "drop" call leaves after its frames."""
-    frames, indices = 0, set()
+    indices = set()
     async for line in response.aiter_lines():
         if not line.startswith("data: "):
             continue
@@ -322,11 +323,11 @@ async def read_sse(call: Call, response: httpx.Response) -> tuple[str, str]:
         if frame.get("type") == "speech.audio.done":
             break
         indices.update(c.get("index") for c in frame.get("choices") or ())
-        frames += 1
-        if call.read == "drop" and frames >= call.drop_after:
+        received[0] += 1
+        if call.read == "drop" and received[0] >= call.drop_after:
             return DISCONNECT, ""
     else:
-        return "malformed", f"the stream ended after {frames} frames without its end"
+        return "malformed", f"the stream ended after {received[0]} frames without its end"
     if call.n > 1 and len(indices) != call.n:
         return "malformed", f"choices {sorted(indices)} of n={call.n}"
     return "200", ""
@@ -358,11 +359,12 @@ async def client(http: httpx.AsyncClient, target: Target, rng: random.Random, en
         budget[0] -= 1
         kind = rng.choices(target.kinds, weights)[0]
         call = kind.make(rng, target.model)
-        start = time.perf_counter()
+        start, received = time.perf_counter(), [0]
         try:
-            outcome, detail = await asyncio.wait_for(perform(http, call), deadline)
+            outcome, detail = await asyncio.wait_for(perform(http, call, received), deadline)
         except TimeoutError:
-            outcome, detail = HANG, f"still open after {deadline:.0f} s"
+            outcome, detail = HANG, (f"still open after {deadline:g} s, {received[0]} frames "
+                                     "or audio chunks received")
         except httpx.TransportError as exc:
             outcome, detail = "cut", repr(exc)
         target.results.append(Result(target.model, kind.name, outcome,
