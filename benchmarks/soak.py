@@ -1,5 +1,5 @@
 """A soak of `mstar-serve`: a seeded mix of chat, completions, native `/generate`, streams
-the client drops half way, `n > 1`, speech and bad requests, from 2 x
+the client drops part way, `n > 1`, speech and bad requests, from 2 x
 `max_concurrent_requests` clients per server for a bounded time against the tiny dummy
 models; then it checks that nothing hung or failed and that the servers let go of
 everything they held.
@@ -564,8 +564,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=60.0,
                    help="seconds the clients send new requests")
     p.add_argument("--max-concurrent-requests", type=int, default=4,
-                   help="each server's limit (--set when the soak starts it); clients per "
-                        "server are twice it")
+                   help="each server's limit (--set when the soak starts it; with --url "
+                        "give the running server's); clients per server are twice it")
     p.add_argument("--max-requests", type=int, default=20_000,
                    help="requests per server at most")
     p.add_argument("--deadline", type=float, default=120.0,
