@@ -125,6 +125,7 @@ class Server:
 
     url: str
     pids: dict[str, int]  # "api server", "conductor", "data_worker:0", "worker:0", ...
+    sockets: Path  # its --socket-path-prefix (the deployment's directory is d<id> in it)
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds per process so far, the client (this process) included."""
@@ -140,14 +141,15 @@ def launch(options: Sequence[str], tmp: Path, port: int = 0) -> Iterator[Server]
     and removes its sockets and shared memory). Shared by the serving benchmarks."""
     port = port or free_port()
     log_path = tmp / f"server-{port}.log"
+    sockets = tmp / f"sockets-{port}"
     cmd = [sys.executable, "-c", SERVE, *options, "--host", "127.0.0.1", "--port", str(port),
-           "--socket-path-prefix", str(tmp / f"sockets-{port}")]
+           "--socket-path-prefix", str(sockets)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, url, log_path, timeout=300)
-        yield Server(url, {"api server": proc.pid, **child_roles(proc.pid)})
+        yield Server(url, {"api server": proc.pid, **child_roles(proc.pid)}, sockets)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
