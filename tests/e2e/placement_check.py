@@ -50,16 +50,17 @@ def check_placement(server: Server, config_name: str, *, prefill_walks: set[str]
                                              "node", "walk").items():
         if count > 0:
             ran[(walk, node)].add(rank)
-    assert dict(ran) == {key: set(p.ranks) for key, p in placed.nodes.items()}
+    want = {key: set(p.ranks) for key, p in placed.nodes.items()}
+    assert dict(ran) == want, f"(walk, node) -> ranks that ran it: {dict(ran)}; placed: {want}"
 
     held = by_rank(server, "mstar_node_parameters_bytes", "node")
     split = by_rank(server, "mstar_node_sharded_parameters_bytes", "node")
     for rank in placed.ranks():
         on_rank = placed.nodes_on(rank)
-        assert {n for r, n in held if r == rank} == set(on_rank), f"rank {rank}"
+        assert {n for r, n in held if r == rank} == set(on_rank), (rank, held)
         for node, p in on_rank.items():
             whole, whole_split = single_rank_bytes[node]
-            assert split[(rank, node)] * p.tp_size == whole_split, (rank, node)
+            assert split[(rank, node)] * p.tp_size == whole_split, (rank, node, split, whole_split)
             assert whole_split > 0 or p.tp_size == 1, (rank, node)
             assert held[(rank, node)] - split[(rank, node)] == whole - whole_split, (rank, node)
 
@@ -68,13 +69,14 @@ def check_placement(server: Server, config_name: str, *, prefill_walks: set[str]
     for node, kind in engine_types.items():
         if kind != "kv_cache":
             continue
-        prefill_ranks = {r for (walk, n), p in placed.nodes.items()
+        prefill_ranks = {r for (walk, _), p in placed.nodes.items()
                          if p.module == node and walk in prefill_walks
                          for r in p.ranks}
         assert prefill_ranks, node
         for rank in {r for r, n in held if n == node}:
             if rank in prefill_ranks:
-                assert computed[(rank, node)] > 0 and imported[(rank, node)] == 0, (rank, node)
+                assert computed[(rank, node)] > 0 and imported[(rank, node)] == 0, \
+                    (rank, node, computed, imported)
             else:
-                assert computed[(rank, node)] == 0, (rank, node)
-                assert imported[(rank, node)] > 0, (rank, node)
+                assert computed[(rank, node)] == 0 < imported[(rank, node)], \
+                    (rank, node, computed, imported)
