@@ -191,6 +191,11 @@ def test_sequences_migrate_between_two_workers(tiny_ckpt):
             go.append(run(dst, [go[-1]]))
         assert stay == go
         assert {m.state.key.label for m in moved} == {"main", "uncond"}
+        # the destination computed no prompt: it imported the 20 + 10 tokens' K/V
+        assert dst.counters["prompt_tokens_computed"] == 0
+        assert dst.counters["kv_tokens_imported"] == 20 + 10
+        assert src.counters["prompt_tokens_computed"] == 20
+        assert src.invocations == {("LLM", ""): 7} and dst.invocations == {("LLM", ""): 6}
         src.release("r")
         dst.release("r")
         assert src.pages_in_use() == 0 and dst.pages_in_use() == 0

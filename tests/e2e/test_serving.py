@@ -85,7 +85,8 @@ def single_rank_bytes(tiny_ckpt) -> dict[str, tuple[int, int]]:
 ])
 def test_every_layout_gives_the_same_outputs(tmp_path, tiny_ckpt, expected, single_rank_bytes,
                                              config, protocol):
-    """...with each rank running and holding what the YAML places on it (from /metrics)."""
+    """The in-process outputs, with each rank running and holding exactly what the
+    layout's YAML places on it (from /metrics)."""
     server = Server(tmp_path, "--config", config, "--model-path", str(tiny_ckpt),
                     "--tensor-comm-protocol", protocol)
     try:
