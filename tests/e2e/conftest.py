@@ -83,3 +83,13 @@ def image(seed: int, h: int = 8, w: int = 8) -> list:
 def frame(seed: int) -> list:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(4, 8, generator=g).tolist()
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` in a Prometheus text exposition whose labels
+    include `labels` (0 when there are none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())

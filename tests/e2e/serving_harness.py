@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 SERVE = "import sys; from mstar.cli.serve import serve_main; sys.exit(serve_main())"
 
@@ -104,6 +105,24 @@ class Server:
         if default is None:
             raise KeyError(name)
         return default
+
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Every sample of metric `name` on `/metrics`, with its labels."""
+        text = self.client.get("/metrics").text
+        return [(s.labels, s.value) for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == name]
+
+    def wait_reported(self, timeout: float = 30) -> None:
+        """Wait until every rank has reported counters read after this call, so `/metrics`
+        counts all the work of the requests that ended before it."""
+        since = time.time()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            reports = self.samples("mstar_worker_report_timestamp_seconds")
+            if reports and all(at > since for _, at in reports):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the workers did not report in {timeout} s")
 
     def wait_idle(self, timeout: float = 10) -> None:
         """Every request ended and every KV page free again (from /metrics)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 
 import httpx
 import openai
@@ -292,18 +291,18 @@ def test_repeated_images_and_system_prompts_hit_the_caches(server, client):
                 {"type": "image_url", "image_url": {"url": png_data_url((7, 7, 7))}},
                 {"type": "text", "text": question}]}])
 
-    def counter(name: str) -> float:
-        return server.metric(name, 0.0)
+    def counter(name: str, node: str) -> float:
+        return sum(value for labels, value in server.samples(name) if labels["node"] == node)
 
-    time.sleep(0.6)  # the workers report their counters every 0.25 s: earlier tests' in
-    encoded = counter('mstar_node_invocations_total{node="vision_encoder"}')
-    hits = counter('mstar_encoder_cache_hits_total{node="vision_encoder"}')
-    reused = counter('mstar_prefix_cache_hit_tokens_total{node="LLM"}')
+    server.wait_reported()  # earlier tests' work is counted
+    encoded = counter("mstar_node_invocations_total", "vision_encoder")
+    hits = counter("mstar_encoder_cache_hits_total", "vision_encoder")
+    reused = counter("mstar_prefix_cache_hit_tokens_total", "LLM")
     first, second = ask("what?"), ask("what?")
-    time.sleep(0.6)  # the workers report their counters every 0.25 s
-    assert counter('mstar_node_invocations_total{node="vision_encoder"}') == encoded + 1
-    assert counter('mstar_encoder_cache_hits_total{node="vision_encoder"}') == hits + 1
-    reused = counter('mstar_prefix_cache_hit_tokens_total{node="LLM"}') - reused
+    server.wait_reported()
+    assert counter("mstar_node_invocations_total", "vision_encoder") == encoded + 1
+    assert counter("mstar_encoder_cache_hits_total", "vision_encoder") == hits + 1
+    reused = counter("mstar_prefix_cache_hit_tokens_total", "LLM") - reused
     before_image = 1 + len(f"system: {system}\nuser: ")
     assert before_image // 16 * 16 <= reused < second.usage.prompt_tokens  # last token runs
     assert second.choices[0].message.content == first.choices[0].message.content

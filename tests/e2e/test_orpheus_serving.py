@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import openai
 import pytest
 import soundfile
+from placement_check import check_placement
 from serving_harness import Server
 
 import mstar
@@ -34,15 +36,25 @@ def speaking_ckpt(tmp_path_factory):
     return path
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The in-process co-located run: its audio, and each node's (all, tensor-parallel
+    split) parameter bytes built whole on one rank."""
+
+    audio: np.ndarray
+    parameter_bytes: dict[str, tuple[int, int]]
+
+
 @pytest.fixture(scope="module")
-def expected(speaking_ckpt) -> np.ndarray:
+def expected(speaking_ckpt) -> Reference:
     dep = mstar.load("orpheus", model_path=str(speaking_ckpt), max_seq_len=1024)
     try:
         evs = list(dep.generate(REQUEST))
+        held = dict(dep.workers[0].parameter_bytes)
     finally:
         dep.close()
     audio = [e.samples.to_tensor().numpy() for e in evs if isinstance(e, events.AudioChunk)]
-    return np.concatenate(audio)
+    return Reference(np.concatenate(audio), held)
 
 
 def served_audio(body: dict) -> tuple[np.ndarray, int]:
@@ -52,12 +64,16 @@ def served_audio(body: dict) -> tuple[np.ndarray, int]:
     return np.concatenate(audio), len(chunks)
 
 
-def check_layout(server: Server, expected: np.ndarray) -> None:
+def check_layout(server: Server, config: str, expected: Reference) -> None:
+    """The same audio, with each rank running and holding what the YAML places on it: no
+    prefill on the decode rank (its K/V arrives), the codec only on its rank."""
     response = server.generate(REQUEST)
     assert response.status_code == 200, response.text
     audio, chunks = served_audio(response.json())
     assert audio.size == FRAMES * 2048 and chunks == FRAMES - 1  # frames 0-1 together
-    np.testing.assert_allclose(audio, expected, atol=1e-5)
+    np.testing.assert_allclose(audio, expected.audio, atol=1e-5)
+    check_placement(server, config, prefill_walks={"prefill"},
+                    single_rank_bytes=expected.parameter_bytes)
     server.wait_idle()
 
 
@@ -73,7 +89,7 @@ def colocated(tmp_path_factory, speaking_ckpt):
 
 
 def test_the_colocated_layout_speaks_the_in_process_audio(colocated, expected):
-    check_layout(colocated, expected)
+    check_layout(colocated, "orpheus_colocated", expected)
 
 
 @pytest.mark.parametrize("config", ["orpheus_pd_disaggregated", "orpheus_codec_split"])
@@ -82,7 +98,7 @@ def test_every_split_layout_speaks_the_same_audio(tmp_path, speaking_ckpt, expec
                     "--set", "max_seq_len=1024")
     try:
         server.wait_healthy()
-        check_layout(server, expected)
+        check_layout(server, config, expected)
     finally:
         assert server.stop() == 0, server.output()
     server.assert_clean()
@@ -102,10 +118,10 @@ def test_openai_speech_decodes_to_24khz_audio_of_every_frame(colocated, expected
     assert b"".join(pieces) == whole or fmt in ("mp3", "opus")
     audio, rate = soundfile.read(io.BytesIO(whole), dtype="float32")
     assert rate == 24000
-    want = expected.size * rate // 24000
+    want = expected.audio.size * rate // 24000
     if fmt in ("wav", "flac"):
         assert audio.shape[0] == want
-        np.testing.assert_allclose(audio, expected, atol=1e-3)  # 16-bit samples
+        np.testing.assert_allclose(audio, expected.audio, atol=1e-3)  # 16-bit samples
     else:
         assert abs(audio.shape[0] - want) <= 2048 * rate // 24000
 

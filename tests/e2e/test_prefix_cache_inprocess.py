@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import collect, finished, image, run_concurrently, settle, tokens, wait_for
+from conftest import (
+    collect,
+    finished,
+    image,
+    metric_total,
+    run_concurrently,
+    settle,
+    tokens,
+    wait_for,
+)
 
 import mstar
 from mstar import events
@@ -115,7 +124,8 @@ def test_the_same_image_twice_runs_the_encoder_once(cached, plain):
 def test_counters_reach_the_stats_and_metrics(cached):
     run(cached, req(SYSTEM + "Counted?"))
     backend = LocalBackend(cached)
-    wait_for(lambda: backend.stats()["counters"] == cached.counters(), timeout=5)
+    wait_for(lambda: {name: value for (_, name), value in backend.stats()["counters"].items()}
+             == cached.counters(), timeout=5)
     text = Metrics(backend.stats).render().decode()
     counters = cached.counters()
     for metric, key in (("mstar_prefix_cache_hit_tokens_total", "LLM.prefix_cache_hit_tokens"),
@@ -124,7 +134,7 @@ def test_counters_reach_the_stats_and_metrics(cached):
                          "vision_encoder.encoder_cache_hits"),
                         ("mstar_node_invocations_total", "vision_encoder.node_invocations")):
         node = key.split(".")[0]
-        assert f'{metric}{{node="{node}"}} {float(counters[key])}' in text
+        assert metric_total(text, metric, node=node, rank="0") == counters[key]
     assert counters["LLM.prefix_cache_hit_tokens"] > 0
     settle(cached)
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import torch
 from conftest import audio, collect, frame, image, tensors, tokens
+from placement_check import check_placement
 from serving_harness import Server, children, shm_segments
 
 import mstar
@@ -61,10 +62,21 @@ def assert_same(got: dict, want: dict) -> None:
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+#: The walks that compute a testvla request's prompt (the others continue from its K/V).
+PREFILL_WALKS = {"prefill", "prefill_act", "prefill_rollout"}
+
+
 @pytest.fixture(scope="module")
 def expected(tiny_ckpt):
     with mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=512) as d:
         return {name: summary(collect(d, req)) for name, req in REQUESTS.items()}
+
+
+@pytest.fixture(scope="module")
+def single_rank_bytes(tiny_ckpt) -> dict[str, tuple[int, int]]:
+    """(all, tensor-parallel split) parameter bytes of each node built whole on one rank."""
+    with mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=512) as d:
+        return dict(d.workers[0].parameter_bytes)
 
 
 @pytest.mark.timeout(180)
@@ -73,7 +85,10 @@ def expected(tiny_ckpt):
     ("testvla_pd_disaggregated", "SHM"), ("testvla_stream_rank", "SHM"),
     ("testvla_cfg_parallel", "TCP"), ("testvla_tp2", "SHM"),
 ])
-def test_every_layout_gives_the_same_outputs(tmp_path, tiny_ckpt, expected, config, protocol):
+def test_every_layout_gives_the_same_outputs(tmp_path, tiny_ckpt, expected, single_rank_bytes,
+                                             config, protocol):
+    """The in-process outputs, with each rank running and holding exactly what the
+    layout's YAML places on it (from /metrics)."""
     server = Server(tmp_path, "--config", config, "--model-path", str(tiny_ckpt),
                     "--tensor-comm-protocol", protocol)
     try:
@@ -82,10 +97,9 @@ def test_every_layout_gives_the_same_outputs(tmp_path, tiny_ckpt, expected, conf
             response = server.generate(req)
             assert response.status_code == 200, response.text
             assert_same(summary(decoded(response.json())), expected[name])
-        deadline = time.monotonic() + 5
-        while server.metric("mstar_kv_pages_in_use") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert server.metric("mstar_kv_pages_in_use") == 0
+        check_placement(server, config, prefill_walks=PREFILL_WALKS,
+                        single_rank_bytes=single_rank_bytes)
+        server.wait_idle()
     finally:
         assert server.stop() == 0, server.output()
     server.assert_clean()

@@ -189,15 +189,17 @@ class LocalDeployment:
     def pages_in_use(self) -> int:
         return sum(w.pages_in_use() for w in self.workers.values())
 
-    def counters(self) -> dict[str, int]:
+    def counters(self, rank: int | None = None) -> dict[str, int]:
         """The engines' cumulative counters ("<node>.<name>": `LLM.prefix_cache_hit_tokens`,
-        `LLM.prompt_tokens_computed`, `vision_encoder.node_invocations`,
-        `vision_encoder.encoder_cache_hits`), summed over the ranks and read now (not
-        from the last stats report, which `/metrics` shows)."""
+        `LLM.prompt_tokens_computed`, `LLM.kv_tokens_imported`,
+        `vision_encoder.node_invocations`, `vision_encoder.encoder_cache_hits`), of `rank`
+        or summed over the ranks, read now (not from the last stats report, which
+        `/metrics` shows)."""
         total: dict[str, int] = {}
-        for worker in self.workers.values():
-            for name, value in worker.counters().items():
-                total[name] = total.get(name, 0) + value
+        for r, worker in self.workers.items():
+            if rank is None or r == rank:
+                for name, value in worker.counters().items():
+                    total[name] = total.get(name, 0) + value
         return total
 
     def live_tensors(self) -> int:

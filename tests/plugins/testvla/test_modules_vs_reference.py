@@ -281,14 +281,15 @@ def test_consumer_window_and_stream(model, checkpoint, ref):
     assert not torch.allclose(streamed, ref.decode_window(codes, hidden), atol=1e-3)
 
 
-def test_consumer_delay_is_per_call(model, checkpoint):
+def test_consumer_delay_is_per_call(model, checkpoint, monkeypatch):
     consumer = load_node(model, "consumer", checkpoint)
     item = {"codes": torch.tensor([1, 2]), "hidden": torch.zeros(2, 64),
             "consumer_delay_s": 0.05}
-    start = time.perf_counter()
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
     with torch.no_grad():
         consumer([item, dict(item)], None)
-    assert 0.05 <= time.perf_counter() - start < 1.0
+    assert slept == [0.05]  # once per call, not per item
 
 
 # -- host side -------------------------------------------------------------------------------

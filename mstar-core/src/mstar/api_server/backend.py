@@ -39,15 +39,20 @@ class Stats(TypedDict):
     admitted request always runs, so this is where work queues up); `running`: requests in
     flight; `step_seconds`: mean forward seconds per engine step of each (rank, node) over
     the workers' last report interval (absent while a node is idle); `counters`: the
-    engines' cumulative counts by "<node>.<name>" (`LLM.prefix_cache_hit_tokens`), summed
-    over the workers.
+    engines' cumulative counts by (rank, "<node>.<name>") (`LLM.prefix_cache_hit_tokens`);
+    `invocations`: node invocations run, by (rank, graph node, walk); `parameter_bytes`:
+    by (rank, node) held, (all its parameter bytes, those split by tensor parallelism);
+    `reported_at`: by rank, the wall-clock time its latest report was read.
     """
 
     pages_in_use: int
     queue_depth: int
     running: int
     step_seconds: dict[tuple[int, str], float]
-    counters: dict[str, int]
+    counters: dict[tuple[int, str], int]
+    invocations: dict[tuple[int, str, str], int]
+    parameter_bytes: dict[tuple[int, str], tuple[int, int]]
+    reported_at: dict[int, float]
 
 
 class Backend(Protocol):
@@ -99,18 +104,20 @@ class Entry(Protocol):
 
 def entry_stats(entry: Entry) -> Stats:
     """Stats from the workers' latest `WorkerStats` reports to the entry."""
-    reports = list(entry.worker_stats.values())
-    steps: dict[tuple[int, str], float] = {}
-    counters: dict[str, int] = {}
-    for report in reports:
-        rank = int(report.address.rpartition(":")[2])
-        for node, seconds in report.step_seconds.items():
-            steps[(rank, node)] = seconds
-        for name, value in report.counters.items():
-            counters[name] = counters.get(name, 0) + value
-    return Stats(pages_in_use=sum(r.pages_in_use for r in reports),
-                 queue_depth=sum(r.waiting for r in reports),
-                 running=entry.live_requests(), step_seconds=steps, counters=counters)
+    reports = {int(r.address.rpartition(":")[2]): r for r in entry.worker_stats.values()}
+    return Stats(pages_in_use=sum(r.pages_in_use for r in reports.values()),
+                 queue_depth=sum(r.waiting for r in reports.values()),
+                 running=entry.live_requests(),
+                 step_seconds={(rank, node): seconds for rank, r in reports.items()
+                               for node, seconds in r.step_seconds.items()},
+                 counters={(rank, name): value for rank, r in reports.items()
+                           for name, value in r.counters.items()},
+                 invocations={(rank, node, walk): count for rank, r in reports.items()
+                              for node, walks in r.invocations.items()
+                              for walk, count in walks.items()},
+                 parameter_bytes={(rank, node): held for rank, r in reports.items()
+                                  for node, held in r.parameter_bytes.items()},
+                 reported_at={rank: r.at for rank, r in reports.items()})
 
 
 class EntryBackend:

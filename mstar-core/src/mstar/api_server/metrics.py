@@ -25,7 +25,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _OUTPUTS = (events.TextDelta, events.AudioChunk, events.Image, events.NamedTensor)
 _STREAMED = (events.TextDelta, events.AudioChunk)
-#: The engines' counters `/metrics` shows: (metric name, counter name, help), each by node.
+#: The engines' counters `/metrics` shows: (metric name, counter name, help), each by node
+#: and rank.
 ENGINE_COUNTERS = (
     ("mstar_prefix_cache_hit_tokens", "prefix_cache_hit_tokens",
      "Prompt tokens whose K/V came from the prefix cache instead of being computed."),
@@ -33,10 +34,11 @@ ENGINE_COUNTERS = (
      "Prompt tokens a KV-cache node actually ran (rebuilds after preemption included)."),
     ("mstar_preemptions", "preemptions",
      "Requests whose KV pages a node dropped under memory pressure (rebuilt by recompute)."),
+    ("mstar_kv_tokens_imported", "kv_tokens_imported",
+     "Tokens whose K/V a KV-cache node received from another rank instead of computing "
+     "them (a migrated request, a CFG branch's forked prefix)."),
     ("mstar_encoder_cache_hits", "encoder_cache_hits",
      "Invocations of a cacheable node served from its encoder-output cache."),
-    ("mstar_node_invocations", "node_invocations",
-     "Invocations a stateless node actually ran."),
 )
 
 
@@ -73,12 +75,37 @@ class _BackendGauges:
                 steps.add_metric([str(rank), node], seconds)
         yield steps
         for metric, counter, doc in ENGINE_COUNTERS:
-            family = CounterMetricFamily(metric, doc + " (all ranks)", labels=["node"])
-            for key, value in sorted(stats["counters"].items()):
+            family = CounterMetricFamily(metric, doc, labels=["node", "rank"])
+            for (rank, key), value in sorted(stats["counters"].items()):
                 node, _, name = key.rpartition(".")
                 if name == counter:
-                    family.add_metric([node], value)
+                    family.add_metric([node, str(rank)], value)
             yield family
+        invocations = CounterMetricFamily(
+            "mstar_node_invocations", "Invocations of a node a rank ran, by walk (a branch "
+            "node by its own name; a tensor-parallel node on every rank of its group; an "
+            "encoder-cache hit is not run).", labels=["node", "rank", "walk"])
+        for (rank, node, walk), count in sorted(stats["invocations"].items()):
+            invocations.add_metric([node, str(rank), walk], count)
+        yield invocations
+        held = GaugeMetricFamily("mstar_node_parameters_bytes", "Bytes of a node's "
+                                 "parameters a rank holds.", labels=["node", "rank"])
+        split = GaugeMetricFamily(
+            "mstar_node_sharded_parameters_bytes", "Of those, the bytes of the parameters "
+            "tensor parallelism splits (a rank of a tp_size t group holds 1/t of them).",
+            labels=["node", "rank"])
+        for (rank, node), (total, sharded) in sorted(stats["parameter_bytes"].items()):
+            held.add_metric([node, str(rank)], total)
+            split.add_metric([node, str(rank)], sharded)
+        yield held
+        yield split
+        reported = GaugeMetricFamily(
+            "mstar_worker_report_timestamp_seconds", "When the counters above were last "
+            "read on a rank (its latest report), in seconds since the epoch.",
+            labels=["rank"])
+        for rank, at in sorted(stats["reported_at"].items()):
+            reported.add_metric([str(rank)], at)
+        yield reported
 
 
 class Metrics:

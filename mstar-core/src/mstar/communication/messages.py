@@ -190,7 +190,10 @@ class WorkerStats(msgspec.Struct, tag=True):
     one process, the API server's gateway when served): metrics, leak checks.
     `step_seconds`: mean forward time per node since the last report; `counters`: the
     engines' cumulative counts as "<node>.<name>" (`LLM.prefix_cache_hit_tokens`,
-    `vision_encoder.encoder_cache_hits`, ...)."""
+    `vision_encoder.encoder_cache_hits`, ...); `invocations`: node invocations this rank
+    ran, by graph node (branch nodes by their own name) and walk; `parameter_bytes`: per
+    node held, [all its parameters, those of them split across a tensor-parallel group];
+    `at`: the wall-clock time (`time.time()`) the counts were read."""
 
     address: str
     pages_in_use: int
@@ -198,6 +201,9 @@ class WorkerStats(msgspec.Struct, tag=True):
     waiting: int
     step_seconds: dict[str, float] = {}
     counters: dict[str, int] = {}
+    invocations: dict[str, dict[str, int]] = {}
+    parameter_bytes: dict[str, tuple[int, int]] = {}
+    at: float = 0.0
 
 
 # -- worker -> frontend -------------------------------------------------------------------
@@ -278,6 +284,10 @@ class TPSeq(msgspec.Struct):
     outputs: dict[str, tuple[int, int]]
     seed: int
     iteration: int | None = None
+    #: The invocation this chunk ends ((graph node, walk)), for the follower's counters;
+    #: None for a chunk that does not end one (or a rebuild after preemption).
+    ends: tuple[str, str] | None = None
+    first: bool = False  # the chunk starts its sequence (counted as prompt tokens computed)
 
 
 class TPStep(msgspec.Struct, tag=True):

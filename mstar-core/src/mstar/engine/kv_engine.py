@@ -13,8 +13,11 @@ one) starts from the longest run of its full pages already in the cache (`prefix
 hashes everything that determines a page's K/V) and computes only the rest; its own full
 pages are registered once the step that wrote them is done. `counters` counts the tokens of
 such first chunks that were run (`prompt_tokens_computed`) and reused
-(`prefix_cache_hit_tokens`). Off for tensor-parallel nodes (their followers replay the
-leader's page operations and cannot see its cache).
+(`prefix_cache_hit_tokens`), and the tokens whose K/V arrived from another rank instead
+(`kv_tokens_imported`: migrated sequences, a CFG branch's forked prefix); `invocations`
+counts the finished invocations by (graph node, walk). Off for tensor-parallel nodes (their
+followers replay the leader's page operations and cannot see its cache); a follower counts
+what it replays.
 
 Per-invocation inputs read from the environment: `input_ids` [n] (required), `positions`
 ([n] or [A, n]; default: the sequence's next position + arange, on every axis), `segments`
@@ -93,12 +96,14 @@ class _Task:
         return self.key.request_id
 
 
-def tp_step(node: str, fb: ForwardBatch, works: list[NodeWork | None]) -> msg.TPStep:
+def tp_step(node: str, fb: ForwardBatch, tasks: list[_Task]) -> msg.TPStep:
     """A leader's batch as the message its tensor-parallel followers replay."""
     seqs = [msg.TPSeq(c.key.request_id, c.key.label, c.key.child, c.length, c.context_len,
                       [(g.length, g.kind) for g in c.segments], c.mode, c.is_last_chunk,
-                      dict(c.outputs), w.seed if w else 0, w.iteration if w else None)
-            for c, w in zip(fb.seqs, works)]
+                      dict(c.outputs), w.seed if w else 0, w.iteration if w else None,
+                      ends=(w.node.name, w.walk) if w and c.is_last_chunk else None,
+                      first=t.first)
+            for c, t, w in ((c, t, t.work) for c, t in zip(fb.seqs, tasks))]
     return msg.TPStep(node, seqs, TensorData.from_tensor(fb.input_ids),
                       TensorData.from_tensor(fb.positions),
                       {k: TensorData.from_tensor(v) for k, v in fb.extras.items()})
@@ -138,10 +143,11 @@ class KVEngine:
         self._steps = itertools.count()
         self._extras = {e.name: e for e in spec.extras}
         self.prefix_caching = prefix_caching
-        #: Cumulative: tokens of sequences' first chunks run, and taken from cached pages;
-        #: requests preempted (their pages dropped, to be rebuilt).
+        #: Cumulative: tokens of sequences' first chunks run, taken from cached pages, and
+        #: whose K/V arrived from another rank; requests preempted (pages dropped, rebuilt).
         self.counters = {"prompt_tokens_computed": 0, "prefix_cache_hit_tokens": 0,
-                         "preemptions": 0}
+                         "kv_tokens_imported": 0, "preemptions": 0}
+        self.invocations: collections.Counter[tuple[str, str]] = collections.Counter()
         #: Tensor-parallel leader: sends every step and cache operation to the followers
         #: (set by the worker; None on a plain node or a follower).
         self.mirror: Callable[[Any], None] | None = None
@@ -227,6 +233,8 @@ class KVEngine:
             for key in done:
                 self.release_seq(key)
             raise
+        self.counters["kv_tokens_imported"] += sum(m.kv.length for m in migrations
+                                                   if m.kv is not None)
 
     # -- tensor-parallel followers replay the leader ----------------------------------------
     def _mirror_op(self, kind: str, request_id: str, label: str = "main", child: int = 0,
@@ -273,9 +281,13 @@ class KVEngine:
         with torch.inference_mode(), attention_context(TorchAttention(chunks,
                                                                       cache=self.cache)):
             self.module(fb)
-        for c in chunks:
+        for c, s in zip(chunks, step.seqs):
             if c.mode == "append":
                 self.cache.commit(c.key, c.length)
+            if s.first:
+                self.counters["prompt_tokens_computed"] += s.take
+            if s.ends is not None:
+                self.invocations[s.ends] += 1
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, work: NodeWork) -> None:
@@ -594,7 +606,7 @@ class KVEngine:
         if self.spec.position_axes == 1:
             fb.positions = fb.positions[0]
         if self.mirror is not None:
-            self.mirror(tp_step(self.node, fb, works))
+            self.mirror(tp_step(self.node, fb, [t for t, _ in batch]))
         started = time.perf_counter()
         with torch.inference_mode(), step_range(f"{self.node} step", self.nvtx), \
                 attention_context(TorchAttention(seq_chunks, cache=self.cache)):
@@ -634,6 +646,7 @@ class KVEngine:
             if task.work is None:
                 self.seqs[task.key].recomputing = False
                 continue
+            self.invocations[(task.work.node.name, task.work.walk)] += 1
             if task.samples:
                 to_sample.append(task)
             else:

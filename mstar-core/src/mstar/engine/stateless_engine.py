@@ -105,8 +105,10 @@ class StatelessEngine:
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=log_size)
         self._steps = itertools.count()
         self.cache = OutputCache(cache_bytes) if cache_bytes > 0 else None
-        #: Cumulative: invocations the module ran (and, with a cache, those it served).
-        self.counters = {"node_invocations": 0}
+        #: Cumulative: invocations the module ran, by (graph node, walk), and, with a
+        #: cache, those the cache served instead.
+        self.invocations: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.counters: dict[str, int] = {}
         if self.cache is not None:
             self.counters["encoder_cache_hits"] = 0
 
@@ -158,7 +160,7 @@ class StatelessEngine:
         for i, key in enumerate(keys):
             if outs[i] is None:  # a repeat within this batch
                 outs[i] = _copy(outs[first_of[key]])
-        self.counters["node_invocations"] += len(run)
+        self.invocations.update((works[i].node.name, works[i].walk) for i in run)
         if self.cache is not None:
             self.counters["encoder_cache_hits"] += len(works) - len(run)
         return [WorkResult(w, o) for w, o in zip(works, outs)]

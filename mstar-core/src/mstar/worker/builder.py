@@ -129,6 +129,19 @@ def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
     return module.eval()
 
 
+def parameter_bytes(module: torch.nn.Module) -> tuple[int, int]:
+    """What a rank holds of a node: (bytes of all its parameters, bytes of those split
+    across a tensor-parallel group, i.e. marked with a `tp_shard_dim`). At tp_size t each
+    rank holds 1/t of the split ones (padded up to whole rows) and all of the others."""
+    held = sharded = 0
+    for param in module.parameters():
+        size = param.numel() * param.element_size()
+        held += size
+        if getattr(param, "tp_shard_dim", None) is not None:
+            sharded += size
+    return held, sharded
+
+
 def tp_group_ranks(nodes: dict[str, NodePlacement]) -> tuple[int, ...]:
     """The ranks of this rank's tensor-parallel group (one group per rank), or ()."""
     groups = {p.ranks for p in nodes.values() if p.tp_size > 1}

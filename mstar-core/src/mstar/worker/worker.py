@@ -36,6 +36,7 @@ from mstar.model.contract import Model
 from mstar.model.forward import SeqKey
 from mstar.model.sampling import SamplingParams
 from mstar.streaming.chunker import StreamChunker, Window, slice_emitted
+from mstar.worker.builder import parameter_bytes
 from mstar.worker.migration import export_sequences, import_sequences, to_wire
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ class Worker(Component):
         self.address = channel.address
         self.model = model
         self.engines: dict[str, Engine] = {}
+        #: Per node built here: (bytes of its parameters, of those split by tensor
+        #: parallelism); see `builder.parameter_bytes`.
+        self.parameter_bytes: dict[str, tuple[int, int]] = {}
         self._build_engines = build_engines
         #: The exception that stopped the worker from starting, if any.
         self.startup_error: Exception | None = None
@@ -127,6 +131,7 @@ class Worker(Component):
     def run(self) -> None:
         try:
             self.engines = self._build_engines()
+            self.parameter_bytes = {n: parameter_bytes(e.module) for n, e in self.engines.items()}
         except Exception as exc:
             log.exception("%s failed to start", self.address)
             self.startup_error = exc
@@ -553,12 +558,24 @@ class Worker(Component):
         waiting = sum(len(e.waiting) for e in self.engines.values())
         self.channel.send(self.status_address, msg.WorkerStats(
             self.address, self.pages_in_use(), len(self.requests), waiting, steps,
-            self.counters()))
+            self.counters(), self.invocations(), self.parameter_bytes, time.time()))
 
     def counters(self) -> dict[str, int]:
-        """Every engine's cumulative counters, as "<node>.<name>"."""
-        return {f"{node}.{name}": value for node, engine in self.engines.items()
-                for name, value in engine.counters.items()}
+        """Every engine's cumulative counters, as "<node>.<name>", with
+        "<node>.node_invocations" per graph node (walks summed)."""
+        out = {f"{node}.{name}": value for node, engine in self.engines.items()
+               for name, value in engine.counters.items()}
+        for node, walks in self.invocations().items():
+            out[f"{node}.node_invocations"] = sum(walks.values())
+        return out
+
+    def invocations(self) -> dict[str, dict[str, int]]:
+        """Node invocations this rank ran: graph node -> walk -> count."""
+        out: dict[str, dict[str, int]] = {}
+        for engine in self.engines.values():
+            for (node, walk), count in engine.invocations.items():
+                out.setdefault(node, {})[walk] = count
+        return out
 
     def pages_in_use(self) -> int:
         return sum(e.pages_in_use() for e in self.engines.values() if isinstance(e, KVEngine))
