@@ -210,6 +210,7 @@ class Worker(Component):
                 self.transport.free(h)
             req.producers[m.edge] = m.producer
             self._chunker(req, m.edge).push(units)
+            self._credit(req)  # rows that made no unit are credited at once
         elif isinstance(m, msg.StreamEnd):
             self._chunker(self._request(m.request_id), m.edge).end(m.total_units)
         elif isinstance(m, msg.StreamCredit):
