@@ -407,16 +407,21 @@ class Worker(Component):
         return src_part in parts and dst_part in parts
 
     def _schedule(self) -> None:
+        """Submit every ready invocation of every request (all of them: a request left
+        unscheduled would be reported blocked while it could run)."""
         for req in list(self.requests.values()):
-            for lane in list(req.lanes.values()):
-                if lane.cursor.done:
+            self._schedule_request(req)
+
+    def _schedule_request(self, req: WorkerRequest) -> None:
+        for lane in list(req.lanes.values()):
+            if lane.cursor.done:
+                continue
+            for inv in lane.cursor.pending():
+                if inv.node.name in lane.in_flight or not self._ready(req, lane, inv):
                     continue
-                for inv in lane.cursor.pending():
-                    if inv.node.name in lane.in_flight or not self._ready(req, lane, inv):
-                        continue
-                    if req.request_id not in self.requests:
-                        return
-                    self._submit(req, lane, inv)
+                if req.request_id not in self.requests:
+                    return  # it failed meanwhile
+                self._submit(req, lane, inv)
 
     def _ready(self, req: WorkerRequest, lane: Lane, inv: Invocation) -> bool:
         node = inv.node
