@@ -19,10 +19,14 @@ from typing import Any
 import pytest
 import torch
 from conftest import collect, finished, settle, tensors
+from fastapi.testclient import TestClient
 from torch import nn
 
 from mstar import events
+from mstar.api_server.app import create_app
+from mstar.api_server.backend import LocalBackend
 from mstar.config import DeploymentConfig
+from mstar.config.settings import ServerSettings
 from mstar.graph import ChunkPolicy, GraphNode, Loop, Partition, StreamingGraphEdge, Walk
 from mstar.model import Finished, Model, RequestPlan, WalkStep
 from mstar.plugins.registry import ModelSpec
@@ -136,4 +140,14 @@ def test_backpressure_is_not_a_stall(dep):
     assert units.tolist() == [float(u) for u in range(60)]  # every unit once, in order
     # the source outran its credits and paused at the bound (legitimate backpressure)
     assert dep.workers[0].stream_peak >= POLICY.max_buffered
+    settle(dep)
+
+
+def test_over_http_a_stall_is_a_500_server_error(dep):
+    app = create_app(LocalBackend(dep), ServerSettings(api_key=None, timeout=600))
+    response = TestClient(app).post("/generate", json={"mode": "cycle"})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error"
+    assert "stalled" in error["message"] and "node 'ping'" in error["message"]
     settle(dep)
