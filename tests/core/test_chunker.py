@@ -107,7 +107,7 @@ def random_policy(rng: random.Random) -> ChunkPolicy:
     start = rng.randint(0, window - 1)
     end = rng.randint(start + 1, window)
     first_chunk = rng.choice([None, rng.randint(1, 10)])
-    return ChunkPolicy(window, end - start, (start, end), first_chunk, max_buffered=window + 8)
+    return ChunkPolicy(window, end - start, (start, end), first_chunk, max_buffered=window + 16)
 
 
 def test_random_policies_emit_every_unit_exactly_once_in_order():
@@ -156,7 +156,8 @@ def test_random_policies_emit_every_unit_exactly_once_in_order():
                 assert pushed < e + step + policy.lookahead
             if rng.random() < 0.7:
                 released += chunker.release()
-                assert chunker.buffered == pushed - min(max(0, e - policy.left), pushed)
+                keep = pushed if chunker.ended and e == pushed else max(0, e - policy.left)
+                assert chunker.buffered == pushed - min(keep, pushed)
             assert released + chunker.buffered == pushed
             if pushed == n:
                 break
@@ -237,7 +238,7 @@ def test_release_frees_units_and_room_tracks_the_bound():
     for w in rest:
         check_units(w, data)  # rows are read relative to the released base
     assert [w.emit_start for w in rest] == list(range(4, 10))
-    assert chunker.release() == 6 and chunker.buffered == 1
+    assert chunker.release() == 7 and chunker.buffered == 0  # all emitted: nothing is held
 
 
 def test_end_with_total_units_waits_for_remaining_pushes():
@@ -295,7 +296,7 @@ def test_an_assembler_turns_producer_rows_into_units_and_credits_rows():
         chunker.push({"tok": torch.tensor([t])})
     (first,) = drain(chunker)  # frame 0 needs frame 1 as lookahead
     assert first.units["frame"].tolist() == [[1, 2, 3], [4, 5, 6]]
-    assert chunker.release() == 4  # frame 0 is gone: the rows up to it (1, 2, -1, 3)
+    assert chunker.release() == 7  # one row stays charged to frame 1, still held
     for t in tokens[8:]:
         chunker.push({"tok": torch.tensor([t])})
     chunker.end(total_units=len(tokens) + 1)  # one more row is still in flight
@@ -305,4 +306,56 @@ def test_an_assembler_turns_producer_rows_into_units_and_credits_rows():
     rest = drain(chunker)
     assert [w.units["frame"][w.emit_start - w.win_start].tolist() for w in rest] == [
         [4, 5, 6], [7, 8, 9]]
-    assert chunker.release() == len(tokens) + 1 - 4  # all emitted: every row is free
+    assert chunker.release() == len(tokens) + 1 - 7  # all emitted: every row is free
+
+
+def test_a_policy_whose_buffer_cannot_hold_a_window_is_refused():
+    with pytest.raises(ValueError, match="max_buffered=3 cannot hold a window"):
+        ChunkPolicy(window=4, hop=1, emit=(1, 2), max_buffered=3)
+    with pytest.raises(ValueError, match="needs up to 7 units"):  # first_chunk 5 + lookahead 2
+        ChunkPolicy(window=4, hop=1, emit=(1, 2), first_chunk=5, max_buffered=6)
+    assert ChunkPolicy(window=4, hop=1, emit=(1, 2), first_chunk=5, max_buffered=7)
+
+
+def run_edge(policy: ChunkPolicy, tokens: list[int]) -> tuple[list[Window], int]:
+    """A producer of one row per step under the edge's backpressure (it may push while
+    fewer than `max_buffered` rows are uncredited; the consumer credits at every push and
+    after every window, as the worker does) and a consumer that runs every ready window.
+    Returns the windows and the rows still uncredited at the end."""
+    chunker = StreamChunker(policy)
+    windows: list[Window] = []
+    sent = credited = 0
+    for token in tokens:
+        if sent - credited >= policy.max_buffered:  # paused: only the consumer can move
+            windows += drain(chunker)
+            credited += chunker.release()
+            assert sent - credited < policy.max_buffered, (
+                f"producer paused at row {sent} and no window can form")
+        chunker.push({"tok": torch.tensor([token])})
+        sent += 1
+        credited += chunker.release()
+        assert sent - credited <= chunker.buffered  # uncredited rows are held units only
+    chunker.end(total_units=sent)
+    windows += drain(chunker)
+    credited += chunker.release()
+    return windows, sent - credited
+
+
+@pytest.mark.parametrize("first_chunk", [None, 2])
+def test_rows_that_make_no_unit_are_credited_at_once_so_the_producer_never_stalls(first_chunk):
+    policy = ChunkPolicy(window=4, hop=1, emit=(1, 2), first_chunk=first_chunk,
+                         max_buffered=5 if first_chunk else 4, assemble=_Triples)
+    frames = [[3 * f + 1, 3 * f + 2, 3 * f + 3] for f in range(12)]
+    junk = [-1] * (10 * policy.max_buffered)
+    codes = [c for i, frame in enumerate(frames) for c in ([-5] * (i % 3) + frame)]
+    windows, uncredited = run_edge(policy, junk + codes[:20] + junk + codes[20:] + [-1, 7])
+    emitted = [w.units["frame"][u - w.win_start].tolist()
+               for w in windows for u in range(w.emit_start, w.emit_end)]
+    assert emitted == frames  # every frame once, in order; the partial one (7) is dropped
+    assert windows[-1].final and uncredited == 0
+
+
+def test_an_all_junk_stream_ends_cleanly():
+    policy = ChunkPolicy(window=4, hop=1, emit=(1, 2), max_buffered=4, assemble=_Triples)
+    windows, uncredited = run_edge(policy, [-1] * 100)
+    assert windows == [] and uncredited == 0

@@ -32,7 +32,7 @@ from mstar_orpheus.config import (
     VOICES,
     SnacConfig,
 )
-from mstar_orpheus.model import frame_levels
+from mstar_orpheus.model import STREAM_POLICY, frame_levels
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -255,6 +255,25 @@ def test_a_cancelled_request_frees_its_pages_and_stops_its_codec(dep):
         later = dep.step_log(node)[since:]
         assert later and all(e["request_id"] != stream.request_id for s in later
                              for e in s.entries), f"{node} kept running the cancelled request"
+
+
+def test_a_long_run_of_tokens_that_make_no_frame_never_stalls_the_stream(dep):
+    """200 tokens that make no frame (ten times `max_buffered`) before the codes: they are
+    credited back at once, so the LLM never waits for a window that cannot form."""
+    junk = [1234] * 200
+    assert len(junk) >= 10 * STREAM_POLICY.max_buffered
+    codes = random_codes(5, seed=11)
+    script = junk + tokens_for(codes, junk=False)
+    chunks, evs = speak(dep, script, "script-junk-run", max_tokens=len(script))
+    assert evs[-1].reason == "stop"
+    assert sum(c.numel() for c in chunks) == 5 * SAMPLES
+
+
+def test_a_dummy_checkpoint_speaks_to_the_end():
+    """Random weights make mostly tokens that are no audio code (the issue's repro)."""
+    with mstar.load("orpheus", preset="tiny", load_format="dummy", max_seq_len=4096) as d:
+        evs = list(d.generate({"input": "hi", "max_tokens": 200}))
+    assert isinstance(evs[-1], events.Finished), evs[-1]
 
 
 def test_bad_requests_name_the_field(dep):

@@ -185,6 +185,21 @@ class WalkFailed(msgspec.Struct, tag=True):
     outputs_sent: int = 0
 
 
+class Blocked(msgspec.Struct, tag=True):
+    """The worker holds the request but has nothing of it to run, queued or awaited from
+    another worker. `received`: the request's messages it has handled; `sent`: those it
+    has sent, by destination (the conductor compares them across workers to see whether
+    any is still on its way); `waits`: what its walks wait on, in words. `seq` orders a
+    worker's reports."""
+
+    request_id: str
+    worker: str
+    seq: int
+    received: int
+    sent: dict[str, int] = {}
+    waits: list[str] = []
+
+
 class WorkerStats(msgspec.Struct, tag=True):
     """A worker's gauges, sent a few times a second to where status goes (the frontend in
     one process, the API server's gateway when served): metrics, leak checks.
@@ -349,7 +364,7 @@ class StreamCredit(msgspec.Struct, tag=True):
 
 Message = (ClientRequest | ClientCancel | ClientEvent
            | Submit | CancelRequest | Shutdown | WorkerDied | StartWalk | Migrate | StreamEnd | Cancel | Release
-           | WorkerReady | WorkerStats | WalkDone | WalkFailed | Output | Complete | Rejected | StreamPush
+           | WorkerReady | WorkerStats | WalkDone | WalkFailed | Blocked | Output | Complete | Rejected | StreamPush
            | SeqImport | NodeCall | NodeResult | TPStep | TPOp | StreamCredit)
 
 _encoder = msgspec.msgpack.Encoder()

@@ -6,6 +6,15 @@ the model's `next_walk` (host values only: control outputs and result handles) w
 next. When every lane of every partition has finished, it tells the request's frontend
 (`RequestInfo.frontend`) how many outputs to expect from each worker and has the workers
 release the request. It never touches a tensor.
+
+Stalls are events, not timers: a live request is stalled when every worker that was sent
+any of its work has reported it `Blocked` and none of its messages is on its way (each
+worker has handled exactly as many as the conductor and the other workers' reports say
+were sent to it, and the conductor has every `WalkDone` the reports count). Reports are
+made only while a worker has nothing of the request to run, and only a message can change
+that, so the counts cannot balance while anything could still move. Such a request fails
+at once with a 500 that names what it waits on, instead of waiting for its timeout; a
+request that waits on client input (none does yet) is never stalled.
 """
 
 from __future__ import annotations
@@ -48,6 +57,10 @@ class ConductorRequest:
     producers: dict[int, str] = field(default_factory=dict)
     reason: str = "stop"
     child_reasons: dict[int, str] = field(default_factory=dict)
+    sent: dict[str, int] = field(default_factory=dict)  # its work sent to each worker
+    received: int = 0  # its WalkDones
+    blocked: dict[str, msg.Blocked] = field(default_factory=dict)  # latest, by worker
+    awaiting_input: bool = False  # the client may still send input: never a stall
 
 
 class Conductor(Component):
@@ -108,6 +121,12 @@ class Conductor(Component):
         elif isinstance(m, msg.CancelRequest):
             if m.request_id in self.requests:
                 self._end(m.request_id, m.reason)
+        elif isinstance(m, msg.Blocked):
+            req = self.requests.get(m.request_id)
+            last = req.blocked.get(m.worker) if req is not None else None
+            if req is not None and (last is None or m.seq > last.seq):
+                req.blocked[m.worker] = m
+                self._fail_if_stalled(req)
         elif isinstance(m, msg.WorkerReady):
             self.ready_workers.add(m.address)
             self.channel.send(self.status_address, m)
@@ -152,7 +171,7 @@ class Conductor(Component):
         for node in self.kv_nodes_of(step.walk):
             home = req.kv_home.get(node)
             if home is not None and home != owner:  # per-walk placement: the KV moves
-                self.channel.send(home, msg.Migrate(req.info.request_id, node, owner))
+                self._send(req, home, msg.Migrate(req.info.request_id, node, owner))
                 imports.append(node)
             req.kv_home[node] = owner
         nodes = walk_nodes(self.walks[step.walk].body)
@@ -172,13 +191,14 @@ class Conductor(Component):
         req.lanes.update((partition, c) for c in children)
         req.workers.add(owner)
         self.load[owner] = self.load.get(owner, 0) + 1
-        self.channel.send(owner, msg.StartWalk(req.info, partition, child, step, peers,
-                                               imports, remote, fork_dests))
+        self._send(req, owner, msg.StartWalk(req.info, partition, child, step, peers,
+                                             imports, remote, fork_dests))
 
     def _walk_done(self, m: msg.WalkDone) -> None:
         req = self.requests.get(m.request_id)
         if req is None:
             return
+        req.received += 1
         self.load[m.worker] = max(0, self.load.get(m.worker, 0) - 1)
         req.outputs_sent[m.worker] = max(req.outputs_sent.get(m.worker, 0), m.outputs_sent)
         for edge, units in m.stream_units.items():
@@ -196,6 +216,7 @@ class Conductor(Component):
             return
         if isinstance(nxt, WalkStep):
             self._dispatch(req, m.partition, m.child, msg.walk_step_msg(nxt), self.owner_of(nxt.walk))
+            self._fail_if_stalled(req)
             return
         if isinstance(nxt, Finished) and nxt.reason != "stop":
             req.reason = nxt.reason
@@ -205,12 +226,42 @@ class Conductor(Component):
             self._partition_finished(req, m.partition)
         if not req.lanes:
             self._end(m.request_id, req.reason)
+        else:
+            self._fail_if_stalled(req)
+
+    def _send(self, req: ConductorRequest, worker: str, m: msg.Message) -> None:
+        req.sent[worker] = req.sent.get(worker, 0) + 1
+        self.channel.send(worker, m)
+
+    def _fail_if_stalled(self, req: ConductorRequest) -> None:
+        """End the request with a 500 naming what it waits on if it is stalled (see the
+        module docstring)."""
+        if req.awaiting_input:
+            return
+        expected = dict(req.sent)  # messages each worker must have handled
+        walks_done = 0
+        for report in req.blocked.values():
+            for dest, count in report.sent.items():
+                if dest == "conductor":
+                    walks_done += count
+                else:
+                    expected[dest] = expected.get(dest, 0) + count
+        if walks_done != req.received or any(
+                w not in req.blocked or req.blocked[w].received != n
+                for w, n in expected.items()):
+            return
+        rid = req.info.request_id
+        waits = [w for report in req.blocked.values() for w in report.waits]
+        error = (f"request {rid} stalled (nothing runnable, nothing in flight): "
+                 + ("; ".join(waits) or "no walk waits on anything"))
+        log.error("%s", error)
+        self._end(rid, "error", error=error, code=500)
 
     def _partition_finished(self, req: ConductorRequest, partition: str) -> None:
         for idx, consumer in req.consumers.items():
             if self.partition_of.get(self.edges[idx].src) == partition:
                 total = sum(req.stream_units.get(idx, {}).values())
-                self.channel.send(consumer, msg.StreamEnd(req.info.request_id, idx, total))
+                self._send(req, consumer, msg.StreamEnd(req.info.request_id, idx, total))
 
     def _end(self, rid: str, reason: str, *, error: str | None = None, code: int = 500) -> None:
         req = self.requests.pop(rid)

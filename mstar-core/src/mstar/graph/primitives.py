@@ -146,8 +146,10 @@ class ChunkPolicy:
     max_buffered: int = 64
     #: Optional: makes, per request, the object that turns the producer's rows into the
     #: units windows are cut from (`mstar.streaming.chunker.UnitAssembler`: e.g. seven
-    #: audio codes into one codec frame, dropping invalid ones). `max_buffered` then counts
-    #: the producer's rows (what backpressure sees); `window`, `hop`, `emit` count units.
+    #: audio codes into one codec frame, dropping invalid ones). `max_buffered` bounds the
+    #: producer's rows in flight: one per unit the consumer holds, plus rows not yet
+    #: received (rows that made no unit are credited at once); `window`, `hop`, `emit`
+    #: count units.
     assemble: Callable[[], Any] | None = None
 
     def __post_init__(self):
@@ -158,8 +160,17 @@ class ChunkPolicy:
             raise ValueError(f"emit range {self.emit} must span hop={self.hop} units")
         if self.first_chunk is not None and self.first_chunk <= 0:
             raise ValueError("first_chunk must be positive")
-        if self.max_buffered < self.window:
-            raise ValueError("max_buffered must hold at least one window")
+        if self.max_buffered < self.units_per_window:
+            raise ValueError(
+                f"max_buffered={self.max_buffered} cannot hold a window: a window needs up "
+                f"to {self.units_per_window} units held at once, so the producer would pause "
+                "before any window could form")
+
+    @property
+    def units_per_window(self) -> int:
+        """The most units the consumer holds when a window becomes ready: the first one's
+        `first_chunk` (else `hop`) plus lookahead, every later one's `window` at most."""
+        return max(self.window, (self.first_chunk or self.hop) + self.lookahead)
 
     @property
     def left(self) -> int:

@@ -15,19 +15,23 @@ an empty stream that ends yields no window at all; in both cases the consumer le
 end through `ended` (the edge's end flag), not through a final window.
 
 The chunker keeps only the units a future window needs: `release()` drops the rest and
-returns how many it dropped, so the edge can hand that many credits back to the producer
-(the buffer is bounded by backpressure, never by dropping data).
+returns how many producer rows the edge may hand back to the producer as credits
+(backpressure bounds what the consumer holds, never by dropping data).
 
 Assembly: with `ChunkPolicy.assemble`, the producer's rows pass through a per-request
 `UnitAssembler` before windowing (Orpheus: valid audio codes, seven to a codec frame). The
-end of the stream and the credits are then counted in the producer's rows: `end(total)`
-takes the rows the producer pushed, and `release()` returns the rows whose units are gone
-(rows that made no unit are credited with the next unit, or at the end of the stream).
+end of the stream is then counted in the producer's rows (`end(total)` takes the rows the
+producer pushed). Credits: every row received is credited back except one charged to each
+unit still held, so rows the assembler dropped (or keeps toward a partial unit, which the
+assembler bounds itself) are credited at once. Without an assembler a row is a unit and a
+unit's row is credited when the unit is dropped. Either way the producer's rows in flight
+(pushed, not credited) are the units the consumer holds plus the rows still on their way,
+so a producer paused at `max_buffered` always resumes once the consumer has what a window
+needs (`ChunkPolicy` refuses a `max_buffered` smaller than that).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -75,7 +79,6 @@ class StreamChunker:
         self._assembler: UnitAssembler | None = policy.assemble() if policy.assemble else None
         self._rows = 0  # producer rows pushed (the units themselves without an assembler)
         self._credited = 0  # producer rows handed back by `release`
-        self._marks: deque[tuple[int, int]] = deque()  # (units, rows) after each push
 
     @property
     def buffered(self) -> int:
@@ -104,8 +107,6 @@ class StreamChunker:
         self._rows += rows
         if self._assembler is not None:
             units = {k: v for k, v in self._assembler.push(units).items() if v.shape[0]}
-            self._marks.append((self._pushed + _row_count(units) if units else self._pushed,
-                                self._rows))
         if units:
             self._append(units)
 
@@ -164,27 +165,33 @@ class StreamChunker:
         self._next_emit = stop
         return window
 
+    @property
+    def pushed(self) -> int:
+        """Units pushed so far."""
+        return self._pushed
+
+    @property
+    def needed(self) -> int:
+        """Units that must exist before the next window is ready (before the stream ends)."""
+        step = self.policy.hop
+        if self._index == 0 and self.policy.first_chunk is not None:
+            step = self.policy.first_chunk
+        return self._next_emit + step + self.policy.lookahead
+
     def release(self) -> int:
-        """Drop units no future window needs; returns how many producer rows that frees
-        (the units themselves without an assembler)."""
+        """Drop units no future window needs (all of them once the stream has ended and
+        every unit was emitted); returns how many more producer rows may be credited back:
+        every row received but one per unit still held."""
         keep_from = min(max(0, self._next_emit - self.policy.left), self._pushed)
+        if self.ended and self._next_emit >= self._pushed:
+            keep_from = self._pushed
         dropped = keep_from - self._base
         if dropped > 0:
             for name, held in self._buffer.items():
                 self._buffer[name] = held[dropped:]
             self._base = keep_from
-        if self._assembler is None:
-            return max(0, dropped)
-        # rows are free once the units they made are: those up to the push that completed
-        # the last dropped unit (the first push that left `_base` units or more)
-        while self._marks and self._marks[0][0] < self._base:
-            self._marks.popleft()
-        freed = self._credited
-        if self._base and self._marks:
-            freed = max(freed, self._marks[0][1])
-        if self.ended and self._next_emit >= self._pushed:
-            freed = self._rows  # all emitted: rows that made no unit are free too
-        freed, self._credited = freed - self._credited, max(freed, self._credited)
+        credit = max(self._credited, self._rows - self.buffered)
+        freed, self._credited = credit - self._credited, credit
         return freed
 
 

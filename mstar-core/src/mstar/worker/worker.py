@@ -6,6 +6,11 @@ paused, others go on; a stream-fed invocation waits for a window), runs one engi
 (engines take turns), and routes the results: outputs back into cursors, client-bound values
 to the frontend, stream units to the consumer's worker, control values to the conductor at
 walk ends. Loop conditions are evaluated here; per-iteration control never leaves the rank.
+
+Stalls: whenever a request it holds has nothing runnable, queued or awaited here, the worker
+tells the conductor (`Blocked`: what it waits on, and how many of the request's messages it
+has handled and sent), once per change; the conductor fails a request that every worker
+holding it reports blocked while none of its messages is on its way.
 """
 
 from __future__ import annotations
@@ -81,6 +86,14 @@ class WorkerRequest:
     imported: set[str] = field(default_factory=set)  # KV nodes whose sequences arrived
     calls: dict[int, tuple[Lane, GraphNode]] = field(default_factory=dict)  # NodeCalls out
     pending_starts: list[msg.StartWalk] = field(default_factory=list)  # awaiting imports
+    received: int = 0  # messages of the request handled here (`FLOW`)
+    sent: dict[str, int] = field(default_factory=dict)  # messages of it sent, by destination
+    reported: tuple[int, tuple[tuple[str, int], ...]] | None = None  # at the last Blocked
+
+
+#: Messages that carry a request's work between components (what `Blocked` counts).
+FLOW = (msg.StartWalk, msg.Migrate, msg.StreamEnd, msg.StreamPush, msg.StreamCredit,
+        msg.NodeCall, msg.NodeResult, msg.SeqImport)
 
 
 def host_value(value: Any) -> Any:
@@ -124,6 +137,7 @@ class Worker(Component):
         self.stream_peak = 0
         self._stats_from: dict[str, int] = {}
         self._call_ids = itertools.count()
+        self._report_seq = itertools.count()
         #: Requests this worker dropped lately: late messages for them are ignored.
         self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
 
@@ -172,6 +186,7 @@ class Worker(Component):
                     log.exception("%s failed on %s", self.address, type(m).__name__)
                 m = self.channel.recv(timeout=0)
             self._schedule()
+        self._report_blocked()
         self._step()
 
     # -- messages ---------------------------------------------------------------------------
@@ -215,6 +230,7 @@ class Worker(Component):
                 self.transport.free(h)
             req.producers[m.edge] = m.producer
             self._chunker(req, m.edge).push(units)
+            self._credit(req)  # rows that made no unit are credited at once
         elif isinstance(m, msg.StreamEnd):
             self._chunker(self._request(m.request_id), m.edge).end(m.total_units)
         elif isinstance(m, msg.StreamCredit):
@@ -225,6 +241,13 @@ class Worker(Component):
             self._drop(m.request_id)
         elif isinstance(m, msg.Shutdown):
             self.stop_soon()
+        if isinstance(m, FLOW) and (req := self.requests.get(rid)) is not None:
+            req.received += 1
+
+    def _send(self, req: WorkerRequest, dest: str, m: msg.Message) -> None:
+        """Send one of the request's `FLOW` messages (or its `WalkDone`), counted."""
+        req.sent[dest] = req.sent.get(dest, 0) + 1
+        self.channel.send(dest, m)
 
     def _send_all(self, dests: list[str], m: msg.Message) -> None:
         for dest in dests:
@@ -260,17 +283,18 @@ class Worker(Component):
                                    seed=info.seed, sampling=self._sampling(info, node),
                                    walk=m.walk, iteration=m.iteration, lane=caller))
         except (RequestError, KeyError, StopIteration) as exc:
-            self._reply(caller, m.info.request_id, error=exc)
+            self._reply(caller, req, error=exc)
 
-    def _reply(self, caller: RemoteCaller, request_id: str, outputs: dict[str, Any] | None = None,
-               error: Exception | None = None) -> None:
+    def _reply(self, caller: RemoteCaller, req: WorkerRequest,
+               outputs: dict[str, Any] | None = None, error: Exception | None = None) -> None:
+        request_id = req.request_id
         if error is not None:
             code = error.code if isinstance(error, RequestError) else 500
             result = msg.NodeResult(caller.call_id, request_id, error=str(error), code=code)
         else:
             host, tensors = self._send_values(outputs or {}, request_id, caller.reply_to)
             result = msg.NodeResult(caller.call_id, request_id, host, tensors)
-        self.channel.send(caller.reply_to, result)
+        self._send(req, caller.reply_to, result)
 
     def _call_returned(self, m: msg.NodeResult) -> None:
         req = self.requests.get(m.request_id)
@@ -299,7 +323,7 @@ class Worker(Component):
         except (RequestError, RuntimeError) as exc:
             self._fail(req, exc)
             return
-        self.channel.send(m.dest, msg.SeqImport(m.request_id, m.node, seqs))
+        self._send(req, m.dest, msg.SeqImport(m.request_id, m.node, seqs))
 
     def _import(self, m: msg.SeqImport) -> None:
         req = self._request(m.request_id)
@@ -342,7 +366,7 @@ class Worker(Component):
                     key = SeqKey(req.request_id, f.node, f.label, f.child)
                     transfer = to_wire(engine, engine.export_seq(key), self.transport, dest)
                     engine.release_seq(key)
-                    self.channel.send(dest, msg.SeqImport(req.request_id, f.node, [transfer]))
+                    self._send(req, dest, msg.SeqImport(req.request_id, f.node, [transfer]))
             tensors = {name: self.transport.get(h) for name, h in step.tensors.items()}
         except (RequestError, KeyError) as exc:
             self._fail(req, exc)
@@ -388,16 +412,21 @@ class Worker(Component):
         return src_part in parts and dst_part in parts
 
     def _schedule(self) -> None:
+        """Submit every ready invocation of every request (all of them: a request left
+        unscheduled would be reported blocked while it could run)."""
         for req in list(self.requests.values()):
-            for lane in list(req.lanes.values()):
-                if lane.cursor.done:
+            self._schedule_request(req)
+
+    def _schedule_request(self, req: WorkerRequest) -> None:
+        for lane in list(req.lanes.values()):
+            if lane.cursor.done:
+                continue
+            for inv in lane.cursor.pending():
+                if inv.node.name in lane.in_flight or not self._ready(req, lane, inv):
                     continue
-                for inv in lane.cursor.pending():
-                    if inv.node.name in lane.in_flight or not self._ready(req, lane, inv):
-                        continue
-                    if req.request_id not in self.requests:
-                        return
-                    self._submit(req, lane, inv)
+                if req.request_id not in self.requests:
+                    return  # it failed meanwhile
+                self._submit(req, lane, inv)
 
     def _ready(self, req: WorkerRequest, lane: Lane, inv: Invocation) -> bool:
         node = inv.node
@@ -437,9 +466,9 @@ class Worker(Component):
             call_id = next(self._call_ids)
             req.calls[call_id] = (lane, node)
             host, tensors = self._send_values(inputs, req.request_id, dest)
-            self.channel.send(dest, msg.NodeCall(call_id, info, lane.walk, node.name,
-                                                 lane.child, inv.iteration, self.address,
-                                                 host, tensors))
+            self._send(req, dest, msg.NodeCall(call_id, info, lane.walk, node.name,
+                                               lane.child, inv.iteration, self.address,
+                                               host, tensors))
             lane.in_flight.add(node.name)
             return
         work = NodeWork(request_id=req.request_id, child=lane.child, node=node,
@@ -470,7 +499,8 @@ class Worker(Component):
         work = result.work
         if isinstance(work.lane, RemoteCaller):
             if work.request_id in self.requests:
-                self._reply(work.lane, work.request_id, result.outputs, result.error)
+                self._reply(work.lane, self.requests[work.request_id], result.outputs,
+                            result.error)
             return
         req = self.requests.get(work.request_id)
         lane: Lane = work.lane
@@ -492,8 +522,7 @@ class Worker(Component):
         for idx, chunker in req.chunkers.items():
             freed = chunker.release()
             if freed and idx in req.producers:
-                self.channel.send(req.producers[idx],
-                                  msg.StreamCredit(req.request_id, idx, freed))
+                self._send(req, req.producers[idx], msg.StreamCredit(req.request_id, idx, freed))
 
     def _push_streams(self, req: WorkerRequest, node: GraphNode, outputs: dict[str, Any]) -> None:
         for idx, edge in enumerate(self.edges):
@@ -508,8 +537,8 @@ class Worker(Component):
             rows = int(next(iter(units.values())).shape[0])
             handles = {name: self.transport.put(t, req.request_id, owner=peer)
                        for name, t in units.items()}
-            self.channel.send(peer, msg.StreamPush(req.request_id, idx, self.address, handles,
-                                                   rows))
+            self._send(req, peer, msg.StreamPush(req.request_id, idx, self.address, handles,
+                                                 rows))
             req.pushed[idx] = req.pushed.get(idx, 0) + rows
             self.stream_peak = max(self.stream_peak,
                                    req.pushed[idx] - req.credited.get(idx, 0))
@@ -543,9 +572,51 @@ class Worker(Component):
         results = {n: self.transport.put(env[n], req.request_id)
                    for n in walk.results if isinstance(env.get(n), torch.Tensor)}
         del req.lanes[(lane.partition, lane.child)]
-        self.channel.send("conductor", msg.WalkDone(
+        self._send(req, "conductor", msg.WalkDone(
             req.request_id, lane.partition, lane.walk, lane.child, self.address, control,
             results, req.outputs_sent, dict(req.pushed)))
+
+    # -- stalls -----------------------------------------------------------------------------
+    def _report_blocked(self) -> None:
+        """`Blocked` for each request with nothing runnable, queued in an engine or awaited
+        from another worker here (called right after scheduling), unless nothing changed
+        since its last report: only a message can make such a request runnable again."""
+        queued = {t.request_id for e in self.engines.values() for t in e.waiting}
+        for req in self.requests.values():
+            if (req.request_id in queued or req.calls
+                    or any(lane.in_flight for lane in req.lanes.values())):
+                continue
+            signature = (req.received, tuple(sorted(req.sent.items())))
+            if signature == req.reported:
+                continue
+            req.reported = signature
+            self.channel.send("conductor", msg.Blocked(
+                req.request_id, self.address, next(self._report_seq), req.received,
+                dict(req.sent), self._waits(req)))
+
+    def _waits(self, req: WorkerRequest) -> list[str]:
+        """What the request's walks here wait on, in words."""
+        waits = [f"walk '{s.step.walk}' waits for the KV of "
+                 f"{', '.join(sorted(set(s.imports) - req.imported))} to arrive"
+                 for s in req.pending_starts]
+        for lane in req.lanes.values():
+            for inv in lane.cursor.pending():
+                node = inv.node
+                for idx, edge in enumerate(self.edges):
+                    if not self._edge_active(req, idx):
+                        continue
+                    where = f"walk '{lane.walk}' node '{node.name}'"
+                    route = f"streaming edge {edge.src}->{edge.dst}"
+                    outstanding = req.pushed.get(idx, 0) - req.credited.get(idx, 0)
+                    if edge.src == node.module and outstanding >= edge.policy.max_buffered:
+                        waits.append(f"{where} is paused for credits on {route} ({outstanding} "
+                                     f"rows not credited back, max_buffered "
+                                     f"{edge.policy.max_buffered})")
+                    if edge.dst == node.name:
+                        chunker = self._chunker(req, idx)
+                        waits.append(f"{where} waits on {route} ({chunker.pushed} units "
+                                     f"pushed, the next window needs {chunker.needed})")
+        return waits
 
     # -- introspection (tests, metrics) -----------------------------------------------------
     def _send_stats(self) -> None:

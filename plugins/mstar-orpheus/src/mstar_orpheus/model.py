@@ -100,10 +100,11 @@ class FrameAssembler:
 
 
 #: Windows of frames (see the module docstring): first window emits frames 0-1 of 0-3, then
-#: one frame with one frame of left context and two of lookahead. `max_buffered` counts the
-#: LLM's tokens in flight (a window needs 28 codes; skipped tokens count too).
+#: one frame with one frame of left context and two of lookahead. `max_buffered`: the LLM
+#: pauses once the codec holds 20 frames (about 1.7 s of audio) plus the tokens on their
+#: way; tokens that make no frame are credited back at once.
 STREAM_POLICY = ChunkPolicy(window=WINDOW_FRAMES, hop=1, emit=(1, 2), first_chunk=2,
-                            max_buffered=160, assemble=FrameAssembler)
+                            max_buffered=20, assemble=FrameAssembler)
 
 
 def frame_levels(frames: torch.Tensor) -> list[torch.Tensor]:
