@@ -218,6 +218,7 @@ def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
     server = uvicorn.Server(uvicorn.Config(
         create_app(GatewayBackend(deployment), settings), host=settings.host,
         port=settings.port, log_level=settings.log_level.lower(), lifespan="off",
+        access_log=False,  # the app logs one line per request, with its request id
         timeout_graceful_shutdown=int(settings.shutdown_grace)))
 
     def announce() -> None:
