@@ -429,6 +429,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     native = native_request_model(info)
     app = FastAPI(title="mstar", version=mstar_version(), openapi_url=None, docs_url=None,
                   redoc_url=None)
+    app.state.metrics = metrics  # routes added to the app count their requests with it
     app.add_middleware(RequestIdMiddleware)
     guarded = APIRouter(dependencies=[Depends(_require_key(settings.api_key))]
                         if settings.api_key else [])

@@ -137,16 +137,16 @@ class RequestMetrics:
             self.status = status
 
     def count(self, http_status: int) -> None:
-        """Count the request once, under its final status; a 5xx answer is an error
-        whatever the events said, a request that never recorded one takes the HTTP
-        status's (499: the client left)."""
+        """Count the request once, under its final status: an error answer (4xx, 5xx)
+        is never "ok" whatever the events said; a request that recorded none takes the
+        HTTP status's (499: the client left)."""
         if self._counted:
             return
         self._counted = True
         status = self.status
         if status is None:
             status = "ok" if http_status < 400 else "abort" if http_status == 499 else "error"
-        if http_status >= 500 and status == "ok":
+        if http_status >= 400 and status == "ok":
             status = "error"
         self._m.requests.labels(status).inc()
 
