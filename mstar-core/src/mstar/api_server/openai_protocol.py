@@ -112,7 +112,24 @@ class _Sampling(BaseModel):
     _logit_bias = field_validator("logit_bias")(check_logit_bias)
 
 
+#: What the refused fields accept (asking for nothing), as the OpenAPI document states it.
+_REFUSED_SCHEMAS: dict[str, dict[str, Any]] = {
+    "tools": {"type": "array", "maxItems": 0}, "functions": {"type": "array", "maxItems": 0},
+    "tool_choice": {"enum": ["none", None]}, "function_call": {"enum": ["none", None]},
+    "modalities": {"enum": [["text"], None]}, "audio": {"type": "null"},
+    "reasoning_effort": {"type": "null"}, "verbosity": {"type": "null"},
+    "web_search_options": {"type": "null"}}
+
+
+def _accepted_only(schema: dict[str, Any]) -> None:
+    for name, accepted in _REFUSED_SCHEMAS.items():
+        schema["properties"][name] = {**accepted, "description": "Not supported: refused "
+                                      "unless it asks for nothing."}
+
+
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_accepted_only)
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

@@ -247,7 +247,8 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
 
     @router.post("/v1/chat/completions", openapi_extra=request_body(
         oai.ChatCompletionRequest, "OpenAI's chat completion request (JSON, or "
-        "multipart/form-data: the JSON in the field `request`, files as upload://<name>)."))
+        "multipart/form-data: the JSON in the field `request`, files as upload://<name>).",
+        served=served))
     async def chat_completions(request: Request) -> Response:
         runner.recorder(request)
         if "chat" not in capabilities:
@@ -292,7 +293,7 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
                                 "chat.completion.chunk")
 
     @router.post("/v1/completions", openapi_extra=request_body(
-        oai.CompletionRequest, "OpenAI's (legacy) completion request."))
+        oai.CompletionRequest, "OpenAI's (legacy) completion request.", served=served))
     async def completions(request: Request) -> Response:
         runner.recorder(request)
         if "completions" not in capabilities:

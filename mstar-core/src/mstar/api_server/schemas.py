@@ -50,11 +50,14 @@ def check_body(model: type[BaseModel], body: dict[str, Any]) -> None:
     oai.parse(model, body)
 
 
-def request_body(model: type[BaseModel] | None, description: str) -> dict[str, Any]:
+def request_body(model: type[BaseModel] | None, description: str, *,
+                 served: str | None = None) -> dict[str, Any]:
     """A route's `openapi_extra` describing its JSON body as `model` (any JSON object when
-    None)."""
+    None); `served`: the one value its `model` field takes."""
     schema = (model.model_json_schema(ref_template=_REF) if model is not None
               else {"type": "object"})
+    if served is not None:
+        schema["properties"]["model"] = {"type": "string", "enum": [served]}
     return {"requestBody": {"required": True, "description": description,
                             "content": {"application/json": {"schema": schema}}}}
 

@@ -213,7 +213,8 @@ def add_speech_route(router: APIRouter, runner: Runner, info: ModelInfo,
     native = native_request_model(info) if "speech" in info["capabilities"] else None
 
     @router.post("/v1/audio/speech", openapi_extra=request_body(
-        SpeechRequest, "OpenAI's speech request, plus vLLM's sampling fields."))
+        SpeechRequest, "OpenAI's speech request, plus vLLM's sampling fields.",
+        served=served))
     async def speech(request: Request) -> Response:
         runner.recorder(request)
         if "speech" not in info["capabilities"]:
