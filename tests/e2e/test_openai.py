@@ -434,3 +434,14 @@ def test_generate_refuses_fields_the_model_does_not_declare(server):
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["param"] == param and (code is None or error["code"] == code), error
+
+
+def test_each_request_is_logged_once_with_its_id(server, client):
+    reply = client.chat.completions.with_raw_response.create(
+        model="testvla", messages=HI, max_tokens=2, extra_headers={"x-request-id": "logged-1"})
+    assert reply.headers["x-request-id"] == "logged-1"
+    server.wait_idle()
+    lines = [line for line in server.output().splitlines()
+             if "POST /v1/chat/completions" in line]
+    assert any("logged-1 POST /v1/chat/completions -> 200" in line for line in lines)
+    assert not any("HTTP/1.1" in line for line in lines)  # no second (access) line
