@@ -72,9 +72,10 @@ class SpeechRequest(BaseModel):
     input: str
     voice: str | None = None
     instructions: str | None = None
-    response_format: str = "mp3"
+    # str, checked by parse_speech (its 400 lists the choices); the schema states them
+    response_format: str = Field("mp3", json_schema_extra={"enum": list(FORMATS)})
     speed: float = Field(1.0, ge=SPEED_RANGE[0], le=SPEED_RANGE[1])
-    stream_format: str = "audio"
+    stream_format: str = Field("audio", json_schema_extra={"enum": list(STREAM_FORMATS)})
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
