@@ -38,8 +38,7 @@ def native_request_model(info: ModelInfo) -> type[BaseModel] | None:
     if not path:
         return None
     model = import_string(path)
-    config = ConfigDict(**{**model.model_config, "extra": "forbid"})
-    return type(model.__name__, (model,), {"model_config": config,
+    return type(model.__name__, (model,), {"model_config": ConfigDict(extra="forbid"),
                                            "__module__": model.__module__,
                                            "__doc__": model.__doc__})
 

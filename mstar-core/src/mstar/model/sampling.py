@@ -30,7 +30,7 @@ def check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
     added to the token's logit before sampling. Whether each id is in the vocabulary is
     checked where the tokenizer is known (the frontend)."""
     for key, bias in (value or {}).items():
-        if not key.isdigit():
+        if not (key.isascii() and key.isdigit()):
             raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
         if not -100 <= bias <= 100:
             raise ValueError(f"biases must be in [-100, 100], got {bias:g} for token {key}")
