@@ -256,6 +256,22 @@ def test_logits_processors_apply_in_order():
     assert (draws(logits[0], sampled, 300) != 0).all()
 
 
+def test_logit_bias_adds_to_its_rows_tokens_only():
+    """OpenAI's logit_bias: +100 makes a token every draw, -100 bans the greedy one; other
+    rows and ids past the vocabulary are untouched; out of range is refused."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    forced = SamplingParams(logit_bias={3: 100.0, 99: 5.0})
+    assert (draws(logits[0], forced, 200) == 3).all()
+    banned = SamplingParams(temperature=0.0, logit_bias={0: -100.0})
+    assert sample(logits, [row(banned)]).token_ids.item() == 1
+    got = process_logits(logits.expand(2, -1), [row(SamplingParams(logit_bias={1: 0.5})),
+                                                row()])
+    assert torch.equal(got, torch.tensor([[2.0, 1.5, 0.0, -1.0], [2.0, 1.0, 0.0, -1.0]]))
+    for bad in ({0: 100.5}, {-1: 1.0}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad).validate()
+
+
 def test_unknown_processor_is_an_error_listing_registered_ones():
     params = SamplingParams(logits_processors=["nope"])
     with pytest.raises(ValueError, match="test_ban_zero"):

@@ -19,6 +19,7 @@ import pytest
 import torch
 import uvicorn
 from conftest import image, wait_for
+from fastapi import Request
 from prometheus_client.parser import text_string_to_metric_families
 
 import mstar
@@ -115,7 +116,8 @@ def assert_error(response: httpx.Response, status: int, *, mentions: str = "") -
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status or isinstance(error["code"], str), error
     assert mentions in f"{error['param']} {error['message']}", error
     return error
 
@@ -275,11 +277,22 @@ def test_unhandled_errors_and_validation_errors_keep_the_error_shape(backend):
     async def typed(body: Typed) -> dict:
         return {"n": body.n}
 
+    @app.post("/boom-after-finish")
+    async def boom_after_finish(request: Request) -> None:
+        recorder = request.state.recorder = app.state.metrics.request()
+        recorder.finish("ok")  # the events said it finished, then building the answer failed
+        raise RuntimeError("secret internals")
+
     with serving(app) as c:
         r = c.get("/boom", headers={"x-request-id": "boom-1"})
         error = assert_error(r, 500, mentions="boom-1")
         assert error["type"] == "server_error" and r.headers["x-request-id"] == "boom-1"
         assert "secret" not in r.text and "Traceback" not in r.text
+        before = scrape(c)
+        assert_error(c.post("/boom-after-finish"), 500)
+        after = scrape(c)
+        assert requests_total(after, "error") == requests_total(before, "error") + 1
+        assert requests_total(after, "ok") == requests_total(before, "ok")
         assert assert_error(c.post("/typed", json={"n": "many"}), 400)["param"] == "n"
         assert c.post("/typed", json={"n": 3}).json() == {"n": 3}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import httpx
 import openai
@@ -308,3 +309,139 @@ def test_repeated_images_and_system_prompts_hit_the_caches(server, client):
     assert second.choices[0].message.content == first.choices[0].message.content
     assert [i.logprob for i in second.choices[0].logprobs.content] == pytest.approx(
         [i.logprob for i in first.choices[0].logprobs.content], abs=1e-5)
+
+
+# -- what OpenAI refuses or ignores ---------------------------------------------------------------
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(("extra", "param", "code", "words"), [
+    ({"max_token": 8}, "max_token", "unknown_field", "Unrecognized request argument"),
+    ({"messages": [{"role": "user", "content": "hi", "mood": "sunny"}]}, "messages[0].mood",
+     "unknown_field", "mood"),
+    ({"max_tokens": "8"}, "max_tokens", "invalid_type", "integer"),
+    ({"stream": "false"}, "stream", "invalid_type", "boolean"),
+    ({"temperature": "0.5"}, "temperature", "invalid_type", "number"),
+    ({"n": 1.0}, "n", "invalid_type", "integer"),
+    ({"reasoning_effort": "high"}, "reasoning_effort", None, "not supported"),
+    ({"modalities": ["text", "audio"]}, "modalities", None, "only text"),
+    ({"logit_bias": {"abc": 5}}, "logit_bias", None, "token ids"),
+    ({"logit_bias": {"65": 101}}, "logit_bias", None, "[-100, 100]"),
+    ({"logit_bias": {"100000": 1}}, "logit_bias", None, "vocabulary size"),
+    ({"chat_template_kwargs": {"messages": 5}}, "chat_template_kwargs.messages", None,
+     "may not set `messages`"),
+])
+def test_unknown_fields_wrong_types_and_unsupported_options_are_400(client, extra, param,
+                                                                     code, words):
+    """As OpenAI's API: strict types (no "8" for 8), unknown fields named; options that
+    would change the output and are not supported are refused, never silently dropped."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="testvla", messages=HI, max_tokens=4,
+                                       extra_body=extra)
+    error = info.value.body
+    assert error["param"] == param and words in error["message"], error
+    assert code is None or error["code"] == code, error
+    assert "Traceback" not in error["message"] and "keyword argument" not in error["message"]
+
+
+def test_fields_that_cannot_change_the_output_are_accepted_and_ignored(client):
+    plain = client.chat.completions.create(model="testvla", messages=HI, **GREEDY)
+    decorated = client.chat.completions.create(
+        model="testvla", messages=HI, **GREEDY, user="u-1", store=False,
+        metadata={"team": "a"}, service_tier="auto", parallel_tool_calls=False,
+        extra_body={"prompt_cache_key": "k", "safety_identifier": "s", "tool_choice": "none",
+                    "modalities": ["text"]})
+    assert decorated.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_logit_bias_forces_or_bans_a_token(client):
+    """+100 on one token makes it every sampled token (testvla's tokens are bytes: 65 is
+    "A"), even at temperature 1; -100 on the greedy answer's first token bans it."""
+    forced = client.chat.completions.create(model="testvla", messages=HI, max_tokens=8,
+                                            temperature=1.0, seed=1, logit_bias={"65": 100})
+    assert forced.choices[0].message.content == "A" * 8
+    completion = client.completions.create(model="testvla", prompt="once", max_tokens=6,
+                                           temperature=1.0, seed=1, logit_bias={"66": 100})
+    assert completion.choices[0].text == "B" * 6
+    greedy = client.completions.create(model="testvla", prompt="once", max_tokens=6,
+                                       temperature=0, logprobs=0)
+    first = greedy.choices[0].logprobs.tokens[0]
+    (banned,) = first.encode()
+    again = client.completions.create(model="testvla", prompt="once", max_tokens=6,
+                                      temperature=0, logprobs=0,
+                                      logit_bias={str(banned): -100})
+    assert again.choices[0].logprobs.tokens[0] != first
+    assert first not in again.choices[0].logprobs.tokens
+
+
+def test_created_is_the_time_of_the_request(client):
+    before = int(time.time())
+    reply = client.chat.completions.create(model="testvla", messages=HI, max_tokens=2)
+    chunks = list(client.completions.create(model="testvla", prompt="x", max_tokens=2,
+                                            stream=True))
+    after = int(time.time()) + 1
+    assert before <= reply.created <= after
+    assert all(before <= chunk.created <= after for chunk in chunks)
+
+
+def test_json_nested_past_the_limit_is_a_400_stating_it(server):
+    from mstar.api_server.app import MAX_JSON_DEPTH
+
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    deep = "[" * 3000 + "]" * 3000
+    chat = '{"model": "testvla", "messages": [{"role": "user", "content": "hi"}]'
+    levels = 1500  # a JSON schema 3000 levels deep
+    schema = '{"type": "object", "properties": {"a": ' * levels + "{}" + "}}" * levels
+    nested_schema = (chat + ', "response_format": {"type": "json_schema", "json_schema": '
+                     '{"name": "deep", "schema": ' + schema + "}}}")
+    for path, content in (("/v1/chat/completions", chat + ', "x": ' + deep + "}"),
+                          ("/v1/chat/completions", nested_schema),
+                          ("/v1/completions", '{"model": "testvla", "prompt": ' + deep + "}"),
+                          ("/generate", '{"prompt": ' + deep + "}"),
+                          ("/v1/audio/speech", '{"input": ' + deep + "}")):
+        response = httpx.post(server.url + path, content=content, headers=headers, timeout=30)
+        assert response.status_code == 400, (path, response.text)
+        error = response.json()["error"]
+        assert f"deeper than {MAX_JSON_DEPTH} levels" in error["message"], error
+    multipart = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                           headers={"Authorization": f"Bearer {KEY}"},
+                           data={"request": chat + ', "x": ' + deep + "}"},
+                           files={"f": ("f.png", b"x")})
+    assert multipart.status_code == 400 and multipart.json()["error"]["param"] == "request"
+    assert server.client.get("/health").status_code == 200
+
+
+def test_openapi_describes_every_route_and_the_models_request(server):
+    doc = server.client.get("/openapi.json").json()
+    bodies = {path: ops["post"]["requestBody"]["content"]["application/json"]["schema"]
+              for path, ops in doc["paths"].items() if "post" in ops}
+    assert set(bodies) == {"/generate", "/v1/chat/completions", "/v1/completions",
+                           "/v1/audio/speech"}
+    assert {"prompt", "mode", "num_steps", "image"} <= set(bodies["/generate"]["properties"])
+    assert "messages" in bodies["/v1/chat/completions"]["properties"]
+    assert bodies["/v1/chat/completions"]["additionalProperties"] is False
+    refs = json.dumps(doc).count('"$ref": "#/components/schemas/')
+    assert refs and "$defs" not in json.dumps(doc)
+    assert httpx.get(server.url + "/openapi.json", timeout=30).status_code == 401  # the key
+
+
+def test_generate_refuses_fields_the_model_does_not_declare(server):
+    for body, param, code in (({"prompt": "hi", "max_token": 4}, "max_token", "unknown_field"),
+                              ({"prompt": "hi", "max_tokens": "4"}, "max_tokens",
+                               "invalid_type"),
+                              ({"prompt": "hi", "mode": "dance"}, "mode", None)):
+        response = server.generate(body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and (code is None or error["code"] == code), error
+
+
+def test_each_request_is_logged_once_with_its_id(server, client):
+    reply = client.chat.completions.with_raw_response.create(
+        model="testvla", messages=HI, max_tokens=2, extra_headers={"x-request-id": "logged-1"})
+    assert reply.headers["x-request-id"] == "logged-1"
+    server.wait_idle()
+    lines = [line for line in server.output().splitlines()
+             if "POST /v1/chat/completions" in line]
+    assert any("logged-1 POST /v1/chat/completions -> 200" in line for line in lines)
+    assert not any("HTTP/1.1" in line for line in lines)  # no second (access) line

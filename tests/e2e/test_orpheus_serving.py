@@ -128,5 +128,28 @@ def test_openai_speech_decodes_to_24khz_audio_of_every_frame(colocated, expected
 
 def test_an_unknown_voice_is_a_400_listing_the_voices(colocated):
     client = openai.OpenAI(base_url=colocated.url + "/v1", api_key="none", max_retries=0)
-    with pytest.raises(openai.BadRequestError, match="voices: tara, leah, jess, leo, dan"):
+    with pytest.raises(openai.BadRequestError, match="voices: tara, leah, jess, leo, dan") as info:
         client.audio.speech.create(model="orpheus", input="hi", voice="nova")
+    assert info.value.param == "voice"
+
+
+def test_speech_errors_name_their_field_and_are_no_server_errors(colocated):
+    """Too long a text names `input` (not the prompt the model built from it); too few
+    tokens for one frame end the request without audio: a 400 naming max_tokens, counted
+    as an error; a chat on this speech-only model names its capabilities."""
+    client = openai.OpenAI(base_url=colocated.url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.audio.speech.create(model="orpheus", input="word " * 2000, voice="tara",
+                                   extra_body={"max_tokens": 70})
+    assert info.value.param == "input" and "max_seq_len" in info.value.message
+    errors = colocated.metric('mstar_requests_total{status="error"}')
+    with pytest.raises(openai.BadRequestError) as info:
+        client.audio.speech.create(model="orpheus", input="hi", voice="tara",
+                                   extra_body={"max_tokens": 3, "ignore_eos": True})
+    assert info.value.param == "max_tokens" and "without any audio" in info.value.message
+    assert colocated.metric('mstar_requests_total{status="error"}') == errors + 1
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="orpheus", messages=[{"role": "user",
+                                                                   "content": "hi"}])
+    assert info.value.param == "model" and "its capabilities: generate, speech" in info.value.message
+    colocated.wait_idle()

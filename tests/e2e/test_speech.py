@@ -166,7 +166,10 @@ def test_speed_shortens_the_audio(client, native):
     ({"speed": 8}, "speed", "4"),
     ({"voice": {"id": "voice_1"}}, "voice", "string"),
     ({"max_tokens": 0}, "max_tokens", "greater than"),
-    ({"voice": "nova"}, None, "'alloy' or 'echo'"),  # the model's own check
+    ({"voice": "nova"}, "voice", "'alloy' or 'echo'"),  # the model's request_schema
+    ({"input": "word " * 200}, "input", "max_seq_len"),
+    ({"max_token": 5}, "max_token", "Unrecognized request argument"),
+    ({"max_tokens": "5"}, "max_tokens", "integer"),
 ])
 def test_bad_requests_are_400_naming_the_field(client, change, param, words):
     with pytest.raises(openai.BadRequestError) as info:
@@ -202,7 +205,32 @@ def test_a_model_without_speech_answers_400_naming_its_capabilities():
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and "speech" in error["message"]
-    assert "chat, completions" in error["message"]
+    assert "chat, completions" in error["message"] and error["param"] == "model"
+
+
+class _SpeechOnly(LocalBackend):
+    """testvla as a model that declares only "speech" (as Orpheus does)."""
+
+    def model_info(self) -> ModelInfo:
+        return {**super().model_info(), "capabilities": ["speech"]}
+
+
+def test_chat_on_a_speech_only_model_answers_400_naming_its_capabilities():
+    deployment = mstar.load("testvla", preset="tiny", load_format="dummy", max_seq_len=64)
+    try:
+        app = create_app(_SpeechOnly(deployment), ServerSettings(api_key=None))
+        with TestClient(app) as http:
+            chat = http.post("/v1/chat/completions", json={
+                "model": "testvla", "messages": [{"role": "user", "content": "hi"}]})
+            completion = http.post("/v1/completions", json={"model": "testvla",
+                                                            "prompt": "hi"})
+    finally:
+        deployment.close()
+    for response, route in ((chat, "/v1/chat/completions"), (completion, "/v1/completions")):
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "model" and error["code"] == "unsupported_capability"
+        assert route in error["message"] and "its capabilities: speech" in error["message"]
 
 
 @pytest.mark.parametrize("stream_format", ["audio", "sse"])

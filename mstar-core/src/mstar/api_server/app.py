@@ -41,6 +41,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mstar import events
 from mstar.api_server.backend import Backend
 from mstar.api_server.metrics import Metrics, RequestMetrics, status_of
+from mstar.api_server.openai_protocol import InvalidRequest
+from mstar.api_server.schemas import (
+    check_body,
+    mstar_version,
+    native_request_model,
+    openapi_document,
+    request_body,
+)
 from mstar.config.settings import ServerSettings
 from mstar.engine.work import RequestError
 
@@ -54,6 +62,11 @@ _DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks its 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 _RETRY = {"Retry-After": str(RETRY_AFTER_S)}
+#: How deeply a JSON body may nest objects and arrays: deeper is a 400 found by a scan of
+#: the raw bytes, before any parser or validator recurses into it.
+MAX_JSON_DEPTH = 64
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+_OPENERS, _CLOSERS = frozenset(b"[{"), frozenset(b"]}")
 
 
 def error_type(status: int) -> str:
@@ -83,7 +96,7 @@ class ApiError(Exception):
     """An HTTP error a route raises; answered by `error_response`."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 headers: Mapping[str, str] | None = None, code: str | None = None):
+                 headers: Mapping[str, str] | None = None, code: str | int | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = dict(headers or {})
@@ -100,7 +113,10 @@ def new_request_id() -> str:
 class RequestIdMiddleware:
     """Gives every HTTP request an id (the client's `x-request-id` when sane, else a new
     one) that the runtime and every log line use, puts it on the response, logs one line per
-    request, and answers an unhandled exception with a 500 carrying the id, never a trace."""
+    request (uvicorn's access log is off), and answers an unhandled exception with a 500
+    carrying the id, never a trace. A request whose route took a metrics recorder
+    (`Runner.recorder`) is counted here, just before its last byte leaves, under the status
+    the client gets."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -114,11 +130,18 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         started, status = time.perf_counter(), 0
 
+        def count(http_status: int) -> None:
+            recorder = scope["state"].get("recorder")
+            if recorder is not None:
+                recorder.count(http_status)
+
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 MutableHeaders(scope=message)["x-request-id"] = rid
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                count(status)
             await send(message)
 
         try:
@@ -128,6 +151,8 @@ class RequestIdMiddleware:
             if status == 0:  # nothing sent yet: the client still gets a JSON answer
                 await error_response(500, f"internal server error (request id {rid})")(
                     scope, receive, send_with_id)
+            status = status or 500
+        count(status or 499)  # a response cut short (the client left, an error mid-body)
         log.info("%s %s %s -> %d in %.3f s", rid, scope["method"], scope["path"], status,
                  time.perf_counter() - started)
 
@@ -145,8 +170,33 @@ def _require_key(api_key: str) -> Callable[[Request], Awaitable[None]]:
     return require_key
 
 
+def decode_json(raw: bytes | str, *, what: str = "the body",
+                param: str | None = None) -> dict[str, Any]:
+    """`raw` as a JSON object; a 400 naming `param` when it is not JSON, not an object, or
+    nests deeper than `MAX_JSON_DEPTH`."""
+    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    depth = 0
+    for token in _JSON_TOKEN.finditer(data):
+        char = data[token.start()]
+        if char in _OPENERS:
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ApiError(400, f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels",
+                               param=param, code="json_too_deep")
+        elif char in _CLOSERS:
+            depth -= 1
+    try:
+        value = msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"{what} is not valid JSON: {exc}", param=param) from None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{what} must be a JSON object", param=param)
+    return value
+
+
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, refused past `limit` bytes (declared or streamed)."""
+    """The body as a JSON object (`decode_json`), refused past `limit` bytes (declared or
+    streamed)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise ApiError(413, f"request body of {int(length)} bytes is over the limit of "
@@ -156,13 +206,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         body += chunk
         if len(body) > limit:
             raise ApiError(413, f"request body is over the limit of {limit} bytes")
-    try:
-        data = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    return data
+    return decode_json(body)
 
 
 def terminal(event: events.Event) -> bool:
@@ -301,6 +345,14 @@ class Runner:
         self.limit = backend.model_info()["max_concurrent_requests"]
         self._admitting = 0
 
+    def recorder(self, request: Request) -> RequestMetrics:
+        """The request's metrics recorder, made on first use; the middleware counts it
+        when the response ends (routes take it first, so refusals count too)."""
+        recorder = getattr(request.state, "recorder", None)
+        if recorder is None:
+            recorder = request.state.recorder = self.metrics.request()
+        return recorder
+
     def admit(self) -> None:
         problem = self.backend.failed()
         if problem is not None:
@@ -313,11 +365,11 @@ class Runner:
 
     async def start(self, request: Request, body: Mapping[str, Any], *,
                     kind: str = "generate", blobs: list[bytes] | None = None,
-                    recorder: RequestMetrics | None = None) -> tuple[Run, events.Event]:
+                    ) -> tuple[Run, events.Event]:
         """Submit and await the first event. An `Error` first event raises `ApiError`
         (the request has ended); the caller owns the `Run` and must `close` it."""
         rid = request.state.request_id
-        recorder = recorder or self.metrics.request()
+        recorder = self.recorder(request)
         try:
             self.admit()
             run = Run(self.backend, rid, self.settings.timeout, recorder)
@@ -334,9 +386,6 @@ class Runner:
         except ApiError as exc:
             recorder.finish("rejected" if exc.status in (429, 503) else "error")
             log.info("%s refused (%d): %s", rid, exc.status, exc.message)
-            raise
-        except Exception:
-            recorder.finish("error")
             raise
         log.info("%s submitted (%s)", rid, kind)
         try:
@@ -378,7 +427,10 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     metrics = Metrics(backend.stats)
     runner = Runner(backend, settings, metrics)
     backend.use_media_limits(settings.media_limits())
-    app = FastAPI(title="mstar", openapi_url=None, docs_url=None, redoc_url=None)
+    native = native_request_model(info)
+    app = FastAPI(title="mstar", version=mstar_version(), openapi_url=None, docs_url=None,
+                  redoc_url=None)
+    app.state.metrics = metrics  # routes added to the app count their requests with it
     app.add_middleware(RequestIdMiddleware)
     guarded = APIRouter(dependencies=[Depends(_require_key(settings.api_key))]
                         if settings.api_key else [])
@@ -387,6 +439,10 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     async def api_error(request: Request, exc: ApiError) -> Response:
         return error_response(exc.status, exc.message, param=exc.param, headers=exc.headers,
                               code=exc.code)
+
+    @app.exception_handler(InvalidRequest)
+    async def invalid_request(request: Request, exc: InvalidRequest) -> Response:
+        return error_response(400, str(exc), param=exc.param, code=exc.code)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -426,19 +482,23 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         return Response(await anyio.to_thread.run_sync(metrics.render),
                         media_type=CONTENT_TYPE_LATEST)
 
-    @guarded.post("/generate")
+    @guarded.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return openapi_document(app)
+
+    @guarded.post("/generate", openapi_extra=request_body(native, "The model's own request "
+                  "(its `request_schema`), plus `stream` (SSE when true)."))
     async def generate(request: Request) -> Response:
         rid = request.state.request_id
-        recorder = metrics.request()
-        try:
-            body = await read_json(request, settings.max_body_bytes)
-            stream = body.pop("stream", False)  # the transport's option, not the model's
-            if not isinstance(stream, bool):
-                raise ApiError(400, "stream must be true or false", param="stream")
-        except ApiError:
-            recorder.finish("error")
-            raise
-        run, first = await runner.start(request, body, recorder=recorder)
+        runner.recorder(request)
+        body = await read_json(request, settings.max_body_bytes)
+        stream = body.pop("stream", False)  # the transport's option, not the model's
+        if not isinstance(stream, bool):
+            raise ApiError(400, "stream must be true or false", param="stream",
+                           code="invalid_type")
+        if native is not None:
+            check_body(native, body)
+        run, first = await runner.start(request, body)
         if stream:
             return EventStream(_sse(run, first), on_close=run.close)
         try:
@@ -450,8 +510,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         finally:
             run.close()
 
-    add_openai_routes(guarded, runner, info, settings, created)
-    add_speech_route(guarded, runner, info, settings, created)
+    add_openai_routes(guarded, runner, info, settings)
+    add_speech_route(guarded, runner, info, settings)
     app.include_router(guarded)
     return app
 

@@ -24,12 +24,14 @@ Sink = Callable[[events.Event], None]
 
 
 class ModelInfo(TypedDict):
-    """What `/v1/models` shows and what admission needs."""
+    """What `/v1/models` shows, what admission needs, and the import string of the pydantic
+    model of `/generate`'s body (`ModelSpec.request_schema`, None when undeclared)."""
 
     name: str
     capabilities: list[str]
     max_model_len: int
     max_concurrent_requests: int
+    request_schema: str | None
 
 
 class Stats(TypedDict):
@@ -131,7 +133,8 @@ class EntryBackend:
         spec, config = self.deployment.spec, self.deployment.config
         return ModelInfo(name=spec.name, capabilities=list(spec.capabilities),
                          max_model_len=config.max_seq_len,
-                         max_concurrent_requests=config.max_concurrent_requests)
+                         max_concurrent_requests=config.max_concurrent_requests,
+                         request_schema=spec.request_schema)
 
     def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str, *,
                kind: str = "generate", blobs: Sequence[bytes] = ()) -> str:

@@ -38,6 +38,7 @@ from mstar.engine.kv_cache import capacity_tokens, pages_for_completions
 from mstar.engine.rng import draw_seed
 from mstar.engine.work import RequestError
 from mstar.model.contract import Model, OutputState, RequestPlan
+from mstar.model.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from mstar.media import MediaLimits
@@ -80,6 +81,18 @@ def stop_strings(value: Any) -> list[str]:
     return list(stops)
 
 
+def tokenizer_vocab_size(tokenizer: Any) -> int | None:
+    """How many token ids `tokenizer` knows (`len()`, else its `token_bytes()`), None when
+    it does not say: ids at or past it cannot be biased (`logit_bias`)."""
+    if tokenizer is None:
+        return None
+    if hasattr(tokenizer, "__len__"):
+        return len(tokenizer)
+    if callable(getattr(tokenizer, "token_bytes", None)):
+        return len(tokenizer.token_bytes())
+    return None
+
+
 class Frontend(Component):
     def __init__(self, model: Model, config: DeploymentConfig, channel: Channel,
                  transport: Transport, *, client: str = "api",
@@ -91,6 +104,7 @@ class Frontend(Component):
         self.client = client
         self.model = model
         self.tokenizer = model.tokenizer()
+        self.vocab_size = tokenizer_vocab_size(self.tokenizer)
         self.media_limits = media_limits
         self.config = config
         self.channel = channel
@@ -123,7 +137,13 @@ class Frontend(Component):
                 try:
                     params.validate()
                 except ValueError as exc:
-                    raise RequestError(f"sampling[{site}]: {exc}") from None
+                    field = str(exc).split(" ", 1)[0].rstrip(":")
+                    raise RequestError(f"sampling[{site}]: {exc}", param=field if field in
+                                       SamplingParams.__struct_fields__ else None) from None
+                if self.vocab_size is not None and any(
+                        token >= self.vocab_size for token in params.logit_bias):
+                    raise RequestError(f"logit_bias: token ids must be below the vocabulary "
+                                       f"size {self.vocab_size}", param="logit_bias")
         except RequestError:
             raise
         except (ValueError, TypeError, KeyError) as exc:

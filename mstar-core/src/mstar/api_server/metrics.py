@@ -136,13 +136,16 @@ class Metrics:
 
 
 class RequestMetrics:
-    """One request's clock: feed it every event the client gets, then one final status."""
+    """One request's clock: feed it every event the client gets and its final status; it is
+    counted once, by `count`, when the response's status is known (so a request the route
+    ends with a 5xx is an error even after a `Finished` event)."""
 
     def __init__(self, metrics: Metrics):
         self._m = metrics
         self._start = time.perf_counter()
         self._first_seen = False
         self._last_streamed: float | None = None
+        self._counted = False
         self.status: str | None = None
 
     def event(self, event: events.Event) -> None:
@@ -158,10 +161,23 @@ class RequestMetrics:
             self._m.output_tokens.inc(event.usage.completion_tokens)
 
     def finish(self, status: str) -> None:
-        """Count the request once, under its first final status."""
+        """Record the request's final status (the first one given wins)."""
         if self.status is None:
             self.status = status
-            self._m.requests.labels(status).inc()
+
+    def count(self, http_status: int) -> None:
+        """Count the request once, under its final status: an error answer (4xx, 5xx)
+        is never "ok" whatever the events said; a request that recorded none takes the
+        HTTP status's (499: the client left)."""
+        if self._counted:
+            return
+        self._counted = True
+        status = self.status
+        if status is None:
+            status = "ok" if http_status < 400 else "abort" if http_status == 499 else "error"
+        if http_status >= 400 and status == "ok":
+            status = "error"
+        self._m.requests.labels(status).inc()
 
 
 __all__ = ["STATUSES", "Metrics", "RequestMetrics", "status_of"]

@@ -1,10 +1,13 @@
 """OpenAI's request and response shapes for `/v1/chat/completions` and `/v1/completions`.
 
-Requests are pydantic models (a bad field is a 400 whose `param` names it, as OpenAI's
-are); `native_fields` turns one into the sampling fields every model's request takes
-(`mstar.model.SamplingFields`), and the `*_response` / `*_chunk` functions build the
-answers from `mstar.events`. vLLM's extensions that users rely on (`top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`, `chat_template_kwargs`) are accepted too.
+Requests are strict pydantic models, as OpenAI's API is: an unknown field (`max_token`) or
+a wrong type (`"max_tokens": "8"`, `"stream": "false"`) is a 400 whose `param` names it
+(floats take integers). `native_fields` turns one into the sampling fields every model's
+request takes (`mstar.model.SamplingFields`), and the `*_response` / `*_chunk` functions
+build the answers from `mstar.events`. vLLM's extensions that users rely on (`top_k`,
+`min_p`, `repetition_penalty`, `ignore_eos`, `chat_template_kwargs`) are accepted too.
+OpenAI's fields that cannot change the output are accepted and ignored (`IGNORED_FIELDS`);
+those that would and are not supported are refused (`check_chat`, `check_completion`).
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mstar import events
-from mstar.model.sampling import ResponseFormatField
+from mstar.model.sampling import ResponseFormatField, check_logit_bias
 
 _FORBID = ConfigDict(extra="forbid")
-_IGNORE = ConfigDict(extra="ignore")
+#: OpenAI's fields that are accepted and have no effect here: none changes the output.
+IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "parallel_tool_calls",
+                  "prompt_cache_key", "safety_identifier", "prediction")
 
 
 class TextPart(BaseModel):
@@ -69,7 +74,7 @@ ContentPart = Annotated[TextPart | ImagePart | AudioPart | VideoPart,
 
 
 class ChatMessage(BaseModel):
-    model_config = _IGNORE
+    model_config = _FORBID
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -83,7 +88,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """Fields both routes share."""
 
-    model_config = _IGNORE
+    model_config = _FORBID
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -95,6 +100,8 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    # accepted and ignored (IGNORED_FIELDS)
     user: str | None = None
     # vLLM's extensions
     top_k: int | None = Field(None, ge=0)
@@ -102,17 +109,51 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
 
+    _logit_bias = field_validator("logit_bias")(check_logit_bias)
+
+
+#: What the refused fields accept (asking for nothing), as the OpenAPI document states it.
+_REFUSED_SCHEMAS: dict[str, dict[str, Any]] = {
+    "tools": {"type": "array", "maxItems": 0}, "functions": {"type": "array", "maxItems": 0},
+    "tool_choice": {"enum": ["none", None]}, "function_call": {"enum": ["none", None]},
+    "modalities": {"enum": [["text"], None]}, "audio": {"type": "null"},
+    "reasoning_effort": {"type": "null"}, "verbosity": {"type": "null"},
+    "web_search_options": {"type": "null"}}
+
+
+def _accepted_only(schema: dict[str, Any]) -> None:
+    for name, accepted in _REFUSED_SCHEMAS.items():
+        schema["properties"][name] = {**accepted, "description": "Not supported: refused "
+                                      "unless it asks for nothing."}
+
 
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_accepted_only)
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormatField | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # accepted and ignored (IGNORED_FIELDS)
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    prediction: dict[str, Any] | None = None
+    # refused unless they ask for nothing (check_chat)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -124,11 +165,12 @@ class CompletionRequest(_Sampling):
 
 
 class InvalidRequest(ValueError):
-    """A request OpenAI would refuse with 400; `param` names the field."""
+    """A request OpenAI would refuse with 400; `param` names the field, `code` says how
+    ("unknown_field", "invalid_type"; None: another bad value)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 #: Names pydantic puts in an error's location for the member of a union that failed.
@@ -157,18 +199,31 @@ def _got(error: Any) -> str:
     return ""
 
 
+def _code(error: Any) -> str | None:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown_field"
+    return "invalid_type" if kind.endswith("_type") else None
+
+
 def parse(model: type[T], body: dict[str, Any]) -> T:
-    """`body` as `model`, or InvalidRequest naming the first bad field."""
+    """`body` as `model`, strictly (no string to number or boolean coercion), or
+    InvalidRequest naming the first bad field: an unknown one first, as OpenAI's
+    "Unrecognized request argument supplied: <name>"."""
     try:
-        return model.model_validate(body)
+        return model.model_validate(body, strict=True)
     except ValidationError as exc:
         # the deepest error first: in a union, the member that got furthest is the one meant
-        errors = sorted(exc.errors(), key=lambda e: -len(e["loc"]))
+        errors = sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden",
+                                                     -len(e["loc"])))
         first = errors[0]
         param = _loc(first["loc"]) or None
+        if first["type"] == "extra_forbidden":
+            raise InvalidRequest(f"Unrecognized request argument supplied: {param}", param,
+                                 "unknown_field") from None
         detail = "; ".join(f"{_loc(e['loc']) or 'body'}: {e['msg']}{_got(e)}"
                            for e in errors[:5])
-        raise InvalidRequest(f"invalid request: {detail}", param) from None
+        raise InvalidRequest(f"invalid request: {detail}", param, _code(first)) from None
 
 
 def check_common(req: _Sampling) -> None:
@@ -180,8 +235,17 @@ def check_common(req: _Sampling) -> None:
 
 
 def check_chat(req: ChatCompletionRequest) -> None:
-    if req.tools or req.tool_choice not in (None, "none") or req.functions:
+    """OpenAI's fields that would change the output and are not supported are refused
+    unless they ask for nothing (no tools, text only)."""
+    if req.tools or req.tool_choice not in (None, "none") or req.functions or \
+            req.function_call not in (None, "none"):
         raise InvalidRequest("tool calling is not supported yet", "tools")
+    if req.modalities not in (None, ["text"]) or req.audio is not None:
+        raise InvalidRequest("only text output is supported (modalities: [\"text\"])",
+                             "modalities" if req.audio is None else "audio")
+    for name in ("reasoning_effort", "verbosity", "web_search_options"):
+        if getattr(req, name) is not None:
+            raise InvalidRequest(f"{name} is not supported", name)
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
     if req.response_format is not None:
@@ -210,7 +274,7 @@ def native_fields(req: _Sampling, *, default_max_tokens: int) -> dict[str, Any]:
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
     out["max_tokens"] = max_tokens or default_max_tokens
     for name in ("temperature", "top_p", "seed", "frequency_penalty", "presence_penalty",
-                 "top_k", "min_p", "repetition_penalty", "stop"):
+                 "top_k", "min_p", "repetition_penalty", "stop", "logit_bias"):
         value = getattr(req, name)
         if value is not None:
             out[name] = value

@@ -1,5 +1,6 @@
 """The OpenAI-compatible routes, enabled by the model's declared capabilities (never its
-name): `chat` gives `POST /v1/chat/completions`, `completions` gives `POST /v1/completions`.
+name): `chat` gives `POST /v1/chat/completions`, `completions` gives `POST /v1/completions`;
+on a model without the capability the route answers 400 naming the capabilities it has.
 
 Here, in the API server: parse and check the request (`openai_protocol`), refuse media the
 model does not take (capabilities `image_input`, `audio_input`, `video_input`), fetch every
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,11 +36,13 @@ from mstar.api_server.app import (
     Run,
     Runner,
     collect,
+    decode_json,
     error_body,
     event_status,
     read_json,
     terminal,
 )
+from mstar.api_server.schemas import request_body
 
 if TYPE_CHECKING:
     from mstar.api_server.backend import ModelInfo
@@ -143,9 +147,18 @@ async def _stream(run: Run, first: events.Event, n: int, include_usage: bool,
         event = await run.next()
 
 
+def lacks(info: ModelInfo, capability: str, route: str) -> ApiError:
+    """The 400 for a route the served model's capabilities do not include."""
+    have = ", ".join(sorted(info["capabilities"])) or "none"
+    return ApiError(400, f"model {info['name']!r} does not serve {route} (capability "
+                         f"{capability!r}); its capabilities: {have}", param="model",
+                    code="unsupported_capability")
+
+
 def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
-                      settings: ServerSettings, created: int) -> None:
-    """Add the routes the model's capabilities enable to `router`."""
+                      settings: ServerSettings) -> None:
+    """Add the chat and completion routes to `router` (each refusing with a 400 when the
+    model's capabilities lack it)."""
     capabilities = set(info["capabilities"])
     served = info["name"]
     limits = settings.media_limits()
@@ -180,14 +193,7 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
             if not isinstance(raw, str):
                 raise ApiError(400, "a multipart request needs a `request` field holding "
                                     "the JSON body", param="request")
-            try:
-                body = msgspec.json.decode(raw)
-            except msgspec.DecodeError as exc:
-                raise ApiError(400, f"the request field is not valid JSON: {exc}",
-                               param="request") from None
-            if not isinstance(body, dict):
-                raise ApiError(400, "the request field must be a JSON object",
-                               param="request")
+            body = decode_json(raw, what="the request field", param="request")
             for _, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     try:
@@ -205,7 +211,7 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
                                 f"{served!r}", param="model", code="model_not_found")
 
     async def run_openai(request: Request, req: oai._Sampling, body: dict[str, Any],
-                         kind: str, blobs: list[bytes],
+                         kind: str, blobs: list[bytes], created: int,
                          respond: Callable[[oai.Choices, events.Finished], dict[str, Any]],
                          chunk: Callable[..., dict[str, Any]], usage_object: str) -> Response:
         rid = request.state.request_id
@@ -230,88 +236,93 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
                         media_type="application/json")
 
     def parsed(model: type[oai.T], body: dict[str, Any]) -> oai.T:
-        try:
-            req = oai.parse(model, body)
-            oai.check_common(req)
-            if isinstance(req, oai.ChatCompletionRequest):
-                oai.check_chat(req)
-            elif isinstance(req, oai.CompletionRequest):
-                oai.check_completion(req)
-        except oai.InvalidRequest as exc:
-            raise ApiError(400, str(exc), param=exc.param) from None
+        req = oai.parse(model, body)
+        oai.check_common(req)
+        if isinstance(req, oai.ChatCompletionRequest):
+            oai.check_chat(req)
+        elif isinstance(req, oai.CompletionRequest):
+            oai.check_completion(req)
         check_model(req.model)
         return req
 
-    if "chat" in capabilities:
-        @router.post("/v1/chat/completions")
-        async def chat_completions(request: Request) -> Response:
-            rid = request.state.request_id
-            try:
-                req = parsed(oai.ChatCompletionRequest, await read_body(request))
-                runner.admit()  # before fetching media for a request that cannot run
-                async with httpx.AsyncClient(follow_redirects=False) as client:
-                    messages, blobs = await resolve_messages(
-                        req, capabilities, served, limits, client,
-                        lambda name: upload_store().read(rid, name))
-            finally:
-                if uploads:  # the bytes are read: the files can go
-                    uploads[0].release(rid)
-            body = {"messages": messages, **oai.native_fields(req, default_max_tokens=max_len)}
-            if req.chat_template_kwargs:
-                body["chat_template_kwargs"] = req.chat_template_kwargs
-            model = req.model
+    @router.post("/v1/chat/completions", openapi_extra=request_body(
+        oai.ChatCompletionRequest, "OpenAI's chat completion request (JSON, or "
+        "multipart/form-data: the JSON in the field `request`, files as upload://<name>).",
+        served=served))
+    async def chat_completions(request: Request) -> Response:
+        runner.recorder(request)
+        if "chat" not in capabilities:
+            raise lacks(info, "chat", "POST /v1/chat/completions")
+        rid, created = request.state.request_id, int(time.time())
+        try:
+            req = parsed(oai.ChatCompletionRequest, await read_body(request))
+            runner.admit()  # before fetching media for a request that cannot run
+            async with httpx.AsyncClient(follow_redirects=False) as client:
+                messages, blobs = await resolve_messages(
+                    req, capabilities, served, limits, client,
+                    lambda name: upload_store().read(rid, name))
+        finally:
+            if uploads:  # the bytes are read: the files can go
+                uploads[0].release(rid)
+        body = {"messages": messages, **oai.native_fields(req, default_max_tokens=max_len)}
+        if req.chat_template_kwargs:
+            body["chat_template_kwargs"] = req.chat_template_kwargs
+        model = req.model
 
-            def respond(choices: oai.Choices, done: events.Finished) -> dict[str, Any]:
-                return oai.chat_response(rid, model, created, choices, done, req.logprobs)
+        def respond(choices: oai.Choices, done: events.Finished) -> dict[str, Any]:
+            return oai.chat_response(rid, model, created, choices, done, req.logprobs)
 
-            started: set[int] = set()
+        started: set[int] = set()
 
-            def chunk(event: events.TextDelta, finish: str | None) -> list[dict[str, Any]]:
-                frames = []
-                if event.index not in started:
-                    started.add(event.index)
-                    frames.append(oai.chat_chunk(rid, model, created, event.index,
-                                                 {"role": "assistant", "content": ""}))
-                if finish is not None:
-                    frames.append(oai.chat_chunk(rid, model, created, event.index, {},
-                                                 finish_reason=finish))
-                elif event.text or event.logprobs:
-                    frames.append(oai.chat_chunk(
-                        rid, model, created, event.index, {"content": event.text},
-                        logprobs=event.logprobs or [] if req.logprobs else None))
-                return frames
+        def chunk(event: events.TextDelta, finish: str | None) -> list[dict[str, Any]]:
+            frames = []
+            if event.index not in started:
+                started.add(event.index)
+                frames.append(oai.chat_chunk(rid, model, created, event.index,
+                                             {"role": "assistant", "content": ""}))
+            if finish is not None:
+                frames.append(oai.chat_chunk(rid, model, created, event.index, {},
+                                             finish_reason=finish))
+            elif event.text or event.logprobs:
+                frames.append(oai.chat_chunk(
+                    rid, model, created, event.index, {"content": event.text},
+                    logprobs=event.logprobs or [] if req.logprobs else None))
+            return frames
 
-            return await run_openai(request, req, body, "chat", blobs, respond, chunk,
-                                    "chat.completion.chunk")
+        return await run_openai(request, req, body, "chat", blobs, created, respond, chunk,
+                                "chat.completion.chunk")
 
-    if "completions" in capabilities:
-        @router.post("/v1/completions")
-        async def completions(request: Request) -> Response:
-            req = parsed(oai.CompletionRequest,
-                         await read_json(request, settings.max_body_bytes))
-            prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-            body = {"prompt": prompt, **oai.native_fields(req, default_max_tokens=16)}
-            rid, model = request.state.request_id, req.model
-            want_logprobs = req.logprobs is not None
-            offsets = [0] * req.n
+    @router.post("/v1/completions", openapi_extra=request_body(
+        oai.CompletionRequest, "OpenAI's (legacy) completion request.", served=served))
+    async def completions(request: Request) -> Response:
+        runner.recorder(request)
+        if "completions" not in capabilities:
+            raise lacks(info, "completions", "POST /v1/completions")
+        created = int(time.time())
+        req = parsed(oai.CompletionRequest, await read_json(request, settings.max_body_bytes))
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        body = {"prompt": prompt, **oai.native_fields(req, default_max_tokens=16)}
+        rid, model = request.state.request_id, req.model
+        want_logprobs = req.logprobs is not None
+        offsets = [0] * req.n
 
-            def respond(choices: oai.Choices, done: events.Finished) -> dict[str, Any]:
-                return oai.completion_response(rid, model, created, choices, done,
-                                               want_logprobs)
+        def respond(choices: oai.Choices, done: events.Finished) -> dict[str, Any]:
+            return oai.completion_response(rid, model, created, choices, done,
+                                           want_logprobs)
 
-            def chunk(event: events.TextDelta, finish: str | None) -> list[dict[str, Any]]:
-                if finish is None and not event.text and not event.logprobs:
-                    return []
-                logprobs = None
-                if want_logprobs and finish is None:
-                    logprobs = oai.completion_logprobs(event.logprobs or [],
-                                                       offsets[event.index])
-                offsets[event.index] += len(event.text)
-                return [oai.completion_chunk(rid, model, created, event.index, event.text,
-                                             finish_reason=finish, logprobs=logprobs)]
+        def chunk(event: events.TextDelta, finish: str | None) -> list[dict[str, Any]]:
+            if finish is None and not event.text and not event.logprobs:
+                return []
+            logprobs = None
+            if want_logprobs and finish is None:
+                logprobs = oai.completion_logprobs(event.logprobs or [],
+                                                   offsets[event.index])
+            offsets[event.index] += len(event.text)
+            return [oai.completion_chunk(rid, model, created, event.index, event.text,
+                                         finish_reason=finish, logprobs=logprobs)]
 
-            return await run_openai(request, req, body, "completion", [], respond, chunk,
-                                    "text_completion")
+        return await run_openai(request, req, body, "completion", [], created, respond,
+                                chunk, "text_completion")
 
 
-__all__ = ["add_openai_routes", "resolve_messages"]
+__all__ = ["add_openai_routes", "lacks", "resolve_messages"]

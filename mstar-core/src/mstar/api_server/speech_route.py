@@ -19,13 +19,16 @@ The response header `x-sample-rate` carries the encoded audio's rate (pcm has no
 direction) is refused: no model here takes it. The route is always registered: on a model
 without "speech" it answers 400 naming the capabilities the model has. vLLM-style
 sampling fields (`max_tokens`, `temperature`, `seed`, ...) pass through to the model;
-those left out keep the model's defaults.
+those left out keep the model's defaults. The native request is checked against the
+model's `request_schema` before it runs, so a bad `voice` is a 400 naming it; a text too
+long for the model names `input`. A model that ends without any audio is answered by why
+(`max_tokens` ran out: 400 naming it; it stopped at once: 400 naming `input`).
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -47,6 +50,8 @@ from mstar.api_server.app import (
     event_status,
     read_json,
 )
+from mstar.api_server.openai_routes import lacks
+from mstar.api_server.schemas import check_body, native_request_model, request_body
 from mstar.media.audio_out import FORMATS, SPEED_RANGE, AudioEncoder, media_type
 
 if TYPE_CHECKING:
@@ -62,14 +67,15 @@ _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
 class SpeechRequest(BaseModel):
     """OpenAI's speech request, plus vLLM's sampling extensions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str
     input: str
     voice: str | None = None
     instructions: str | None = None
-    response_format: str = "mp3"
+    # str, checked by parse_speech (its 400 lists the choices); the schema states them
+    response_format: str = Field("mp3", json_schema_extra={"enum": list(FORMATS)})
     speed: float = Field(1.0, ge=SPEED_RANGE[0], le=SPEED_RANGE[1])
-    stream_format: str = "audio"
+    stream_format: str = Field("audio", json_schema_extra={"enum": list(STREAM_FORMATS)})
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -127,14 +133,25 @@ def _samples(chunk: events.AudioChunk) -> np.ndarray:
     return np.frombuffer(chunk.samples.data, dtype=chunk.samples.dtype).astype(np.float32)
 
 
-async def _first_audio(run: Run, first: events.Event, request: Request) -> events.AudioChunk:
-    """The first audio chunk; what fails before it is an `ApiError` with its status."""
+def _no_audio(done: events.Finished, req: SpeechRequest) -> ApiError:
+    """Why a request finished before any audio, as the client's error."""
+    message = f"the model finished ({done.reason}) without any audio"
+    if done.reason == "length":
+        return ApiError(400, f"{message}: max_tokens={req.max_tokens} is too few for one "
+                             "frame", param="max_tokens")
+    status = {"timeout": 504, "abort": 499, "error": 500}.get(done.reason, 400)
+    return ApiError(status, message, param="input" if status == 400 else None)
+
+
+async def _first_audio(run: Run, first: events.Event, request: Request,
+                       no_audio: Callable[[events.Finished], ApiError]) -> events.AudioChunk:
+    """The first audio chunk; what ends the request before it is an `ApiError`."""
     event = first
     while not (isinstance(event, events.AudioChunk) and event.index == 0):
         if isinstance(event, events.Error):
             raise error_event_error(event)
         if isinstance(event, events.Finished):
-            raise ApiError(500, f"the model finished ({event.reason}) without any audio")
+            raise no_audio(event)
         event = await run.next(request)
     return event
 
@@ -190,29 +207,34 @@ async def _sse_body(pieces: AsyncIterator[bytes | events.Finished]) -> AsyncIter
 
 
 def add_speech_route(router: APIRouter, runner: Runner, info: ModelInfo,
-                     settings: ServerSettings, created: int) -> None:
+                     settings: ServerSettings) -> None:
     """Add `POST /v1/audio/speech` to `router` (whatever the model's capabilities: one
-    without "speech" is told so with a 400). `created` is unused: speech answers carry
-    no timestamp; it keeps the signature of the other route builders."""
-    capabilities = sorted(info["capabilities"])
+    without "speech" is told so with a 400)."""
     served = info["name"]
+    native = native_request_model(info) if "speech" in info["capabilities"] else None
 
-    @router.post("/v1/audio/speech")
+    @router.post("/v1/audio/speech", openapi_extra=request_body(
+        SpeechRequest, "OpenAI's speech request, plus vLLM's sampling fields.",
+        served=served))
     async def speech(request: Request) -> Response:
-        if "speech" not in capabilities:
-            raise ApiError(400, f"model {served!r} does not do speech (POST "
-                                f"/v1/audio/speech); its capabilities: "
-                                f"{', '.join(capabilities) or 'none'}", param="model")
-        try:
-            req = parse_speech(await read_json(request, settings.max_body_bytes))
-        except oai.InvalidRequest as exc:
-            raise ApiError(400, str(exc), param=exc.param) from None
+        runner.recorder(request)
+        if "speech" not in info["capabilities"]:
+            raise lacks(info, "speech", "POST /v1/audio/speech")
+        req = parse_speech(await read_json(request, settings.max_body_bytes))
         if req.model != served:
             raise ApiError(404, f"the model {req.model!r} does not exist; this server "
                                 f"serves {served!r}", param="model", code="model_not_found")
-        run, first = await runner.start(request, native_request(req))
+        body = native_request(req)
+        if native is not None:
+            check_body(native, body)
         try:
-            chunk = await _first_audio(run, first, request)
+            run, first = await runner.start(request, body)
+        except ApiError as exc:
+            if exc.param == "prompt":  # the prompt the model built from `input`
+                exc.param = "input"
+            raise
+        try:
+            chunk = await _first_audio(run, first, request, lambda done: _no_audio(done, req))
             # FLAC comes whole, at the end: streamed, its length is "unknown", which
             # libsndfile (soundfile) readers cannot read; the other formats stream
             encoder = AudioEncoder(req.response_format, chunk.sample_rate, speed=req.speed,

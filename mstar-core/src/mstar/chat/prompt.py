@@ -81,7 +81,12 @@ def build_chat_prompt(model: Model, messages: Sequence[Mapping[str, Any]],
         rendered.append({**message, "content": content})
     tokenizer = model.tokenizer()
     variables = {name: _special(tokenizer, name) for name in ("bos_token", "eos_token")}
-    text = render_chat(template, rendered, **variables, **dict(template_kwargs or {}))
+    if template_kwargs and "messages" in template_kwargs:
+        from mstar.engine.work import RequestError
+
+        raise RequestError("chat_template_kwargs may not set `messages` (the conversation "
+                           "is the request's)", param="chat_template_kwargs.messages")
+    text = render_chat(template, rendered, **{**variables, **dict(template_kwargs or {})})
     return ChatPrompt(text, decoded["image"], decoded["audio"], decoded["video"],
                       {k: v for k, v in hashes.items() if v})
 

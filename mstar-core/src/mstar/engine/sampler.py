@@ -1,7 +1,8 @@
 """The core sampler: logits [B, V] plus one `SampleRequest` per row -> token ids.
 
 Order of processing, per row (each step skipped where the row's params make it a no-op):
-1. logits processors, by name from the registry, in `params.logits_processors` order;
+1. `logit_bias` (OpenAI's: added to the raw logits; ids past the vocabulary ignored), then
+   logits processors, by name from the registry, in `params.logits_processors` order;
    then `response_format`: tokens its grammar forbids at this point get -inf
    (`mstar.engine.structured`). After the processors, so none can bring a forbidden token
    back; before the penalties and filters, so those only reweigh allowed tokens and top-k /
@@ -134,13 +135,18 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleRequest],
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], "
                          f"got {tuple(logits.shape)}")
+    biased = [i for i, r in enumerate(rows) if r.params.logit_bias]
     procs = [i for i, r in enumerate(rows) if r.params.logits_processors]
     rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
     freq = [i for i, r in enumerate(rows)
             if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
-    if not (procs or rep or freq or masks):
+    if not (biased or procs or rep or freq or masks):
         return logits.float()
     x = logits.to(torch.float32, copy=True)
+    for i in biased:
+        bias = {t: b for t, b in rows[i].params.logit_bias.items() if t < x.shape[-1]}
+        if bias:
+            x[i, list(bias)] += torch.tensor(list(bias.values()), device=x.device)
     for i in procs:
         for name in rows[i].params.logits_processors:
             x[i] = get_logits_processor(name)(rows[i].history, x[i])

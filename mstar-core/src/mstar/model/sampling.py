@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: A logits processor sees the token ids generated so far at this site and the logits row
 #: [vocab] and returns new logits. Registered by name (see `mstar.engine.sampler`).
@@ -23,6 +23,18 @@ class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
 
     type: Literal["json_object", "json_schema", "regex", "lark"]
     schema: str = ""
+
+
+def check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    """A request's `logit_bias` (OpenAI's): token ids as JSON keys -> a bias in [-100, 100]
+    added to the token's logit before sampling. Whether each id is in the vocabulary is
+    checked where the tokenizer is known (the frontend)."""
+    for key, bias in (value or {}).items():
+        if not (key.isascii() and key.isdigit()):
+            raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"biases must be in [-100, 100], got {bias:g} for token {key}")
+    return value
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,6 +54,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     n: int = 1
     logits_processors: list[str] = []
     response_format: ResponseFormat | None = None
+    #: token id -> bias in [-100, 100] added to its logit before anything else (OpenAI's
+    #: `logit_bias`); ids past the logits' vocabulary are ignored by the sampler.
+    logit_bias: dict[int, float] = {}
 
     def validate(self) -> SamplingParams:
         """Raise ValueError naming the bad field; return self when valid."""
@@ -64,6 +79,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        for token, bias in self.logit_bias.items():
+            if token < 0 or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias: token ids must be >= 0 and biases in "
+                                 f"[-100, 100], got {token}: {bias:g}")
         if self.response_format is not None:
             from mstar.engine.structured import check_response_format
 
@@ -121,6 +140,10 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2 ** 63)
     logits_processors: list[str] = Field(default_factory=list)
     response_format: ResponseFormatField | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (a JSON key) -> bias in [-100, 100] added to its logit.")
+
+    _logit_bias = field_validator("logit_bias")(check_logit_bias)
 
     def sampling_params(self, *, eos_token_ids: Sequence[int] = ()) -> SamplingParams:
         """The request's SamplingParams (ValueError naming the bad field). EOS ids join
@@ -135,7 +158,8 @@ class SamplingFields(BaseModel):
             get_logits_processor(name)
         stops = [*self.stop_token_ids, *([] if self.ignore_eos else eos_token_ids)]
         fmt = self.response_format.to_params() if self.response_format is not None else None
+        bias = {int(key): value for key, value in (self.logit_bias or {}).items()}
         return SamplingParams(max_tokens=self.max_tokens, n=self.n, stop_token_ids=stops,
                               ignore_eos=self.ignore_eos,
                               logits_processors=list(self.logits_processors),
-                              response_format=fmt, **given).validate()
+                              response_format=fmt, logit_bias=bias, **given).validate()

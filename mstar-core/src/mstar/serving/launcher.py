@@ -317,6 +317,7 @@ def _serve(settings: ServerSettings, config: DeploymentConfig, deployment: Proce
     server = draining_server(uvicorn.Config(
         create_app(GatewayBackend(deployment), settings), host=settings.host,
         port=settings.port, log_level=settings.log_level.lower(), lifespan="off",
+        access_log=False,  # the app logs one line per request, with its request id
         timeout_graceful_shutdown=int(settings.shutdown_grace + _GRACE_MARGIN_S)),
         settings.shutdown_grace, fail_running)
     stop.attach(server)
