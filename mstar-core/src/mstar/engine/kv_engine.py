@@ -441,6 +441,12 @@ class KVEngine:
             if state.needs_recompute and any(t.key == state.key for t in self.waiting):
                 self._start_recompute(state)
         order = sorted(self.waiting, key=lambda t: (self.seqs[t.key].admitted < 0, t.arrival))
+        # Completions of one request are rebuilt one after another: a rebuild started once
+        # its sibling's is done adopts their whole common prefix from the prefix cache (as
+        # their fork shared it), where rebuilds run side by side share only what the first
+        # chunk found hashed, and the request could outgrow the cache it was admitted to.
+        rebuilding = {(t.request_id, t.key.label) for t in self.waiting
+                      if t.work is None and t.done > 0}
         admitting_new = True
         for task in order:
             if len(batch) >= self.scheduler.max_num_seqs or budget <= 0:
@@ -450,6 +456,10 @@ class KVEngine:
             state = self.seqs[task.key]
             if (state.recomputing and task.work is not None) or state.needs_recompute:
                 continue
+            if task.work is None and task.done == 0:
+                if (task.request_id, task.key.label) in rebuilding:
+                    continue
+                rebuilding.add((task.request_id, task.key.label))
             is_new = state.admitted < 0
             if is_new and not admitting_new:
                 continue
