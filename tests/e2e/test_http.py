@@ -401,6 +401,29 @@ def test_saturation_answers_429_with_retry_after_and_never_hangs():
         d.close()
 
 
+def test_requests_within_the_limit_are_never_refused():
+    """Pairs of simultaneous requests under a limit of 2: a request counts once while it is
+    being submitted, also when the backend has already registered it (it was counted twice,
+    a false 429)."""
+    d = mstar.load("testvla", preset="tiny", load_format="dummy", max_seq_len=256,
+                   max_concurrent_requests=2)
+    try:
+        with serving(create_app(LocalBackend(d), settings())) as small:
+            url = str(small.base_url)
+
+            async def pair() -> list[int]:
+                async with httpx.AsyncClient(base_url=url, timeout=60) as ac:
+                    return [r.status_code for r in await asyncio.gather(*(
+                        ac.post("/generate", json={**TEXT, "max_tokens": 2, "seed": i})
+                        for i in range(2)))]
+
+            for _ in range(20):
+                assert asyncio.run(pair()) == [200, 200]
+                idle(d)
+    finally:
+        d.close()
+
+
 def test_a_dead_worker_turns_health_unhealthy():
     d = mstar.load("testvla", preset="tiny", load_format="dummy", max_seq_len=256)
     try:

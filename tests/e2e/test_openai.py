@@ -354,6 +354,21 @@ def test_fields_that_cannot_change_the_output_are_accepted_and_ignored(client):
     assert decorated.choices[0].message.content == plain.choices[0].message.content
 
 
+def test_an_assistant_reply_sent_back_as_it_came_is_accepted(client):
+    """The official client's message object, dumped whole (refusal, annotations, tool_calls,
+    audio: all null), is a valid message of the next turn; a real tool call is refused."""
+    first = client.chat.completions.create(model="testvla", messages=HI, **GREEDY)
+    replayed = first.choices[0].message.model_dump()
+    assert {"refusal", "tool_calls", "audio"} <= replayed.keys()
+    turn = [*HI, replayed, {"role": "user", "content": "again"}]
+    assert client.chat.completions.create(model="testvla", messages=turn, **GREEDY).choices
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="testvla", messages=[*HI, {**replayed, "tool_calls": [call]}], **GREEDY)
+    assert err.value.body["param"] == "messages[1].tool_calls"
+
+
 def test_logit_bias_forces_or_bans_a_token(client):
     """+100 on one token makes it every sampled token (testvla's tokens are bytes: 65 is
     "A"), even at temperature 1; -100 on the greedy answer's first token bans it."""

@@ -343,7 +343,7 @@ class Runner:
     def __init__(self, backend: Backend, settings: ServerSettings, metrics: Metrics):
         self.backend, self.settings, self.metrics = backend, settings, metrics
         self.limit = backend.model_info()["max_concurrent_requests"]
-        self._admitting = 0
+        self._admitting: set[str] = set()  # request ids being submitted
 
     def recorder(self, request: Request) -> RequestMetrics:
         """The request's metrics recorder, made on first use; the middleware counts it
@@ -359,7 +359,10 @@ class Runner:
             raise ApiError(503, f"the deployment cannot serve: {problem}", headers=_RETRY)
         if not self.backend.ready():
             raise ApiError(503, "the deployment is starting; retry shortly", headers=_RETRY)
-        if self.backend.live_requests() + self._admitting >= self.limit:
+        # a request being submitted counts once: the backend may have it already
+        live = self.backend.live_requests()
+        live += sum(not self.backend.is_live(rid) for rid in self._admitting)
+        if live >= self.limit:
             raise ApiError(429, f"server busy: {self.limit} requests are running; retry "
                                 "shortly", headers=_RETRY)
 
@@ -373,7 +376,7 @@ class Runner:
         try:
             self.admit()
             run = Run(self.backend, rid, self.settings.timeout, recorder)
-            self._admitting += 1
+            self._admitting.add(rid)
             try:
                 await anyio.to_thread.run_sync(
                     lambda: self.backend.submit(body, run.sink, rid, kind=kind,
@@ -382,7 +385,7 @@ class Runner:
                 raise ApiError(exc.code, str(exc), param=exc.param,
                                headers=_RETRY if exc.code == 429 else None) from None
             finally:
-                self._admitting -= 1
+                self._admitting.discard(rid)
         except ApiError as exc:
             recorder.finish("rejected" if exc.status in (429, 503) else "error")
             log.info("%s refused (%d): %s", rid, exc.status, exc.message)

@@ -81,6 +81,9 @@ class Backend(Protocol):
     def live_requests(self) -> int:
         """Requests submitted and not yet finished (admission compares it to the limit)."""
 
+    def is_live(self, request_id: str) -> bool:
+        """Whether the request was submitted and has not finished yet."""
+
     def stats(self) -> Stats:
         """Current gauges (may block briefly: called off the event loop)."""
 
@@ -102,6 +105,8 @@ class Entry(Protocol):
     def cancel(self, request_id: str, reason: str = "abort") -> None: ...
 
     def live_requests(self) -> int: ...
+
+    def is_live(self, request_id: str) -> bool: ...
 
 
 def entry_stats(entry: Entry) -> Stats:
@@ -163,6 +168,9 @@ class EntryBackend:
 
     def live_requests(self) -> int:
         return self.entry.live_requests()
+
+    def is_live(self, request_id: str) -> bool:
+        return self.entry.is_live(request_id)
 
     def stats(self) -> Stats:
         return entry_stats(self.entry)

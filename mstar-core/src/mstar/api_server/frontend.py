@@ -240,6 +240,10 @@ class Frontend(Component):
         with self._lock:
             return len(self._live)
 
+    def is_live(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._live
+
     # -- messages -------------------------------------------------------------------------
     def handle(self, m: msg.Message) -> None:
         if isinstance(m, msg.ClientRequest):

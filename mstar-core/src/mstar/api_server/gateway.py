@@ -86,6 +86,10 @@ class Gateway(Component):
         with self._lock:
             return len(self._live)
 
+    def is_live(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._live
+
     # -- failures (called by the launcher's monitor) ----------------------------------------
     def data_worker_died(self, address: str, message: str) -> None:
         """A data worker is gone: route nothing more to it, have the conductor end what it

@@ -78,6 +78,14 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # What an assistant message returned by the API carries, so a client can send it back
+    # as it came: a refusal and annotations are kept out of the prompt; tool and audio
+    # outputs only when empty (check_chat: tool calling and audio output are refused).
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    tool_calls: list[Any] | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -246,6 +254,11 @@ def check_chat(req: ChatCompletionRequest) -> None:
     for name in ("reasoning_effort", "verbosity", "web_search_options"):
         if getattr(req, name) is not None:
             raise InvalidRequest(f"{name} is not supported", name)
+    for i, message in enumerate(req.messages):
+        for name in ("tool_calls", "function_call", "audio"):
+            if getattr(message, name):
+                raise InvalidRequest(f"messages[{i}].{name}: tool calls and audio output are "
+                                     "not supported", f"messages[{i}].{name}")
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
     if req.response_format is not None:
