@@ -378,10 +378,14 @@ def test_saturation_answers_429_with_retry_after_and_never_hangs():
         with serving(create_app(LocalBackend(d), settings())) as small:
             url = str(small.base_url)
 
+            chat = {"model": "testvla", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 16, "ignore_eos": True}
+
             async def flood() -> list[httpx.Response]:
                 async with httpx.AsyncClient(base_url=url, timeout=30) as ac:
                     return await asyncio.gather(*(
                         ac.post("/generate", json={**TEXT, "max_tokens": 16, "seed": i})
+                        if i % 2 else ac.post("/v1/chat/completions", json={**chat, "seed": i})
                         for i in range(20)))
 
             responses = asyncio.run(flood())

@@ -168,13 +168,15 @@ class RequestMetrics:
     def count(self, http_status: int) -> None:
         """Count the request once, under its final status: an error answer (4xx, 5xx)
         is never "ok" whatever the events said; a request that recorded none takes the
-        HTTP status's (499: the client left)."""
+        HTTP status's (499: the client left; 429 and 503: rejected; 504: timeout)."""
         if self._counted:
             return
         self._counted = True
         status = self.status
         if status is None:
-            status = "ok" if http_status < 400 else "abort" if http_status == 499 else "error"
+            status = ("ok" if http_status < 400 else "abort" if http_status == 499 else
+                      "rejected" if http_status in (429, 503) else
+                      "timeout" if http_status == 504 else "error")
         if http_status >= 400 and status == "ok":
             status = "error"
         self._m.requests.labels(status).inc()
