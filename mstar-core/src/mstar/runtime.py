@@ -28,6 +28,7 @@ from mstar.config import (
     validate_for_model,
     with_preset_cap,
 )
+from mstar.config.devices import device_plan
 from mstar.engine.kv_engine import KVEngine, StepRecord
 from mstar.engine.work import RequestError
 from mstar.model.contract import Model
@@ -115,10 +116,14 @@ class LocalDeployment:
     """A running deployment in this process. `generate(request)` yields `mstar.events`."""
 
     def __init__(self, spec: ModelSpec, model: Model, config: DeploymentConfig,
-                 options: LoadOptions, *, device: str = "cpu"):
+                 options: LoadOptions, *, device: str | None = None):
         validate_for_model(config, model)
-        self.spec, self.model, self.config = spec, model, config
         self.placement = placement(config, model)
+        if device is not None:  # every rank on `device`: a devices mapping, checked as one
+            config = config.model_copy(
+                update={"devices": dict.fromkeys(self.placement.ranks(), device)})
+        self.spec, self.model, self.config = spec, model, config
+        self.devices = device_plan(config, self.placement)
         if any(p.tp_size > 1 for p in self.placement.nodes.values()):
             raise ValueError("tp_size > 1 needs one process per rank: serve it with "
                              "`mstar-serve` (the in-process API runs tp_size 1 only)")
@@ -137,12 +142,15 @@ class LocalDeployment:
         self.workers: dict[int, Worker] = {}
         for rank in ranks:
             address = f"worker:{rank}"
+            device = torch.device(self.devices.device(rank))
             build = functools.partial(build_engines, model, config,
                                       self.placement.nodes_on(rank), rank, options,
-                                      device=torch.device(device),
-                                      ranks_sharing_device=len(ranks), eos_token_ids=eos_ids)
+                                      device=device,
+                                      ranks_sharing_device=self.devices.ranks_sharing(rank),
+                                      eos_token_ids=eos_ids)
             self.workers[rank] = Worker(rank, model, hub.channel(address),
-                                        LocalTransport(address, store), build_engines=build)
+                                        LocalTransport(address, store), build_engines=build,
+                                        device=device)
         self.frontend.start()
         self.conductor.start()
         for worker in self.workers.values():
@@ -226,13 +234,15 @@ class LocalDeployment:
 def load(model: str, config: DeploymentConfig | Mapping[str, Any] | str | None = None, *,
          preset: str | None = None, load_format: str = "auto", model_path: str | None = None,
          cache_dir: str | None = None, revision: str | None = None, seed: int = 0,
-         device: str = "cpu", **overrides: Any) -> LocalDeployment:
+         device: str | None = None, **overrides: Any) -> LocalDeployment:
     """Load `model` (a registered name) and start it in this process.
 
     `config`: a DeploymentConfig, a dict, a YAML path or a packaged config name (default:
     the model's default config, else everything on rank 0). `overrides` replace top-level
     config fields (`max_seq_len=512`, `kv_cache={"num_pages": 64}`, `node_groups=[...]`).
     `load_format="dummy"` with a `preset` runs seeded random weights of the real shapes.
+    Devices as served (`mstar.config.devices`): the config's `devices` mapping, else rank r
+    on cuda:r when CUDA is visible, else the CPU; `device="cpu"` puts every rank there.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; allowed: {list(LOAD_FORMATS)}")

@@ -28,9 +28,11 @@ from mstar.config import (
     DeploymentConfig,
     loader,
     parse_overrides,
+    placement,
     validate_for_model,
     with_preset_cap,
 )
+from mstar.config.devices import device_plan, gpus_problem
 from mstar.config.settings import ServerSettings, layered_settings
 from mstar.plugins import load_model_class, model_registry
 from mstar.plugins.registry import DuplicateNameError
@@ -255,6 +257,7 @@ def prepare(path_or_name: str | None, cli: Mapping[str, Any], overrides: Sequenc
         config = with_preset_cap(config, model_instance, settings.preset,
                                  explicit=explicit_len)
         validate_for_model(config, model_instance)
+        device_plan(config, placement(config, model_instance))  # devices exist, TP on one kind
     except ConfigError as exc:
         raise ConfigError(exc.problems, source) from None
     return settings, config
@@ -361,7 +364,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     if args.gpus is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus  # before torch counts devices
+        import torch
+
+        problem = gpus_problem(args.gpus, torch.cuda.is_available())
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_INVALID
     return serve(args, config=args.config or spec.default_config, model=spec.name,
                  defaults=serve_defaults())
 
@@ -376,8 +385,9 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
                         help="deployment YAML path or packaged config name (default: the "
                              "model's default config)")
     parser.add_argument("--gpus", type=_devices,
-                        help="sets CUDA_VISIBLE_DEVICES, e.g. 0 or 0,1,2 (default: all "
-                             "visible)")
+                        help="the CUDA devices to use (sets CUDA_VISIBLE_DEVICES), e.g. 0 "
+                             "or 0,1,2; rank r runs on the r-th of them unless the config "
+                             "maps devices (default: all visible; an error without CUDA)")
     _add_options(parser, {"tensor_comm_protocol": "SHM",
                           "socket_path_prefix": "/tmp/mstar_<user>/",
                           "upload_dir": "/tmp/mstar_uploads_<user>/",

@@ -235,6 +235,9 @@ def _check(config: DeploymentConfig, model: Model) -> dict[tuple[str, str], Node
     if missing:
         problems.append(f"node_groups.*.ranks: ranks must be numbered 0..{max(used)} without "
                         f"gaps; unused: {_join(missing)}")
+    from mstar.config.devices import mapping_problems  # it imports this module
+
+    problems += mapping_problems(config.devices, sorted(used) or [0])
     resolve_problems, placed = _resolve(config, model, view)
     problems += resolve_problems
     if problems:

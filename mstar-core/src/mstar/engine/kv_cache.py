@@ -420,10 +420,31 @@ def pages_for_completions(prompt: int, max_tokens: int, n: int, *, max_seq_len: 
     return own + (n - 1) * (own - (prompt - 1) // page_size)
 
 
+def device_kv_budget(total_bytes: int, *, memory_fraction: float, ranks_sharing_device: int,
+                     weights_bytes: int, peak_activation_bytes: int) -> float:
+    """Bytes of KV cache one rank may hold on a CUDA device, as vLLM's
+    `gpu_memory_utilization`: its share (`ranks_sharing_device`) of `memory_fraction` of
+    the device's total memory, less what the rank already holds (`weights_bytes`) and the
+    peak of one forward at the scheduler's token budget (`peak_activation_bytes`; not
+    profiled yet, see `build_engines`). Pages follow as floor(budget / page_bytes). An
+    empty budget is an error naming `kv_cache.memory_fraction`."""
+    share = total_bytes * memory_fraction / ranks_sharing_device
+    budget = share - weights_bytes - peak_activation_bytes
+    if budget <= 0:
+        raise ValueError(
+            f"kv_cache.memory_fraction: {memory_fraction} of {total_bytes / 2**30:.2f} GiB over "
+            f"{ranks_sharing_device} rank(s) is {share / 2**30:.2f} GiB per rank, less than its "
+            f"weights ({weights_bytes / 2**30:.2f} GiB) and peak activations "
+            f"({peak_activation_bytes / 2**30:.2f} GiB); raise kv_cache.memory_fraction or "
+            "put fewer ranks on the device")
+    return budget
+
+
 def plan_capacity(specs: dict[str, KVSpec], *, max_seq_len: int, page_size: int,
                   num_pages: int | None, memory_fraction: float, ranks_sharing_device: int,
                   shares: dict[str, float] | None, device: torch.device | str,
-                  max_num_seqs: int, free_bytes: int | None = None) -> dict[str, int]:
+                  max_num_seqs: int, free_bytes: int | None = None,
+                  budget_bytes: float | None = None) -> dict[str, int]:
     """Pages per KV node on this rank.
 
     An explicit `num_pages` gives every node that many (config validation checked that one
@@ -431,7 +452,8 @@ def plan_capacity(specs: dict[str, KVSpec], *, max_seq_len: int, page_size: int,
     (`free_bytes` when the caller measured it), divided by the ranks sharing the device, is
     split between the nodes by `shares` (names of nodes on other ranks are ignored) or, by
     default, by each node's bytes per token x `max_seq_len`, and capped at
-    `max_useful_pages` (memory a small model could never fill stays free). A node that
+    `max_useful_pages` (memory a small model could never fill stays free). `budget_bytes`
+    (on CUDA, from `device_kv_budget`) replaces that share of free memory. A node that
     would get fewer pages than one `max_seq_len` sequence needs is an error.
     """
     if num_pages is not None:
@@ -451,8 +473,14 @@ def plan_capacity(specs: dict[str, KVSpec], *, max_seq_len: int, page_size: int,
     else:
         weights = {name: float(s.bytes_per_token() * max_seq_len) for name, s in specs.items()}
     dev = torch.device(device)
-    free = _free_memory(dev) if free_bytes is None else free_bytes
-    budget = free * memory_fraction / ranks_sharing_device
+    if budget_bytes is None:
+        free = _free_memory(dev) if free_bytes is None else free_bytes
+        budget = free * memory_fraction / ranks_sharing_device
+        source = (f"{memory_fraction} of {free / 2**30:.2f} GiB free over "
+                  f"{ranks_sharing_device} rank(s)")
+    else:
+        budget = budget_bytes
+        source = f"a budget of {budget / 2**30:.2f} GiB"
     total = sum(weights.values())
     min_pages = pages_for(max_seq_len, page_size)
     cap = max_useful_pages(max_seq_len, page_size, max_num_seqs)
@@ -462,8 +490,7 @@ def plan_capacity(specs: dict[str, KVSpec], *, max_seq_len: int, page_size: int,
         pages = int(budget * weights[name] / total // page_bytes)
         if pages < min_pages:
             raise ValueError(
-                f"KV cache too small for node {name!r} on {dev}: {memory_fraction} of "
-                f"{free / 2**30:.2f} GiB free over {ranks_sharing_device} rank(s) gives it "
+                f"KV cache too small for node {name!r} on {dev}: {source} gives it "
                 f"{pages} pages of {page_size} tokens, but one sequence of max_seq_len="
                 f"{max_seq_len} needs {min_pages}; raise kv_cache.memory_fraction, lower "
                 f"max_seq_len, or set kv_cache.num_pages")

@@ -39,7 +39,7 @@ class ProcessSpec(msgspec.Struct):
     tcp_device: str | None = None
     log_level: str = "INFO"
     cpu_threads: int = 1
-    tp_port: int = 0  # rendezvous port of the tensor-parallel group (gloo), 0: none
+    tp_port: int = 0  # rendezvous port of the tensor-parallel group, 0: none
     enable_nvtx: bool = False
     media_limits: dict = {}  # a data worker's `MediaLimits` fields (decoding chat media)
     #: the API server's gateway: readiness, worker stats and client events go there
@@ -71,6 +71,7 @@ def run(spec: ProcessSpec) -> None:
     from mstar.communication.zmq_channel import ZmqChannel
     from mstar.conductor.conductor import Conductor
     from mstar.config import DeploymentConfig, placement
+    from mstar.config.devices import device_plan, tp_backend
     from mstar.plugins import model_registry
     from mstar.worker.builder import LoadOptions, build_engines, make_model, tp_group_ranks
     from mstar.worker.worker import Worker
@@ -103,25 +104,30 @@ def run(spec: ProcessSpec) -> None:
         transport = make_transport(spec.protocol, address, deployment_id=spec.deployment_id,
                                    host=spec.host, device=spec.tcp_device)
         nodes = where.nodes_on(spec.rank)
+        devices = device_plan(config, where)
+        device = torch.device(devices.device(spec.rank))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         group = tp_group_ranks(nodes)
         if group:
             import datetime
 
             import torch.distributed as dist
 
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{spec.tp_port}",
+            dist.init_process_group(tp_backend(str(device)), init_method=f"tcp://127.0.0.1:{spec.tp_port}",
                                     rank=group.index(spec.rank), world_size=len(group),
                                     timeout=datetime.timedelta(seconds=120))
         eos = getattr(model.tokenizer(), "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (
             (eos,) if eos is not None else ())
         build = functools.partial(build_engines, model, config, nodes, spec.rank, options,
-                                  device=torch.device("cpu"),
-                                  ranks_sharing_device=spec.num_ranks, eos_token_ids=eos_ids,
+                                  device=device,
+                                  ranks_sharing_device=devices.ranks_sharing(spec.rank),
+                                  eos_token_ids=eos_ids,
                                   tp_group=torch.distributed.group.WORLD if group else None,
                                   enable_nvtx=spec.enable_nvtx)
         component = Worker(spec.rank, model, channel, transport, build_engines=build,
-                           status_address=spec.gateway_address)
+                           status_address=spec.gateway_address, device=device)
     signal.signal(signal.SIGTERM, lambda *_: component.stop_soon())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we stop
     try:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from mstar.config.deployment import DeploymentConfig
+from mstar.config.devices import node_dtype
 from mstar.config.validate import NodePlacement
-from mstar.engine.kv_cache import KVCacheManager, PagePool, plan_capacity
+from mstar.engine.kv_cache import KVCacheManager, PagePool, device_kv_budget, plan_capacity
 from mstar.engine.kv_engine import KVEngine
 from mstar.engine.stateless_engine import StatelessEngine
 from mstar.model.contract import BuildContext, Model
@@ -106,9 +107,7 @@ def checkpoint_location(source: str, options: LoadOptions) -> str:
 def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
                  options: LoadOptions, device: torch.device,
                  tp_group: Any = None) -> torch.nn.Module:
-    dtype = DTYPES[placement.dtype] if placement.dtype else (
-        model.kv_spec(node).dtype if model.node_engine_types()[node] == "kv_cache"
-        else torch.float32)
+    dtype = DTYPES[node_dtype(placement.dtype, str(device))]
     tp_rank, tp_size = placement.ranks.index(rank), placement.tp_size
     ctx = BuildContext(node=node, device=device, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size,
                        tp_group=tp_group if tp_size > 1 else None)
@@ -168,25 +167,42 @@ def prefix_caching(config: DeploymentConfig, node: str, placement: NodePlacement
 def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodePlacement],
                   rank: int, options: LoadOptions, *, device: torch.device,
                   ranks_sharing_device: int, eos_token_ids: tuple[int, ...] = (),
-                  tp_group: Any = None, enable_nvtx: bool = False):
+                  tp_group: Any = None, enable_nvtx: bool = False,
+                  peak_activation_bytes: int = 0):
     """Every engine of one rank, by node name. `tp_group`: the torch.distributed group of
-    this rank's tensor-parallel nodes (processes only)."""
+    this rank's tensor-parallel nodes (processes only). On CUDA the modules are built
+    first and the KV budget is `device_kv_budget` of what they left; on the CPU the
+    budget is a share of free host memory measured before. `peak_activation_bytes`: the
+    hook for a profiled forward's peak (nothing profiles it yet: 0)."""
     engine_types = model.node_engine_types()
-    kv_nodes = {  # a tensor-parallel rank holds its share of the KV heads
+    kv_nodes = {  # a tensor-parallel rank holds its share of the KV heads, in its dtype
         n: dataclasses.replace(model.kv_spec(n),
-                               num_kv_heads=model.kv_spec(n).num_kv_heads // p.tp_size)
+                               num_kv_heads=model.kv_spec(n).num_kv_heads // p.tp_size,
+                               dtype=DTYPES[node_dtype(p.dtype, str(device))])
         for n, p in nodes.items() if engine_types[n] == "kv_cache"}
+    modules, budget = {}, None
+    if device.type == "cuda" and kv_nodes and config.kv_cache.num_pages is None:
+        modules = {n: build_module(model, n, p, rank, options, device, tp_group)
+                   for n, p in nodes.items()}
+        budget = device_kv_budget(
+            torch.cuda.mem_get_info(device)[1],
+            memory_fraction=config.kv_cache.memory_fraction,
+            ranks_sharing_device=ranks_sharing_device,
+            weights_bytes=torch.cuda.memory_allocated(device),
+            peak_activation_bytes=peak_activation_bytes)
     pages = plan_capacity(kv_nodes, max_seq_len=config.max_seq_len,
                           page_size=config.kv_cache.page_size,
                           num_pages=config.kv_cache.num_pages,
                           memory_fraction=config.kv_cache.memory_fraction,
                           ranks_sharing_device=ranks_sharing_device,
                           shares=config.kv_cache.shares, device=device,
-                          max_num_seqs=config.scheduler.max_num_seqs) if kv_nodes else {}
+                          max_num_seqs=config.scheduler.max_num_seqs,
+                          budget_bytes=budget) if kv_nodes else {}
     engines: dict[str, KVEngine | StatelessEngine] = {}
     cacheable = model.cacheable_nodes()
     for node, placement in nodes.items():
-        module = build_module(model, node, placement, rank, options, device, tp_group)
+        module = modules[node] if node in modules else build_module(
+            model, node, placement, rank, options, device, tp_group)
         if node in kv_nodes:
             pool = PagePool(kv_nodes[node], pages[node], config.kv_cache.page_size, device)
             engines[node] = KVEngine(node, module, kv_nodes[node], KVCacheManager(pool),

@@ -106,13 +106,15 @@ def host_value(value: Any) -> Any:
 class Worker(Component):
     def __init__(self, rank: int, model: Model, channel: Channel, transport: Transport, *,
                  build_engines: Callable[[], dict[str, Engine]],
-                 status_address: str = "frontend"):
+                 status_address: str = "frontend", device: torch.device | str = "cpu"):
         """`build_engines` runs on the worker's own thread at start (builds the modules and
         loads the weights), so the rank's torch work stays on one thread. `status_address`:
         where `WorkerStats` go (the frontend in one process, the API server's gateway when
-        served); outputs go to each request's own frontend."""
+        served); outputs go to each request's own frontend. `device`: the rank's device,
+        where tensors taken from the transport are moved."""
         super().__init__(channel.address)
         self.rank = rank
+        self.device = torch.device(device)
         self.status_address = status_address
         self.address = channel.address
         self.model = model
@@ -254,7 +256,7 @@ class Worker(Component):
             self.channel.send(dest, m)
 
     def _take(self, tensors: dict[str, msg.Handle]) -> dict[str, Any]:
-        values = {name: self.transport.get(h) for name, h in tensors.items()}
+        values = {name: self.transport.get(h).to(self.device) for name, h in tensors.items()}
         for h in tensors.values():
             self.transport.free(h)
         return values

@@ -1,0 +1,151 @@
+"""Which device each rank of a node runs on, in which dtype, over which TP backend.
+
+Plain functions of the config, the placement and the number of visible CUDA devices
+(injected, so every rule is tested on a machine without a GPU); `mstar.load` and the
+served workers both call `device_plan`, so a rank lands on the same device either way.
+
+Rules. Without a `devices` mapping in the YAML, rank r uses `cuda:r` when CUDA is
+visible (an error when there are more ranks than visible devices), and every rank uses the
+CPU when it is not (logged once). A `devices` mapping (`{0: "cuda:0", 1: "cuda:0"}`) names
+the device of every rank and is the only way to put several ranks on one device: that is
+the sharing rule, and those ranks split the device's KV budget. A mapping naming a device
+that is not visible, or a tensor-parallel group spanning CPU and CUDA (or two of its ranks
+on one CUDA device, which NCCL refuses) is an error at start, naming `devices`.
+
+Importing this module imports no torch (`visible_cuda_devices` imports it when called).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from mstar.config.deployment import DeploymentConfig
+from mstar.config.validate import ConfigError, Placement
+
+log = logging.getLogger(__name__)
+
+#: What a `devices` entry may name.
+DEVICE_PATTERN = re.compile(r"cpu|cuda:(\d+)")
+
+_cpu_logged = False
+
+
+def visible_cuda_devices() -> int:
+    """CUDA devices this process sees (0 without CUDA); honours CUDA_VISIBLE_DEVICES."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device_kind(device: str) -> str:
+    """"cuda" or "cpu"."""
+    return device.split(":", 1)[0]
+
+
+def default_dtype(device: str) -> str:
+    """The dtype of a node whose group sets none: bfloat16 on CUDA, float32 on CPU."""
+    return "bfloat16" if device_kind(device) == "cuda" else "float32"
+
+
+def node_dtype(configured: str | None, device: str) -> str:
+    """A node group's `dtype` when it sets one, else `default_dtype(device)`."""
+    return configured or default_dtype(device)
+
+
+def tp_backend(device: str) -> str:
+    """The torch.distributed backend of a tensor-parallel group on `device`'s kind."""
+    return "nccl" if device_kind(device) == "cuda" else "gloo"
+
+
+def mapping_problems(mapping: dict[int, str] | None, ranks: list[int]) -> list[str]:
+    """The machine-independent problems of a `devices` mapping (part of config validation):
+    every rank mapped, no unknown rank, each device spelled `cpu` or `cuda:<index>`."""
+    if mapping is None:
+        return []
+    problems = []
+    for rank, device in sorted(mapping.items()):
+        if rank not in ranks:
+            problems.append(f"devices.{rank}: no node group uses rank {rank}; ranks: "
+                            f"{', '.join(map(str, ranks))}")
+        if not DEVICE_PATTERN.fullmatch(device):
+            problems.append(f"devices.{rank}: {device!r} is not a device; allowed: 'cpu' or "
+                            "'cuda:<index>' (e.g. 'cuda:0')")
+    missing = [r for r in ranks if r not in mapping]
+    if missing:
+        problems.append(f"devices: rank(s) {', '.join(map(str, missing))} have no device; "
+                        "a devices mapping names the device of every rank")
+    return problems
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The device of every rank (`"cpu"` or `"cuda:<index>"`)."""
+
+    devices: dict[int, str]
+
+    def device(self, rank: int) -> str:
+        return self.devices[rank]
+
+    def ranks_sharing(self, rank: int) -> int:
+        """Ranks on `rank`'s device, itself included: they split its KV budget."""
+        return sum(d == self.devices[rank] for d in self.devices.values())
+
+
+def _tp_groups(where: Placement) -> set[tuple[int, ...]]:
+    return {p.ranks for p in where.nodes.values() if p.tp_size > 1}
+
+
+def device_plan(config: DeploymentConfig, where: Placement, *,
+                cuda_devices: int | None = None) -> DevicePlan:
+    """Every rank's device under the rules above. `cuda_devices`: the visible CUDA
+    devices (default: counted now). Raises `ConfigError` naming `devices`."""
+    count = visible_cuda_devices() if cuda_devices is None else cuda_devices
+    ranks = where.ranks()
+    problems = mapping_problems(config.devices, ranks)
+    if problems:
+        raise ConfigError(problems)
+    if config.devices is not None:
+        devices = {r: config.devices[r] for r in ranks}
+        for rank, device in sorted(devices.items()):
+            index = DEVICE_PATTERN.fullmatch(device).group(1)  # type: ignore[union-attr]
+            if index is not None and int(index) >= count:
+                visible = (f"visible: cuda:0..cuda:{count - 1}" if count
+                           else "no CUDA device is visible")
+                problems.append(f"devices.{rank}: {device} does not exist; {visible}")
+    elif count == 0:
+        devices = dict.fromkeys(ranks, "cpu")
+        global _cpu_logged
+        if not _cpu_logged:
+            _cpu_logged = True
+            log.info("no CUDA device visible: every rank runs on the CPU")
+    elif len(ranks) > count:
+        raise ConfigError([
+            f"devices: {len(ranks)} ranks but {count} visible CUDA device(s); make more "
+            "devices visible (--gpus), or add a devices mapping (e.g. {0: 'cuda:0', "
+            "1: 'cuda:0'}) to put several ranks on one device"])
+    else:
+        devices = {r: f"cuda:{r}" for r in ranks}
+    for group in sorted(_tp_groups(where)):
+        on = [devices[r] for r in group]
+        if len({device_kind(d) for d in on}) > 1:
+            problems.append(f"devices: tensor-parallel group of ranks {list(group)} spans "
+                            f"devices of different kinds ({', '.join(on)}); put the whole "
+                            "group on CUDA or on the CPU")
+        elif device_kind(on[0]) == "cuda" and len(set(on)) < len(on):
+            problems.append(f"devices: tensor-parallel group of ranks {list(group)} puts two "
+                            f"ranks on one CUDA device ({', '.join(on)}); NCCL needs one "
+                            "device per rank")
+    if problems:
+        raise ConfigError(problems)
+    return DevicePlan(devices)
+
+
+def gpus_problem(gpus: str, cuda_available: bool) -> str | None:
+    """Why `--gpus` cannot be honoured here, or None: asking for GPUs on a machine without
+    CUDA is an error, not a silent run on the CPU."""
+    if not cuda_available:
+        return (f"--gpus {gpus}: no CUDA device is available on this machine (torch sees "
+                "none); leave out --gpus to run on the CPU")
+    return None
