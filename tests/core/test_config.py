@@ -234,8 +234,9 @@ def _write(tmp_path, text: str) -> str:
     ("", ["config: expected a mapping of keys (model, node_groups, ...), got NoneType"]),
     ("max_seq_len: 10\n", ["model: required"]),
     ("model: tiny\nnode_group: []\n",
-     ["node_group: unknown key; allowed: model, max_seq_len, node_groups, model_kwargs, "
-      "kv_cache, scheduler, max_concurrent_requests, encoder_cache_bytes, request_timeout"]),
+     ["node_group: unknown key; allowed: model, max_seq_len, node_groups, devices, "
+      "model_kwargs, kv_cache, scheduler, max_concurrent_requests, encoder_cache_bytes, "
+      "request_timeout"]),
     ("model: tiny\nnode_groups:\n  - {node_names: [LLM], ranks: [0]}\n"
      "  - {node_names: [vit_encoder], rank: [0], tp_size: 0}\n"
      "kv_cache: {page_sise: 8, memory_fraction: 2}\n",

@@ -106,9 +106,7 @@ def test_mstar_serve_defaults_are_seed_000s(capsys):
 def test_mstar_serve_resolves_the_default_config_and_plumbing(capsys, monkeypatch):
     import getpass
 
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
-    data = merged(capsys, main, ["serve", "testvla", "--gpus", "0,1", *TINY])
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    data = merged(capsys, main, ["serve", "testvla", *TINY])
     server = data.pop("server")
     user = getpass.getuser()
     assert (server["tensor_comm_protocol"], server["socket_path_prefix"],
@@ -141,6 +139,29 @@ def test_bad_gpu_list_is_a_usage_error(capsys):
         main(["serve", "testvla", "--gpus", "0, 1"])
     assert info.value.code == 2
     assert "--gpus" in capsys.readouterr().err
+
+
+def test_gpus_without_cuda_fails_instead_of_running_on_the_cpu(capsys, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")  # restored after: --gpus sets it
+    code, out, err = run(capsys, main, ["serve", "testvla", "--gpus", "0", *TINY])
+    assert code == 1 and out == ""
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"  # set before torch counts devices
+    assert "error: --gpus 0: no CUDA device is available on this machine" in err
+
+
+def test_a_devices_mapping_naming_a_missing_device_fails_before_starting(capsys, tmp_path):
+    path = write(tmp_path, "model: testvla\nnode_groups:\n"
+                           "  - {node_names: [vision_encoder], ranks: [1]}\n"
+                           "  - {node_names: [LLM, action_init, combine, consumer], "
+                           "ranks: [0]}\n"
+                           "devices: {0: cpu, 1: 'cuda:0'}\n")
+    code, _, err = run(capsys, serve_main, ["--config", path, *TINY])
+    assert code == 1
+    assert "devices.1: cuda:0 does not exist; no CUDA device is visible" in err
+    merged_ok = merged(capsys, serve_main, ["--config", path, *TINY,
+                                            "--set", "devices={0: cpu, 1: cpu}"])
+    merged_ok.pop("server")
+    assert DeploymentConfig.model_validate(merged_ok).devices == {0: "cpu", 1: "cpu"}
 
 
 def test_a_model_that_ships_no_config_runs_every_node_on_rank_0(plugin_dir, capsys):

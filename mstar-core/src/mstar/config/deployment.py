@@ -58,6 +58,10 @@ class DeploymentConfig(BaseModel):
     model: str
     max_seq_len: int = Field(default=4096, ge=1)
     node_groups: list[NodeGroup] = Field(default_factory=list)
+    #: The device of every rank (`{0: "cuda:0", 1: "cuda:0"}`; "cpu" or "cuda:<index>").
+    #: None: rank r on cuda:r when CUDA is visible, else the CPU (`mstar.config.devices`).
+    #: Two ranks mapped to one device share it (and split its KV budget).
+    devices: dict[int, str] | None = None
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
@@ -66,10 +70,6 @@ class DeploymentConfig(BaseModel):
     #: rank (an encoder-output cache keyed by the inputs' hash; 0: off).
     encoder_cache_bytes: int = Field(default=256 * 2**20, ge=0)
     request_timeout: float | None = Field(default=None, gt=0)
-    #: The device of every rank (`{0: "cuda:0", 1: "cuda:0"}`; "cpu" or "cuda:<index>").
-    #: None: rank r on cuda:r when CUDA is visible, else the CPU (`mstar.config.devices`).
-    #: Two ranks mapped to one device share it (and split its KV budget).
-    devices: dict[int, str] | None = None
 
 
 def with_preset_cap(config: DeploymentConfig, model: Model, preset: str | None, *,

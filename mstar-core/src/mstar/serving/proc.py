@@ -16,8 +16,17 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+if TYPE_CHECKING:
+    import torch
+
+    from mstar.config import DeploymentConfig, Placement
+    from mstar.model.contract import Model
+    from mstar.worker.builder import LoadOptions
 
 log = logging.getLogger("mstar.serving")
 
@@ -63,6 +72,41 @@ def make_transport(protocol: str, address: str, *, deployment_id: str, host: str
     return cls(address, deployment_id=deployment_id, host=host, device=device)
 
 
+def worker_engines(spec: ProcessSpec, model: Model, config: DeploymentConfig,
+                   where: Placement, options: LoadOptions
+                   ) -> tuple[torch.device, Callable[[], dict[str, Any]]]:
+    """A worker rank's device (`device_plan`, as `mstar.load` places the same rank) and its
+    engine builder; joins the rank's tensor-parallel group over that device's backend."""
+    import torch
+
+    from mstar.config.devices import device_plan, tp_backend
+    from mstar.worker.builder import build_engines, tp_group_ranks
+
+    devices = device_plan(config, where)
+    device = torch.device(devices.device(spec.rank))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    nodes = where.nodes_on(spec.rank)
+    group = tp_group_ranks(nodes)
+    if group:
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group(tp_backend(str(device)),
+                                init_method=f"tcp://127.0.0.1:{spec.tp_port}",
+                                rank=group.index(spec.rank), world_size=len(group),
+                                timeout=datetime.timedelta(seconds=120))
+    eos = getattr(model.tokenizer(), "eos_token_id", None)
+    eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (
+        (eos,) if eos is not None else ())
+    return device, functools.partial(
+        build_engines, model, config, nodes, spec.rank, options, device=device,
+        ranks_sharing_device=devices.ranks_sharing(spec.rank), eos_token_ids=eos_ids,
+        tp_group=torch.distributed.group.WORLD if group else None,
+        enable_nvtx=spec.enable_nvtx)
+
+
 def run(spec: ProcessSpec) -> None:
     import torch
 
@@ -71,9 +115,8 @@ def run(spec: ProcessSpec) -> None:
     from mstar.communication.zmq_channel import ZmqChannel
     from mstar.conductor.conductor import Conductor
     from mstar.config import DeploymentConfig, placement
-    from mstar.config.devices import device_plan, tp_backend
     from mstar.plugins import model_registry
-    from mstar.worker.builder import LoadOptions, build_engines, make_model, tp_group_ranks
+    from mstar.worker.builder import LoadOptions, make_model
     from mstar.worker.worker import Worker
 
     config = DeploymentConfig.model_validate(spec.config)
@@ -103,29 +146,7 @@ def run(spec: ProcessSpec) -> None:
         channel = ZmqChannel(address, prefix=spec.socket_prefix)
         transport = make_transport(spec.protocol, address, deployment_id=spec.deployment_id,
                                    host=spec.host, device=spec.tcp_device)
-        nodes = where.nodes_on(spec.rank)
-        devices = device_plan(config, where)
-        device = torch.device(devices.device(spec.rank))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        group = tp_group_ranks(nodes)
-        if group:
-            import datetime
-
-            import torch.distributed as dist
-
-            dist.init_process_group(tp_backend(str(device)), init_method=f"tcp://127.0.0.1:{spec.tp_port}",
-                                    rank=group.index(spec.rank), world_size=len(group),
-                                    timeout=datetime.timedelta(seconds=120))
-        eos = getattr(model.tokenizer(), "eos_token_id", None)
-        eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (
-            (eos,) if eos is not None else ())
-        build = functools.partial(build_engines, model, config, nodes, spec.rank, options,
-                                  device=device,
-                                  ranks_sharing_device=devices.ranks_sharing(spec.rank),
-                                  eos_token_ids=eos_ids,
-                                  tp_group=torch.distributed.group.WORLD if group else None,
-                                  enable_nvtx=spec.enable_nvtx)
+        device, build = worker_engines(spec, model, config, where, options)
         component = Worker(spec.rank, model, channel, transport, build_engines=build,
                            status_address=spec.gateway_address, device=device)
     signal.signal(signal.SIGTERM, lambda *_: component.stop_soon())
