@@ -199,3 +199,11 @@ def test_load_and_a_served_worker_place_every_rank_alike(testvla):
                 mine = [(p.device, p.dtype) for p in engine.module.parameters()]
                 theirs = [(p.device, p.dtype) for p in worker.engines[node].module.parameters()]
                 assert mine == theirs, (rank, node)
+
+
+def test_load_device_puts_every_rank_there_through_the_same_checks():
+    with mstar.load("testvla", "testvla_node_split", preset="tiny", load_format="dummy",
+                    device="cpu") as dep:
+        assert dep.devices.devices == {0: "cpu", 1: "cpu"}
+    with pytest.raises(ConfigError, match="devices.0: cuda:0 does not exist"):
+        mstar.load("testvla", preset="tiny", load_format="dummy", device="cuda:0")
