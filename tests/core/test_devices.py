@@ -186,7 +186,7 @@ def test_load_and_a_served_worker_place_every_rank_alike(testvla):
         for rank, worker in dep.workers.items():
             spec = ProcessSpec(role="worker", deployment_id="t", socket_prefix="/tmp/x",
                                protocol="SHM", model="testvla", config=dep.config.model_dump(),
-                               preset="tiny", rank=rank, num_ranks=2)
+                               preset="tiny", rank=rank)
             device, build = worker_engines(spec, dep.model, dep.config, dep.placement, OPTIONS)
             assert device == worker.device == torch.device(expected.device(rank))
             bound = worker._build_engines.keywords  # what mstar.load bound for this rank

@@ -109,7 +109,7 @@ class ProcessDeployment:
         base = dict(deployment_id=self.id, socket_prefix=str(self.socket_dir),
                     protocol=self.protocol, model=config.model, config=config.model_dump(),
                     preset=settings.preset, load=dataclasses.asdict(options),
-                    num_ranks=len(self.ranks), tcp_device=settings.tcp_transfer_device,
+                    tcp_device=settings.tcp_transfer_device,
                     log_level=settings.log_level, gateway_address=self.gateway.channel.address,
                     enable_nvtx=settings.enable_nvtx,
                     media_limits=dataclasses.asdict(settings.media_limits()))

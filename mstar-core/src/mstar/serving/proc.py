@@ -43,7 +43,6 @@ class ProcessSpec(msgspec.Struct):
     preset: str | None = None
     load: dict = {}
     rank: int = -1  # a worker's rank, a data worker's index
-    num_ranks: int = 1
     host: str = "127.0.0.1"
     tcp_device: str | None = None
     log_level: str = "INFO"
