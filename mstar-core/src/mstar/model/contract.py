@@ -219,6 +219,10 @@ class Model:
         raise NotImplementedError(f"{type(self).__name__} has no KV spec for {node!r}")
 
     def build_submodule(self, node: str, ctx: BuildContext) -> nn.Module:
+        """Construct the node's module. The runtime calls this under `torch.device("meta")`
+        and then allocates it on `ctx.device` in `ctx.dtype` itself (`mstar.weights.
+        materialize`): do not move it. A buffer no checkpoint holds must be recomputable
+        by its module's `reset_buffers()`."""
         raise NotImplementedError
 
     def weight_spec(self, node: str) -> WeightSpec:

@@ -1,8 +1,10 @@
 """Model weights: where they come from (`sources`), how keys map (`spec`), reading and
-loading them sharded (`loader`), and seeded random weights (`dummy`)."""
+loading them sharded (`loader`), seeded random weights (`dummy`), and materialising a
+module built on the meta device on its own device (`materialize`)."""
 
 from mstar.weights.dummy import init_dummy_weights
 from mstar.weights.loader import LoadReport, WeightLoadError, iter_checkpoint, load_weights
+from mstar.weights.materialize import UninitializedError, materialize
 from mstar.weights.sources import (
     WeightSourceError,
     checkpoint_files,
@@ -13,6 +15,7 @@ from mstar.weights.spec import WeightSpec
 
 __all__ = [
     "LoadReport",
+    "UninitializedError",
     "WeightLoadError",
     "WeightSourceError",
     "WeightSpec",
@@ -20,6 +23,7 @@ __all__ = [
     "init_dummy_weights",
     "iter_checkpoint",
     "load_weights",
+    "materialize",
     "read_checkpoint_config",
     "resolve_source",
 ]

@@ -10,7 +10,8 @@ Rule, per parameter (tied parameters once, under their first name):
 The FULL (unsharded) tensor is drawn from a `torch.Generator` seeded by (seed, parameter
 name), adjusted, and then sharded exactly as the loader shards a checkpoint, so every TP
 layout holds the same effective weights and outputs can be compared across placements.
-Buffers keep the values the module was built with.
+Buffers are not touched: those not in checkpoints are recomputed by their module's
+`reset_buffers()` (see `mstar.weights.materialize`).
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ Adjust = Callable[[str, torch.Tensor, torch.Generator], torch.Tensor]
 
 
 def init_dummy_weights(module: nn.Module, *, seed: int = 0, tp_rank: int = 0,
-                       tp_size: int = 1, adjust: Adjust | None = None) -> None:
+                       tp_size: int = 1, adjust: Adjust | None = None) -> list[str]:
     """Fill every parameter of `module` (rank `tp_rank` of `tp_size`) by the rule above;
-    `adjust(name, full, generator)` may then rework each full tensor."""
+    `adjust(name, full, generator)` may then rework each full tensor. The full tensors are
+    drawn on the CPU (the same values on every device); returns the names filled."""
     fills = _constant_fills(module)
+    names = []
     for name, param in module.named_parameters():
         shape = full_shape(param, tp_size)
         fill = fills.get(name, 1.0 if name.endswith("norm.weight") else None)
@@ -64,3 +67,5 @@ def init_dummy_weights(module: nn.Module, *, seed: int = 0, tp_rank: int = 0,
         if adjust is not None:
             full = adjust(name, full, gen)
         assign(param, shard_for_rank(full, param, tp_rank, tp_size), None)
+        names.append(name)
+    return names

@@ -26,6 +26,7 @@ from mstar.weights import (
     init_dummy_weights,
     iter_checkpoint,
     load_weights,
+    materialize,
     read_checkpoint_config,
     resolve_source,
 )
@@ -111,20 +112,27 @@ def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
     tp_rank, tp_size = placement.ranks.index(rank), placement.tp_size
     ctx = BuildContext(node=node, device=device, dtype=dtype, tp_rank=tp_rank, tp_size=tp_size,
                        tp_group=tp_group if tp_size > 1 else None)
-    module = model.build_submodule(node, ctx).to(device=device, dtype=dtype)
     if options.load_format == "dummy":
-        init_dummy_weights(module, seed=options.seed, tp_rank=tp_rank, tp_size=tp_size,
-                           adjust=functools.partial(model.adjust_dummy_weight, node))
+        def load(module: torch.nn.Module) -> list[str]:
+            return init_dummy_weights(module, seed=options.seed, tp_rank=tp_rank,
+                                      tp_size=tp_size,
+                                      adjust=functools.partial(model.adjust_dummy_weight, node))
     elif options.load_format == "auto":
         ws = model.weight_spec(node)
         path = resolve_source(checkpoint_location(ws.source, options), patterns=ws.patterns,
                               subfolder=ws.subfolder, cache_dir=options.cache_dir,
                               revision=options.revision, token=options.token)
         files = checkpoint_files(path, ws.patterns)
-        load_weights(module, iter_checkpoint(files, ws.format), ws, tp_rank=tp_rank,
-                     tp_size=tp_size, dtype=ws.dtype or dtype)
+
+        def load(module: torch.nn.Module) -> list[str]:
+            return load_weights(module, iter_checkpoint(files, ws.format), ws, tp_rank=tp_rank,
+                                tp_size=tp_size, dtype=ws.dtype or dtype).loaded
     else:
         raise ValueError(f"unknown load format {options.load_format!r}; use 'auto' or 'dummy'")
+    # Built on meta (no memory), then allocated once, on the rank's device, by the loader.
+    with torch.device("meta"):
+        module = model.build_submodule(node, ctx)
+    materialize(module, device, dtype, load)
     return module.eval()
 
 

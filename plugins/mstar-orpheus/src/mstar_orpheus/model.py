@@ -250,7 +250,7 @@ class Orpheus(Model):
             module = SnacNode(SnacDecoder(self.config.snac))
         else:
             raise ValueError(f"unknown orpheus node {node!r}; nodes: LLM, snac_decoder")
-        return module.to(device=ctx.device, dtype=ctx.dtype).eval()
+        return module.eval()
 
     def weight_spec(self, node: str) -> WeightSpec:
         if node == "LLM":

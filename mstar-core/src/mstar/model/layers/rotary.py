@@ -6,6 +6,10 @@ frequency pair the position of one axis: `sections[a]` consecutive frequency pai
 frequency order, read axis a. With every axis equal this is exactly 1-D RoPE. cos/sin are
 computed from the positions at each call (no cache to size or invalidate); that is a few
 elementwise ops on [T, D], small beside attention.
+
+The buffers (`inv_freq`, `axis_of_freq`) are not in checkpoints: `reset_buffers` computes
+them, at construction and again after the loader materialised a module built on the meta
+device.
 """
 
 from __future__ import annotations
@@ -54,24 +58,38 @@ class RotaryEmbedding(nn.Module):
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embedding, got {head_dim}")
         self.head_dim, self.base = head_dim, base
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         scaling = dict(rope_scaling or {})
         # Older HF configs name the type "type"; both keys are dropped here.
-        rope_type = scaling.pop("rope_type", scaling.pop("type", None))
-        if rope_type == "llama3":
-            inv_freq = _llama3_inv_freq(inv_freq, **scaling)
-        elif rope_type not in (None, "default"):
-            raise ValueError(f"unsupported rope_scaling type {rope_type!r}; "
+        self.rope_type = scaling.pop("rope_type", scaling.pop("type", None))
+        self.rope_args = scaling
+        if self.rope_type not in (None, "default", "llama3"):
+            raise ValueError(f"unsupported rope_scaling type {self.rope_type!r}; "
                              "supported: None, 'default', 'llama3'")
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.sections = tuple(sections) if sections is not None else None
+        if self.sections is not None and (sum(self.sections) != head_dim // 2
+                                          or min(self.sections) < 0):
+            raise ValueError(f"rotary sections {self.sections} must be non-negative and "
+                             f"sum to head_dim/2 = {head_dim // 2}")
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
         if self.sections is not None:
-            if sum(self.sections) != head_dim // 2 or min(self.sections) < 0:
-                raise ValueError(f"rotary sections {self.sections} must be non-negative and "
-                                 f"sum to head_dim/2 = {head_dim // 2}")
-            axis = torch.repeat_interleave(torch.arange(len(self.sections)),
-                                           torch.tensor(self.sections))
-            self.register_buffer("axis_of_freq", axis, persistent=False)
+            self.register_buffer("axis_of_freq", torch.empty(head_dim // 2, dtype=torch.long),
+                                 persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Compute the buffers into place (on their device, in their dtype). The values are
+        computed on the CPU in float32, so every device gets the same frequencies."""
+        cpu = torch.device("cpu")
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float,
+                                                     device=cpu) / self.head_dim))
+        if self.rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, **self.rope_args)
+        with torch.no_grad():
+            self.inv_freq.copy_(inv_freq)
+            if self.sections is not None:
+                self.axis_of_freq.copy_(torch.tensor(
+                    [axis for axis, n in enumerate(self.sections) for _ in range(n)],
+                    dtype=torch.long, device=cpu))
 
     def _angles(self, positions: torch.Tensor) -> torch.Tensor:
         """Rotation angle of every (token, frequency pair), [T, D/2], in float32. 1-D

@@ -399,7 +399,7 @@ class TestVLA(Model):
         }
         if node not in builders:
             raise ValueError(f"unknown testvla node {node!r}; nodes: {sorted(builders)}")
-        return builders[node]().to(device=ctx.device, dtype=ctx.dtype).eval()
+        return builders[node]().eval()
 
     def weight_spec(self, node: str) -> WeightSpec:
         """One checkpoint for every node; each node maps its own keys, ignores the rest."""
