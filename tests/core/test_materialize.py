@@ -124,14 +124,18 @@ def test_rotary_with_sections_builds_on_meta():
 
 
 class _Writes(TorchDispatchMode):
-    """Counts in-place writes into each CPU storage (by address)."""
+    """Counts in-place writes into each CPU storage (by address), and notes the shapes of
+    the tensors made on the meta device."""
 
     def __init__(self):
         super().__init__()
         self.writes: dict[int, list[str]] = {}
+        self.meta_shapes: set[tuple[int, ...]] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.is_meta:
+            self.meta_shapes.add(tuple(out.shape))
         target = args[0] if args else None
         if (func._schema.is_mutable and isinstance(target, torch.Tensor)
                 and target.device.type == "cpu" and target.numel()):
@@ -142,15 +146,16 @@ class _Writes(TorchDispatchMode):
 @pytest.mark.parametrize("name", sorted(PLUGINS))
 @pytest.mark.parametrize("load_format", ["dummy", "auto"])
 def test_parameter_memory_is_written_once_by_the_loader(plugins, name, load_format):
-    """Built on meta, no memory is spent on an initialisation the loader then overwrites
-    (which on a GPU was a whole CPU copy of the module before the move): each parameter's
-    storage is allocated on its device and written once, by the loader."""
+    """Each parameter is first made on the meta device (shapes only: on a GPU rank, no
+    CPU copy of the module before the move), and no memory is spent on an initialisation
+    the loader then overwrites: its storage on the device is written once, by the loader."""
     model, checkpoint = plugins[name]
     options = LoadOptions(load_format=load_format, model_path=str(checkpoint))
     with _Writes() as mode:
         module = build_module(model, "LLM", NodePlacement("LLM", (0,)), 0, options, CPU)
     assert list(module.parameters())
     for param_name, p in module.named_parameters():
+        assert tuple(p.shape) in mode.meta_shapes, param_name
         assert mode.writes.get(p.data_ptr()) == ["copy_"], (param_name, mode.writes.get(
             p.data_ptr()))
 
