@@ -1,7 +1,7 @@
 """One wiring: `mstar.load` and a served worker (`mstar serve`'s config resolution, then
 `serving.proc`'s builder, called here in process) build the same engines from the same
 packaged config: nodes per rank, engine types, KV pages, parameter devices and dtypes,
-tensor-parallel ranks and every engine option."""
+tensor-parallel ranks, the (seeded dummy) weights and every engine option."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def summary(engines: dict) -> dict:
     out = {}
     for node, engine in engines.items():
         row = {"type": type(engine).__name__, "nvtx": engine.nvtx,
-               "params": [(name, p.shape, p.device, p.dtype)
+               "params": [(name, p.shape, p.device, p.dtype, float(p.double().sum()))
                           for name, p in engine.module.named_parameters()],
                "buffers": [(name, b.device, b.dtype)
                            for name, b in engine.module.named_buffers()]}
