@@ -13,6 +13,7 @@ import torch
 import mstar
 from mstar.cli.serve import prepare
 from mstar.engine.kv_engine import KVEngine
+from mstar.plugins import model_registry
 from mstar.serving import proc
 from mstar.worker.builder import LoadOptions
 
@@ -22,7 +23,7 @@ def summary(engines: dict) -> dict:
     out = {}
     for node, engine in engines.items():
         row = {"type": type(engine).__name__, "nvtx": engine.nvtx,
-               "params": [(name, p.shape, p.device, p.dtype, float(p.double().sum()))
+               "params": [(name, p.shape, p.device, p.dtype, float(p.detach().double().sum()))
                           for name, p in engine.module.named_parameters()],
                "buffers": [(name, b.device, b.dtype)
                            for name, b in engine.module.named_buffers()]}
@@ -48,7 +49,8 @@ def served_spec(name: str, rank: int) -> proc.ProcessSpec:
     return proc.ProcessSpec(
         role="worker", deployment_id="t", socket_prefix="/tmp/x", protocol="SHM",
         model=config.model, config=config.model_dump(), preset=settings.preset,
-        load=dataclasses.asdict(LoadOptions(load_format=settings.load_format)),
+        load=dataclasses.asdict(LoadOptions.of(model_registry().get(config.model),
+                                               load_format=settings.load_format)),
         rank=rank, enable_nvtx=settings.enable_nvtx)
 
 

@@ -8,7 +8,6 @@ local transport, so tests, notebooks and benchmarks exercise the real runtime.
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
 from collections.abc import Mapping
 from typing import Any
@@ -223,9 +222,8 @@ def load(model: str, config: DeploymentConfig | Mapping[str, Any] | str | None =
         raise ValueError(f"unknown load_format {load_format!r}; allowed: {list(LOAD_FORMATS)}")
     spec = model_registry().get(model)
     deployment = deployment_config(spec, config, overrides)
-    options = LoadOptions(load_format=load_format, model_path=model_path,
-                          weight_sources=dict(spec.weight_sources), cache_dir=cache_dir,
-                          revision=revision, token=os.environ.get("HF_TOKEN"), seed=seed)
+    options = LoadOptions.of(spec, load_format=load_format, model_path=model_path,
+                             cache_dir=cache_dir, revision=revision, seed=seed)
     instance = make_model(spec, deployment.model_kwargs, preset=preset, options=options)
     deployment = with_preset_cap(deployment, instance, preset,
                                  explicit="max_seq_len" in overrides)
