@@ -51,14 +51,19 @@ class Wiring:
     enable_nvtx: bool = False
     status_address: str = "frontend"
     placement: Placement = field(init=False)
-    devices: DevicePlan = field(init=False)
-    eos_token_ids: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         validate_for_model(self.config, self.model)
         self.placement = placement(self.config, self.model)
-        self.devices = device_plan(self.config, self.placement)
-        self.eos_token_ids = eos_token_ids(self.model)
+
+    @functools.cached_property
+    def devices(self) -> DevicePlan:
+        """Each rank's device (made when a worker is wired: only workers need it)."""
+        return device_plan(self.config, self.placement)
+
+    @functools.cached_property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return eos_token_ids(self.model)
 
     def on_device(self, device: str) -> Wiring:
         """The same deployment with every rank on `device` (a `devices` mapping, checked
