@@ -16,7 +16,7 @@ from mstar.config.devices import default_dtype, device_plan, node_dtype, tp_back
 from mstar.engine.kv_cache import device_kv_budget, plan_capacity
 from mstar.model.contract import KVSpec
 from mstar.plugins import model_registry
-from mstar.serving.proc import ProcessSpec, worker_engines
+from mstar.serving import proc
 from mstar.worker.builder import LoadOptions, make_model
 
 OPTIONS = LoadOptions(load_format="dummy")
@@ -184,10 +184,11 @@ def test_load_and_a_served_worker_place_every_rank_alike(testvla):
                     load_format="dummy") as dep:
         assert sorted(dep.workers) == where.ranks() == [0, 1]
         for rank, worker in dep.workers.items():
-            spec = ProcessSpec(role="worker", deployment_id="t", socket_prefix="/tmp/x",
-                               protocol="SHM", model="testvla", config=dep.config.model_dump(),
-                               preset="tiny", rank=rank)
-            device, build = worker_engines(spec, dep.model, dep.config, dep.placement, OPTIONS)
+            spec = proc.ProcessSpec(
+                role="worker", deployment_id="t", socket_prefix="/tmp/x", protocol="SHM",
+                model="testvla", config=dep.config.model_dump(), preset="tiny", rank=rank,
+                load={"load_format": "dummy"})
+            device, build = proc.wiring(spec).worker_engines(rank)
             assert device == worker.device == torch.device(expected.device(rank))
             bound = worker._build_engines.keywords  # what mstar.load bound for this rank
             assert build.keywords["device"] == bound["device"] == device

@@ -8,33 +8,22 @@ local transport, so tests, notebooks and benchmarks exercise the real runtime.
 from __future__ import annotations
 
 import asyncio
-import functools
-import os
 import queue
 from collections.abc import Mapping
 from typing import Any
-
-import torch
 
 from mstar import events
 from mstar.api_server.frontend import Frontend
 from mstar.communication.channel import InProcessHub
 from mstar.communication.transport import LocalStore, LocalTransport
-from mstar.conductor.conductor import Conductor
-from mstar.config import (
-    DeploymentConfig,
-    load_config,
-    placement,
-    validate_for_model,
-    with_preset_cap,
-)
-from mstar.config.devices import device_plan
+from mstar.config import DeploymentConfig, load_config, with_preset_cap
 from mstar.engine.kv_engine import KVEngine, StepRecord
 from mstar.engine.work import RequestError
 from mstar.model.contract import Model
 from mstar.plugins import model_registry
 from mstar.plugins.registry import ModelSpec
-from mstar.worker.builder import LoadOptions, build_engines, make_model
+from mstar.wiring import Wiring
+from mstar.worker.builder import LoadOptions, make_model
 from mstar.worker.worker import Worker
 
 LOAD_FORMATS = ("auto", "dummy")
@@ -116,41 +105,24 @@ class LocalDeployment:
     """A running deployment in this process. `generate(request)` yields `mstar.events`."""
 
     def __init__(self, spec: ModelSpec, model: Model, config: DeploymentConfig,
-                 options: LoadOptions, *, device: str | None = None):
-        validate_for_model(config, model)
-        self.placement = placement(config, model)
-        if device is not None:  # every rank on `device`: a devices mapping, checked as one
-            config = config.model_copy(
-                update={"devices": dict.fromkeys(self.placement.ranks(), device)})
-        self.spec, self.model, self.config = spec, model, config
-        self.devices = device_plan(config, self.placement)
-        if any(p.tp_size > 1 for p in self.placement.nodes.values()):
-            raise ValueError("tp_size > 1 needs one process per rank: serve it with "
-                             "`mstar-serve` (the in-process API runs tp_size 1 only)")
+                 options: LoadOptions, *, device: str | None = None,
+                 enable_nvtx: bool = False):
+        wiring = Wiring(model, config, options, enable_nvtx=enable_nvtx)
+        if device is not None:
+            wiring = wiring.on_device(device)
+        self.spec, self.model, self.config = spec, model, wiring.config
+        self.placement, self.devices = wiring.placement, wiring.devices
         hub, store = InProcessHub(), LocalStore()
         self._store = store
-        tokenizer = model.tokenizer()
-        eos = getattr(tokenizer, "eos_token_id", None)
-        eos_ids = tuple(eos) if isinstance(eos, list | tuple) else ((eos,) if eos is not None
-                                                                    else ())
         ranks = self.placement.ranks()
-        self.frontend = Frontend(model, config, hub.channel("frontend"),
-                                 LocalTransport("frontend", store))
+        self.workers: dict[int, Worker] = {
+            rank: wiring.worker(rank, hub.channel(f"worker:{rank}"),
+                                LocalTransport(f"worker:{rank}", store))
+            for rank in ranks}
+        self.frontend = wiring.frontend(hub.channel("frontend"),
+                                        LocalTransport("frontend", store))
         self.frontend.expected_workers = {f"worker:{r}" for r in ranks}
-        self.conductor = Conductor(model, self.placement, hub.channel("conductor"),
-                                   max_concurrent_requests=config.max_concurrent_requests)
-        self.workers: dict[int, Worker] = {}
-        for rank in ranks:
-            address = f"worker:{rank}"
-            device = torch.device(self.devices.device(rank))
-            build = functools.partial(build_engines, model, config,
-                                      self.placement.nodes_on(rank), rank, options,
-                                      device=device,
-                                      ranks_sharing_device=self.devices.ranks_sharing(rank),
-                                      eos_token_ids=eos_ids)
-            self.workers[rank] = Worker(rank, model, hub.channel(address),
-                                        LocalTransport(address, store), build_engines=build,
-                                        device=device)
+        self.conductor = wiring.conductor(hub.channel("conductor"))
         self.frontend.start()
         self.conductor.start()
         for worker in self.workers.values():
@@ -234,7 +206,8 @@ class LocalDeployment:
 def load(model: str, config: DeploymentConfig | Mapping[str, Any] | str | None = None, *,
          preset: str | None = None, load_format: str = "auto", model_path: str | None = None,
          cache_dir: str | None = None, revision: str | None = None, seed: int = 0,
-         device: str | None = None, **overrides: Any) -> LocalDeployment:
+         device: str | None = None, enable_nvtx: bool = False,
+         **overrides: Any) -> LocalDeployment:
     """Load `model` (a registered name) and start it in this process.
 
     `config`: a DeploymentConfig, a dict, a YAML path or a packaged config name (default:
@@ -243,18 +216,19 @@ def load(model: str, config: DeploymentConfig | Mapping[str, Any] | str | None =
     `load_format="dummy"` with a `preset` runs seeded random weights of the real shapes.
     Devices as served (`mstar.config.devices`): the config's `devices` mapping, else rank r
     on cuda:r when CUDA is visible, else the CPU; `device="cpu"` puts every rank there.
+    `enable_nvtx`: NVTX ranges around engine steps, as `mstar serve --enable-nvtx`.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; allowed: {list(LOAD_FORMATS)}")
     spec = model_registry().get(model)
     deployment = deployment_config(spec, config, overrides)
-    options = LoadOptions(load_format=load_format, model_path=model_path,
-                          weight_sources=dict(spec.weight_sources), cache_dir=cache_dir,
-                          revision=revision, token=os.environ.get("HF_TOKEN"), seed=seed)
+    options = LoadOptions.of(spec, load_format=load_format, model_path=model_path,
+                             cache_dir=cache_dir, revision=revision, seed=seed)
     instance = make_model(spec, deployment.model_kwargs, preset=preset, options=options)
     deployment = with_preset_cap(deployment, instance, preset,
                                  explicit="max_seq_len" in overrides)
-    return LocalDeployment(spec, instance, deployment, options, device=device)
+    return LocalDeployment(spec, instance, deployment, options, device=device,
+                           enable_nvtx=enable_nvtx)
 
 
 __all__ = ["AsyncEventStream", "EventStream", "LocalDeployment", "RequestError", "load"]

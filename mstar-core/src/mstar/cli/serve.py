@@ -191,10 +191,9 @@ def model_for(config: DeploymentConfig, settings: ServerSettings) -> Model:
         raise ConfigError([f"--preset: unknown preset {settings.preset!r} for model "
                            f"{config.model!r}; allowed: "
                            f"{', '.join(sorted(cls.presets)) or 'none'}"])
-    options = LoadOptions(load_format=settings.load_format, model_path=settings.model_path,
-                          weight_sources=dict(spec.weight_sources),
-                          cache_dir=settings.cache_dir, revision=settings.revision,
-                          token=os.environ.get("HF_TOKEN"))
+    options = LoadOptions.of(spec, load_format=settings.load_format,
+                             model_path=settings.model_path, cache_dir=settings.cache_dir,
+                             revision=settings.revision)
     needs_preset = (settings.preset is None and settings.load_format == "dummy"
                     and not settings.model_path)
     if needs_preset:

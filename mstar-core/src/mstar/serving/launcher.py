@@ -80,10 +80,9 @@ class ProcessDeployment:
         self.id = uuid.uuid4().hex[:8]
         self.protocol = resolve_protocol(settings.tensor_comm_protocol)
         self.spec = model_registry().get(config.model)
-        options = LoadOptions(load_format=settings.load_format, model_path=settings.model_path,
-                              weight_sources=dict(self.spec.weight_sources),
-                              cache_dir=settings.cache_dir, revision=settings.revision,
-                              token=os.environ.get("HF_TOKEN"))
+        options = LoadOptions.of(self.spec, load_format=settings.load_format,
+                                 model_path=settings.model_path, cache_dir=settings.cache_dir,
+                                 revision=settings.revision)
         self.model = make_model(self.spec, config.model_kwargs, preset=settings.preset,
                                 options=options)
         validate_for_model(config, self.model)

@@ -11,22 +11,16 @@ outlives the server.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
 if TYPE_CHECKING:
-    import torch
-
-    from mstar.config import DeploymentConfig, Placement
-    from mstar.model.contract import Model
-    from mstar.worker.builder import LoadOptions
+    from mstar.wiring import Wiring
 
 log = logging.getLogger("mstar.serving")
 
@@ -71,83 +65,44 @@ def make_transport(protocol: str, address: str, *, deployment_id: str, host: str
     return cls(address, deployment_id=deployment_id, host=host, device=device)
 
 
-def worker_engines(spec: ProcessSpec, model: Model, config: DeploymentConfig,
-                   where: Placement, options: LoadOptions
-                   ) -> tuple[torch.device, Callable[[], dict[str, Any]]]:
-    """A worker rank's device (`device_plan`, as `mstar.load` places the same rank) and its
-    engine builder; joins the rank's tensor-parallel group over that device's backend."""
-    import torch
+def wiring(spec: ProcessSpec) -> Wiring:
+    """The deployment's wiring as `spec` describes it (the same one `mstar.load` makes)."""
+    from mstar.config import DeploymentConfig
+    from mstar.plugins import model_registry
+    from mstar.wiring import Wiring
+    from mstar.worker.builder import LoadOptions, make_model
 
-    from mstar.config.devices import device_plan, tp_backend
-    from mstar.worker.builder import build_engines, tp_group_ranks
-
-    devices = device_plan(config, where)
-    device = torch.device(devices.device(spec.rank))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    nodes = where.nodes_on(spec.rank)
-    group = tp_group_ranks(nodes)
-    if group:
-        import datetime
-
-        import torch.distributed as dist
-
-        dist.init_process_group(tp_backend(str(device)),
-                                init_method=f"tcp://127.0.0.1:{spec.tp_port}",
-                                rank=group.index(spec.rank), world_size=len(group),
-                                timeout=datetime.timedelta(seconds=120))
-    eos = getattr(model.tokenizer(), "eos_token_id", None)
-    eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (
-        (eos,) if eos is not None else ())
-    return device, functools.partial(
-        build_engines, model, config, nodes, spec.rank, options, device=device,
-        ranks_sharing_device=devices.ranks_sharing(spec.rank), eos_token_ids=eos_ids,
-        tp_group=torch.distributed.group.WORLD if group else None,
-        enable_nvtx=spec.enable_nvtx)
+    config = DeploymentConfig.model_validate(spec.config)
+    options = LoadOptions(**spec.load)
+    model = make_model(model_registry().get(spec.model), config.model_kwargs,
+                       preset=spec.preset, options=options)
+    return Wiring(model, config, options, enable_nvtx=spec.enable_nvtx,
+                  status_address=spec.gateway_address)
 
 
 def run(spec: ProcessSpec) -> None:
     import torch
 
-    from mstar.api_server.frontend import Frontend
     from mstar.communication import messages as msg
     from mstar.communication.zmq_channel import ZmqChannel
-    from mstar.conductor.conductor import Conductor
-    from mstar.config import DeploymentConfig, placement
-    from mstar.plugins import model_registry
-    from mstar.worker.builder import LoadOptions, make_model
-    from mstar.worker.worker import Worker
+    from mstar.media import MediaLimits
 
-    config = DeploymentConfig.model_validate(spec.config)
-    model_spec = model_registry().get(spec.model)
-    options = LoadOptions(**spec.load)
-    model = make_model(model_spec, config.model_kwargs, preset=spec.preset, options=options)
-    where = placement(config, model)
+    roles = wiring(spec)
     if spec.role == "conductor":
         channel = ZmqChannel("conductor", prefix=spec.socket_prefix)
-        component = Conductor(model, where, channel,
-                              max_concurrent_requests=config.max_concurrent_requests,
-                              status_address=spec.gateway_address)
-    elif spec.role == "data_worker":
-        torch.set_num_threads(spec.cpu_threads)
-        address = f"frontend:{spec.rank}"
-        channel = ZmqChannel(address, prefix=spec.socket_prefix)
-        transport = make_transport(spec.protocol, address, deployment_id=spec.deployment_id,
-                                   host=spec.host, device=spec.tcp_device)
-        from mstar.media import MediaLimits
-
-        component = Frontend(model, config, channel, transport, client=spec.gateway_address,
-                             media_limits=MediaLimits(**spec.media_limits))
-        channel.send(spec.gateway_address, msg.WorkerReady(address, []))
+        component = roles.conductor(channel)
     else:
         torch.set_num_threads(spec.cpu_threads)
-        address = f"worker:{spec.rank}"
+        address = f"frontend:{spec.rank}" if spec.role == "data_worker" else f"worker:{spec.rank}"
         channel = ZmqChannel(address, prefix=spec.socket_prefix)
         transport = make_transport(spec.protocol, address, deployment_id=spec.deployment_id,
                                    host=spec.host, device=spec.tcp_device)
-        device, build = worker_engines(spec, model, config, where, options)
-        component = Worker(spec.rank, model, channel, transport, build_engines=build,
-                           status_address=spec.gateway_address, device=device)
+        if spec.role == "data_worker":
+            component = roles.frontend(channel, transport,
+                                       media_limits=MediaLimits(**spec.media_limits))
+            channel.send(spec.gateway_address, msg.WorkerReady(address, []))
+        else:
+            component = roles.worker(spec.rank, channel, transport, tp_port=spec.tp_port)
     signal.signal(signal.SIGTERM, lambda *_: component.stop_soon())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we stop
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,13 @@ class LoadOptions:
     revision: str | None = None
     token: str | None = None
     seed: int = 0
+
+    @classmethod
+    def of(cls, spec: ModelSpec, **fields: Any) -> LoadOptions:
+        """The options for `spec` (its weight sources, `HF_TOKEN` from the environment),
+        as `mstar.load` and `mstar serve` both make them."""
+        return cls(weight_sources=dict(spec.weight_sources),
+                   token=os.environ.get("HF_TOKEN"), **fields)
 
 
 def make_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *,
