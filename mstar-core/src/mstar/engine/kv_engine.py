@@ -148,6 +148,10 @@ class KVEngine:
         self.counters = {"prompt_tokens_computed": 0, "prefix_cache_hit_tokens": 0,
                          "kv_tokens_imported": 0, "preemptions": 0}
         self.invocations: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: Cumulative host time of the steps that ran a forward (seconds): planning them
+        #: (`schedule`), building the batch, committing and sampling (`runner`), and the
+        #: node's forward itself (`forward`); `steps` counts them. Cheap enough to stay on.
+        self.timing = {"steps": 0, "schedule": 0.0, "runner": 0.0, "forward": 0.0}
         #: Tensor-parallel leader: sends every step and cache operation to the followers
         #: (set by the worker; None on a plain node or a follower).
         self.mirror: Callable[[Any], None] | None = None
@@ -564,14 +568,29 @@ class KVEngine:
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[WorkResult]:
+        started = time.perf_counter()
         batch, results = self._schedule()
         if not batch:
             return results
+        planned = time.perf_counter()
+        forward_before = self.timing["forward"]
+        try:
+            return results + self._run(batch)
+        finally:
+            ended = time.perf_counter()
+            forward = self.timing["forward"] - forward_before
+            self.timing["steps"] += 1
+            self.timing["schedule"] += planned - started
+            self.timing["runner"] += ended - planned - forward
+
+    def _run(self, batch: list[tuple[_Task, int]]) -> list[WorkResult]:
+        """Forward the scheduled batch (isolating a failing invocation) and commit it."""
+        results: list[WorkResult] = []
         try:
             ran = [(batch, self._forward(batch))]
         except Exception as exc:  # isolate the failing invocation; the others go on
             if len(batch) == 1:
-                return results + self._fail(batch[0][0], exc)
+                return self._fail(batch[0][0], exc)
             ran = []
             for item in batch:
                 try:
@@ -617,11 +636,14 @@ class KVEngine:
             fb.positions = fb.positions[0]
         if self.mirror is not None:
             self.mirror(tp_step(self.node, fb, [t for t, _ in batch]))
+        attention = TorchAttention(seq_chunks, cache=self.cache)
         started = time.perf_counter()
         with torch.inference_mode(), step_range(f"{self.node} step", self.nvtx), \
-                attention_context(TorchAttention(seq_chunks, cache=self.cache)):
+                attention_context(attention):
             out = self.module(fb)
-        self._log(batch, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.timing["forward"] += seconds
+        self._log(batch, seconds)
         return seq_chunks, pieces, fb, out
 
     def _commit(self, batch: list[tuple[_Task, int]], seq_chunks: list[SeqChunk],

@@ -138,6 +138,9 @@ class Worker(Component):
         self._stats_from: dict[str, int] = {}
         self._call_ids = itertools.count()
         self._report_seq = itertools.count()
+        #: Host seconds of the loop turns that stepped an engine, outside the engine
+        #: (messages, cursors, submitting, routing results; not idle waits for messages).
+        self.loop_seconds = 0.0
         #: Requests this worker dropped lately: late messages for them are ignored.
         self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
 
@@ -175,9 +178,12 @@ class Worker(Component):
                     self._fail(req, RuntimeError(f"{self.address} internal error: {exc}"))
 
     def _turn_once(self) -> None:
+        started = time.perf_counter()
         self._schedule()
         busy = any(e.has_work() for e in self.engines.values())
+        waiting = time.perf_counter()
         m = self.channel.recv(timeout=0 if busy else 0.005)
+        waited = time.perf_counter() - waiting
         if m is not None:
             while m is not None:
                 try:
@@ -187,7 +193,9 @@ class Worker(Component):
                 m = self.channel.recv(timeout=0)
             self._schedule()
         self._report_blocked()
-        self._step()
+        in_engine = self._step()
+        if in_engine is not None:
+            self.loop_seconds += time.perf_counter() - started - waited - in_engine
 
     # -- messages ---------------------------------------------------------------------------
     def _request(self, request_id: str) -> WorkerRequest:
@@ -487,13 +495,19 @@ class Worker(Component):
             or SamplingParams()
 
     # -- results ----------------------------------------------------------------------------
-    def _step(self) -> None:
+    def _step(self) -> float | None:
+        """One engine step (engines take turns) and its results routed; the seconds spent
+        inside the engine, None when no engine had work."""
         for _ in range(len(self._scheduled)):
             engine = self.engines[next(self._turn)]
             if engine.has_work():
-                for result in engine.step():
+                started = time.perf_counter()
+                results = engine.step()
+                in_engine = time.perf_counter() - started
+                for result in results:
                     self._on_result(result)
-                return
+                return in_engine
+        return None
 
     def _on_result(self, result: WorkResult) -> None:
         work = result.work
