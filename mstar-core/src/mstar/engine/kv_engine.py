@@ -142,6 +142,7 @@ class KVEngine:
         self._admissions = itertools.count()
         self._steps = itertools.count()
         self._extras = {e.name: e for e in spec.extras}
+        self._defaults: dict[str, torch.Tensor] = {}  # see `_absent_extra`
         self.prefix_caching = prefix_caching
         #: Cumulative: tokens of sequences' first chunks run, taken from cached pages, and
         #: whose K/V arrived from another rank; requests preempted (pages dropped, rebuilt).
@@ -365,17 +366,27 @@ class KVEngine:
         shape = ((rows,) if rows is not None else ()) + tuple(ex.shape)
         return torch.full(shape, ex.default, dtype=ex.dtype, device=self.device)
 
+    def _absent_extra(self, name: str, rows: int) -> torch.Tensor:
+        """`default_extra(name, rows)` for a batch where nobody supplied it: a view of one
+        cached tensor (grown when a batch is larger), not a fresh one each step."""
+        cached = self._defaults.get(name)
+        if cached is None or cached.shape[0] < rows:
+            cached = self._defaults[name] = self.default_extra(name, max(rows, 256))
+        return cached[:rows]
+
     def _batch_extras(self, pieces: list[Chunk]) -> dict[str, torch.Tensor]:
         extras: dict[str, torch.Tensor] = {}
         total = sum(p.length for p in pieces)
         for name, ex in self._extras.items():
             if ex.per == "token":
                 if not any(name in p.token_extras for p in pieces):
-                    extras[name] = self.default_extra(name, total)
+                    extras[name] = self._absent_extra(name, total)
                 else:
                     extras[name] = torch.cat([p.token_extras[name] if name in p.token_extras
                                               else self.default_extra(name, p.length)
                                               for p in pieces])
+            elif not any(name in p.seq_extras for p in pieces):
+                extras[name] = self._absent_extra(name, len(pieces))
             else:
                 extras[name] = torch.stack([p.seq_extras[name] if name in p.seq_extras
                                             else self.default_extra(name, None) for p in pieces])
@@ -548,12 +559,15 @@ class KVEngine:
             task.done = 0
 
     @staticmethod
-    def _record(state: SeqState, piece: Chunk) -> None:
+    def _record(state: SeqState, piece: Chunk, ids: list[int] | None = None,
+                top: int | None = None) -> None:
         """`piece` is now in the sequence's cache: remember it (recompute, forks, sampling
-        penalties, next position)."""
+        penalties, next position). `ids` and `top` (its largest first-axis position) may
+        come from the whole batch's host copy, saving a device read per sequence."""
         state.history.append(piece)
-        state.appended_ids.extend(piece.input_ids.tolist())
-        state.next_position = max(state.next_position, int(piece.positions[0].max()) + 1)
+        state.appended_ids.extend(piece.input_ids.tolist() if ids is None else ids)
+        top = int(piece.positions[0].max()) if top is None else top
+        state.next_position = max(state.next_position, top + 1)
 
     def _fail(self, task: _Task, error: Exception) -> list[WorkResult]:
         if task.work is None:
@@ -652,11 +666,14 @@ class KVEngine:
         """The forward's K/V into the sequences, its outputs to their tasks; finished
         invocations' results."""
         finished: list[_Task] = []
+        ids = fb.input_ids.tolist()
+        positions = (fb.positions if fb.positions.dim() == 1 else fb.positions[0]).tolist()
         for i, (task, take) in enumerate(batch):
             if task.mode == "append":
                 self.cache.commit(task.key, take)
                 if task.work is not None:
-                    self._record(self.seqs[task.key], pieces[i])
+                    rows = slice(seq_chunks[i].start, seq_chunks[i].start + take)
+                    self._record(self.seqs[task.key], pieces[i], ids[rows], max(positions[rows]))
                 if task.hashes:
                     task.registered = self.cache.register(task.key, task.hashes,
                                                           task.registered)
@@ -673,8 +690,10 @@ class KVEngine:
     def _finish(self, finished: list[_Task]) -> list[WorkResult]:
         results: list[WorkResult] = []
         to_sample: list[_Task] = []
+        if finished:
+            gone = set(finished)
+            self.waiting = [t for t in self.waiting if t not in gone]
         for task in finished:
-            self.waiting.remove(task)
             if task.work is None:
                 self.seqs[task.key].recomputing = False
                 continue
@@ -699,7 +718,7 @@ class KVEngine:
                 if name in task.work.node.outputs}
 
     def _sample(self, tasks: list[_Task]) -> list[WorkResult]:
-        logits = torch.cat([torch.cat(t.pieces["logits"])[-1:] for t in tasks]).float()
+        logits = torch.cat([t.pieces["logits"][-1][-1:] for t in tasks]).float()
         rows = []
         for t in tasks:
             state = self.seqs[t.key]
@@ -709,6 +728,7 @@ class KVEngine:
                                       history=[tok for _, tok in state.sampled],
                                       prompt_ids=state.appended_ids, key=t.key))
         result = sample(logits, rows, self.grammar)
+        tokens = result.token_ids.tolist()
         results = []
         for i, t in enumerate(tasks):
             if i in result.failed:
@@ -716,7 +736,7 @@ class KVEngine:
                     result.failed[i], param="response_format")))
                 continue
             state = self.seqs[t.key]
-            token = int(result.token_ids[i])
+            token = tokens[i]
             position = self.cache.length(t.key)
             state.sampled.append((position, token))
             reason = stop_reason(token, t.work.sampling, num_generated=len(state.sampled),

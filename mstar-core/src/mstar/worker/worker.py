@@ -427,8 +427,8 @@ class Worker(Component):
 
     def _schedule_request(self, req: WorkerRequest) -> None:
         for lane in list(req.lanes.values()):
-            if lane.cursor.done:
-                continue
+            if lane.cursor.done or len(lane.in_flight) >= lane.cursor.outstanding():
+                continue  # finished, or everything it waits on is running
             for inv in lane.cursor.pending():
                 if inv.node.name in lane.in_flight or not self._ready(req, lane, inv):
                     continue
