@@ -44,7 +44,7 @@ from mstar.engine.kv_cache import KVCacheManager, OutOfPages, SeqExport
 from mstar.engine.prefix_cache import page_hashes, reusable_length
 from mstar.engine.profiling import step_range
 from mstar.engine.sampler import SampleRequest, sample, stop_reason
-from mstar.engine.sequence import Chunk, SeqState
+from mstar.engine.sequence import Chunk, SampledIds, SeqState
 from mstar.engine.structured import GrammarStates
 from mstar.engine.work import KeyedStepContext, NodeWork, RequestError, WorkResult
 from mstar.events import TensorData
@@ -317,6 +317,7 @@ class KVEngine:
         if state is None:
             state = self.seqs[key] = SeqState(key)
             self.cache.create(key)
+        key = state.key  # the dicts' own key object: later lookups match it by identity
         if mode == "append" and state.length + n > self.max_seq_len:
             raise RequestError(
                 f"sequence of {state.length + n} tokens exceeds max_seq_len={self.max_seq_len}",
@@ -725,7 +726,7 @@ class KVEngine:
             rows.append(SampleRequest(params=t.work.sampling, seed=t.work.seed,
                                       child=t.work.child, site=t.work.node.name,
                                       step=self.cache.length(t.key),
-                                      history=[tok for _, tok in state.sampled],
+                                      history=SampledIds(state.sampled),
                                       prompt_ids=state.appended_ids, key=t.key))
         result = sample(logits, rows, self.grammar)
         tokens = result.token_ids.tolist()

@@ -636,7 +636,9 @@ class Worker(Component):
     def _send_stats(self) -> None:
         steps: dict[str, float] = {}
         for name, engine in self.engines.items():
-            fresh = [r.seconds for r in engine.step_log if r.step >= self._stats_from.get(name, 0)]
+            since = self._stats_from.get(name, 0)
+            fresh = [r.seconds for r in itertools.takewhile(  # newest first, only new ones
+                lambda r, since=since: r.step >= since, reversed(engine.step_log))]
             if fresh:
                 steps[name] = sum(fresh) / len(fresh)
                 self._stats_from[name] = engine.step_log[-1].step + 1
