@@ -624,7 +624,7 @@ class KVEngine:
         start = 0
         for task, take in batch:
             a, b = task.done, task.done + take
-            piece = task.chunk.slice(a, b)
+            piece = task.chunk if (a, b) == (0, task.n) else task.chunk.slice(a, b)
             pieces.append(piece)
             outputs: dict[str, tuple[int, int]] = {}
             for name, at in task.wanted.items():
@@ -730,6 +730,7 @@ class KVEngine:
                                       prompt_ids=state.appended_ids, key=t.key))
         result = sample(logits, rows, self.grammar)
         tokens = result.token_ids.tolist()
+        token_rows = result.token_ids.cpu().split(1)  # each row's `token_ids` output, one op
         results = []
         for i, t in enumerate(tasks):
             if i in result.failed:
@@ -744,7 +745,7 @@ class KVEngine:
                                  seq_len=position + 1, max_seq_len=self.max_seq_len,
                                  eos_token_ids=self.eos_token_ids)
             outputs = self._outputs(t)
-            outputs.update(token_ids=torch.tensor([token]), finished=reason is not None,
+            outputs.update(token_ids=token_rows[i], finished=reason is not None,
                            finish_reason=reason)
             if t.work.sampling.logprobs is not None and result.logprobs is not None:
                 outputs["logprobs"] = [[token, float(result.logprobs[i]),
