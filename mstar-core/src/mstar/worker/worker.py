@@ -595,10 +595,13 @@ class Worker(Component):
         """`Blocked` for each request with nothing runnable, queued in an engine or awaited
         from another worker here (called right after scheduling), unless nothing changed
         since its last report: only a message can make such a request runnable again."""
-        queued = {t.request_id for e in self.engines.values() for t in e.waiting}
+        queued: set[str] | None = None  # built only if some request has nothing running
         for req in self.requests.values():
-            if (req.request_id in queued or req.calls
-                    or any(lane.in_flight for lane in req.lanes.values())):
+            if req.calls or any(lane.in_flight for lane in req.lanes.values()):
+                continue
+            if queued is None:
+                queued = {t.request_id for e in self.engines.values() for t in e.waiting}
+            if req.request_id in queued:
                 continue
             signature = (req.received, tuple(sorted(req.sent.items())))
             if signature == req.reported:
