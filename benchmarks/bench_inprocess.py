@@ -71,6 +71,9 @@ class Row:
     ttft_ms: float
     tpot_ms: float | None = None
     early_stops: int = 0
+    #: mstar only: ms per engine step of `schedule`, `runner`, `worker`, `forward`, and
+    #: `steps` (see `host_time`).
+    host: dict[str, float] | None = None
 
     @property
     def tok_s(self) -> float:
@@ -185,6 +188,27 @@ def run_clients(deployment: mstar.LocalDeployment, concurrency: int, per_client:
                1000 * statistics.mean(t.first_token - t.submitted for t in timings),
                1000 * statistics.mean(tpots),
                sum(t.tokens < new_tokens for t in timings))
+
+
+def host_time(deployment: mstar.LocalDeployment) -> dict[str, float]:
+    """Cumulative seconds over every rank: the KV engines' step planning (`schedule`),
+    batch building, K/V commit and sampling (`runner`), the node's forward (`forward`),
+    the worker loop around the steps (`worker`: messages, cursors, routing), and `steps`."""
+    total = {"steps": 0.0, "schedule": 0.0, "runner": 0.0, "forward": 0.0, "worker": 0.0}
+    for worker in deployment.workers.values():
+        total["worker"] += worker.loop_seconds
+        for engine in worker.engines.values():
+            for name, value in getattr(engine, "timing", {}).items():
+                total[name] += value
+    return total
+
+
+def per_step_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    steps = after["steps"] - before["steps"]
+    out = {name: 1000 * (after[name] - before[name]) / max(steps, 1)
+           for name in ("schedule", "runner", "worker", "forward")}
+    out["steps"] = steps
+    return out
 
 
 def warm_up(deployment: mstar.LocalDeployment, new_tokens: int, prompt_tokens: int) -> None:
@@ -321,6 +345,22 @@ def print_table(rows: list[Row]) -> None:
               "counted as produced)")
 
 
+def print_host(rows: list[Row]) -> None:
+    """Per engine step of the mstar rows: host ms (scheduler + runner + worker loop) and
+    their share of the step (host + the node's forward)."""
+    print("\nmstar host time per engine step (ms; share of the step = host / (host + forward)):")
+    print(f"{'streams':>7} {'steps':>6} {'schedule':>9} {'runner':>8} {'worker':>8} "
+          f"{'host':>8} {'forward':>8} {'host %':>7}")
+    for r in rows:
+        if r.host is None:
+            continue
+        h = r.host
+        host = h["schedule"] + h["runner"] + h["worker"]
+        print(f"{r.concurrency:>7} {int(h['steps']):>6} {h['schedule']:9.2f} {h['runner']:8.2f} "
+              f"{h['worker']:8.2f} {host:8.2f} {h['forward']:8.2f} "
+              f"{100 * host / (host + h['forward']):6.1f}%")
+
+
 def print_ratios(rows: list[Row], batch: int) -> None:
     by = {(r.system, r.concurrency): r for r in rows}
     seq = by.get(("HF generate (sequential)", 1))
@@ -439,6 +479,7 @@ def benchmark(args: argparse.Namespace, ckpt: Path, cfg: TestVLAConfig) -> None:
     print(f"\nbest of {args.repeat} round(s) per row; TTFT: mean time to the first token "
           "(HF: a 1-token `generate`); TPOT: mean time per further token")
     print_table(rows)
+    print_host(rows)
     print_ratios(rows, args.batch)
     compare_tokens(tokens["mstar"], tokens["hf"])
 
@@ -471,10 +512,12 @@ def run_one(args: argparse.Namespace, ckpt: Path, cfg: TestVLAConfig) -> None:
             for round_ in range(args.repeat):
                 print(f"mstar round {round_ + 1} of {args.repeat}:")
                 for c in args.levels:
-                    keep(run_clients(deployment, c, args.requests_per_client,
-                                     args.prompt_tokens, args.new_tokens,
-                                     args.stagger_ms / 1000,
-                                     seed=args.seed + c + 1000 * round_))
+                    before = host_time(deployment)
+                    row = run_clients(deployment, c, args.requests_per_client,
+                                      args.prompt_tokens, args.new_tokens,
+                                      args.stagger_ms / 1000, seed=args.seed + c + 1000 * round_)
+                    row.host = per_step_ms(before, host_time(deployment))
+                    keep(row)
             ids = mstar_tokens(deployment, aligned[0], args.new_tokens)
     for row in best.values():
         print("ROW " + json.dumps(dataclasses.asdict(row)))

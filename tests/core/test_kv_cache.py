@@ -277,3 +277,30 @@ def test_pages_for_completions_counts_shared_prompt_pages_once() -> None:
     assert pages_for_completions(16, 24, 2, max_seq_len=32, page_size=4) == 8 + 5
     # a page-aligned prompt: its last page holds the last token, each fork copies it
     assert pages_for_completions(8, 1, 3, max_seq_len=128, page_size=4) == 2 + 2 * 1
+
+
+def test_slot_table_is_each_sequences_slots_padded_with_zero() -> None:
+    """A batch's slot table (one copy of its page tables) holds, row by row, exactly what
+    `slots` gives each sequence, 0 past a row's length; writing a shared last page is
+    refused as in `slots`."""
+    m = manager()
+    a, b, c = key("a"), key("b"), key("c")
+    for k, n in ((a, 9), (b, 2), (c, 5)):
+        m.create(k)
+        append(m, k, n, seed=n)
+    lengths = [9, 2, 5]
+    table, lens = m.slot_table([a, b, c], lengths)
+    assert table.shape == (3, 9) and lens.tolist() == lengths
+    for row, k, n in zip(table, (a, b, c), lengths):
+        assert row[:n].tolist() == m.slots(k, 0, n, write=False).tolist()
+        assert row[n:].tolist() == [0] * (9 - n)
+    for k in (a, b, c):
+        m.reserve(k, 1)
+    table, _ = m.slot_table([a, b, c], [10, 3, 6], write_last=True)
+    assert table[0, 9].item() == m.slots(a, 9, 1).item()
+    fork = key("a", child=1)
+    m.fork(a, fork)  # shares a's half-full last page
+    with pytest.raises(RuntimeError, match="shared page"):
+        m.slot_table([fork], [10], write_last=True)
+    with pytest.raises(ValueError, match="not reserved"):
+        m.slot_table([b], [13])

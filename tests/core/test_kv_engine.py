@@ -139,3 +139,17 @@ def test_a_raising_logits_processor_fails_its_request_alone(llm):
     both = run(engine(llm, 64), ["bad", "good"])
     assert str(both["bad"].error) == "processor bug"
     assert both["good"].error is None and torch.equal(both["good"].outputs["token_ids"], want)
+
+
+def test_host_time_counts_every_step_that_ran_a_forward(llm):
+    """`timing` accumulates per step that ran the node: its `forward` is the step log's
+    forward time, and planning and the runner are timed beside it."""
+    e = engine(llm, pages=32)
+    for rid in ("A", "B"):
+        submit(e, rid, 0, IDS[:6])
+    drain(e)
+    assert e.timing["steps"] == len(e.step_log) > 0
+    assert e.timing["forward"] == sum(r.seconds for r in e.step_log)
+    assert e.timing["schedule"] > 0 and e.timing["runner"] > 0
+    e.step()  # nothing to run: not a step
+    assert e.timing["steps"] == len(e.step_log)

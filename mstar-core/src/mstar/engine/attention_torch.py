@@ -79,6 +79,10 @@ class TorchAttention:
             s.length == 1 for s in seqs)
         rows: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
+        self._decode: _Decode | None = None
+        if self.uses_batched_decode and cache is not None and all(
+                s.mode == "append" for s in seqs):
+            self._decode = self._append_decode_plan(seqs, cache)
         for s in seqs:
             if s.start != self.num_tokens:
                 raise ValueError(f"chunk of {s.key} starts at row {s.start}, expected "
@@ -89,6 +93,9 @@ class TorchAttention:
             if cache is None and (s.context_len or s.mode == "append"):
                 raise ValueError(f"chunk of {s.key} has context or is 'append', but there is "
                                  "no KV cache")
+            if self._decode is not None:  # its slots and masks are made for the whole batch
+                self.num_tokens += s.length
+                continue
             ctx = cache.slots(s.key, 0, s.context_len, write=False) if s.context_len else None
             if s.mode == "append" and cache is not None:
                 rows.append(torch.arange(s.start, s.start + s.length, device=dev))
@@ -99,8 +106,10 @@ class TorchAttention:
                                      context_slots=ctx))
             self.num_tokens += s.length
         self._write_rows = torch.cat(rows) if rows else None
-        self._write_slots = torch.cat(slots) if slots else None
-        self._decode = self._decode_plan(seqs, dev) if self.uses_batched_decode else None
+        if self._decode is None:
+            self._write_slots = torch.cat(slots) if slots else None
+            if self.uses_batched_decode:
+                self._decode = self._decode_plan(seqs, dev)
 
     @classmethod
     def cacheless(cls, seg_lists: list[list[Segment]], *,
@@ -117,26 +126,29 @@ class TorchAttention:
             start += n
         return cls(seqs, cache=None, device=device)
 
+    def _append_decode_plan(self, seqs: list[SeqChunk], cache: KVCacheManager) -> _Decode:
+        """The decode step of appended one-token chunks (the common case): its new tokens
+        are written first, then gathered with their context from one slot table (each
+        row's last column is its new token) built from the page tables in one go."""
+        slots, lens = cache.slot_table([s.key for s in seqs], [s.context_len + 1 for s in seqs],
+                                       write_last=True)
+        self._write_slots = slots[torch.arange(len(seqs), device=slots.device), lens - 1]
+        cols = torch.arange(slots.shape[1], device=slots.device)
+        mask = cols[None, :] < lens[:, None]
+        return _Decode(slots=slots, mask=mask[:, None, None, :], write_first=True)
+
     def _decode_plan(self, seqs: list[SeqChunk], dev: torch.device) -> _Decode:
-        """Pad every context to the longest. When every chunk is appended, the new tokens
-        are written first and gathered with their context (slot at column `context_len`);
-        otherwise the new token is concatenated as the last column."""
+        """One-token chunks not all appended (or no cache): every context padded to the
+        longest, the new token concatenated as the last column."""
         longest = max(s.context_len for s in seqs)
-        write_first = self.cache is not None and all(s.mode == "append" for s in seqs)
-        width = longest + 1 if write_first else longest
-        slots = torch.zeros(len(seqs), width, dtype=torch.long, device=dev)
+        slots = torch.zeros(len(seqs), longest, dtype=torch.long, device=dev)
         lens = torch.tensor([s.context_len for s in seqs], device=dev)
         for i, plan in enumerate(self._plans):
             if plan.context_slots is not None:
                 slots[i, :plan.context_slots.shape[0]] = plan.context_slots
         cols = torch.arange(longest + 1, device=dev)
-        if write_first:
-            assert self._write_slots is not None
-            slots[torch.arange(len(seqs), device=dev), lens] = self._write_slots
-            mask = cols[None, :] <= lens[:, None]
-        else:
-            mask = (cols[None, :] < lens[:, None]) | (cols[None, :] == longest)
-        return _Decode(slots=slots, mask=mask[:, None, None, :], write_first=write_first)
+        mask = (cols[None, :] < lens[:, None]) | (cols[None, :] == longest)
+        return _Decode(slots=slots, mask=mask[:, None, None, :])
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor:

@@ -239,12 +239,43 @@ class KVCacheManager:
         if n == 0:
             return torch.empty(0, dtype=torch.long, device=self.pool.device)
         first, last = start // ps, (start + n - 1) // ps
-        if write and any(self.pool.immutable(seq.pages[i]) for i in range(first, last + 1)):
-            raise RuntimeError(f"positions [{start}, {start + n}) of {key} lie on a shared "
-                               f"page; reserve() before writing")
+        if write:
+            self._check_writable(key, seq, first, last)
         pos = torch.arange(start, start + n, dtype=torch.long)
         table = torch.tensor(seq.pages[first:last + 1], dtype=torch.long)
         return (table[pos // ps - first] * ps + pos % ps).to(self.pool.device)
+
+    def _check_writable(self, key: SeqKey, seq: _Seq, first: int, last: int) -> None:
+        if any(self.pool.immutable(seq.pages[i]) for i in range(first, last + 1)):
+            raise RuntimeError(f"pages {first}..{last} of {key} include a shared page (or a "
+                               "cached one); reserve() before writing")
+
+    def slot_table(self, keys: list[SeqKey], lengths: list[int], *,
+                   write_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat slots of positions `0..lengths[i]-1` of every sequence `keys[i]`, as one
+        `[B, max(lengths)]` LongTensor (0 past a row's length), and `lengths` as a tensor:
+        the index tensors of a whole batch from one copy of its page tables, instead of
+        one `slots` per sequence. With `write_last`, each row's last position is about to
+        be written (its page must be exclusive, as in `slots`)."""
+        ps = self.pool.page_size
+        width = max(lengths)
+        n_pages = -(-width // ps)
+        rows = []
+        for key, n in zip(keys, lengths):
+            seq = self._get(key)
+            if n > len(seq.pages) * ps:
+                raise ValueError(f"positions [0, {n}) of {key} are not reserved "
+                                 f"(capacity {len(seq.pages) * ps})")
+            if write_last:
+                self._check_writable(key, seq, (n - 1) // ps, (n - 1) // ps)
+            pages = seq.pages[:n_pages]
+            rows.append(pages + [0] * (n_pages - len(pages)))
+        table = torch.tensor(rows, dtype=torch.long)
+        cols = torch.arange(width, dtype=torch.long)
+        lens = torch.tensor(lengths, dtype=torch.long)
+        slots = (table[:, cols // ps] * ps + cols % ps).masked_fill_(
+            cols[None, :] >= lens[:, None], 0)
+        return slots.to(self.pool.device), lens.to(self.pool.device)
 
     def commit(self, key: SeqKey, n: int) -> None:
         """The `n` reserved tokens after `length` now hold K/V."""

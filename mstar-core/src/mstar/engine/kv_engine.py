@@ -44,7 +44,7 @@ from mstar.engine.kv_cache import KVCacheManager, OutOfPages, SeqExport
 from mstar.engine.prefix_cache import page_hashes, reusable_length
 from mstar.engine.profiling import step_range
 from mstar.engine.sampler import SampleRequest, sample, stop_reason
-from mstar.engine.sequence import Chunk, SeqState
+from mstar.engine.sequence import Chunk, SampledIds, SeqState
 from mstar.engine.structured import GrammarStates
 from mstar.engine.work import KeyedStepContext, NodeWork, RequestError, WorkResult
 from mstar.events import TensorData
@@ -142,12 +142,17 @@ class KVEngine:
         self._admissions = itertools.count()
         self._steps = itertools.count()
         self._extras = {e.name: e for e in spec.extras}
+        self._defaults: dict[str, torch.Tensor] = {}  # see `_absent_extra`
         self.prefix_caching = prefix_caching
         #: Cumulative: tokens of sequences' first chunks run, taken from cached pages, and
         #: whose K/V arrived from another rank; requests preempted (pages dropped, rebuilt).
         self.counters = {"prompt_tokens_computed": 0, "prefix_cache_hit_tokens": 0,
                          "kv_tokens_imported": 0, "preemptions": 0}
         self.invocations: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: Cumulative host time of the steps that ran a forward (seconds): planning them
+        #: (`schedule`), building the batch, committing and sampling (`runner`), and the
+        #: node's forward itself (`forward`); `steps` counts them. Cheap enough to stay on.
+        self.timing = {"steps": 0, "schedule": 0.0, "runner": 0.0, "forward": 0.0}
         #: Tensor-parallel leader: sends every step and cache operation to the followers
         #: (set by the worker; None on a plain node or a follower).
         self.mirror: Callable[[Any], None] | None = None
@@ -312,6 +317,7 @@ class KVEngine:
         if state is None:
             state = self.seqs[key] = SeqState(key)
             self.cache.create(key)
+        key = state.key  # the dicts' own key object: later lookups match it by identity
         if mode == "append" and state.length + n > self.max_seq_len:
             raise RequestError(
                 f"sequence of {state.length + n} tokens exceeds max_seq_len={self.max_seq_len}",
@@ -361,17 +367,27 @@ class KVEngine:
         shape = ((rows,) if rows is not None else ()) + tuple(ex.shape)
         return torch.full(shape, ex.default, dtype=ex.dtype, device=self.device)
 
+    def _absent_extra(self, name: str, rows: int) -> torch.Tensor:
+        """`default_extra(name, rows)` for a batch where nobody supplied it: a view of one
+        cached tensor (grown when a batch is larger), not a fresh one each step."""
+        cached = self._defaults.get(name)
+        if cached is None or cached.shape[0] < rows:
+            cached = self._defaults[name] = self.default_extra(name, max(rows, 256))
+        return cached[:rows]
+
     def _batch_extras(self, pieces: list[Chunk]) -> dict[str, torch.Tensor]:
         extras: dict[str, torch.Tensor] = {}
         total = sum(p.length for p in pieces)
         for name, ex in self._extras.items():
             if ex.per == "token":
                 if not any(name in p.token_extras for p in pieces):
-                    extras[name] = self.default_extra(name, total)
+                    extras[name] = self._absent_extra(name, total)
                 else:
                     extras[name] = torch.cat([p.token_extras[name] if name in p.token_extras
                                               else self.default_extra(name, p.length)
                                               for p in pieces])
+            elif not any(name in p.seq_extras for p in pieces):
+                extras[name] = self._absent_extra(name, len(pieces))
             else:
                 extras[name] = torch.stack([p.seq_extras[name] if name in p.seq_extras
                                             else self.default_extra(name, None) for p in pieces])
@@ -544,12 +560,15 @@ class KVEngine:
             task.done = 0
 
     @staticmethod
-    def _record(state: SeqState, piece: Chunk) -> None:
+    def _record(state: SeqState, piece: Chunk, ids: list[int] | None = None,
+                top: int | None = None) -> None:
         """`piece` is now in the sequence's cache: remember it (recompute, forks, sampling
-        penalties, next position)."""
+        penalties, next position). `ids` and `top` (its largest first-axis position) may
+        come from the whole batch's host copy, saving a device read per sequence."""
         state.history.append(piece)
-        state.appended_ids.extend(piece.input_ids.tolist())
-        state.next_position = max(state.next_position, int(piece.positions[0].max()) + 1)
+        state.appended_ids.extend(piece.input_ids.tolist() if ids is None else ids)
+        top = int(piece.positions[0].max()) if top is None else top
+        state.next_position = max(state.next_position, top + 1)
 
     def _fail(self, task: _Task, error: Exception) -> list[WorkResult]:
         if task.work is None:
@@ -564,14 +583,29 @@ class KVEngine:
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[WorkResult]:
+        started = time.perf_counter()
         batch, results = self._schedule()
         if not batch:
             return results
+        planned = time.perf_counter()
+        forward_before = self.timing["forward"]
+        try:
+            return results + self._run(batch)
+        finally:
+            ended = time.perf_counter()
+            forward = self.timing["forward"] - forward_before
+            self.timing["steps"] += 1
+            self.timing["schedule"] += planned - started
+            self.timing["runner"] += ended - planned - forward
+
+    def _run(self, batch: list[tuple[_Task, int]]) -> list[WorkResult]:
+        """Forward the scheduled batch (isolating a failing invocation) and commit it."""
+        results: list[WorkResult] = []
         try:
             ran = [(batch, self._forward(batch))]
         except Exception as exc:  # isolate the failing invocation; the others go on
             if len(batch) == 1:
-                return results + self._fail(batch[0][0], exc)
+                return self._fail(batch[0][0], exc)
             ran = []
             for item in batch:
                 try:
@@ -590,7 +624,7 @@ class KVEngine:
         start = 0
         for task, take in batch:
             a, b = task.done, task.done + take
-            piece = task.chunk.slice(a, b)
+            piece = task.chunk if (a, b) == (0, task.n) else task.chunk.slice(a, b)
             pieces.append(piece)
             outputs: dict[str, tuple[int, int]] = {}
             for name, at in task.wanted.items():
@@ -617,11 +651,14 @@ class KVEngine:
             fb.positions = fb.positions[0]
         if self.mirror is not None:
             self.mirror(tp_step(self.node, fb, [t for t, _ in batch]))
+        attention = TorchAttention(seq_chunks, cache=self.cache)
         started = time.perf_counter()
         with torch.inference_mode(), step_range(f"{self.node} step", self.nvtx), \
-                attention_context(TorchAttention(seq_chunks, cache=self.cache)):
+                attention_context(attention):
             out = self.module(fb)
-        self._log(batch, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.timing["forward"] += seconds
+        self._log(batch, seconds)
         return seq_chunks, pieces, fb, out
 
     def _commit(self, batch: list[tuple[_Task, int]], seq_chunks: list[SeqChunk],
@@ -630,11 +667,14 @@ class KVEngine:
         """The forward's K/V into the sequences, its outputs to their tasks; finished
         invocations' results."""
         finished: list[_Task] = []
+        ids = fb.input_ids.tolist()
+        positions = (fb.positions if fb.positions.dim() == 1 else fb.positions[0]).tolist()
         for i, (task, take) in enumerate(batch):
             if task.mode == "append":
                 self.cache.commit(task.key, take)
                 if task.work is not None:
-                    self._record(self.seqs[task.key], pieces[i])
+                    rows = slice(seq_chunks[i].start, seq_chunks[i].start + take)
+                    self._record(self.seqs[task.key], pieces[i], ids[rows], max(positions[rows]))
                 if task.hashes:
                     task.registered = self.cache.register(task.key, task.hashes,
                                                           task.registered)
@@ -651,8 +691,10 @@ class KVEngine:
     def _finish(self, finished: list[_Task]) -> list[WorkResult]:
         results: list[WorkResult] = []
         to_sample: list[_Task] = []
+        if finished:
+            gone = set(finished)
+            self.waiting = [t for t in self.waiting if t not in gone]
         for task in finished:
-            self.waiting.remove(task)
             if task.work is None:
                 self.seqs[task.key].recomputing = False
                 continue
@@ -677,16 +719,18 @@ class KVEngine:
                 if name in task.work.node.outputs}
 
     def _sample(self, tasks: list[_Task]) -> list[WorkResult]:
-        logits = torch.cat([torch.cat(t.pieces["logits"])[-1:] for t in tasks]).float()
+        logits = torch.cat([t.pieces["logits"][-1][-1:] for t in tasks]).float()
         rows = []
         for t in tasks:
             state = self.seqs[t.key]
             rows.append(SampleRequest(params=t.work.sampling, seed=t.work.seed,
                                       child=t.work.child, site=t.work.node.name,
                                       step=self.cache.length(t.key),
-                                      history=[tok for _, tok in state.sampled],
+                                      history=SampledIds(state.sampled),
                                       prompt_ids=state.appended_ids, key=t.key))
         result = sample(logits, rows, self.grammar)
+        tokens = result.token_ids.tolist()
+        token_rows = result.token_ids.cpu().split(1)  # each row's `token_ids` output, one op
         results = []
         for i, t in enumerate(tasks):
             if i in result.failed:
@@ -694,14 +738,14 @@ class KVEngine:
                     result.failed[i], param="response_format")))
                 continue
             state = self.seqs[t.key]
-            token = int(result.token_ids[i])
+            token = tokens[i]
             position = self.cache.length(t.key)
             state.sampled.append((position, token))
             reason = stop_reason(token, t.work.sampling, num_generated=len(state.sampled),
                                  seq_len=position + 1, max_seq_len=self.max_seq_len,
                                  eos_token_ids=self.eos_token_ids)
             outputs = self._outputs(t)
-            outputs.update(token_ids=torch.tensor([token]), finished=reason is not None,
+            outputs.update(token_ids=token_rows[i], finished=reason is not None,
                            finish_reason=reason)
             if t.work.sampling.logprobs is not None and result.logprobs is not None:
                 outputs["logprobs"] = [[token, float(result.logprobs[i]),

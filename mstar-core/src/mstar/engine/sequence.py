@@ -7,8 +7,9 @@ what a fork inherits up to its length.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import torch
 
@@ -56,6 +57,26 @@ class Chunk:
                      {k: torch.cat([c.token_extras[k] if k in c.token_extras
                                     else fill(k, c.length) for c in chunks]) for k in names},
                      chunks[0].seq_extras)
+
+
+class SampledIds(Sequence[int]):
+    """The token ids of a sequence's `sampled` (position, id) pairs, read in place: a
+    step's sampling rows get them without a copy that grows with the sequence."""
+
+    def __init__(self, pairs: list[tuple[int, int]]):
+        self._pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+    def __getitem__(self, i: int | slice) -> int | list[int]:
+        if isinstance(i, slice):
+            return [tok for _, tok in self._pairs[i]]
+        return self._pairs[i][1]
 
 
 @dataclass

@@ -106,6 +106,11 @@ class WalkCursor:
             result.append(Invocation(node, iteration, path))
         return result
 
+    def outstanding(self) -> int:
+        """How many of the current stage's invocations are not completed yet (cheaper than
+        `pending` when only the count matters)."""
+        return 0 if self.done else len(self._active) - len(self._completed)
+
     def complete(self, node_name: str, outputs: Mapping[str, Any]) -> None:
         """Record `node_name`'s outputs; advance when the stage is complete."""
         node = next((n for n in self._active if n.name == node_name), None)

@@ -140,6 +140,9 @@ class Worker(Component):
         self._stats_from: dict[str, int] = {}
         self._call_ids = itertools.count()
         self._report_seq = itertools.count()
+        #: Host seconds of the loop turns that stepped an engine, outside the engine
+        #: (messages, cursors, submitting, routing results; not idle waits for messages).
+        self.loop_seconds = 0.0
         #: Requests this worker dropped lately: late messages for them are ignored.
         self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
 
@@ -177,9 +180,12 @@ class Worker(Component):
                     self._fail(req, RuntimeError(f"{self.address} internal error: {exc}"))
 
     def _turn_once(self) -> None:
+        started = time.perf_counter()
         self._schedule()
         busy = any(e.has_work() for e in self.engines.values())
+        waiting = time.perf_counter()
         m = self.channel.recv(timeout=0 if busy else 0.005)
+        waited = time.perf_counter() - waiting
         if m is not None:
             while m is not None:
                 try:
@@ -189,7 +195,9 @@ class Worker(Component):
                 m = self.channel.recv(timeout=0)
             self._schedule()
         self._report_blocked()
-        self._step()
+        in_engine = self._step()
+        if in_engine is not None:
+            self.loop_seconds += time.perf_counter() - started - waited - in_engine
 
     # -- messages ---------------------------------------------------------------------------
     def _request(self, request_id: str) -> WorkerRequest:
@@ -421,8 +429,8 @@ class Worker(Component):
 
     def _schedule_request(self, req: WorkerRequest) -> None:
         for lane in list(req.lanes.values()):
-            if lane.cursor.done:
-                continue
+            if lane.cursor.done or len(lane.in_flight) >= lane.cursor.outstanding():
+                continue  # finished, or everything it waits on is running
             for inv in lane.cursor.pending():
                 if inv.node.name in lane.in_flight or not self._ready(req, lane, inv):
                     continue
@@ -489,13 +497,19 @@ class Worker(Component):
             or SamplingParams()
 
     # -- results ----------------------------------------------------------------------------
-    def _step(self) -> None:
+    def _step(self) -> float | None:
+        """One engine step (engines take turns) and its results routed; the seconds spent
+        inside the engine, None when no engine had work."""
         for _ in range(len(self._scheduled)):
             engine = self.engines[next(self._turn)]
             if engine.has_work():
-                for result in engine.step():
+                started = time.perf_counter()
+                results = engine.step()
+                in_engine = time.perf_counter() - started
+                for result in results:
                     self._on_result(result)
-                return
+                return in_engine
+        return None
 
     def _on_result(self, result: WorkResult) -> None:
         work = result.work
@@ -583,10 +597,13 @@ class Worker(Component):
         """`Blocked` for each request with nothing runnable, queued in an engine or awaited
         from another worker here (called right after scheduling), unless nothing changed
         since its last report: only a message can make such a request runnable again."""
-        queued = {t.request_id for e in self.engines.values() for t in e.waiting}
+        queued: set[str] | None = None  # built only if some request has nothing running
         for req in self.requests.values():
-            if (req.request_id in queued or req.calls
-                    or any(lane.in_flight for lane in req.lanes.values())):
+            if req.calls or any(lane.in_flight for lane in req.lanes.values()):
+                continue
+            if queued is None:
+                queued = {t.request_id for e in self.engines.values() for t in e.waiting}
+            if req.request_id in queued:
                 continue
             signature = (req.received, tuple(sorted(req.sent.items())))
             if signature == req.reported:
@@ -624,7 +641,9 @@ class Worker(Component):
     def _send_stats(self) -> None:
         steps: dict[str, float] = {}
         for name, engine in self.engines.items():
-            fresh = [r.seconds for r in engine.step_log if r.step >= self._stats_from.get(name, 0)]
+            since = self._stats_from.get(name, 0)
+            fresh = [r.seconds for r in itertools.takewhile(  # newest first, only new ones
+                lambda r, since=since: r.step >= since, reversed(engine.step_log))]
             if fresh:
                 steps[name] = sum(fresh) / len(fresh)
                 self._stats_from[name] = engine.step_log[-1].step + 1

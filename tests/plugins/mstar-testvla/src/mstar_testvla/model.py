@@ -228,7 +228,7 @@ class PromptLayout:
 
 
 def _text_positions(start: int, n: int) -> torch.Tensor:
-    return torch.arange(start, start + n, dtype=torch.long).repeat(3, 1)
+    return torch.arange(start, start + n, dtype=torch.long).expand(3, n)
 
 
 def _grid_positions(t: int, base: int, grid: tuple[int, int]) -> torch.Tensor:

@@ -216,11 +216,21 @@ class _Routing:
     pure action chunk) no gather or scatter is done."""
 
     def __init__(self, expert_ids: torch.Tensor):
+        self.expert_ids = expert_ids
+        self.num_tokens = int(expert_ids.shape[0])
+        first = int(expert_ids[0]) if self.num_tokens else 0
+        #: The expert owning every row, if one does: its order is the batch order.
+        self.single = first if first in (0, 1) and bool((expert_ids == first).all()) else None
+        if self.single is not None:
+            every = torch.arange(self.num_tokens, device=expert_ids.device)
+            self.rows = [every[:0], every[:0]]
+            self.rows[first] = every
+            self.counts = [0, 0]
+            self.counts[first] = self.num_tokens
+            return
         bad = (expert_ids != 0) & (expert_ids != 1)
         if bool(bad.any()):
             raise ValueError(f"expert_ids must be 0 or 1, got {expert_ids[bad].unique().tolist()}")
-        self.expert_ids = expert_ids
-        self.num_tokens = int(expert_ids.shape[0])
         self.rows = [torch.nonzero(expert_ids == e).squeeze(1) for e in (0, 1)]
         self.counts = [int(r.shape[0]) for r in self.rows]
         self.local_index = torch.zeros_like(expert_ids)
@@ -246,6 +256,8 @@ class _Routing:
 
     def local(self, batch_rows: torch.Tensor, e: int, output: str) -> torch.Tensor:
         """Positions in expert `e`'s order of `batch_rows`, which must all be expert `e`'s."""
+        if self.single == e:
+            return batch_rows
         wrong = self.expert_ids[batch_rows] != e
         if bool(wrong.any()):
             raise ValueError(f"output {output!r} is computed by expert {e}, but batch rows "
