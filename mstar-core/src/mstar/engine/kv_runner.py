@@ -54,6 +54,11 @@ def tp_step(node: str, fb: ForwardBatch, tasks: list[Task]) -> msg.TPStep:
                       {k: TensorData.from_tensor(v) for k, v in fb.extras.items()})
 
 
+def torch_attention(seqs: list[SeqChunk], cache: KVCacheManager) -> AttentionBackend:
+    """The reference attention backend of one step."""
+    return TorchAttention(seqs, cache=cache)
+
+
 _Forward = tuple[list[SeqChunk], list[Chunk], ForwardBatch, dict[str, torch.Tensor]]
 
 
@@ -67,7 +72,7 @@ class KVRunner:
                  grammar: GrammarStates, invocations: collections.Counter[tuple[str, str]],
                  timing: dict[str, float], log_size: int,
                  backend: Callable[[list[SeqChunk], KVCacheManager], AttentionBackend]
-                 = lambda seqs, cache: TorchAttention(seqs, cache=cache)):
+                 = torch_attention):
         self.node = node
         self.module = module
         self.spec = spec
