@@ -46,11 +46,9 @@ from mstar.engine.kv_runner import KVRunner, StepRecord
 from mstar.engine.kv_scheduler import KVScheduler, Task
 from mstar.engine.sequence import Chunk, SeqState
 from mstar.engine.structured import GrammarStates
-from mstar.engine.work import KeyedStepContext, NodeWork, RequestError, WorkResult
-from mstar.graph.primitives import GraphNode
+from mstar.engine.work import NodeWork, RequestError, WorkResult
 from mstar.model.contract import Fork, KVSpec
-from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey, attention_context
-from mstar.model.sampling import SamplingParams
+from mstar.model.forward import Segment, SeqKey
 
 
 @dataclass
@@ -258,35 +256,8 @@ class KVEngine:
 
     def follow(self, step: msg.TPStep) -> None:
         """A follower: run the leader's batch on this shard, with the same cache ops."""
-        chunks, works, start = [], [], 0
-        for s in step.seqs:
-            key = SeqKey(s.request_id, self.node, s.label, s.child)
-            if not self.cache.has(key):
-                self.cache.create(key)
-            if s.mode == "append":
-                self.cache.reserve(key, s.take)
-            chunks.append(SeqChunk(key=key, start=start, length=s.take,
-                                   context_len=s.context_len,
-                                   segments=[Segment(n, kind) for n, kind in s.segments],
-                                   mode=s.mode, is_last_chunk=s.is_last,
-                                   outputs={k: tuple(v) for k, v in s.outputs.items()}))
-            works.append(NodeWork(s.request_id, s.child, GraphNode(self.node), {}, s.seed,
-                                  SamplingParams(), iteration=s.iteration))
-            start += s.take
-        fb = ForwardBatch(input_ids=step.input_ids.to_tensor().to(self.device),
-                          positions=step.positions.to_tensor().to(self.device), seqs=chunks,
-                          extras={k: v.to_tensor().to(self.device)
-                                  for k, v in step.extras.items()},
-                          ctx=KeyedStepContext(works))
-        with torch.inference_mode(), attention_context(self.runner.backend(chunks, self.cache)):
-            self.module(fb)
-        for c, s in zip(chunks, step.seqs):
-            if c.mode == "append":
-                self.cache.commit(c.key, c.length)
-            if s.first:
-                self.counters["prompt_tokens_computed"] += s.take
-            if s.ends is not None:
-                self.invocations[s.ends] += 1
+        self.runner.replay(step)
+        self.counters["prompt_tokens_computed"] += sum(s.take for s in step.seqs if s.first)
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, work: NodeWork) -> None:

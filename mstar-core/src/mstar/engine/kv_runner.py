@@ -26,10 +26,19 @@ from mstar.engine.profiling import step_range
 from mstar.engine.sampler import SampleRequest, sample, stop_reason
 from mstar.engine.sequence import Chunk, SampledIds, SeqState
 from mstar.engine.structured import GrammarStates
-from mstar.engine.work import KeyedStepContext, RequestError, WorkResult
+from mstar.engine.work import KeyedStepContext, NodeWork, RequestError, WorkResult
 from mstar.events import TensorData
+from mstar.graph.primitives import GraphNode
 from mstar.model.contract import KVSpec
-from mstar.model.forward import AttentionBackend, ForwardBatch, SeqChunk, SeqKey, attention_context
+from mstar.model.forward import (
+    AttentionBackend,
+    ForwardBatch,
+    Segment,
+    SeqChunk,
+    SeqKey,
+    attention_context,
+)
+from mstar.model.sampling import SamplingParams
 
 
 @dataclass
@@ -195,6 +204,37 @@ class KVRunner:
         self.timing["forward"] += seconds
         self._log(batch, seconds)
         return seq_chunks, pieces, fb, out
+
+    def replay(self, step: msg.TPStep) -> None:
+        """A tensor-parallel follower: the leader's batch (`tp_step`) on this shard, under
+        the same backend, with the leader's page reservations and commits."""
+        chunks, works, start = [], [], 0
+        for s in step.seqs:
+            key = SeqKey(s.request_id, self.node, s.label, s.child)
+            if not self.cache.has(key):
+                self.cache.create(key)
+            if s.mode == "append":
+                self.cache.reserve(key, s.take)
+            chunks.append(SeqChunk(key=key, start=start, length=s.take,
+                                   context_len=s.context_len,
+                                   segments=[Segment(n, kind) for n, kind in s.segments],
+                                   mode=s.mode, is_last_chunk=s.is_last,
+                                   outputs={k: tuple(v) for k, v in s.outputs.items()}))
+            works.append(NodeWork(s.request_id, s.child, GraphNode(self.node), {}, s.seed,
+                                  SamplingParams(), iteration=s.iteration))
+            start += s.take
+        fb = ForwardBatch(input_ids=step.input_ids.to_tensor().to(self.device),
+                          positions=step.positions.to_tensor().to(self.device), seqs=chunks,
+                          extras={k: v.to_tensor().to(self.device)
+                                  for k, v in step.extras.items()},
+                          ctx=KeyedStepContext(works))
+        with torch.inference_mode(), attention_context(self.backend(chunks, self.cache)):
+            self.module(fb)
+        for c, s in zip(chunks, step.seqs):
+            if c.mode == "append":
+                self.cache.commit(c.key, c.length)
+            if s.ends is not None:
+                self.invocations[s.ends] += 1
 
     def _commit(self, batch: list[PlanEntry], seq_chunks: list[SeqChunk],
                 pieces: list[Chunk], fb: ForwardBatch,
