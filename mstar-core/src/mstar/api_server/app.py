@@ -386,8 +386,7 @@ class Runner:
                                headers=_RETRY if exc.code == 429 else None) from None
             finally:
                 self._admitting.discard(rid)
-        except ApiError as exc:
-            recorder.finish("rejected" if exc.status in (429, 503) else "error")
+        except ApiError as exc:  # counted by its HTTP status (RequestMetrics.count)
             log.info("%s refused (%d): %s", rid, exc.status, exc.message)
             raise
         log.info("%s submitted (%s)", rid, kind)
