@@ -17,6 +17,7 @@ from mstar.model.forward import (
     attention_context,
     current_attention,
 )
+from mstar.model.ragged import RaggedAttention
 
 LAYERS, D, PAGE = 2, 8, 4
 SCALE = D**-0.5
@@ -241,7 +242,7 @@ def test_cacheless_ragged_batch_equals_each_item_alone() -> None:
     items = [segs((4, B)), segs((2, C), (3, B)), segs((1, B), (5, B))]
     qkvs = [rand_qkv(sum(s.length for s in layout), seed=20 + i)
             for i, layout in enumerate(items)]
-    backend = TorchAttention.cacheless(items)
+    backend = RaggedAttention(items)
     with attention_context(backend):
         batch = [current_attention().attend(layer, *(torch.cat([x[layer][i] for x in qkvs])
                                                      for i in range(3)), SCALE)
@@ -249,7 +250,7 @@ def test_cacheless_ragged_batch_equals_each_item_alone() -> None:
     start = 0
     for layout, qkv in zip(items, qkvs):
         n = sum(s.length for s in layout)
-        alone = TorchAttention.cacheless([layout])
+        alone = RaggedAttention([layout])
         for layer in range(LAYERS):
             solo = alone.attend(layer, *qkv[layer], SCALE)
             torch.testing.assert_close(batch[layer][start:start + n], solo)

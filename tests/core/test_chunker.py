@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mstar.graph.primitives import ChunkPolicy
-from mstar.streaming.chunker import StreamChunker, Window, slice_emitted
+from mstar.runtime.chunker import StreamChunker, Window, slice_emitted
 
 ORPHEUS = ChunkPolicy(window=4, hop=1, emit=(1, 2))  # left 1, lookahead 2
 

@@ -16,8 +16,8 @@ from mstar.config.devices import default_dtype, device_plan, node_dtype, tp_back
 from mstar.engine.kv_cache import device_kv_budget, plan_capacity
 from mstar.model.contract import KVSpec
 from mstar.plugins import model_registry
+from mstar.runtime.builder import LoadOptions, make_model
 from mstar.serving import proc
-from mstar.worker.builder import LoadOptions, make_model
 
 OPTIONS = LoadOptions(load_format="dummy")
 GiB = 2**30

@@ -118,7 +118,7 @@ def test_a_request_that_cannot_fit_fails_whole_and_alone(llm):
 def test_a_raising_logits_processor_fails_its_request_alone(llm):
     """The forward is shared; the processor raises in sampling, after the K/V were
     committed: only its request fails, the other samples as in a batch of its own."""
-    from mstar.engine.sampler import register_logits_processor
+    from mstar.model.sampling import register_logits_processor
 
     def explode(history, logits):
         raise RuntimeError("processor bug")

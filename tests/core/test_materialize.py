@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mstar.config.validate import NodePlacement
 from mstar.model.contract import BuildContext, Model
 from mstar.model.layers.rotary import RotaryEmbedding
+from mstar.runtime.builder import LoadOptions, build_module, checkpoint_location
 from mstar.weights import (
     UninitializedError,
     checkpoint_files,
@@ -29,7 +30,6 @@ from mstar.weights import (
     materialize,
     resolve_source,
 )
-from mstar.worker.builder import LoadOptions, build_module, checkpoint_location
 
 CPU = torch.device("cpu")
 

@@ -16,7 +16,7 @@ from mstar.graph.primitives import GraphNode
 from mstar.model.contract import KVSpec
 from mstar.model.forward import Segment, SeqKey
 from mstar.model.sampling import SamplingParams
-from mstar.worker.builder import prefix_caching
+from mstar.runtime.builder import prefix_caching
 
 PAGE = 4
 N = 12  # three full pages

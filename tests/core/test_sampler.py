@@ -9,16 +9,13 @@ import pytest
 import torch
 
 from mstar.engine import rng
-from mstar.engine.sampler import (
-    SampleRequest,
+from mstar.engine.sampler import SampleRequest, process_logits, sample, stop_reason
+from mstar.model.sampling import (
+    SamplingParams,
     get_logits_processor,
     logits_processor_names,
-    process_logits,
     register_logits_processor,
-    sample,
-    stop_reason,
 )
-from mstar.model.sampling import SamplingParams
 
 
 def _ban_token_zero(history, logits):

@@ -1,5 +1,6 @@
-"""`mstar-serve` and `mstar serve`: options and defaults (seed 000), settings layering,
-`--validate-config` (the merged YAML, or every error), the tensor-protocol default, and the
+"""`mstar-serve` and `mstar serve`: options and defaults (the original M* server's), settings
+layering, `--validate-config` (the merged YAML, or every error), the tensor-protocol default,
+and the
 packaged testvla configs (each valid, each placing what its name says, mirrored in
 `configs/`). Commands run in-process; only the launch tests stand in for `run_server`."""
 

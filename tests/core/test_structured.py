@@ -11,10 +11,16 @@ import msgspec
 import pytest
 import torch
 
-from mstar.engine.sampler import SampleRequest, register_logits_processor, sample
-from mstar.engine.structured import GrammarStates, check_response_format, llg_tokenizer
+from mstar.engine.sampler import SampleRequest, sample
+from mstar.engine.structured import GrammarStates, llg_tokenizer
 from mstar.model.forward import SeqKey
-from mstar.model.sampling import ResponseFormat, SamplingFields, SamplingParams
+from mstar.model.grammar import check_response_format
+from mstar.model.sampling import (
+    ResponseFormat,
+    SamplingFields,
+    SamplingParams,
+    register_logits_processor,
+)
 
 BOS, EOS = 256, 257
 VOCAB = 300  # logits wider than the tokenizer's 258 ids, as real checkpoints often are

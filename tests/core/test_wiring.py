@@ -14,8 +14,8 @@ import mstar
 from mstar.cli.serve import prepare
 from mstar.engine.kv_engine import KVEngine
 from mstar.plugins import model_registry
+from mstar.runtime.builder import LoadOptions
 from mstar.serving import proc
-from mstar.worker.builder import LoadOptions
 
 
 def summary(engines: dict) -> dict:

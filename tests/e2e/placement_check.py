@@ -13,7 +13,7 @@ from serving_harness import Server
 from mstar.config import load_config, placement
 from mstar.config.validate import Placement
 from mstar.plugins import model_registry
-from mstar.worker.builder import LoadOptions, make_model
+from mstar.runtime.builder import LoadOptions, make_model
 
 
 def resolved(config_name: str, preset: str = "tiny") -> tuple[Placement, dict[str, str]]:

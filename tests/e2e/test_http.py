@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import mstar
 from mstar import events
 from mstar.api_server.app import create_app
-from mstar.api_server.backend import LocalBackend
 from mstar.config.settings import ServerSettings
+from mstar.serving.backends import LocalBackend
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -179,7 +179,7 @@ def test_unknown_model_preset_and_load_format(tiny_ckpt):
 
 
 def test_logits_processor_hook_and_ignore_eos(dep):
-    from mstar.engine.sampler import register_logits_processor
+    from mstar.model.sampling import register_logits_processor
 
     def only_x(history, logits):
         forced = torch.full_like(logits, float("-inf"))

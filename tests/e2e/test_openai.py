@@ -400,7 +400,7 @@ def test_created_is_the_time_of_the_request(client):
 
 
 def test_json_nested_past_the_limit_is_a_400_stating_it(server):
-    from mstar.api_server.app import MAX_JSON_DEPTH
+    from mstar.api_server.request_flow import MAX_JSON_DEPTH
 
     headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
     deep = "[" * 3000 + "]" * 3000

@@ -18,7 +18,7 @@ from test_http import serving, settings
 
 import mstar
 from mstar.api_server.app import create_app
-from mstar.api_server.backend import LocalBackend
+from mstar.serving.backends import LocalBackend
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,7 +23,7 @@ from conftest import wait_for
 import mstar
 from mstar import events
 from mstar.engine.rng import key_seed
-from mstar.engine.sampler import register_logits_processor
+from mstar.model.sampling import register_logits_processor
 from mstar_orpheus.config import (
     AUDIO_TOKEN_BASE,
     END_OF_SPEECH,

@@ -18,14 +18,14 @@ from conftest import (
 
 import mstar
 from mstar import events
-from mstar.api_server.backend import LocalBackend
 from mstar.api_server.metrics import Metrics
+from mstar.serving.backends import LocalBackend
 
 PAGE = 4
 SYSTEM = "You are a careful assistant. Answer in one short sentence, plainly. "
 
 
-def load(**overrides) -> mstar.runtime.LocalDeployment:
+def load(**overrides) -> mstar.runtime.local.LocalDeployment:
     return mstar.load("testvla", preset="tiny", load_format="dummy", max_seq_len=256,
                       **{"kv_cache": {"num_pages": 128, "page_size": PAGE}, **overrides})
 

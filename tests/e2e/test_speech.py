@@ -27,10 +27,11 @@ from serving_harness import Server
 import mstar
 from mstar import AsyncMStarClient, MStarClient
 from mstar.api_server.app import create_app
-from mstar.api_server.backend import LocalBackend, ModelInfo
+from mstar.api_server.backend import ModelInfo
 from mstar.client import BadRequestError
 from mstar.config.settings import ServerSettings
 from mstar.media.audio_out import FORMATS
+from mstar.serving.backends import LocalBackend
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -24,14 +24,14 @@ from torch import nn
 
 from mstar import events
 from mstar.api_server.app import create_app
-from mstar.api_server.backend import LocalBackend
 from mstar.config import DeploymentConfig
 from mstar.config.settings import ServerSettings
 from mstar.graph import ChunkPolicy, GraphNode, Loop, Partition, StreamingGraphEdge, Walk
-from mstar.model import Finished, Model, RequestPlan, WalkStep
+from mstar.model import Done, Model, RequestPlan, WalkStep
 from mstar.plugins.registry import ModelSpec
-from mstar.runtime import LocalDeployment
-from mstar.worker.builder import LoadOptions
+from mstar.runtime.builder import LoadOptions
+from mstar.runtime.local import LocalDeployment
+from mstar.serving.backends import LocalBackend
 
 pytestmark = pytest.mark.timeout(120)  # a stall that is not detected hangs until here
 
@@ -99,7 +99,7 @@ class Stalls(Model):
                                                       "delay_s": request.get("delay_s", 0.0)})
 
     def next_walk(self, state, control):
-        return Finished("stop")
+        return Done("stop")
 
     def postprocess(self, outputs, state):
         if "units" not in outputs:

@@ -13,10 +13,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("load", "LocalDeployment", "RequestError"):
-        from mstar import runtime
+    if name in ("load", "LocalDeployment"):
+        from mstar.runtime import local
 
-        return getattr(runtime, name)
+        return getattr(local, name)
+    if name == "RequestError":
+        from mstar.errors import RequestError
+
+        return RequestError
     if name in ("MStarClient", "AsyncMStarClient"):
         from mstar import client
 

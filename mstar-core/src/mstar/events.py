@@ -7,6 +7,7 @@ shape (`TensorData`), never pickled.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import msgspec
@@ -115,6 +116,9 @@ Event = TextDelta | AudioChunk | Image | NamedTensor | Finished | Error
 
 FinishReason = Literal["stop", "length", "abort", "timeout", "error"]
 
+#: Where a request's events go: called once per event, from the runtime's thread.
+Sink = Callable[[Event], None]
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Event)
 
@@ -135,6 +139,7 @@ __all__ = [
     "FinishReason",
     "Image",
     "NamedTensor",
+    "Sink",
     "TensorData",
     "TextDelta",
     "TokenLogprob",

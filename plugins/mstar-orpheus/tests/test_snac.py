@@ -11,7 +11,7 @@ import pytest
 import snac
 import torch
 
-from mstar.streaming.chunker import StreamChunker, slice_emitted
+from mstar.runtime.chunker import StreamChunker, slice_emitted
 from mstar.weights import (
     WeightLoadError,
     checkpoint_files,
@@ -36,7 +36,7 @@ TOL = 1e-5
 
 
 def load_ours(directory: Path) -> SnacDecoder:
-    """Build and load the codec as `mstar.worker.builder.build_module` does."""
+    """Build and load the codec as `mstar.runtime.builder.build_module` does."""
     spec = snac_weight_spec()
     path = resolve_source(str(directory), patterns=spec.patterns, subfolder=spec.subfolder)
     module = SnacDecoder(SnacConfig(**read_checkpoint_config(path))).to(dtype=torch.float32)

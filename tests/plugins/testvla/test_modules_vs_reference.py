@@ -22,10 +22,10 @@ from mstar.chat import IncrementalDetokenizer
 from mstar.engine import rng
 from mstar.events import AudioChunk, NamedTensor, TextDelta
 from mstar.graph import GraphNode, walk_nodes
-from mstar.model.contract import Finished, Fork, OutputState, RequestState, WalkStep
+from mstar.model.contract import Done, Fork, OutputState, RequestState, WalkStep
 from mstar.model.forward import SeqKey
 from mstar.plugins import model_registry
-from mstar.streaming.chunker import StreamChunker, slice_emitted
+from mstar.runtime.chunker import StreamChunker, slice_emitted
 from mstar_testvla.checkpoint import write_tiny_checkpoint
 from mstar_testvla.model import STREAM_POLICY, TestVLA
 from mstar_testvla.tokenizer import ACT, FRAME, IMG, ByteTokenizer
@@ -335,21 +335,21 @@ def test_text_request_plan_and_walk_transitions(model):
     assert 257 in plan.sampling["default"].stop_token_ids
     state = RequestState("r", plan.params, "lm", "prefill")
     assert model.next_walk(state, {"finished": True, "finish_reason": "length"}) == \
-        Finished("length")
+        Done("length")
     step = model.next_walk(state, {"token_ids": [104], "finished": False})
     assert step == WalkStep("decode", inputs={"input_ids": [104]}, children=3,
                             forks=[Fork("LLM", length=2, child=1),
                                    Fork("LLM", length=2, child=2)])
     state.walk = "decode"
-    assert model.next_walk(state, {"finish_reason": "stop"}) == Finished("stop")
+    assert model.next_walk(state, {"finish_reason": "stop"}) == Done("stop")
     assert model.next_walk(RequestState("r", plan.params, "stream", "stream"), {}) == \
-        Finished("stop")
+        Done("stop")
 
 
 def test_rollout_of_one_frame_ends_after_prefill(model):
     plan = model.process_prompt({"prompt": "", "mode": "rollout", "frame": [[0.0] * 8] * 4})
     state = RequestState("r", plan.params, "lm", "prefill_rollout")
-    assert model.next_walk(state, {"frame_pred": torch.zeros(4, 8)}) == Finished("stop")
+    assert model.next_walk(state, {"frame_pred": torch.zeros(4, 8)}) == Done("stop")
 
 
 def test_postprocess_streams_utf8_and_tensors(model):

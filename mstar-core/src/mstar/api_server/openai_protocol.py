@@ -262,7 +262,7 @@ def check_chat(req: ChatCompletionRequest) -> None:
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
     if req.response_format is not None:
-        from mstar.engine.structured import check_response_format
+        from mstar.model.grammar import check_response_format
 
         try:
             fmt = req.response_format.to_params()

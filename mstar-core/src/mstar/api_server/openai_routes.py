@@ -29,12 +29,12 @@ from starlette.responses import Response
 
 from mstar import events
 from mstar.api_server import openai_protocol as oai
-from mstar.api_server.app import (
+from mstar.api_server.request_flow import (
     ApiError,
     ClientGone,
-    EventStream,
     Run,
     Runner,
+    StreamedResponse,
     collect,
     decode_json,
     error_body,
@@ -218,7 +218,7 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
         run, first = await runner.start(request, body, kind=kind, blobs=blobs)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(_stream(run, first, req.n, include_usage, chunk, usage_object,
+            return StreamedResponse(_stream(run, first, req.n, include_usage, chunk, usage_object,
                                        (rid, req.model, created)), on_close=run.close)
         try:
             collected = await collect(run, first, request)

@@ -39,18 +39,18 @@ from starlette.responses import Response
 
 from mstar import events
 from mstar.api_server import openai_protocol as oai
-from mstar.api_server.app import (
+from mstar.api_server.openai_routes import lacks
+from mstar.api_server.request_flow import (
     ApiError,
     ClientGone,
-    EventStream,
     Run,
     Runner,
+    StreamedResponse,
     error_body,
     error_event_error,
     event_status,
     read_json,
 )
-from mstar.api_server.openai_routes import lacks
 from mstar.api_server.schemas import check_body, native_request_model, request_body
 from mstar.media.audio_out import FORMATS, SPEED_RANGE, AudioEncoder, media_type
 
@@ -253,7 +253,7 @@ def add_speech_route(router: APIRouter, runner: Runner, info: ModelInfo,
         pieces = _encoded(run, chunk, encoder)
         sse = req.stream_format == "sse"
         # on_close cancels the request however the response ends (the client gone too)
-        response = EventStream(_sse_body(pieces) if sse else _audio_body(pieces), close,
+        response = StreamedResponse(_sse_body(pieces) if sse else _audio_body(pieces), close,
                                media_type="text/event-stream" if sse
                                else media_type(req.response_format))
         response.headers["x-sample-rate"] = str(encoder.sample_rate)

@@ -82,7 +82,7 @@ def build_chat_prompt(model: Model, messages: Sequence[Mapping[str, Any]],
     tokenizer = model.tokenizer()
     variables = {name: _special(tokenizer, name) for name in ("bos_token", "eos_token")}
     if template_kwargs and "messages" in template_kwargs:
-        from mstar.engine.work import RequestError
+        from mstar.errors import RequestError
 
         raise RequestError("chat_template_kwargs may not set `messages` (the conversation "
                            "is the request's)", param="chat_template_kwargs.messages")

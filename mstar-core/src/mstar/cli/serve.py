@@ -177,8 +177,8 @@ def model_for(config: DeploymentConfig, settings: ServerSettings) -> Model:
     """The model the deployment serves, configured as the workers will build it (from
     `--preset`, else the checkpoint's config.json, plus `model_kwargs`); each failure is
     blamed on the option or field that caused it."""
+    from mstar.runtime.builder import LoadOptions, make_model
     from mstar.weights import WeightSourceError
-    from mstar.worker.builder import LoadOptions, make_model
 
     try:
         spec = model_registry().get(config.model)

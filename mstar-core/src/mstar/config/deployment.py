@@ -1,4 +1,5 @@
-"""`DeploymentConfig`: the YAML of seed 000, used by the in-process API and the server.
+"""`DeploymentConfig`: one deployment's YAML (model, placement, engine sizes), used by the
+in-process API and the server alike.
 
 Placement lives here and only here: which ranks hold which nodes, per walk, with which
 tensor-parallel size and dtype. `validate_for_model` checks it against the model's nodes,

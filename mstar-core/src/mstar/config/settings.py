@@ -21,7 +21,8 @@ Protocol = Literal["SHM", "TCP", "RDMA"]
 
 
 class ServerSettings(BaseSettings):
-    """Every option of `mstar-serve` (seed 000) plus the offline/weights options.
+    """Every option of `mstar-serve` (the original M* server's, same names and defaults) plus
+    the offline/weights options.
 
     `tensor_comm_protocol=None` means "the default": RDMA when Mooncake is installed,
     else SHM on a single node (logged). `mstar serve` passes SHM explicitly.

@@ -4,9 +4,7 @@ It is built once per engine step from the step's `SeqChunk`s; everything that do
 depend on the layer (each sequence's mask, the slots of its cached context and of its new
 tokens) is computed then and reused by every layer. Faster backends are tested against it.
 
-Mask rule (DESIGN §3): every new token attends to all `context_len` cached tokens; among the
-new tokens, a token of a causal segment attends up to and including itself, a token of a
-bidirectional segment up to the end of its segment.
+Masks follow the segment rule of `mstar.model.ragged.segment_mask`.
 """
 
 from __future__ import annotations
@@ -17,26 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from mstar.engine.kv_cache import KVCacheManager
-from mstar.model.forward import Segment, SeqChunk, SeqKey
-
-
-def segment_mask(context_len: int, segments: list[Segment],
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean mask `[n, context_len + n]` (True: attend) of a chunk of `n` new tokens."""
-    limits: list[int] = []
-    pos = 0
-    for seg in segments:
-        end = pos + seg.length
-        if seg.kind == "causal":
-            limits.extend(range(pos + 1, end + 1))
-        else:
-            limits.extend([end] * seg.length)
-        pos = end
-    n = pos
-    limit = torch.tensor(limits, dtype=torch.long, device=device)
-    new = torch.arange(n, device=device)[None, :] < limit[:, None]
-    ctx = torch.ones(n, context_len, dtype=torch.bool, device=device)
-    return torch.cat([ctx, new], dim=1)
+from mstar.model.forward import SeqChunk
+from mstar.model.ragged import segment_mask
 
 
 @dataclass
@@ -58,7 +38,7 @@ class _Decode:
 
 
 class TorchAttention:
-    """`AttentionBackend` over a `KVCacheManager` (or none, for cache-less ragged batches).
+    """`AttentionBackend` over a `KVCacheManager` (or none: scratch chunks without context).
 
     The engine reserves room for every `append` chunk before building this; `attend` writes
     those chunks' new K/V into the cache. `scratch` chunks join the step's attention and are
@@ -110,21 +90,6 @@ class TorchAttention:
             self._write_slots = torch.cat(slots) if slots else None
             if self.uses_batched_decode:
                 self._decode = self._decode_plan(seqs, dev)
-
-    @classmethod
-    def cacheless(cls, seg_lists: list[list[Segment]], *,
-                  device: torch.device | str = "cpu") -> TorchAttention:
-        """A ragged batch without cache (encoders): item `i` is rows of its own segments,
-        back to back, attending only within itself."""
-        seqs: list[SeqChunk] = []
-        start = 0
-        for i, segs in enumerate(seg_lists):
-            n = sum(seg.length for seg in segs)
-            seqs.append(SeqChunk(key=SeqKey(request_id="", node="", child=i), start=start,
-                                 length=n, context_len=0, segments=list(segs),
-                                 mode="scratch"))
-            start += n
-        return cls(seqs, cache=None, device=device)
 
     def _append_decode_plan(self, seqs: list[SeqChunk], cache: KVCacheManager) -> _Decode:
         """The decode step of appended one-token chunks (the common case): its new tokens

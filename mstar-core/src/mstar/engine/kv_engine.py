@@ -46,7 +46,8 @@ from mstar.engine.kv_runner import KVRunner, StepRecord
 from mstar.engine.kv_scheduler import KVScheduler, Task
 from mstar.engine.sequence import Chunk, SeqState
 from mstar.engine.structured import GrammarStates
-from mstar.engine.work import NodeWork, RequestError, WorkResult
+from mstar.engine.work import NodeWork, WorkResult
+from mstar.errors import RequestError
 from mstar.model.contract import Fork, KVSpec
 from mstar.model.forward import Segment, SeqKey
 

@@ -26,7 +26,8 @@ from mstar.engine.profiling import step_range
 from mstar.engine.sampler import SampleRequest, sample, stop_reason
 from mstar.engine.sequence import Chunk, SampledIds, SeqState
 from mstar.engine.structured import GrammarStates
-from mstar.engine.work import KeyedStepContext, NodeWork, RequestError, WorkResult
+from mstar.engine.work import KeyedStepContext, NodeWork, WorkResult
+from mstar.errors import RequestError
 from mstar.events import TensorData
 from mstar.graph.primitives import GraphNode
 from mstar.model.contract import KVSpec

@@ -20,7 +20,8 @@ from mstar.config.deployment import SchedulerConfig
 from mstar.engine.kv_cache import KVCacheManager, OutOfPages
 from mstar.engine.prefix_cache import page_hashes, reusable_length
 from mstar.engine.sequence import Chunk, SeqState
-from mstar.engine.work import NodeWork, RequestError, WorkResult
+from mstar.engine.work import NodeWork, WorkResult
+from mstar.errors import RequestError
 from mstar.model.contract import KVSpec
 from mstar.model.forward import Segment, SeqKey
 

@@ -28,13 +28,13 @@ user-registered logits processors).
 
 `logprobs` report the raw model distribution (log_softmax of the unprocessed logits), as
 vLLM does by default, also for constrained rows: they say how likely the model found each
-token, not how likely the grammar-masked draw was. Stop strings are not handled here: core matches them after
-detokenisation (DESIGN §3).
+token, not how likely the grammar-masked draw was. Stop strings are not handled here: the frontend matches them in
+the detokenised text (`mstar.chat.stop`), where a string split across tokens can be seen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,36 +42,7 @@ import torch
 from mstar.engine.rng import key_seed, uniform_rows
 from mstar.engine.structured import GrammarStates, RowMasks
 from mstar.model.forward import SeqKey
-from mstar.model.sampling import SamplingParams
-
-#: A logits processor sees the token ids generated so far at this site and one logits row
-#: [V] and returns the new row.
-LogitsProcessorFn = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
-
-_PROCESSORS: dict[str, LogitsProcessorFn] = {}
-
-
-def register_logits_processor(name: str, fn: LogitsProcessorFn) -> None:
-    """Make `fn` available to requests as `logits_processors=[name]`.
-
-    Registering the same function again is a no-op; another function under a taken name is
-    an error, so two plugins cannot silently shadow each other."""
-    if name in _PROCESSORS and _PROCESSORS[name] is not fn:
-        raise ValueError(f"logits processor {name!r} is already registered")
-    _PROCESSORS[name] = fn
-
-
-def logits_processor_names() -> list[str]:
-    return sorted(_PROCESSORS)
-
-
-def get_logits_processor(name: str) -> LogitsProcessorFn:
-    """The processor registered as `name`; ValueError listing the known ones otherwise (call
-    it at admission to reject a request early)."""
-    if name not in _PROCESSORS:
-        known = ", ".join(logits_processor_names()) or "none"
-        raise ValueError(f"unknown logits processor {name!r}; registered: {known}")
-    return _PROCESSORS[name]
+from mstar.model.sampling import SamplingParams, get_logits_processor
 
 
 @dataclass

@@ -6,18 +6,12 @@ beside the engine, not in the sequence: it is one llguidance matcher per sequenc
 advanced with the row's `history` tokens it has not consumed yet. History is the source of
 truth, so preemption by recompute, migration and forks need no grammar bookkeeping: a
 matcher missing or out of step with its history (shorter, or different) is rebuilt from it.
-
-JSON schemas compile to compact JSON with `json.dumps` spacing (`{"a": 1, "b": [2, 3]}`):
-flexible whitespace lets a weak or confused model emit whitespace forever without ever
-breaking the grammar; a schema may opt back in with `"x-guidance": {"whitespace_flexible":
-true}`.
+The grammar itself (compiled and validated at admission) comes from `mstar.model.grammar`.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,55 +21,16 @@ import llguidance
 import torch
 
 from mstar.model.forward import SeqKey
+from mstar.model.grammar import grammar_text
 from mstar.model.sampling import ResponseFormat
 
 if TYPE_CHECKING:
     from mstar.engine.sampler import SampleRequest
 
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 #: Threads that compute one step's masks in parallel (each row's mask is independent).
 _MASK_THREADS = min(4, os.cpu_count() or 1)
 #: Errors name the failure only: verbose ones dump the parser state and the whole grammar.
 _LIMITS = llguidance.LLParserLimits(verbose_errors=False)
-
-
-@functools.lru_cache(maxsize=256)
-def _grammar(kind: str, schema: str) -> str:
-    if kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema(
-            '{"type": "object"}', defaults=_JSON_OPTIONS)
-    if kind == "json_schema":
-        try:
-            parsed = json.loads(schema)
-        except ValueError as exc:
-            raise ValueError(f"response_format: the JSON schema is not JSON: {exc}") from None
-        if not isinstance(parsed, dict):
-            raise ValueError("response_format: the JSON schema must be a JSON object")
-        return llguidance.LLMatcher.grammar_from_json_schema(parsed, defaults=_JSON_OPTIONS)
-    if kind == "regex":
-        return llguidance.LLMatcher.grammar_from_regex(schema)
-    if kind == "lark":
-        return llguidance.LLMatcher.grammar_from_lark(schema)
-    raise ValueError(f"response_format: unknown type {kind!r}")
-
-
-def grammar_text(fmt: ResponseFormat) -> str:
-    """The llguidance grammar of a response format (cached); ValueError naming
-    `response_format` when the schema is not JSON."""
-    return _grammar(fmt.type, fmt.schema)
-
-
-@functools.lru_cache(maxsize=256)
-def _check(kind: str, schema: str) -> None:
-    error = llguidance.LLMatcher.validate_grammar(_grammar(kind, schema))
-    if error:
-        raise ValueError(f"response_format: invalid {kind.replace('_', ' ')}: {error}")
-
-
-def check_response_format(fmt: ResponseFormat) -> None:
-    """Reject a bad schema, regex or grammar at admission: llguidance validates it without a
-    tokenizer, so the frontend needs no model files for it. Results are cached."""
-    _check(fmt.type, fmt.schema)
 
 
 class _BytesVocab:

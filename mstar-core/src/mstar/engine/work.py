@@ -12,15 +12,6 @@ from mstar.graph.primitives import GraphNode
 from mstar.model.sampling import SamplingParams
 
 
-class RequestError(ValueError):
-    """A request's input is wrong (HTTP 400): it fails alone, the batch goes on."""
-
-    def __init__(self, message: str, *, code: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.param = param
-
-
 @dataclass
 class NodeWork:
     """One invocation of `node` for one request (`child` numbers its lanes).

@@ -145,7 +145,7 @@ class ChunkPolicy:
     first_chunk: int | None = None
     max_buffered: int = 64
     #: Optional: makes, per request, the object that turns the producer's rows into the
-    #: units windows are cut from (`mstar.streaming.chunker.UnitAssembler`: e.g. seven
+    #: units windows are cut from (`mstar.runtime.chunker.UnitAssembler`: e.g. seven
     #: audio codes into one codec frame, dropping invalid ones). `max_buffered` bounds the
     #: producer's rows in flight: one per unit the consumer holds, plus rows not yet
     #: received (rows that made no unit are credited at once); `window`, `hop`, `emit`

@@ -6,6 +6,7 @@ A model plugin imports from here (and `mstar.graph`, `mstar.model.layers`,
 
 from mstar.model.contract import (
     BuildContext,
+    Done,
     EngineType,
     Finished,
     Fork,
@@ -24,14 +25,15 @@ from mstar.model.forward import (
     SeqKey,
     StepContext,
     attention_context,
-    ragged_attention,
 )
+from mstar.model.ragged import ragged_attention
 from mstar.model.sampling import SamplingFields, SamplingParams
 
 __all__ = [
     "BuildContext",
     "EngineType",
     "ExtraSpec",
+    "Done",
     "Finished",
     "Fork",
     "ForwardBatch",

@@ -97,10 +97,16 @@ class WalkStep:
 
 
 @dataclass(frozen=True)
-class Finished:
-    """The request (or this partition's part of it) is done."""
+class Done:
+    """What `next_walk` returns instead of a `WalkStep`: the request (or this partition's
+    part of it) is done, for `reason`. Not the client's `mstar.events.Finished` event, which
+    the runtime sends once every partition is done."""
 
     reason: str = "stop"
+
+
+#: The earlier name of `Done`, kept so plugins written against it still import.
+Finished = Done
 
 
 @dataclass
@@ -254,7 +260,7 @@ class Model:
     def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
         raise NotImplementedError
 
-    def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Finished:
+    def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Done:
         raise NotImplementedError
 
     def postprocess(self, outputs: Mapping[str, Any], state: OutputState) -> list[events.Event]:

@@ -170,14 +170,3 @@ def current_attention() -> AttentionBackend:
         raise RuntimeError("PagedAttention called outside an attention_context: the engine "
                            "(or the encoder's ragged helper) must set one")
     return backend
-
-
-
-def ragged_attention(segment_lists: list[list[Segment]], *,
-                     device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
-    """Attention for a cache-less ragged batch (encoders): item `i` is its own run of rows
-    with its own segments, attending only within itself, no padding.
-    `with ragged_attention([[Segment(n1, "bidirectional")], ...]): encoder(x)`."""
-    from mstar.engine.attention_torch import TorchAttention
-
-    return attention_context(TorchAttention.cacheless(segment_lists, device=device))

@@ -1,13 +1,18 @@
-"""Sampling parameters: one set per sampling site of a request (default site: "default")."""
+"""Sampling parameters: one set per sampling site of a request (default site: "default"),
+and the registry of named logits processors that requests may ask for (here, below the
+engine, so a request is checked at admission without importing the engine)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    import torch
 
 #: A logits processor sees the token ids generated so far at this site and the logits row
 #: [vocab] and returns new logits. Registered by name (see `mstar.engine.sampler`).
@@ -84,7 +89,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"logit_bias: token ids must be >= 0 and biases in "
                                  f"[-100, 100], got {token}: {bias:g}")
         if self.response_format is not None:
-            from mstar.engine.structured import check_response_format
+            from mstar.model.grammar import check_response_format
 
             check_response_format(self.response_format)
         return self
@@ -148,8 +153,6 @@ class SamplingFields(BaseModel):
     def sampling_params(self, *, eos_token_ids: Sequence[int] = ()) -> SamplingParams:
         """The request's SamplingParams (ValueError naming the bad field). EOS ids join
         `stop_token_ids` unless `ignore_eos`."""
-        from mstar.engine.sampler import get_logits_processor
-
         given = {name: getattr(self, name) for name in (
             "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
             "frequency_penalty", "presence_penalty", "logprobs")
@@ -163,3 +166,33 @@ class SamplingFields(BaseModel):
                               ignore_eos=self.ignore_eos,
                               logits_processors=list(self.logits_processors),
                               response_format=fmt, logit_bias=bias, **given).validate()
+
+
+#: A logits processor sees the token ids generated so far at this site and one logits row
+#: [V] and returns the new row.
+LogitsProcessorFn = Callable[[Sequence[int], "torch.Tensor"], "torch.Tensor"]
+
+_PROCESSORS: dict[str, LogitsProcessorFn] = {}
+
+
+def register_logits_processor(name: str, fn: LogitsProcessorFn) -> None:
+    """Make `fn` available to requests as `logits_processors=[name]`.
+
+    Registering the same function again is a no-op; another function under a taken name is
+    an error, so two plugins cannot silently shadow each other."""
+    if name in _PROCESSORS and _PROCESSORS[name] is not fn:
+        raise ValueError(f"logits processor {name!r} is already registered")
+    _PROCESSORS[name] = fn
+
+
+def logits_processor_names() -> list[str]:
+    return sorted(_PROCESSORS)
+
+
+def get_logits_processor(name: str) -> LogitsProcessorFn:
+    """The processor registered as `name`; ValueError listing the known ones otherwise (call
+    it at admission to reject a request early)."""
+    if name not in _PROCESSORS:
+        known = ", ".join(logits_processor_names()) or "none"
+        raise ValueError(f"unknown logits processor {name!r}; registered: {known}")
+    return _PROCESSORS[name]

@@ -1,6 +1,6 @@
 """`run_server`: a deployment as processes behind the HTTP API.
 
-This process runs the API server (uvicorn) and the gateway (`mstar.api_server.gateway`);
+This process runs the API server (uvicorn) and the gateway (`mstar.serving.gateway`);
 the data workers (a frontend each: the model's `process_prompt` and `postprocess`), the
 conductor and one worker per rank are child processes (`mstar.serving.proc`) that talk
 over ZMQ and move tensors through the chosen transport. Start-up never hangs: children
@@ -36,15 +36,15 @@ from typing import Any
 
 import msgspec
 
-from mstar.api_server.gateway import Gateway
 from mstar.communication import messages as msg
 from mstar.communication.zmq_channel import ZmqChannel
 from mstar.config import DeploymentConfig, placement, validate_for_model
 from mstar.config.settings import ServerSettings
 from mstar.plugins import model_registry
+from mstar.runtime.builder import LoadOptions, make_model, tp_group_ranks
 from mstar.serving import leftovers
+from mstar.serving.gateway import Gateway
 from mstar.serving.proc import ProcessSpec
-from mstar.worker.builder import LoadOptions, make_model, tp_group_ranks
 
 log = logging.getLogger("mstar.serving")
 
@@ -302,7 +302,7 @@ def _serve(settings: ServerSettings, config: DeploymentConfig, deployment: Proce
     import uvicorn
 
     from mstar.api_server.app import create_app
-    from mstar.serving.backend import GatewayBackend
+    from mstar.serving.backends import GatewayBackend
 
     exit_code = [0]
 

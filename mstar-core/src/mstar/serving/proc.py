@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 if TYPE_CHECKING:
-    from mstar.wiring import Wiring
+    from mstar.runtime.wiring import Wiring
 
 log = logging.getLogger("mstar.serving")
 
@@ -69,8 +69,8 @@ def wiring(spec: ProcessSpec) -> Wiring:
     """The deployment's wiring as `spec` describes it (the same one `mstar.load` makes)."""
     from mstar.config import DeploymentConfig
     from mstar.plugins import model_registry
-    from mstar.wiring import Wiring
-    from mstar.worker.builder import LoadOptions, make_model
+    from mstar.runtime.builder import LoadOptions, make_model
+    from mstar.runtime.wiring import Wiring
 
     config = DeploymentConfig.model_validate(spec.config)
     options = LoadOptions(**spec.load)

@@ -42,7 +42,7 @@ from mstar.events import AudioChunk, Event, TensorData
 from mstar.graph import ChunkPolicy, GraphNode, Loop, Partition, StreamingGraphEdge, Walk
 from mstar.model import (
     BuildContext,
-    Finished,
+    Done,
     KVSpec,
     Model,
     OutputState,
@@ -326,12 +326,12 @@ class Orpheus(Model):
             params={"max_tokens": req.max_tokens}, sampling={"default": sampling},
             seed=req.seed, prompt_tokens=len(ids))
 
-    def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Finished:
+    def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Done:
         if state.partition == "codec" or state.walk == "decode":
-            return Finished(control.get("finish_reason") or "stop")
+            return Done(control.get("finish_reason") or "stop")
         if state.walk == "prefill":
             if control.get("finished"):
-                return Finished(control.get("finish_reason") or "stop")
+                return Done(control.get("finish_reason") or "stop")
             return WalkStep("decode", inputs={"input_ids": control["token_ids"]})
         raise ValueError(f"orpheus has no walk {state.walk!r}")
 

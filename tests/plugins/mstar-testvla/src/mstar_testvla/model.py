@@ -50,8 +50,8 @@ from mstar.graph import (
 )
 from mstar.model import (
     BuildContext,
+    Done,
     ExtraSpec,
-    Finished,
     Fork,
     KVSpec,
     Model,
@@ -492,16 +492,16 @@ class TestVLA(Model):
         return RequestPlan(first_walks=first, params=params, sampling={"default": sampling},
                            seed=req.seed, prompt_tokens=len(ids))
 
-    def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Finished:
+    def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Done:
         p = state.params
         if state.partition == "stream":
-            return Finished("stop")
+            return Done("stop")
         if state.walk == "encode":
             return WalkStep(PREFILL_WALKS[p["mode"]],
                             inputs={"image_features": control["image_features"]})
         if state.walk == "prefill":
             if control.get("finished"):
-                return Finished(control.get("finish_reason") or "stop")
+                return Done(control.get("finish_reason") or "stop")
             n = int(p["n"])
             prompt_len = len(p["prompt_ids"])
             return WalkStep("decode", inputs={"input_ids": control["token_ids"]}, children=n,
@@ -513,12 +513,12 @@ class TestVLA(Model):
             return WalkStep("denoise", forks=forks)
         if state.walk == "prefill_rollout":
             if p["rollout_steps"] == 0:
-                return Finished("stop")
+                return Done("stop")
             return WalkStep("rollout", inputs={"frame_embeds": control["frame_pred"]})
         if state.walk == "decode":
-            return Finished(control.get("finish_reason") or "stop")
+            return Done(control.get("finish_reason") or "stop")
         if state.walk in ("denoise", "rollout"):
-            return Finished("stop")
+            return Done("stop")
         raise ValueError(f"testvla has no walk {state.walk!r}")
 
     def postprocess(self, outputs: Mapping[str, Any], state: OutputState) -> list[Event]:

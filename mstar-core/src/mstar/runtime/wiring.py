@@ -1,7 +1,7 @@
 """One wiring of a deployment's roles, used by `mstar.load` and by `mstar serve`.
 
 A deployment runs a conductor, data workers (`Frontend`) and one worker per rank, either
-as threads of one process (`mstar.runtime.LocalDeployment`) or as one process each
+as threads of one process (`mstar.runtime.local.LocalDeployment`) or as one process each
 (`mstar.serving.proc`). Both callers make a `Wiring` from the same inputs and ask it for
 each role, handing in only what differs between them: the channel and transport (in-process
 hub or ZMQ/SHM/TCP), where status goes, and the tensor-parallel rendezvous. Every other
@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 
-from mstar.api_server.frontend import Frontend
 from mstar.communication.channel import Channel
 from mstar.communication.transport import Transport
-from mstar.conductor.conductor import Conductor
 from mstar.config import DeploymentConfig, Placement, placement, validate_for_model
 from mstar.config.devices import DevicePlan, device_plan, tp_backend
 from mstar.media import MediaLimits
 from mstar.model.contract import Model
-from mstar.worker.builder import LoadOptions, build_engines, tp_group_ranks
-from mstar.worker.worker import Worker
+from mstar.runtime.builder import LoadOptions, build_engines, tp_group_ranks
+from mstar.runtime.conductor import Conductor
+from mstar.runtime.frontend import Frontend
+from mstar.runtime.worker import Worker
 
 
 def eos_token_ids(model: Model) -> tuple[int, ...]:

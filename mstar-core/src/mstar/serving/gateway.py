@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -23,11 +23,10 @@ from mstar import events
 from mstar.communication import messages as msg
 from mstar.communication.channel import Channel
 from mstar.communication.component import Component
-from mstar.engine.work import RequestError
+from mstar.errors import RequestError
+from mstar.events import Sink
 
 log = logging.getLogger(__name__)
-
-Sink = Callable[[events.Event], None]
 
 
 class Gateway(Component):

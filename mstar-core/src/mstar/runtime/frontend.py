@@ -20,7 +20,7 @@ import collections
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,8 @@ from mstar.communication.transport import Transport
 from mstar.config.deployment import DeploymentConfig
 from mstar.engine.kv_cache import capacity_tokens, pages_for_completions
 from mstar.engine.rng import draw_seed
-from mstar.engine.work import RequestError
+from mstar.errors import RequestError
+from mstar.events import Sink
 from mstar.model.contract import Model, OutputState, RequestPlan
 from mstar.model.sampling import SamplingParams
 
@@ -44,8 +45,6 @@ if TYPE_CHECKING:
     from mstar.media import MediaLimits
 
 log = logging.getLogger(__name__)
-
-Sink = Callable[[events.Event], None]
 
 
 #: Stop strings a request may give at most, and their longest length.

@@ -13,18 +13,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from mstar import events
-from mstar.api_server.frontend import Frontend
 from mstar.communication.channel import InProcessHub
 from mstar.communication.transport import LocalStore, LocalTransport
 from mstar.config import DeploymentConfig, load_config, with_preset_cap
 from mstar.engine.kv_engine import KVEngine, StepRecord
-from mstar.engine.work import RequestError
+from mstar.errors import RequestError
 from mstar.model.contract import Model
 from mstar.plugins import model_registry
 from mstar.plugins.registry import ModelSpec
-from mstar.wiring import Wiring
-from mstar.worker.builder import LoadOptions, make_model
-from mstar.worker.worker import Worker
+from mstar.runtime.builder import LoadOptions, make_model
+from mstar.runtime.frontend import Frontend
+from mstar.runtime.wiring import Wiring
+from mstar.runtime.worker import Worker
 
 LOAD_FORMATS = ("auto", "dummy")
 

@@ -30,7 +30,7 @@ from mstar.communication.channel import Channel
 from mstar.communication.component import Component
 from mstar.config.validate import Placement
 from mstar.graph.primitives import walk_nodes
-from mstar.model.contract import Finished, Model, RequestState, WalkStep
+from mstar.model.contract import Done, Model, RequestState, WalkStep
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class Conductor(Component):
             self._dispatch(req, m.partition, m.child, msg.walk_step_msg(nxt), self.owner_of(nxt.walk))
             self._fail_if_stalled(req)
             return
-        if isinstance(nxt, Finished) and nxt.reason != "stop":
+        if isinstance(nxt, Done) and nxt.reason != "stop":
             req.reason = nxt.reason
             req.child_reasons[m.child] = nxt.reason
         req.lanes.discard((m.partition, m.child))

@@ -33,16 +33,17 @@ from mstar.communication.transport import Transport
 from mstar.engine.kv_cache import OutOfPages
 from mstar.engine.kv_engine import KVEngine
 from mstar.engine.stateless_engine import StatelessEngine
-from mstar.engine.work import NodeWork, RequestError, WorkResult
+from mstar.engine.work import NodeWork, WorkResult
+from mstar.errors import RequestError
 from mstar.graph.cursor import Invocation, WalkCursor
 from mstar.graph.primitives import GraphNode, StreamingGraphEdge
 from mstar.graph.program import WalkProgram, compile_walk
 from mstar.model.contract import Model
 from mstar.model.forward import SeqKey
 from mstar.model.sampling import SamplingParams
-from mstar.streaming.chunker import StreamChunker, Window, slice_emitted
-from mstar.worker.builder import parameter_bytes
-from mstar.worker.migration import export_sequences, import_sequences, to_wire
+from mstar.runtime.builder import parameter_bytes
+from mstar.runtime.chunker import StreamChunker, Window, slice_emitted
+from mstar.runtime.migration import export_sequences, import_sequences, to_wire
 
 log = logging.getLogger(__name__)
 
