@@ -134,8 +134,8 @@ def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
         files = checkpoint_files(path, ws.patterns)
 
         def load(module: torch.nn.Module) -> list[str]:
-            return load_weights(module, iter_checkpoint(files, ws.format), ws, tp_rank=tp_rank,
-                                tp_size=tp_size, dtype=ws.dtype or dtype).loaded
+            return load_weights(module, iter_checkpoint(files, ws.format, device), ws,
+                                tp_rank=tp_rank, tp_size=tp_size, dtype=ws.dtype or dtype).loaded
     else:
         raise ValueError(f"unknown load format {options.load_format!r}; use 'auto' or 'dummy'")
     # Built on meta (no memory), then allocated once, on the rank's device, by the loader.
