@@ -14,7 +14,13 @@ import mstar
 from mstar.config import ConfigError, load_config, placement, validate_for_model
 from mstar.config import devices as devices_module
 from mstar.config.deployment import KVCacheConfig, SchedulerConfig
-from mstar.config.devices import default_dtype, device_plan, node_dtype, tp_backend
+from mstar.config.devices import (
+    default_dtype,
+    device_plan,
+    gpus_problem,
+    node_dtype,
+    tp_backend,
+)
 from mstar.engine.kv_cache import device_kv_budget, plan_capacity
 from mstar.engine.kv_profile import DeviceMemory, cuda_memory, measure_peak, profile_lengths
 from mstar.model.contract import KVSpec
@@ -86,6 +92,17 @@ def test_a_mapping_naming_a_device_that_does_not_exist(testvla):
     assert problems(testvla, "testvla_node_split", cuda_devices=0,
                     devices={0: "cuda:0", 1: "cpu"}) == [
         "devices.0: cuda:0 does not exist; no CUDA device is visible"]
+
+
+def test_gpus_naming_a_device_that_does_not_exist():
+    # torch's count once CUDA_VISIBLE_DEVICES is the --gpus list (injected)
+    assert gpus_problem("0,7,1", visible=1) == (
+        "--gpus 0,7,1: device 7 does not exist (torch sees only 0); name devices this "
+        "machine has")
+    assert gpus_problem("7", visible=0).startswith(
+        "--gpus 7: no CUDA device is available on this machine (torch sees none), or "
+        "device 7 does not exist")
+    assert gpus_problem("1,0", visible=2) is None
 
 
 def test_more_ranks_than_devices_without_a_mapping(testvla):
