@@ -173,9 +173,10 @@ def load_weights(module: nn.Module,
                  spec: WeightSpec, *, tp_rank: int = 0, tp_size: int = 1,
                  dtype: torch.dtype | None = None) -> LoadReport:
     """Load `tensors` (checkpoint key, full tensor or `StoredTensor`) into `module`'s
-    parameters and persistent buffers as rank `tp_rank` of `tp_size`. Raises `WeightLoadError` listing every missing
-    parameter, unexpected key, shape mismatch and duplicate. A parameter shared under
-    several names (tied embeddings) counts as loaded when any of its names is."""
+    parameters and persistent buffers as rank `tp_rank` of `tp_size`. Raises
+    `WeightLoadError` listing every missing parameter, unexpected key, shape mismatch and
+    duplicate. A parameter shared under several names (tied embeddings) counts as loaded
+    when any of its names is."""
     # state_dict(keep_vars) lists parameters and persistent buffers under every name.
     targets: dict[str, torch.Tensor] = module.state_dict(keep_vars=True)
     dtype = dtype or spec.dtype
