@@ -1,6 +1,7 @@
 """Devices: which device each rank runs on (with injected CUDA device counts, as this
 machine has no GPU), the dtype and TP backend per device, the ranks sharing a device, the
-CUDA KV budget arithmetic, and `mstar.load` and a served worker placing every rank alike."""
+CUDA KV budget (arithmetic, and the profiled forward with an injected memory reader), and
+`mstar.load` and a served worker placing every rank alike."""
 
 from __future__ import annotations
 
@@ -12,11 +13,21 @@ import torch
 import mstar
 from mstar.config import ConfigError, load_config, placement, validate_for_model
 from mstar.config import devices as devices_module
-from mstar.config.devices import default_dtype, device_plan, node_dtype, tp_backend
+from mstar.config.deployment import KVCacheConfig, SchedulerConfig
+from mstar.config.devices import (
+    default_dtype,
+    device_plan,
+    gpus_problem,
+    node_dtype,
+    tp_backend,
+)
 from mstar.engine.kv_cache import device_kv_budget, plan_capacity
+from mstar.engine.kv_profile import DeviceMemory, cuda_memory, measure_peak, profile_lengths
 from mstar.model.contract import KVSpec
+from mstar.model.forward import ForwardBatch
 from mstar.plugins import model_registry
 from mstar.runtime.builder import LoadOptions, make_model
+from mstar.runtime.wiring import Wiring
 from mstar.serving import proc
 
 OPTIONS = LoadOptions(load_format="dummy")
@@ -81,6 +92,17 @@ def test_a_mapping_naming_a_device_that_does_not_exist(testvla):
     assert problems(testvla, "testvla_node_split", cuda_devices=0,
                     devices={0: "cuda:0", 1: "cpu"}) == [
         "devices.0: cuda:0 does not exist; no CUDA device is visible"]
+
+
+def test_gpus_naming_a_device_that_does_not_exist():
+    # torch's count once CUDA_VISIBLE_DEVICES is the --gpus list (injected)
+    assert gpus_problem("0,7,1", visible=1) == (
+        "--gpus 0,7,1: device 7 does not exist (torch sees only 0); name devices this "
+        "machine has")
+    assert gpus_problem("7", visible=0).startswith(
+        "--gpus 7: no CUDA device is available on this machine (torch sees none), or "
+        "device 7 does not exist")
+    assert gpus_problem("1,0", visible=2) is None
 
 
 def test_more_ranks_than_devices_without_a_mapping(testvla):
@@ -170,6 +192,78 @@ def test_too_little_memory_names_memory_fraction():
         plan_capacity({"LLM": SPEC}, max_seq_len=64, page_size=16, num_pages=None,
                       memory_fraction=0.5, ranks_sharing_device=1, shares=None,
                       device="cpu", max_num_seqs=4, budget_bytes=budget)
+
+
+def test_the_profile_step_fills_the_scheduler_s_token_budget():
+    assert profile_lengths(SchedulerConfig(max_num_batched_tokens=200), 64) == [64, 64, 64, 8]
+    assert profile_lengths(SchedulerConfig(max_num_batched_tokens=200, max_num_seqs=2),
+                           64) == [64, 64]  # the most one step can hold
+    assert profile_lengths(SchedulerConfig(max_num_batched_tokens=48), 64) == [48]
+
+
+class CountingMemory:
+    """A device reader for the CPU: the rank's tensors hold `weights` bytes, and a forward
+    peaks at `per_token` bytes for each token a KV node ran since the last `reset_peak`
+    (counted from the real forwards by a global forward hook)."""
+
+    def __init__(self, total: int, weights: int, per_token: int):
+        self.weights, self.per_token = weights, per_token
+        self.tokens = 0
+        self.forwards: list[int] = []  # tokens of each KV forward since the reset
+        self.reader = DeviceMemory(total=lambda: total, allocated=lambda: self.weights,
+                                   peak=lambda: self.weights + self.per_token * self.tokens,
+                                   reset_peak=self._reset)
+
+    def _reset(self) -> None:
+        self.tokens, self.forwards = 0, []
+
+    def hook(self, module, args) -> None:
+        if args and isinstance(args[0], ForwardBatch):
+            self.tokens += args[0].input_ids.numel()
+            self.forwards.append(args[0].input_ids.numel())
+
+
+def test_the_device_budget_subtracts_a_profiled_forward_at_the_token_budget(testvla):
+    config = load_config("testvla_single").model_copy(update={
+        "max_seq_len": 64, "scheduler": SchedulerConfig(max_num_batched_tokens=200),
+        "kv_cache": KVCacheConfig(memory_fraction=0.5, enable_prefix_caching=False)})
+    memory = CountingMemory(total=8 * 2**20, weights=2**20, per_token=1000)
+    _, build = Wiring(testvla, config, OPTIONS).worker_engines(0)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(memory.hook)
+    try:
+        engines = build(memory=memory.reader)
+    finally:
+        handle.remove()
+    assert memory.forwards == [200]  # one step of the scheduler's whole budget
+    pool = engines["LLM"].cache.pool
+    page_bytes = pool.spec.bytes_per_token() * pool.page_size
+    budget = 8 * 2**20 * 0.5 - 2**20 - 200 * 1000
+    assert pool.num_pages == int(budget // page_bytes)
+    assert pool.num_used == 0 and not engines["LLM"].seqs  # nothing of the profile is left
+
+
+def test_a_peak_is_what_a_run_held_beyond_what_was_allocated_before():
+    held = {"now": 500, "peak": 0}
+
+    def run():
+        held["peak"] = held["now"] + 300
+
+    reader = DeviceMemory(total=lambda: 0, allocated=lambda: held["now"],
+                          peak=lambda: held["peak"], reset_peak=lambda: held.update(peak=0))
+    assert measure_peak(run, reader) == 300
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_peak_and_budget_on_a_gpu(testvla):
+    device = torch.device("cuda:0")
+    assert measure_peak(lambda: torch.empty(2**20, device=device), cuda_memory(device)) \
+        >= 4 * 2**20
+    config = load_config("testvla_single").model_copy(
+        update={"devices": {0: "cuda:0"}, "kv_cache": KVCacheConfig(memory_fraction=0.5)})
+    _, build = Wiring(testvla, config, OPTIONS).worker_engines(0)
+    pool = build()["LLM"].cache.pool
+    assert pool.kv.device == device and pool.num_pages > 0
 
 
 # ------------------------------------------------------------------------------------------

@@ -284,6 +284,96 @@ def test_tp_shards_of_a_checkpoint_recombine_to_it(tmp_path: Path) -> None:
         assert torch.equal(value, sd[name]), name
 
 
+class _Reads:
+    """Wraps the real `safe_open` and records the shape of every tensor read from a file,
+    by checkpoint key, and the device each file was opened on."""
+
+    def __init__(self, real):
+        self.real = real
+        self.shapes: dict[str, list[tuple[int, ...]]] = {}
+        self.devices: list[str] = []
+
+    def __call__(self, path, framework, device):
+        self.devices.append(device)
+        return _SpyHandle(self.real(path, framework=framework, device=device), self)
+
+
+class _SpyHandle:
+    def __init__(self, handle, reads: _Reads):
+        self.handle, self.reads = handle, reads
+
+    def __enter__(self):
+        self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def keys(self):
+        return self.handle.keys()
+
+    def _got(self, key, tensor):
+        self.reads.shapes.setdefault(key, []).append(tuple(tensor.shape))
+        return tensor
+
+    def get_tensor(self, key):
+        return self._got(key, self.handle.get_tensor(key))
+
+    def get_slice(self, key):
+        sliced = self.handle.get_slice(key)
+        handle = self
+
+        class Slice:
+            def get_shape(self):
+                return sliced.get_shape()
+
+            def __getitem__(self, index):
+                return handle._got(key, sliced[index])
+
+        return Slice()
+
+
+def test_a_tp_rank_reads_only_its_shard_from_safetensors(tmp_path: Path, monkeypatch) -> None:
+    """A sharded layer's full weight never leaves the file on a TP rank: each rank reads its
+    rows (`get_slice`), onto the device it loads on, and ends with what the full read gives."""
+    from mstar.weights import loader
+
+    sd = _hf_state_dict()
+    files = _save(tmp_path, sd)
+    reads = _Reads(loader.safe_open)
+    monkeypatch.setattr(loader, "safe_open", reads)
+    for rank in range(2):
+        reads.shapes.clear()
+        sliced, full = TinyLM(rank, 2), TinyLM(rank, 2)
+        _load(sliced, files, tp_rank=rank, tp_size=2)
+        load_weights(full, sd.items(), WeightSpec(), tp_rank=rank, tp_size=2)
+        params = dict(sliced.named_parameters())
+        sharded = [n for n, p in params.items() if getattr(p, "tp_shard_dim", None) is not None]
+        assert len(sharded) >= 5
+        for name in sharded:
+            p = params[name]
+            [shape] = reads.shapes[name]
+            want = list(p.shape)
+            want[p.tp_shard_dim] = min(p.shape[p.tp_shard_dim], sd[name].shape[p.tp_shard_dim]
+                                       - rank * p.shape[p.tp_shard_dim])  # the last is padded
+            assert shape == tuple(want) != tuple(sd[name].shape), name
+        assert reads.shapes["model.norm.weight"] == [(HIDDEN,)]  # replicated: read whole
+        for name, value in full.state_dict().items():
+            assert torch.equal(sliced.state_dict()[name], value), name
+    assert reads.devices == ["cpu", "cpu"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_safetensors_are_read_onto_the_device(tmp_path: Path) -> None:
+    sd = _hf_state_dict()
+    cuda = torch.device("cuda:0")
+    for key, stored in iter_checkpoint(_save(tmp_path, sd), device=cuda):
+        whole, rows = stored.read(), stored.narrow(0, 1, 1)
+        assert whole.device == rows.device == cuda, key
+        assert torch.equal(whole.cpu(), sd[key]) and torch.equal(rows.cpu(), sd[key][1:2])
+
+
 # -- dummy weights -------------------------------------------------------------------------------
 
 

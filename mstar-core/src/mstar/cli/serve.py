@@ -32,7 +32,7 @@ from mstar.config import (
     validate_for_model,
     with_preset_cap,
 )
-from mstar.config.devices import device_plan, gpus_problem
+from mstar.config.devices import device_plan, gpus_problem, visible_cuda_devices
 from mstar.config.settings import ServerSettings, layered_settings
 from mstar.plugins import load_model_class, model_registry
 from mstar.plugins.registry import DuplicateNameError
@@ -364,9 +364,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     if args.gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus  # before torch counts devices
-        import torch
-
-        problem = gpus_problem(args.gpus, torch.cuda.is_available())
+        problem = gpus_problem(args.gpus, visible_cuda_devices())
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return EXIT_INVALID

@@ -142,10 +142,17 @@ def device_plan(config: DeploymentConfig, where: Placement, *,
     return DevicePlan(devices)
 
 
-def gpus_problem(gpus: str, cuda_available: bool) -> str | None:
-    """Why `--gpus` cannot be honoured here, or None: asking for GPUs on a machine without
-    CUDA is an error, not a silent run on the CPU."""
-    if not cuda_available:
+def gpus_problem(gpus: str, visible: int) -> str | None:
+    """Why `--gpus` cannot be honoured here, or None. `visible`: the CUDA devices torch sees
+    once `CUDA_VISIBLE_DEVICES` is `gpus` (CUDA drops the first id it cannot find and every
+    id after it). Asking for GPUs on a machine without CUDA, or for one that does not
+    exist, is an error, not a silent run on the CPU or on fewer devices."""
+    wanted = gpus.split(",")
+    if visible == 0:
         return (f"--gpus {gpus}: no CUDA device is available on this machine (torch sees "
-                "none); leave out --gpus to run on the CPU")
+                f"none), or device {wanted[0]} does not exist; leave out --gpus to run on "
+                "the CPU")
+    if visible < len(wanted):
+        return (f"--gpus {gpus}: device {wanted[visible]} does not exist (torch sees only "
+                f"{', '.join(wanted[:visible])}); name devices this machine has")
     return None

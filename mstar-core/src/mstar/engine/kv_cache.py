@@ -456,8 +456,8 @@ def device_kv_budget(total_bytes: int, *, memory_fraction: float, ranks_sharing_
     """Bytes of KV cache one rank may hold on a CUDA device, as vLLM's
     `gpu_memory_utilization`: its share (`ranks_sharing_device`) of `memory_fraction` of
     the device's total memory, less what the rank already holds (`weights_bytes`) and the
-    peak of one forward at the scheduler's token budget (`peak_activation_bytes`; not
-    profiled yet, see `build_engines`). Pages follow as floor(budget / page_bytes). An
+    peak of one forward at the scheduler's token budget (`peak_activation_bytes`, measured
+    by `kv_profile.profile_peak`). Pages follow as floor(budget / page_bytes). An
     empty budget is an error naming `kv_cache.memory_fraction`."""
     share = total_bytes * memory_fraction / ranks_sharing_device
     budget = share - weights_bytes - peak_activation_bytes

@@ -18,6 +18,7 @@ from mstar.config.devices import node_dtype
 from mstar.config.validate import NodePlacement
 from mstar.engine.kv_cache import KVCacheManager, PagePool, device_kv_budget, plan_capacity
 from mstar.engine.kv_engine import KVEngine
+from mstar.engine.kv_profile import DeviceMemory, cuda_memory, profile_peak
 from mstar.engine.stateless_engine import StatelessEngine
 from mstar.model.contract import BuildContext, Model
 from mstar.plugins.registry import ModelSpec
@@ -133,8 +134,8 @@ def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
         files = checkpoint_files(path, ws.patterns)
 
         def load(module: torch.nn.Module) -> list[str]:
-            return load_weights(module, iter_checkpoint(files, ws.format), ws, tp_rank=tp_rank,
-                                tp_size=tp_size, dtype=ws.dtype or dtype).loaded
+            return load_weights(module, iter_checkpoint(files, ws.format, device), ws,
+                                tp_rank=tp_rank, tp_size=tp_size, dtype=ws.dtype or dtype).loaded
     else:
         raise ValueError(f"unknown load format {options.load_format!r}; use 'auto' or 'dummy'")
     # Built on meta (no memory), then allocated once, on the rank's device, by the loader.
@@ -184,28 +185,38 @@ def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodeP
                   rank: int, options: LoadOptions, *, device: torch.device,
                   ranks_sharing_device: int, eos_token_ids: tuple[int, ...] = (),
                   tp_group: Any = None, enable_nvtx: bool = False,
-                  peak_activation_bytes: int = 0):
+                  memory: DeviceMemory | None = None):
     """Every engine of one rank, by node name. `tp_group`: the torch.distributed group of
-    this rank's tensor-parallel nodes (processes only). On CUDA the modules are built
-    first and the KV budget is `device_kv_budget` of what they left; on the CPU the
-    budget is a share of free host memory measured before. `peak_activation_bytes`: the
-    hook for a profiled forward's peak (nothing profiles it yet: 0)."""
+    this rank's tensor-parallel nodes (processes only). On the CPU the KV budget is a share
+    of free host memory measured before the modules load. With `memory` (on CUDA, the
+    device's allocator figures; a test injects its own) and KV pages planned from
+    `memory_fraction`, the modules load first, every KV node runs one profile step at the
+    scheduler's token budget (`kv_profile.profile_peak`), and the budget is
+    `device_kv_budget` of the weights and the largest of those peaks."""
     engine_types = model.node_engine_types()
     kv_nodes = {  # a tensor-parallel rank holds its share of the KV heads, in its dtype
         n: dataclasses.replace(model.kv_spec(n),
                                num_kv_heads=model.kv_spec(n).num_kv_heads // p.tp_size,
                                dtype=DTYPES[node_dtype(p.dtype, str(device))])
         for n, p in nodes.items() if engine_types[n] == "kv_cache"}
+    if memory is None and device.type == "cuda":
+        memory = cuda_memory(device)
     modules, budget = {}, None
-    if device.type == "cuda" and kv_nodes and config.kv_cache.num_pages is None:
+    if memory is not None and kv_nodes and config.kv_cache.num_pages is None:
         modules = {n: build_module(model, n, p, rank, options, device, tp_group)
                    for n, p in nodes.items()}
+        weights = memory.allocated()
+        peak = max(profile_peak(n, modules[n], spec, memory, scheduler=config.scheduler,
+                                max_seq_len=config.max_seq_len,
+                                page_size=config.kv_cache.page_size, device=device)
+                   for n, spec in kv_nodes.items())
         budget = device_kv_budget(
-            torch.cuda.mem_get_info(device)[1],
-            memory_fraction=config.kv_cache.memory_fraction,
-            ranks_sharing_device=ranks_sharing_device,
-            weights_bytes=torch.cuda.memory_allocated(device),
-            peak_activation_bytes=peak_activation_bytes)
+            memory.total(), memory_fraction=config.kv_cache.memory_fraction,
+            ranks_sharing_device=ranks_sharing_device, weights_bytes=weights,
+            peak_activation_bytes=peak)
+        log.info("rank %d KV budget on %s: %.2f GiB (weights %.2f GiB, profiled forward "
+                 "peak %.2f GiB)", rank, device, budget / 2**30, weights / 2**30,
+                 peak / 2**30)
     pages = plan_capacity(kv_nodes, max_seq_len=config.max_seq_len,
                           page_size=config.kv_cache.page_size,
                           num_pages=config.kv_cache.num_pages,

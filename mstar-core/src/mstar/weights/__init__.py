@@ -3,7 +3,13 @@ loading them sharded (`loader`), seeded random weights (`dummy`), and materialis
 module built on the meta device on its own device (`materialize`)."""
 
 from mstar.weights.dummy import init_dummy_weights
-from mstar.weights.loader import LoadReport, WeightLoadError, iter_checkpoint, load_weights
+from mstar.weights.loader import (
+    LoadReport,
+    StoredTensor,
+    WeightLoadError,
+    iter_checkpoint,
+    load_weights,
+)
 from mstar.weights.materialize import UninitializedError, materialize
 from mstar.weights.sources import (
     WeightSourceError,
@@ -15,6 +21,7 @@ from mstar.weights.spec import WeightSpec
 
 __all__ = [
     "LoadReport",
+    "StoredTensor",
     "UninitializedError",
     "WeightLoadError",
     "WeightSourceError",

@@ -1,9 +1,12 @@
 """Reading checkpoints tensor by tensor and loading them into a module, sharded on load.
 
-Safetensors files are memory-mapped and read one tensor at a time; `.bin`/`.pt`/`.pth`
-files go through `torch.load(weights_only=True)` (memory-mapped when they are zip files).
+Safetensors files are opened on the rank's device and read lazily (`StoredTensor`): a
+tensor is read straight onto the device (no host copy moved over), and a tensor-parallel
+rank reads only its shard's rows (`get_slice`), so it never holds a sharded layer's full
+weight. `.bin`/`.pt`/`.pth` files go through `torch.load(weights_only=True)` on the host
+(memory-mapped when they are zip files); their shards are copied to the device.
 `load_weights` maps each key through the node's `WeightSpec`, checks it against the full
-(unsharded) shape of its parameter, slices this rank's shard and copies it in. Every
+(unsharded) shape of its parameter, reads this rank's shard and copies it in. Every
 problem is collected first and reported in one `WeightLoadError`, so a wrong key map is
 fixed in one round, not one key at a time.
 """
@@ -83,22 +86,43 @@ def _read_torch(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from _flatten(obj)
 
 
-def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    with safe_open(path, framework="pt", device="cpu") as f:
+class StoredTensor:
+    """One tensor of an open safetensors file, read when asked: whole (`read`) or only
+    `length` entries from `start` along `dim` (`narrow`, as `torch.Tensor.narrow`), onto the
+    device the file was opened on. Valid while its file is open (until `iter_checkpoint`
+    moves past it)."""
+
+    def __init__(self, handle: Any, key: str):
+        self._handle, self._key = handle, key
+        self._slice = handle.get_slice(key)
+        self.shape = tuple(self._slice.get_shape())
+
+    def read(self) -> torch.Tensor:
+        return self._handle.get_tensor(self._key)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self._slice[(slice(None),) * dim + (slice(start, start + length),)]
+
+
+def _read_safetensors(path: Path, device: str) -> Iterator[tuple[str, StoredTensor]]:
+    with safe_open(path, framework="pt", device=device) as f:
         for key in f.keys():
-            yield key, f.get_tensor(key)
+            yield key, StoredTensor(f, key)
 
 
 def iter_checkpoint(files: Iterable[str | Path],
                     format: Literal["auto", "safetensors", "torch"] = "auto",
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) of every tensor in `files`, in file order. `auto` picks safetensors by
-    the `.safetensors` suffix and torch.load otherwise."""
+                    device: torch.device | str = "cpu",
+                    ) -> Iterator[tuple[str, torch.Tensor | StoredTensor]]:
+    """(key, tensor) of every tensor in `files`, in file order: a `StoredTensor` read onto
+    `device` from safetensors files, a host tensor from torch files. `auto` picks
+    safetensors by the `.safetensors` suffix and torch.load otherwise."""
     for file in files:
         path = Path(file)
         use_safetensors = format == "safetensors" or (
             format == "auto" and path.suffix == ".safetensors")
-        yield from (_read_safetensors(path) if use_safetensors else _read_torch(path))
+        yield from (_read_safetensors(path, str(device)) if use_safetensors
+                    else _read_torch(path))
 
 
 # -- sharding --------------------------------------------------------------------------------
@@ -113,13 +137,14 @@ def full_shape(target: torch.Tensor, tp_size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def shard_for_rank(full: torch.Tensor, target: torch.Tensor, tp_rank: int,
+def shard_for_rank(full: torch.Tensor | StoredTensor, target: torch.Tensor, tp_rank: int,
                    tp_size: int) -> torch.Tensor:
     """This rank's piece of `full` for `target`: equal chunks along `tp_shard_dim`, the last
-    one zero-padded when the dimension does not divide (vocabulary padding)."""
+    one zero-padded when the dimension does not divide (vocabulary padding). Of a
+    `StoredTensor`, only that piece is read."""
     dim = getattr(target, "tp_shard_dim", None)
     if dim is None or tp_size == 1:
-        return full
+        return full.read() if isinstance(full, StoredTensor) else full
     size, total = target.shape[dim], full.shape[dim]
     start = min(tp_rank * size, total)
     piece = full.narrow(dim, start, min(size, total - start))
@@ -143,13 +168,15 @@ def assign(target: torch.Tensor, value: torch.Tensor, dtype: torch.dtype | None)
 # -- loading ---------------------------------------------------------------------------------
 
 
-def load_weights(module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
+def load_weights(module: nn.Module,
+                 tensors: Iterable[tuple[str, torch.Tensor | StoredTensor]],
                  spec: WeightSpec, *, tp_rank: int = 0, tp_size: int = 1,
                  dtype: torch.dtype | None = None) -> LoadReport:
-    """Load `tensors` (checkpoint key, full tensor) into `module`'s parameters and persistent
-    buffers as rank `tp_rank` of `tp_size`. Raises `WeightLoadError` listing every missing
-    parameter, unexpected key, shape mismatch and duplicate. A parameter shared under
-    several names (tied embeddings) counts as loaded when any of its names is."""
+    """Load `tensors` (checkpoint key, full tensor or `StoredTensor`) into `module`'s
+    parameters and persistent buffers as rank `tp_rank` of `tp_size`. Raises
+    `WeightLoadError` listing every missing parameter, unexpected key, shape mismatch and
+    duplicate. A parameter shared under several names (tied embeddings) counts as loaded
+    when any of its names is."""
     # state_dict(keep_vars) lists parameters and persistent buffers under every name.
     targets: dict[str, torch.Tensor] = module.state_dict(keep_vars=True)
     dtype = dtype or spec.dtype
