@@ -108,7 +108,10 @@ def _add_options(parser: argparse.ArgumentParser, shown_defaults: Mapping[str, s
     model = parser.add_argument_group("model and weights")
     model.add_argument("--model-path", help="local checkpoint directory (default: the "
                                             "model's hub repo)")
-    model.add_argument("--revision", help="hub revision of the checkpoint")
+    model.add_argument("--revision", action="append", metavar="[SOURCE=]REV",
+                       help="hub revision of a weight source (default=<sha>, snac=<tag>; "
+                            "a bare REV is the default source's); repeatable or "
+                            "comma-separated")
     model.add_argument("--load-format", choices=("auto", "dummy"),
                        help="auto: read the checkpoint; dummy: seeded random weights of the "
                             f"real shapes {d('load_format')}")
@@ -191,9 +194,12 @@ def model_for(config: DeploymentConfig, settings: ServerSettings) -> Model:
         raise ConfigError([f"--preset: unknown preset {settings.preset!r} for model "
                            f"{config.model!r}; allowed: "
                            f"{', '.join(sorted(cls.presets)) or 'none'}"])
-    options = LoadOptions.of(spec, load_format=settings.load_format,
-                             model_path=settings.model_path, cache_dir=settings.cache_dir,
-                             revision=settings.revision)
+    try:
+        options = LoadOptions.of(spec, load_format=settings.load_format,
+                                 model_path=settings.model_path, cache_dir=settings.cache_dir,
+                                 revisions=settings.revision or {})
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
     needs_preset = (settings.preset is None and settings.load_format == "dummy"
                     and not settings.model_path)
     if needs_preset:

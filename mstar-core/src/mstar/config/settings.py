@@ -9,8 +9,8 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mstar.config.validate import ConfigError
 
@@ -18,6 +18,30 @@ if TYPE_CHECKING:
     from mstar.media.limits import MediaLimits
 
 Protocol = Literal["SHM", "TCP", "RDMA"]
+
+
+def parse_revisions(value: Any) -> dict[str, str] | None:
+    """Hub revisions per weight source, from `--revision` (repeatable), `MSTAR_REVISION`,
+    `server.revision` or `mstar.load(revision=)`: `SOURCE=REV` names a source's revision, a
+    bare `REV` is the `default` source's; several come repeated, comma-separated or as a
+    mapping. None: every source at its hub default."""
+    if value is None or isinstance(value, Mapping):
+        return None if value is None else {str(k): str(v) for k, v in value.items()}
+    revisions: dict[str, str] = {}
+    for item in [value] if isinstance(value, str) else value:
+        for part in filter(None, (p.strip() for p in str(item).split(","))):
+            name, has_name, rev = part.partition("=")
+            source, rev = (name.strip(), rev.strip()) if has_name else ("default", part)
+            if not source or not rev:
+                raise ValueError(f"{part!r}: expected REVISION or SOURCE=REVISION")
+            if revisions.setdefault(source, rev) != rev:
+                raise ValueError(f"two revisions for weight source {source!r}: "
+                                 f"{revisions[source]!r} and {rev!r}")
+    return revisions or None
+
+
+#: Parsed by `parse_revisions` from every layer (the environment's value is not JSON).
+Revisions = Annotated[dict[str, str] | None, NoDecode, BeforeValidator(parse_revisions)]
 
 
 class ServerSettings(BaseSettings):
@@ -42,7 +66,7 @@ class ServerSettings(BaseSettings):
     enable_nvtx: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     model_path: str | None = None
-    revision: str | None = None
+    revision: Revisions = None
     load_format: Literal["auto", "dummy"] = "auto"
     preset: str | None = None
     api_key: str | None = None

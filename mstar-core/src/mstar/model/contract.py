@@ -155,12 +155,17 @@ class Model:
     """Base class of every model. Subclasses set `config_class` and `presets`, and
     implement the declarations below.
 
-    `config_class` is a dataclass built from the checkpoint's `config.json` (via
-    `config_from_checkpoint`) or a preset, then updated with the deployment's
-    `model_kwargs` (fixed at server start).
+    `config_class` is a dataclass built from the checkpoint's `config.json` (and the
+    `config_files` it declares, via `config_from_checkpoint`) or a preset, then updated
+    with the deployment's `model_kwargs` (fixed at server start).
     """
 
     config_class: ClassVar[type]
+    #: JSON files of the default checkpoint the config is built from besides config.json
+    #: (BAGEL keeps its sizes in `llm_config.json` and `vit_config.json`): fetched with
+    #: config.json and handed to `config_from_checkpoint` in its dict, each under its file
+    #: name (`checkpoint_config["llm_config.json"]`).
+    config_files: ClassVar[tuple[str, ...]] = ()
     #: Preset name -> config field overrides. `tiny` (CPU tests) and `small` (CPU
     #: benchmarks) are expected of every model; real sizes may be presets too.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -176,8 +181,9 @@ class Model:
     # -- configuration -------------------------------------------------------------------
     @classmethod
     def config_from_checkpoint(cls, checkpoint_config: dict[str, Any]) -> Any:
-        """Build the config dataclass from a checkpoint's config.json. Default: pick the
-        dataclass's fields by name."""
+        """Build the config dataclass from a checkpoint's config.json (with each of
+        `config_files` under its file name). Default: pick the dataclass's fields by
+        name."""
         names = {f.name for f in dataclasses.fields(cls.config_class)}
         return cls.config_class(**{k: v for k, v in checkpoint_config.items() if k in names})
 
@@ -270,13 +276,16 @@ class Model:
         """The tokenizer core's detokenizer uses (None when the model emits no text)."""
         return None
 
-    #: Files of the default checkpoint the host side needs (tokenizer, chat template), as
-    #: glob patterns: `make_model` fetches them and calls `use_checkpoint_files`.
-    host_files: ClassVar[tuple[str, ...]] = ()
+    #: Files the host side needs (tokenizer, chat template, normaliser statistics,
+    #: processor config) as glob patterns per weight source: `{"default": ("tokenizer.json",
+    #: ...)}`, or another source when they live in another repo (Pi0.5's tokenizer).
+    #: `make_model` fetches them and calls `use_checkpoint_files`.
+    host_files: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
-    def use_checkpoint_files(self, directory: Path | None) -> None:
-        """Where the `host_files` are; None when there is no checkpoint (dummy weights
-        without a model path: the model falls back to what it ships, or fails clearly)."""
+    def use_checkpoint_files(self, directories: Mapping[str, Path | None]) -> None:
+        """Where the `host_files` are: the directory of each source `host_files` names;
+        None for a source with no checkpoint (dummy weights without a model path holding
+        it: the model falls back to what it ships, or fails clearly)."""
 
     # -- chat (the OpenAI layer; models with the "chat" capability) ----------------------
     def chat_template(self) -> str | None:

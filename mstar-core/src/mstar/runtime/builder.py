@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from mstar.weights import (
     read_checkpoint_config,
     resolve_source,
 )
+from mstar.weights.download import is_url
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,27 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class LoadOptions:
     """Where weights come from. `load_format="dummy"` gives seeded random weights of the
     real shapes (no files needed); `"auto"` reads the checkpoint (`model_path`, else each
-    weight source's hub repo through huggingface_hub)."""
+    weight source's hub repo through huggingface_hub, or its URL). `revisions`: the hub
+    revision per weight source name (`--revision`); a name the model does not have is an
+    error here, at start."""
 
     load_format: str = "auto"
     model_path: str | None = None
     weight_sources: dict[str, str] = field(default_factory=dict)
     cache_dir: str | None = None
-    revision: str | None = None
+    revisions: dict[str, str] = field(default_factory=dict)
     token: str | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        names = sorted({"default", *self.weight_sources})
+        for source in self.revisions:
+            if source not in names:
+                raise ValueError(f"--revision names weight source {source!r}, which the "
+                                 f"model does not have; its sources: {', '.join(names)}")
+            if is_url(self.weight_sources.get(source, "")):
+                raise ValueError(f"--revision {source}=...: weight source {source!r} is a "
+                                 "URL to one file, which has no revisions")
 
     @classmethod
     def of(cls, spec: ModelSpec, **fields: Any) -> LoadOptions:
@@ -59,21 +72,35 @@ class LoadOptions:
         return cls(weight_sources=dict(spec.weight_sources),
                    token=os.environ.get("HF_TOKEN"), **fields)
 
+    def fetch(self, source: str, patterns: Sequence[str], subfolder: str | None = None) -> Path:
+        """The local directory (or file) of weight source `source` (a name, a hub repo id,
+        a path or a URL) holding `patterns`, fetched at the source's revision."""
+        return resolve_source(checkpoint_location(source, self), patterns=patterns,
+                              subfolder=subfolder, cache_dir=self.cache_dir,
+                              revision=self.revisions.get(source), token=self.token)
+
 
 def make_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *,
                preset: str | None, options: LoadOptions) -> Model:
     """The model instance: its config from `preset`, else from the checkpoint's
-    config.json (`model_path` or the hub), updated with the deployment's `model_kwargs`;
-    given the checkpoint's host files (tokenizer) when it declares some."""
+    config.json and declared `config_files` (`model_path` or the hub), updated with the
+    deployment's `model_kwargs`; given the directories of the `host_files` it declares
+    (tokenizer, processor configs), each from its own weight source."""
     model = _configured_model(spec, model_kwargs, preset=preset, options=options)
     if model.host_files:
-        directory = None
-        if options.load_format != "dummy" or options.model_path:
-            directory = resolve_source(
-                checkpoint_location("default", options), patterns=list(model.host_files),
-                cache_dir=options.cache_dir, revision=options.revision, token=options.token)
-        model.use_checkpoint_files(directory)
+        model.use_checkpoint_files({source: _host_directory(source, patterns, options)
+                                    for source, patterns in model.host_files.items()})
     return model
+
+
+def _host_directory(source: str, patterns: Sequence[str], options: LoadOptions) -> Path | None:
+    """Where `source`'s host files are; with dummy weights only a local checkpoint's
+    (`--model-path` or its `<source>` subfolder), never a download."""
+    if options.load_format == "dummy":
+        location = checkpoint_location(source, options) if options.model_path else None
+        if location is None or not Path(location).is_relative_to(options.model_path or ""):
+            return None
+    return options.fetch(source, patterns)
 
 
 def _configured_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *,
@@ -83,10 +110,8 @@ def _configured_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *
         if options.load_format == "dummy" and not options.model_path:
             raise ValueError(f"load_format 'dummy' needs a preset (one of {list(spec.presets)}) "
                              "or a model path holding config.json")
-        path = resolve_source(checkpoint_location("default", options), patterns=["config.json"],
-                              cache_dir=options.cache_dir, revision=options.revision,
-                              token=options.token)
-        checkpoint_config = read_checkpoint_config(path)
+        path = options.fetch("default", ["config.json", *cls.config_files])
+        checkpoint_config = read_checkpoint_config(path, cls.config_files)
         if not checkpoint_config:
             raise ValueError(f"no config.json in {path}: pass a checkpoint directory that has "
                              f"one, or a preset (one of {list(spec.presets)})")
@@ -98,9 +123,10 @@ def _configured_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *
 def checkpoint_location(source: str, options: LoadOptions) -> str:
     """Where a weight source is: `--model-path` for the default one, and for another a
     subfolder of that path named after it when there is one (a local checkpoint of a model
-    whose codec ships in its own repo: `<model path>/snac`), else the source's repo (a
-    source not among the model's weight sources is itself a repo id or path, except
-    "default": a model that names no main checkpoint has none to fetch, which is said)."""
+    whose codec ships in its own repo: `<model path>/snac`), else the source's repo or URL
+    (a source not among the model's weight sources is itself a repo id, path or URL,
+    except "default": a model that names no main checkpoint has none to fetch, which is
+    said)."""
     if options.model_path:
         if source == "default":
             return options.model_path
@@ -128,14 +154,13 @@ def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
                                       adjust=functools.partial(model.adjust_dummy_weight, node))
     elif options.load_format == "auto":
         ws = model.weight_spec(node)
-        path = resolve_source(checkpoint_location(ws.source, options), patterns=ws.patterns,
-                              subfolder=ws.subfolder, cache_dir=options.cache_dir,
-                              revision=options.revision, token=options.token)
-        files = checkpoint_files(path, ws.patterns)
+        files = checkpoint_files(options.fetch(ws.source, ws.patterns, ws.subfolder),
+                                 ws.patterns)
 
         def load(module: torch.nn.Module) -> list[str]:
-            return load_weights(module, iter_checkpoint(files, ws.format, device), ws,
-                                tp_rank=tp_rank, tp_size=tp_size, dtype=ws.dtype or dtype).loaded
+            tensors = iter_checkpoint(files, ws.format, device, safe_globals=ws.safe_globals)
+            return load_weights(module, tensors, ws, tp_rank=tp_rank, tp_size=tp_size,
+                                dtype=ws.dtype or dtype).loaded
     else:
         raise ValueError(f"unknown load format {options.load_format!r}; use 'auto' or 'dummy'")
     # Built on meta (no memory), then allocated once, on the rank's device, by the loader.

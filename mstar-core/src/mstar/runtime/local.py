@@ -16,6 +16,7 @@ from mstar import events
 from mstar.communication.channel import InProcessHub
 from mstar.communication.transport import LocalStore, LocalTransport
 from mstar.config import DeploymentConfig, load_config, with_preset_cap
+from mstar.config.settings import parse_revisions
 from mstar.engine.kv_engine import KVEngine, StepRecord
 from mstar.errors import RequestError
 from mstar.model.contract import Model
@@ -205,7 +206,8 @@ class LocalDeployment:
 
 def load(model: str, config: DeploymentConfig | Mapping[str, Any] | str | None = None, *,
          preset: str | None = None, load_format: str = "auto", model_path: str | None = None,
-         cache_dir: str | None = None, revision: str | None = None, seed: int = 0,
+         cache_dir: str | None = None,
+         revision: str | Mapping[str, str] | None = None, seed: int = 0,
          device: str | None = None, enable_nvtx: bool = False,
          **overrides: Any) -> LocalDeployment:
     """Load `model` (a registered name) and start it in this process.
@@ -214,6 +216,8 @@ def load(model: str, config: DeploymentConfig | Mapping[str, Any] | str | None =
     the model's default config, else everything on rank 0). `overrides` replace top-level
     config fields (`max_seq_len=512`, `kv_cache={"num_pages": 64}`, `node_groups=[...]`).
     `load_format="dummy"` with a `preset` runs seeded random weights of the real shapes.
+    `revision`: the hub revision of the default weight source, or one per source
+    (`{"default": sha, "snac": tag}`, or `"default=sha,snac=tag"` as `--revision` takes).
     Devices as served (`mstar.config.devices`): the config's `devices` mapping, else rank r
     on cuda:r when CUDA is visible, else the CPU; `device="cpu"` puts every rank there.
     `enable_nvtx`: NVTX ranges around engine steps, as `mstar serve --enable-nvtx`.
@@ -223,7 +227,8 @@ def load(model: str, config: DeploymentConfig | Mapping[str, Any] | str | None =
     spec = model_registry().get(model)
     deployment = deployment_config(spec, config, overrides)
     options = LoadOptions.of(spec, load_format=load_format, model_path=model_path,
-                             cache_dir=cache_dir, revision=revision, seed=seed)
+                             cache_dir=cache_dir, revisions=parse_revisions(revision) or {},
+                             seed=seed)
     instance = make_model(spec, deployment.model_kwargs, preset=preset, options=options)
     deployment = with_preset_cap(deployment, instance, preset,
                                  explicit="max_seq_len" in overrides)

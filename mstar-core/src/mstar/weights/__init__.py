@@ -1,11 +1,13 @@
 """Model weights: where they come from (`sources`), how keys map (`spec`), reading and
 loading them sharded (`loader`), seeded random weights (`dummy`), and materialising a
-module built on the meta device on its own device (`materialize`)."""
+module built on the meta device on its own device (`materialize`); a URL source's file is
+downloaded by `download`."""
 
 from mstar.weights.dummy import init_dummy_weights
 from mstar.weights.loader import (
     LoadReport,
     StoredTensor,
+    UnsafeCheckpointError,
     WeightLoadError,
     iter_checkpoint,
     load_weights,
@@ -23,6 +25,7 @@ __all__ = [
     "LoadReport",
     "StoredTensor",
     "UninitializedError",
+    "UnsafeCheckpointError",
     "WeightLoadError",
     "WeightSourceError",
     "WeightSpec",

@@ -4,7 +4,8 @@ Safetensors files are opened on the rank's device and read lazily (`StoredTensor
 tensor is read straight onto the device (no host copy moved over), and a tensor-parallel
 rank reads only its shard's rows (`get_slice`), so it never holds a sharded layer's full
 weight. `.bin`/`.pt`/`.pth` files go through `torch.load(weights_only=True)` on the host
-(memory-mapped when they are zip files); their shards are copied to the device.
+(memory-mapped when they are zip files), with the node's `WeightSpec.safe_globals` as the
+only allowlist (never `weights_only=False`); their shards are copied to the device.
 `load_weights` maps each key through the node's `WeightSpec`, checks it against the full
 (unsharded) shape of its parameter, reads this rank's shard and copies it in. Every
 problem is collected first and reported in one `WeightLoadError`, so a wrong key map is
@@ -13,8 +14,10 @@ fixed in one round, not one key at a time.
 
 from __future__ import annotations
 
+import pickle
+import re
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +59,33 @@ class WeightLoadError(ValueError):
         super().__init__("\n".join(lines))
 
 
+class UnsafeCheckpointError(ValueError):
+    """`torch.load(weights_only=True)` refused a pickled checkpoint: it holds an object of
+    a type not allowlisted. `type_name` is that type (as torch names it) when known."""
+
+    def __init__(self, path: Path, type_name: str | None, reason: str):
+        self.path, self.type_name = path, type_name
+        what = f"an object of type {type_name}" if type_name else "an object"
+        super().__init__(
+            f"{path} holds {what} that torch.load(weights_only=True) refuses to unpickle "
+            f"({reason}). If the checkpoint is trusted and that type is plain data, list "
+            "the class in the node's WeightSpec(safe_globals=(...,)); mstar never loads "
+            "with weights_only=False.")
+
+
+_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+_REASON = re.compile(r"WeightsUnpickler error: (.*)")
+
+
+def _refusal(path: Path, err: pickle.UnpicklingError) -> UnsafeCheckpointError:
+    """torch's refusal, reduced to the type it names (its message is long and suggests
+    weights_only=False, which we never do)."""
+    text = str(err)
+    found, reason = _GLOBAL.search(text), _REASON.search(text)
+    return UnsafeCheckpointError(path, found.group(1) if found else None,
+                                 reason.group(1).strip() if reason else text.splitlines()[0])
+
+
 @dataclass
 class LoadReport:
     """What was loaded: parameter/buffer names filled, checkpoint keys ignored by rule."""
@@ -75,8 +105,14 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, to
             yield from _flatten(value, f"{prefix}{key}.")
 
 
-def _read_torch(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+def _read_torch(path: Path, safe_globals: Sequence[Any] = ()
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            obj = torch.load(path, map_location="cpu", weights_only=True,
+                             mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        raise _refusal(path, err) from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     for wrapper in _WRAPPERS:
@@ -112,17 +148,18 @@ def _read_safetensors(path: Path, device: str) -> Iterator[tuple[str, StoredTens
 
 def iter_checkpoint(files: Iterable[str | Path],
                     format: Literal["auto", "safetensors", "torch"] = "auto",
-                    device: torch.device | str = "cpu",
+                    device: torch.device | str = "cpu", *, safe_globals: Sequence[Any] = (),
                     ) -> Iterator[tuple[str, torch.Tensor | StoredTensor]]:
     """(key, tensor) of every tensor in `files`, in file order: a `StoredTensor` read onto
-    `device` from safetensors files, a host tensor from torch files. `auto` picks
-    safetensors by the `.safetensors` suffix and torch.load otherwise."""
+    `device` from safetensors files, a host tensor from torch files (unpickled with
+    `weights_only=True`, `safe_globals` allowlisted; else `UnsafeCheckpointError`). `auto`
+    picks safetensors by the `.safetensors` suffix and torch.load otherwise."""
     for file in files:
         path = Path(file)
         use_safetensors = format == "safetensors" or (
             format == "auto" and path.suffix == ".safetensors")
         yield from (_read_safetensors(path, str(device)) if use_safetensors
-                    else _read_torch(path))
+                    else _read_torch(path, safe_globals))
 
 
 # -- sharding --------------------------------------------------------------------------------

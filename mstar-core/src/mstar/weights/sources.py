@@ -1,4 +1,5 @@
-"""Finding checkpoint files: a local path as is, or a Hugging Face hub snapshot.
+"""Finding checkpoint files: a local path as is, a Hugging Face hub snapshot, or a single
+file behind a URL (`mstar.weights.download`).
 
 Only the files the node's patterns name (plus config.json) are downloaded. When a
 `*.index.json` for the patterns is present, its weight map decides the shards: repos often
@@ -14,6 +15,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from mstar.weights.download import DownloadError, download, is_url
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -38,7 +41,19 @@ def resolve_source(source: str, *, patterns: Sequence[str], subfolder: str | Non
                    cache_dir: str | os.PathLike[str] | None = None, revision: str | None = None,
                    token: str | None = None) -> Path:
     """The local directory (or file) holding the checkpoint named by `source`: an existing
-    path, else a hub repo id downloaded (only `patterns` and config.json) into the cache."""
+    path; a URL's file, downloaded once into the cache (`cache_dir`, else the hub's);
+    else a hub repo id downloaded (only `patterns` and config.json) into the cache."""
+    if is_url(source):
+        if revision is not None or subfolder is not None:
+            raise WeightSourceError(f"weight source {source!r} is a URL to one file: a "
+                                    "revision or subfolder applies to hub repos only")
+        from huggingface_hub import constants
+
+        try:
+            return download(source, cache_dir or constants.HF_HUB_CACHE, offline=_offline())
+        except DownloadError as err:
+            raise WeightSourceError(f"{err}. Pass a local checkpoint with --model-path, or "
+                                    "use --load-format dummy for random weights.") from err
     local = Path(source).expanduser()
     if local.exists():
         path = local / subfolder if subfolder and local.is_dir() else local
@@ -100,8 +115,19 @@ def checkpoint_files(path: str | os.PathLike[str], patterns: Sequence[str]) -> l
     return found
 
 
-def read_checkpoint_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint's config.json (next to the file when `path` is a file), or {}."""
+def read_checkpoint_config(path: str | os.PathLike[str],
+                           config_files: Sequence[str] = ()) -> dict[str, Any]:
+    """The checkpoint's config.json (next to the file when `path` is a file), or {}; each
+    of `config_files` (which must exist) added under its file name."""
     root = Path(path)
-    config = (root if root.is_dir() else root.parent) / "config.json"
-    return json.loads(config.read_text()) if config.is_file() else {}
+    directory = root if root.is_dir() else root.parent
+    config = directory / "config.json"
+    found = json.loads(config.read_text()) if config.is_file() else {}
+    for name in config_files:
+        file = directory / name
+        if not file.is_file():
+            raise WeightSourceError(f"the checkpoint in {directory} has no {name} (the model "
+                                    f"reads its config from config.json and "
+                                    f"{', '.join(config_files)})")
+        found[name] = json.loads(file.read_text())
+    return found

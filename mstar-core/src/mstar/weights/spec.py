@@ -5,21 +5,28 @@ are first stripped of `strip_prefixes` (each checked once, in order), then mappe
 `key_map`: ordered `(regex, replacement)` rules matched with `re.fullmatch`; the first rule
 that matches wins, its replacement may use groups (`\\1`), and a replacement of None
 ignores the key. A key no rule matches keeps its name.
+
+Pickled checkpoints (`.pt`, `.bin`) are read with `torch.load(weights_only=True)` only:
+an object of another type in the pickle (a config dataclass saved beside the state dict)
+is refused unless the model lists its class in `safe_globals`, which allowlists exactly
+those for this node's load. Nothing is ever unpickled without that check.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """`source`: a name in the model's weight sources, a hub repo id or a local path.
-    `dtype`: the dtype floating parameters end in (None: as the module was built)."""
+    """`source`: a name in the model's weight sources, a hub repo id, a local path or an
+    `https://` URL of one file. `dtype`: the dtype floating parameters end in (None: as
+    the module was built). `safe_globals`: classes (or functions) a pickled checkpoint may
+    hold besides tensors and containers, trusted for this load."""
 
     source: str = "default"
     subfolder: str | None = None
@@ -28,6 +35,7 @@ class WeightSpec:
     strip_prefixes: tuple[str, ...] = ()
     format: Literal["auto", "safetensors", "torch"] = "auto"
     dtype: torch.dtype | None = None
+    safe_globals: tuple[Any, ...] = ()
 
     def map_key(self, key: str) -> str | None:
         """The parameter name for checkpoint `key`, or None when the key is ignored."""

@@ -194,8 +194,8 @@ class Orpheus(Model):
     presets = PRESETS
     preset_max_seq_len: ClassVar[dict[str, int]] = PRESET_MAX_SEQ_LEN
     config: OrpheusConfig
-    host_files: ClassVar[tuple[str, ...]] = ("tokenizer.json", "tokenizer_config.json",
-                                             "special_tokens_map.json")
+    host_files: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "default": ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
 
     def __init__(self, config: OrpheusConfig):
         super().__init__(config)
@@ -280,10 +280,11 @@ class Orpheus(Model):
         return audible_value(name, weight.shape, generator).to(weight.dtype)
 
     # -- tokenizer -------------------------------------------------------------------------
-    def use_checkpoint_files(self, directory: Path | None) -> None:
-        """The tokenizer's directory; a local checkpoint holding its codec (`snac/`) also
-        gives the codec's config (the LM's config.json has only the LM's fields)."""
-        self._tokenizer_dir = directory
+    def use_checkpoint_files(self, directories: Mapping[str, Path | None]) -> None:
+        """The tokenizer's directory (the default checkpoint's); a local checkpoint holding
+        its codec (`snac/`) also gives the codec's config (the LM's config.json has only
+        the LM's fields)."""
+        self._tokenizer_dir = directory = directories["default"]
         codec = Path(directory) / "snac" / "config.json" if directory is not None else None
         if codec is not None and codec.is_file():
             names = {f.name for f in dataclasses.fields(SnacConfig)}
