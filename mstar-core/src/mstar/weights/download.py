@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 _CHUNK = 1 << 20
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _SHA256 = re.compile(r"sha256=([0-9a-fA-F]{64})")
 
 
@@ -30,8 +31,9 @@ class DownloadError(RuntimeError):
 
 
 def is_url(source: str) -> bool:
-    """Whether a weight source is a URL rather than a hub repo id or a local path."""
-    return source.startswith(("https://", "http://"))
+    """Whether a weight source is a URL (`scheme://...`) rather than a hub repo id or a
+    local path."""
+    return _SCHEME.match(source) is not None
 
 
 def _loopback(host: str) -> bool:
