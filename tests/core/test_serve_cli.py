@@ -214,6 +214,26 @@ def test_data_workers_come_from_any_layer_and_must_be_positive(capsys, monkeypat
     assert "--data-workers: Input should be greater than or equal to 1" in err
 
 
+def test_revisions_are_per_weight_source_from_any_layer(capsys, monkeypatch, tmp_path):
+    orpheus = ["serve", "orpheus", *TINY]
+    server = merged(capsys, main, [*orpheus, "--revision", "v1",
+                                   "--revision", "snac=v2"])["server"]
+    assert server["revision"] == {"default": "v1", "snac": "v2"}  # a bare REV: default's
+    path = write(tmp_path, "model: orpheus\nserver: {revision: {snac: v3}}\n")
+    assert merged(capsys, main, ["serve", "orpheus", "--config", path, *TINY])[
+        "server"]["revision"] == {"snac": "v3"}
+    monkeypatch.setenv("MSTAR_REVISION", "default=v4,snac=v5")
+    assert merged(capsys, main, orpheus)["server"]["revision"] == {"default": "v4",
+                                                                   "snac": "v5"}
+    code, out, err = run(capsys, main, [*orpheus, "--revision", "snca=v2"])
+    assert code == 1 and out == ""
+    assert ("--revision names weight source 'snca', which the model does not have; its "
+            "sources: default, snac") in err
+    code, _, err = run(capsys, main, [*orpheus, "--revision", "v1,default=v2"])
+    assert code == 1 and "--revision: Value error, two revisions for weight source " \
+                         "'default': 'v1' and 'v2'" in err
+
+
 def test_request_timeout_follows_timeout_unless_the_yaml_sets_it(capsys, tmp_path):
     data = merged(capsys, serve_main, ["--config", "testvla_single", "--timeout", "9", *TINY])
     assert data["request_timeout"] == 9.0
