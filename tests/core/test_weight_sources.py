@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import http.server
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mstar
 from mstar.plugins import model_registry
 from mstar.runtime.builder import LoadOptions, make_model
 from mstar.weights import (
@@ -74,7 +76,8 @@ def files(tmp_path: Path) -> Iterator[FileServer]:
 
 
 def cached_files(cache: Path) -> list[Path]:
-    return sorted(p for p in cache.rglob("*") if p.is_file()) if cache.exists() else []
+    """Files in the cache but the download locks."""
+    return sorted(p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock")
 
 
 def sha256(path: Path) -> str:
@@ -275,3 +278,36 @@ def test_a_pickle_holding_other_objects_is_refused_naming_the_type_until_allowli
         read(WeightSpec(format="torch", safe_globals=(TrainingState,)))
     loaded = read(WeightSpec(format="torch", safe_globals=(TrainingState, Versions)))
     assert loaded.keys() == {"w"} and torch.equal(loaded["w"], weights["w"])
+
+
+# -- a model served from a URL source ----------------------------------------------------------
+
+URL_MODEL = '''
+from mstar.plugins import ModelSpec, hookimpl
+
+
+@hookimpl
+def mstar_register_models(registry):
+    registry.add(ModelSpec(name="vla-url", model_class="mstar_testvla.model:TestVLA",
+                           presets=("tiny",), weight_sources={"default": "{url}"}))
+'''
+
+
+def test_a_model_served_from_a_url_source_answers_as_from_its_local_checkpoint(
+        plugin_dir, files, checkpoint, tmp_path):
+    shutil.copy(checkpoint / "model.safetensors", files.root)
+    url = files.url("model.safetensors") + "#sha256=" + sha256(checkpoint / "model.safetensors")
+    plugin_dir.add("mstar-vla-url", "mstar_vla_url",
+                   {"__init__.py": URL_MODEL.replace("{url}", url)})
+    request = {"prompt": "the cup", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+    def tokens(deployment: mstar.LocalDeployment) -> list[int]:
+        return [t for e in deployment.generate(request) if isinstance(e, mstar.events.TextDelta)
+                for t in e.token_ids]
+
+    with mstar.load("testvla", model_path=str(checkpoint), max_seq_len=64) as local:
+        want = tokens(local)
+    with mstar.load("vla-url", preset="tiny", cache_dir=str(tmp_path / "cache"),
+                    max_seq_len=64) as served:
+        assert tokens(served) == want and len(want) == 6
+    assert files.gets == {"/model.safetensors": 1}

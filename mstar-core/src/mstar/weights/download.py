@@ -4,7 +4,8 @@ hub): downloaded once into the cache, under a path fixed by the URL and its chec
 `https://host/path/file.pt#sha256=<hex>` names the file and, optionally, its sha256. The
 download goes to a temporary file beside its final path and is renamed only once complete
 and matching the checksum, so an HTTP error, a dropped connection or a wrong checksum
-leaves nothing in the cache that a later start could take for the checkpoint. Plain
+leaves nothing in the cache that a later start could take for the checkpoint (only the
+lock file by which ranks starting together download it once). Plain
 `http://` is accepted for loopback hosts only (a mirror on this machine, the tests'
 server); anything else must be https.
 """
@@ -20,6 +21,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from filelock import FileLock
 
 _CHUNK = 1 << 20
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -80,15 +83,26 @@ def download(source: str, cache_dir: str | os.PathLike[str], *, offline: bool = 
     """The local file of URL source `source`, downloaded into `cache_dir` unless it is
     there already (with a progress bar; checked against the sha256 when given). `offline`:
     only the cache is looked at. Raises `DownloadError` saying why."""
-    from huggingface_hub.utils import tqdm
-
     url, sha256 = split_url(source)
     target = cached_path(source, cache_dir)
     if target.is_file():
         return target
     if offline:
         raise DownloadError(f"HF_HUB_OFFLINE is set and {url} is not in the cache ({target})")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    # Ranks starting together download once: the others wait here, then find the file.
+    with FileLock(target.parent.parent / f"{target.parent.name}.lock"):
+        if not target.is_file():
+            _fetch(url, sha256, target, timeout)
+    return target
+
+
+def _fetch(url: str, sha256: str | None, target: Path, timeout: float) -> None:
+    """Download `url` into `target` through a temporary file beside it, renamed once
+    complete and checked."""
+    from huggingface_hub.utils import tqdm
+
+    target.parent.mkdir(exist_ok=True)
     fd, part_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
                                      suffix=".part")
     part = Path(part_name)
@@ -115,7 +129,6 @@ def download(source: str, cache_dir: str | os.PathLike[str], *, offline: bool = 
         if part.exists():  # not renamed: whatever was written goes
             part.unlink()
             _remove_if_empty(target.parent)
-    return target
 
 
 def _remove_if_empty(directory: Path) -> None:
