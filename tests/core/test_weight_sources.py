@@ -237,10 +237,13 @@ def test_config_files_and_host_files_of_several_sources_reach_the_model(
                        options=LoadOptions.of(spec, model_path=str(checkpoint)))
     assert model.config.num_hidden_layers == 3
     assert model.host_directories == {"default": checkpoint, "tok": tok}
-    # Dummy weights fetch nothing that is not local: the other repo's directory is None.
+    # Dummy weights fetch nothing that is not local: another repo's directory is None.
     dummy = make_model(spec, None, preset="tiny",
                        options=LoadOptions.of(spec, load_format="dummy"))
     assert dummy.host_directories == {"default": None, "tok": None}
+    local = make_model(spec, None, preset="tiny", options=LoadOptions.of(
+        spec, load_format="dummy", model_path=str(checkpoint)))
+    assert local.host_directories == {"default": checkpoint, "tok": None}
     (checkpoint / "llm_config.json").unlink()
     with pytest.raises(WeightSourceError, match="has no llm_config.json"):
         make_model(spec, None, preset=None,

@@ -96,10 +96,10 @@ def make_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *,
 def _host_directory(source: str, patterns: Sequence[str], options: LoadOptions) -> Path | None:
     """Where `source`'s host files are; with dummy weights only a local checkpoint's
     (`--model-path` or its `<source>` subfolder), never a download."""
-    if options.load_format == "dummy":
-        location = checkpoint_location(source, options) if options.model_path else None
-        if location is None or not Path(location).is_relative_to(options.model_path or ""):
-            return None
+    if options.load_format == "dummy" and not (
+            options.model_path is not None
+            and Path(checkpoint_location(source, options)).is_relative_to(options.model_path)):
+        return None
     return options.fetch(source, patterns)
 
 
