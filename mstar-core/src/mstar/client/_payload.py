@@ -82,7 +82,8 @@ def _file_part(name: str, value: Any, inline_limit: int) -> tuple[str, bytes, st
         return f"{name}{suffix}", data, "application/octet-stream"
     if len(data) <= inline_limit:
         return None
-    return f"{name}{mimetypes.guess_extension(mime) or '.bin'}", data, mime
+    subtype = mime.rsplit("/", 1)[-1].removeprefix("x-")
+    return f"{name}{mimetypes.guess_extension(mime) or '.' + subtype}", data, mime
 
 
 def generate_payload(request: Mapping[str, Any] | None, fields: Mapping[str, Any], *,

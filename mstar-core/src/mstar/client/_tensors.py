@@ -70,7 +70,7 @@ def wire_tensor(value: object) -> tuple[str, list[int], bytes]:
     array = np.asarray(value)
     if array.dtype.name not in _NUMPY:
         raise ValueError(f"an array of dtype {array.dtype} cannot be sent as a tensor")
-    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    array = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
     return array.dtype.name, list(array.shape), array.tobytes()
 
 
