@@ -87,8 +87,7 @@ def require_capability(listed: Sequence[ModelInfo], model: str | None, capabilit
     listed) does not declare `capability`, which `method` needs."""
     info = next((m for m in listed if m.id == model), listed[0] if listed else None)
     if info is None or capability not in info.capabilities:
-        name = info.id if info else model
-        have = ", ".join(info.capabilities) if info else "none"
+        name, have = (info.id, ", ".join(info.capabilities)) if info else (model, "")
         raise UnsupportedCapabilityError(
             f"{method}() needs a model with the {capability!r} capability; model {name!r} "
             f"has: {have or 'none'}", code="unsupported_capability")
