@@ -1,5 +1,6 @@
 """The native `/generate` route through the Python SDK: the model's own request fields in,
-`mstar.events` out (text whole or streamed, and a tensor output: testvla's robot actions).
+`mstar.events` out (text whole or streamed), and `act` for testvla's robot actions (a numpy
+array, from the JSON answer or a safetensors one).
 
     mstar serve testvla --preset tiny --load-format dummy     # in another shell
     python examples/sdk_generate.py
@@ -12,7 +13,7 @@ import os
 
 import numpy as np
 
-from mstar import MStarClient, events
+from mstar import MStarClient
 
 url = os.environ.get("MSTAR_URL", "http://localhost:8000")
 
@@ -31,12 +32,12 @@ with MStarClient(url) as client:
         print(repr(getattr(event, "text", "")), end=" ", flush=True)
     print()
 
-    # A vision-language-action request: the actions come back as a named tensor.
-    act = client.generate({"prompt": "pick up the cup", "mode": "act", "num_steps": 4,
-                           "seed": 0})
-    for event in act.events:
-        if isinstance(event, events.NamedTensor):
-            t = event.tensor
-            array = np.frombuffer(t.data, dtype=t.dtype).reshape(t.shape)
-            print(f"{event.name}: shape {list(array.shape)}, "
-                  f"first row {[round(float(x), 3) for x in array[0]]}")
+    # A vision-language-action request: `act` returns the chunk as a numpy array.
+    actions = client.act(prompt="pick up the cup", mode="act", num_steps=4, seed=0).outputs["actions"]
+    print(f"actions: shape {list(actions.shape)}, "
+          f"first row {[round(float(x), 3) for x in actions[0]]}")
+
+    # The same outputs as one safetensors body (for tensors too large for base64 JSON).
+    binary = client.act(prompt="pick up the cup", mode="act", num_steps=4, seed=0, binary=True)
+    print("binary answer equals the JSON one:",
+          np.array_equal(binary.outputs["actions"], actions))

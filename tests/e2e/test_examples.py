@@ -44,6 +44,7 @@ def test_sdk_generate(server):
     assert re.search(r"text: .* \(finish: (stop|length), \d+ tokens\)", out), out
     assert "streamed: " in out
     assert re.search(r"actions: shape \[\d+, \d+\], first row \[", out), out
+    assert "binary answer equals the JSON one: True" in out
 
 
 def test_sdk_chat(server, tmp_path):

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import socket
-import threading
 from collections.abc import Iterator
 
 import httpx
 import pydantic
 import pytest
 import torch
-import uvicorn
-from conftest import image, wait_for
+from conftest import image, serving, wait_for
 from fastapi import Request
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -39,24 +36,6 @@ ACT = {"prompt": "<image>pick up", "image": image(1), "mode": "act", "num_steps"
 def settings(**overrides) -> ServerSettings:
     return ServerSettings(**{"api_key": None, "timeout": 30.0, "max_body_bytes": BODY_LIMIT,
                              **overrides})
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[httpx.Client]:
-    """Serve `app` from a background thread; a client bound to it."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    wait_for(lambda: server.started or not thread.is_alive())
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,12 @@ on the runtime.
 
 Response of a non-streamed `/generate` (200):
 `{"id", "events": [every event as JSON, tagged by "event"], "finish_reason", "usage",
-"text": [the concatenated text of each completion index]}` (`text` only when the model
-produced text). Bytes fields (audio samples, images, tensors) are base64, as msgspec
-writes them. Streamed: one SSE frame per event, `event: <tag>` and `data: <event JSON>`,
+"text": [the concatenated text of each completion index], "outputs": {name: output}}`
+(`text` only when the model produced text; `outputs`: the tensors, audio and image by name,
+see `mstar.api_server.outputs`). Bytes fields (audio samples, images, tensors) are base64,
+as msgspec writes them. With `Accept: application/vnd.safetensors` the answer is instead
+one safetensors body of the outputs, with `id`, `finish_reason`, `usage` and `text` in
+its metadata. Streamed: one SSE frame per event, `event: <tag>` and `data: <event JSON>`,
 then `data: [DONE]` after `finished`; an `error` event is the last frame instead. The
 response status is decided by the first event, so a request that fails at once (rejected,
 bad input found by a worker) gets its HTTP status even when streamed.
@@ -41,6 +44,13 @@ from mstar import events
 from mstar.api_server.backend import Backend
 from mstar.api_server.metrics import Metrics
 from mstar.api_server.openai_protocol import InvalidRequest
+from mstar.api_server.outputs import (
+    SAFETENSORS,
+    collect_outputs,
+    outputs_json,
+    safetensors_body,
+    wants_safetensors,
+)
 from mstar.api_server.request_flow import (
     RETRY_HEADERS,
     ApiError,
@@ -136,19 +146,34 @@ def _sse_frame(event: events.Event) -> bytes:
     return b"event: " + str(tag).encode() + b"\ndata: " + msgspec.json.encode(event) + b"\n\n"
 
 
-def _result(request_id: str, collected: list[events.Event]) -> dict[str, Any]:
-    """The JSON of a finished non-streamed request (see the module docstring)."""
-    last = collected[-1]
-    assert isinstance(last, events.Finished)
-    out: dict[str, Any] = {"id": request_id, "events": collected,
-                           "finish_reason": last.reason, "usage": last.usage}
+def _text(collected: list[events.Event]) -> list[str]:
+    """The concatenated text of each completion index ([] when there is none)."""
     texts: dict[int, list[str]] = {}
     for event in collected:
         if isinstance(event, events.TextDelta):
             texts.setdefault(event.index, []).append(event.text)
-    if texts:
-        out["text"] = ["".join(texts.get(i, ())) for i in range(max(texts) + 1)]
-    return out
+    return ["".join(texts.get(i, ())) for i in range(max(texts) + 1)] if texts else []
+
+
+def _result(request_id: str, collected: list[events.Event], binary: bool) -> Response:
+    """The answer of a finished non-streamed request (see the module docstring): JSON, or
+    the safetensors body when `binary`."""
+    last = collected[-1]
+    assert isinstance(last, events.Finished)
+    outputs, text = collect_outputs(collected), _text(collected)
+    if binary:
+        usage = msgspec.to_builtins(last.usage)
+        metadata: dict[str, Any] = {"id": request_id, "finish_reason": last.reason,
+                                    "usage": usage}
+        if text:
+            metadata["text"] = text
+        return Response(safetensors_body(outputs, metadata), media_type=SAFETENSORS)
+    out: dict[str, Any] = {"id": request_id, "events": collected,
+                           "finish_reason": last.reason, "usage": last.usage,
+                           "outputs": outputs_json(outputs)}
+    if text:
+        out["text"] = text
+    return Response(msgspec.json.encode(out), media_type="application/json")
 
 
 async def _sse(run: Run, first: events.Event) -> AsyncIterator[bytes]:
@@ -235,7 +260,9 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         return openapi_document(app)
 
     @guarded.post("/generate", openapi_extra=request_body(native, "The model's own request "
-                  "(its `request_schema`), plus `stream` (SSE when true)."))
+                  "(its `request_schema`), plus `stream` (SSE when true). Not streamed, the answer is "
+                  "JSON, or one safetensors body of the outputs with `Accept: "
+                  "application/vnd.safetensors`."))
     async def generate(request: Request) -> Response:
         rid = request.state.request_id
         runner.recorder(request)
@@ -249,10 +276,10 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         run, first = await runner.start(request, body)
         if stream:
             return StreamedResponse(_sse(run, first), on_close=run.close)
+        binary = wants_safetensors(request.headers.get("accept"))
         try:
-            return Response(msgspec.json.encode(_result(rid, await collect(run, first,
-                                                                             request))),
-                            media_type="application/json")
+            collected = await collect(run, first, request)
+            return await anyio.to_thread.run_sync(_result, rid, collected, binary)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; the request is cancelled
         finally:

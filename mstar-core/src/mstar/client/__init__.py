@@ -18,8 +18,10 @@ from mstar.client.errors import (
     PayloadTooLargeError,
     RateLimitError,
     ServiceUnavailableError,
+    UnsupportedCapabilityError,
 )
 from mstar.client.results import (
+    Audio,
     ChatChoice,
     ChatDelta,
     ChatResponse,
@@ -29,9 +31,9 @@ from mstar.client.results import (
 )
 
 __all__ = [
-    "APIConnectionError", "APITimeoutError", "AsyncByteStream", "AsyncMStarClient",
+    "APIConnectionError", "APITimeoutError", "AsyncByteStream", "Audio", "AsyncMStarClient",
     "AsyncStream", "AuthenticationError", "BadRequestError", "ByteStream", "ChatChoice",
     "ChatDelta", "ChatResponse", "GenerateResponse", "InternalServerError", "MStarClient",
     "MStarError", "ModelInfo", "NotFoundError", "PayloadTooLargeError", "RateLimitError",
-    "ServiceUnavailableError", "Speech", "Stream",
+    "ServiceUnavailableError", "Speech", "Stream", "UnsupportedCapabilityError",
 ]

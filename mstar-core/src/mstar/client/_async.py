@@ -17,6 +17,7 @@ import httpx
 from mstar import events
 from mstar.client import _protocol as protocol
 from mstar.client._base import ClientBase
+from mstar.client._payload import generate_payload
 from mstar.client.errors import MStarError
 from mstar.client.results import ChatDelta, ChatResponse, GenerateResponse, ModelInfo, Speech
 
@@ -122,17 +123,25 @@ class AsyncMStarClient(ClientBase):
                       self._request(protocol.CHAT, body))
 
     async def generate(self, request: Mapping[str, Any] | None = None, *,
-                       stream: bool = False, **fields: Any,
+                       stream: bool = False, binary: bool = False, **fields: Any,
                        ) -> GenerateResponse | AsyncStream[events.Event]:
         """See `MStarClient.generate`."""
-        body = protocol.generate_body(request, fields, stream)
+        body = generate_payload(request, fields, stream=stream, binary=binary)
         return await (self._stream(protocol.GENERATE, body) if stream else
                       self._request(protocol.GENERATE, body))
+
+    async def act(self, request: Mapping[str, Any] | None = None, *, binary: bool = False,
+                  **fields: Any) -> GenerateResponse:
+        """See `MStarClient.act`."""
+        await self._require("actions", "act")
+        return await self._request(protocol.GENERATE, generate_payload(
+            request, fields, stream=False, binary=binary))
 
     async def tts(self, text: str, *, voice: str | None = None, format: str = "wav",
                   model: str | None = None, stream: bool = False, **extra: Any,
                   ) -> Speech | AsyncByteStream:
         """See `MStarClient.tts`."""
+        await self._require("speech", "tts")
         body = protocol.speech_body(text, model=model or await self._default_model(),
                                     voice=voice, format=format, extra=extra)
         if not stream:
@@ -146,12 +155,22 @@ class AsyncMStarClient(ClientBase):
         """See `MStarClient.health`."""
         return await self._request(protocol.HEALTH)
 
+    async def _served(self) -> list[ModelInfo]:
+        """See `MStarClient._served`."""
+        if self._listed is None:
+            self._listed = await self.models()
+        return self._listed
+
     async def _default_model(self) -> str:
-        return self._model or self._remember_model(await self.models())
+        return self._model or self._remember_model(await self._served())
+
+    async def _require(self, capability: str, method: str) -> None:
+        protocol.require_capability(await self._served(), self._model, capability, method)
 
     # -- transport ---------------------------------------------------------------------------
     async def _send(self, route: protocol.Route, body: Any) -> httpx.Response:
-        request = self._http.build_request(route.method, route.path, json=body)
+        request = self._http.build_request(route.method, route.path,
+                                            **protocol.http_args(body))
         attempt = 0
         while True:
             try:

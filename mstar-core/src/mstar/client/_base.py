@@ -30,6 +30,7 @@ class ClientBase:
         self.base_url = base_url.rstrip("/")
         self._retry = protocol.RetryPolicy(max_retries=max_retries, backoff=backoff)
         self._model = model
+        self._listed: list[ModelInfo] | None = None  # `GET /v1/models`, asked once
         self._http: Any = self._HTTP(base_url=self.base_url, timeout=httpx.Timeout(timeout),
                                      headers=protocol.headers(api_key))
 

@@ -1,4 +1,5 @@
-"""Images as the URLs an OpenAI `image_url` content part carries.
+"""Media as the SDK sends them: images as the URLs an OpenAI `image_url` content part
+carries, and any media field of `/generate` (image, audio, video) as bytes with their type.
 
 Remote URLs and `data:` URLs pass through (the server fetches or decodes them); local files,
 raw bytes and PIL images are inlined as `data:` URLs, typed by their content (magic bytes)
@@ -12,9 +13,15 @@ import base64
 import io
 import mimetypes
 import os
+import sys
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
           (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"), (b"BM", "image/bmp"))
+#: Audio and video containers by their first bytes (offset, magic, type).
+_AV_MAGIC = ((0, b"fLaC", "audio/flac"), (0, b"OggS", "audio/ogg"), (0, b"ID3", "audio/mpeg"),
+             (0, b"\xff\xfb", "audio/mpeg"), (0, b"\xff\xf3", "audio/mpeg"),
+             (8, b"WAVE", "audio/wav"), (8, b"AVI ", "video/x-msvideo"),
+             (4, b"ftyp", "video/mp4"), (0, b"\x1a\x45\xdf\xa3", "video/webm"))
 _URL_SCHEMES = ("http://", "https://", "data:")
 
 
@@ -25,6 +32,34 @@ def sniff_image_type(data: bytes) -> str | None:
             return mime
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
+    return None
+
+
+def sniff_media_type(data: bytes) -> str | None:
+    """The MIME type of an encoded image, audio or video file; None if unknown."""
+    for offset, magic, mime in _AV_MAGIC:
+        if data[offset:offset + len(magic)] == magic:
+            return mime
+    return sniff_image_type(data)
+
+
+def media_bytes(media: object) -> tuple[bytes, str] | None:
+    """(bytes, MIME type) of a local media item: a path (`os.PathLike`; a str is text, not
+    a file), bytes, or a PIL image (as PNG); None for anything else. Unknown content is
+    `application/octet-stream` (the server decides what it is)."""
+    if isinstance(media, os.PathLike):
+        with open(media, "rb") as f:
+            data = f.read()
+        return data, (sniff_media_type(data) or mimetypes.guess_type(os.fspath(media))[0]
+                      or "application/octet-stream")
+    if isinstance(media, bytes | bytearray | memoryview):
+        data = bytes(media)
+        return data, sniff_media_type(data) or "application/octet-stream"
+    image = sys.modules.get("PIL.Image")
+    if image is not None and isinstance(media, image.Image):
+        buf = io.BytesIO()
+        media.save(buf, format="PNG")
+        return buf.getvalue(), "image/png"
     return None
 
 

@@ -9,7 +9,9 @@ few lines on each client.
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import io
 import json
 import os
 import time
@@ -21,10 +23,19 @@ import httpx
 import msgspec
 
 from mstar import __version__, events
+from mstar.client import _tensors as tensors
 from mstar.client._media import image_url
+from mstar.client._payload import SAFETENSORS, Payload
 from mstar.client._sse import SSEDecoder, SSEFrame
-from mstar.client.errors import APIConnectionError, APITimeoutError, MStarError, error_class
+from mstar.client.errors import (
+    APIConnectionError,
+    APITimeoutError,
+    MStarError,
+    UnsupportedCapabilityError,
+    error_class,
+)
 from mstar.client.results import (
+    Audio,
     ChatChoice,
     ChatDelta,
     ChatResponse,
@@ -63,6 +74,23 @@ class Route(Generic[T, E]):
     parse_frame: Callable[[SSEFrame, str | None], Sequence[E]] | None = None
     expect: tuple[int, ...] = (200,)
     retry: bool = True
+
+
+def http_args(body: Any) -> dict[str, Any]:
+    """`httpx` request arguments for a body: a `Payload` as it says, anything else JSON."""
+    return body.http_args() if isinstance(body, Payload) else {"json": body}
+
+
+def require_capability(listed: Sequence[ModelInfo], model: str | None, capability: str,
+                       method: str) -> None:
+    """Raise `UnsupportedCapabilityError` when the served model (`model`, else the first
+    listed) does not declare `capability`, which `method` needs."""
+    info = next((m for m in listed if m.id == model), listed[0] if listed else None)
+    if info is None or capability not in info.capabilities:
+        name, have = (info.id, ", ".join(info.capabilities)) if info else (model, "")
+        raise UnsupportedCapabilityError(
+            f"{method}() needs a model with the {capability!r} capability; model {name!r} "
+            f"has: {have or 'none'}", code="unsupported_capability")
 
 
 def request_id(response: httpx.Response) -> str | None:
@@ -339,22 +367,62 @@ class _GenerateBody(msgspec.Struct):
     finish_reason: str
     usage: events.Usage
     text: list[str] = []
+    outputs: dict[str, dict[str, Any]] = {}
 
 
 _EVENT = msgspec.json.Decoder(events.Event)
 
 
-def generate_body(request: Mapping[str, Any] | None, fields: Mapping[str, Any],
-                  stream: bool) -> dict[str, Any]:
-    """The model's request (a dict, keyword fields, or both; the fields win) + `stream`."""
-    return {**(request or {}), **fields, "stream": stream}
+def _output(value: Mapping[str, Any]) -> Any:
+    """One output of the JSON answer: an image, audio or a tensor (by its fields)."""
+    if "mime_type" in value:
+        return _image(base64.b64decode(value["data"]))
+    array = tensors.from_json(value)
+    return Audio(array, int(value["sample_rate"])) if "sample_rate" in value else array
+
+
+def _image(data: bytes) -> Any:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
 
 
 def parse_generate(response: httpx.Response) -> GenerateResponse:
+    """The JSON answer, or the safetensors one (by its content type)."""
+    kind = response.headers.get("content-type", "").split(";")[0].strip()
+    if kind == SAFETENSORS:
+        return _parse_binary(response)
     typed = msgspec.json.decode(response.content, type=_GenerateBody)
     return GenerateResponse(id=typed.id, events=typed.events, text=typed.text,
                             finish_reason=typed.finish_reason, usage=typed.usage,
-                            raw=response.json(), request_id=request_id(response))
+                            raw=response.json(), request_id=request_id(response),
+                            outputs={k: _output(v) for k, v in typed.outputs.items()})
+
+
+def _parse_binary(response: httpx.Response) -> GenerateResponse:
+    """A safetensors answer: the outputs are its tensors, rebuilt by the kinds its
+    metadata states (an image from its pixels, audio with its rate)."""
+    from PIL import Image
+
+    arrays, metadata = tensors.read_safetensors(response.content)
+    kinds = json.loads(metadata.get("outputs", "{}"))
+    outputs: dict[str, Any] = {}
+    for name, array in arrays.items():
+        kind = kinds.get(name, {})
+        if kind.get("kind") == "image":
+            outputs[name] = Image.fromarray(array)
+        elif kind.get("kind") == "audio":
+            outputs[name] = Audio(array, int(kind["sample_rate"]))
+        else:
+            outputs[name] = array
+    usage = json.loads(metadata.get("usage", "{}"))
+    return GenerateResponse(id=metadata["id"], events=[],
+                            text=json.loads(metadata.get("text", "[]")),
+                            finish_reason=metadata["finish_reason"],
+                            usage=events.Usage(**usage), raw=metadata,
+                            request_id=request_id(response), outputs=outputs)
 
 
 def parse_generate_frame(frame: SSEFrame, rid: str | None) -> list[events.Event]:

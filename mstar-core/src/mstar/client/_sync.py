@@ -16,6 +16,7 @@ import httpx
 from mstar import events
 from mstar.client import _protocol as protocol
 from mstar.client._base import ClientBase
+from mstar.client._payload import generate_payload
 from mstar.client.errors import MStarError
 from mstar.client.results import ChatDelta, ChatResponse, GenerateResponse, ModelInfo, Speech
 
@@ -125,13 +126,26 @@ class MStarClient(ClientBase):
             self._request(protocol.CHAT, body)
 
     def generate(self, request: Mapping[str, Any] | None = None, *, stream: bool = False,
-                 **fields: Any) -> GenerateResponse | Stream[events.Event]:
+                 binary: bool = False, **fields: Any) -> GenerateResponse | Stream[events.Event]:
         """Native `POST /generate` with the model's own request fields (a dict, keywords,
-        or both). Streamed, it yields `mstar.events` objects (`TextDelta.text`, audio
-        chunks, images, tensors, then `Finished`); an error event raises."""
-        body = protocol.generate_body(request, fields, stream)
+        or both). Field values may be numpy arrays or torch tensors, PIL images, files
+        (`pathlib.Path`) and bytes: sent as tensors and media (large ones as file parts).
+        The answer's `.outputs[name]` are numpy arrays, PIL images and `Audio`; `binary=True`
+        asks for them as one safetensors body (no events). Streamed, it yields
+        `mstar.events` objects (`TextDelta.text`, audio chunks, images, tensors, then
+        `Finished`); an error event raises."""
+        body = generate_payload(request, fields, stream=stream, binary=binary)
         return self._stream(protocol.GENERATE, body) if stream else \
             self._request(protocol.GENERATE, body)
+
+    def act(self, request: Mapping[str, Any] | None = None, *, binary: bool = False,
+            **fields: Any) -> GenerateResponse:
+        """An action chunk (models with the "actions" capability): `generate` with the
+        model's fields as given; the chunk is `.outputs["actions"]`, a numpy array
+        [steps, action dim]. Unlike `generate`, it first checks the capability."""
+        self._require("actions", "act")
+        return self._request(protocol.GENERATE, generate_payload(
+            request, fields, stream=False, binary=binary))
 
     def tts(self, text: str, *, voice: str | None = None, format: str = "wav",
             model: str | None = None, stream: bool = False, **extra: Any,
@@ -141,6 +155,7 @@ class MStarClient(ClientBase):
         streamed, a `ByteStream` of the encoded file's pieces as the model speaks. `format`:
         mp3, opus, aac, flac, wav or pcm; `voice` None is the model's default; `extra`
         goes into the body (`speed`, `seed`, `temperature`, `max_tokens`, ...)."""
+        self._require("speech", "tts")
         body = protocol.speech_body(text, model=model or self._default_model(), voice=voice,
                                     format=format, extra=extra)
         if not stream:
@@ -155,12 +170,22 @@ class MStarClient(ClientBase):
         "unhealthy", ...}`); never retried, raises only when the server is unreachable."""
         return self._request(protocol.HEALTH)
 
+    def _served(self) -> list[ModelInfo]:
+        """`GET /v1/models`, asked once."""
+        if self._listed is None:
+            self._listed = self.models()
+        return self._listed
+
     def _default_model(self) -> str:
-        return self._model or self._remember_model(self.models())
+        return self._model or self._remember_model(self._served())
+
+    def _require(self, capability: str, method: str) -> None:
+        protocol.require_capability(self._served(), self._model, capability, method)
 
     # -- transport ---------------------------------------------------------------------------
     def _send(self, route: protocol.Route, body: Any) -> httpx.Response:
-        request = self._http.build_request(route.method, route.path, json=body)
+        request = self._http.build_request(route.method, route.path,
+                                            **protocol.http_args(body))
         attempt = 0
         while True:
             try:

@@ -55,6 +55,11 @@ class InternalServerError(MStarError):
     """Any other 5xx, including 504 when a request fell silent past the server's timeout."""
 
 
+class UnsupportedCapabilityError(MStarError):
+    """A model method (e.g. `act`, `tts`) called on a model whose `/v1/models` entry lacks
+    the capability it needs; raised before the call is sent."""
+
+
 class APIConnectionError(MStarError):
     """No usable response: the server could not be reached or the connection broke."""
 
@@ -78,4 +83,5 @@ def error_class(status: int) -> type[MStarError]:
 
 __all__ = ["APIConnectionError", "APITimeoutError", "AuthenticationError", "BadRequestError",
            "InternalServerError", "MStarError", "NotFoundError", "PayloadTooLargeError",
-           "RateLimitError", "ServiceUnavailableError", "error_class"]
+           "RateLimitError", "ServiceUnavailableError", "UnsupportedCapabilityError",
+           "error_class"]

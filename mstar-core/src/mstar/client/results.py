@@ -70,10 +70,28 @@ class ChatDelta:
 
 
 @dataclass(frozen=True)
+class Audio:
+    """An audio output: mono float32 `samples` in [-1, 1] at `sample_rate`."""
+
+    samples: np.ndarray = field(repr=False)
+    sample_rate: int
+
+    def to_wav(self, path: str | Path) -> Path:
+        """Write it as a 16-bit WAV file (needs soundfile); returns the path."""
+        import soundfile
+
+        soundfile.write(path, self.samples, self.sample_rate, format="WAV", subtype="PCM_16")
+        return Path(path)
+
+
+@dataclass(frozen=True)
 class GenerateResponse:
     """A non-streamed native `/generate`: every event the model produced (decoded into
-    `mstar.events` types: text deltas, audio chunks, images, tensors, then `Finished`) and
-    `text`, the concatenated text of each completion index ([] when the model made none)."""
+    `mstar.events` types: text deltas, audio chunks, images, tensors, then `Finished`),
+    `text`, the concatenated text of each completion index ([] when the model made none),
+    and `outputs` by name: a tensor as a numpy array (bfloat16 as float32), an image as a
+    PIL image, audio as `Audio`. A binary answer (`binary=True`) has the same `outputs` and
+    no events; its `raw` is the safetensors metadata."""
 
     id: str
     events: list[Event]
@@ -82,6 +100,7 @@ class GenerateResponse:
     usage: Usage
     raw: dict[str, Any] = field(repr=False)
     request_id: str | None = None
+    outputs: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -124,5 +143,5 @@ class Speech:
         return Path(path)
 
 
-__all__ = ["ChatChoice", "ChatDelta", "ChatResponse", "GenerateResponse", "ModelInfo",
+__all__ = ["Audio", "ChatChoice", "ChatDelta", "ChatResponse", "GenerateResponse", "ModelInfo",
            "Speech"]
