@@ -87,11 +87,22 @@ def test_bad_tensor_files_name_the_field(blob: bytes, words: str):
     assert err.value.param == "latents" and err.value.code == 400
 
 
+UNPICKLED: list[str] = []
+
+
+class Tripwire:
+    """Unpickling it leaves a mark."""
+
+    def __reduce__(self):
+        return UNPICKLED.append, ("unpickled",)
+
+
 def test_an_object_array_is_never_unpickled():
     npy = io.BytesIO()
-    np.save(npy, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    np.save(npy, np.array([Tripwire()], dtype=object), allow_pickle=True)
     with pytest.raises(RequestError, match="could not be read"):
         decode(latents={"blob": 0}, blobs=[npy.getvalue()])
+    assert UNPICKLED == []
 
 
 def test_other_forms_of_a_field_pass_unchanged():
