@@ -17,6 +17,7 @@ from safetensors.torch import save
 from test_media import _peak_hz, _sine, _video, _wav
 
 from mstar.api_server.forms import form_values
+from mstar.api_server.request_flow import ApiError
 from mstar.api_server.schemas import field_types
 from mstar.errors import RequestError
 from mstar.media import Audio, MediaLimits, Video
@@ -120,3 +121,8 @@ def test_plain_form_fields_are_coerced_to_the_schema_types():
     plain = {"prompt": ["8"], "max_tokens": ["8"], "stop[]": ["a", "b"], "n": ["x y"]}
     assert form_values(plain, field_types(Request)) == {
         "prompt": "8", "max_tokens": 8, "stop": ["a", "b"], "n": "x y"}
+    deep = "[" * 100 + "]" * 100
+    assert form_values({"prompt": [deep]}, field_types(Request)) == {"prompt": deep}
+    with pytest.raises(ApiError) as err:
+        form_values({"max_tokens": [deep]}, field_types(Request))
+    assert err.value.code == "json_too_deep" and err.value.param == "max_tokens"

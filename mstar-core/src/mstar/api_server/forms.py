@@ -19,7 +19,7 @@ from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
-from mstar.api_server.request_flow import ApiError, decode_json, read_json
+from mstar.api_server.request_flow import ApiError, check_json_depth, decode_json, read_json
 
 MAX_FILES, MAX_FIELDS = 64, 64
 
@@ -90,7 +90,7 @@ def form_values(plain: Mapping[str, list[str]], types: Mapping[str, Any]) -> dic
     for raw_name, values in plain.items():
         name = raw_name.removesuffix("[]")
         adapter = _adapter(types.get(name))
-        coerced = [_coerced(v, adapter) for v in values]
+        coerced = [_coerced(name, v, adapter) for v in values]
         fields[name] = coerced if raw_name.endswith("[]") or len(coerced) > 1 else coerced[0]
     return fields
 
@@ -99,18 +99,19 @@ def _adapter(annotation: Any) -> TypeAdapter[Any] | None:
     return None if annotation is None else TypeAdapter(annotation)
 
 
-def _coerced(value: str, adapter: TypeAdapter[Any] | None) -> Any:
+def _coerced(name: str, value: str, adapter: TypeAdapter[Any] | None) -> Any:
     if adapter is not None:
         try:
             adapter.validate_python(value, strict=True)
             return value
         except ValidationError:
             pass
+    data = value.encode()
+    check_json_depth(data, what=f"the form field {name}", param=name)
     try:
-        msgspec.json.decode(value)
-    except (msgspec.DecodeError, RecursionError):
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
         return value
-    return decode_json(b'{"v":' + value.encode() + b"}", what=f"the form value {value[:40]!r}")["v"]
 
 
 __all__ = ["MAX_FIELDS", "MAX_FILES", "Body", "FilePart", "form_values", "is_multipart",
