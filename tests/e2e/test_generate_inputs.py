@@ -162,6 +162,8 @@ def test_bad_inputs_are_refused_naming_the_field(client):
                  400, "image", "not an image")
     assert_error(multipart(client, ACT, {"picture": ("cat.png", CAT)}), 400, "picture",
                  "fills no field")
+    assert_error(client.post("/generate", json={**ACT, "image": "upload://cat.png"}), 400,
+                 "image", "no file named 'cat.png'")
     assert_error(multipart(client, {**ACT, "image": data_url(CAT)},
                            {"image": ("cat.png", CAT)}), 400, "image", "given twice")
     assert_error(multipart(client, {**ACT, "image": "upload://dog.png"},
