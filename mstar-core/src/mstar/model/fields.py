@@ -140,7 +140,7 @@ class InputField:
                              f"file part (upload://<file name>), got {type(value).__name__}")
         if isinstance(value, str) and value.lower().startswith(MEDIA_SCHEMES):
             return value
-        raise ValueError(f"an {self.kind} field takes an http(s) URL, a data URL or "
+        raise ValueError(f"{_a(self.kind)} field takes an http(s) URL, a data URL or "
                          f"upload://<file name>, got {_shown(value)}")
 
     def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
@@ -156,15 +156,15 @@ class InputField:
                                    "file part named after the field."}
         extra = {"x-mstar-sample-rate": self.sample_rate} if self.sample_rate else {}
         return {"type": "string", "format": "uri", "x-mstar": self.kind, **extra,
-                "description": f"An {self.kind}: an http(s) or data URL, or upload://<file "
+                "description": f"{_a(self.kind).capitalize()}: an http(s) or data URL, or upload://<file "
                                "name> (a file part; or a file part named after the field)."}
 
     # -- decoding (the data worker) ----------------------------------------------------------
     def decode(self, name: str, value: Any, blobs: Sequence[bytes], limits: MediaLimits
                ) -> Any:
-        """Field `name`'s `value` decoded: fetched bytes (`{BLOB: i}`), bytes, a data URL or a tensor dict
-        become the field's object; anything else (a decoded object, or a form the field's
-        other types accept) is returned as it is."""
+        """Field `name`'s `value` decoded: fetched bytes (`{BLOB: i}`), bytes, a data URL
+        or a tensor dict become the field's object; anything else (a decoded object, or a
+        form the field's other types accept) is returned as it is."""
         from mstar import media
 
         if isinstance(value, Mapping) and set(value) == {BLOB}:
@@ -190,6 +190,10 @@ class InputField:
         if self.kind == "video":
             return media.load_video(value, limits, fps=self.fps, max_frames=self.max_frames)
         return tensor_from_file(value, name)
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _shown(value: Any) -> str:
