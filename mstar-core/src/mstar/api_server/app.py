@@ -42,6 +42,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mstar import events
 from mstar.api_server.backend import Backend
+from mstar.api_server.forms import read_body
+from mstar.api_server.inputs import attach_files, fetch_inputs
 from mstar.api_server.metrics import Metrics
 from mstar.api_server.openai_protocol import InvalidRequest
 from mstar.api_server.outputs import (
@@ -60,17 +62,18 @@ from mstar.api_server.request_flow import (
     StreamedResponse,
     collect,
     error_response,
-    read_json,
     terminal,
 )
 from mstar.api_server.schemas import (
     check_body,
+    field_types,
     mstar_version,
     native_request_model,
     openapi_document,
     request_body,
 )
 from mstar.config.settings import ServerSettings
+from mstar.model.fields import input_fields
 
 log = logging.getLogger("mstar.api_server")
 
@@ -201,6 +204,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     runner = Runner(backend, settings, metrics)
     backend.use_media_limits(settings.media_limits())
     native = native_request_model(info)
+    inputs = input_fields(native)
+    form_types = {"stream": bool, **field_types(native)}
     app = FastAPI(title="mstar", version=mstar_version(), openapi_url=None, docs_url=None,
                   redoc_url=None)
     app.state.metrics = metrics  # routes added to the app count their requests with it
@@ -262,18 +267,22 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     @guarded.post("/generate", openapi_extra=request_body(native, "The model's own request "
                   "(its `request_schema`), plus `stream` (SSE when true). Not streamed, the answer is "
                   "JSON, or one safetensors body of the outputs with `Accept: "
-                  "application/vnd.safetensors`."))
+                  "application/vnd.safetensors`.", files=inputs))
     async def generate(request: Request) -> Response:
         rid = request.state.request_id
         runner.recorder(request)
-        body = await read_json(request, settings.max_body_bytes)
+        parsed = await read_body(request, settings.max_body_bytes, form_types)
+        body = parsed.fields
         stream = body.pop("stream", False)  # the transport's option, not the model's
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false", param="stream",
                            code="invalid_type")
+        uploads = attach_files(body, parsed.files, inputs)
         if native is not None:
             check_body(native, body)
-        run, first = await runner.start(request, body)
+        runner.admit()  # before fetching media for a request that cannot run
+        blobs = await fetch_inputs(body, uploads, inputs, settings.media_limits())
+        run, first = await runner.start(request, body, blobs=blobs)
         if stream:
             return StreamedResponse(_sse(run, first), on_close=run.close)
         binary = wants_safetensors(request.headers.get("accept"))

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import msgspec
 from fastapi import APIRouter, Request
-from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
 from mstar import events
 from mstar.api_server import openai_protocol as oai
+from mstar.api_server.forms import read_body
 from mstar.api_server.request_flow import (
     ApiError,
     ClientGone,
@@ -36,13 +36,13 @@ from mstar.api_server.request_flow import (
     Runner,
     StreamedResponse,
     collect,
-    decode_json,
     error_body,
     event_status,
     read_json,
     terminal,
 )
-from mstar.api_server.schemas import request_body
+from mstar.api_server.schemas import field_types, request_body
+from mstar.model.fields import UPLOAD_SCHEME
 
 if TYPE_CHECKING:
     from mstar.api_server.backend import ModelInfo
@@ -57,9 +57,6 @@ _MEDIA_PARTS = {"image_url": ("image", "image_input"), "input_audio": ("audio", 
 def _accepts(capabilities: set[str]) -> str:
     kinds = ["text"] + [kind for kind, cap in _MEDIA_PARTS.values() if cap in capabilities]
     return ", ".join(kinds)
-
-
-UPLOAD_SCHEME = "upload://"
 
 
 async def _media_bytes(part: Any, where: str, limits: MediaLimits,
@@ -175,35 +172,20 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
             uploads[0].purge()
         return uploads[0]
 
-    async def read_body(request: Request) -> dict[str, Any]:
-        """The JSON body, or for multipart/form-data its `request` field, the files saved
+    chat_types = field_types(oai.ChatCompletionRequest)
+
+    async def read_chat(request: Request) -> dict[str, Any]:
+        """The JSON body, or a multipart/form-data one (`forms.read_body`), its files saved
         under the request's upload directory (read back as `upload://<file name>`)."""
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return await read_json(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, chat_types)
         from mstar.media import MediaError
 
-        length = request.headers.get("content-length", "")
-        if not length.isdigit() or int(length) > settings.max_body_bytes:
-            raise ApiError(413, f"a multipart body needs a content-length of at most "
-                                f"{settings.max_body_bytes} bytes")
-        form = await request.form(max_files=64, max_fields=4,
-                                  max_part_size=settings.max_body_bytes)
-        try:
-            raw = form.get("request")
-            if not isinstance(raw, str):
-                raise ApiError(400, "a multipart request needs a `request` field holding "
-                                    "the JSON body", param="request")
-            body = decode_json(raw, what="the request field", param="request")
-            for _, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    try:
-                        upload_store().save(request.state.request_id, value.filename or "",
-                                            await value.read())
-                    except MediaError as exc:
-                        raise ApiError(exc.status, str(exc), param="files") from None
-            return body
-        finally:
-            await form.close()
+        for part in body.files:
+            try:
+                upload_store().save(request.state.request_id, part.filename, part.data)
+            except MediaError as exc:
+                raise ApiError(exc.status, str(exc), param="files") from None
+        return body.fields
 
     def check_model(name: str) -> None:
         if name != served:
@@ -255,7 +237,7 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
             raise lacks(info, "chat", "POST /v1/chat/completions")
         rid, created = request.state.request_id, int(time.time())
         try:
-            req = parsed(oai.ChatCompletionRequest, await read_body(request))
+            req = parsed(oai.ChatCompletionRequest, await read_chat(request))
             runner.admit()  # before fetching media for a request that cannot run
             async with httpx.AsyncClient(follow_redirects=False) as client:
                 messages, blobs = await resolve_messages(

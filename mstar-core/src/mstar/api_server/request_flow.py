@@ -86,6 +86,19 @@ def decode_json(raw: bytes | str, *, what: str = "the body",
     """`raw` as a JSON object; a 400 naming `param` when it is not JSON, not an object, or
     nests deeper than `MAX_JSON_DEPTH`."""
     data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    check_json_depth(data, what=what, param=param)
+    try:
+        value = msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"{what} is not valid JSON: {exc}", param=param) from None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{what} must be a JSON object", param=param)
+    return value
+
+
+def check_json_depth(data: bytes, *, what: str, param: str | None) -> None:
+    """A 400 naming `param` when the JSON in `data` nests deeper than `MAX_JSON_DEPTH`
+    (a scan of the raw bytes: no parser recurses into it first)."""
     depth = 0
     for token in _JSON_TOKEN.finditer(data):
         char = data[token.start()]
@@ -96,13 +109,6 @@ def decode_json(raw: bytes | str, *, what: str = "the body",
                                param=param, code="json_too_deep")
         elif char in _CLOSERS:
             depth -= 1
-    try:
-        value = msgspec.json.decode(data)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, f"{what} is not valid JSON: {exc}", param=param) from None
-    if not isinstance(value, dict):
-        raise ApiError(400, f"{what} must be a JSON object", param=param)
-    return value
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -297,6 +303,6 @@ async def collect(run: Run, first: events.Event, request: Request) -> list[event
 
 
 __all__ = ["MAX_JSON_DEPTH", "RETRY_AFTER_S", "RETRY_HEADERS", "ApiError", "ClientGone", "Run",
-           "Runner", "StreamedResponse", "collect", "decode_json", "error_body",
+           "Runner", "StreamedResponse", "check_json_depth", "collect", "decode_json", "error_body",
            "error_event_error", "error_response", "error_type", "event_status", "read_json",
            "terminal"]

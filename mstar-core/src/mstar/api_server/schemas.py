@@ -9,6 +9,7 @@ OpenAPI's references point.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
@@ -49,16 +50,29 @@ def check_body(model: type[BaseModel], body: dict[str, Any]) -> None:
     oai.parse(model, body)
 
 
+def field_types(model: type[BaseModel] | None) -> dict[str, Any]:
+    """Each field's type (what plain multipart form fields are coerced to)."""
+    return {name: info.annotation for name, info in model.model_fields.items()} if model \
+        else {}
+
+
 def request_body(model: type[BaseModel] | None, description: str, *,
-                 served: str | None = None) -> dict[str, Any]:
+                 served: str | None = None, files: Iterable[str] = ()) -> dict[str, Any]:
     """A route's `openapi_extra` describing its JSON body as `model` (any JSON object when
-    None); `served`: the one value its `model` field takes."""
+    None); `served`: the one value its `model` field takes; `files`: the fields a
+    multipart/form-data body may give as file parts (beside the JSON in `request`)."""
     schema = (model.model_json_schema(ref_template=_REF) if model is not None
               else {"type": "object"})
     if served is not None:
         schema["properties"]["model"] = {"type": "string", "enum": [served]}
-    return {"requestBody": {"required": True, "description": description,
-                            "content": {"application/json": {"schema": schema}}}}
+    content = {"application/json": {"schema": schema}}
+    if files:
+        binary = {"type": "string", "format": "binary"}
+        content["multipart/form-data"] = {"schema": {
+            "type": "object", "properties": {
+                "request": {"type": "string", "description": "The JSON body."},
+                **{name: binary for name in files}}}}
+    return {"requestBody": {"required": True, "description": description, "content": content}}
 
 
 def openapi_document(app: FastAPI) -> dict[str, Any]:
@@ -75,5 +89,5 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
     return doc
 
 
-__all__ = ["check_body", "mstar_version", "native_request_model", "openapi_document",
+__all__ = ["check_body", "field_types", "mstar_version", "native_request_model", "openapi_document",
            "request_body"]

@@ -3,7 +3,7 @@
 Every failure is a `MediaError` carrying the HTTP status to answer with."""
 
 from mstar.media.audio import Audio, load_audio
-from mstar.media.fetch import decode_base64, fetch_media, media_hash
+from mstar.media.fetch import decode_base64, decode_data_url, fetch_media, media_hash
 from mstar.media.image import IMAGE_FORMATS, load_image
 from mstar.media.limits import MediaError, MediaLimits
 from mstar.media.uploads import UploadStore
@@ -17,6 +17,7 @@ __all__ = [
     "UploadStore",
     "Video",
     "decode_base64",
+    "decode_data_url",
     "fetch_media",
     "load_audio",
     "load_image",

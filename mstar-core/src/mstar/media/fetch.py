@@ -73,7 +73,7 @@ def decode_base64(payload: str, limits: MediaLimits) -> bytes:
     return data
 
 
-def _decode_data_url(url: str, limits: MediaLimits) -> bytes:
+def decode_data_url(url: str, limits: MediaLimits) -> bytes:
     """RFC 2397: `data:[<mediatype>][;base64],<data>`; the data is base64 or percent-encoded."""
     header, comma, payload = url[len("data:"):].partition(",")
     if not comma:
@@ -190,7 +190,7 @@ async def fetch_media(url: str, limits: MediaLimits, *,
     address guard. A failure is a `MediaError` (400, or 413 over the size limit)."""
     scheme = url.partition(":")[0].strip().lower() if ":" in url else ""
     if scheme == "data":
-        return _decode_data_url(url, limits)
+        return decode_data_url(url, limits)
     if scheme not in ("http", "https"):
         raise MediaError(f"unsupported media URL {_shown(url)!r}: only http, https and data "
                          "URLs are accepted")

@@ -17,6 +17,13 @@ from mstar.model.contract import (
     RequestState,
     WalkStep,
 )
+from mstar.model.fields import (
+    AudioInput,
+    ImageInput,
+    InputField,
+    TensorInput,
+    VideoInput,
+)
 from mstar.model.forward import (
     ExtraSpec,
     ForwardBatch,
@@ -30,6 +37,7 @@ from mstar.model.ragged import ragged_attention
 from mstar.model.sampling import SamplingFields, SamplingParams
 
 __all__ = [
+    "AudioInput",
     "BuildContext",
     "EngineType",
     "ExtraSpec",
@@ -37,6 +45,8 @@ __all__ = [
     "Finished",
     "Fork",
     "ForwardBatch",
+    "ImageInput",
+    "InputField",
     "KVSpec",
     "Model",
     "OutputState",
@@ -48,6 +58,8 @@ __all__ = [
     "SeqChunk",
     "SeqKey",
     "StepContext",
+    "TensorInput",
+    "VideoInput",
     "WalkStep",
     "attention_context",
     "ragged_attention",

@@ -39,9 +39,12 @@ from mstar.engine.rng import draw_seed
 from mstar.errors import RequestError
 from mstar.events import Sink
 from mstar.model.contract import Model, OutputState, RequestPlan
+from mstar.model.fields import decode_inputs, input_fields
 from mstar.model.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from mstar.media import MediaLimits
 
 log = logging.getLogger(__name__)
@@ -95,13 +98,16 @@ def tokenizer_vocab_size(tokenizer: Any) -> int | None:
 class Frontend(Component):
     def __init__(self, model: Model, config: DeploymentConfig, channel: Channel,
                  transport: Transport, *, client: str = "api",
-                 media_limits: MediaLimits | None = None):
+                 media_limits: MediaLimits | None = None,
+                 request_schema: type[BaseModel] | None = None):
         """`client`: the address that `ClientRequest`s come from and whose `ClientEvent`s
-        this frontend sends (the API server's gateway); `media_limits`: what decoded chat
-        media may be (pixels, duration)."""
+        this frontend sends (the API server's gateway); `media_limits`: what decoded media
+        may be (pixels, duration); `request_schema`: the model's `/generate` request, whose
+        media and tensor fields are decoded before `process_prompt`."""
         super().__init__(channel.address)
         self.client = client
         self.model = model
+        self.input_fields = input_fields(request_schema)
         self.tokenizer = model.tokenizer()
         self.vocab_size = tokenizer_vocab_size(self.tokenizer)
         self.media_limits = media_limits
@@ -122,7 +128,8 @@ class Frontend(Component):
              blobs: Sequence[bytes] = ()) -> RequestPlan:
         """The model's plan for a request, checked; bad input raises RequestError. `kind`
         "chat": `request` holds normalised `messages` (see `mstar.chat.prompt`) whose media
-        parts index `blobs`, plus sampling fields."""
+        parts index `blobs`, plus sampling fields; "generate": its media and tensor fields
+        (`mstar.model.fields`) are decoded, fetched ones from `blobs`."""
         if not isinstance(request, Mapping):
             raise RequestError("the request body must be a JSON object")
         if kind not in REQUEST_KINDS:
@@ -131,7 +138,7 @@ class Frontend(Component):
             if kind == "chat":
                 plan = self._plan_chat(request, blobs)
             else:
-                plan = self.model.process_prompt(request)
+                plan = self.model.process_prompt(self._decoded(request, blobs))
             for site, params in plan.sampling.items():
                 try:
                     params.validate()
@@ -185,6 +192,15 @@ class Frontend(Component):
                     f"tokens of KV cache ({pages} pages), more than its capacity of "
                     f"{capacity} tokens ({configured}page_size={kv.page_size}); lower "
                     "max_tokens or n", param="max_tokens")
+
+    def _decoded(self, request: Mapping[str, Any], blobs: Sequence[bytes]
+                 ) -> Mapping[str, Any]:
+        if not self.input_fields:
+            return request
+        from mstar.media import MediaLimits
+
+        return decode_inputs(request, self.input_fields, blobs,
+                             self.media_limits or MediaLimits())
 
     def _plan_chat(self, request: Mapping[str, Any], blobs: Sequence[bytes]) -> RequestPlan:
         from mstar.media import MediaLimits

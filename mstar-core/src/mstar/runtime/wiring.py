@@ -25,6 +25,8 @@ from mstar.config import DeploymentConfig, Placement, placement, validate_for_mo
 from mstar.config.devices import DevicePlan, device_plan, tp_backend
 from mstar.media import MediaLimits
 from mstar.model.contract import Model
+from mstar.plugins import model_registry
+from mstar.plugins.registry import import_string
 from mstar.runtime.builder import LoadOptions, build_engines, tp_group_ranks
 from mstar.runtime.conductor import Conductor
 from mstar.runtime.frontend import Frontend
@@ -83,7 +85,13 @@ class Wiring:
         """A data worker; served, its client is the gateway (`status_address`)."""
         extra = {} if self.status_address == "frontend" else {"client": self.status_address}
         return Frontend(self.model, self.config, channel, transport,
-                        media_limits=media_limits, **extra)
+                        media_limits=media_limits, request_schema=self.request_schema, **extra)
+
+    @functools.cached_property
+    def request_schema(self) -> Any:
+        """The model's `/generate` request model (`ModelSpec.request_schema`), or None."""
+        path = model_registry().get(self.config.model).request_schema
+        return import_string(path) if path else None
 
     def worker_engines(self, rank: int, *, tp_group: Any = None
                        ) -> tuple[torch.device, Callable[[], dict[str, Any]]]:

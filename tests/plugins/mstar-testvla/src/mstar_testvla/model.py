@@ -53,17 +53,21 @@ from mstar.model import (
     Done,
     ExtraSpec,
     Fork,
+    ImageInput,
     KVSpec,
     Model,
     OutputState,
     RequestPlan,
     RequestState,
     SamplingFields,
+    TensorInput,
     WalkStep,
 )
 from mstar.weights import WeightSpec
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
+
     from mstar.chat import ChatPrompt
 from mstar_testvla.config import PRESETS, TestVLAConfig
 from mstar_testvla.modules import ActionInit, Combine, Consumer, TestVLALLM, VisionEncoder
@@ -110,15 +114,16 @@ class TestVLARequest(SamplingFields):
     voice: Literal["alloy", "echo"] | None = Field(
         None, description="Speech: the voice (names only: the tiny consumer has one sound); "
                           "None: 'alloy'.")
-    image: list[list[list[float]]] | None = Field(
-        None, description="Pixels as nested lists [3][H][W]; H and W multiples of the "
-                          "patch size.")
+    image: list[list[list[float]]] | ImageInput | None = Field(
+        None, description="Pixels as nested lists [3][H][W] (H and W multiples of the "
+                          "patch size), or an image (resized to `chat_image_size` square).")
     mode: Literal["text", "act", "rollout"] = "text"
     num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps (act).")
     guidance_scale: float = Field(1.0, ge=1.0, le=100.0, description="CFG scale (act).")
     num_frames: int = Field(1, ge=1, le=64, description="Frames to predict (rollout).")
-    frame: list[list[float]] | None = Field(
-        None, description="The initial frame [frame_tokens][frame_dim] (rollout).")
+    frame: list[list[float]] | TensorInput | None = Field(
+        None, description="The initial frame [frame_tokens][frame_dim] (rollout), as nested "
+                          "lists or a tensor.")
     stream_consumer: bool = Field(False, description="Also stream the consumer (text).")
     consumer_delay_s: float = Field(
         0.0, ge=0.0, le=10.0, description="Test instrumentation: the consumer sleeps this "
@@ -130,7 +135,7 @@ class TestVLARequest(SamplingFields):
             raise ValueError("give exactly one of prompt and input (speech)")
         if self.input is not None:  # speech: the text is the prompt, the consumer speaks
             self.prompt, self.stream_consumer = self.input, True
-        if self.image is not None:
+        if isinstance(self.image, list):
             if len(self.image) != 3:
                 raise ValueError(f"image must have 3 channels, got {len(self.image)}")
             rows = {len(ch) for ch in self.image}
@@ -424,7 +429,10 @@ class TestVLA(Model):
     # -- host side -------------------------------------------------------------------------
     def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
         req = _validated(request)
-        pixels = torch.tensor(req.image, dtype=torch.float32) if req.image is not None else None
+        if req.image is None or isinstance(req.image, list):
+            pixels = None if req.image is None else torch.tensor(req.image, dtype=torch.float32)
+        else:
+            pixels = self._pixels(req.image)
         return self._plan(req, pixels)
 
     def process_chat(self, prompt: ChatPrompt, request: Mapping[str, Any]) -> RequestPlan:
@@ -436,13 +444,14 @@ class TestVLA(Model):
             raise ValueError(f"testvla takes at most one image per chat, got "
                              f"{len(prompt.images)}")
         req = _validated({**request, "prompt": prompt.text})
-        pixels = None
-        if prompt.images:
-            size = self.config.chat_image_size
-            image = prompt.images[0].convert("RGB").resize((size, size))
-            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-            pixels = pixels.reshape(size, size, 3).permute(2, 0, 1).float() / 255.0
-        return self._plan(req, pixels)
+        return self._plan(req, self._pixels(prompt.images[0]) if prompt.images else None)
+
+    def _pixels(self, image: Image) -> torch.Tensor:
+        """An image as [3, size, size] RGB in [0, 1], resized to `chat_image_size`."""
+        size = self.config.chat_image_size
+        image = image.convert("RGB").resize((size, size))
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        return pixels.reshape(size, size, 3).permute(2, 0, 1).float() / 255.0
 
     def _plan(self, req: TestVLARequest, pixels: torch.Tensor | None) -> RequestPlan:
         c = self.config
@@ -462,8 +471,12 @@ class TestVLA(Model):
                                  f"size {c.patch_size}, got {h}x{w}")
             grid = (h // c.patch_size, w // c.patch_size)
         frame_grid = None
-        if req.frame is not None:
-            shape = (len(req.frame), *{len(row) for row in req.frame})
+        frame = req.frame
+        if frame is not None:
+            if isinstance(frame, torch.Tensor):
+                shape, frame = tuple(frame.shape), frame.float().tolist()
+            else:
+                shape = (len(frame), *{len(row) for row in frame})
             if shape != (c.frame_tokens, c.frame_dim):
                 raise ValueError(f"frame: must be [{c.frame_tokens}][{c.frame_dim}], got "
                                  f"{list(shape)}")
@@ -482,7 +495,7 @@ class TestVLA(Model):
             "num_frames": req.num_frames, "rollout_steps": req.num_frames - 1,
             "uncond_length": layout.uncond_length, "consumer_delay_s": req.consumer_delay_s,
             "prompt_ids": ids, "layout": layout.to_params(), "text_end": layout.text_end,
-            "frame": req.frame,
+            "frame": frame,
         }
         prefill = WalkStep(PREFILL_WALKS[req.mode])
         first = {"lm": WalkStep("encode", inputs={"pixel_values": pixels})
