@@ -197,6 +197,34 @@ class _TextOnly(LocalBackend):
                                          if c not in ("actions", "speech")]}
 
 
+def test_sdk_inputs_reach_the_model_as_the_server_decodes_them(client, tmp_path):
+    """What the SDK sends for arrays, PIL images and files (inline, and a large image as a
+    multipart file part) gives the model the same inputs as the plain JSON forms."""
+    from PIL import Image
+
+    frame = np.asarray(ROLLOUT["frame"], dtype=np.float32)
+    as_lists = client.generate(ROLLOUT).outputs["frame"]
+    as_array = client.generate({**ROLLOUT, "frame": frame}).outputs["frame"]
+    np.testing.assert_array_equal(as_array, as_lists)
+    np.testing.assert_array_equal(
+        client.generate({**ROLLOUT, "frame": frame + 1}).outputs["frame"] != as_lists,
+        np.ones_like(as_lists, dtype=bool))
+
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 256, (700, 700, 3), dtype=np.uint8))
+    path = tmp_path / "big.png"
+    big.save(path)
+    assert path.stat().st_size > 1 << 20  # over the SDK's inline limit: a file part
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    act = {**ACT, "prompt": "<image> pick up"}
+    expected = client.act({**act, "image": url}).outputs["actions"]
+    for image in (big, path, path.read_bytes()):
+        np.testing.assert_array_equal(client.act({**act, "image": image}).outputs["actions"],
+                                      expected)
+    other = Image.fromarray(255 - np.asarray(big))
+    assert not np.array_equal(client.act({**act, "image": other}).outputs["actions"], expected)
+
+
 def test_model_methods_name_the_capability_the_model_lacks():
     deployment = mstar.load("testvla", preset="tiny", load_format="dummy", max_seq_len=64)
     try:
