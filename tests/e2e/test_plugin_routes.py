@@ -130,13 +130,16 @@ def test_the_policy_socket_answers_observation_after_observation(server):
         ws.send(b"\xc1")
         assert "not valid msgpack" in msgspec.msgpack.decode(ws.recv(timeout=30))[
             "error"]["message"]
+        ws.send(msgspec.json.encode(OBS).decode())  # a text frame
+        assert "msgpack in binary frames" in msgspec.msgpack.decode(ws.recv(timeout=30))[
+            "error"]["message"]
         ws.send(msgspec.msgpack.encode(OBS))
         again = msgspec.msgpack.decode(ws.recv(timeout=60))
     torch.testing.assert_close(actions(again), seen[0])  # the same seed, the same chunk
     torch.testing.assert_close(seen[0], generated_actions(server, OBS))
     assert not torch.equal(seen[0], seen[1])
     assert requests_counted(server, "ok") == ok + 5  # four frames and the /generate
-    assert requests_counted(server, "error") == errors + 2
+    assert requests_counted(server, "error") == errors + 3
 
 
 def _post_and_leave(server: Server) -> None:

@@ -13,10 +13,9 @@ its `add(context)` gets a `RouteContext` and adds routes with it:
 - `context.websocket(path, schema, handler, hello=...)`: a WebSocket route. The API key
   is checked at connect (a wrong one gets the HTTP 401 before any upgrade); the
   handshake's answer carries the connection's `x-request-id`. `hello` (if any) is the
-  first frame; then each frame is one request, id `<connection id>-<n>`, answered by one
-  frame in the same encoding (msgpack in binary frames, or JSON in text frames: the
-  route's `encoding`): `handler`'s fields, or `{"error": ...}` (a bad frame does not end
-  the connection). Each frame is counted in the metrics like an HTTP request, and a
+  first frame; then each binary frame (msgpack, a map) is one request, id `<connection
+  id>-<n>`, answered by one binary frame: `{"id", **fields}`, or `{"id", "error": ...}`
+  (a bad frame does not end the connection). Each frame is counted in the metrics like an HTTP request, and a
   client that leaves cancels the request it was waiting for.
 
 Inside a handler, `context.generate(caller, body)` runs one request of the model's own
@@ -27,10 +26,11 @@ events, the last one `Finished`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
 from fastapi import APIRouter, FastAPI, Request, WebSocket
@@ -45,7 +45,6 @@ from mstar.api_server.request_flow import (
     ClientGone,
     Runner,
     collect,
-    decode_json,
     error_body,
     read_json,
 )
@@ -136,8 +135,7 @@ class RouteContext:
                                    openapi_extra=request_body(schema, description))
 
     def websocket(self, path: str, schema: type[S], handler: Handler[S], *,
-                  hello: Mapping[str, Any] | None = None,
-                  encoding: Literal["msgpack", "json"] = "msgpack") -> None:
+                  hello: Mapping[str, Any] | None = None) -> None:
         """Add the WebSocket route `path` (see the module docstring)."""
         guards = [d.dependency for d in self._router.dependencies if d.dependency]
 
@@ -151,7 +149,7 @@ class RouteContext:
                 await _deny(websocket, exc)
                 return
             session = _Session(websocket, self._runner, self.settings.max_body_bytes, schema,
-                               handler, encoding)
+                               handler)
             await session.serve(dict(hello or {}))
 
         self._app.add_api_websocket_route(path, route, name=_name(path))
@@ -177,11 +175,9 @@ class _Session:
     it leaves), the loop answers them one at a time."""
 
     def __init__(self, websocket: WebSocket, runner: Runner, limit: int,
-                 schema: type[BaseModel], handler: Handler[Any],
-                 encoding: Literal["msgpack", "json"]):
+                 schema: type[BaseModel], handler: Handler[Any]):
         self.ws, self.runner, self.limit = websocket, runner, limit
         self.schema, self.handler = schema, handler
-        self.binary = encoding == "msgpack"
         self.id = f"ws-{uuid.uuid4().hex[:16]}"
         self.gone = asyncio.Event()
         self.inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
@@ -201,8 +197,10 @@ class _Session:
         except WebSocketDisconnect:
             pass  # the client left while we answered
         except Exception:
-            log.exception("%s websocket %s: unhandled error", self.id, self.ws.url.path)
-            await self.ws.close(code=WS_INTERNAL_ERROR)
+            if not self.gone.is_set():  # else: a send raced the client's leaving
+                log.exception("%s websocket %s: unhandled error", self.id, self.ws.url.path)
+                with contextlib.suppress(Exception):
+                    await self.ws.close(code=WS_INTERNAL_ERROR)
         finally:
             reader.cancel()
             log.info("%s websocket %s closed", self.id, self.ws.url.path)
@@ -248,11 +246,8 @@ class _Session:
         if len(frame) > self.limit:
             raise ApiError(413, f"frame of {len(frame)} bytes is over the limit of "
                                 f"{self.limit} bytes")
-        if self.binary != isinstance(frame, bytes):
-            raise ApiError(400, "this route takes msgpack in binary frames" if self.binary
-                           else "this route takes JSON in text frames")
-        if isinstance(frame, str):
-            return decode_json(frame, what="the frame")
+        if not isinstance(frame, bytes):
+            raise ApiError(400, "this route takes msgpack in binary frames")
         try:
             value = msgspec.msgpack.decode(frame)
         except msgspec.DecodeError as exc:
@@ -262,10 +257,7 @@ class _Session:
         return value
 
     async def _send(self, answer: Mapping[str, Any]) -> None:
-        if self.binary:
-            await self.ws.send_bytes(msgspec.msgpack.encode(answer))
-        else:
-            await self.ws.send_text(msgspec.json.encode(answer).decode())
+        await self.ws.send_bytes(msgspec.msgpack.encode(answer))
 
 
 def add_plugin_routes(app: FastAPI, router: APIRouter, runner: Runner, info: ModelInfo,
