@@ -16,12 +16,13 @@ from conftest import image, wait_for
 from fastapi.testclient import TestClient
 from serving_harness import Server
 from starlette.websockets import WebSocketDisconnect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 
 import mstar
 from mstar.api_server.app import create_app
 from mstar.api_server.backend import ModelInfo
+from mstar.api_server.plugin_routes import MAX_FRAMES_AHEAD
 from mstar.config.settings import ServerSettings
 from mstar.events import TensorData
 from mstar.serving.backends import LocalBackend
@@ -168,6 +169,19 @@ def test_a_client_that_leaves_cancels_its_request(server, leave):
     wait_for(lambda: requests_counted(server, "abort") == aborted + 1, timeout=30)
     server.wait_idle()
     assert requests_counted(server, "ok") == ok
+
+
+def test_a_client_far_ahead_of_its_answers_is_closed_and_its_request_cancelled(server):
+    aborted = requests_counted(server, "abort")
+    with connect(ws_url(server), additional_headers=AUTH, open_timeout=30) as ws:
+        ws.recv(timeout=30)  # the hello
+        for _ in range(MAX_FRAMES_AHEAD + 2):  # one runs, the others wait
+            ws.send(msgspec.msgpack.encode(SLOW))
+        with pytest.raises(ConnectionClosedError) as closed:
+            ws.recv(timeout=30)
+    assert closed.value.rcvd.code == 1008 and "frames ahead" in closed.value.rcvd.reason
+    wait_for(lambda: requests_counted(server, "abort") == aborted + 1, timeout=30)
+    server.wait_idle()
 
 
 class _WithoutPolicy(LocalBackend):

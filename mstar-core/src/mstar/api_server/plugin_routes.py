@@ -15,7 +15,8 @@ its `add(context)` gets a `RouteContext` and adds routes with it:
   handshake's answer carries the connection's `x-request-id`. `hello` (if any) is the
   first frame; then each binary frame (msgpack, a map) is one request, id `<connection
   id>-<n>`, answered by one binary frame: `{"id", **fields}`, or `{"id", "error": ...}`
-  (a bad frame does not end the connection). Each frame is counted in the metrics like an HTTP request, and a
+  (a bad frame does not end the connection; more than `MAX_FRAMES_AHEAD` frames waiting
+  for their answers does, with 1008). Each frame is counted in the metrics like an HTTP request, and a
   client that leaves cancels the request it was waiting for.
 
 Inside a handler, `context.generate(caller, body)` runs one request of the model's own
@@ -58,8 +59,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("mstar.api_server")
 
 S = TypeVar("S", bound=BaseModel)
-#: The WebSocket close code of a server error (RFC 6455: an unexpected condition).
-WS_INTERNAL_ERROR = 1011
+#: WebSocket close codes (RFC 6455): a policy violation; a server error.
+WS_POLICY_VIOLATION, WS_INTERNAL_ERROR = 1008, 1011
+#: Frames a client may send ahead of their answers (more: the connection is closed), so
+#: what a connection holds stays bounded.
+MAX_FRAMES_AHEAD = 4
 
 
 class Caller(Protocol):
@@ -167,7 +171,7 @@ async def _deny(websocket: WebSocket, exc: ApiError) -> None:
         await websocket.send_denial_response(Response(
             body, status_code=exc.status, headers=exc.headers, media_type="application/json"))
     else:
-        await websocket.close(code=1008, reason=exc.message[:120])
+        await websocket.close(code=WS_POLICY_VIOLATION, reason=exc.message[:120])
 
 
 class _Session:
@@ -210,6 +214,12 @@ class _Session:
             while True:
                 message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
+                    break
+                if self.inbox.qsize() >= MAX_FRAMES_AHEAD:
+                    log.info("%s: more than %d frames ahead of their answers: closed",
+                             self.id, MAX_FRAMES_AHEAD)
+                    await self.ws.close(WS_POLICY_VIOLATION, f"more than {MAX_FRAMES_AHEAD} "
+                                        "frames ahead of their answers")
                     break
                 data = message.get("bytes")
                 self.inbox.put_nowait(data if data is not None else message.get("text", ""))
