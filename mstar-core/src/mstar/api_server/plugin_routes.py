@@ -16,8 +16,8 @@ its `add(context)` gets a `RouteContext` and adds routes with it:
   first frame; then each binary frame (msgpack, a map) is one request, id `<connection
   id>-<n>`, answered by one binary frame: `{"id", **fields}`, or `{"id", "error": ...}`
   (a bad frame does not end the connection; more than `MAX_FRAMES_AHEAD` frames waiting
-  for their answers does, with 1008). Each frame is counted in the metrics like an HTTP request, and a
-  client that leaves cancels the request it was waiting for.
+  for their answers does, with 1008). Each frame is counted in the metrics like an HTTP
+  request, and a client that leaves cancels the request it was waiting for.
 
 Inside a handler, `context.generate(caller, body)` runs one request of the model's own
 `/generate` body (checked against its `request_schema` like `/generate`) and returns its
@@ -31,6 +31,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
@@ -84,19 +85,12 @@ class _Frame:
     connection did."""
 
     def __init__(self, request_id: str, gone: asyncio.Event):
-        self.state = _State(request_id)
+        # as a request's state: `Runner.recorder` keeps the frame's recorder here
+        self.state = SimpleNamespace(request_id=request_id, recorder=None)
         self._gone = gone
 
     async def is_disconnected(self) -> bool:
         return self._gone.is_set()
-
-
-class _State:
-    """A frame's `state`, as a request's (`Runner.recorder` keeps its recorder here)."""
-
-    def __init__(self, request_id: str):
-        self.request_id = request_id
-        self.recorder: Any = None
 
 
 class RouteContext:
