@@ -241,8 +241,8 @@ class _Session:
         if self.gone.is_set():
             recorder.count(499)
             return False
+        recorder.count(status)  # before the answer leaves, as the middleware counts HTTP
         await self._send(answer)
-        recorder.count(status)
         log.info("%s -> %d", rid, status)
         return True
 
