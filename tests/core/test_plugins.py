@@ -178,3 +178,87 @@ def test_registries_are_cached_until_reset(good):
     again = manager.model_registry()
     assert again is not first and isinstance(again, ModelRegistry)
     assert again.names() == first.names()
+
+
+def _routes_for(model: str, capability: str, *, only_own: bool = True) -> str:
+    """A plugin registering `model`, whose route hook adds a set enabled by `capability`
+    (for its own model only, or, `only_own=False`, for whichever model it is asked about)."""
+    guard = f"if routes.model == {model!r}:" if only_own else "if True:"
+    return f'''
+from mstar.plugins import ModelSpec, hookimpl
+
+
+def add(context):
+    pass
+
+
+@hookimpl
+def mstar_register_models(registry):
+    registry.add(ModelSpec(name={model!r}, model_class="x:Y", capabilities=({capability!r},)))
+
+
+@hookimpl
+def mstar_register_routes(routes):
+    {guard}
+        routes.add({capability!r}, add)
+'''
+
+
+def test_a_models_routes_come_from_its_own_plugin_only(good):
+    good.add("routed-dist", "routedplug", {"__init__.py": _routes_for("routed", "status")})
+    good.add("greedy-dist", "greedyplug",
+             {"__init__.py": _routes_for("greedy", "takeover", only_own=False)})
+    assert [(s.capability, s.owner) for s in manager.model_routes("routed")] == [
+        ("status", "routed-dist")]
+    assert [(s.capability, s.owner) for s in manager.model_routes("greedy")] == [
+        ("takeover", "greedy-dist")]
+    assert manager.model_routes("toy") == []  # its plugin adds none; greedy is not asked
+    assert manager.model_routes("nope") == []
+
+
+def test_a_failing_route_hook_names_its_plugin(plugin_dir):
+    plugin_dir.add("sour-dist", "sourplug", {"__init__.py": '''
+        from mstar.plugins import ModelSpec, hookimpl
+
+        @hookimpl
+        def mstar_register_models(registry):
+            registry.add(ModelSpec(name="sour", model_class="x:Y"))
+
+        @hookimpl
+        def mstar_register_routes(routes):
+            raise ImportError("no module named fastapi_extra")
+        '''})
+    with pytest.raises(RuntimeError, match="'sour': the routes of sour-dist failed to "
+                                           "register: ImportError: no module named"):
+        manager.model_routes("sour")
+
+
+def test_a_plugin_route_the_app_already_serves_is_refused(plugin_dir):
+    from fastapi import APIRouter, FastAPI
+    from pydantic import BaseModel
+
+    from mstar.api_server.backend import ModelInfo
+    from mstar.api_server.plugin_routes import add_plugin_routes
+    from mstar.config.settings import ServerSettings
+
+    plugin_dir.add("clash-dist", "clashplug", {"__init__.py": _routes_for("clash", "mine")})
+    module = __import__("clashplug")
+
+    class Body(BaseModel):
+        prompt: str
+
+    async def answer(caller, body):
+        return {}
+
+    def add(context):
+        context.websocket("/v1/clash/socket", Body, answer)
+        context.post("/generate", Body, answer, description="the model's own generate")
+
+    module.add = add
+    app, router = FastAPI(), APIRouter()
+    router.add_api_route("/generate", answer, methods=["POST"])
+    info = ModelInfo(name="clash", capabilities=["mine"], max_model_len=8,
+                     max_concurrent_requests=1, request_schema=None)
+    with pytest.raises(ValueError, match=r"clash-dist \(capability 'mine'\) adds routes the "
+                                         r"app already serves: \[\('POST', '/generate'\)\]"):
+        add_plugin_routes(app, router, None, info, ServerSettings(api_key=None))

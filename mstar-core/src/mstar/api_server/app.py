@@ -196,6 +196,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     the media limits. Routes beyond `/generate` come from the model's capabilities (the
     OpenAI-compatible ones: `mstar.api_server.openai_routes`)."""
     from mstar.api_server.openai_routes import add_openai_routes
+    from mstar.api_server.plugin_routes import add_plugin_routes
     from mstar.api_server.speech_route import add_speech_route
 
     info = backend.model_info()
@@ -296,6 +297,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
 
     add_openai_routes(guarded, runner, info, settings)
     add_speech_route(guarded, runner, info, settings)
+    add_plugin_routes(app, guarded, runner, info, settings)  # the model's plugin's own
     app.include_router(guarded)
     return app
 

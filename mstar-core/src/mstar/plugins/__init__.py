@@ -9,12 +9,15 @@ from mstar.plugins.manager import (
     get_plugins,
     load_model_class,
     model_registry,
+    model_routes,
     transport_registry,
 )
 from mstar.plugins.registry import (
     DuplicateNameError,
     ModelRegistry,
     ModelSpec,
+    RouteSet,
+    RouteSets,
     TransportRegistry,
     TransportSpec,
 )
@@ -24,11 +27,14 @@ __all__ = [
     "ModelRegistry",
     "ModelSpec",
     "PluginInfo",
+    "RouteSet",
+    "RouteSets",
     "TransportRegistry",
     "TransportSpec",
     "get_plugins",
     "hookimpl",
     "load_model_class",
     "model_registry",
+    "model_routes",
     "transport_registry",
 ]

@@ -24,7 +24,13 @@ from typing import Any, Literal
 import pluggy
 
 from mstar.plugins import hookspecs
-from mstar.plugins.registry import DuplicateNameError, ModelRegistry, TransportRegistry
+from mstar.plugins.registry import (
+    DuplicateNameError,
+    ModelRegistry,
+    RouteSet,
+    RouteSets,
+    TransportRegistry,
+)
 
 GROUP = "mstar"
 #: Core's transports register through the same hook, from this module (when it exists).
@@ -47,7 +53,11 @@ class PluginInfo:
 
 @dataclass
 class _Loaded:
+    hooks: pluggy.PluginManager
     plugins: list[PluginInfo] = field(default_factory=list)
+    #: owner (as registries name it) -> its loaded plugin objects, for the hooks called
+    #: on one model's plugin only (`model_routes`)
+    objects: dict[str, list[Any]] = field(default_factory=dict)
     models: ModelRegistry = field(default_factory=ModelRegistry)
     transports: TransportRegistry = field(default_factory=TransportRegistry)
     model_conflicts: list[str] = field(default_factory=list)
@@ -99,8 +109,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _register(pm: pluggy.PluginManager,
-              source: _Source) -> tuple[ModelRegistry, TransportRegistry] | None:
-    """Import the plugin and run its hooks into scratch registries; None when absent."""
+              source: _Source) -> tuple[Any, ModelRegistry, TransportRegistry] | None:
+    """Import the plugin and run its hooks into scratch registries: (the plugin, its
+    models, its transports); None when absent."""
     plugin = source.load()
     if plugin is None:
         return None
@@ -116,7 +127,7 @@ def _register(pm: pluggy.PluginManager,
     models.current_distribution = transports.current_distribution = source.owner
     pm.subset_hook_caller("mstar_register_models", others)(registry=models)
     pm.subset_hook_caller("mstar_register_transports", others)(registry=transports)
-    return models, transports
+    return plugin, models, transports
 
 
 def _merge(scratch: ModelRegistry | TransportRegistry, shared: ModelRegistry | TransportRegistry,
@@ -138,7 +149,7 @@ def _merge(scratch: ModelRegistry | TransportRegistry, shared: ModelRegistry | T
 def _load() -> _Loaded:
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
-    loaded = _Loaded()
+    loaded = _Loaded(pm)
     for source in _sources():
         info = functools.partial(PluginInfo, source.name, source.distribution, source.version)
         try:
@@ -149,7 +160,8 @@ def _load() -> _Loaded:
             continue
         if registered is None:
             continue
-        models, transports = registered
+        plugin, models, transports = registered
+        loaded.objects.setdefault(source.owner, []).append(plugin)
         model_names, model_conflicts = _merge(models, loaded.models, source.owner)
         transport_names, transport_conflicts = _merge(transports, loaded.transports,
                                                       source.owner)
@@ -182,6 +194,25 @@ def transport_registry(*, strict: bool = True) -> TransportRegistry:
     if strict and loaded.transport_conflicts:
         raise DuplicateNameError("\n".join(loaded.transport_conflicts))
     return loaded.transports
+
+
+def model_routes(name: str) -> list[RouteSet]:
+    """The route sets of model `name`: its own plugin's `mstar_register_routes` alone is
+    asked (another plugin never adds routes to a model it did not register); none for a
+    model no plugin registered. A failing hook raises, naming the plugin."""
+    loaded = _load()
+    if name not in loaded.models:
+        return []
+    owner = loaded.models.owner(name)
+    own = loaded.objects.get(owner, [])
+    others = [p for p in loaded.hooks.get_plugins() if not any(p is o for o in own)]
+    routes = RouteSets(name, owner)
+    try:
+        loaded.hooks.subset_hook_caller("mstar_register_routes", others)(routes=routes)
+    except Exception as exc:
+        raise RuntimeError(f"model {name!r}: the routes of {owner} failed to register: "
+                           f"{_one_line(exc)}") from exc
+    return routes.sets
 
 
 def load_model_class(name: str) -> type:

@@ -1,4 +1,5 @@
-"""Registries filled by plugins: models (by name) and tensor transports (by protocol).
+"""Registries filled by plugins: models (by name), tensor transports (by protocol), and
+the HTTP route sets a plugin adds for the model it serves.
 
 Entries hold import strings, never imported objects, so listing what is installed imports
 no torch model code. A name registered twice is an error naming both distributions.
@@ -7,7 +8,7 @@ no torch model code. A name registered twice is an error naming both distributio
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,29 @@ class TransportSpec:
     protocol: str
     transport_class: str
     description: str = ""
+
+
+@dataclass(frozen=True)
+class RouteSet:
+    """HTTP or WebSocket routes a plugin adds for one of its models, served only when the
+    model declares `capability` (so a deployment shows exactly the routes its capabilities
+    say). `add(context)` adds them through an `mstar.api_server.plugin_routes.RouteContext`,
+    core's request plumbing; `owner` is the plugin's distribution."""
+
+    capability: str
+    add: Callable[[Any], None]
+    owner: str
+
+
+class RouteSets:
+    """What a plugin's `mstar_register_routes` hook fills for `model`, the served model."""
+
+    def __init__(self, model: str, owner: str):
+        self.model, self.owner = model, owner
+        self.sets: list[RouteSet] = []
+
+    def add(self, capability: str, add: Callable[[Any], None]) -> None:
+        self.sets.append(RouteSet(capability, add, self.owner))
 
 
 class DuplicateNameError(ValueError):

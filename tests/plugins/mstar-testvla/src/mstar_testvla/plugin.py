@@ -8,7 +8,7 @@ repository.
 from __future__ import annotations
 
 from mstar.plugins.hookspecs import hookimpl
-from mstar.plugins.registry import ModelRegistry, ModelSpec
+from mstar.plugins.registry import ModelRegistry, ModelSpec, RouteSets
 
 #: Packaged deployment configs (files `configs/<name>.yaml` of this package).
 CONFIGS = ("testvla_single", "testvla_node_split", "testvla_pd_disaggregated",
@@ -24,9 +24,17 @@ def mstar_register_models(registry: ModelRegistry) -> None:
         default_config="testvla_single",
         presets=("tiny", "small"),
         capabilities=("generate", "chat", "completions", "image_input", "actions", "latents",
-                      "speech"),
+                      "speech", "testvla_policy"),
         request_schema="mstar_testvla.model:TestVLARequest",
         description="Tiny vision-language-action test model: Llama text expert, half-width "
                     "action expert (flow matching with CFG), ViT encoder, frame rollout and "
                     "a streamed codec-like consumer.",
     ))
+
+
+@hookimpl
+def mstar_register_routes(routes: RouteSets) -> None:
+    if routes.model == "testvla":
+        from mstar_testvla.routes import add_policy_routes  # FastAPI: only when served
+
+        routes.add("testvla_policy", add_policy_routes)
