@@ -32,7 +32,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from fastapi import APIRouter, FastAPI, Request, WebSocket
@@ -44,6 +44,7 @@ from mstar import events
 from mstar.api_server import openai_protocol as oai
 from mstar.api_server.request_flow import (
     ApiError,
+    Caller,
     ClientGone,
     Runner,
     collect,
@@ -65,16 +66,6 @@ WS_POLICY_VIOLATION, WS_INTERNAL_ERROR = 1008, 1011
 #: Frames a client may send ahead of their answers (more: the connection is closed), so
 #: what a connection holds stays bounded.
 MAX_FRAMES_AHEAD = 4
-
-
-class Caller(Protocol):
-    """Who a request runs for: an HTTP request (`fastapi.Request`), or one frame of a
-    WebSocket connection. `state.request_id` names it; `is_disconnected` says whether the
-    client left (its request is then cancelled)."""
-
-    state: Any
-
-    async def is_disconnected(self) -> bool: ...
 
 
 Handler = Callable[[Caller, S], Awaitable[Mapping[str, Any]]]
@@ -110,9 +101,9 @@ class RouteContext:
         or a failed request raise `ApiError`; a client that leaves cancels it (499)."""
         if self._native is not None:
             check_body(self._native, body)
-        run, first = await self._runner.start(caller, body)  # type: ignore[arg-type]
+        run, first = await self._runner.start(caller, body)
         try:
-            return await collect(run, first, caller)  # type: ignore[arg-type]
+            return await collect(run, first, caller)
         except ClientGone:
             raise ApiError(499, "the client closed the request") from None
         finally:
@@ -224,7 +215,7 @@ class _Session:
     async def _answer(self, frame: str | bytes, caller: _Frame) -> bool:
         """Answer one frame; False when the client has left."""
         rid = caller.state.request_id
-        recorder = self.runner.recorder(caller)  # type: ignore[arg-type]
+        recorder = self.runner.recorder(caller)
         status = 200
         try:
             parsed = oai.parse(self.schema, self._decode(frame))

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -142,6 +142,16 @@ def error_event_error(event: events.Error) -> ApiError:
                     headers=RETRY_HEADERS if status in (429, 503) else None)
 
 
+class Caller(Protocol):
+    """Who a request runs for: an HTTP request (`fastapi.Request`), or one frame of a
+    WebSocket connection. `state.request_id` names it; `is_disconnected` says whether the
+    client left (its request is then cancelled)."""
+
+    state: Any
+
+    async def is_disconnected(self) -> bool: ...
+
+
 class Run:
     """One submitted request as the app sees it: the queue its events arrive in, its
     metrics, and its end (finished, or cancelled when the client leaves or it falls
@@ -163,7 +173,7 @@ class Run:
         except RuntimeError:  # the loop is closed (server stopped): nobody is listening
             pass
 
-    async def next(self, request: Request | None = None) -> events.Event:
+    async def next(self, request: Caller | None = None) -> events.Event:
         """The next event. After `timeout` s without one the request is cancelled and a
         504 `Error` stands in; with `request`, a client that left (checked every
         `_DISCONNECT_POLL_S` s, events or not) raises `ClientGone`."""
@@ -231,7 +241,7 @@ class Runner:
         self.limit = backend.model_info()["max_concurrent_requests"]
         self._admitting: set[str] = set()  # request ids being submitted
 
-    def recorder(self, request: Request) -> RequestMetrics:
+    def recorder(self, request: Caller) -> RequestMetrics:
         """The request's metrics recorder, made on first use; the middleware counts it
         when the response ends (routes take it first, so refusals count too)."""
         recorder = getattr(request.state, "recorder", None)
@@ -252,7 +262,7 @@ class Runner:
             raise ApiError(429, f"server busy: {self.limit} requests are running; retry "
                                 "shortly", headers=RETRY_HEADERS)
 
-    async def start(self, request: Request, body: Mapping[str, Any], *,
+    async def start(self, request: Caller, body: Mapping[str, Any], *,
                     kind: str = "generate", blobs: list[bytes] | None = None,
                     ) -> tuple[Run, events.Event]:
         """Submit and await the first event. An `Error` first event raises `ApiError`
@@ -290,7 +300,7 @@ class Runner:
         return run, first
 
 
-async def collect(run: Run, first: events.Event, request: Request) -> list[events.Event]:
+async def collect(run: Run, first: events.Event, request: Caller) -> list[events.Event]:
     """Every event of a non-streamed request, the last one `Finished` (an `Error` raises
     `ApiError`)."""
     collected = [first]
@@ -302,7 +312,7 @@ async def collect(run: Run, first: events.Event, request: Request) -> list[event
     return collected
 
 
-__all__ = ["MAX_JSON_DEPTH", "RETRY_AFTER_S", "RETRY_HEADERS", "ApiError", "ClientGone", "Run",
+__all__ = ["MAX_JSON_DEPTH", "Caller", "RETRY_AFTER_S", "RETRY_HEADERS", "ApiError", "ClientGone", "Run",
            "Runner", "StreamedResponse", "check_json_depth", "collect", "decode_json", "error_body",
            "error_event_error", "error_response", "error_type", "event_status", "read_json",
            "terminal"]
