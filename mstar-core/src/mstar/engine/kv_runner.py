@@ -290,11 +290,15 @@ class KVRunner:
 
     @staticmethod
     def _outputs(task: Task) -> dict[str, Any]:
-        return {name: torch.cat(parts) for name, parts in task.pieces.items()
-                if name in task.work.node.outputs}
+        """The task's outputs; one produced in a single step is that step's rows (a view of
+        the batch output, as `token_ids` is), not a copy: a decode step makes one per
+        sequence, and every torch call there costs a GIL hand-off (see `kv_engine`)."""
+        return {name: parts[0] if len(parts) == 1 else torch.cat(parts)
+                for name, parts in task.pieces.items() if name in task.work.node.outputs}
 
     def _sample(self, tasks: list[Task]) -> list[WorkResult]:
-        logits = torch.cat([t.pieces["logits"][-1][-1:] for t in tasks]).float()
+        last = [t.pieces["logits"][-1] for t in tasks]
+        logits = torch.cat([p if p.shape[0] == 1 else p[-1:] for p in last]).float()
         rows = []
         for t in tasks:
             state = self.seqs[t.key]
