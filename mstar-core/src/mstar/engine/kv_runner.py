@@ -102,7 +102,8 @@ class KVRunner:
         #: Emit an NVTX range around each forward (CUDA only; `--enable-nvtx`).
         self.nvtx = False
         self._extras = {e.name: e for e in spec.extras}
-        self._defaults: dict[str, torch.Tensor] = {}  # see `_absent_extra`
+        #: Per extra: one default tensor and its last view (see `_absent_extra`).
+        self._defaults: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._steps = itertools.count()
 
     # -- extras -----------------------------------------------------------------------------
@@ -114,11 +115,15 @@ class KVRunner:
 
     def _absent_extra(self, name: str, rows: int) -> torch.Tensor:
         """`default_extra(name, rows)` for a batch where nobody supplied it: a view of one
-        cached tensor (grown when a batch is larger), not a fresh one each step."""
+        cached tensor (grown when a batch is larger), not a fresh one each step; the view of
+        the last step is reused while the batch size stays (decode steps)."""
         cached = self._defaults.get(name)
-        if cached is None or cached.shape[0] < rows:
-            cached = self._defaults[name] = self.default_extra(name, max(rows, 256))
-        return cached[:rows]
+        if cached is None or cached[0].shape[0] < rows:
+            full = self.default_extra(name, max(rows, 256))
+            cached = self._defaults[name] = (full, full[:rows])
+        elif cached[1].shape[0] != rows:
+            cached = self._defaults[name] = (cached[0], cached[0][:rows])
+        return cached[1]
 
     def batch_extras(self, pieces: list[Chunk]) -> dict[str, torch.Tensor]:
         """The node's extras for a batch of `pieces` (defaults where absent)."""
