@@ -313,16 +313,18 @@ class KVEngine:
         self.kv_scheduler.add(task)
 
     def _positions(self, given: Any, state: SeqState, n: int) -> torch.Tensor:
+        """[axes, n] positions, possibly a view (an axis expanded): they are only read, and
+        batches concatenate them."""
         axes = self.spec.position_axes
         if given is None:
-            pos = torch.arange(state.next_position, state.next_position + n)
-            return pos.unsqueeze(0).expand(axes, n).contiguous().to(self.device)
+            return torch.arange(state.next_position, state.next_position + n,
+                                device=self.device).expand(axes, n)
         pos = _long_tensor(given)
         if pos.dim() == 1:
-            pos = pos.unsqueeze(0).expand(axes, -1)
+            pos = pos.expand(axes, -1)
         if tuple(pos.shape) != (axes, n):
             raise RequestError(f"positions of shape {tuple(pos.shape)}; expected ({axes}, {n})")
-        return _on(pos if pos.is_contiguous() else pos.contiguous(), self.device)
+        return _on(pos, self.device)
 
     def _extras_for(self, inputs: dict[str, Any], n: int):
         """The extras this invocation supplies (absent ones get defaults at batch time)."""
