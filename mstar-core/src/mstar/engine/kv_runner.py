@@ -262,14 +262,21 @@ class KVRunner:
             task.done += take
             if task.done == task.n:
                 finished.append(task)
+        last_logits: dict[Task, int] = {}  # row of `out["logits"]` with a task's last logits
         for name, value in out.items():
             holders = fb.output_seqs(name)
             counts = [seq_chunks[i].outputs[name][1] for i in holders]
             for i, part in zip(holders, torch.split(value, counts)):
                 batch[i].task.pieces.setdefault(name, []).append(part)
-        return self._finish(finished)
+            if name == "logits":
+                last_logits = {batch[i].task: end - 1
+                               for i, end in zip(holders, itertools.accumulate(counts))}
+        return self._finish(finished, out.get("logits"), last_logits)
 
-    def _finish(self, finished: list[Task]) -> list[WorkResult]:
+    def _finish(self, finished: list[Task], logits: torch.Tensor | None,
+                last_logits: dict[Task, int]) -> list[WorkResult]:
+        """Results of the `finished` tasks, sampling those that sample from their last
+        logits: rows of this step's `logits` (`last_logits`) where they are there."""
         results: list[WorkResult] = []
         to_sample: list[Task] = []
         self.scheduler.retire(finished)
@@ -283,12 +290,14 @@ class KVRunner:
             else:
                 results.append(WorkResult(task.work, self._outputs(task)))
         if to_sample:
+            def last(tasks: list[Task]) -> torch.Tensor:
+                return self._last_logits(tasks, logits, last_logits)
             try:
-                results.extend(self._sample(to_sample))
+                results.extend(self._sample(to_sample, last(to_sample)))
             except Exception:  # a request's logits processor raised: it fails alone
                 for task in to_sample:
                     try:
-                        results.extend(self._sample([task]))
+                        results.extend(self._sample([task], last([task])))
                     except Exception as exc:
                         results.append(WorkResult(task.work, error=exc))
         return results
@@ -301,9 +310,20 @@ class KVRunner:
         return {name: parts[0] if len(parts) == 1 else torch.cat(parts)
                 for name, parts in task.pieces.items() if name in task.work.node.outputs}
 
-    def _sample(self, tasks: list[Task]) -> list[WorkResult]:
+    @staticmethod
+    def _last_logits(tasks: list[Task], logits: torch.Tensor | None,
+                     rows: dict[Task, int]) -> torch.Tensor:
+        """[len(tasks), V]: each task's last logits row. Taken from the step's `logits` at
+        `rows` (the step's tensor itself when the tasks are all its rows, in order: a decode
+        step copies no logits); from the tasks' pieces when some came from an earlier step."""
+        at = [rows.get(t, -1) for t in tasks]
+        if logits is not None and -1 not in at:
+            return logits if at == list(range(logits.shape[0])) else logits[at]
         last = [t.pieces["logits"][-1] for t in tasks]
-        logits = torch.cat([p if p.shape[0] == 1 else p[-1:] for p in last]).float()
+        return torch.cat([p if p.shape[0] == 1 else p[-1:] for p in last])
+
+    def _sample(self, tasks: list[Task], logits: torch.Tensor) -> list[WorkResult]:
+        logits = logits.float()
         rows = []
         for t in tasks:
             state = self.seqs[t.key]
