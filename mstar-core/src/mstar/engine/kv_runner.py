@@ -129,16 +129,16 @@ class KVRunner:
         """The node's extras for a batch of `pieces` (defaults where absent)."""
         extras: dict[str, torch.Tensor] = {}
         total = sum(p.length for p in pieces)
+        supplied = set().union(*(p.token_extras for p in pieces),
+                               *(p.seq_extras for p in pieces))  # one pass over the batch
         for name, ex in self._extras.items():
-            if ex.per == "token":
-                if not any(name in p.token_extras for p in pieces):
-                    extras[name] = self._absent_extra(name, total)
-                else:
-                    extras[name] = torch.cat([p.token_extras[name] if name in p.token_extras
-                                              else self.default_extra(name, p.length)
-                                              for p in pieces])
-            elif not any(name in p.seq_extras for p in pieces):
-                extras[name] = self._absent_extra(name, len(pieces))
+            if name not in supplied:
+                extras[name] = self._absent_extra(name, total if ex.per == "token"
+                                                  else len(pieces))
+            elif ex.per == "token":
+                extras[name] = torch.cat([p.token_extras[name] if name in p.token_extras
+                                          else self.default_extra(name, p.length)
+                                          for p in pieces])
             else:
                 extras[name] = torch.stack([p.seq_extras[name] if name in p.seq_extras
                                             else self.default_extra(name, None) for p in pieces])
