@@ -153,3 +153,23 @@ def test_host_time_counts_every_step_that_ran_a_forward(llm):
     assert e.timing["schedule"] > 0 and e.timing["runner"] > 0
     e.step()  # nothing to run: not a step
     assert e.timing["steps"] == len(e.step_log)
+
+
+def test_each_sampled_token_comes_from_its_own_last_logits_row(llm):
+    """Sampling reads each sequence's row of the step's logits in place: in a step where a
+    sequence that only returns logits sits between sampled ones, every greedy token is still
+    the argmax of its own sequence's last logits."""
+    sampled = GraphNode("LLM", inputs=("input_ids",), outputs=("token_ids", "logits"))
+    e = engine(llm, pages=32)
+    for rid, node, ids in (("S1", sampled, IDS[:5]), ("L", NODE, IDS[5:12]),
+                           ("S2", sampled, IDS[12:15]), ("S3", sampled, IDS[3:9])):
+        e.submit(NodeWork(rid, 0, node, {"input_ids": torch.tensor(ids)}, seed=0,
+                          sampling=SamplingParams(temperature=0.0)))
+    results = e.step()
+    assert len(e.step_log) == 1 and len(results) == 4  # one step ran all four
+    for r in results:
+        assert r.error is None, r.error
+        if "token_ids" in r.outputs:
+            assert r.outputs["token_ids"].tolist() == [int(r.outputs["logits"][-1].argmax())]
+    assert sorted(r.work.request_id for r in results if "token_ids" in r.outputs) == [
+        "S1", "S2", "S3"]

@@ -32,7 +32,8 @@ class _Plan:
 class _Decode:
     """The batched decode path: every chunk is one token."""
 
-    slots: torch.Tensor  # [B, C] context slots (+ the new token's when write_first), pad 0
+    slots: torch.Tensor  # [B * C] context slots (+ the new token's when write_first), pad 0
+    width: int  # C (+ 1 when write_first): the padded context of every row
     mask: torch.Tensor  # [B, 1, 1, C + 1]
     write_first: bool = False
 
@@ -97,10 +98,12 @@ class TorchAttention:
         row's last column is its new token) built from the page tables in one go."""
         slots, lens = cache.slot_table([s.key for s in seqs], [s.context_len + 1 for s in seqs],
                                        write_last=True)
-        self._write_slots = slots[torch.arange(len(seqs), device=slots.device), lens - 1]
-        cols = torch.arange(slots.shape[1], device=slots.device)
-        mask = cols[None, :] < lens[:, None]
-        return _Decode(slots=slots, mask=mask[:, None, None, :], write_first=True)
+        batch, width = slots.shape
+        self._write_slots = slots.gather(1, (lens - 1).view(batch, 1)).view(batch)
+        cols = torch.arange(width, device=slots.device)
+        mask = cols.view(1, width) < lens.view(batch, 1)
+        return _Decode(slots=slots.view(-1), width=width, mask=mask.view(batch, 1, 1, width),
+                       write_first=True)
 
     def _decode_plan(self, seqs: list[SeqChunk], dev: torch.device) -> _Decode:
         """One-token chunks not all appended (or no cache): every context padded to the
@@ -113,7 +116,7 @@ class TorchAttention:
                 slots[i, :plan.context_slots.shape[0]] = plan.context_slots
         cols = torch.arange(longest + 1, device=dev)
         mask = (cols[None, :] < lens[:, None]) | (cols[None, :] == longest)
-        return _Decode(slots=slots, mask=mask[:, None, None, :])
+        return _Decode(slots=slots.view(-1), width=longest, mask=mask[:, None, None, :])
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -144,7 +147,8 @@ class TorchAttention:
             ks, vs = k[plan.rows], v[plan.rows]
             if plan.context_slots is not None:
                 assert flat is not None
-                kc, vc = flat[0][plan.context_slots], flat[1][plan.context_slots]
+                kc = flat[0].index_select(0, plan.context_slots)
+                vc = flat[1].index_select(0, plan.context_slots)
                 ks = torch.cat([kc.to(k.dtype), ks])
                 vs = torch.cat([vc.to(v.dtype), vs])
             o = F.scaled_dot_product_attention(
@@ -158,15 +162,25 @@ class TorchAttention:
         """One batched SDPA for one-token chunks, contexts padded and masked."""
         assert self._decode is not None
         if self._decode.write_first:  # the new K/V are in the cache already
-            kf, vf = self.cache.pool.flat(layer_idx)
-            ks, vs = kf[self._decode.slots].to(k.dtype), vf[self._decode.slots].to(v.dtype)
+            ks, vs = self._gather(layer_idx, k.dtype)
         else:
             ks, vs = k[:, None], v[:, None]  # [B, 1, KVH, D]
-            if self.cache is not None and self._decode.slots.shape[1]:
-                kf, vf = self.cache.pool.flat(layer_idx)
-                ks = torch.cat([kf[self._decode.slots].to(k.dtype), ks], dim=1)
-                vs = torch.cat([vf[self._decode.slots].to(v.dtype), vs], dim=1)
+            if self.cache is not None and self._decode.width:
+                kc, vc = self._gather(layer_idx, k.dtype)
+                ks, vs = torch.cat([kc, ks], dim=1), torch.cat([vc, vs], dim=1)
         o = F.scaled_dot_product_attention(
             q[:, :, None], ks.transpose(1, 2), vs.transpose(1, 2),
             attn_mask=self._decode.mask, scale=scale, enable_gqa=True)
         return o[:, :, 0]
+
+    def _gather(self, layer_idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V `[B, C, KVH, D]` of the decode rows' padded slots (`index_select` on the
+        flat slots: several times faster on CPU than indexing by a 2-D slot tensor)."""
+        assert self._decode is not None and self.cache is not None
+        kf, vf = self.cache.pool.flat(layer_idx)
+        shape = (-1, self._decode.width, kf.shape[1], kf.shape[2])
+        ks = kf.index_select(0, self._decode.slots).view(shape)
+        vs = vf.index_select(0, self._decode.slots).view(shape)
+        if ks.dtype != dtype:
+            ks, vs = ks.to(dtype), vs.to(dtype)
+        return ks, vs

@@ -60,6 +60,10 @@ class PagePool:
         self._free: deque[int] = deque(range(num_pages))
         self._refs = [0] * num_pages
         self.prefix = PrefixTable()
+        # Built once: every layer's attention reads them at every step.
+        shape = (num_pages * page_size, spec.num_kv_heads, spec.head_dim)
+        self._flat = [(self.kv[i, 0].view(shape), self.kv[i, 1].view(shape))
+                      for i in range(spec.num_layers)]
 
     @property
     def num_pages(self) -> int:
@@ -93,8 +97,7 @@ class PagePool:
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `layer` as views `[num_pages * page_size, KVH, D]`, indexed by slot."""
-        shape = (self.num_pages * self.page_size, self.spec.num_kv_heads, self.spec.head_dim)
-        return self.kv[layer, 0].view(shape), self.kv[layer, 1].view(shape)
+        return self._flat[layer]
 
     def refcount(self, page: int) -> int:
         return self._refs[page]

@@ -52,6 +52,20 @@ from mstar.model.contract import Fork, KVSpec
 from mstar.model.forward import Segment, SeqKey
 
 
+def _long_tensor(value: Any) -> torch.Tensor:
+    """`value` as a long tensor; a long tensor as it is. Submission runs for every sequence
+    at every step, and each torch call releases the GIL (to be won back from the threads
+    serving clients), so calls that would change nothing are not made."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.long:
+        return value
+    return torch.as_tensor(value, dtype=torch.long)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` (itself when it is there already; see `_long_tensor`)."""
+    return t if t.device == device else t.to(device)
+
+
 @dataclass
 class SeqMigration:
     """One sequence leaving this engine: its state and its K/V (None when it was preempted:
@@ -266,7 +280,8 @@ class KVEngine:
         inputs = work.inputs
         if "input_ids" not in inputs:
             raise RequestError(f"{work.node.name}: missing input 'input_ids'")
-        ids = torch.as_tensor(inputs["input_ids"], dtype=torch.long).reshape(-1)
+        ids = _long_tensor(inputs["input_ids"])
+        ids = ids if ids.dim() == 1 else ids.reshape(-1)
         n = int(ids.shape[0])
         if n == 0:
             raise RequestError(f"{work.node.name}: empty input_ids")
@@ -293,22 +308,24 @@ class KVEngine:
         wanted = {name: at for name, at in self.spec.outputs.items()
                   if name in work.node.outputs
                   or (name == "logits" and "token_ids" in work.node.outputs)}
-        task = Task(work=work, key=key, chunk=Chunk(ids.to(self.device), positions, segments,
+        task = Task(work=work, key=key, chunk=Chunk(_on(ids, self.device), positions, segments,
                                                      token_extras, seq_extras),
                      mode=mode, wanted=wanted, samples="token_ids" in work.node.outputs)
         self.kv_scheduler.add(task)
 
     def _positions(self, given: Any, state: SeqState, n: int) -> torch.Tensor:
+        """[axes, n] positions, possibly a view (an axis expanded): they are only read, and
+        batches concatenate them."""
         axes = self.spec.position_axes
         if given is None:
-            pos = torch.arange(state.next_position, state.next_position + n)
-            return pos.unsqueeze(0).expand(axes, n).contiguous().to(self.device)
-        pos = torch.as_tensor(given, dtype=torch.long)
+            return torch.arange(state.next_position, state.next_position + n,
+                                device=self.device).expand(axes, n)
+        pos = _long_tensor(given)
         if pos.dim() == 1:
-            pos = pos.unsqueeze(0).expand(axes, -1)
+            pos = pos.expand(axes, -1)
         if tuple(pos.shape) != (axes, n):
             raise RequestError(f"positions of shape {tuple(pos.shape)}; expected ({axes}, {n})")
-        return pos.contiguous().to(self.device)
+        return _on(pos, self.device)
 
     def _extras_for(self, inputs: dict[str, Any], n: int):
         """The extras this invocation supplies (absent ones get defaults at batch time)."""

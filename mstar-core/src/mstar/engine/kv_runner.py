@@ -103,7 +103,8 @@ class KVRunner:
         #: Emit an NVTX range around each forward (CUDA only; `--enable-nvtx`).
         self.nvtx = False
         self._extras = {e.name: e for e in spec.extras}
-        self._defaults: dict[str, torch.Tensor] = {}  # see `_absent_extra`
+        #: Per extra: one default tensor and its last view (see `_absent_extra`).
+        self._defaults: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._steps = itertools.count()
 
     # -- extras -----------------------------------------------------------------------------
@@ -115,26 +116,30 @@ class KVRunner:
 
     def _absent_extra(self, name: str, rows: int) -> torch.Tensor:
         """`default_extra(name, rows)` for a batch where nobody supplied it: a view of one
-        cached tensor (grown when a batch is larger), not a fresh one each step."""
+        cached tensor (grown when a batch is larger), not a fresh one each step; the view of
+        the last step is reused while the batch size stays (decode steps)."""
         cached = self._defaults.get(name)
-        if cached is None or cached.shape[0] < rows:
-            cached = self._defaults[name] = self.default_extra(name, max(rows, 256))
-        return cached[:rows]
+        if cached is None or cached[0].shape[0] < rows:
+            full = self.default_extra(name, max(rows, 256))
+            cached = self._defaults[name] = (full, full[:rows])
+        elif cached[1].shape[0] != rows:
+            cached = self._defaults[name] = (cached[0], cached[0][:rows])
+        return cached[1]
 
     def batch_extras(self, pieces: list[Chunk]) -> dict[str, torch.Tensor]:
         """The node's extras for a batch of `pieces` (defaults where absent)."""
         extras: dict[str, torch.Tensor] = {}
         total = sum(p.length for p in pieces)
+        supplied = set().union(*(p.token_extras for p in pieces),
+                               *(p.seq_extras for p in pieces))  # one pass over the batch
         for name, ex in self._extras.items():
-            if ex.per == "token":
-                if not any(name in p.token_extras for p in pieces):
-                    extras[name] = self._absent_extra(name, total)
-                else:
-                    extras[name] = torch.cat([p.token_extras[name] if name in p.token_extras
-                                              else self.default_extra(name, p.length)
-                                              for p in pieces])
-            elif not any(name in p.seq_extras for p in pieces):
-                extras[name] = self._absent_extra(name, len(pieces))
+            if name not in supplied:
+                extras[name] = self._absent_extra(name, total if ex.per == "token"
+                                                  else len(pieces))
+            elif ex.per == "token":
+                extras[name] = torch.cat([p.token_extras[name] if name in p.token_extras
+                                          else self.default_extra(name, p.length)
+                                          for p in pieces])
             else:
                 extras[name] = torch.stack([p.seq_extras[name] if name in p.seq_extras
                                             else self.default_extra(name, None) for p in pieces])
@@ -258,14 +263,21 @@ class KVRunner:
             task.done += take
             if task.done == task.n:
                 finished.append(task)
+        last_logits: dict[Task, int] = {}  # row of `out["logits"]` with a task's last logits
         for name, value in out.items():
             holders = fb.output_seqs(name)
             counts = [seq_chunks[i].outputs[name][1] for i in holders]
             for i, part in zip(holders, torch.split(value, counts)):
                 batch[i].task.pieces.setdefault(name, []).append(part)
-        return self._finish(finished)
+            if name == "logits":
+                last_logits = {batch[i].task: end - 1
+                               for i, end in zip(holders, itertools.accumulate(counts))}
+        return self._finish(finished, out.get("logits"), last_logits)
 
-    def _finish(self, finished: list[Task]) -> list[WorkResult]:
+    def _finish(self, finished: list[Task], logits: torch.Tensor | None,
+                last_logits: dict[Task, int]) -> list[WorkResult]:
+        """Results of the `finished` tasks, sampling those that sample from their last
+        logits: rows of this step's `logits` (`last_logits`) where they are there."""
         results: list[WorkResult] = []
         to_sample: list[Task] = []
         self.scheduler.retire(finished)
@@ -279,23 +291,40 @@ class KVRunner:
             else:
                 results.append(WorkResult(task.work, self._outputs(task)))
         if to_sample:
+            def last(tasks: list[Task]) -> torch.Tensor:
+                return self._last_logits(tasks, logits, last_logits)
             try:
-                results.extend(self._sample(to_sample))
+                results.extend(self._sample(to_sample, last(to_sample)))
             except Exception:  # a request's logits processor raised: it fails alone
                 for task in to_sample:
                     try:
-                        results.extend(self._sample([task]))
+                        results.extend(self._sample([task], last([task])))
                     except Exception as exc:
                         results.append(WorkResult(task.work, error=exc))
         return results
 
     @staticmethod
     def _outputs(task: Task) -> dict[str, Any]:
-        return {name: torch.cat(parts) for name, parts in task.pieces.items()
-                if name in task.work.node.outputs}
+        """The task's outputs; one produced in a single step is that step's rows (a view of
+        the batch output, as `token_ids` is), not a copy: a decode step makes one per
+        sequence, and every torch call there costs a GIL hand-off (see `kv_engine`)."""
+        return {name: parts[0] if len(parts) == 1 else torch.cat(parts)
+                for name, parts in task.pieces.items() if name in task.work.node.outputs}
 
-    def _sample(self, tasks: list[Task]) -> list[WorkResult]:
-        logits = torch.cat([t.pieces["logits"][-1][-1:] for t in tasks]).float()
+    @staticmethod
+    def _last_logits(tasks: list[Task], logits: torch.Tensor | None,
+                     rows: dict[Task, int]) -> torch.Tensor:
+        """[len(tasks), V]: each task's last logits row. Taken from the step's `logits` at
+        `rows` (the step's tensor itself when the tasks are all its rows, in order: a decode
+        step copies no logits); from the tasks' pieces when some came from an earlier step."""
+        at = [rows.get(t, -1) for t in tasks]
+        if logits is not None and -1 not in at:
+            return logits if at == list(range(logits.shape[0])) else logits[at]
+        last = [t.pieces["logits"][-1] for t in tasks]
+        return torch.cat([p if p.shape[0] == 1 else p[-1:] for p in last])
+
+    def _sample(self, tasks: list[Task], logits: torch.Tensor) -> list[WorkResult]:
+        logits = logits.float()
         rows = []
         for t in tasks:
             state = self.seqs[t.key]

@@ -211,16 +211,17 @@ class KVScheduler:
                 self._undo_reuse(task, reused)
                 continue
             if task.mode == "append":
-                while True:
+                reserved = False  # its new or copy-on-write pages
+                while not reserved:
                     try:
                         self.cache.reserve(task.key, take)
-                        break
+                        reserved = True
                     except OutOfPages:
                         victim = self._preempt_one(in_batch | {task.request_id})
                         if victim is None:
                             break
                         preempted.append(victim)
-                if self.cache.pages_needed(task.key, take):  # new or copy-on-write pages
+                if not reserved:
                     self._undo_reuse(task, reused)
                     others = any(s.admitted >= 0 and s.key.request_id != task.request_id
                                  for s in self.seqs.values())

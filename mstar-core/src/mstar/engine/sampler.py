@@ -236,14 +236,14 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRequest],
         stuck = (~torch.isfinite(x[masks.rows]).any(dim=-1)).tolist()
         failed.update({i: "no token the response_format allows is left (a logits processor "
                           "ruled them all out)" for i, s in zip(masks.rows, stuck) if s})
-    token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-
     greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
     drawn = [i for i, r in enumerate(rows) if r.params.temperature != 0]
-    if greedy:
-        # A whole-batch slice avoids copying [B, V] when every row is greedy.
-        sel = slice(None) if not drawn else greedy
-        token_ids[sel] = x[sel].argmax(dim=-1)
+    if not drawn:  # every row greedy: one call
+        token_ids = x.argmax(dim=-1)
+    else:
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    if greedy and drawn:
+        token_ids[greedy] = x[greedy].argmax(dim=-1)
     if drawn:
         sel = slice(None) if not greedy else drawn
         probs = _filter(x[sel], [rows[i].params for i in drawn])

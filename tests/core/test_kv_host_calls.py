@@ -1,0 +1,83 @@
+"""A decode step makes as many torch calls for many sequences as for few.
+
+Why: every torch call releases the GIL, and in a served process the threads relaying
+tokens to clients hold it often, so each call on the engine's host path may wait to win it
+back. The per-sequence work of a step (submission, commit, sampling, outputs) is therefore
+plain Python, and the torch calls are made once per step for the whole batch. Counted with
+a `TorchFunctionMode` around `submit` and `step` of testvla's tiny LLM.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from mstar.config.deployment import SchedulerConfig
+from mstar.engine.kv_cache import KVCacheManager, PagePool
+from mstar.engine.kv_engine import KVEngine
+from mstar.engine.work import NodeWork
+from mstar.graph.primitives import GraphNode
+from mstar.model.sampling import SamplingParams
+
+#: testvla's decode invocation: explicit positions, a sampled token and the mid hidden state.
+NODE = GraphNode("LLM", inputs=("input_ids", "positions"), outputs=("token_ids", "mid_hidden"))
+PROMPT = list(range(40, 47))
+#: Reading a tensor's metadata runs no operator and never releases the GIL.
+METADATA = {"dim", "__get__", "is_contiguous", "size", "numel"}
+
+
+class CountCalls(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called inside it, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        name = getattr(func, "__name__", repr(func))
+        if name not in METADATA:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def positions(at: int) -> torch.Tensor:
+    """One text token's 3-axis positions, as testvla's decode prepares them."""
+    return torch.arange(at, at + 1).expand(3, 1)
+
+
+def decode_step_calls(llm, sequences: int) -> collections.Counter[str]:
+    """Torch calls of submitting one decode token per sequence and running the step."""
+    model, module = llm
+    spec = model.kv_spec("LLM")
+    e = KVEngine("LLM", module, spec, KVCacheManager(PagePool(spec, 64, 4)), max_seq_len=32,
+                 scheduler=SchedulerConfig(), prefix_caching=False)
+
+    def work(rid: str, ids: list[int], at: int) -> NodeWork:
+        return NodeWork(rid, 0, NODE, {"input_ids": torch.tensor(ids),
+                                       "positions": positions(at)
+                                       if len(ids) == 1 else None},
+                        seed=0, sampling=SamplingParams(temperature=0.0))
+
+    rids = [f"r{i}" for i in range(sequences)]
+    for rid in rids:
+        e.submit(work(rid, PROMPT, 0))
+    sampled = {r.work.request_id: r.outputs["token_ids"] for r in e.step()}
+    assert sampled.keys() == set(rids)
+    works = [work(rid, sampled[rid].tolist(), len(PROMPT)) for rid in rids]
+    with CountCalls() as counter:
+        for w in works:
+            e.submit(w)
+        results = e.step()
+    assert sorted(r.work.request_id for r in results) == rids
+    assert all(r.error is None and r.outputs["token_ids"].shape == (1,) for r in results)
+    return counter.calls
+
+
+def test_a_decode_step_makes_as_many_torch_calls_for_many_sequences_as_for_few(llm):
+    few, many = decode_step_calls(llm, 2), decode_step_calls(llm, 7)
+    assert sum(few.values()) > 0  # the step was counted (the forward at least)
+    assert many == few, {name: (few[name], many[name]) for name in few.keys() | many.keys()
+                         if few[name] != many[name]}
