@@ -431,7 +431,7 @@ def test_openapi_describes_every_route_and_the_models_request(server):
     bodies = {path: ops["post"]["requestBody"]["content"]["application/json"]["schema"]
               for path, ops in doc["paths"].items() if "post" in ops}
     assert set(bodies) == {"/generate", "/v1/chat/completions", "/v1/completions",
-                           "/v1/audio/speech"}
+                           "/v1/audio/speech", "/v1/testvla/act"}  # the last: testvla's own
     assert {"prompt", "mode", "num_steps", "image"} <= set(bodies["/generate"]["properties"])
     assert "messages" in bodies["/v1/chat/completions"]["properties"]
     assert bodies["/v1/chat/completions"]["additionalProperties"] is False

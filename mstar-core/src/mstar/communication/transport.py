@@ -58,7 +58,10 @@ class LocalTransport:
         owner = owner or self.address
         with self._store.lock:
             key = f"t{next(self._store.ids)}"
-            self._store.items[key] = (owner, request_id, tensor.detach())
+            # detach only what needs it: in one process every torch call lets another
+            # thread take the GIL, and this runs once per emitted token
+            kept = tensor.detach() if tensor.requires_grad else tensor
+            self._store.items[key] = (owner, request_id, kept)
         return Handle(key=key, owner=owner, request_id=request_id,
                       dtype=str(tensor.dtype).removeprefix("torch."), shape=list(tensor.shape))
 

@@ -108,7 +108,8 @@ class LocalDeployment:
     def __init__(self, spec: ModelSpec, model: Model, config: DeploymentConfig,
                  options: LoadOptions, *, device: str | None = None,
                  enable_nvtx: bool = False):
-        wiring = Wiring(model, config, options, enable_nvtx=enable_nvtx)
+        wiring = Wiring(model, config, options, enable_nvtx=enable_nvtx,
+                        request_schema_path=spec.request_schema)
         if device is not None:
             wiring = wiring.on_device(device)
         self.spec, self.model, self.config = spec, model, wiring.config

@@ -11,6 +11,7 @@ prefix caching) is decided here once, so it cannot reach one path and miss the o
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from mstar.config import DeploymentConfig, Placement, placement, validate_for_mo
 from mstar.config.devices import DevicePlan, device_plan, tp_backend
 from mstar.media import MediaLimits
 from mstar.model.contract import Model
-from mstar.plugins import model_registry
 from mstar.plugins.registry import import_string
 from mstar.runtime.builder import LoadOptions, build_engines, tp_group_ranks
 from mstar.runtime.conductor import Conductor
@@ -45,13 +45,15 @@ def eos_token_ids(model: Model) -> tuple[int, ...]:
 class Wiring:
     """The roles of one deployment of `model` under `config`. `status_address`: where
     readiness and worker stats go (the frontend in one process, the API server's gateway
-    when served)."""
+    when served); `request_schema`: the import string of the model's `/generate` request
+    model (`ModelSpec.request_schema`), whose media and tensor fields the frontend decodes."""
 
     model: Model
     config: DeploymentConfig
     options: LoadOptions
     enable_nvtx: bool = False
     status_address: str = "frontend"
+    request_schema_path: str | None = None
     placement: Placement = field(init=False)
 
     def __post_init__(self) -> None:
@@ -72,8 +74,7 @@ class Wiring:
         as one)."""
         config = self.config.model_copy(
             update={"devices": dict.fromkeys(self.placement.ranks(), device)})
-        return Wiring(self.model, config, self.options, enable_nvtx=self.enable_nvtx,
-                      status_address=self.status_address)
+        return dataclasses.replace(self, config=config)
 
     def conductor(self, channel: Channel) -> Conductor:
         return Conductor(self.model, self.placement, channel,
@@ -89,9 +90,8 @@ class Wiring:
 
     @functools.cached_property
     def request_schema(self) -> Any:
-        """The model's `/generate` request model (`ModelSpec.request_schema`), or None."""
-        path = model_registry().get(self.config.model).request_schema
-        return import_string(path) if path else None
+        """The model's `/generate` request model, or None when it declares none."""
+        return import_string(self.request_schema_path) if self.request_schema_path else None
 
     def worker_engines(self, rank: int, *, tp_group: Any = None
                        ) -> tuple[torch.device, Callable[[], dict[str, Any]]]:

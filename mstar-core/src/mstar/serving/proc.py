@@ -74,10 +74,11 @@ def wiring(spec: ProcessSpec) -> Wiring:
 
     config = DeploymentConfig.model_validate(spec.config)
     options = LoadOptions(**spec.load)
-    model = make_model(model_registry().get(spec.model), config.model_kwargs,
-                       preset=spec.preset, options=options)
+    model_spec = model_registry().get(spec.model)
+    model = make_model(model_spec, config.model_kwargs, preset=spec.preset, options=options)
     return Wiring(model, config, options, enable_nvtx=spec.enable_nvtx,
-                  status_address=spec.gateway_address)
+                  status_address=spec.gateway_address,
+                  request_schema_path=model_spec.request_schema)
 
 
 def run(spec: ProcessSpec) -> None:
