@@ -173,3 +173,27 @@ def test_each_sampled_token_comes_from_its_own_last_logits_row(llm):
             assert r.outputs["token_ids"].tolist() == [int(r.outputs["logits"][-1].argmax())]
     assert sorted(r.work.request_id for r in results if "token_ids" in r.outputs) == [
         "S1", "S2", "S3"]
+
+
+def test_an_int_position_is_a_text_run_on_every_axis(llm):
+    """`positions=p` means p, p+1, ... on every axis: the same logits as the explicit
+    [A, n] tensor, and a negative start is refused naming positions."""
+    import pytest
+
+    from mstar.errors import RequestError
+
+    def logits(positions) -> torch.Tensor:
+        e = engine(llm, 32)
+        inputs = {"input_ids": torch.tensor(IDS[:6])}
+        if positions is not None:
+            inputs["positions"] = positions
+        e.submit(NodeWork("r", 0, NODE, inputs, seed=0, sampling=SamplingParams()))
+        return drain(e)[("r", 0)]
+
+    axes = llm[0].kv_spec("LLM").position_axes
+    explicit = torch.arange(7, 13).expand(axes, 6)
+    torch.testing.assert_close(logits(7), logits(explicit), rtol=0, atol=0)
+    assert not torch.equal(logits(7), logits(None))  # 7.. is not the default 0..
+    torch.testing.assert_close(logits(0), logits(None), rtol=0, atol=0)
+    with pytest.raises(RequestError, match="positions"):
+        logits(-1)

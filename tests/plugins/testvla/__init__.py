@@ -90,6 +90,8 @@ def run_llm(model: Model, module: nn.Module, cache: KVCacheManager,
                              outputs=outputs))
         ids.append(input_ids)
         p = ch.inputs["positions"]
+        if isinstance(p, int):  # a run of text positions from p, on every axis
+            p = torch.arange(p, p + n)
         pos.append(p if p.dim() == 2 else p.expand(3, n))
         start += n
     extras: dict[str, torch.Tensor] = {}

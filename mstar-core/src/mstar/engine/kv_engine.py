@@ -23,7 +23,8 @@ followers replay the leader's page operations and cannot see its cache); a follo
 what it replays.
 
 Per-invocation inputs read from the environment: `input_ids` [n] (required), `positions`
-([n] or [A, n]; default: the sequence's next position + arange, on every axis), `segments`
+([n] or [A, n], or an int: the first of n consecutive positions on every axis, as text runs
+after multi-axis media; default: the sequence's next position), `segments`
 (list of (length, kind); default one causal segment), `chunk_mode` ("append" | "scratch"),
 and the node's declared extras by name.
 """
@@ -88,6 +89,9 @@ class KVEngine:
         self.spec = spec
         self.cache = cache
         self.max_seq_len = max_seq_len
+        #: consecutive positions on every axis, sliced for runs (see `_positions`)
+        self._runs = torch.arange(max_seq_len + 1, device=device).expand(
+            spec.position_axes, -1)
         self.scheduler = scheduler
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = torch.device(device)
@@ -315,11 +319,16 @@ class KVEngine:
 
     def _positions(self, given: Any, state: SeqState, n: int) -> torch.Tensor:
         """[axes, n] positions, possibly a view (an axis expanded): they are only read, and
-        batches concatenate them."""
+        batches concatenate them. A run (None, or an int start) is a slice of one table
+        kept per engine: one torch call per decode step of a sequence, not two."""
         axes = self.spec.position_axes
-        if given is None:
-            return torch.arange(state.next_position, state.next_position + n,
-                                device=self.device).expand(axes, n)
+        if given is None or isinstance(given, int):
+            start = state.next_position if given is None else given
+            if start < 0:
+                raise RequestError(f"positions must be >= 0, got {start}")
+            if start + n > self._runs.shape[1]:
+                self._runs = torch.arange(2 * (start + n), device=self.device).expand(axes, -1)
+            return self._runs[:, start:start + n]
         pos = _long_tensor(given)
         if pos.dim() == 1:
             pos = pos.expand(axes, -1)

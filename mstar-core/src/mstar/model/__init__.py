@@ -16,6 +16,7 @@ from mstar.model.contract import (
     RequestPlan,
     RequestState,
     WalkStep,
+    token_list,
 )
 from mstar.model.fields import (
     AudioInput,
@@ -63,4 +64,5 @@ __all__ = [
     "WalkStep",
     "attention_context",
     "ragged_attention",
+    "token_list",
 ]

@@ -151,6 +151,18 @@ class OutputState:
     detokenizer: Any = None
 
 
+def token_list(value: Any) -> list[int]:
+    """A `token_ids` output (a tensor of any shape, or a list) as a flat list of ints.
+
+    Why not `torch.as_tensor(v).reshape(-1).tolist()`: each torch call there lets another
+    thread take the GIL, and in one process (`mstar.load`) the worker then waits to get it
+    back, once per token; a 1-D tensor's `tolist()` keeps it."""
+    if isinstance(value, torch.Tensor):
+        flat = value.tolist() if value.dim() == 1 else value.reshape(-1).tolist()
+        return flat
+    return [int(v) for v in value]
+
+
 class Model:
     """Base class of every model. Subclasses set `config_class` and `presets`, and
     implement the declarations below.

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import torch
 
 from mstar import events
 from mstar.chat import IncrementalDetokenizer, StopStrings, build_chat_prompt
@@ -38,7 +37,7 @@ from mstar.engine.kv_cache import capacity_tokens, pages_for_completions
 from mstar.engine.rng import draw_seed
 from mstar.errors import RequestError
 from mstar.events import Sink
-from mstar.model.contract import Model, OutputState, RequestPlan
+from mstar.model.contract import Model, OutputState, RequestPlan, token_list
 from mstar.model.fields import decode_inputs, input_fields
 from mstar.model.sampling import SamplingParams
 
@@ -316,7 +315,7 @@ class Frontend(Component):
             return
         live.received[m.worker] = live.received.get(m.worker, 0) + 1
         if "token_ids" in outputs:
-            live.completion_tokens += int(torch.as_tensor(outputs["token_ids"]).numel())
+            live.completion_tokens += len(token_list(outputs["token_ids"]))
         state = live.states.get(m.child)
         if state is None:
             state = live.states[m.child] = OutputState(

@@ -62,6 +62,7 @@ from mstar.model import (
     SamplingFields,
     TensorInput,
     WalkStep,
+    token_list,
 )
 from mstar.weights import WeightSpec
 
@@ -364,13 +365,13 @@ class TestVLA(Model):
         """Explicit positions: with image positions compressed, the next position is not
         the sequence length. Completions 1..n-1 are forks of the prompt without its last
         token: their first step re-reads that token and samples their own first token."""
-        step = iteration or 0
+        step = iteration or 0  # an int position: text advances every axis together
         if env.get("child", 0) == 0:
-            return {"positions": _text_positions(env["text_end"] + step, 1)}
+            return {"positions": env["text_end"] + step}
         if step == 0:
             return {"input_ids": torch.tensor(env["prompt_ids"][-1:], dtype=torch.long),
-                    "positions": _text_positions(env["text_end"] - 1, 1)}
-        return {"positions": _text_positions(env["text_end"] + step - 1, 1)}
+                    "positions": env["text_end"] - 1}
+        return {"positions": env["text_end"] + step - 1}
 
     def _action_inputs(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
         """ACT placeholders after the text, one bidirectional scratch segment (the same for
@@ -539,7 +540,7 @@ class TestVLA(Model):
         index = state.child
         out: list[Event] = []
         if "token_ids" in outputs:
-            ids = torch.as_tensor(outputs["token_ids"]).reshape(-1).tolist()
+            ids = token_list(outputs["token_ids"])
             text = state.detokenizer.push(ids)
             logprobs = None
             if outputs.get("logprobs") is not None:
