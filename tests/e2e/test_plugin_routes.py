@@ -208,3 +208,18 @@ def test_the_routes_exist_only_with_their_capability():
             assert "/v1/testvla/act" in http.get("/openapi.json").json()["paths"]
     finally:
         deployment.close()
+
+
+def test_a_policy_socket_is_named_by_the_clients_request_id(server):
+    """As an HTTP request is, a connection is named by the client's sane `x-request-id`
+    (its frames' ids follow it); an insane one is replaced by a new id."""
+    headers = {**AUTH, "x-request-id": "robot-7"}
+    with connect(ws_url(server), additional_headers=headers, open_timeout=30) as ws:
+        assert ws.response.headers["x-request-id"] == "robot-7"
+        ws.recv(timeout=30)  # hello
+        ws.send(msgspec.msgpack.encode({**OBS, "seed": 1}))
+        assert msgspec.msgpack.decode(ws.recv(timeout=60))["id"] == "robot-7-1"
+    with connect(ws_url(server), additional_headers={**AUTH, "x-request-id": "bad id!"},
+                 open_timeout=30) as ws:
+        assert ws.response.headers["x-request-id"] not in ("bad id!", "")
+

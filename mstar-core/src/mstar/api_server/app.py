@@ -85,9 +85,10 @@ def new_request_id() -> str:
 
 
 class RequestIdMiddleware:
-    """Gives every HTTP request an id (the client's `x-request-id` when sane, else a new
-    one) that the runtime and every log line use, puts it on the response, logs one line per
-    request (uvicorn's access log is off), and answers an unhandled exception with a 500
+    """Gives every HTTP request and WebSocket connection an id (the client's `x-request-id`
+    when sane, else a new one) that the runtime and every log line use, puts it on the
+    response (a WebSocket route puts it on its handshake), logs one line per HTTP request
+    (uvicorn's access log is off), and answers an unhandled exception with a 500
     carrying the id, never a trace. A request whose route took a metrics recorder
     (`Runner.recorder`) is counted here, just before its last byte leaves, under the status
     the client gets."""
@@ -96,12 +97,15 @@ class RequestIdMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         given = Headers(scope=scope).get("x-request-id")
         rid = given if given is not None and _SANE_ID.fullmatch(given) else new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
+        if scope["type"] == "websocket":  # the route answers the handshake with the id
+            await self.app(scope, receive, send)
+            return
         started, status = time.perf_counter(), 0
 
         def count(http_status: int) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -167,7 +166,7 @@ class _Session:
                  schema: type[BaseModel], handler: Handler[Any]):
         self.ws, self.runner, self.limit = websocket, runner, limit
         self.schema, self.handler = schema, handler
-        self.id = f"ws-{uuid.uuid4().hex[:16]}"
+        self.id = websocket.state.request_id  # the client's x-request-id, or a new one
         self.gone = asyncio.Event()
         self.inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
 
