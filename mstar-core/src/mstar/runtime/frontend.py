@@ -16,9 +16,7 @@ the model's code (tokenising, media decoding, detokenising) never runs in the AP
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +28,6 @@ from mstar import events
 from mstar.chat import IncrementalDetokenizer, StopStrings, build_chat_prompt
 from mstar.communication import messages as msg
 from mstar.communication.channel import Channel
-from mstar.communication.component import Component
 from mstar.communication.transport import Transport
 from mstar.config.deployment import DeploymentConfig
 from mstar.engine.kv_cache import capacity_tokens, pages_for_completions
@@ -40,6 +37,7 @@ from mstar.events import Sink
 from mstar.model.contract import Model, OutputState, RequestPlan, token_list
 from mstar.model.fields import decode_inputs, input_fields
 from mstar.model.sampling import SamplingParams
+from mstar.runtime.entry import Entry
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -94,7 +92,7 @@ def tokenizer_vocab_size(tokenizer: Any) -> int | None:
     return None
 
 
-class Frontend(Component):
+class Frontend(Entry):
     def __init__(self, model: Model, config: DeploymentConfig, channel: Channel,
                  transport: Transport, *, client: str = "api",
                  media_limits: MediaLimits | None = None,
@@ -113,14 +111,7 @@ class Frontend(Component):
         self.config = config
         self.channel = channel
         self.transport = transport
-        self.ready_workers: set[str] = set()  # reported in, started or not
-        self.startup_errors: dict[str, str] = {}
-        self.worker_stats: dict[str, msg.WorkerStats] = {}
-        self.ready = threading.Event()
-        self.expected_workers: set[str] = set()
         self._live: dict[str, _Live] = {}
-        self._used: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._lock = threading.Lock()
 
     # -- admission --------------------------------------------------------------------------
     def plan(self, request: Mapping[str, Any], kind: str = "generate",
@@ -225,12 +216,7 @@ class Frontend(Component):
         plan = self.plan(request, kind, blobs)
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         with self._lock:
-            if rid in self._live or rid in self._used:
-                raise RequestError(f"request id {rid!r} is already in use; request ids "
-                                   "must be unique", param="request_id")
-            self._used[rid] = None
-            while len(self._used) > 10_000:
-                self._used.popitem(last=False)
+            self._claim(rid)
         seed = plan.seed if plan.seed is not None else draw_seed()
         info = msg.RequestInfo(rid, dict(plan.params), dict(plan.sampling), seed,
                                sorted(plan.first_walks), frontend=self.channel.address)
@@ -250,14 +236,6 @@ class Frontend(Component):
         if live:
             self.channel.send("conductor", msg.CancelRequest(request_id, reason))
 
-    def live_requests(self) -> int:
-        with self._lock:
-            return len(self._live)
-
-    def is_live(self, request_id: str) -> bool:
-        with self._lock:
-            return request_id in self._live
-
     # -- messages -------------------------------------------------------------------------
     def handle(self, m: msg.Message) -> None:
         if isinstance(m, msg.ClientRequest):
@@ -266,14 +244,8 @@ class Frontend(Component):
             self.cancel(m.request_id, m.reason)
         elif isinstance(m, msg.Shutdown):
             self.stop_soon()
-        elif isinstance(m, msg.WorkerReady):
-            self.ready_workers.add(m.address)
-            if m.error is not None:
-                self.startup_errors[m.address] = m.error
-            if self.expected_workers <= self.ready_workers:
-                self.ready.set()
-        elif isinstance(m, msg.WorkerStats):
-            self.worker_stats[m.address] = m
+        elif self._on_report(m):
+            pass
         elif isinstance(m, msg.Output):
             self._output(m)
         elif isinstance(m, msg.Complete):

@@ -9,37 +9,18 @@ process; liveness comes from the launcher, which watches the child processes).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from mstar.api_server.backend import ModelInfo, Stats
-from mstar.communication.messages import WorkerStats
 from mstar.events import Sink
+from mstar.runtime.entry import Entry
 
 if TYPE_CHECKING:
     from mstar.communication.component import Component
     from mstar.media import MediaLimits
     from mstar.runtime.local import LocalDeployment
     from mstar.serving.launcher import ProcessDeployment
-
-
-class Entry(Protocol):
-    """Where requests enter a deployment and worker reports arrive: the in-process
-    `Frontend`, or the `Gateway` of a served deployment."""
-
-    ready: threading.Event
-    startup_errors: dict[str, str]
-    worker_stats: dict[str, WorkerStats]
-
-    def submit(self, body: Mapping[str, Any], sink: Sink, *, request_id: str,
-               kind: str = "generate", blobs: Sequence[bytes] = ()) -> str: ...
-
-    def cancel(self, request_id: str, reason: str = "abort") -> None: ...
-
-    def live_requests(self) -> int: ...
-
-    def is_live(self, request_id: str) -> bool: ...
 
 
 def entry_stats(entry: Entry) -> Stats:
@@ -139,4 +120,4 @@ class GatewayBackend(EntryBackend):
         return self.deployment.failure
 
 
-__all__ = ["Entry", "EntryBackend", "GatewayBackend", "LocalBackend", "entry_stats"]
+__all__ = ["EntryBackend", "GatewayBackend", "LocalBackend", "entry_stats"]

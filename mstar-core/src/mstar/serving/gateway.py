@@ -11,9 +11,7 @@ too, as a 400 `Error` event. It also collects what the app needs to answer `/hea
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,14 +20,14 @@ import msgspec
 from mstar import events
 from mstar.communication import messages as msg
 from mstar.communication.channel import Channel
-from mstar.communication.component import Component
 from mstar.errors import RequestError
 from mstar.events import Sink
+from mstar.runtime.entry import Entry
 
 log = logging.getLogger(__name__)
 
 
-class Gateway(Component):
+class Gateway(Entry):
     """Routes requests to data workers and their events back to the sinks."""
 
     def __init__(self, channel: Channel, data_workers: Iterable[str],
@@ -40,16 +38,10 @@ class Gateway(Component):
         super().__init__(channel.address)
         self.channel = channel
         self.data_workers = list(data_workers)
-        self.expected = set(self.data_workers) | set(workers)
-        self.ready_workers: set[str] = set()  # reported in, started or not
-        self.startup_errors: dict[str, str] = {}
-        self.worker_stats: dict[str, msg.WorkerStats] = {}
-        self.ready = threading.Event()
+        self.expected_workers = set(self.data_workers) | set(workers)
         self._dead: set[str] = set()
         self._live: dict[str, tuple[str, Sink]] = {}  # request id -> (data worker, sink)
         self._load: dict[str, int] = dict.fromkeys(self.data_workers, 0)
-        self._used: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._lock = threading.Lock()
 
     # -- requests (called from the app's threads) -------------------------------------------
     def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str, *,
@@ -59,16 +51,11 @@ class Gateway(Component):
         (`RequestError`): a data worker reports bad input as the request's first event."""
         data = msgspec.json.encode(body)
         with self._lock:
-            if request_id in self._live or request_id in self._used:
-                raise RequestError(f"request id {request_id!r} is already in use; request "
-                                   "ids must be unique", param="request_id")
             alive = [a for a in self.data_workers if a not in self._dead]
             if not alive:
                 raise RequestError("no data worker is running", code=503)
             target = min(alive, key=lambda a: (self._load[a], self.data_workers.index(a)))
-            self._used[request_id] = None
-            while len(self._used) > 10_000:
-                self._used.popitem(last=False)
+            self._claim(request_id)
             self._live[request_id] = (target, sink)
             self._load[target] += 1
         self.channel.send(target, msg.ClientRequest(request_id, data, kind, list(blobs)))
@@ -80,14 +67,6 @@ class Gateway(Component):
             entry = self._live.get(request_id)
         if entry is not None:
             self.channel.send(entry[0], msg.ClientCancel(request_id, reason))
-
-    def live_requests(self) -> int:
-        with self._lock:
-            return len(self._live)
-
-    def is_live(self, request_id: str) -> bool:
-        with self._lock:
-            return request_id in self._live
 
     # -- failures (called by the launcher's monitor) ----------------------------------------
     def data_worker_died(self, address: str, message: str) -> None:
@@ -118,14 +97,8 @@ class Gateway(Component):
                 entry = self._live.get(m.request_id)
             if entry is not None:
                 entry[1](event)
-        elif isinstance(m, msg.WorkerStats):
-            self.worker_stats[m.address] = m
-        elif isinstance(m, msg.WorkerReady):
-            self.ready_workers.add(m.address)
-            if m.error is not None:
-                self.startup_errors[m.address] = m.error
-            if self.expected <= self.ready_workers:
-                self.ready.set()
+        else:
+            self._on_report(m)
 
     def _finish(self, rid: str, event: events.Event) -> None:
         with self._lock:

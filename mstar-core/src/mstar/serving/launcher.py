@@ -178,7 +178,7 @@ class ProcessDeployment:
         if self._closing:
             return
         self._closing = True
-        starting = self.gateway.expected - self.gateway.ready_workers
+        starting = self.gateway.expected_workers - self.gateway.ready_workers
         for name, proc in self.procs.items():
             if proc.poll() is not None:
                 continue
