@@ -102,9 +102,6 @@ class KVRunner:
         self.mirror: Callable[[Any], None] | None = None
         #: Emit an NVTX range around each forward (CUDA only; `--enable-nvtx`).
         self.nvtx = False
-        #: Called once a step's batch is built, right before its forward (set by the worker:
-        #: it sends the previous step's outputs then; see `Worker._send_outputs`).
-        self.before_forward: Callable[[], None] | None = None
         self._extras = {e.name: e for e in spec.extras}
         #: Per extra: one default tensor and its last view (see `_absent_extra`).
         self._defaults: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -205,8 +202,6 @@ class KVRunner:
         if self.mirror is not None:
             self.mirror(tp_step(self.node, fb, [e.task for e in batch]))
         attention = self.backend(seq_chunks, self.cache)
-        if self.before_forward is not None:
-            self.before_forward()
         started = time.perf_counter()
         with torch.inference_mode(), step_range(f"{self.node} step", self.nvtx), \
                 attention_context(attention):

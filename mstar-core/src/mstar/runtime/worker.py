@@ -144,7 +144,7 @@ class Worker(Component):
         #: Host seconds of the loop turns that stepped an engine, outside the engine
         #: (messages, cursors, submitting, routing results; not idle waits for messages).
         self.loop_seconds = 0.0
-        #: `Output`s not sent yet, by frontend (see `_send_outputs`).
+        #: This loop turn's `Output`s by frontend, sent at its end (see `_send_outputs`).
         self._outbox: dict[str, list[msg.Output]] = {}
         #: Requests this worker dropped lately: late messages for them are ignored.
         self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -164,8 +164,6 @@ class Worker(Component):
             if isinstance(engine, KVEngine) and engine.tp_ranks[:1] == (self.rank,):
                 followers = [f"worker:{r}" for r in engine.tp_ranks[1:]]
                 engine.mirror = functools.partial(self._send_all, followers)
-            if isinstance(engine, KVEngine):
-                engine.runner.before_forward = self._send_outputs
         #: engines this rank schedules itself (a TP follower's replay the leader's steps)
         self._scheduled = [n for n, e in self.engines.items()
                            if not (isinstance(e, KVEngine) and e.tp_ranks
@@ -188,8 +186,6 @@ class Worker(Component):
         started = time.perf_counter()
         self._schedule()
         busy = any(e.has_work() for e in self.engines.values())
-        if not busy:
-            self._send_outputs()  # no forward to send them: not held through the wait
         waiting = time.perf_counter()
         m = self.channel.recv(timeout=0 if busy else 0.005)
         waited = time.perf_counter() - waiting
@@ -203,6 +199,7 @@ class Worker(Component):
             self._schedule()
         self._report_blocked()
         in_engine = self._step()
+        self._send_outputs()
         if in_engine is not None:
             self.loop_seconds += time.perf_counter() - started - waited - in_engine
 
@@ -511,11 +508,8 @@ class Worker(Component):
             engine = self.engines[next(self._turn)]
             if engine.has_work():
                 started = time.perf_counter()
-                if not isinstance(engine, KVEngine):
-                    self._send_outputs()
                 results = engine.step()
                 in_engine = time.perf_counter() - started
-                self._send_outputs()  # those its forward did not send (it ran none)
                 for result in results:
                     self._on_result(result)
                 return in_engine
@@ -580,13 +574,9 @@ class Worker(Component):
         req.outputs_sent += 1
 
     def _send_outputs(self) -> None:
-        """The outputs held so far, one `Outputs` per frontend (a decode step's tokens
-        together). Sent by a KV engine once its next batch is built, right before its
-        forward; else before a stateless engine's step, after a step that ran no forward,
-        or before the loop waits idle. Why then: in one process the frontend and the client
-        threads handle them under the GIL, and the worker would wait for them at its next
-        torch call; during the forward they overlap with its GIL-free compute instead of
-        stalling the batch building (the host time of every step)."""
+        """This turn's outputs, one `Outputs` per frontend: a decode step's tokens travel
+        together (one encode, one hand-off, one wake-up of the frontend), not one message
+        per sequence."""
         if self._outbox:
             outbox, self._outbox = self._outbox, {}
             for frontend, items in outbox.items():
