@@ -21,6 +21,7 @@ from conftest import (
 
 import mstar
 from mstar import events
+from mstar.communication import messages as msg
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,37 @@ def test_walks_of_three_requests_share_one_llm_forward(dep):
     assert tokens(results["c"]) == tokens(solo["c"])
     torch.testing.assert_close(tensors(results["b"], "actions")[0],
                                tensors(solo["b"], "actions")[0], atol=1e-5, rtol=1e-5)
+    settle(dep)
+
+
+def test_a_decode_step_reaches_the_frontend_as_one_message(dep):
+    """The worker sends a loop turn's outputs as one `Outputs` per frontend: the tokens of
+    a decode step of several requests travel together (one encode, one wake-up of the
+    frontend), and every token still reaches its own request, in order."""
+    reqs = [text_req(f"prompt number {i}", max_tokens=40, ignore_eos=True) for i in range(4)]
+    solo = [tokens(collect(dep, r)) for r in reqs]
+    settle(dep)
+    token_outputs: list[int] = []  # per `Outputs` message: how many carry token ids
+    handle = dep.frontend.handle
+
+    def observe(m: msg.Message) -> None:
+        if isinstance(m, msg.Outputs):
+            token_outputs.append(sum("token_ids" in o.tensors or "token_ids" in o.host
+                                     for o in m.items))
+        handle(m)
+
+    before = len(dep.step_log("LLM"))
+    dep.frontend.handle = observe
+    try:
+        together = run_concurrently(dep, reqs)
+    finally:
+        del dep.frontend.handle
+    assert [tokens(evs) for evs in together] == solo
+    widest = max(sum(e["walk"] == "decode" for e in s.entries)
+                 for s in dep.step_log("LLM")[before:])
+    assert widest >= 2, "the requests never decoded in one step"
+    assert max(token_outputs) >= widest
+    assert sum(token_outputs) == sum(len(t) for t in solo)  # one output per token
     settle(dep)
 
 

@@ -222,8 +222,8 @@ class WorkerStats(msgspec.Struct, tag=True):
 
 
 # -- worker -> frontend -------------------------------------------------------------------
-class Output(msgspec.Struct, tag=True):
-    """Client-bound values of one node invocation (or one walk's end)."""
+class Output(msgspec.Struct):
+    """Client-bound values of one node invocation (or one walk's end); sent in `Outputs`."""
 
     request_id: str
     worker: str
@@ -231,6 +231,13 @@ class Output(msgspec.Struct, tag=True):
     child: int
     host: dict[str, Any] = {}
     tensors: dict[str, Handle] = {}
+
+
+class Outputs(msgspec.Struct, tag=True):
+    """A worker's `Output`s for one frontend, in order: one message per engine step instead
+    of one per sequence (each costs an encode, a hand-off and a wake-up of the frontend)."""
+
+    items: list[Output]
 
 
 # -- conductor -> frontend ----------------------------------------------------------------
@@ -364,7 +371,7 @@ class StreamCredit(msgspec.Struct, tag=True):
 
 Message = (ClientRequest | ClientCancel | ClientEvent
            | Submit | CancelRequest | Shutdown | WorkerDied | StartWalk | Migrate | StreamEnd | Cancel | Release
-           | WorkerReady | WorkerStats | WalkDone | WalkFailed | Blocked | Output | Complete | Rejected | StreamPush
+           | WorkerReady | WorkerStats | WalkDone | WalkFailed | Blocked | Outputs | Complete | Rejected | StreamPush
            | SeqImport | NodeCall | NodeResult | TPStep | TPOp | StreamCredit)
 
 _encoder = msgspec.msgpack.Encoder()

@@ -246,8 +246,13 @@ class Frontend(Entry):
             self.stop_soon()
         elif self._on_report(m):
             pass
-        elif isinstance(m, msg.Output):
-            self._output(m)
+        elif isinstance(m, msg.Outputs):
+            for output in m.items:  # each alone, as if it were its own message
+                try:
+                    self._output(output)
+                except Exception:
+                    log.exception("%s failed on an output of %s", self.channel.address,
+                                  output.request_id)
         elif isinstance(m, msg.Complete):
             with self._lock:
                 live = self._live.get(m.request_id)

@@ -144,6 +144,8 @@ class Worker(Component):
         #: Host seconds of the loop turns that stepped an engine, outside the engine
         #: (messages, cursors, submitting, routing results; not idle waits for messages).
         self.loop_seconds = 0.0
+        #: This loop turn's `Output`s by frontend, sent at its end (see `_send_outputs`).
+        self._outbox: dict[str, list[msg.Output]] = {}
         #: Requests this worker dropped lately: late messages for them are ignored.
         self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
 
@@ -197,6 +199,7 @@ class Worker(Component):
             self._schedule()
         self._report_blocked()
         in_engine = self._step()
+        self._send_outputs()
         if in_engine is not None:
             self.loop_seconds += time.perf_counter() - started - waited - in_engine
 
@@ -566,9 +569,18 @@ class Worker(Component):
         assert req.info is not None  # a lane exists only once its StartWalk brought the info
         frontend = req.info.frontend
         host, tensors = self._send_values(values, req.request_id, frontend)
-        self.channel.send(frontend, msg.Output(req.request_id, self.address,
-                                               req.outputs_sent, child, host, tensors))
+        self._outbox.setdefault(frontend, []).append(
+            msg.Output(req.request_id, self.address, req.outputs_sent, child, host, tensors))
         req.outputs_sent += 1
+
+    def _send_outputs(self) -> None:
+        """This turn's outputs, one `Outputs` per frontend: a decode step's tokens travel
+        together (one encode, one hand-off, one wake-up of the frontend), not one message
+        per sequence."""
+        if self._outbox:
+            outbox, self._outbox = self._outbox, {}
+            for frontend, items in outbox.items():
+                self.channel.send(frontend, msg.Outputs(items))
 
     def _complete(self, req: WorkerRequest, lane: Lane, node: GraphNode,
                   outputs: dict[str, Any]) -> None:
