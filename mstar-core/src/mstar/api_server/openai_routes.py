@@ -201,7 +201,7 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamedResponse(_stream(run, first, req.n, include_usage, chunk, usage_object,
-                                       (rid, req.model, created)), on_close=run.close)
+                                            (rid, req.model, created)), on_close=run.close)
         try:
             collected = await collect(run, first, request)
         except ClientGone:

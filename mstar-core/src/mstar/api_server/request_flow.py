@@ -11,9 +11,10 @@ routes both import from here, never from each other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import anyio
@@ -230,6 +231,20 @@ class StreamedResponse(StreamingResponse):
             self._on_close()
 
 
+@contextlib.contextmanager
+def closed_on_failure(run: Run) -> Iterator[None]:
+    """Cancel `run` when the block fails (a route setting up its answer); a client that
+    left becomes a 499."""
+    try:
+        yield
+    except ClientGone:
+        run.close()
+        raise ApiError(499, "the client closed the request") from None
+    except BaseException:
+        run.close()
+        raise
+
+
 class Runner:
     """Admission and the start of a request, shared by every route that runs one: refuse
     early, never queue (a deployment that cannot serve; one at its limit, counting the
@@ -286,14 +301,8 @@ class Runner:
             log.info("%s refused (%d): %s", rid, exc.status, exc.message)
             raise
         log.info("%s submitted (%s)", rid, kind)
-        try:
+        with closed_on_failure(run):
             first = await run.next(request)
-        except ClientGone:
-            run.close()
-            raise ApiError(499, "the client closed the request") from None
-        except BaseException:
-            run.close()
-            raise
         if isinstance(first, events.Error):
             run.close()
             raise error_event_error(first)
@@ -312,7 +321,7 @@ async def collect(run: Run, first: events.Event, request: Caller) -> list[events
     return collected
 
 
-__all__ = ["MAX_JSON_DEPTH", "Caller", "RETRY_AFTER_S", "RETRY_HEADERS", "ApiError", "ClientGone", "Run",
-           "Runner", "StreamedResponse", "check_json_depth", "collect", "decode_json", "error_body",
-           "error_event_error", "error_response", "error_type", "event_status", "read_json",
-           "terminal"]
+__all__ = ["MAX_JSON_DEPTH", "RETRY_AFTER_S", "RETRY_HEADERS", "ApiError", "Caller",
+           "ClientGone", "Run", "Runner", "StreamedResponse", "check_json_depth",
+           "closed_on_failure", "collect", "decode_json", "error_body", "error_event_error",
+           "error_response", "error_type", "event_status", "read_json", "terminal"]

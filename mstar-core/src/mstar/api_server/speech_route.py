@@ -42,10 +42,10 @@ from mstar.api_server import openai_protocol as oai
 from mstar.api_server.openai_routes import lacks
 from mstar.api_server.request_flow import (
     ApiError,
-    ClientGone,
     Run,
     Runner,
     StreamedResponse,
+    closed_on_failure,
     error_body,
     error_event_error,
     event_status,
@@ -233,18 +233,12 @@ def add_speech_route(router: APIRouter, runner: Runner, info: ModelInfo,
             if exc.param == "prompt":  # the prompt the model built from `input`
                 exc.param = "input"
             raise
-        try:
+        with closed_on_failure(run):
             chunk = await _first_audio(run, first, request, lambda done: _no_audio(done, req))
             # FLAC comes whole, at the end: streamed, its length is "unknown", which
             # libsndfile (soundfile) readers cannot read; the other formats stream
             encoder = AudioEncoder(req.response_format, chunk.sample_rate, speed=req.speed,
                                    seekable=req.response_format == "flac")
-        except ClientGone:
-            run.close()
-            raise ApiError(499, "the client closed the request") from None
-        except BaseException:
-            run.close()
-            raise
 
         def close() -> None:
             run.close()
@@ -254,8 +248,8 @@ def add_speech_route(router: APIRouter, runner: Runner, info: ModelInfo,
         sse = req.stream_format == "sse"
         # on_close cancels the request however the response ends (the client gone too)
         response = StreamedResponse(_sse_body(pieces) if sse else _audio_body(pieces), close,
-                               media_type="text/event-stream" if sse
-                               else media_type(req.response_format))
+                                    media_type="text/event-stream" if sse
+                                    else media_type(req.response_format))
         response.headers["x-sample-rate"] = str(encoder.sample_rate)
         return response
 
