@@ -32,6 +32,7 @@ from pydantic import BaseModel
 from pydantic_core import core_schema
 
 from mstar.errors import RequestError
+from mstar.events import TensorData
 
 if typing.TYPE_CHECKING:
     from mstar.media import MediaLimits
@@ -71,11 +72,7 @@ def tensor_from_json(value: Mapping[str, Any]) -> torch.Tensor:
     if len(raw) != want:
         raise ValueError(f"a {dtype} tensor of shape {shape} holds {want} bytes, its data "
                          f"has {len(raw)}")
-    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else \
-        torch.empty(0, dtype=torch.uint8)
-    if dtype == "bool":
-        return flat.to(torch.bool).reshape(shape)
-    return flat.view(getattr(torch, dtype)).reshape(shape)
+    return TensorData(dtype, shape, raw).to_tensor()
 
 
 def tensor_from_file(data: bytes, name: str) -> torch.Tensor:
