@@ -137,10 +137,6 @@ class KVEngine:
     def prefix_caching(self) -> bool:
         return self.kv_scheduler.prefix_caching
 
-    @prefix_caching.setter
-    def prefix_caching(self, on: bool) -> None:
-        self.kv_scheduler.prefix_caching = on
-
     @property
     def tp_ranks(self) -> tuple[int, ...]:
         """The ranks sharding this node (leader first), () when it is not tensor parallel."""
