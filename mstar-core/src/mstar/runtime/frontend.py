@@ -183,23 +183,23 @@ class Frontend(Entry):
                     f"{capacity} tokens ({configured}page_size={kv.page_size}); lower "
                     "max_tokens or n", param="max_tokens")
 
+    def _limits(self) -> MediaLimits:
+        """What decoded media may be: the server's limits, else the defaults."""
+        from mstar.media import MediaLimits
+
+        return self.media_limits or MediaLimits()
+
     def _decoded(self, request: Mapping[str, Any], blobs: Sequence[bytes]
                  ) -> Mapping[str, Any]:
         if not self.input_fields:
             return request
-        from mstar.media import MediaLimits
-
-        return decode_inputs(request, self.input_fields, blobs,
-                             self.media_limits or MediaLimits())
+        return decode_inputs(request, self.input_fields, blobs, self._limits())
 
     def _plan_chat(self, request: Mapping[str, Any], blobs: Sequence[bytes]) -> RequestPlan:
-        from mstar.media import MediaLimits
-
         messages = request.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError("messages must be a non-empty list", param="messages")
-        prompt = build_chat_prompt(self.model, messages, blobs,
-                                   self.media_limits or MediaLimits(),
+        prompt = build_chat_prompt(self.model, messages, blobs, self._limits(),
                                    template_kwargs=request.get("chat_template_kwargs"))
         fields = {k: v for k, v in request.items()
                   if k not in ("messages", "chat_template_kwargs")}
