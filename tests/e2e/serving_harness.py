@@ -3,6 +3,7 @@ behind (child processes, sockets, shared-memory segments)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -171,3 +173,15 @@ class Server:
         else:
             leftover = list(self.sockets.glob("*/*")) if self.sockets.exists() else []
             assert leftover == [], leftover
+
+
+@contextlib.contextmanager
+def running(directory: Path, *args: str) -> Iterator[Server]:
+    """A server (`Server(directory, *args)`) healthy for the block, then stopped: it must
+    exit with status 0 and leave nothing behind (`Server.assert_clean`)."""
+    server = Server(directory, *args)
+    server.wait_healthy()
+    yield server
+    assert server.stop() == 0, server.output()
+    server.assert_clean()
+

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from serving_harness import Server
+from serving_harness import Server, running
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,12 +22,9 @@ KEY = "examples-key"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    server = Server(tmp_path_factory.mktemp("examples"), "--config", "testvla_single",
-                    "--preset", "tiny", "--load-format", "dummy", "--api-key", KEY)
-    server.wait_healthy()
-    yield server
-    assert server.stop() == 0, server.output()
-    server.assert_clean()
+    with running(tmp_path_factory.mktemp("examples"), "--config", "testvla_single",
+                 "--preset", "tiny", "--load-format", "dummy", "--api-key", KEY) as server:
+        yield server
 
 
 def run(server: Server, *command: str) -> str:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
-from serving_harness import Server
+from serving_harness import running
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -27,14 +27,11 @@ _SLOW = {"consumer_delay_s": 0.01, "num_steps": 8, "num_frames": 4}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("fuzz-server"), "--config", "testvla_single",
+    with running(tmp_path_factory.mktemp("fuzz-server"), "--config", "testvla_single",
                  "--preset", "tiny", "--load-format", "dummy", "--api-key", KEY,
-                 "--set", "max_seq_len=96")
-    srv.client.headers.update(AUTH)
-    srv.wait_healthy()
-    yield srv
-    assert srv.stop() == 0, srv.output()
-    srv.assert_clean()
+                 "--set", "max_seq_len=96") as srv:
+        srv.client.headers.update(AUTH)
+        yield srv
 
 
 def _narrow(node: object) -> None:

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from serving_harness import Server
+from serving_harness import Server, running
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,14 +27,11 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openai-server")
-    srv = Server(tmp, "--config", "testvla_single", "--preset", "tiny", "--load-format",
-                 "dummy", "--api-key", KEY, "--upload-dir", str(tmp / "uploads"))
-    srv.uploads = tmp / "uploads"
-    srv.client.headers["Authorization"] = f"Bearer {KEY}"
-    srv.wait_healthy()
-    yield srv
-    assert srv.stop() == 0, srv.output()
-    srv.assert_clean()
+    with running(tmp, "--config", "testvla_single", "--preset", "tiny", "--load-format",
+                 "dummy", "--api-key", KEY, "--upload-dir", str(tmp / "uploads")) as srv:
+        srv.uploads = tmp / "uploads"
+        srv.client.headers["Authorization"] = f"Bearer {KEY}"
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import openai
 import pytest
 import soundfile
 from placement_check import check_placement
-from serving_harness import Server
+from serving_harness import Server, running
 
 import mstar
 from mstar import events
@@ -79,13 +79,10 @@ def check_layout(server: Server, config: str, expected: Reference) -> None:
 
 @pytest.fixture(scope="module")
 def colocated(tmp_path_factory, speaking_ckpt):
-    server = Server(tmp_path_factory.mktemp("orpheus-colocated"), "--config",
-                    "orpheus_colocated", "--model-path", str(speaking_ckpt),
-                    "--set", "max_seq_len=1024")
-    server.wait_healthy()
-    yield server
-    assert server.stop() == 0, server.output()
-    server.assert_clean()
+    with running(tmp_path_factory.mktemp("orpheus-colocated"), "--config",
+                 "orpheus_colocated", "--model-path", str(speaking_ckpt),
+                 "--set", "max_seq_len=1024") as server:
+        yield server
 
 
 def test_the_colocated_layout_speaks_the_in_process_audio(colocated, expected):

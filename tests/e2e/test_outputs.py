@@ -18,7 +18,7 @@ from conftest import serving
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors import safe_open
 from safetensors.numpy import load as load_safetensors
-from serving_harness import Server
+from serving_harness import Server, running
 
 import mstar
 from mstar import events
@@ -46,12 +46,9 @@ SPEECH = {"input": "say hello", "max_tokens": 40, "ignore_eos": True, "temperatu
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("outputs"), "--config", "testvla_single",
-                 "--preset", "tiny", "--load-format", "dummy")
-    srv.wait_healthy()
-    yield srv
-    assert srv.stop() == 0, srv.output()
-    srv.assert_clean()
+    with running(tmp_path_factory.mktemp("outputs"), "--config", "testvla_single",
+                 "--preset", "tiny", "--load-format", "dummy") as srv:
+        yield srv
 
 
 @pytest.fixture

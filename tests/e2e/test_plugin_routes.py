@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import image, wait_for
 from fastapi.testclient import TestClient
-from serving_harness import Server
+from serving_harness import Server, running
 from starlette.websockets import WebSocketDisconnect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
@@ -40,13 +40,10 @@ SLOW = {**OBS, "num_steps": 1000}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = Server(tmp_path_factory.mktemp("plugin-routes"), "--config", "testvla_single",
-                 "--preset", "tiny", "--load-format", "dummy", "--api-key", KEY)
-    srv.client.headers.update(AUTH)
-    srv.wait_healthy()
-    yield srv
-    assert srv.stop() == 0, srv.output()
-    srv.assert_clean()
+    with running(tmp_path_factory.mktemp("plugin-routes"), "--config", "testvla_single",
+                 "--preset", "tiny", "--load-format", "dummy", "--api-key", KEY) as srv:
+        srv.client.headers.update(AUTH)
+        yield srv
 
 
 def ws_url(server: Server) -> str:

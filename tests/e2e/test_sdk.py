@@ -15,7 +15,7 @@ import time
 
 import httpx
 import pytest
-from serving_harness import Server, free_port
+from serving_harness import Server, free_port, running
 
 import mstar
 from mstar import events
@@ -46,14 +46,11 @@ ACT = {"prompt": "pick up", "mode": "act", "num_steps": 2, "seed": 4}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     """Keyed, a 10 s request timeout, at most two requests at once."""
-    server = Server(tmp_path_factory.mktemp("sdk"), "--config", "testvla_single", "--preset",
-                    "tiny", "--load-format", "dummy", "--api-key", KEY, "--timeout", "10",
-                    "--set", "max_concurrent_requests=2")
-    server.client.headers["Authorization"] = f"Bearer {KEY}"
-    server.wait_healthy()
-    yield server
-    assert server.stop() == 0, server.output()
-    server.assert_clean()
+    with running(tmp_path_factory.mktemp("sdk"), "--config", "testvla_single", "--preset",
+                 "tiny", "--load-format", "dummy", "--api-key", KEY, "--timeout", "10",
+                 "--set", "max_concurrent_requests=2") as server:
+        server.client.headers["Authorization"] = f"Bearer {KEY}"
+        yield server
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import io
 
 import pytest
 from PIL import Image
-from serving_harness import Server
+from serving_harness import Server, running
 
 from mstar.client import (
     AsyncMStarClient,
@@ -31,12 +31,9 @@ GREEDY = {"max_tokens": 8, "temperature": 0, "seed": 1}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    server = Server(tmp_path_factory.mktemp("sdk-chat"), "--config", "testvla_single",
-                    "--preset", "tiny", "--load-format", "dummy")
-    server.wait_healthy()
-    yield server
-    assert server.stop() == 0, server.output()
-    server.assert_clean()
+    with running(tmp_path_factory.mktemp("sdk-chat"), "--config", "testvla_single",
+                 "--preset", "tiny", "--load-format", "dummy") as server:
+        yield server
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import openai
 import pytest
 import soundfile
 from fastapi.testclient import TestClient
-from serving_harness import Server
+from serving_harness import running
 
 import mstar
 from mstar import AsyncMStarClient, MStarClient
@@ -46,13 +46,10 @@ MEDIA_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac",
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("speech-server"), "--config", "testvla_single",
-                 "--preset", "tiny", "--load-format", "dummy", "--api-key", KEY)
-    srv.client.headers["Authorization"] = f"Bearer {KEY}"
-    srv.wait_healthy()
-    yield srv
-    assert srv.stop() == 0, srv.output()
-    srv.assert_clean()
+    with running(tmp_path_factory.mktemp("speech-server"), "--config", "testvla_single",
+                 "--preset", "tiny", "--load-format", "dummy", "--api-key", KEY) as srv:
+        srv.client.headers["Authorization"] = f"Bearer {KEY}"
+        yield srv
 
 
 @pytest.fixture(scope="module")
