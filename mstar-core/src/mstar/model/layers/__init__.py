@@ -1,6 +1,6 @@
 """Layers shared by every model: tensor-parallel linear/embedding/LM head, RMSNorm, rotary
-embedding, gated MLP, paged attention, and the position/time embeddings of diffusion and
-vision models. All are plain layers at tp_size 1."""
+embedding, gated MLP, paged attention, the position/time embeddings of diffusion and
+vision models, and SigLIP-family vision towers. All are plain layers at tp_size 1."""
 
 from mstar.model.layers.attention import PagedAttention, heads_per_rank
 from mstar.model.layers.embeddings import PositionTable, TimestepEmbedder
@@ -13,17 +13,31 @@ from mstar.model.layers.linear import (
 from mstar.model.layers.mlp import GatedMLP
 from mstar.model.layers.norm import RMSNorm
 from mstar.model.layers.rotary import RotaryEmbedding
+from mstar.model.layers.vision import (
+    MLP,
+    PatchEmbedding,
+    SiglipConfig,
+    SiglipEncoder,
+    SiglipVisionTransformer,
+    pack_images,
+)
 
 __all__ = [
     "ColumnParallelLinear",
     "GatedMLP",
+    "MLP",
     "PagedAttention",
     "ParallelLMHead",
+    "PatchEmbedding",
     "PositionTable",
     "RMSNorm",
     "RotaryEmbedding",
     "RowParallelLinear",
+    "SiglipConfig",
+    "SiglipEncoder",
+    "SiglipVisionTransformer",
     "TimestepEmbedder",
     "VocabParallelEmbedding",
     "heads_per_rank",
+    "pack_images",
 ]

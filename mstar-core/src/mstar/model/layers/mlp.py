@@ -16,9 +16,13 @@ from torch import nn
 
 from mstar.model.layers.linear import ColumnParallelLinear, RowParallelLinear
 
+#: Activations by the names checkpoints' configs use (`hidden_act`); `gelu_pytorch_tanh` is
+#: Hugging Face's name for the tanh approximation (SigLIP, BAGEL's connector).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
+    "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 
 
