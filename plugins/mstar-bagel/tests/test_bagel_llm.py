@@ -8,7 +8,7 @@ them) and loaded through the real loader with `llm_key_map`.
 - The generation expert alone is the same Qwen3 built from the `*_moe_gen` weights and
   `norm_moe_gen`, fed BAGEL's latent input embedding (diffusers' DiT timestep frequencies).
 - A mixed step (a scratch chunk of text and latent rows, bidirectional, over a cached
-  prefix of text and ViT rows) is checked against `dense_mot`, a plain reading written here
+  prefix of text and ViT rows) is checked against `DenseMoT`, a plain reading written here
   of BAGEL's rule "each row uses its own expert's weights, attention over all rows": a rule
   check, not an independent oracle (fixtures from the authors' code come later).
 
@@ -18,9 +18,7 @@ Ours runs as the engine runs it: hand-built ragged `ForwardBatch`es over a real
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
@@ -287,54 +285,63 @@ def test_generation_expert_alone_is_qwen3_of_the_gen_weights(ours, weights):
 # -- a mixed step: BAGEL's routing rule ---------------------------------------------------
 
 
-def dense_mot(w: Weights, x: torch.Tensor, expert: torch.Tensor, positions: torch.Tensor,
-              mask: torch.Tensor) -> torch.Tensor:
-    """BAGEL's MoT read plainly: every expert computes every row and row r keeps
-    expert[r]'s result; attention is over all rows `mask` [T, T] allows. Returns the final
-    hidden, each row normed by its expert's final norm."""
-    d, eps = CFG.head_dim, CFG.rms_norm_eps
-    hq, hkv = CFG.num_attention_heads, CFG.num_key_value_heads
-    gen = expert.bool()
+def _rms(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + CFG.rms_norm_eps) * weight
 
-    def by_row(f):
+
+class DenseMoT:
+    """BAGEL's MoT read plainly: every expert computes every row and row r keeps the result
+    of its expert `expert[r]`; attention is over all rows a dense `mask` [T, T] allows."""
+
+    def __init__(self, w: Weights, expert: torch.Tensor, positions: torch.Tensor,
+                 mask: torch.Tensor):
+        self.w, self.gen, self.mask = w, expert.bool(), mask
+        d = CFG.head_dim
+        inv = 1 / CFG.rope_theta ** (torch.arange(0, d, 2).float() / d)
+        self.angle = torch.cat([positions[:, None].float() * inv] * 2, -1)[:, None]
+
+    def by_row(self, f) -> torch.Tensor:
         a, b = f(0), f(1)
-        return torch.where(gen.view(-1, *[1] * (a.dim() - 1)), b, a)
+        return torch.where(self.gen.view(-1, *[1] * (a.dim() - 1)), b, a)
 
-    def wt(name: str, e: int) -> torch.Tensor:
-        return w[name.format(s=GEN if e else "")]
+    def wt(self, name: str, e: int) -> torch.Tensor:
+        """Expert e's tensor `name`, whose `{s}` is the expert's suffix."""
+        return self.w[name.format(s=GEN if e else "")]
 
-    def rms(v, weight):
-        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-    inv = 1 / CFG.rope_theta ** (torch.arange(0, d, 2).float() / d)
-    angle = torch.cat([positions[:, None].float() * inv] * 2, -1)[:, None]
-
-    def rope(v):
+    def rope(self, v: torch.Tensor) -> torch.Tensor:
         v1, v2 = v.chunk(2, -1)
-        return v * angle.cos() + torch.cat([-v2, v1], -1) * angle.sin()
+        return v * self.angle.cos() + torch.cat([-v2, v1], -1) * self.angle.sin()
 
-    for i in range(CFG.num_hidden_layers):
-        p = f"language_model.model.layers.{i}."
-        xn = by_row(lambda e: rms(x, wt(p + "input_layernorm{s}.weight", e)))
+    def heads(self, p: str, xn: torch.Tensor, name: str, count: int) -> torch.Tensor:
+        """q, k or v [T, count, D] of layer `p`, q and k normed per head."""
+        def f(e: int) -> torch.Tensor:
+            y = F.linear(xn, self.wt(f"{p}self_attn.{name}_proj{{s}}.weight", e),
+                         self.wt(f"{p}self_attn.{name}_proj{{s}}.bias", e))
+            y = y.view(len(xn), count, CFG.head_dim)
+            return y if name == "v" else _rms(y, self.wt(f"{p}self_attn.{name}_norm{{s}}.weight", e))
+        return self.by_row(f)
 
-        def head(name, heads, norm):
-            def f(e):
-                y = F.linear(xn, wt(p + f"self_attn.{name}_proj{{s}}.weight", e),
-                             wt(p + f"self_attn.{name}_proj{{s}}.bias", e)).view(-1, heads, d)
-                return rms(y, wt(p + f"self_attn.{name}_norm{{s}}.weight", e)) if norm else y
-            return by_row(f)
+    def layer(self, p: str, x: torch.Tensor) -> torch.Tensor:
+        hq, hkv = CFG.num_attention_heads, CFG.num_key_value_heads
+        xn = self.by_row(lambda e: _rms(x, self.wt(p + "input_layernorm{s}.weight", e)))
+        q, k = self.rope(self.heads(p, xn, "q", hq)), self.rope(self.heads(p, xn, "k", hkv))
+        k, v = (t.repeat_interleave(hq // hkv, dim=1) for t in (k, self.heads(p, xn, "v", hkv)))
+        scores = torch.einsum("qhd,khd->hqk", q, k) * CFG.head_dim ** -0.5
+        probs = scores.masked_fill(~self.mask, -torch.inf).softmax(-1)
+        attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(len(x), -1)
+        x = x + self.by_row(lambda e: F.linear(attn, self.wt(p + "self_attn.o_proj{s}.weight", e)))
+        xn = self.by_row(lambda e: _rms(x, self.wt(p + "post_attention_layernorm{s}.weight", e)))
+        return x + self.by_row(lambda e: F.linear(
+            F.silu(F.linear(xn, self.wt(p + "mlp{s}.gate_proj.weight", e)))
+            * F.linear(xn, self.wt(p + "mlp{s}.up_proj.weight", e)),
+            self.wt(p + "mlp{s}.down_proj.weight", e)))
 
-        q, k, v = rope(head("q", hq, True)), rope(head("k", hkv, True)), head("v", hkv, False)
-        k, v = (t.repeat_interleave(hq // hkv, dim=1) for t in (k, v))
-        scores = torch.einsum("qhd,khd->hqk", q, k) * d ** -0.5
-        attn = torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, -torch.inf).softmax(-1),
-                            v).reshape(len(x), -1)
-        x = x + by_row(lambda e: F.linear(attn, wt(p + "self_attn.o_proj{s}.weight", e)))
-        xn = by_row(lambda e: rms(x, wt(p + "post_attention_layernorm{s}.weight", e)))
-        x = x + by_row(lambda e: F.linear(
-            F.silu(F.linear(xn, wt(p + "mlp{s}.gate_proj.weight", e)))
-            * F.linear(xn, wt(p + "mlp{s}.up_proj.weight", e)), wt(p + "mlp{s}.down_proj.weight", e)))
-    return by_row(lambda e: rms(x, wt("language_model.model.norm{s}.weight", e)))
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [T, hidden] -> final hidden, each row normed by its expert's
+        final norm."""
+        for i in range(CFG.num_hidden_layers):
+            x = self.layer(f"language_model.model.layers.{i}.", x)
+        return self.by_row(lambda e: _rms(x, self.wt("language_model.model.norm{s}.weight", e)))
 
 
 def test_mixed_scratch_step_over_a_cached_prefix_follows_the_mot_rule(ours, weights):
@@ -342,7 +349,7 @@ def test_mixed_scratch_step_over_a_cached_prefix_follows_the_mot_rule(ours, weig
     causally in two steps. Then, as BAGEL's `_forward_flow`, a scratch chunk
     [start marker, 6 latent rows, end marker], all at one rope position, bidirectional over
     itself and attending to the whole prefix, batched with a text decode of another
-    request. Its velocity on every row and the prefix's logits equal `dense_mot`; the
+    request. Its velocity on every row and the prefix's logits equal `DenseMoT`; the
     scratch chunk leaves the cache as it was."""
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(CFG.vocab_size, (9,), generator=g).tolist()
@@ -379,8 +386,8 @@ def test_mixed_scratch_step_over_a_cached_prefix_follows_the_mot_rule(ours, weig
     causal = torch.ones(9, 9).tril().bool()
     mask = torch.ones(9 + n, 9 + n, dtype=torch.bool)
     mask[:9, :9], mask[:9, 9:] = causal, False
-    final = dense_mot(weights, x, torch.cat([torch.zeros(9, dtype=torch.long), expert]),
-                      torch.cat([torch.arange(9), torch.full((n,), 9)]), mask)
+    final = DenseMoT(weights, torch.cat([torch.zeros(9, dtype=torch.long), expert]),
+                     torch.cat([torch.arange(9), torch.full((n,), 9)]), mask)(x)
     want_velocity = F.linear(final[9:], weights["llm2vae.weight"], weights["llm2vae.bias"])
     torch.testing.assert_close(got["velocity"], want_velocity, atol=ATOL, rtol=0)
     head = weights["language_model.lm_head.weight"]
