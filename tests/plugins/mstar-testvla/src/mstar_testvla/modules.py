@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mstar.model import ForwardBatch, Segment, StepContext, ragged_attention
+from mstar.model.experts import ExpertRouting
 from mstar.model.layers import (
     ColumnParallelLinear,
     GatedMLP,
@@ -210,61 +210,6 @@ class _Backbone(nn.Module):
         self.norm_moe_gen = RMSNorm(cfg.expert_hidden, cfg.rms_norm_eps)
 
 
-class _Routing:
-    """Which batch rows belong to which expert, and moving rows between the batch order
-    and each expert's own (compact) order. When one expert owns every row (plain text, a
-    pure action chunk) no gather or scatter is done."""
-
-    def __init__(self, expert_ids: torch.Tensor):
-        self.expert_ids = expert_ids
-        self.num_tokens = int(expert_ids.shape[0])
-        first = int(expert_ids[0]) if self.num_tokens else 0
-        #: The expert owning every row, if one does: its order is the batch order.
-        self.single = first if first in (0, 1) and bool((expert_ids == first).all()) else None
-        if self.single is not None:
-            every = torch.arange(self.num_tokens, device=expert_ids.device)
-            self.rows = [every[:0], every[:0]]
-            self.rows[first] = every
-            self.counts = [0, 0]
-            self.counts[first] = self.num_tokens
-            return
-        bad = (expert_ids != 0) & (expert_ids != 1)
-        if bool(bad.any()):
-            raise ValueError(f"expert_ids must be 0 or 1, got {expert_ids[bad].unique().tolist()}")
-        self.rows = [torch.nonzero(expert_ids == e).squeeze(1) for e in (0, 1)]
-        self.counts = [int(r.shape[0]) for r in self.rows]
-        self.local_index = torch.zeros_like(expert_ids)
-        for rows in self.rows:
-            self.local_index[rows] = torch.arange(rows.shape[0], device=rows.device)
-
-    def present(self) -> list[int]:
-        return [e for e in (0, 1) if self.counts[e]]
-
-    def gather(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert `e`'s rows of a batch-ordered tensor."""
-        return x if self.counts[e] == self.num_tokens else x[self.rows[e]]
-
-    def scatter(self, parts: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        """Batch-ordered [T, ...] from each present expert's rows."""
-        if len(parts) == 1:
-            return next(iter(parts.values()))
-        first = next(iter(parts.values()))
-        out = first.new_empty((self.num_tokens, *first.shape[1:]))
-        for e, part in parts.items():
-            out[self.rows[e]] = part
-        return out
-
-    def local(self, batch_rows: torch.Tensor, e: int, output: str) -> torch.Tensor:
-        """Positions in expert `e`'s order of `batch_rows`, which must all be expert `e`'s."""
-        if self.single == e:
-            return batch_rows
-        wrong = self.expert_ids[batch_rows] != e
-        if bool(wrong.any()):
-            raise ValueError(f"output {output!r} is computed by expert {e}, but batch rows "
-                             f"{batch_rows[wrong].tolist()} are routed to another expert")
-        return self.local_index[batch_rows]
-
-
 class TestVLALLM(nn.Module):
     """The KV-cache node "LLM" (see the module docstring).
 
@@ -343,7 +288,7 @@ class TestVLALLM(nn.Module):
         expert_ids = batch.extras.get("expert_ids")
         if expert_ids is None:
             expert_ids = torch.zeros_like(ids)
-        route = _Routing(expert_ids.to(device=ids.device, dtype=torch.long))
+        route = ExpertRouting(expert_ids.to(device=ids.device, dtype=torch.long))
         h: dict[int, torch.Tensor] = {}
         for e in route.present():
             rows = route.rows[e]
@@ -375,7 +320,7 @@ class TestVLALLM(nn.Module):
             mid = h.get(0)
         return self._outputs(batch, route, h, mid)
 
-    def _outputs(self, batch: ForwardBatch, route: _Routing, h: dict[int, torch.Tensor],
+    def _outputs(self, batch: ForwardBatch, route: ExpertRouting, h: dict[int, torch.Tensor],
                  mid: torch.Tensor | None) -> dict[str, torch.Tensor]:
         heads = {
             "logits": (0, lambda x: self.lm_head(self.model.norm(x))),

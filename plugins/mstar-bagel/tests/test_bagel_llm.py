@@ -1,0 +1,437 @@
+"""BAGEL's MoT LLM node (`mstar_bagel.llm`) on weights written once in BAGEL's own
+`ema.safetensors` layout (key names as the authors' `qwen2_navit.py` / `bagel.py` build
+them) and loaded through the real loader with `llm_key_map`.
+
+- The understanding expert's text path is Qwen3 with QKV bias and a zero o_proj bias, so
+  `transformers.Qwen3ForCausalLM` on the same weights is its oracle (chunked prefill, then
+  greedy decode over the paged cache, logits within 1e-4).
+- The generation expert alone is the same Qwen3 built from the `*_moe_gen` weights and
+  `norm_moe_gen`, fed BAGEL's latent input embedding (diffusers' DiT timestep frequencies).
+- A mixed step (a scratch chunk of text and latent rows, bidirectional, over a cached
+  prefix of text and ViT rows) is checked against `DenseMoT`, a plain reading written here
+  of BAGEL's rule "each row uses its own expert's weights, attention over all rows": a rule
+  check, not an independent oracle (fixtures from the authors' code come later).
+
+Ours runs as the engine runs it: hand-built ragged `ForwardBatch`es over a real
+`KVCacheManager` and the reference `TorchAttention` backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from mstar.engine.attention_torch import TorchAttention
+from mstar.engine.kv_cache import KVCacheManager, PagePool
+from mstar.model import KVSpec
+from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey, attention_context
+from mstar.model.layers.embeddings import sincos_2d_table
+from mstar.weights.loader import WeightLoadError, iter_checkpoint, load_weights
+from mstar.weights.spec import WeightSpec
+from mstar_bagel.llm import BagelLLM, LLMConfig, kv_extras, llm_key_map
+
+torch.set_num_threads(1)
+ATOL = 1e-4
+CFG = LLMConfig.tiny()
+LATENT_DIM = 16  # 2×2 latent patch of 4 channels
+MAX_LATENT = 8
+GEN = "_moe_gen"
+Weights = dict[str, torch.Tensor]
+
+
+def bagel_layout(cfg: LLMConfig, latent_dim: int, max_latent: int) -> dict[str, tuple[int, ...]]:
+    """Every key (and shape) of BAGEL's `ema.safetensors` the LLM node reads, as BAGEL's
+    modules name them, plus a ViT and connector key the node must leave alone."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv, inter = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
+    out = {"language_model.model.embed_tokens.weight": (cfg.vocab_size, h),
+           "language_model.model.norm.weight": (h,),
+           "language_model.model.norm_moe_gen.weight": (h,),
+           "language_model.lm_head.weight": (cfg.vocab_size, h),
+           "vae2llm.weight": (h, latent_dim), "vae2llm.bias": (h,),
+           "llm2vae.weight": (latent_dim, h), "llm2vae.bias": (latent_dim,),
+           "time_embedder.mlp.0.weight": (h, 256), "time_embedder.mlp.0.bias": (h,),
+           "time_embedder.mlp.2.weight": (h, h), "time_embedder.mlp.2.bias": (h,),
+           "latent_pos_embed.pos_embed": (max_latent ** 2, h),
+           "vit_model.vision_model.post_layernorm.weight": (8,),
+           "connector.fc1.weight": (h, 8)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"language_model.model.layers.{i}."
+        for s in ("", GEN):
+            out |= {f"{p}self_attn.q_proj{s}.weight": (q, h), f"{p}self_attn.q_proj{s}.bias": (q,),
+                    f"{p}self_attn.k_proj{s}.weight": (kv, h),
+                    f"{p}self_attn.k_proj{s}.bias": (kv,),
+                    f"{p}self_attn.v_proj{s}.weight": (kv, h),
+                    f"{p}self_attn.v_proj{s}.bias": (kv,),
+                    f"{p}self_attn.o_proj{s}.weight": (h, q),
+                    f"{p}self_attn.q_norm{s}.weight": (d,), f"{p}self_attn.k_norm{s}.weight": (d,),
+                    f"{p}mlp{s}.gate_proj.weight": (inter, h), f"{p}mlp{s}.up_proj.weight": (inter, h),
+                    f"{p}mlp{s}.down_proj.weight": (h, inter),
+                    f"{p}input_layernorm{s}.weight": (h,),
+                    f"{p}post_attention_layernorm{s}.weight": (h,)}
+    return out
+
+
+def seeded_weights(seed: int = 0) -> Weights:
+    """Random weights in BAGEL's layout: norms around 1, the position table as BAGEL's."""
+    g = torch.Generator().manual_seed(seed)
+    w = {}
+    for key, shape in bagel_layout(CFG, LATENT_DIM, MAX_LATENT).items():
+        if key.endswith("norm.weight") or "norm_" in key or "layernorm" in key:
+            w[key] = 1 + 0.2 * torch.randn(shape, generator=g)
+        else:
+            w[key] = 0.1 * torch.randn(shape, generator=g)
+    w["latent_pos_embed.pos_embed"] = sincos_2d_table(CFG.hidden_size, MAX_LATENT)
+    return w
+
+
+@pytest.fixture(scope="module")
+def weights() -> Weights:
+    return seeded_weights()
+
+
+@pytest.fixture(scope="module")
+def ours(weights: Weights, tmp_path_factory) -> BagelLLM:
+    path = tmp_path_factory.mktemp("bagel") / "ema.safetensors"
+    save_file(weights, str(path))
+    module = BagelLLM(CFG, latent_dim=LATENT_DIM, max_latent_size=MAX_LATENT)
+    spec = WeightSpec(patterns=("ema.safetensors",), key_map=llm_key_map(CFG))
+    report = load_weights(module, iter_checkpoint([path]), spec)
+    assert sorted(report.ignored) == ["connector.fc1.weight",
+                                      "vit_model.vision_model.post_layernorm.weight"]
+    return module.eval()
+
+
+def qwen3(weights: Weights, expert: str):
+    """transformers' Qwen3 (QKV bias, qk-norm) holding expert `expert` ("" or "_moe_gen")."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=CFG.vocab_size, hidden_size=CFG.hidden_size,
+                         intermediate_size=CFG.intermediate_size,
+                         num_hidden_layers=CFG.num_hidden_layers,
+                         num_attention_heads=CFG.num_attention_heads,
+                         num_key_value_heads=CFG.num_key_value_heads, head_dim=CFG.head_dim,
+                         rms_norm_eps=CFG.rms_norm_eps, attention_bias=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": CFG.rope_theta},
+                         max_position_embeddings=CFG.max_position_embeddings,
+                         tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(config).eval()
+    state = {"lm_head.weight": weights["language_model.lm_head.weight"],
+             "model.embed_tokens.weight": weights["language_model.model.embed_tokens.weight"],
+             "model.norm.weight": weights[f"language_model.model.norm{expert}.weight"]}
+    for name in model.state_dict():
+        if ".layers." not in name:
+            continue
+        module, param = name.rsplit(".", 1)
+        if module.endswith("o_proj") and param == "bias":
+            state[name] = torch.zeros(CFG.hidden_size)  # BAGEL's o_proj has none
+            continue
+        if ".mlp." in module:
+            module = module.replace(".mlp.", f".mlp{expert}.")
+        else:
+            module += expert
+        state[name] = weights[f"language_model.{module}.{param}"]
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def latent_embeds(w: Weights, latents: torch.Tensor, t: float, pos_ids: torch.Tensor
+                  ) -> torch.Tensor:
+    """BAGEL's latent input: vae2llm(x) + time_embedder(t) + latent_pos_embed(pos), the
+    timestep frequencies from diffusers (DiT's convention: cos first, no shift)."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    freq = get_timestep_embedding(torch.full((len(latents),), t), 256, flip_sin_to_cos=True,
+                                  downscale_freq_shift=0)
+    temb = F.linear(F.silu(F.linear(freq, w["time_embedder.mlp.0.weight"],
+                                    w["time_embedder.mlp.0.bias"])),
+                    w["time_embedder.mlp.2.weight"], w["time_embedder.mlp.2.bias"])
+    return (F.linear(latents, w["vae2llm.weight"], w["vae2llm.bias"]) + temb
+            + w["latent_pos_embed.pos_embed"][pos_ids])
+
+
+# -- driving the node as the engine does ---------------------------------------------------
+
+
+SPEC = KVSpec(num_layers=CFG.num_hidden_layers, num_kv_heads=CFG.num_key_value_heads,
+              head_dim=CFG.head_dim, extras=kv_extras(CFG, LATENT_DIM),
+              outputs={"logits": "last", "velocity": "all"})
+
+
+@dataclass
+class Chunk:
+    """One sequence's new rows in a step: ids, positions, per-token and per-seq extras
+    (absent ones take their declared default), segments, mode and wanted outputs."""
+
+    key: SeqKey
+    ids: list[int]
+    positions: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    segments: list[Segment] | None = None
+    mode: str = "append"
+    want: tuple[str, ...] = ()
+
+
+def step(module: BagelLLM, cache: KVCacheManager, chunks: list[Chunk]
+         ) -> list[dict[str, torch.Tensor]]:
+    """One engine step over `chunks`, ragged; each chunk's outputs (logits at its last row,
+    velocity at every row)."""
+    seqs, start = [], 0
+    for ch in chunks:
+        n = len(ch.ids)
+        if not cache.has(ch.key):
+            cache.create(ch.key)
+        if ch.mode == "append":
+            cache.reserve(ch.key, n)
+        at = {"logits": (n - 1, 1), "velocity": (0, n)}
+        seqs.append(SeqChunk(key=ch.key, start=start, length=n, context_len=cache.length(ch.key),
+                             segments=ch.segments or [Segment(n)], mode=ch.mode,
+                             outputs={name: at[name] for name in ch.want}))
+        start += n
+    extras = {}
+    for ex in SPEC.extras:
+        if any(ex.name in ch.extras for ch in chunks):
+            extras[ex.name] = torch.cat([
+                ch.extras[ex.name].to(ex.dtype) if ex.name in ch.extras else
+                torch.full((len(ch.ids) if ex.per == "token" else 1, *ex.shape), ex.default,
+                           dtype=ex.dtype) for ch in chunks])
+    batch = ForwardBatch(input_ids=torch.tensor([i for ch in chunks for i in ch.ids]),
+                         positions=torch.cat([ch.positions for ch in chunks]), seqs=seqs,
+                         extras=extras)
+    with torch.no_grad(), attention_context(TorchAttention(seqs, cache=cache)):
+        out = module(batch)
+    for s in seqs:
+        if s.mode == "append":
+            cache.commit(s.key, s.length)
+    offsets = dict.fromkeys(out, 0)
+    results = []
+    for s in seqs:
+        mine = {}
+        for name, (_, count) in s.outputs.items():
+            mine[name] = out[name][offsets[name]:offsets[name] + count]
+            offsets[name] += count
+        results.append(mine)
+    return results
+
+
+def new_cache() -> KVCacheManager:
+    return KVCacheManager(PagePool(SPEC, num_pages=32, page_size=4))
+
+
+def text(key: SeqKey, ids: list[int], start: int, want: tuple[str, ...] = ("logits",)) -> Chunk:
+    return Chunk(key, ids, torch.arange(start, start + len(ids)), want=want)
+
+
+# -- the understanding expert: Qwen3 -------------------------------------------------------
+
+
+def test_text_path_matches_qwen3_over_chunked_prefill_and_decode(ours, weights):
+    """Two prompts share the steps (one prefilled in two chunks); then both decode
+    greedily over the cache. Every step's logits are Qwen3's on the whole sequence."""
+    oracle = qwen3(weights, "")
+    g = torch.Generator().manual_seed(1)
+    a, b = SeqKey("a", "LLM"), SeqKey("b", "LLM")
+    seq = {a: torch.randint(CFG.vocab_size, (11,), generator=g).tolist(),
+           b: torch.randint(CFG.vocab_size, (5,), generator=g).tolist()}
+    cache = new_cache()
+    assert step(ours, cache, [text(a, seq[a][:6], 0, ())]) == [{}]
+    out = step(ours, cache, [text(a, seq[a][6:], 6), text(b, seq[b], 0)])
+    for i in range(4):
+        for key, got in zip((a, b), out):
+            with torch.no_grad():
+                want = oracle(torch.tensor([seq[key]])).logits[0, -1]
+            torch.testing.assert_close(got["logits"][0], want, atol=ATOL, rtol=0,
+                                       msg=f"{key.request_id}: logits differ at step {i}")
+            seq[key].append(int(got["logits"][0].argmax()))
+        out = step(ours, cache, [text(k, seq[k][-1:], len(seq[k]) - 1) for k in (a, b)])
+    assert cache.length(a) == len(seq[a]) and cache.length(b) == len(seq[b])
+
+
+# -- the generation expert: Qwen3 from the *_moe_gen weights -------------------------------
+
+
+def latent_chunk(key: SeqKey, latents: torch.Tensor, t: float, pos_ids: torch.Tensor,
+                 positions: torch.Tensor, **kw) -> Chunk:
+    n = len(latents)
+    return Chunk(key, [0] * n, positions,
+                 extras={"expert_ids": torch.ones(n), "latents": latents,
+                         "latent_pos_ids": pos_ids, "t": torch.tensor([t])}, **kw)
+
+
+def test_generation_expert_alone_is_qwen3_of_the_gen_weights(ours, weights):
+    """A sequence of latent rows only, prefilled in two chunks (the second attends to the
+    gen expert's cached K/V): its velocity on every row is llm2vae of Qwen3's final hidden
+    (norm_moe_gen) over BAGEL's latent input embedding."""
+    oracle = qwen3(weights, GEN)
+    g = torch.Generator().manual_seed(2)
+    n, t = 10, 0.35
+    latents = torch.randn(n, LATENT_DIM, generator=g)
+    pos_ids = torch.randperm(MAX_LATENT ** 2, generator=g)[:n]
+    key, cache = SeqKey("g", "LLM"), new_cache()
+    got = [step(ours, cache, [latent_chunk(key, latents[s], t, pos_ids[s], torch.arange(n)[s],
+                                           want=("velocity",))])[0]["velocity"]
+           for s in (slice(0, 6), slice(6, n))]
+    with torch.no_grad():
+        hidden = oracle.model(inputs_embeds=latent_embeds(weights, latents, t, pos_ids)[None]
+                              ).last_hidden_state[0]
+    want = F.linear(hidden, weights["llm2vae.weight"], weights["llm2vae.bias"])
+    torch.testing.assert_close(torch.cat(got), want, atol=ATOL, rtol=0)
+
+
+# -- a mixed step: BAGEL's routing rule ---------------------------------------------------
+
+
+def _rms(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + CFG.rms_norm_eps) * weight
+
+
+class DenseMoT:
+    """BAGEL's MoT read plainly: every expert computes every row and row r keeps the result
+    of its expert `expert[r]`; attention is over all rows a dense `mask` [T, T] allows."""
+
+    def __init__(self, w: Weights, expert: torch.Tensor, positions: torch.Tensor,
+                 mask: torch.Tensor):
+        self.w, self.gen, self.mask = w, expert.bool(), mask
+        d = CFG.head_dim
+        inv = 1 / CFG.rope_theta ** (torch.arange(0, d, 2).float() / d)
+        self.angle = torch.cat([positions[:, None].float() * inv] * 2, -1)[:, None]
+
+    def by_row(self, f) -> torch.Tensor:
+        a, b = f(0), f(1)
+        return torch.where(self.gen.view(-1, *[1] * (a.dim() - 1)), b, a)
+
+    def wt(self, name: str, e: int) -> torch.Tensor:
+        """Expert e's tensor `name`, whose `{s}` is the expert's suffix."""
+        return self.w[name.format(s=GEN if e else "")]
+
+    def rope(self, v: torch.Tensor) -> torch.Tensor:
+        v1, v2 = v.chunk(2, -1)
+        return v * self.angle.cos() + torch.cat([-v2, v1], -1) * self.angle.sin()
+
+    def heads(self, p: str, xn: torch.Tensor, name: str, count: int) -> torch.Tensor:
+        """q, k or v [T, count, D] of layer `p`, q and k normed per head."""
+        def f(e: int) -> torch.Tensor:
+            y = F.linear(xn, self.wt(f"{p}self_attn.{name}_proj{{s}}.weight", e),
+                         self.wt(f"{p}self_attn.{name}_proj{{s}}.bias", e))
+            y = y.view(len(xn), count, CFG.head_dim)
+            return y if name == "v" else _rms(y, self.wt(f"{p}self_attn.{name}_norm{{s}}.weight", e))
+        return self.by_row(f)
+
+    def layer(self, p: str, x: torch.Tensor) -> torch.Tensor:
+        hq, hkv = CFG.num_attention_heads, CFG.num_key_value_heads
+        xn = self.by_row(lambda e: _rms(x, self.wt(p + "input_layernorm{s}.weight", e)))
+        q, k = self.rope(self.heads(p, xn, "q", hq)), self.rope(self.heads(p, xn, "k", hkv))
+        k, v = (t.repeat_interleave(hq // hkv, dim=1) for t in (k, self.heads(p, xn, "v", hkv)))
+        scores = torch.einsum("qhd,khd->hqk", q, k) * CFG.head_dim ** -0.5
+        probs = scores.masked_fill(~self.mask, -torch.inf).softmax(-1)
+        attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(len(x), -1)
+        x = x + self.by_row(lambda e: F.linear(attn, self.wt(p + "self_attn.o_proj{s}.weight", e)))
+        xn = self.by_row(lambda e: _rms(x, self.wt(p + "post_attention_layernorm{s}.weight", e)))
+        return x + self.by_row(lambda e: F.linear(
+            F.silu(F.linear(xn, self.wt(p + "mlp{s}.gate_proj.weight", e)))
+            * F.linear(xn, self.wt(p + "mlp{s}.up_proj.weight", e)),
+            self.wt(p + "mlp{s}.down_proj.weight", e)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [T, hidden] -> final hidden, each row normed by its expert's
+        final norm."""
+        for i in range(CFG.num_hidden_layers):
+            x = self.layer(f"language_model.model.layers.{i}.", x)
+        return self.by_row(lambda e: _rms(x, self.wt("language_model.model.norm{s}.weight", e)))
+
+
+def test_mixed_scratch_step_over_a_cached_prefix_follows_the_mot_rule(ours, weights):
+    """Prefix: text, 3 ViT rows (their `vit_embeds` replace the embedding), text, appended
+    causally in two steps. Then, as BAGEL's `_forward_flow`, a scratch chunk
+    [start marker, 6 latent rows, end marker], all at one rope position, bidirectional over
+    itself and attending to the whole prefix, batched with a text decode of another
+    request. Its velocity on every row and the prefix's logits equal `DenseMoT`; the
+    scratch chunk leaves the cache as it was."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(CFG.vocab_size, (9,), generator=g).tolist()
+    vit = torch.tensor([0, 0, 1, 1, 1, 0, 0, 0, 0])
+    vit_embeds = torch.randn(9, CFG.hidden_size, generator=g) * vit[:, None]
+    n_lat, t = 6, 0.7
+    latents = torch.randn(n_lat, LATENT_DIM, generator=g)
+    pos_ids = torch.tensor([0, 1, 2, 8, 9, 10])  # a 2×3 latent grid in the 8×8 table
+    marks = torch.randint(CFG.vocab_size, (2,), generator=g).tolist()
+
+    key, other, cache = SeqKey("m", "LLM"), SeqKey("o", "LLM"), new_cache()
+    prefix = [Chunk(key, ids[s], torch.arange(9)[s],
+                    extras={"vit_mask": vit[s], "vit_embeds": vit_embeds[s]}, want=("logits",))
+              for s in (slice(0, 4), slice(4, 9))]
+    prefix_logits = [step(ours, cache, [c])[0]["logits"][0] for c in prefix]
+    step(ours, cache, [text(other, [5, 6, 7], 0, ())])
+
+    n = n_lat + 2
+    expert = torch.tensor([0] + [1] * n_lat + [0])
+    lat_rows = torch.zeros(n, LATENT_DIM)
+    lat_rows[1:-1] = latents
+    pos_rows = torch.zeros(n, dtype=torch.long)
+    pos_rows[1:-1] = pos_ids
+    scratch = Chunk(key, [marks[0]] + [0] * n_lat + [marks[1]], torch.full((n,), 9),
+                    extras={"expert_ids": expert, "latents": lat_rows, "latent_pos_ids": pos_rows,
+                            "t": torch.tensor([t])},
+                    segments=[Segment(n, "bidirectional")], mode="scratch", want=("velocity",))
+    got, _ = step(ours, cache, [scratch, text(other, [8], 3)])
+    assert cache.length(key) == 9 and cache.length(other) == 4
+
+    embed = weights["language_model.model.embed_tokens.weight"]
+    x = torch.cat([torch.where(vit[:, None].bool(), vit_embeds, embed[ids]), embed[marks[0]][None],
+                   latent_embeds(weights, latents, t, pos_ids), embed[marks[1]][None]])
+    causal = torch.ones(9, 9).tril().bool()
+    mask = torch.ones(9 + n, 9 + n, dtype=torch.bool)
+    mask[:9, :9], mask[:9, 9:] = causal, False
+    final = DenseMoT(weights, torch.cat([torch.zeros(9, dtype=torch.long), expert]),
+                     torch.cat([torch.arange(9), torch.full((n,), 9)]), mask)(x)
+    want_velocity = F.linear(final[9:], weights["llm2vae.weight"], weights["llm2vae.bias"])
+    torch.testing.assert_close(got["velocity"], want_velocity, atol=ATOL, rtol=0)
+    head = weights["language_model.lm_head.weight"]
+    for got_logits, row in zip(prefix_logits, (3, 8)):
+        torch.testing.assert_close(got_logits, final[row] @ head.T, atol=ATOL, rtol=0)
+
+
+def test_a_vit_row_routed_to_the_generation_expert_is_refused(ours):
+    chunk = latent_chunk(SeqKey("v", "LLM"), torch.zeros(2, LATENT_DIM), 0.5,
+                         torch.tensor([0, 1]), torch.arange(2))
+    chunk.extras["vit_mask"] = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="ViT row"):
+        step(ours, new_cache(), [chunk])
+
+
+# -- the real 7B layout -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tp_rank,tp_size", [(0, 1), (1, 2)])
+def test_7b_layout_loads_every_parameter_once(tp_rank: int, tp_size: int) -> None:
+    """BAGEL-7B-MoT's shapes on the meta device: every LLM key of the layout loads into
+    one of our parameters at its full shape (each rank its shard), ViT and connector keys
+    are ignored, and a renamed key is an error, not a silent skip."""
+    cfg = LLMConfig.from_dict({"hidden_size": 3584, "num_attention_heads": 28,
+                               "num_key_value_heads": 4, "layer_module": "Qwen2MoTDecoderLayer",
+                               "model_type": "qwen2"})
+    assert cfg == LLMConfig() and cfg.head_dim == 128
+    layout = bagel_layout(cfg, 64, 64)
+    hub = {k: torch.empty(shape, device="meta") for k, shape in layout.items()}
+    with torch.device("meta"):
+        module = BagelLLM(cfg, latent_dim=64, max_latent_size=64, tp_rank=tp_rank,
+                          tp_size=tp_size)
+    spec = WeightSpec(key_map=llm_key_map(cfg))
+    report = load_weights(module, hub.items(), spec, tp_rank=tp_rank, tp_size=tp_size)
+    assert set(report.loaded) == set(module.state_dict())
+    assert len(report.loaded) == len(layout) - 2 and len(report.ignored) == 2
+    if tp_size > 1:
+        attn = module.model.layers[0].self_attn
+        assert (attn.heads, attn.kv_heads) == (14, 2)
+        assert attn.k_proj_moe_gen.bias.shape == (2 * 128,)
+
+    broken = dict(hub)
+    broken["language_model.model.layers.0.self_attn.q_norm.weight"] = broken.pop(
+        "language_model.model.layers.0.self_attn.q_norm_moe_gen.weight")
+    with pytest.raises(WeightLoadError) as err:
+        load_weights(module, broken.items(), spec, tp_rank=tp_rank, tp_size=tp_size)
+    assert err.value.missing == ["model.layers.0.self_attn.q_norm_moe_gen.weight"]
