@@ -122,8 +122,8 @@ class TestVLARequest(SamplingFields):
     mode: Literal["text", "act", "rollout"] = "text"
     num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps (act).")
     guidance_scale: float = Field(1.0, ge=1.0, le=100.0, description="CFG scale (act).")
-    cfg_interval: tuple[float, float] = Field(
-        (0.0, 1.0), description="CFG only at the steps whose flow time t (1 at the first "
+    cfg_interval: list[float] = Field(
+        [0.0, 1.0], min_length=2, max_length=2, description="CFG only at the steps whose flow time t (1 at the first "
                                 "step, falling by 1/num_steps) has lo < t <= hi (act).")
     num_frames: int = Field(1, ge=1, le=64, description="Frames to predict (rollout).")
     frame: list[list[float]] | TensorInput | None = Field(
@@ -514,7 +514,7 @@ class TestVLA(Model):
         params = {
             "mode": req.mode, "max_tokens": req.max_tokens, "n": req.n,
             "num_steps": req.num_steps, "guidance_scale": req.guidance_scale,
-            "cfg_interval": list(req.cfg_interval), "uncond_end": layout.uncond_end,
+            "cfg_interval": req.cfg_interval, "uncond_end": layout.uncond_end,
             "num_frames": req.num_frames, "rollout_steps": req.num_frames - 1,
             "uncond_length": layout.uncond_length, "consumer_delay_s": req.consumer_delay_s,
             "prompt_ids": ids, "layout": layout.to_params(), "text_end": layout.text_end,
