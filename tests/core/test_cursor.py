@@ -161,7 +161,7 @@ def test_prepare_called_once_per_visit_with_iteration():
         first = cursor.pending()
         again = cursor.pending()  # asking twice must not prepare twice
         assert first == again
-        seen.append(cursor.env["timestep"])
+        seen.append(cursor.inputs("denoise")["timestep"])
         cursor.complete("denoise", {})
     assert calls == [0, 1, 2, 3]
     assert seen == [1.0, 0.75, 0.5, 0.25]
@@ -170,6 +170,56 @@ def test_prepare_called_once_per_visit_with_iteration():
     node = GraphNode("p", prepare=lambda env, it: outside.append(it) or {})
     drive(cursor_for(node), no_outputs)
     assert outside == [None]
+
+
+def test_prepare_results_are_local_to_their_invocation():
+    """Two branches of one Parallel prepare different `positions` (each CFG context has its
+    own length): each reads its own, and neither the env nor a later stage sees them."""
+    branch = dict(inputs=("positions", "x"), outputs=("velocity",))
+    cond = GraphNode("LLM", prepare=lambda env, it: {"positions": env["cond_len"]}, **branch)
+    uncond = GraphNode("LLM_uncond", alias_of="LLM", label="uncond",
+                       rename={"velocity": "velocity_uncond"},
+                       prepare=lambda env, it: {"positions": env["uncond_len"]}, **branch)
+    later = GraphNode("combine", inputs=("positions", "x", "velocity", "velocity_uncond"))
+    env = {"cond_len": 9, "uncond_len": 4, "x": 1.0}
+    cursor = cursor_for(Sequential(Parallel(cond, uncond), later), env)
+    seen = {}
+    for inv in cursor.pending():  # both reported (prepared) before either runs
+        seen[inv.node.name] = cursor.inputs(inv.node.name)
+    assert seen == {"LLM": {"positions": 9, "x": 1.0},
+                    "LLM_uncond": {"positions": 4, "x": 1.0}}
+    cursor.complete("LLM", {"velocity": 1.0})
+    cursor.complete("LLM_uncond", {"velocity": 2.0})
+    assert "positions" not in env
+    assert [inv.node.name for inv in cursor.pending()] == ["combine"]
+    assert cursor.inputs("combine") == {"x": 1.0, "velocity": 1.0, "velocity_uncond": 2.0}
+    with pytest.raises(ValueError, match="'LLM' has not been reported"):
+        cursor.inputs("LLM")
+
+
+def test_skipped_branch_leaves_no_stale_outputs():
+    """A CFG branch that ran on iteration 1 and is skipped on iteration 2 leaves no
+    `velocity_uncond` for combine on iteration 2."""
+    uncond = GraphNode("LLM_uncond", alias_of="LLM", label="uncond", outputs=("velocity",),
+                       rename={"velocity": "velocity_uncond"},
+                       skip=lambda env, it: it != 1)
+    combine = GraphNode("combine", inputs=("velocity", "velocity_uncond"))
+    cursor = cursor_for(Loop(Sequential(Parallel(GraphNode("LLM", outputs=("velocity",)),
+                                                 uncond), combine), times=3))
+    combined = []
+
+    def run(inv, env):
+        if inv.node.name == "combine":
+            combined.append((inv.iteration, cursor.inputs("combine")))
+            return {}
+        return {"velocity": (inv.node.name, inv.iteration)}
+
+    drive(cursor, run)
+    assert combined == [
+        (0, {"velocity": ("LLM", 0)}),
+        (1, {"velocity": ("LLM", 1), "velocity_uncond": ("LLM_uncond", 1)}),
+        (2, {"velocity": ("LLM", 2)}),
+    ]
 
 
 # ---------------------------------------------------------------- loops

@@ -159,6 +159,8 @@ def test_logprobs(dep):
     ({"top_p": 1.5}, "top_p"),
     ({"mode": "act", "num_steps": 0, "prompt": "<image>x", "image": image(0)}, "num_steps"),
     ({"mode": "act", "num_steps": 10**9, "prompt": "<image>x", "image": image(0)}, "num_steps"),
+    ({"mode": "act", "cfg_interval": [0.8, 0.2], "prompt": "x"}, "cfg_interval"),
+    ({"mode": "act", "cfg_interval": [0.5], "prompt": "x"}, "cfg_interval"),
     ({"prompt": "x" * 400}, "max_seq_len"),
     ({"max_tokens": 10_000}, "max_tokens"),
 ])

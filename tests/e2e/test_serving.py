@@ -28,8 +28,10 @@ TEXT = {"prompt": "the picture <image> shows", "image": image(21), "max_tokens":
         "temperature": 0, "stream_consumer": True, "logprobs": 2}
 SAMPLED = {"prompt": "tell me", "max_tokens": 8, "temperature": 1.0, "seed": 99,
            "ignore_eos": True}
+#: CFG at flow times 1 and 2/3, not 1/3: the branch (on its own rank in cfg_parallel) is
+#: skipped after it ran, and its earlier velocity must not reach `combine`.
 ACT = {"prompt": "<image>stack the cups", "image": image(22), "mode": "act", "num_steps": 3,
-       "guidance_scale": 2.0, "seed": 5}
+       "guidance_scale": 2.0, "cfg_interval": [0.5, 1.0], "seed": 5}
 ROLL = {"prompt": "go", "mode": "rollout", "num_frames": 2, "frame": frame(23)}
 REQUESTS = {"text": TEXT, "sampled": SAMPLED, "act": ACT, "rollout": ROLL}
 

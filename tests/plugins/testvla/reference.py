@@ -155,9 +155,7 @@ class Reference:
     # -- the LLM ---------------------------------------------------------------------------
     def run(self, ids: list[int], *, image: torch.Tensor | None = None,
             frames: torch.Tensor | None = None, x_t: torch.Tensor | None = None,
-            t: float = 0.0, positions: torch.Tensor | None = None,
-            mask: torch.Tensor | None = None, text_from: int | None = None
-            ) -> dict[str, torch.Tensor]:
+            t: float = 0.0, text_from: int | None = None) -> dict[str, torch.Tensor]:
         """Every token of `ids` at once. `frames` [n_FRAME, frame_dim] fill the prompt's
         FRAME tokens in order, `x_t` [n_ACT, action_dim] the ACT tokens (flow time `t`), the
         image's features the IMG tokens. Tokens from `text_from` on are generated text:
@@ -166,8 +164,7 @@ class Reference:
         (expert 1, final norm; NaN elsewhere) and `mid`."""
         c, w = self.c, self.w
         grid = None if image is None else (image.shape[1] // self.p, image.shape[2] // self.p)
-        if positions is None or mask is None:
-            positions, mask, _ = self.layout(ids, grid, text_from)
+        positions, mask, _ = self.layout(ids, grid, text_from)
         tok = torch.tensor(ids)
         n = len(ids)
         prompt = torch.arange(n) < (n if text_from is None else text_from)
@@ -257,27 +254,25 @@ class Reference:
     def velocity(self, prompt_ids: list[int], image: torch.Tensor | None, x_t: torch.Tensor,
                  t: float, *, uncond: bool = False) -> torch.Tensor:
         """Expert 1's velocity [horizon, action_dim] for actions appended after the prompt;
-        the unconditional branch sees only `uncond_length` prompt tokens but its actions
-        keep the full prompt's positions."""
+        the unconditional branch sees only `uncond_length` prompt tokens, its actions
+        appended right after them (their positions follow that shorter context)."""
         horizon = x_t.shape[0]
-        grid = None if image is None else (image.shape[1] // self.p, image.shape[2] // self.p)
-        full = list(prompt_ids) + [ACT] * horizon
-        positions, _, _ = self.layout(full, grid)
         keep = self.uncond_length(prompt_ids) if uncond else len(prompt_ids)
         ids = list(prompt_ids[:keep]) + [ACT] * horizon
-        pos = torch.cat([positions[:, :keep], positions[:, len(prompt_ids):]], dim=1)
-        _, mask, _ = self.layout(ids, grid if IMG in ids else None)
-        h = self.run(ids, image=image if IMG in ids else None, x_t=x_t, t=t,
-                     positions=pos, mask=mask)["hidden1"][keep:]
+        h = self.run(ids, image=image if IMG in ids else None, x_t=x_t,
+                     t=t)["hidden1"][keep:]
         return self._lin(h, "action_out_proj").float()
 
     def act(self, prompt_ids: list[int], image: torch.Tensor | None, num_steps: int,
-            guidance_scale: float, noise: torch.Tensor) -> torch.Tensor:
-        """Euler flow matching from t=1 (`noise`) to t=0 with CFG."""
+            guidance_scale: float, noise: torch.Tensor,
+            cfg_interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+        """Euler flow matching from t=1 (`noise`) to t=0 with CFG at the steps k whose flow
+        time 1 - k/num_steps lies in (lo, hi] of `cfg_interval` (plain velocity elsewhere)."""
         x, t, dt = noise.double(), 1.0, -1.0 / num_steps
-        for _ in range(num_steps):
+        lo, hi = cfg_interval
+        for k in range(num_steps):
             v = self.velocity(prompt_ids, image, x, t).double()
-            if guidance_scale != 1:
+            if guidance_scale != 1 and lo < 1 - k / num_steps <= hi:
                 vu = self.velocity(prompt_ids, image, x, t, uncond=True).double()
                 v = vu + guidance_scale * (v - vu)
             x, t = x + dt * v, t + dt

@@ -4,8 +4,8 @@ The cursor never blocks and never runs anything. A worker holds one cursor per l
 (and walk), asks each for `pending()` node invocations, batches the invocations of the same
 node across requests into one engine step (whatever walk or iteration each request is in),
 and reports each result with `complete()`. The request's environment `env` (name -> tensor
-or small host value) is shared by reference: nodes read their inputs from it and the cursor
-writes their outputs into it.
+or small host value) is shared by reference: nodes read their inputs from it (`inputs`) and
+the cursor writes their outputs into it.
 
 Semantics:
 
@@ -17,9 +17,12 @@ Semantics:
   `env[loop.iteration] = 0`.
 - `Stage`: a node whose `skip` rule returns True for `(env, iteration)` is skipped for this
   visit; skip rules are evaluated when the cursor lands on the stage, all against the same
-  env. A node's `prepare` rule runs once per visit, with `(env, iteration)`, the first time
-  `pending()` reports the node (as late as possible, so it sees the freshest env); its dict
-  is merged into env.
+  env. A skipped node's outputs (after `rename`) are removed from env, so a later node
+  sees them absent rather than a previous iteration's values. A node's `prepare` rule runs
+  once per visit, with `(env, iteration)`, the first time `pending()` reports the node (as
+  late as possible, so it sees the freshest env); its dict is local to that invocation:
+  `inputs(name)` reads it over env, and env itself never holds it (two branches of one
+  `Parallel` may prepare different values under one name).
 - `complete(name, outputs)`: writes `outputs` into env, each output name renamed through
   `node.rename`. Only a node that `pending()` has reported for this visit, and that is not
   yet completed, may be completed (anything else raises ValueError). When every non-skipped
@@ -78,6 +81,8 @@ class WalkCursor:
         self._active: tuple[GraphNode, ...] = ()
         self._reported: set[str] = set()
         self._completed: set[str] = set()
+        #: Each reported node's `prepare` results for this visit (never merged into env).
+        self._local: dict[str, dict[str, Any]] = {}
         self._advance()
 
     @property
@@ -102,9 +107,20 @@ class WalkCursor:
             if node.name not in self._reported:
                 self._reported.add(node.name)
                 if node.prepare is not None:
-                    self.env.update(node.prepare(self.env, iteration))
+                    self._local[node.name] = node.prepare(self.env, iteration)
             result.append(Invocation(node, iteration, path))
         return result
+
+    def inputs(self, node_name: str) -> dict[str, Any]:
+        """The values a reported node's invocation reads: each of its `inputs` from its own
+        `prepare` results, else from env; a name in neither is absent (not supplied)."""
+        node = next((n for n in self._active if n.name == node_name), None)
+        if node is None or node_name not in self._reported:
+            raise ValueError(f"node {node_name!r} has not been reported at position "
+                             f"{self.position}")
+        local = self._local.get(node_name, {})
+        return {k: local[k] if k in local else self.env[k] for k in node.inputs
+                if k in local or k in self.env}
 
     def outstanding(self) -> int:
         """How many of the current stage's invocations are not completed yet (cheaper than
@@ -143,14 +159,19 @@ class WalkCursor:
         self._active = ()
         self._reported = set()
         self._completed = set()
+        self._local = {}
         instructions = self.program.instructions
         while self._pc < len(instructions):
             ins = instructions[self._pc]
             if isinstance(ins, Stage):
                 iteration = self._iteration()
-                active = tuple(
-                    n for n in ins.nodes if n.skip is None or not n.skip(self.env, iteration)
-                )
+                skipped = {n.name for n in ins.nodes
+                           if n.skip is not None and n.skip(self.env, iteration)}
+                active = tuple(n for n in ins.nodes if n.name not in skipped)
+                for node in ins.nodes:  # after every rule ran: they all see the same env
+                    if node.name in skipped:
+                        for name in node.outputs:
+                            self.env.pop(node.rename.get(name, name), None)
                 if active:
                     self._active = active
                     return

@@ -20,7 +20,8 @@ from typing import Any
 #: A skip rule sees the request's environment (host values and tensors) and the loop
 #: iteration (or None outside loops) and returns True to skip the branch this time.
 SkipRule = Callable[[Mapping[str, Any], int | None], bool]
-#: A prepare rule sees the same and returns values to add to the environment.
+#: A prepare rule sees the same and returns values for this invocation only (read over the
+#: environment; never written into it).
 PrepareRule = Callable[[Mapping[str, Any], int | None], dict[str, Any]]
 
 
@@ -33,7 +34,15 @@ class GraphNode:
     `inputs` / `outputs` name environment values. `rename` maps this node's output names to
     environment names (so two branches of one module can write `velocity` and
     `velocity_uncond`). `emit` names outputs sent to the client side (postprocess) each time
-    the node runs. `skip` makes it skippable inside a `Parallel`.
+    the node runs. `skip` makes it skippable inside a `Parallel`; a skipped node's outputs
+    (after `rename`) leave the environment, so a later node sees them absent, not a previous
+    iteration's values (CFG outside its interval).
+
+    `prepare` computes per-invocation values (positions, segments...) when the node is about
+    to run. They are local to this invocation: its `inputs` are read from them first, then
+    from the environment, and no other node (another branch of the same `Parallel`, a later
+    stage) sees them, so two CFG branches can each take their own positions. A value a
+    later node needs must be an output.
     """
 
     name: str

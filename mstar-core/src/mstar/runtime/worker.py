@@ -473,8 +473,7 @@ class Worker(Component):
         if (engine is None and node.name not in lane.remote) or info is None:
             self._fail(req, RuntimeError(f"node {node.module!r} is not on {self.address}"))
             return
-        env = lane.cursor.env
-        inputs = {k: env[k] for k in node.inputs if k in env}
+        inputs = lane.cursor.inputs(node.name)
         dest = lane.remote.get(node.name)
         if dest is not None:  # placed on another worker: call it there
             call_id = next(self._call_ids)

@@ -8,8 +8,9 @@ Walks (partition "lm" unless noted):
 - `decode`: one token per iteration until the sampler says `finished`.
 - `denoise`: noise, then `num_steps` Euler steps; each step runs the LLM on a *scratch*
   chunk of ACT placeholders over the cached prompt, beside an unconditional CFG branch
-  (label "uncond", a fork of the prompt's first `uncond_length` tokens) unless the guidance
-  scale is 1, then `combine`.
+  (label "uncond", a fork of the prompt's first `uncond_length` tokens, its ACT positions
+  right after that shorter context: its own `prepare`) unless the guidance scale is 1 or
+  the step's flow time is outside `cfg_interval`, then `combine`.
 - `rollout`: each iteration appends the previous predicted frame and predicts the next.
 - `stream` (partition "stream"): the consumer decodes windows of (token, mid-layer hidden)
   units streamed from the LLM.
@@ -121,6 +122,9 @@ class TestVLARequest(SamplingFields):
     mode: Literal["text", "act", "rollout"] = "text"
     num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps (act).")
     guidance_scale: float = Field(1.0, ge=1.0, le=100.0, description="CFG scale (act).")
+    cfg_interval: list[float] = Field(
+        [0.0, 1.0], min_length=2, max_length=2, description="CFG only at the steps whose flow time t (1 at the first "
+                                "step, falling by 1/num_steps) has lo < t <= hi (act).")
     num_frames: int = Field(1, ge=1, le=64, description="Frames to predict (rollout).")
     frame: list[list[float]] | TensorInput | None = Field(
         None, description="The initial frame [frame_tokens][frame_dim] (rollout), as nested "
@@ -143,6 +147,9 @@ class TestVLARequest(SamplingFields):
             cols = {len(row) for ch in self.image for row in ch}
             if len(rows) != 1 or len(cols) != 1 or 0 in rows | cols:
                 raise ValueError("image must be a non-empty rectangular [3][H][W] array")
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval must have 0 <= lo <= hi <= 1, got {[lo, hi]}")
         if (self.mode == "rollout") != (self.frame is not None):
             raise ValueError("frame is required in rollout mode and only there")
         if self.mode != "text" and (self.n != 1 or self.stream_consumer):
@@ -200,6 +207,11 @@ class PromptLayout:
     def uncond_length(self) -> int:
         """The CFG-unconditional context: everything before the text after the image."""
         return self.n_before + self.n_image
+
+    @property
+    def uncond_end(self) -> int:
+        """Next position after the CFG-unconditional context (its actions go there)."""
+        return self.n_before + (max(self.grid) if self.grid else 0)
 
     @property
     def text_end(self) -> int:
@@ -302,12 +314,13 @@ class TestVLA(Model):
         text_control = ("token_ids", "finished", "finish_reason")
         llm_act = dict(inputs=("input_ids", "positions", "segments", "chunk_mode",
                                "expert_ids", "x_t", "t"),
-                       outputs=("velocity",), prepare=self._action_inputs)
+                       outputs=("velocity",))
         step = Sequential(
-            Parallel(GraphNode("LLM", **llm_act),
+            Parallel(GraphNode("LLM", prepare=self._action_inputs, **llm_act),
                      GraphNode("LLM_uncond", alias_of="LLM", label="uncond",
                                rename={"velocity": "velocity_uncond"},
-                               skip=_guidance_off, **llm_act)),
+                               skip=_cfg_off, prepare=self._uncond_action_inputs,
+                               **llm_act)),
             GraphNode("combine", inputs=("x_t", "t", "velocity", "velocity_uncond",
                                          "guidance_scale", "num_steps"),
                       outputs=("x_t", "t")))
@@ -374,11 +387,19 @@ class TestVLA(Model):
         return {"positions": env["text_end"] + step - 1}
 
     def _action_inputs(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
-        """ACT placeholders after the text, one bidirectional scratch segment (the same for
-        both CFG branches, which share one environment)."""
+        """ACT placeholders after the text, one bidirectional scratch segment."""
+        return self._actions_at(env["text_end"])
+
+    def _uncond_action_inputs(self, env: Mapping[str, Any],
+                              iteration: int | None) -> dict[str, Any]:
+        """The unconditional branch's ACT placeholders: after its own, shorter context
+        (prepare results are local to the branch, so the conditional one keeps its own)."""
+        return self._actions_at(env["uncond_end"])
+
+    def _actions_at(self, start: int) -> dict[str, Any]:
         h = self.config.action_horizon
         return {"input_ids": torch.full((h,), ACT, dtype=torch.long),
-                "positions": _text_positions(env["text_end"], h),
+                "positions": _text_positions(start, h),
                 "segments": [(h, "bidirectional")], "chunk_mode": "scratch",
                 "expert_ids": torch.ones(h, dtype=torch.long)}
 
@@ -493,6 +514,7 @@ class TestVLA(Model):
         params = {
             "mode": req.mode, "max_tokens": req.max_tokens, "n": req.n,
             "num_steps": req.num_steps, "guidance_scale": req.guidance_scale,
+            "cfg_interval": req.cfg_interval, "uncond_end": layout.uncond_end,
             "num_frames": req.num_frames, "rollout_steps": req.num_frames - 1,
             "uncond_length": layout.uncond_length, "consumer_delay_s": req.consumer_delay_s,
             "prompt_ids": ids, "layout": layout.to_params(), "text_end": layout.text_end,
@@ -558,5 +580,9 @@ class TestVLA(Model):
         return out
 
 
-def _guidance_off(env: Mapping[str, Any], iteration: int | None) -> bool:
-    return float(env["guidance_scale"]) == 1.0
+def _cfg_off(env: Mapping[str, Any], iteration: int | None) -> bool:
+    """No unconditional branch at guidance scale 1, nor at a step whose flow time is outside
+    `cfg_interval` (the skipped branch's `velocity_uncond` is then absent for `combine`)."""
+    lo, hi = env["cfg_interval"]
+    t = 1.0 - (iteration or 0) / int(env["num_steps"])
+    return float(env["guidance_scale"]) == 1.0 or not lo < t <= hi
