@@ -18,10 +18,14 @@ Ours runs as the engine runs it: hand-built ragged `ForwardBatch`es over a real
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
@@ -95,15 +99,29 @@ def weights() -> Weights:
 
 
 @pytest.fixture(scope="module")
-def ours(weights: Weights, tmp_path_factory) -> BagelLLM:
+def checkpoint(weights: Weights, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bagel") / "ema.safetensors"
     save_file(weights, str(path))
-    module = BagelLLM(CFG, latent_dim=LATENT_DIM, max_latent_size=MAX_LATENT)
+    return path
+
+
+def load_ours(path: Path, tp_rank: int = 0, tp_size: int = 1, tp_group: object = None
+              ) -> BagelLLM:
+    """Our node (rank `tp_rank` of `tp_size`) loaded from BAGEL's file by `llm_key_map`;
+    the ViT and connector keys are ignored."""
+    module = BagelLLM(CFG, latent_dim=LATENT_DIM, max_latent_size=MAX_LATENT, tp_rank=tp_rank,
+                      tp_size=tp_size, tp_group=tp_group)
     spec = WeightSpec(patterns=("ema.safetensors",), key_map=llm_key_map(CFG))
-    report = load_weights(module, iter_checkpoint([path]), spec)
+    report = load_weights(module, iter_checkpoint([path]), spec, tp_rank=tp_rank,
+                          tp_size=tp_size)
     assert sorted(report.ignored) == ["connector.fc1.weight",
                                       "vit_model.vision_model.post_layernorm.weight"]
     return module.eval()
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoint: Path) -> BagelLLM:
+    return load_ours(checkpoint)
 
 
 def qwen3(weights: Weights, expert: str):
@@ -218,8 +236,10 @@ def step(module: BagelLLM, cache: KVCacheManager, chunks: list[Chunk]
     return results
 
 
-def new_cache() -> KVCacheManager:
-    return KVCacheManager(PagePool(SPEC, num_pages=32, page_size=4))
+def new_cache(tp_size: int = 1) -> KVCacheManager:
+    """A paged cache; a TP rank's holds its share of the KV heads, as the engine sizes it."""
+    spec = dataclasses.replace(SPEC, num_kv_heads=SPEC.num_kv_heads // tp_size)
+    return KVCacheManager(PagePool(spec, num_pages=32, page_size=4))
 
 
 def text(key: SeqKey, ids: list[int], start: int, want: tuple[str, ...] = ("logits",)) -> Chunk:
@@ -344,55 +364,105 @@ class DenseMoT:
         return self.by_row(lambda e: _rms(x, self.wt("language_model.model.norm{s}.weight", e)))
 
 
-def test_mixed_scratch_step_over_a_cached_prefix_follows_the_mot_rule(ours, weights):
-    """Prefix: text, 3 ViT rows (their `vit_embeds` replace the embedding), text, appended
-    causally in two steps. Then, as BAGEL's `_forward_flow`, a scratch chunk
-    [start marker, 6 latent rows, end marker], all at one rope position, bidirectional over
-    itself and attending to the whole prefix, batched with a text decode of another
-    request. Its velocity on every row and the prefix's logits equal `DenseMoT`; the
-    scratch chunk leaves the cache as it was."""
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(CFG.vocab_size, (9,), generator=g).tolist()
-    vit = torch.tensor([0, 0, 1, 1, 1, 0, 0, 0, 0])
-    vit_embeds = torch.randn(9, CFG.hidden_size, generator=g) * vit[:, None]
-    n_lat, t = 6, 0.7
-    latents = torch.randn(n_lat, LATENT_DIM, generator=g)
-    pos_ids = torch.tensor([0, 1, 2, 8, 9, 10])  # a 2×3 latent grid in the 8×8 table
-    marks = torch.randint(CFG.vocab_size, (2,), generator=g).tolist()
+@dataclass
+class Mixed:
+    """A prompt of text and ViT rows, then one denoising step over it: a start marker,
+    latent rows of a 2×3 grid at flow time t, an end marker."""
 
-    key, other, cache = SeqKey("m", "LLM"), SeqKey("o", "LLM"), new_cache()
-    prefix = [Chunk(key, ids[s], torch.arange(9)[s],
-                    extras={"vit_mask": vit[s], "vit_embeds": vit_embeds[s]}, want=("logits",))
-              for s in (slice(0, 4), slice(4, 9))]
-    prefix_logits = [step(ours, cache, [c])[0]["logits"][0] for c in prefix]
-    step(ours, cache, [text(other, [5, 6, 7], 0, ())])
+    ids: list[int]
+    vit: torch.Tensor
+    vit_embeds: torch.Tensor
+    latents: torch.Tensor
+    pos_ids: torch.Tensor
+    marks: list[int]
+    t: float = 0.7
 
-    n = n_lat + 2
-    expert = torch.tensor([0] + [1] * n_lat + [0])
-    lat_rows = torch.zeros(n, LATENT_DIM)
-    lat_rows[1:-1] = latents
-    pos_rows = torch.zeros(n, dtype=torch.long)
-    pos_rows[1:-1] = pos_ids
-    scratch = Chunk(key, [marks[0]] + [0] * n_lat + [marks[1]], torch.full((n,), 9),
-                    extras={"expert_ids": expert, "latents": lat_rows, "latent_pos_ids": pos_rows,
-                            "t": torch.tensor([t])},
+    @classmethod
+    def seeded(cls, seed: int = 3) -> Mixed:
+        g = torch.Generator().manual_seed(seed)
+        vit = torch.tensor([0, 0, 1, 1, 1, 0, 0, 0, 0])
+        return cls(ids=torch.randint(CFG.vocab_size, (9,), generator=g).tolist(), vit=vit,
+                   vit_embeds=torch.randn(9, CFG.hidden_size, generator=g) * vit[:, None],
+                   latents=torch.randn(6, LATENT_DIM, generator=g),
+                   pos_ids=torch.tensor([0, 1, 2, 8, 9, 10]),  # 2×3 cells of the 8×8 table
+                   marks=torch.randint(CFG.vocab_size, (2,), generator=g).tolist())
+
+
+def run_mixed(module: BagelLLM, m: Mixed, tp_size: int = 1
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt appended causally in two steps (logits of each), another request's
+    prompt, then the denoising step as BAGEL's `_forward_flow`: a scratch chunk, every row at
+    one rope position, bidirectional over itself and attending to the whole prompt, batched
+    with the other request's decode step. Returns (prompt logits [2, V], velocity [8, L])
+    and checks the scratch chunk left the cache as it was."""
+    key, other, cache = SeqKey("m", "LLM"), SeqKey("o", "LLM"), new_cache(tp_size)
+    n_prompt = len(m.ids)
+    logits = [step(module, cache, [Chunk(key, m.ids[s], torch.arange(n_prompt)[s],
+                                         extras={"vit_mask": m.vit[s],
+                                                 "vit_embeds": m.vit_embeds[s]},
+                                         want=("logits",))])[0]["logits"][0]
+              for s in (slice(0, 4), slice(4, n_prompt))]
+    step(module, cache, [text(other, [5, 6, 7], 0, ())])
+    n = len(m.latents) + 2
+    rows = slice(1, n - 1)
+    latents, pos = torch.zeros(n, LATENT_DIM), torch.zeros(n, dtype=torch.long)
+    latents[rows], pos[rows] = m.latents, m.pos_ids
+    scratch = Chunk(key, [m.marks[0]] + [0] * len(m.latents) + [m.marks[1]],
+                    torch.full((n,), n_prompt),
+                    extras={"expert_ids": torch.tensor([0] + [1] * len(m.latents) + [0]),
+                            "latents": latents, "latent_pos_ids": pos, "t": torch.tensor([m.t])},
                     segments=[Segment(n, "bidirectional")], mode="scratch", want=("velocity",))
-    got, _ = step(ours, cache, [scratch, text(other, [8], 3)])
-    assert cache.length(key) == 9 and cache.length(other) == 4
+    got, _ = step(module, cache, [scratch, text(other, [8], 3)])
+    assert cache.length(key) == n_prompt and cache.length(other) == 4
+    return torch.stack(logits), got["velocity"]
 
+
+def test_mixed_scratch_step_over_a_cached_prefix_follows_the_mot_rule(ours, weights):
+    """`run_mixed`: the prompt's ViT rows take their `vit_embeds`; the denoising step's
+    velocity on every row (markers included, normed by the und expert's final norm) and the
+    prompt's logits equal `DenseMoT` over the whole sequence with BAGEL's mask."""
+    m = Mixed.seeded()
+    logits, velocity = run_mixed(ours, m)
+
+    n_prompt, n = len(m.ids), len(m.latents) + 2
     embed = weights["language_model.model.embed_tokens.weight"]
-    x = torch.cat([torch.where(vit[:, None].bool(), vit_embeds, embed[ids]), embed[marks[0]][None],
-                   latent_embeds(weights, latents, t, pos_ids), embed[marks[1]][None]])
-    causal = torch.ones(9, 9).tril().bool()
-    mask = torch.ones(9 + n, 9 + n, dtype=torch.bool)
-    mask[:9, :9], mask[:9, 9:] = causal, False
-    final = DenseMoT(weights, torch.cat([torch.zeros(9, dtype=torch.long), expert]),
-                     torch.cat([torch.arange(9), torch.full((n,), 9)]), mask)(x)
-    want_velocity = F.linear(final[9:], weights["llm2vae.weight"], weights["llm2vae.bias"])
-    torch.testing.assert_close(got["velocity"], want_velocity, atol=ATOL, rtol=0)
+    x = torch.cat([torch.where(m.vit[:, None].bool(), m.vit_embeds, embed[m.ids]),
+                   embed[m.marks[0]][None], latent_embeds(weights, m.latents, m.t, m.pos_ids),
+                   embed[m.marks[1]][None]])
+    expert = torch.tensor([0] * (n_prompt + 1) + [1] * len(m.latents) + [0])
+    mask = torch.ones(n_prompt + n, n_prompt + n, dtype=torch.bool)
+    mask[:n_prompt, :n_prompt] = torch.ones(n_prompt, n_prompt).tril().bool()
+    mask[:n_prompt, n_prompt:] = False
+    positions = torch.cat([torch.arange(n_prompt), torch.full((n,), n_prompt)])
+    final = DenseMoT(weights, expert, positions, mask)(x)
+    want = F.linear(final[n_prompt:], weights["llm2vae.weight"], weights["llm2vae.bias"])
+    torch.testing.assert_close(velocity, want, atol=ATOL, rtol=0)
     head = weights["language_model.lm_head.weight"]
-    for got_logits, row in zip(prefix_logits, (3, 8)):
-        torch.testing.assert_close(got_logits, final[row] @ head.T, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits, final[[3, n_prompt - 1]] @ head.T, atol=ATOL, rtol=0)
+
+
+def _tp_rank(rank: int, checkpoint: Path, out: Path) -> None:
+    """One rank of a 2-way TP group (gloo, a file rendezvous): its `run_mixed` to `out`."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank,
+                            world_size=2)
+    try:
+        module = load_ours(checkpoint, tp_rank=rank, tp_size=2, tp_group=dist.group.WORLD)
+        torch.save(run_mixed(module, Mixed.seeded(), tp_size=2), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_ranks_match_one_rank(ours, checkpoint, tmp_path):
+    """tp_size 2 over two real processes: each rank holds half of both experts' heads and
+    MLP features (q/k/v biases sharded with them, q/k norms per whole head), and both
+    ranks give the one-rank logits and velocity of the mixed step."""
+    mp.spawn(_tp_rank, args=(checkpoint, tmp_path), nprocs=2, join=True)
+    want = run_mixed(ours, Mixed.seeded())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, g, w in zip(("logits", "velocity"), got, want):
+            torch.testing.assert_close(g, w, atol=ATOL, rtol=0, msg=f"rank {rank}: {name}")
 
 
 def test_a_vit_row_routed_to_the_generation_expert_is_refused(ours):

@@ -201,13 +201,13 @@ class BagelLLM(nn.Module):
         self.llm2vae = nn.Linear(cfg.hidden_size, latent_dim)
         self.time_embedder = TimestepEmbedder(cfg.hidden_size)
         self.latent_pos_embed = PositionTable(max_latent_size, cfg.hidden_size)
-        self.extras = {spec.name: spec for spec in kv_extras(cfg, latent_dim)}
+        self.extra_specs = {spec.name: spec for spec in kv_extras(cfg, latent_dim)}
 
     def _extra(self, batch: ForwardBatch, name: str) -> torch.Tensor:
         """Extra `name` of the batch, or its declared default (T or B rows)."""
         if name in batch.extras:
             return batch.extras[name]
-        spec = self.extras[name]
+        spec = self.extra_specs[name]
         rows = batch.num_tokens if spec.per == "token" else len(batch.seqs)
         return torch.full((rows, *spec.shape), spec.default, dtype=spec.dtype,
                           device=batch.input_ids.device)
