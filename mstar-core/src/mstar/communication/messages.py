@@ -270,12 +270,16 @@ class StreamPush(msgspec.Struct, tag=True):
 
 class NodeCall(msgspec.Struct, tag=True):
     """Run one node invocation of a walk owned elsewhere (a CFG branch on its own rank);
-    the result goes back to `reply_to` as a `NodeResult`."""
+    the result goes back to `reply_to` as a `NodeResult`. `node_index` is the node's place
+    in the walk's program order: one branch name may appear in several stages of a walk
+    (a guidance context prefilled at the start, then run in every step), each with its own
+    outputs."""
 
     call_id: int
     info: RequestInfo
     walk: str
     node: str
+    node_index: int
     child: int
     iteration: int | None
     reply_to: str

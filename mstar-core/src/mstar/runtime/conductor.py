@@ -99,10 +99,14 @@ class Conductor(Component):
                        if types.get(n.module) == "kv_cache"})
 
     def owner_of(self, walk: str) -> str:
-        """The worker that runs `walk`: one holding its KV node (else its first node)."""
+        """The worker that runs `walk`: one holding its KV node (else its first node). A
+        branch (`alias_of`, its own KV label) is no anchor even when it comes first (an
+        image-free guidance context prefilled at the start of the walk): the request's
+        main sequence lives with the node itself."""
         nodes = walk_nodes(self.walks[walk].body)
         types = self.model.node_engine_types()
-        anchor = next((n for n in nodes if types.get(n.module) == "kv_cache"), nodes[0])
+        kv = [n for n in nodes if types.get(n.module) == "kv_cache"]
+        anchor = next((n for n in kv if n.alias_of is None), kv[0] if kv else nodes[0])
         ranks = self.placement.get(walk, anchor.name).ranks
         return select_worker([self.address_of(ranks[0])], self.load)
 

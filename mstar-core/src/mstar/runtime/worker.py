@@ -289,14 +289,17 @@ class Worker(Component):
         req.info = req.info or m.info
         caller = RemoteCaller(m.reply_to, m.call_id)
         try:
-            node = next(n for n in self.programs[m.walk].nodes if n.name == m.node)
+            node = self.programs[m.walk].nodes[m.node_index]
+            if node.name != m.node:
+                raise RequestError(f"walk {m.walk!r} has no node {m.node!r} at "
+                                   f"{m.node_index}")
             engine = self.engines[node.module]
             info = m.info
             engine.submit(NodeWork(request_id=info.request_id, child=m.child, node=node,
                                    inputs={**m.host, **self._take(m.tensors)},
                                    seed=info.seed, sampling=self._sampling(info, node),
                                    walk=m.walk, iteration=m.iteration, lane=caller))
-        except (RequestError, KeyError, StopIteration) as exc:
+        except (RequestError, KeyError, IndexError) as exc:
             self._reply(caller, req, error=exc)
 
     def _reply(self, caller: RemoteCaller, req: WorkerRequest,
@@ -479,7 +482,8 @@ class Worker(Component):
             call_id = next(self._call_ids)
             req.calls[call_id] = (lane, node)
             host, tensors = self._send_values(inputs, req.request_id, dest)
-            self._send(req, dest, msg.NodeCall(call_id, info, lane.walk, node.name,
+            index = next(i for i, n in enumerate(self.programs[lane.walk].nodes) if n is node)
+            self._send(req, dest, msg.NodeCall(call_id, info, lane.walk, node.name, index,
                                                lane.child, inv.iteration, self.address,
                                                host, tensors))
             lane.in_flight.add(node.name)

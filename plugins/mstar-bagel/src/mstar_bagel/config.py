@@ -14,7 +14,7 @@ from typing import Any
 
 from mstar_bagel.autoencoder import AEConfig
 from mstar_bagel.llm import LLMConfig
-from mstar_bagel.vit import ViTConfig
+from mstar_bagel.vit import VIT_PRESETS, ViTConfig
 
 #: The authors' demo sizes (1:1, 4:3, 3:4, 16:9, 9:16) as OpenAI's "WxH".
 REAL_IMAGE_SIZES = ["1024x1024", "1024x768", "768x1024", "1024x576", "576x1024"]
@@ -33,7 +33,7 @@ class BagelConfig:
     """Real BAGEL-7B-MoT values as defaults."""
 
     llm: LLMConfig = field(default_factory=LLMConfig)
-    vit: ViTConfig = field(default_factory=ViTConfig)
+    vit: ViTConfig = field(default_factory=lambda: VIT_PRESETS["bagel-7b"])
     vae: AEConfig = field(default_factory=AEConfig)
     latent_patch_size: int = 2
     max_latent_size: int = 64
@@ -78,12 +78,11 @@ class BagelConfig:
         config.json's nested `llm_config` / `vit_config`). The authors' loader drops the
         ViT's last layer (`num_hidden_layers -= 1`): BAGEL reads the penultimate layer."""
         llm = checkpoint.get("llm_config.json") or checkpoint.get("llm_config") or {}
-        vit = dict(checkpoint.get("vit_config.json") or checkpoint.get("vit_config") or {})
-        if "num_hidden_layers" in vit:
-            vit["num_hidden_layers"] -= 1
+        vit = checkpoint.get("vit_config.json") or checkpoint.get("vit_config")
         names = {f.name for f in dataclasses.fields(cls)} - {"llm", "vit", "vae"}
         top = {k: v for k, v in checkpoint.items() if k in names}
-        return cls(llm=_sub(LLMConfig, llm), vit=_sub(ViTConfig, vit),
+        return cls(llm=_sub(LLMConfig, llm),
+                   vit=ViTConfig.from_vit_config_json(vit) if vit else VIT_PRESETS["bagel-7b"],
                    vae=_sub(AEConfig, checkpoint.get("vae_config") or {}), **top)
 
 
@@ -92,15 +91,19 @@ def _parse_size(size: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
+#: The tiny vocabulary holds the packaged tokenizer's 372 tokens.
+_TINY_LLM = dataclasses.replace(LLMConfig.tiny(), vocab_size=512)
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(llm=LLMConfig.tiny(), vit=ViTConfig.tiny(), vae=AEConfig.tiny(),
-                 max_latent_size=16, vit_max_num_patch_per_side=16,
-                 image_sizes=["32x32", "48x32", "32x48"], vae_transform=[64, 32, 8],
-                 vit_transform=[64, 16, 8]),
-    "small": dict(llm=LLMConfig.small(), vit=ViTConfig.tiny(), vae=AEConfig.tiny(),
-                  max_latent_size=32, vit_max_num_patch_per_side=16,
-                  image_sizes=["64x64", "96x64", "64x96"], vae_transform=[128, 64, 8],
-                  vit_transform=[128, 16, 8]),
+    "tiny": dict(llm=_TINY_LLM, vit=VIT_PRESETS["tiny"], vae=AEConfig.tiny(),
+                 max_latent_size=8, vit_max_num_patch_per_side=4,
+                 image_sizes=["32x32", "48x32", "32x48"], vae_transform=[48, 32, 8],
+                 vit_transform=[28, 14, 7]),
+    "small": dict(llm=dataclasses.replace(_TINY_LLM, hidden_size=256, intermediate_size=768,
+                                          num_hidden_layers=6, num_attention_heads=8,
+                                          num_key_value_heads=4),
+                  vit=VIT_PRESETS["tiny"], vae=AEConfig.tiny(), max_latent_size=16,
+                  vit_max_num_patch_per_side=4, image_sizes=["64x64", "96x64", "64x96"],
+                  vae_transform=[96, 64, 8], vit_transform=[28, 14, 7]),
     "7b": {},
 }
 PRESET_MAX_SEQ_LEN = {"tiny": 2048, "small": 4096}

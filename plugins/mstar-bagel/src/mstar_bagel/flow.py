@@ -80,6 +80,11 @@ def guided_velocity(v: torch.Tensor, v_text: torch.Tensor | None, v_img: torch.T
     return mixed * scale
 
 
+def _latent_rows(velocity: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The latent tokens' rows of an image chunk's velocity (without its two markers)."""
+    return None if velocity is None else velocity[1:-1].to(dtype)
+
+
 class CombineCFG(nn.Module):
     """One Euler step per item: x ← x − v·(t_i − t_{i+1}), v from `guided_velocity` over the
     latent rows (the LLM's `velocity` covers the whole image chunk, whose first and last
@@ -91,13 +96,11 @@ class CombineCFG(nn.Module):
             step = int(item["step"])
             ts = timesteps(int(item["num_timesteps"]), float(item["timestep_shift"]))
             x = item["x_t"]
-
-            def rows(name: str) -> torch.Tensor | None:
-                value = item.get(name)
-                return None if value is None else value[1:-1].to(x.dtype)
-
+            v_full, v_text, v_img = (_latent_rows(item.get(name), x.dtype) for name in (
+                "velocity", "velocity_cfg_text", "velocity_cfg_img"))
+            assert v_full is not None
             v = guided_velocity(
-                rows("velocity"), rows("velocity_cfg_text"), rows("velocity_cfg_img"),
+                v_full, v_text, v_img,
                 text_scale=float(item["cfg_text_scale"]), img_scale=float(item["cfg_img_scale"]),
                 renorm_type=str(item["cfg_renorm_type"]),
                 renorm_min=float(item["cfg_renorm_min"]))

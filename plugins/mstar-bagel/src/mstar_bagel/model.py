@@ -57,7 +57,6 @@ from mstar_bagel.config import PRESET_MAX_SEQ_LEN, PRESETS, BagelConfig
 from mstar_bagel.flow import CombineCFG, LatentInit, guidance_active, timesteps
 
 if TYPE_CHECKING:
-    from PIL.Image import Image as PILImage
 
     from mstar.chat import ChatPrompt
 
@@ -170,7 +169,7 @@ class Bagel(Model):
         return {"LLM"}
 
     def cacheable_nodes(self) -> set[str]:
-        return {"vit_encoder", "vae_encoder"}
+        return {"vit_encoder"}
 
     def kv_spec(self, node: str) -> KVSpec:
         if node != "LLM":
@@ -218,7 +217,7 @@ class Bagel(Model):
                 llm("LLM", self._vae_chunk)), results=carry_pixels),
             "decode": Walk(Loop(GraphNode("LLM", inputs=("input_ids", "positions"),
                                           outputs=("token_ids",), emit=("token_ids",),
-                                          prepare=self._decode_positions),
+                                          prepare=self._decode_inputs),
                                 until="finished", carry={"token_ids": "input_ids"}),
                            control=("finish_reason",)),
             "image_gen": Walk(image_gen, emit=("image",)),
@@ -302,9 +301,14 @@ class Bagel(Model):
         return {"input_ids": ids, "positions": torch.arange(len(ids)),
                 "segments": [(len(ids), "causal")]}
 
-    def _decode_positions(self, env: Mapping[str, Any], iteration: int | None
-                          ) -> dict[str, Any]:
-        return {"positions": int(env["rope"]) + (iteration or 0)}
+    def _decode_inputs(self, env: Mapping[str, Any], iteration: int | None
+                       ) -> dict[str, Any]:
+        """Decoding starts from `<|im_start|>` at the next position (the authors'
+        `prepare_start_tokens`); later steps read the token sampled before."""
+        step = iteration or 0
+        if step == 0:
+            return {"input_ids": torch.tensor([env["bos"]]), "positions": int(env["rope"])}
+        return {"positions": int(env["rope"]) + step}
 
     # -- modules and weights ---------------------------------------------------------------
     def build_submodule(self, node: str, ctx: BuildContext) -> nn.Module:
@@ -313,8 +317,8 @@ class Bagel(Model):
         c = self.config
         builders = {
             "vit_encoder": lambda: nodes.ViTNode(c),
-            "vae_encoder": lambda: nodes.VAEEncoderNode(c),
-            "vae_decoder": lambda: nodes.VAEDecoderNode(c),
+            "vae_encoder": lambda: nodes.VAEEncoderItems(c),
+            "vae_decoder": lambda: nodes.VAEDecoderItems(c),
             "LLM": lambda: nodes.llm_node(c, ctx),
             "latent_init": lambda: LatentInit(c.latent_dim),
             "combine_cfg": lambda: CombineCFG(),
@@ -326,7 +330,7 @@ class Bagel(Model):
     def weight_spec(self, node: str) -> WeightSpec:
         from mstar_bagel import nodes
 
-        return nodes.weight_spec(node)
+        return nodes.weight_spec(node, self.config)
 
     # -- tokenizer -------------------------------------------------------------------------
     def use_checkpoint_files(self, directories: Mapping[str, Path | None]) -> None:
@@ -369,7 +373,7 @@ class Bagel(Model):
     def _plan(self, req: BagelRequest, parts: list[Any]) -> RequestPlan:
         """The prefill schedule of `parts` (texts and images, in order) and what the walk
         after it needs."""
-        from mstar_bagel.transforms import vae_transform, vit_transform
+        from mstar_bagel.transforms import image_transform, resized_size, to_rgb
 
         c, tok = self.config, self.tokenizer()
         specials = tok.bagel_ids
@@ -401,9 +405,14 @@ class Bagel(Model):
                 cfg_img_ids += ids
                 rope, length = rope + len(ids), length + len(ids)
                 continue
-            image = self._rgb(part, size if editing else None)
+            # As the authors' inferencer: every input image is first resized by the VAE rule
+            # (to the requested size, for an edit that names one), then each encoder's
+            # transform runs on that.
+            image = to_rgb(part)
+            image = image.resize(size if editing and req.width else
+                                 resized_size(*image.size, *c.vae_transform))
             if editing:
-                pixels = vae_transform(image, c.vae_transform)
+                pixels = image_transform(image, *c.vae_transform)
                 grid = [pixels.shape[1] // c.latent_downsample,
                         pixels.shape[2] // c.latent_downsample]
                 size = (pixels.shape[2], pixels.shape[1])
@@ -411,7 +420,7 @@ class Bagel(Model):
                               "pos": rope})
                 length += grid[0] * grid[1] + 2
                 rope += 1
-            pixels = vit_transform(image, c.vit_transform)
+            pixels = image_transform(image, *c.vit_transform)
             n_patches = (pixels.shape[1] // c.vit.patch_size) * (pixels.shape[2]
                                                                 // c.vit.patch_size)
             items.append({"kind": "vit", "pixels": add_pixels(pixels), "pos": rope})
@@ -459,11 +468,6 @@ class Bagel(Model):
                              f"{allowed}")
         return req.width, req.height
 
-    @staticmethod
-    def _rgb(image: PILImage, size: tuple[int, int] | None) -> PILImage:
-        image = image.convert("RGB")
-        return image.resize(size) if size is not None and image.size != size else image
-
     def _walk_after(self, params: Mapping[str, Any], item: int,
                     pixels: Any) -> WalkStep | Done:
         """The walk after prefill item `item` (-1: the first walk)."""
@@ -478,8 +482,7 @@ class Bagel(Model):
         # Completions 1..n-1 fork the whole context; each lane has its own sampling or noise.
         forks = [Fork("LLM", length=params["length"], child=c) for c in range(1, n)]
         if params["mode"] == "text":
-            return WalkStep("decode", children=n, forks=forks, inputs={
-                "input_ids": torch.tensor([params["bos"]], dtype=torch.long)})
+            return WalkStep("decode", children=n, forks=forks)
         forks += [Fork("LLM", length=params["cfg_text_length"], label="cfg_text", child=c)
                   for c in range(n)]
         return WalkStep("image_gen", children=n, forks=forks)
