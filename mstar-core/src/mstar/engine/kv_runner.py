@@ -208,7 +208,7 @@ class KVRunner:
             out = self.module(fb)
         seconds = time.perf_counter() - started
         self.timing["forward"] += seconds
-        self._log(batch, seconds)
+        self._log(batch, seq_chunks, seconds)
         return seq_chunks, pieces, fb, out
 
     def replay(self, step: msg.TPStep) -> None:
@@ -358,13 +358,14 @@ class KVRunner:
             results.append(WorkResult(t.work, outputs))
         return results
 
-    def _log(self, batch: list[PlanEntry], seconds: float) -> None:
+    def _log(self, batch: list[PlanEntry], chunks: list[SeqChunk], seconds: float) -> None:
         entries = []
-        for entry in batch:
+        for entry, chunk in zip(batch, chunks):
             task, w = entry.task, entry.task.work
             entries.append({
                 "request_id": task.request_id, "label": task.key.label, "child": task.key.child,
                 "walk": w.walk if w else "recompute", "node": w.node.name if w else self.node,
                 "iteration": w.iteration if w else None, "tokens": entry.take, "mode": task.mode,
+                "context": chunk.context_len,  # cached tokens it attended to
             })
         self.step_log.append(StepRecord(next(self._steps), entries, seconds))

@@ -1,0 +1,147 @@
+"""BAGEL's scheduling end to end, in one process (tiny preset, dummy weights), read from the
+LLM's step log: image requests batch across requests in the denoise loop over a prefix
+prefilled once, a request's guidance branches share one forward, an image in flight does not
+hold up a chat, and a repeated text prompt comes from the prefix cache."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+
+import numpy
+import pytest
+import torch
+from conftest import collect, finished, settle, tokens, wait_for
+from PIL import Image as PILImage
+
+import mstar
+from mstar import events
+
+PAGE = 16
+PROMPT = "a red cat in a tall green hat on a wooden table by the window at dusk " * 2
+#: All three guidance contexts on every step (the default interval skips the early ones).
+GUIDED = {"mode": "image", "cfg_text_scale": 4.0, "cfg_img_scale": 2.0,
+          "cfg_interval": [0.0, 1.0]}
+
+
+@pytest.fixture(scope="module")
+def dep():
+    with mstar.load("bagel", preset="tiny", load_format="dummy",
+                    kv_cache={"num_pages": 256, "page_size": PAGE}) as d:
+        yield d
+
+
+def image_req(seed: int, steps: int = 8, **kw) -> dict:
+    return {**GUIDED, "prompt": f"picture {seed}: {PROMPT}", "seed": seed,
+            "num_timesteps": steps, **kw}
+
+
+def pixels(evs: list[events.Event]) -> torch.Tensor:
+    (img,) = [e for e in evs if isinstance(e, events.Image)]
+    return torch.from_numpy(numpy.array(PILImage.open(io.BytesIO(img.data)))).float()
+
+
+def entries(dep, since: int = 0) -> list[tuple[int, dict]]:
+    """(step, entry) of every LLM forward since step index `since` of the log."""
+    return [(s.step, e) for s in dep.step_log("LLM")[since:] for e in s.entries]
+
+
+def test_image_requests_batch_in_the_denoise_loop_over_a_prefix_prefilled_once(dep):
+    reqs = [image_req(seed) for seed in (1, 2, 3)]
+    solo = [pixels(collect(dep, r)) for r in reqs]
+    settle(dep)
+    before = len(dep.step_log("LLM"))
+    streams = [dep.generate(r) for r in reqs]  # submitted together
+    together = [list(s) for s in streams]
+    for evs in together:
+        finished(evs)
+    log = dep.step_log("LLM")[before:]
+    widest = max(len({e["request_id"] for e in s.entries if e["mode"] == "scratch"})
+                 for s in log)
+    assert widest >= 2, "no denoise step held the latents of two requests"
+    denoise_steps = reqs[0]["num_timesteps"] - 1
+    for stream in streams:
+        mine = [e for _, e in entries(dep, before) if e["request_id"] == stream.request_id]
+        prefix: dict[str, int] = {}  # tokens in each context once prefilled
+        for e in mine:
+            if e["mode"] == "append":
+                prefix[e["label"]] = max(prefix.get(e["label"], 0), e["context"] + e["tokens"])
+        # The prompt is prefilled once in the main context and once in the image-free one
+        # (its own prefill); the text-free context is a fork of the main one: no tokens.
+        assert set(prefix) == {"main", "cfg_img"}
+        scratch: dict[str, list[dict]] = defaultdict(list)
+        for e in mine:
+            if e["mode"] == "scratch":
+                scratch[e["label"]].append(e)
+        assert {k: len(v) for k, v in scratch.items()} == {
+            "main": denoise_steps, "cfg_text": denoise_steps, "cfg_img": denoise_steps}
+        # Every step attends to the cached prefix without appending to it.
+        assert {e["context"] for e in scratch["main"]} == {prefix["main"]}
+        assert {e["context"] for e in scratch["cfg_img"]} == {prefix["cfg_img"]}
+        # Without its only text, the text-free context of a generation is empty.
+        assert {e["context"] for e in scratch["cfg_text"]} == {0}
+    for alone, batched in zip(solo, map(pixels, together)):
+        assert (alone - batched).abs().max() <= 1  # uint8 levels: float rounding only
+    settle(dep)
+
+
+def test_the_guidance_branches_of_a_request_share_one_forward(dep):
+    before = len(dep.step_log("LLM"))
+    stream = dep.generate(image_req(7, steps=4))
+    finished(list(stream))
+    steps = [{e["label"] for e in s.entries
+              if e["request_id"] == stream.request_id and e["mode"] == "scratch"}
+             for s in dep.step_log("LLM")[before:]]
+    assert [labels for labels in steps if labels] == [{"main", "cfg_text", "cfg_img"}] * 3
+    settle(dep)
+
+
+def test_a_chat_decodes_between_the_denoise_steps_of_an_image_in_flight(dep):
+    before = len(dep.step_log("LLM"))
+    image = dep.generate(image_req(11, steps=250))
+    wait_for(lambda: any(e["request_id"] == image.request_id and e["mode"] == "scratch"
+                         for _, e in entries(dep, before)))
+    chat = dep.generate({"prompt": "say something", "max_tokens": 8, "ignore_eos": True})
+    assert len(tokens(list(chat))) == 8
+    def steps(rid: str, mode: str) -> list[int]:
+        return [step for step, e in entries(dep, before)
+                if e["request_id"] == rid and e["mode"] == mode]
+
+    chat_steps = [step for step, e in entries(dep, before)
+                  if e["request_id"] == chat.request_id and e["walk"] == "decode"]
+    assert len(chat_steps) == 8
+    assert min(steps(image.request_id, "scratch")) < min(chat_steps)
+    # The image was still being denoised: a step of it comes after the chat's last one
+    # (were it blocked behind the image, the chat would decode after all 249 of them).
+    wait_for(lambda: max(steps(image.request_id, "scratch")) > max(chat_steps))
+    image.close()  # cancels the rest of the denoise loop
+    settle(dep)
+
+
+def test_a_repeated_long_text_prompt_reuses_the_cached_prefix(dep):
+    def run(request: dict) -> tuple[list[events.Event], dict[str, int]]:
+        start = dep.counters()
+        evs = collect(dep, request)
+        finished(evs)
+        return evs, {k: v - start.get(k, 0) for k, v in dep.counters().items()}
+
+    chat = {"prompt": "Tell me: " + PROMPT, "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True}
+    first, grew = run(chat)
+    length = grew["LLM.prompt_tokens_computed"]
+    assert length > 4 * PAGE and grew.get("LLM.prefix_cache_hit_tokens", 0) == 0
+    second, grew = run(chat)
+    reused = (length - 1) // PAGE * PAGE  # full pages; the last prompt token runs
+    assert grew["LLM.prefix_cache_hit_tokens"] == reused
+    assert grew["LLM.prompt_tokens_computed"] == length - reused
+    assert tokens(second) == tokens(first)
+    # An image of the same prompt reuses it too: the main context and the image-free one
+    # (its own KV label) each come from their cached pages the second time.
+    paint = image_req(5, steps=3)
+    first, grew = run(paint)
+    cold = grew["LLM.prompt_tokens_computed"]
+    second, grew = run(paint)
+    assert grew["LLM.prefix_cache_hit_tokens"] >= cold - 2 * PAGE
+    assert grew["LLM.prompt_tokens_computed"] == cold - grew["LLM.prefix_cache_hit_tokens"]
+    assert torch.equal(pixels(first), pixels(second))
+    settle(dep)
