@@ -103,8 +103,9 @@ class BagelRequest(SamplingFields):
                                          description="Text guidance scale (4.0).")
     cfg_img_scale: float | None = Field(None, ge=1.0, le=20.0,
                                         description="Image guidance scale (1.0; edits 2.0).")
-    cfg_interval: tuple[float, float] | None = Field(
-        None, description="Guidance only where lo < t <= hi ([0.4, 1]; edits [0, 1]).")
+    cfg_interval: list[float] | None = Field(  # a list: JSON bodies have no tuples
+        None, min_length=2, max_length=2,
+        description="Guidance only where lo < t <= hi ([0.4, 1]; edits [0, 1]).")
     cfg_renorm_type: Literal["global", "channel", "text_channel"] | None = None
     cfg_renorm_min: float | None = Field(None, ge=0.0, le=1.0)
     num_timesteps: int = Field(50, ge=2, le=250, description="Flow schedule length "
