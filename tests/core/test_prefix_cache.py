@@ -189,6 +189,29 @@ def test_adopted_pages_are_shared_and_never_written() -> None:
     assert m.pool.num_used == 0
 
 
+
+def test_a_sequence_continues_on_cached_pages_and_can_give_them_back() -> None:
+    m = KVCacheManager(PagePool(SPEC, num_pages=8, page_size=PAGE))
+    a = filled(m, "a", 3, 1.0)
+    m.create(key("b"))
+    m.reserve(key("b"), PAGE + 2)
+    m.commit(key("b"), PAGE + 2)  # one full page and two tokens of the next
+    own = m.page_table(key("b"))
+    # The partly filled page is detached (its tokens are the first of a[1]'s), not freed.
+    detached = m.adopt(key("b"), a[1:])
+    assert detached == own[1] and m.pool.refcount(detached) == 1
+    assert m.page_table(key("b")) == [own[0], *a[1:]] and m.length(key("b")) == 3 * PAGE
+    assert [m.pool.refcount(p) for p in a] == [1, 2, 2]
+    m.unadopt(key("b"), PAGE + 2, detached)
+    assert m.page_table(key("b")) == own and m.length(key("b")) == PAGE + 2
+    assert [m.pool.refcount(p) for p in a] == [1, 1, 1]
+    with pytest.raises(ValueError, match="reserved pages"):
+        m.reserve(key("b"), PAGE)
+        m.adopt(key("b"), a[2:])
+    m.free(key("a"))
+    m.free(key("b"))
+    assert m.pool.num_used == 0
+
 # -- the engine on the testvla LLM -------------------------------------------------------------
 
 
@@ -219,13 +242,15 @@ def prompt(llm, media_seed: int, tail_seed: int | None = None) -> dict:
             "media_embeds": media, "expert_ids": expert}
 
 
-def logits(e: KVEngine, rid: str, inputs: dict) -> torch.Tensor:
+def logits(e: KVEngine, rid: str, inputs: dict, *, release: bool = True) -> torch.Tensor:
+    """Append `inputs` to the sequence of `rid`: the logits of its last token."""
     node = GraphNode("LLM", inputs=tuple(inputs), outputs=("logits",))
     e.submit(NodeWork(rid, 0, node, inputs, seed=0, sampling=SamplingParams()))
     for _ in range(10):
         for result in e.step():
             assert result.error is None, result.error
-            e.release(rid)
+            if release:
+                e.release(rid)
             return result.outputs["logits"]
     raise AssertionError("no result")
 
@@ -251,6 +276,29 @@ def test_engine_reuses_whole_segments_only_and_matches_full_recompute(llm) -> No
                                "kv_tokens_imported": 0, "preemptions": 0}
     assert cached.pages_in_use() == 0 and cached.cache.pool.num_cached > 0
 
+
+
+def test_a_later_chunk_of_a_prompt_continues_on_cached_pages(llm) -> None:
+    """A prompt prefilled item by item (BAGEL: an image, then its text, one walk each): the
+    second chunk of a repeated prompt adopts the cached pages past the first chunk's end,
+    the first chunk's partly filled last page included, with the logits of no cache."""
+    cached, plain = engine(llm, True), engine(llm, False)
+    text = {"input_ids": torch.arange(60, 70), "positions": torch.arange(17, 27).repeat(3, 1)}
+
+    def both(e: KVEngine, rid: str) -> torch.Tensor:
+        logits(e, rid, prompt(llm, 1), release=False)  # 17 tokens: 4 pages and 1 token
+        return logits(e, rid, text)
+
+    want = both(plain, "ref")
+    torch.testing.assert_close(both(cached, "a"), want, rtol=0, atol=0)
+    assert cached.counters["prompt_tokens_computed"] == 27
+    assert cached.counters["prefix_cache_hit_tokens"] == 0
+    torch.testing.assert_close(both(cached, "b"), want, rtol=1e-6, atol=1e-6)
+    # The first chunk: its 4 full pages (the last token runs). The second: the pages up to
+    # token 24 (page 4 starts with the first chunk's last token); its last 3 tokens run.
+    assert cached.counters["prefix_cache_hit_tokens"] == 16 + 7
+    assert cached.counters["prompt_tokens_computed"] == 27 + 1 + 3
+    assert cached.pages_in_use() == 0
 
 def test_prefix_caching_is_configurable_and_off_for_tensor_parallel_nodes() -> None:
     on = DeploymentConfig(model="testvla")

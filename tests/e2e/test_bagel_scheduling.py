@@ -5,6 +5,7 @@ hold up a chat, and a repeated text prompt comes from the prefix cache."""
 
 from __future__ import annotations
 
+import base64
 import io
 from collections import defaultdict
 
@@ -39,6 +40,14 @@ def image_req(seed: int, steps: int = 8, **kw) -> dict:
 def pixels(evs: list[events.Event]) -> torch.Tensor:
     (img,) = [e for e in evs if isinstance(e, events.Image)]
     return torch.from_numpy(numpy.array(PILImage.open(io.BytesIO(img.data)))).float()
+
+
+def png_data_url(seed: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    buf = io.BytesIO()
+    PILImage.fromarray((torch.rand(32, 32, 3, generator=g) * 255).byte().numpy()).save(
+        buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def entries(dep, since: int = 0) -> list[tuple[int, dict]]:
@@ -134,6 +143,19 @@ def test_a_repeated_long_text_prompt_reuses_the_cached_prefix(dep):
     reused = (length - 1) // PAGE * PAGE  # full pages; the last prompt token runs
     assert grew["LLM.prefix_cache_hit_tokens"] == reused
     assert grew["LLM.prompt_tokens_computed"] == length - reused
+    assert tokens(second) == tokens(first)
+    # A question on an image: the image, then the text, one prefill walk each. The text
+    # continues on the pages cached past the image's (a later chunk of a prompt adopts them
+    # too, not only a sequence's first).
+    look = {**chat, "image": png_data_url(3)}
+    first, grew = run(look)
+    length = grew["LLM.prompt_tokens_computed"]
+    before = len(dep.step_log("LLM"))
+    second, grew = run(look)
+    (text,) = [e for _, e in entries(dep, before) if e["walk"] == "prefill_text"]
+    assert text["tokens"] == (length - 1) % PAGE + 1  # its last page's tokens only
+    assert text["context"] + text["tokens"] == length
+    assert grew["LLM.prefix_cache_hit_tokens"] + grew["LLM.prompt_tokens_computed"] == length
     assert tokens(second) == tokens(first)
     # An image of the same prompt reuses it too: the main context and the image-free one
     # (its own KV label) each come from their cached pages the second time.

@@ -337,16 +337,31 @@ class KVCacheManager:
             pages.append(page)
         return pages
 
-    def adopt(self, key: SeqKey, pages: list[int]) -> None:
-        """Make the empty sequence `key` start with the cached full `pages` (shared by
-        reference, never copied: nobody writes a hashed page)."""
+    def adopt(self, key: SeqKey, pages: list[int]) -> int | None:
+        """Continue the sequence `key` after its last full page with the cached full `pages`
+        (shared by reference, never copied: nobody writes a hashed page). A partly filled
+        last page is detached, not released (its tokens are the first of `pages[0]`): it is
+        returned, for the caller to release once the adoption stands or to hand `unadopt`."""
         seq = self._get(key)
-        if seq.pages or seq.length:
-            raise ValueError(f"KV sequence {key} is not empty; cannot adopt cached pages")
+        ps = self.pool.page_size
+        if len(seq.pages) != math.ceil(seq.length / ps):
+            raise ValueError(f"KV sequence {key} holds reserved pages; cannot adopt cached pages")
+        full = seq.length // ps
+        detached = seq.pages.pop() if seq.length % ps else None
         for p in pages:
             self.pool.reuse(p)
-        seq.pages = list(pages)
-        seq.length = len(pages) * self.pool.page_size
+        seq.pages.extend(pages)
+        seq.length = (full + len(pages)) * ps
+        return detached
+
+    def unadopt(self, key: SeqKey, length: int, detached: int | None) -> None:
+        """Undo `adopt`: back to the `length` tokens it had, the detached page in place."""
+        ps = self.pool.page_size
+        self.truncate(key, length // ps * ps)
+        seq = self._get(key)
+        if detached is not None:
+            seq.pages.append(detached)
+        seq.length = length
 
     def register(self, key: SeqKey, hashes: list[bytes], start: int = 0) -> int:
         """Cache the sequence's full committed pages `start..` under `hashes` (page `i`

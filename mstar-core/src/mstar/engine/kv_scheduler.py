@@ -39,8 +39,10 @@ class Task:
     done: int = 0
     arrival: int = 0
     pieces: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    first: bool = False  # the chunk starts its sequence (a prompt or a rebuild)
-    hashes: list[bytes] | None = None  # its full pages' prefix-cache hashes
+    #: A chunk of prompt tokens: the sequence's first (a prompt or a rebuild) or a later
+    #: one of several tokens (the next item of a prompt prefilled item by item).
+    prompt: bool = False
+    hashes: list[bytes] | None = None  # the sequence's full pages' hashes, up to its end
     registered: int = 0  # pages of it registered in the prefix cache so far
 
     @property
@@ -201,14 +203,15 @@ class KVScheduler:
             is_new = state.admitted < 0
             if is_new and not admitting_new:
                 continue
-            if task.done == 0 and task.mode == "append" and self.cache.length(task.key) == 0:
-                task.first = True
-                reused = self._reuse_prefix(task)
-            else:
-                reused = 0
+            base = self.cache.length(task.key)
+            reused, detached = 0, None
+            if task.done == 0 and task.mode == "append":
+                task.prompt = base == 0 or (task.work is not None and task.n > 1)
+                if task.prompt:
+                    reused, detached = self._reuse_prefix(task, base)
             take = self._chunk_len(task, budget, not batch)
             if take == 0:
-                self._undo_reuse(task, reused)
+                self._undo_reuse(task, reused, base, detached)
                 continue
             if task.mode == "append":
                 reserved = False  # its new or copy-on-write pages
@@ -222,7 +225,7 @@ class KVScheduler:
                             break
                         preempted.append(victim)
                 if not reserved:
-                    self._undo_reuse(task, reused)
+                    self._undo_reuse(task, reused, base, detached)
                     others = any(s.admitted >= 0 and s.key.request_id != task.request_id
                                  for s in self.seqs.values())
                     if not batch and not others:
@@ -236,9 +239,11 @@ class KVScheduler:
                     continue
             if state.admitted < 0:
                 state.admitted = next(self._admissions)
+            if detached is not None:
+                self.cache.pool.decref(detached)
             if reused and task.work is not None:
                 record(state, task.chunk.slice(0, reused))
-            if task.first:
+            if task.prompt:
                 self.counters["prefix_cache_hit_tokens"] += reused
                 self.counters["prompt_tokens_computed"] += take
             batch.append(PlanEntry(task, task.done, take))
@@ -300,39 +305,65 @@ class KVScheduler:
         self.waiting.insert(0, task)
 
     # -- prefix caching ---------------------------------------------------------------------
-    def _reuse_prefix(self, task: Task) -> int:
-        """Start the empty sequence of `task` (its first chunk) from the cached pages of the
-        chunk's longest cached prefix; returns the tokens reused (0 when off). Stops before
-        the first token whose outputs are wanted (at least the last token runs) and never
-        inside a bidirectional segment."""
+    def _reuse_prefix(self, task: Task, base: int) -> tuple[int, int | None]:
+        """Start the prompt chunk of `task` from cached pages: those of the longest cached
+        prefix of the sequence's `base` tokens followed by the chunk. Returns the chunk's
+        tokens reused (0 when off) and the partly filled page the sequence let go for them
+        (`KVCacheManager.adopt`). Stops before the first token whose outputs are wanted (at
+        least the last token runs) and never inside a bidirectional segment."""
         if not self.prefix_caching or self.tp_ranks:
-            return 0
+            return 0, None
         ps = self.cache.pool.page_size
         chunk = task.chunk
         if task.hashes is None:
-            extras = self._batch_extras([chunk])  # exactly what the forward would see
-            task.hashes = page_hashes(
-                chunk.input_ids, chunk.positions, chunk.segments,
-                {k: v for k, v in extras.items() if self._extras[k].per == "token"},
-                {k: v for k, v in extras.items() if self._extras[k].per == "seq"},
-                page_size=ps, salt=f"{self.node}|{task.key.label}|{self.cache.pool.spec.dtype}")
+            task.hashes = self._page_hashes(task, base)
+            task.registered = base // ps
         pages = self.cache.match_prefix(task.hashes)
-        if not pages:
-            return 0
+        if len(pages) * ps <= base:
+            return 0, None
         limit = task.n - 1
         for at in task.wanted.values():
             if at == "all":
                 limit = 0
             elif at.startswith("segment:"):
                 limit = min(limit, segment_range(chunk.segments, int(at.split(":", 1)[1]))[0])
-        reused = reusable_length(len(pages) * ps, chunk.segments, limit, ps)
-        if reused:
-            self.cache.adopt(task.key, pages[:reused // ps])
-            task.done = reused
-        return reused
+        # In the sequence's coordinates: pages are whole there, not in the chunk.
+        segments = [Segment(base), *chunk.segments] if base else chunk.segments
+        end = reusable_length(len(pages) * ps, segments, base + limit, ps)
+        if end <= base:
+            return 0, None
+        detached = self.cache.adopt(task.key, pages[base // ps:end // ps])
+        task.done = end - base
+        return task.done, detached
 
-    def _undo_reuse(self, task: Task, reused: int) -> None:
+    def _page_hashes(self, task: Task, base: int) -> list[bytes]:
+        """Prefix-cache hashes of the sequence with `task`'s chunk appended, hashed as one
+        chunk (what a rebuild appends: equal contents hash equal however they were cut);
+        none when the history cannot stand for the sequence (another length, or chunks whose
+        sequence-level extras differ: they are not one chunk)."""
+        chunk = task.chunk
+        if base:
+            history = self.seqs[task.key].history
+            mine = self._seq_extras(chunk)
+            if sum(c.length for c in history) != base or any(
+                    not all(torch.equal(v, mine[k]) for k, v in self._seq_extras(c).items())
+                    for c in history):
+                return []
+            chunk = Chunk.concat([*history, chunk], fill=self._default_extra)
+        extras = self._batch_extras([chunk])  # exactly what the forward would see
+        return page_hashes(
+            chunk.input_ids, chunk.positions, chunk.segments,
+            {k: v for k, v in extras.items() if self._extras[k].per == "token"},
+            {k: v for k, v in extras.items() if self._extras[k].per == "seq"},
+            page_size=self.cache.pool.page_size,
+            salt=f"{self.node}|{task.key.label}|{self.cache.pool.spec.dtype}")
+
+    def _seq_extras(self, chunk: Chunk) -> dict[str, torch.Tensor]:
+        return {k: chunk.seq_extras[k] if k in chunk.seq_extras else self._default_extra(k, None)
+                for k, e in self._extras.items() if e.per == "seq"}
+
+    def _undo_reuse(self, task: Task, reused: int, base: int, detached: int | None) -> None:
         """The task could not be scheduled after all: give its adopted pages back."""
         if reused:
-            self.cache.truncate(task.key, 0)
+            self.cache.unadopt(task.key, base, detached)
             task.done = 0
