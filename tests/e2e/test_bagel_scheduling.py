@@ -148,14 +148,19 @@ def test_a_repeated_long_text_prompt_reuses_the_cached_prefix(dep):
     # continues on the pages cached past the image's (a later chunk of a prompt adopts them
     # too, not only a sequence's first).
     look = {**chat, "image": png_data_url(3)}
-    first, grew = run(look)
-    length = grew["LLM.prompt_tokens_computed"]
+
+    def prefills(since: int) -> list[dict]:
+        return [e for _, e in entries(dep, since) if e["walk"].startswith("prefill")]
+
+    before = len(dep.step_log("LLM"))
+    first, _ = run(look)
+    length = sum(e["tokens"] for e in prefills(before))  # (a new image: nothing cached)
     before = len(dep.step_log("LLM"))
     second, grew = run(look)
-    (text,) = [e for _, e in entries(dep, before) if e["walk"] == "prefill_text"]
+    image, text = prefills(before)
+    assert image["walk"] == "prefill_vit" and text["context"] + text["tokens"] == length
     assert text["tokens"] == (length - 1) % PAGE + 1  # its last page's tokens only
-    assert text["context"] + text["tokens"] == length
-    assert grew["LLM.prefix_cache_hit_tokens"] + grew["LLM.prompt_tokens_computed"] == length
+    assert grew["LLM.prefix_cache_hit_tokens"] == text["context"] - image["tokens"]
     assert tokens(second) == tokens(first)
     # An image of the same prompt reuses it too: the main context and the image-free one
     # (its own KV label) each come from their cached pages the second time.

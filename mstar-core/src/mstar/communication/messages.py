@@ -313,7 +313,7 @@ class TPSeq(msgspec.Struct):
     #: The invocation this chunk ends ((graph node, walk)), for the follower's counters;
     #: None for a chunk that does not end one (or a rebuild after preemption).
     ends: tuple[str, str] | None = None
-    prompt: bool = False  # a chunk of prompt tokens (counted as prompt tokens computed)
+    first: bool = False  # the chunk starts its sequence (counted as prompt tokens computed)
 
 
 class TPStep(msgspec.Struct, tag=True):

@@ -272,7 +272,7 @@ class KVEngine:
     def follow(self, step: msg.TPStep) -> None:
         """A follower: run the leader's batch on this shard, with the same cache ops."""
         self.runner.replay(step)
-        self.counters["prompt_tokens_computed"] += sum(s.take for s in step.seqs if s.prompt)
+        self.counters["prompt_tokens_computed"] += sum(s.take for s in step.seqs if s.first)
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, work: NodeWork) -> None:

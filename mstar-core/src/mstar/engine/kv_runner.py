@@ -57,7 +57,7 @@ def tp_step(node: str, fb: ForwardBatch, tasks: list[Task]) -> msg.TPStep:
                       [(g.length, g.kind) for g in c.segments], c.mode, c.is_last_chunk,
                       dict(c.outputs), w.seed if w else 0, w.iteration if w else None,
                       ends=(w.node.name, w.walk) if w and c.is_last_chunk else None,
-                      prompt=t.prompt)
+                      first=t.first)
             for c, t, w in ((c, t, t.work) for c, t in zip(fb.seqs, tasks))]
     return msg.TPStep(node, seqs, TensorData.from_tensor(fb.input_ids),
                       TensorData.from_tensor(fb.positions),

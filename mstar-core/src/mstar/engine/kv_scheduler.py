@@ -39,9 +39,7 @@ class Task:
     done: int = 0
     arrival: int = 0
     pieces: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    #: A chunk of prompt tokens: the sequence's first (a prompt or a rebuild) or a later
-    #: one of several tokens (the next item of a prompt prefilled item by item).
-    prompt: bool = False
+    first: bool = False  # the chunk starts its sequence (a prompt or a rebuild)
     hashes: list[bytes] | None = None  # the sequence's full pages' hashes, up to its end
     registered: int = 0  # pages of it registered in the prefix cache so far
 
@@ -206,8 +204,10 @@ class KVScheduler:
             base = self.cache.length(task.key)
             reused, detached = 0, None
             if task.done == 0 and task.mode == "append":
-                task.prompt = base == 0 or (task.work is not None and task.n > 1)
-                if task.prompt:
+                task.first = base == 0
+                # A later chunk of several tokens: the next item of a prompt prefilled item
+                # by item (BAGEL: an image, then its text), or a frame appended.
+                if task.first or (task.work is not None and task.n > 1):
                     reused, detached = self._reuse_prefix(task, base)
             take = self._chunk_len(task, budget, not batch)
             if take == 0:
@@ -243,8 +243,8 @@ class KVScheduler:
                 self.cache.pool.decref(detached)
             if reused and task.work is not None:
                 record(state, task.chunk.slice(0, reused))
-            if task.prompt:
-                self.counters["prefix_cache_hit_tokens"] += reused
+            self.counters["prefix_cache_hit_tokens"] += reused
+            if task.first:  # what prefilling a new sequence computed
                 self.counters["prompt_tokens_computed"] += take
             batch.append(PlanEntry(task, task.done, take))
             in_batch.add(task.request_id)
