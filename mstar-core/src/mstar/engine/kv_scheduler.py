@@ -4,7 +4,7 @@ It owns the queue of tasks (one per queued invocation, or a rebuild of a preempt
 sequence) and decides, under the token budget, which chunk of which sequence runs (running
 sequences first, then new ones; a prefill is cut into chunks, never inside a bidirectional
 segment), reserves their pages (preempting the most recently admitted other request when
-they run out: "preemption by recompute"), and starts first chunks from cached prefixes. It
+they run out: "preemption by recompute"), and starts prompt chunks from cached prefixes. It
 runs nothing: the runner (`kv_runner`) turns the plan into a forward.
 """
 
