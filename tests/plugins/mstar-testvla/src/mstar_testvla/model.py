@@ -563,7 +563,7 @@ class TestVLA(Model):
     def postprocess(self, outputs: Mapping[str, Any], state: OutputState) -> list[Event]:
         """Client events of one emission of one lane (`state.child` is the completion)."""
         index = state.child
-        if "x_t" in outputs and state.params["mode"] == "image":
+        if "x_t" in outputs and state.params.get("mode") == "image":
             p = state.params
             return [Image(paint(outputs["x_t"], p["width"], p["height"]), index=index)]
         out: list[Event] = []
