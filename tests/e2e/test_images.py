@@ -200,6 +200,8 @@ def test_sdk_generate_and_edit_image(sdk, client, server, tmp_path):
     ({"num_steps": 0}, "num_steps", "greater than or equal to 1"),
     ({"cfg_text_scale": 4.0}, "cfg_text_scale", "Unrecognized request argument"),
     ({"stream": True}, "stream", "not supported"),
+    ({"mode": "text"}, "mode", "set by the route"),
+    ({"width": 64}, "width", "set by the route"),
 ])
 def test_bad_generations_are_400_naming_the_field(server, change, param, words):
     response = server.client.post("/v1/images/generations", json={

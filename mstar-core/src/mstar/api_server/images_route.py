@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 #: The edit's image, as `/generate` takes an `ImageInput` field.
 _IMAGE_FIELD = {"image": InputField("image")}
 _FILES_PATH = "/v1/images/files"
+#: The native fields the route sets from OpenAI's, which extra fields may not.
+_SET_BY_ROUTE = {"mode": '"image"', "width": "from size", "height": "from size",
+                 "image": "the file part of an edit"}
 #: Where the model's own errors name what the client sent as `size`.
 _SIZE_PARAMS = ("width", "height")
 
@@ -89,8 +92,13 @@ def native_request(req: ImageRequest) -> dict[str, Any]:
         raise ApiError(400, "prompt must be non-empty text", param="prompt")
     if req.stream:
         raise ApiError(400, "streaming (partial images) is not supported", param="stream")
+    extra = req.model_extra or {}
+    for name in _SET_BY_ROUTE:
+        if name in extra:
+            raise ApiError(400, f"{name} is set by the route ({_SET_BY_ROUTE[name]}), not "
+                                "given", param=name)
     return {"prompt": req.prompt, "mode": "image", "n": req.n, **_size(req.size),
-            **(req.model_extra or {})}
+            **extra}
 
 
 class ImageFiles:
