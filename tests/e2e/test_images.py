@@ -198,6 +198,8 @@ def test_sdk_generate_and_edit_image(sdk, client, server, tmp_path):
     ({"n": 0}, "n", "greater than or equal to 1"),
     ({"prompt": " "}, "prompt", "non-empty"),
     ({"num_steps": 0}, "num_steps", "greater than or equal to 1"),
+    ({"guidance_scale": 200.0}, "guidance_scale", "less than or equal to 100"),
+    ({"prompt": "word " * 200}, "prompt", "max_seq_len"),
     ({"cfg_text_scale": 4.0}, "cfg_text_scale", "Unrecognized request argument"),
     ({"stream": True}, "stream", "not supported"),
     ({"mode": "text"}, "mode", "set by the route"),
