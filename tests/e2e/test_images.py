@@ -226,21 +226,23 @@ def noise_png(side: int) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize(("files", "status", "param", "words"), [
-    ([], 400, "image", "needs the image"),
-    ([("image", ("x.png", b"not an image at all", "image/png"))], 400, "image", "image"),
-    ([("image", ("big.png", noise_png(200), "image/png"))], 413, "image",
+RED = ("image", ("a.png", photo("red"), "image/png"))
+
+
+@pytest.mark.parametrize(("files", "extra", "status", "param", "words"), [
+    ([], {}, 400, "image", "needs the image"),
+    ([("image", ("x.png", b"not an image at all", "image/png"))], {}, 400, "image", "image"),
+    ([("image", ("big.png", noise_png(200), "image/png"))], {}, 413, "image",
      f"limit of {MAX_BYTES} bytes"),
-    ([("image", ("a.png", photo("red"), "image/png")),
-      ("mask", ("m.png", photo("white"), "image/png"))], 400, "mask", "not supported"),
+    ([RED, ("mask", ("m.png", photo("white"), "image/png"))], {}, 400, "mask",
+     "not supported"),
     ([("image[]", ("a.png", photo("red"), "image/png")),
-      ("image[]", ("b.png", photo("blue"), "image/png"))], 400, "image", "got 2 images"),
-    ([("image", ("a.png", photo("red"), "image/png"))], 400, "size", "allowed sizes"),
+      ("image[]", ("b.png", photo("blue"), "image/png"))], {}, 400, "image", "got 2 images"),
+    ([RED], {"size": "512x512"}, 400, "size", "allowed sizes"),
+    ([RED], {"n": "9"}, 400, "n", "at most 4"),
 ])
-def test_bad_edits_are_refused_naming_the_field(server, files, status, param, words):
-    data = {"model": "testvla", "prompt": PROMPT}
-    if param == "size":
-        data["size"] = "512x512"
+def test_bad_edits_are_refused_naming_the_field(server, files, extra, status, param, words):
+    data = {"model": "testvla", "prompt": PROMPT, **extra}
     fields = [(name, (None, value)) for name, value in data.items()]  # multipart always
     response = server.client.post("/v1/images/edits", files=fields + files)
     assert response.status_code == status, response.text

@@ -62,6 +62,12 @@ _SET_BY_ROUTE = {"mode": '"image"', "width": "from size", "height": "from size",
 _SIZE_PARAMS = ("width", "height")
 
 
+def _named_as_sent(exc: ApiError | oai.InvalidRequest) -> None:
+    """Name the field of a model's error as the client sent it (`size`, not `width`)."""
+    if exc.param in _SIZE_PARAMS:
+        exc.param = "size"
+
+
 class ImageRequest(BaseModel):
     """OpenAI's image generation (and edit) request; other fields pass to the model."""
 
@@ -185,8 +191,7 @@ def add_image_routes(app: FastAPI, router: APIRouter, runner: Runner, info: Mode
         try:
             run, first = await runner.start(request, body, blobs=blobs)
         except ApiError as exc:
-            if exc.param in _SIZE_PARAMS:
-                exc.param = "size"
+            _named_as_sent(exc)
             raise
         try:
             collected = await collect(run, first, request)
@@ -214,8 +219,7 @@ def add_image_routes(app: FastAPI, router: APIRouter, runner: Runner, info: Mode
         try:
             check_body(native, body)
         except oai.InvalidRequest as exc:
-            if exc.param in _SIZE_PARAMS:
-                exc.param = "size"
+            _named_as_sent(exc)
             raise
 
     @router.post("/v1/images/generations", openapi_extra=request_body(

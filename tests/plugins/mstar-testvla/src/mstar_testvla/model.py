@@ -81,8 +81,8 @@ if TYPE_CHECKING:
 
     from mstar.chat import ChatPrompt
 from mstar_testvla.config import PRESETS, TestVLAConfig
-from mstar_testvla.painter import IMAGE_SIZES, MAX_IMAGES, paint, size_error
 from mstar_testvla.modules import ActionInit, Combine, Consumer, TestVLALLM, VisionEncoder
+from mstar_testvla.painter import IMAGE_SIZES, MAX_IMAGES, paint, size_error
 from mstar_testvla.tokenizer import (
     ACT,
     BOS,
