@@ -10,7 +10,7 @@ Walks (partition "lm" unless noted):
   chunk of ACT placeholders over the cached prompt, beside an unconditional CFG branch
   (label "uncond", a fork of the prompt's first `uncond_length` tokens) unless the guidance
   scale is 1, then `combine`. Mode "image" runs it once per image (children: each its own
-  noise) and paints each denoised chunk (`painter`) as a PNG `Image` event.
+  noise); `postprocess` paints each denoised chunk as a PNG `Image` (`painter.paint`).
 - `rollout`: each iteration appends the previous predicted frame and predicts the next.
 - `stream` (partition "stream"): the consumer decodes windows of (token, mid-layer hidden)
   units streamed from the LLM.
@@ -136,8 +136,8 @@ class TestVLARequest(SamplingFields):
                                                     f"{w}x{h}" for w, h in IMAGE_SIZES)
                               + "; None: the first.")
     height: int | None = Field(None, description="Image height (mode image).")
-    num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps (act).")
-    guidance_scale: float = Field(1.0, ge=1.0, le=100.0, description="CFG scale (act).")
+    num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps (act, image).")
+    guidance_scale: float = Field(1.0, ge=1.0, le=100.0, description="CFG scale (act, image).")
     num_frames: int = Field(1, ge=1, le=64, description="Frames to predict (rollout).")
     frame: list[list[float]] | TensorInput | None = Field(
         None, description="The initial frame [frame_tokens][frame_dim] (rollout), as nested "

@@ -47,4 +47,5 @@ def size_error(width: int | None, height: int | None) -> str | None:
     if width is None and height is None or (width, height) in IMAGE_SIZES:
         return None
     allowed = ", ".join(f"{w}x{h}" for w, h in IMAGE_SIZES)
-    return f"size {width}x{height} is not supported; allowed sizes: {allowed}"
+    shown = "x".join("?" if side is None else str(side) for side in (width, height))
+    return f"size {shown} is not supported; allowed sizes: {allowed}"
