@@ -94,29 +94,30 @@ def _image(dep: Any, request: dict[str, Any]) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(images[0].data)).convert("RGB"))
 
 
-@pytest.mark.parametrize("task", ["t2i", "edit"])
+@pytest.mark.parametrize("task", list(fixtures.TASKS))
 def test_image_generation_matches_authors(served: Any, task: str) -> None:
     """(a) the MoT routing of the first step's chunk (markers by the understanding expert,
     latents by the generation expert, over the cached prefix) in each guidance context,
-    (b) that step's mixed velocity, (c)/(d) the whole run's final latent and image."""
-    knobs = dict(fixtures.T2I if task == "t2i" else fixtures.EDIT)
+    (b) that step's mixed velocity, (c)/(d) the whole run's final latent and image; per
+    step, the contexts that ran (`edit_interval`: none but the full one outside
+    `cfg_interval`)."""
+    knobs, edit = fixtures.TASKS[task]
     inputs = load_file(str(FIXTURES / "bagel_inputs.safetensors"))
     ref = load_file(str(FIXTURES / "bagel_reference.safetensors"))
-    branches = json.loads((FIXTURES / "bagel_reference.json").read_text())["branches"][task]
+    contexts = json.loads((FIXTURES / "bagel_reference.json").read_text())["contexts"][task]
     request = {**knobs, "mode": "image", "seed": fixtures.SEED}
-    if task == "edit":
+    if edit:
         request["image"] = fixtures.synthetic_image()
     with Observed(served) as seen:
         image = _image(served, request)
-    assert len(seen.steps) == knobs["num_timesteps"] - 1 and len(seen.final) == 1
+    assert len(seen.final) == 1
+    names = ["velocity", "velocity_cfg_text", "velocity_cfg_img"]
+    ran = [[name for name in names if step.get(name) is not None] for step in seen.steps]
+    assert [len(r) for r in ran] == contexts, f"contexts run per step: {ran}"
 
     first = seen.steps[0]
-    if task == "t2i":
-        assert_close(first["x_t"], inputs["noise"], "initial noise (latent_init, site noise)")
-    names = ["velocity", "velocity_cfg_text", "velocity_cfg_img"]
-    present = [name for name in names if first.get(name) is not None]
-    assert len(present) == branches, f"contexts run: {present}; the authors ran {branches}"
-    for b, name in enumerate(present):
+    assert_close(first["x_t"], inputs["noise"], "initial noise (latent_init, site noise)")
+    for b, name in enumerate(ran[0]):
         assert_close(first[name], ref[f"{task}.step0.chunk_velocity{b}"],
                      f"{task} step 0 {name} (whole chunk)")
     rows = {name: first.get(name)[1:-1] if first.get(name) is not None else None
