@@ -9,6 +9,12 @@ forward hooks on the real `combine_cfg` and `vae_decoder` modules observe what t
 hands them: each guidance context's velocity over the whole image chunk, the latent before
 decoding.
 
+Tasks (`fixtures.TASKS`): text-to-image (text guidance, global renorm), an edit (text and
+image guidance, text_channel renorm), the edit with a `cfg_interval` that leaves the last
+step unguided, and text-to-image with the authors' demo settings (app.py leaves
+cfg_img_scale at the inferencer's 1.5, so the image-free context, for a text-only prompt the
+same texts, guides too); understanding (greedy tokens).
+
 Tolerances (float32 on both sides, attention and reductions ordered differently):
 velocities and latents within 1e-4 relative to the tensor's largest magnitude, images within
 ±2 uint8 levels, greedy tokens equal.
