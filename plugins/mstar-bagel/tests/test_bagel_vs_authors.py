@@ -35,6 +35,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import mstar
+from mstar.engine import rng
 from mstar.events import Image as ImageEvent
 from mstar.events import TextDelta
 from mstar_bagel.checkpoint import write_tiny_checkpoint
@@ -107,13 +108,14 @@ def test_image_generation_matches_authors(served: Any, task: str) -> None:
     (b) that step's mixed velocity, (c)/(d) the whole run's final latent and image; per
     step, the contexts that ran (`edit_interval`: none but the full one outside
     `cfg_interval`)."""
-    knobs, edit = fixtures.TASKS[task]
-    inputs = load_file(str(FIXTURES / "bagel_inputs.safetensors"))
+    spec = fixtures.TASKS[task]
     ref = load_file(str(FIXTURES / "bagel_reference.safetensors"))
     contexts = json.loads((FIXTURES / "bagel_reference.json").read_text())["contexts"][task]
-    request = {**knobs, "mode": "image", "seed": fixtures.SEED}
-    if edit:
-        request["image"] = fixtures.synthetic_image()
+    request = {**spec.knobs, "mode": "image", "seed": fixtures.SEED}
+    if spec.edit:  # the output takes the input's size
+        request["image"] = fixtures.synthetic_image(*spec.size)
+    else:
+        request["width"], request["height"] = spec.size
     with Observed(served) as seen:
         image = _image(served, request)
     assert len(seen.final) == 1
@@ -122,22 +124,24 @@ def test_image_generation_matches_authors(served: Any, task: str) -> None:
     assert [len(r) for r in ran] == contexts, f"contexts run per step: {ran}"
 
     first = seen.steps[0]
-    assert_close(first["x_t"], inputs["noise"], "initial noise (latent_init, site noise)")
-    for b, name in enumerate(ran[0]):
-        assert_close(first[name], ref[f"{task}.step0.chunk_velocity{b}"],
-                     f"{task} step 0 {name} (whole chunk)")
-    rows = {name: first.get(name)[1:-1] if first.get(name) is not None else None
-            for name in names}
-    mixed = guided_velocity(rows["velocity"], rows["velocity_cfg_text"],
-                            rows["velocity_cfg_img"], text_scale=knobs["cfg_text_scale"],
-                            img_scale=knobs["cfg_img_scale"],
-                            renorm_type=knobs["cfg_renorm_type"],
-                            renorm_min=knobs["cfg_renorm_min"])
-    assert_close(mixed, ref[f"{task}.step0.mixed"], f"{task} step 0 mixed velocity")
-
+    noise = rng.randn(first["x_t"].shape, seed=fixtures.SEED, child=0, site="noise", step=0)
+    assert torch.equal(first["x_t"], noise), "latent_init's noise is not the reference's key"
+    if spec.step0:
+        for b, name in enumerate(ran[0]):
+            assert_close(first[name], ref[f"{task}.step0.chunk_velocity{b}"],
+                         f"{task} step 0 {name} (whole chunk)")
+        rows = {name: first[name][1:-1] if first.get(name) is not None else None
+                for name in names}
+        knobs = spec.knobs
+        mixed = guided_velocity(rows["velocity"], rows["velocity_cfg_text"],
+                                rows["velocity_cfg_img"], text_scale=knobs["cfg_text_scale"],
+                                img_scale=knobs["cfg_img_scale"],
+                                renorm_type=knobs["cfg_renorm_type"],
+                                renorm_min=knobs["cfg_renorm_min"])
+        assert_close(mixed, ref[f"{task}.step0.mixed"], f"{task} step 0 mixed velocity")
     assert_close(seen.final[0], ref[f"{task}.latent"], f"{task} final latent")
     expected = ref[f"{task}.image"].numpy()
-    assert image.shape == expected.shape
+    assert image.shape == expected.shape == (spec.size[1], spec.size[0], 3)
     diff = np.abs(image.astype(int) - expected.astype(int)).max()
     assert diff <= PIXEL_LEVELS, f"{task} image: max pixel difference {diff}"
 
