@@ -1,14 +1,16 @@
 """BAGEL served by mstar on one rank (`bagel_single_gpu`) and with classifier-free guidance
 in parallel on three ranks (`bagel_cfg_parallel`), on the same `small` weights, side by
 side: image-to-text time to first token and decode tokens/s at 1 and 16 concurrent
-requests, and time per generated image at 1 and 4, with the layouts' ratios.
+requests, and time per generated image (text-to-image and edit) at 1 and 4, with the
+layouts' ratios.
 
 Both layouts run as `mstar-serve` processes (API server, data worker, conductor, one worker
 per rank; the launcher splits the cores between the ranks), one after the other, every
 request a streamed `POST /generate`. Each understanding request reads an image of its own
 (a seeded random PNG), so neither the encoder cache nor the prefix cache answers for it.
-Image requests run all three guidance contexts on every step (`cfg_img_scale` 2,
-`cfg_interval` [0, 1]): the work CFG-parallel spreads over its ranks.
+Image requests use the authors' defaults: text-to-image guides by text on the steps with
+t in (0.4, 1] (its image-free context equals the full one and is not run: CFG-parallel's
+third rank idles), an edit runs all three contexts on every step.
 
 The servers run with `OMP_WAIT_POLICY=PASSIVE` unless the environment sets it: on a small
 shared machine a 2-thread OpenMP team that spin-waits collapses under others' load (one
@@ -43,9 +45,7 @@ from mstar_bagel.checkpoint import write_tiny_checkpoint
 
 LAYOUTS = {"1 rank": "bagel_single_gpu", "CFG-parallel 3 ranks": "bagel_cfg_parallel"}
 QUESTION = "Describe this picture in detail, please."
-#: All three guidance contexts on every denoising step.
-GUIDED = {"mode": "image", "cfg_text_scale": 4.0, "cfg_img_scale": 2.0,
-          "cfg_interval": [0.0, 1.0]}
+IMAGE_TASKS = ("text2image", "edit")
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Row:
 
     def line(self) -> str:
         head = f"{self.layout:<21} {self.task:<10} {self.concurrency:>4} {len(self.timings):>4}"
-        if self.task == "image":
+        if self.task in IMAGE_TASKS:
             return (f"{head} {'':>9} {'':>8} {'':>8} {self.image_s():>9.2f} "
                     f"{self.wall_per_image():>10.2f}")
         return (f"{head} {self.ttft_ms():>9.0f} {self.tpot_ms():>8.1f} "
@@ -119,10 +119,12 @@ async def understand(client: httpx.AsyncClient, seed: int, new_tokens: int) -> T
     return Timing(submitted, first, time.perf_counter(), tokens)
 
 
-async def paint(client: httpx.AsyncClient, seed: int, steps: int) -> Timing:
-    """A text-to-image request; the PNG is decoded to check it."""
-    body = {**GUIDED, "prompt": f"a cat in a hat, picture {seed}", "seed": seed,
+async def paint(client: httpx.AsyncClient, seed: int, steps: int, edit: bool) -> Timing:
+    """A text-to-image request, or an edit of a 64x64 image; the PNG is checked."""
+    body = {"mode": "image", "prompt": f"a cat in a hat, picture {seed}", "seed": seed,
             "num_timesteps": steps}
+    if edit:
+        body["image"] = png_data_url(seed, 64, 64)
     submitted = time.perf_counter()
     images = [e async for e in generate_events(client, body) if isinstance(e, events.Image)]
     done = time.perf_counter()
@@ -151,15 +153,19 @@ def run_layout(layout: str, config: str, ckpt: Path, tmp: Path,
     def chat(client: httpx.AsyncClient, seed: int) -> Awaitable[Timing]:
         return understand(client, seed, args.new_tokens)
 
-    def image(client: httpx.AsyncClient, seed: int) -> Awaitable[Timing]:
-        return paint(client, seed, args.steps)
+    def text2image(client: httpx.AsyncClient, seed: int) -> Awaitable[Timing]:
+        return paint(client, seed, args.steps, edit=False)
+
+    def edit(client: httpx.AsyncClient, seed: int) -> Awaitable[Timing]:
+        return paint(client, seed, args.steps, edit=True)
 
     with launch(["--config", config, "--model-path", str(ckpt), "--log-level", "WARNING",
                  "--set", "max_seq_len=4096"], tmp) as server:
         asyncio.run(level(server.url, 1, 1, chat))  # warm-up: every node's first forward
-        asyncio.run(level(server.url, 1, 1, image))
+        asyncio.run(level(server.url, 1, 1, edit))
         for task, fn, levels in (("image2text", chat, args.chat_levels),
-                                 ("image", image, args.image_levels)):
+                                 ("text2image", text2image, args.image_levels),
+                                 ("edit", edit, args.image_levels)):
             for c in levels:
                 rounds = [Row(layout, task, c, asyncio.run(
                     level(server.url, c, args.requests_per_client, fn)))
@@ -189,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"bagel small preset, CPU: {os.cpu_count()} cores, torch {torch.__version__}, "
           f"load {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           f"understanding {args.new_tokens} greedy tokens of a "
-          f"64x48 image; images 64x64, {args.steps - 1} steps, three guidance contexts",
+          f"64x48 image; images 64x64, {args.steps - 1} steps",
           flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,11 +212,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         a, b = by[(single, "image2text", c)], by[(parallel, "image2text", c)]
         print(f"  image2text x{c:<3} TTFT {b.ttft_ms() / a.ttft_ms():.2f}, "
               f"tok/s {b.tokens_per_s() / a.tokens_per_s():.2f}")
-    for c in args.image_levels:
-        a, b = by[(single, "image", c)], by[(parallel, "image", c)]
-        print(f"  image      x{c:<3} s/image {b.image_s() / a.image_s():.2f}, "
-              f"wall/image {b.wall_per_image() / a.wall_per_image():.2f} "
-              f"(< 1: CFG-parallel is faster)")
+    for task in IMAGE_TASKS:
+        for c in args.image_levels:
+            a, b = by[(single, task, c)], by[(parallel, task, c)]
+            print(f"  {task:<10} x{c:<3} s/image {b.image_s() / a.image_s():.2f}, "
+                  f"wall/image {b.wall_per_image() / a.wall_per_image():.2f} "
+                  f"(< 1: CFG-parallel is faster)")
 
 
 if __name__ == "__main__":
