@@ -93,7 +93,8 @@ def test_mstar_serve_defaults_are_seed_000s(capsys):
     assert server == {
         "host": "0.0.0.0", "port": 8000, "tensor_comm_protocol": "RDMA" if HAS_MOONCAKE
         else "SHM", "cache_dir": None, "socket_path_prefix": "/tmp/mstar",
-        "upload_dir": "/tmp/mstar_uploads", "timeout": 600.0, "mooncake_port": 8080,
+        "upload_dir": "/tmp/mstar_uploads", "image_url_ttl": 3600.0, "timeout": 600.0,
+        "mooncake_port": 8080,
         "tcp_transfer_device": None, "enable_nvtx": False, "log_level": "INFO",
         "model_path": None, "revision": None, "load_format": "dummy", "preset": "tiny",
         "max_body_bytes": 64 * 1024 * 1024, "startup_timeout": 600.0, "shutdown_grace": 30.0,

@@ -425,10 +425,14 @@ def test_json_nested_past_the_limit_is_a_400_stating_it(server):
 
 def test_openapi_describes_every_route_and_the_models_request(server):
     doc = server.client.get("/openapi.json").json()
-    bodies = {path: ops["post"]["requestBody"]["content"]["application/json"]["schema"]
-              for path, ops in doc["paths"].items() if "post" in ops}
+    contents = {path: ops["post"]["requestBody"]["content"]
+                for path, ops in doc["paths"].items() if "post" in ops}
+    assert set(contents.pop("/v1/images/edits")) == {"multipart/form-data"}  # OpenAI's form
+    bodies = {path: content["application/json"]["schema"]
+              for path, content in contents.items()}
     assert set(bodies) == {"/generate", "/v1/chat/completions", "/v1/completions",
-                           "/v1/audio/speech", "/v1/testvla/act"}  # the last: testvla's own
+                           "/v1/audio/speech", "/v1/images/generations",
+                           "/v1/testvla/act"}  # the last: testvla's own
     assert {"prompt", "mode", "num_steps", "image"} <= set(bodies["/generate"]["properties"])
     assert "messages" in bodies["/v1/chat/completions"]["properties"]
     assert bodies["/v1/chat/completions"]["additionalProperties"] is False

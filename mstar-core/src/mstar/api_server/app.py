@@ -199,6 +199,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     (seconds without an event before a request is cancelled with 504), the body limit and
     the media limits. Routes beyond `/generate` come from the model's capabilities (the
     OpenAI-compatible ones: `mstar.api_server.openai_routes`)."""
+    from mstar.api_server.images_route import add_image_routes
     from mstar.api_server.openai_routes import add_openai_routes
     from mstar.api_server.plugin_routes import add_plugin_routes
     from mstar.api_server.speech_route import add_speech_route
@@ -301,6 +302,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
 
     add_openai_routes(guarded, runner, info, settings)
     add_speech_route(guarded, runner, info, settings)
+    add_image_routes(app, guarded, runner, info, settings)
     add_plugin_routes(app, guarded, runner, info, settings)  # the model's plugin's own
     app.include_router(guarded)
     return app

@@ -75,6 +75,10 @@ def _add_options(parser: argparse.ArgumentParser, shown_defaults: Mapping[str, s
                         help=f"ZMQ IPC socket prefix {d('socket_path_prefix')}")
     server.add_argument("--upload-dir", help=f"temp directory for uploaded media "
                                              f"{d('upload_dir')}")
+    server.add_argument("--image-url-ttl", type=float,
+                        help="seconds a generated image stays at its URL "
+                             "(response_format=url of the image routes; 0: off) "
+                             f"{d('image_url_ttl')}")
     server.add_argument("--timeout", type=float,
                         help="per-request timeout in seconds; also the deployment's "
                              f"request_timeout unless the YAML sets it {d('timeout')}")

@@ -148,6 +148,25 @@ class AsyncMStarClient(ClientBase):
             return await self._request(protocol.SPEECH, body)
         return AsyncByteStream(await self._send(protocol.SPEECH, body), self.base_url)
 
+    async def generate_image(self, prompt: str, *, size: str | None = None, n: int = 1,
+                             model: str | None = None, **fields: Any) -> bytes | list[bytes]:
+        """See `MStarClient.generate_image`."""
+        await self._require("images", "generate_image")
+        body = protocol.image_body(prompt, model=model or await self._default_model(),
+                                   size=size, n=n, fields=fields)
+        images = await self._request(protocol.IMAGES, body)
+        return images[0] if n == 1 else images
+
+    async def edit_image(self, image: object, prompt: str, *, size: str | None = None,
+                         n: int = 1, model: str | None = None, **fields: Any,
+                         ) -> bytes | list[bytes]:
+        """See `MStarClient.edit_image`."""
+        await self._require("image_edits", "edit_image")
+        payload = protocol.image_edit_payload(image, prompt, size=size, n=n, fields=fields,
+                                              model=model or await self._default_model())
+        images = await self._request(protocol.IMAGE_EDITS, payload)
+        return images[0] if n == 1 else images
+
     async def models(self) -> list[ModelInfo]:
         return await self._request(protocol.MODELS)
 

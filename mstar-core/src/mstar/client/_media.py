@@ -63,6 +63,33 @@ def media_bytes(media: object) -> tuple[bytes, str] | None:
     return None
 
 
+def image_file(image: object) -> tuple[bytes, str]:
+    """(bytes, MIME type) of one image to upload: a path (str or `os.PathLike`), encoded
+    bytes, a PIL image, or an array [H, W] / [H, W, 3 or 4] (numpy or torch; uint8, or
+    floats in [0, 1]), the last two as PNG."""
+    if isinstance(image, str):
+        image = os.fspath(image)
+        with open(image, "rb") as f:
+            data = f.read()
+        return data, sniff_image_type(data) or "application/octet-stream"
+    found = media_bytes(image)
+    if found is not None:
+        return found
+    if hasattr(image, "__array__"):
+        import numpy as np
+        from PIL import Image
+
+        detach = getattr(image, "detach", None)
+        array = np.asarray(detach().cpu() if callable(detach) else image)
+        if array.dtype != np.uint8:
+            array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue(), "image/png"
+    raise TypeError(f"an image must be a path, bytes, a PIL image or an array, not "
+                    f"{type(image).__name__}")
+
+
 def data_url(data: bytes, mime_type: str) -> str:
     return f"data:{mime_type};base64,{base64.b64encode(data).decode('ascii')}"
 

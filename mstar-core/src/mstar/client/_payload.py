@@ -29,16 +29,22 @@ SAFETENSORS = "application/vnd.safetensors"
 
 @dataclass(frozen=True)
 class Payload:
-    """A request body: JSON, or multipart (`request` JSON plus `files`), and its headers."""
+    """A request body: JSON, or multipart (`request` JSON plus `files`; with `form`, the
+    body's fields as plain form fields instead, as OpenAI's forms are), and its headers."""
 
     body: dict[str, Any]
     files: list[tuple[str, tuple[str, bytes, str]]] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
+    form: bool = False
 
     def http_args(self) -> dict[str, Any]:
         """The keyword arguments of `httpx.Client.build_request` for this body."""
         if not self.files:
             return {"json": self.body, "headers": self.headers}
+        if self.form:  # a string as itself, anything else as JSON (the server reads both)
+            data = {name: value if isinstance(value, str) else json.dumps(value)
+                    for name, value in self.body.items()}
+            return {"data": data, "files": self.files, "headers": self.headers}
         return {"data": {"request": json.dumps(self.body)}, "files": self.files,
                 "headers": self.headers}
 

@@ -24,7 +24,7 @@ import msgspec
 
 from mstar import __version__, events
 from mstar.client import _tensors as tensors
-from mstar.client._media import image_url
+from mstar.client._media import image_file, image_url
 from mstar.client._payload import SAFETENSORS, Payload
 from mstar.client._sse import SSEDecoder, SSEFrame
 from mstar.client.errors import (
@@ -469,6 +469,32 @@ def parse_speech(response: httpx.Response) -> Speech:
                   request_id=request_id(response))
 
 
+def image_body(prompt: str, *, model: str, size: str | None, n: int,
+               fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON of an image generation (`fields`: the model's own, e.g. `seed`); the
+    images come back inline (`b64_json`)."""
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "n": n,
+                            "response_format": "b64_json"}
+    if size is not None:
+        body["size"] = size
+    body.update(fields)
+    return body
+
+
+def image_edit_payload(image: object, prompt: str, *, model: str, size: str | None, n: int,
+                       fields: Mapping[str, Any]) -> Payload:
+    """The multipart form of an image edit, as OpenAI's `images.edit` sends it."""
+    data, mime = image_file(image)
+    suffix = mime.rsplit("/", 1)[-1] if mime.startswith("image/") else "bin"
+    body = image_body(prompt, model=model, size=size, n=n, fields=fields)
+    return Payload(body, [("image", (f"image.{suffix}", data, mime))], form=True)
+
+
+def parse_images(response: httpx.Response) -> list[bytes]:
+    """The PNG bytes of each image, in order."""
+    return [base64.b64decode(item["b64_json"]) for item in response.json()["data"]]
+
+
 def parse_models(response: httpx.Response) -> list[ModelInfo]:
     return [ModelInfo(id=m["id"], capabilities=list(m.get("capabilities") or []),
                       max_model_len=m.get("max_model_len"), raw=m)
@@ -485,6 +511,8 @@ GENERATE: Route[GenerateResponse, events.Event] = Route("POST", "/generate", par
                                                         parse_generate_frame)
 #: Streamed (`tts(stream=True)`), the answer's bytes are yielded as they come.
 SPEECH: Route[Speech, Any] = Route("POST", "/v1/audio/speech", parse_speech)
+IMAGES: Route[list[bytes], Any] = Route("POST", "/v1/images/generations", parse_images)
+IMAGE_EDITS: Route[list[bytes], Any] = Route("POST", "/v1/images/edits", parse_images)
 MODELS: Route[list[ModelInfo], Any] = Route("GET", "/v1/models", parse_models)
 #: 503 is an answer here ("starting", "unhealthy"), and a probe is never retried.
 HEALTH: Route[dict[str, Any], Any] = Route("GET", "/health", parse_json, expect=(200, 503),

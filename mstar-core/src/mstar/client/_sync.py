@@ -162,6 +162,28 @@ class MStarClient(ClientBase):
             return self._request(protocol.SPEECH, body)
         return ByteStream(self._send(protocol.SPEECH, body), self.base_url)
 
+    def generate_image(self, prompt: str, *, size: str | None = None, n: int = 1,
+                       model: str | None = None, **fields: Any) -> bytes | list[bytes]:
+        """Images from text (`/v1/images/generations`; models with the "images"
+        capability): the PNG bytes, a list of them when `n` > 1. `size` "WxH" (None: the
+        model's default); `fields` are the model's own (e.g. `seed`)."""
+        self._require("images", "generate_image")
+        body = protocol.image_body(prompt, model=model or self._default_model(), size=size,
+                                   n=n, fields=fields)
+        images = self._request(protocol.IMAGES, body)
+        return images[0] if n == 1 else images
+
+    def edit_image(self, image: object, prompt: str, *, size: str | None = None, n: int = 1,
+                   model: str | None = None, **fields: Any) -> bytes | list[bytes]:
+        """An edited image (`/v1/images/edits`; models with the "image_edits"
+        capability): `image` a path, bytes, a PIL image or an array [H, W, C]; the rest
+        and the answer as `generate_image`."""
+        self._require("image_edits", "edit_image")
+        payload = protocol.image_edit_payload(image, prompt, size=size, n=n, fields=fields,
+                                              model=model or self._default_model())
+        images = self._request(protocol.IMAGE_EDITS, payload)
+        return images[0] if n == 1 else images
+
     def models(self) -> list[ModelInfo]:
         return self._request(protocol.MODELS)
 

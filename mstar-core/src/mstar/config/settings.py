@@ -60,6 +60,9 @@ class ServerSettings(BaseSettings):
     cache_dir: str | None = None
     socket_path_prefix: str = "/tmp/mstar"
     upload_dir: str = "/tmp/mstar_uploads"
+    image_url_ttl: float = Field(3600.0, ge=0, description="Seconds a generated image "
+                                 "stays at its URL (images response_format=url); 0: url "
+                                 "output is off.")
     timeout: float = Field(600.0, gt=0, description="Per-request timeout (seconds).")
     mooncake_port: int = Field(8080, ge=0, le=65535)
     tcp_transfer_device: str | None = None

@@ -71,6 +71,17 @@ GENERATION_DEFAULTS = {
     "edit": dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
                  cfg_renorm_type="text_channel", cfg_renorm_min=0.0),
 }
+#: The system prompts BAGEL was trained to reason under ("think"): the model writes its
+#: reasoning between <think> and </think>, then the answer or the image. Model inputs, kept
+#: exactly as the authors' inferencer has them.
+THINK_PROMPTS = {
+    "text": "You should first think about the reasoning process in the mind and then provide "
+            "the user with the answer. \nThe reasoning process is enclosed within <think> "
+            "</think> tags, i.e. <think> reasoning process here </think> answer here",
+    "image": "You should first think about the planning process in the mind and then "
+             "generate the image. \nThe planning process is enclosed within <think> </think> "
+             "tags, i.e. <think> planning process here </think> image here",
+}
 #: "image" lists the three chunks in one rendered text: `<image>` where an image part was.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -107,6 +118,9 @@ class BagelRequest(SamplingFields):
         None, description="Guidance only where lo < t <= hi ([0.4, 1]; edits [0, 1]).")
     cfg_renorm_type: Literal["global", "channel", "text_channel"] | None = None
     cfg_renorm_min: float | None = Field(None, ge=0.0, le=1.0)
+    think: bool = Field(False, description="Reason first (under BAGEL's system prompt): "
+                                           "text before the answer, or before the image "
+                                           "(up to max_tokens of it, streamed as text).")
     num_timesteps: int = Field(50, ge=2, le=250, description="Flow schedule length "
                                                               "(num_timesteps − 1 steps).")
     timestep_shift: float = Field(3.0, gt=0.0, le=20.0)
@@ -121,6 +135,8 @@ class BagelRequest(SamplingFields):
             raise ValueError("width and height are for mode 'image'")
         if self.mode == "image" and self.n > 4:
             raise ValueError(f"n: at most 4 images per request, got {self.n}")
+        if self.mode == "image" and self.think and self.n > 1:
+            raise ValueError("n: a think request makes one image")
         return self
 
 
@@ -218,8 +234,9 @@ class Bagel(Model):
             "decode": Walk(Loop(GraphNode("LLM", inputs=("input_ids", "positions"),
                                           outputs=("token_ids",), emit=("token_ids",),
                                           prepare=self._decode_inputs),
-                                until="finished", carry={"token_ids": "input_ids"}),
-                           control=("finish_reason",)),
+                                until="finished", carry={"token_ids": "input_ids"},
+                                iteration="decode_step"),
+                           control=("finish_reason", "decode_step", "token_ids")),
             "image_gen": Walk(image_gen, emit=("image",)),
         }
 
@@ -235,9 +252,13 @@ class Bagel(Model):
         return {"pixel_values": env["pixels"][offset:offset + size].view(*shape)}
 
     def _text_chunk(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
-        item = self._item(env)
-        ids = torch.tensor(item["ids"], dtype=torch.long)
-        pos = item["pos"]
+        """A text item of the schedule, or (`text_ids`, `text_pos` given) the end of the
+        reasoning a "think" request decoded."""
+        if "text_ids" in env:
+            ids, pos = torch.tensor(env["text_ids"], dtype=torch.long), int(env["text_pos"])
+        else:
+            item = self._item(env)
+            ids, pos = torch.tensor(item["ids"], dtype=torch.long), item["pos"]
         return {"input_ids": ids, "positions": torch.arange(pos, pos + len(ids)),
                 "segments": [(len(ids), "causal")]}
 
@@ -377,6 +398,8 @@ class Bagel(Model):
 
         c, tok = self.config, self.tokenizer()
         specials = tok.bagel_ids
+        if req.think:  # the system prompt is the first text of every context
+            parts = [THINK_PROMPTS[req.mode], *parts]
         if req.mode == "text" and not any(isinstance(p, str) for p in parts):
             raise ValueError("prompt: understanding needs some text")
         editing = req.mode == "image" and any(not isinstance(p, str) for p in parts)
@@ -431,7 +454,7 @@ class Bagel(Model):
             "mode": req.mode, "items": items, "rope": rope, "length": length,
             "start_of_image": specials["start_of_image"],
             "end_of_image": specials["end_of_image"], "max_tokens": req.max_tokens,
-            "n": req.n,
+            "n": req.n, "think": req.think,
         }
         prompt_tokens = length
         if req.mode == "image":
@@ -450,7 +473,7 @@ class Bagel(Model):
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in knobs.items()})
             prompt_tokens += grid[0] * grid[1] + 2
         sampling = req.sampling_params(eos_token_ids=[specials["eos"]])
-        params["bos"] = specials["bos"]
+        params["bos"], params["eos"] = specials["bos"], specials["eos"]
         pixels = torch.cat(blobs) if blobs else None
         first = self._walk_after(params, -1, pixels)
         assert isinstance(first, WalkStep)
@@ -478,6 +501,13 @@ class Bagel(Model):
             if pixels is not None and any(i["kind"] != "text" for i in items[nxt:]):
                 inputs["pixels"] = pixels
             return WalkStep(PREFILL_WALKS[items[nxt]["kind"]], inputs=inputs)
+        if params["mode"] == "image" and params["think"]:
+            return WalkStep("decode")  # the reasoning, then `_after_reasoning`
+        return self._final_walk(params)
+
+    def _final_walk(self, params: Mapping[str, Any], **context: int) -> WalkStep:
+        """Text decoding or image generation after the whole context is in; `context`
+        replaces the main context's `rope` and `length` when reasoning extended it."""
         n = int(params["n"])
         # Completions 1..n-1 fork the whole context; each lane has its own sampling or noise.
         forks = [Fork("LLM", length=params["length"], child=c) for c in range(1, n)]
@@ -485,14 +515,33 @@ class Bagel(Model):
             return WalkStep("decode", children=n, forks=forks)
         forks += [Fork("LLM", length=params["cfg_text_length"], label="cfg_text", child=c)
                   for c in range(n)]
-        return WalkStep("image_gen", children=n, forks=forks)
+        return WalkStep("image_gen", children=n, forks=forks, inputs=dict(context))
+
+    @staticmethod
+    def _after_reasoning(state: RequestState, control: Mapping[str, Any]) -> WalkStep:
+        """Close the decoded reasoning as a text chunk, as the authors' re-prefill of it
+        does: the decode fed `<|im_start|>` and every sampled token but the last; the last
+        (unless it is `<|im_end|>`) and `<|im_end|>` follow. The text-free and image-free
+        contexts do not see the reasoning."""
+        p = state.params
+        fed = int(control["decode_step"]) + 1
+        ids = [] if control.get("finish_reason") == "stop" else token_list(control["token_ids"])
+        ids.append(p["eos"])
+        pos = int(p["rope"]) + fed
+        state.store["context"] = {"rope": pos + len(ids),
+                                  "length": int(p["length"]) + fed + len(ids)}
+        return WalkStep("prefill_text", inputs={"text_ids": ids, "text_pos": pos})
 
     def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Done:
-        walk = state.walk
+        walk, p = state.walk, state.params
+        if "context" in state.store:  # the reasoning is closed: now the image
+            return self._final_walk(p, **state.store.pop("context"))
         if walk in PREFILL_WALKS.values():
             done = len(state.walks_done) - 1  # prefill items run in order, one walk each
-            return self._walk_after(state.params, done, control.get("pixels"))
+            return self._walk_after(p, done, control.get("pixels"))
         if walk == "decode":
+            if p["mode"] == "image":
+                return self._after_reasoning(state, control)
             return Done(control.get("finish_reason") or "stop")
         if walk == "image_gen":
             return Done("stop")

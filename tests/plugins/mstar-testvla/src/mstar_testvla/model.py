@@ -10,7 +10,9 @@ Walks (partition "lm" unless noted):
   chunk of ACT placeholders over the cached prompt, beside an unconditional CFG branch
   (label "uncond", a fork of the prompt's first `uncond_length` tokens, its ACT positions
   right after that shorter context: its own `prepare`) unless the guidance scale is 1 or
-  the step's flow time is outside `cfg_interval`, then `combine`.
+  the step's flow time is outside `cfg_interval`, then `combine`. Mode "image" runs it once
+  per image (children: each its own noise); `postprocess` paints each denoised chunk as a
+  PNG `Image` (`painter.paint`).
 - `rollout`: each iteration appends the previous predicted frame and predicts the next.
 - `stream` (partition "stream"): the consumer decodes windows of (token, mid-layer hidden)
   units streamed from the LLM.
@@ -38,7 +40,16 @@ import torch
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from mstar.events import AudioChunk, Event, NamedTensor, TensorData, TextDelta, TokenLogprob
+from mstar.errors import RequestError
+from mstar.events import (
+    AudioChunk,
+    Event,
+    Image,
+    NamedTensor,
+    TensorData,
+    TextDelta,
+    TokenLogprob,
+)
 from mstar.graph import (
     ChunkPolicy,
     GraphNode,
@@ -73,6 +84,7 @@ if TYPE_CHECKING:
     from mstar.chat import ChatPrompt
 from mstar_testvla.config import PRESETS, TestVLAConfig
 from mstar_testvla.modules import ActionInit, Combine, Consumer, TestVLALLM, VisionEncoder
+from mstar_testvla.painter import IMAGE_SIZES, MAX_IMAGES, paint, size_error
 from mstar_testvla.tokenizer import (
     ACT,
     BOS,
@@ -85,7 +97,8 @@ from mstar_testvla.tokenizer import (
 
 PROMPT_INPUTS = ("input_ids", "positions", "segments", "expert_ids", "media_embeds",
                  "frame_embeds")
-PREFILL_WALKS = {"text": "prefill", "act": "prefill_act", "rollout": "prefill_rollout"}
+PREFILL_WALKS = {"text": "prefill", "act": "prefill_act", "rollout": "prefill_rollout",
+                 "image": "prefill_act"}
 STREAM_POLICY = ChunkPolicy(window=4, hop=1, emit=(1, 2), max_buffered=16)
 #: "role: text" lines, `<image>` where an image part was, then "assistant:".
 CHAT_TEMPLATE = (
@@ -119,12 +132,18 @@ class TestVLARequest(SamplingFields):
     image: list[list[list[float]]] | ImageInput | None = Field(
         None, description="Pixels as nested lists [3][H][W] (H and W multiples of the "
                           "patch size), or an image (resized to `chat_image_size` square).")
-    mode: Literal["text", "act", "rollout"] = "text"
-    num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps (act).")
-    guidance_scale: float = Field(1.0, ge=1.0, le=100.0, description="CFG scale (act).")
+    mode: Literal["text", "act", "rollout", "image"] = "text"
+    width: int | None = Field(None, description="Image width (mode image); with height, one "
+                                                "of the sizes " + ", ".join(
+                                                    f"{w}x{h}" for w, h in IMAGE_SIZES)
+                              + "; None: the first.")
+    height: int | None = Field(None, description="Image height (mode image).")
+    num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps (act, image).")
+    guidance_scale: float = Field(1.0, ge=1.0, le=100.0, description="CFG scale (act, image).")
     cfg_interval: list[float] = Field(
-        [0.0, 1.0], min_length=2, max_length=2, description="CFG only at the steps whose flow time t (1 at the first "
-                                "step, falling by 1/num_steps) has lo < t <= hi (act).")
+        [0.0, 1.0], min_length=2, max_length=2,
+        description="CFG only at the steps whose flow time t (1 at the first step, falling "
+                    "by 1/num_steps) has lo < t <= hi (act, image).")
     num_frames: int = Field(1, ge=1, le=64, description="Frames to predict (rollout).")
     frame: list[list[float]] | TensorInput | None = Field(
         None, description="The initial frame [frame_tokens][frame_dim] (rollout), as nested "
@@ -152,8 +171,11 @@ class TestVLARequest(SamplingFields):
             raise ValueError(f"cfg_interval must have 0 <= lo <= hi <= 1, got {[lo, hi]}")
         if (self.mode == "rollout") != (self.frame is not None):
             raise ValueError("frame is required in rollout mode and only there")
-        if self.mode != "text" and (self.n != 1 or self.stream_consumer):
-            raise ValueError("n > 1 and stream_consumer need mode 'text'")
+        if self.mode not in ("text", "image") and self.n != 1 or (
+                self.mode != "text" and self.stream_consumer):
+            raise ValueError("n > 1 needs mode 'text' or 'image'; stream_consumer mode 'text'")
+        if self.mode != "image" and (self.width, self.height) != (None, None):
+            raise ValueError("width and height need mode 'image'")
         return self
 
 
@@ -520,6 +542,8 @@ class TestVLA(Model):
             "prompt_ids": ids, "layout": layout.to_params(), "text_end": layout.text_end,
             "frame": frame,
         }
+        if req.mode == "image":
+            params.update(_image_params(req))
         prefill = WalkStep(PREFILL_WALKS[req.mode])
         first = {"lm": WalkStep("encode", inputs={"pixel_values": pixels})
                  if pixels is not None else prefill}
@@ -544,9 +568,12 @@ class TestVLA(Model):
                             forks=[Fork("LLM", length=prompt_len - 1, child=c)
                                    for c in range(1, n)])
         if state.walk == "prefill_act":
-            forks = [] if p["guidance_scale"] == 1 else [
-                Fork("LLM", length=p["uncond_length"], label="uncond")]
-            return WalkStep("denoise", forks=forks)
+            n = int(p["n"])  # images (mode image): one denoise each, forks of the prompt
+            forks = [Fork("LLM", child=c) for c in range(1, n)]
+            if p["guidance_scale"] != 1:
+                forks += [Fork("LLM", length=p["uncond_length"], label="uncond", child=c)
+                          for c in range(n)]
+            return WalkStep("denoise", forks=forks, children=n)
         if state.walk == "prefill_rollout":
             if p["rollout_steps"] == 0:
                 return Done("stop")
@@ -560,6 +587,9 @@ class TestVLA(Model):
     def postprocess(self, outputs: Mapping[str, Any], state: OutputState) -> list[Event]:
         """Client events of one emission of one lane (`state.child` is the completion)."""
         index = state.child
+        if "x_t" in outputs and state.params.get("mode") == "image":
+            p = state.params
+            return [Image(paint(outputs["x_t"], p["width"], p["height"]), index=index)]
         out: list[Event] = []
         if "token_ids" in outputs:
             ids = token_list(outputs["token_ids"])
@@ -578,6 +608,20 @@ class TestVLA(Model):
                 tensor = TensorData.from_tensor(torch.as_tensor(outputs[name]).float())
                 out.append(NamedTensor(event_name, tensor, index=index))
         return out
+
+
+def _image_params(req: TestVLARequest) -> dict[str, int]:
+    """The size of mode "image"'s pictures; an unsupported size or too many images is a
+    `RequestError` naming the field (the sizes listed)."""
+    problem = size_error(req.width, req.height)
+    if problem is not None:
+        raise RequestError(problem, param="width" if req.width not in
+                           {w for w, _ in IMAGE_SIZES} else "height")
+    if req.n > MAX_IMAGES:
+        raise RequestError(f"n={req.n}: testvla paints at most {MAX_IMAGES} images per "
+                           "request", param="n")
+    width, height = IMAGE_SIZES[0] if req.width is None else (req.width, req.height)
+    return {"width": width, "height": height}
 
 
 def _cfg_off(env: Mapping[str, Any], iteration: int | None) -> bool:
