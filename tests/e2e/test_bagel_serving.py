@@ -30,9 +30,11 @@ from mstar import MStarClient
 pytestmark = pytest.mark.timeout(300)
 
 MAX_BYTES = 60_000  # --media-max-bytes of every server
-#: Every server's shared options. A cache sized from free memory would take gigabytes per
-#: rank on the CPU (five servers would not fit): 8192 tokens are plenty here.
-COMMON = ("--media-max-bytes", str(MAX_BYTES), "--set", "kv_cache.num_pages=512")
+#: Every server's shared options: the tiny preset's context (a checkpoint path alone keeps
+#: the YAML's 32768), and a cache of 8192 tokens (one sized from free memory would take
+#: gigabytes per rank on the CPU: five servers would not fit).
+COMMON = ("--media-max-bytes", str(MAX_BYTES), "--set", "max_seq_len=2048", "--set",
+          "kv_cache.num_pages=512")
 #: name -> (the command, its arguments before the shared ones, the model name it serves).
 LAYOUTS = {
     "bagel_single_gpu": (MSTAR, ("serve", "bagel"), "bagel"),
@@ -44,9 +46,12 @@ LAYOUTS = {
 #: prefills its own inside image_gen.
 PREFILL_WALKS = {"prefill_text", "prefill_vit", "prefill_vae"}
 OWN_CONTEXT = frozenset({"LLM_cfg_img"})
-#: Largest pixel difference (of 255) allowed between layouts. Measured served: 0 (the
-#: branches' forwards differ in batch shape but keyed noise and fp32 keep them bit-equal).
-PIXEL_TOLERANCE = 0
+#: Pixels of two layouts may differ by one level (of 255) in at most 1% of the values. In
+#: process every layout is bit-equal; served, a single rank computes with all the CPUs'
+#: torch threads and each of three ranks with a third of them, and the float sums that
+#: change round one value of the 48x32 image to the next level (measured: 1 of 4608 values,
+#: by 1; the same happens in process with 1 thread against 2).
+PIXEL_TOLERANCE = (1, 0.01)
 
 
 def photo(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
@@ -67,7 +72,7 @@ PHOTO = photo(1)
 #: edit (both guidance contexts at every step: the edit defaults, cfg_img_scale 2).
 REQUESTS = {
     "answer": {"prompt": "what is in the picture?", "image": data_url(PHOTO), "mode": "text",
-               "max_tokens": 6, "temperature": 0},
+               "max_tokens": 6, "temperature": 0, "logprobs": 2},
     "generate": {"prompt": "a red cube on a blue table", "mode": "image", "width": 48,
                  "height": 32, "num_timesteps": 6, "seed": 7},
     "edit": {"prompt": "make it green", "mode": "image", "image": data_url(PHOTO),
@@ -87,12 +92,27 @@ def pixels(data: bytes) -> np.ndarray:
 
 
 def outcome(server: Server, body: dict) -> dict:
-    """A `/generate` answer as its token ids and its images (PNG bytes)."""
+    """A `/generate` answer as its text, token ids and their log-probs, and its images
+    (PNG bytes)."""
     response = server.generate(body)
     assert response.status_code == 200, response.text
     evs = response.json()["events"]
-    return {"tokens": [t for e in evs if e["event"] == "text_delta" for t in e["token_ids"]],
+    deltas = [e for e in evs if e["event"] == "text_delta"]
+    return {"text": "".join(e["text"] for e in deltas),
+            "tokens": [t for e in deltas for t in e["token_ids"]],
+            "logprobs": [lp["logprob"] for e in deltas for lp in e.get("logprobs") or []],
             "images": [base64.b64decode(e["data"]) for e in evs if e["event"] == "image"]}
+
+
+def assert_close_images(got: list[bytes], want: list[bytes]) -> None:
+    """Same count and sizes; pixels within PIXEL_TOLERANCE."""
+    levels, share = PIXEL_TOLERANCE
+    assert len(got) == len(want)
+    for mine, theirs in zip(got, want):
+        diff = np.abs(pixels(mine) - pixels(theirs))
+        assert diff.shape == pixels(theirs).shape
+        assert diff.max() <= levels and (diff > 0).mean() <= share, (diff.max(),
+                                                                    (diff > 0).sum())
 
 
 @pytest.fixture(scope="module")
@@ -140,16 +160,14 @@ def test_every_layout_gives_the_same_answer_and_images(servers, reference, layou
     2), prompts computed only by the prefill ranks and the image-free context, K/V imported
     by the ranks that continue a request, weights held where placed."""
     server = servers[layout]
-    assert reference["answer"]["tokens"] and len(reference["answer"]["tokens"]) == 6
+    assert len(reference["answer"]["tokens"]) == 6 == len(reference["answer"]["logprobs"])
     assert [png(i).size for i in reference["generate"]["images"]] == [(48, 32)]
     assert [png(i).size for i in reference["edit"]["images"]] == [(40, 32)]  # VAE resize rule
     for name, body in REQUESTS.items():
         got = reference[name] if layout == "bagel_single_gpu" else outcome(server, body)
         assert got["tokens"] == reference[name]["tokens"], name
-        assert len(got["images"]) == len(reference[name]["images"]), name
-        for mine, want in zip(got["images"], reference[name]["images"]):
-            diff = np.abs(pixels(mine) - pixels(want)).max()
-            assert diff <= PIXEL_TOLERANCE, (name, int(diff))
+        np.testing.assert_allclose(got["logprobs"], reference[name]["logprobs"], atol=1e-4)
+        assert_close_images(got["images"], reference[name]["images"])
     single = servers["bagel_single_gpu"]
     single.wait_reported()
     held = by_rank(single, "mstar_node_parameters_bytes", "node")
@@ -180,15 +198,8 @@ def test_chat_with_an_image_part_answers_as_generate(servers, reference):
             {"type": "text", "text": REQUESTS["answer"]["prompt"]}]}])
     choice = answer.choices[0]
     assert answer.usage.completion_tokens == 6 and choice.finish_reason == "length"
-    assert len(choice.logprobs.content) == 6
-    tokenizer = _tokenizer()
-    assert tokenizer.decode(reference["answer"]["tokens"]) == choice.message.content
-
-
-def _tokenizer():
-    from mstar_bagel.tokenizer import load_tokenizer
-
-    return load_tokenizer(None)  # the packaged tiny one, as the checkpoint's
+    assert choice.message.content == reference["answer"]["text"]
+    assert [lp.logprob for lp in choice.logprobs.content] == reference["answer"]["logprobs"]
 
 
 def test_images_routes_and_the_sdk_give_pngs_of_the_size(servers):
@@ -197,11 +208,12 @@ def test_images_routes_and_the_sdk_give_pngs_of_the_size(servers):
     seed and as `/generate` makes them."""
     server = servers["bagel_single_gpu"]
     client = openai_client(server)
+    knobs = {"seed": 3, "num_timesteps": 4, "cfg_interval": [0.2, 1.0]}
     two = b64_images(client.images.generate(model="bagel", prompt="a cat", n=2, size="48x32",
-                                            extra_body={"seed": 3, "num_timesteps": 4}))
+                                            extra_body=knobs))
     assert [png(d).size for d in two] == [(48, 32)] * 2 and two[0] != two[1]
     native = outcome(server, {"prompt": "a cat", "mode": "image", "n": 2, "width": 48,
-                              "height": 32, "seed": 3, "num_timesteps": 4})
+                              "height": 32, **knobs})
     assert native["images"] == two
     edit = dict(prompt="make it blue", extra_body={"seed": 4, "num_timesteps": 4})
     edited = b64_images(client.images.edit(model="bagel", size="32x48", **edit,
@@ -214,7 +226,7 @@ def test_images_routes_and_the_sdk_give_pngs_of_the_size(servers):
                                           image=("in.png", photo(2), "image/png")))
     assert other != edited  # the edit reads its image
     with MStarClient(server.url, max_retries=0) as sdk:
-        assert sdk.generate_image("a cat", size="48x32", n=2, seed=3, num_timesteps=4) == two
+        assert sdk.generate_image("a cat", size="48x32", n=2, **knobs) == two
         assert sdk.edit_image(PHOTO, "make it blue", size="32x48", seed=4,
                               num_timesteps=4) == edited[0]
 
