@@ -17,6 +17,7 @@ import io
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import openai
@@ -137,7 +138,8 @@ def servers(tmp_path_factory, ckpt):
             server.wait_healthy(timeout=240)
         yield started
     finally:
-        codes = {name: server.stop() for name, server in started.items()}
+        with ThreadPoolExecutor(len(started)) as pool:  # each stop waits for its exit
+            codes = dict(zip(started, pool.map(Server.stop, started.values())))
         assert set(codes.values()) == {0}, {n: s.output()[-3000:] for n, s in started.items()
                                             if codes[n]}
         for server in started.values():
