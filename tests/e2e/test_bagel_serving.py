@@ -201,6 +201,7 @@ def test_chat_with_an_image_part_answers_as_generate(servers, reference):
     choice = answer.choices[0]
     assert answer.usage.completion_tokens == 6 and choice.finish_reason == "length"
     assert choice.message.content == reference["answer"]["text"]
+    assert len(choice.logprobs.content) == 6
     assert [lp.logprob for lp in choice.logprobs.content] == reference["answer"]["logprobs"]
 
 
