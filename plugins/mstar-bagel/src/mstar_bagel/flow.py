@@ -7,6 +7,8 @@ without the images), mixes them as the authors' `_forward_flow` does (text guida
 image guidance, then a norm-preserving rescale), and takes one Euler step down the shifted
 time schedule. A branch the graph skipped (outside `cfg_interval`, or a scale of 1) is
 absent from the item, and its guidance term is then left out, as the authors' code does.
+A prompt without images has an image-free context equal to the full one: that branch is
+not run and the full context's velocity stands in for it (`cfg_img_is_full`).
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class CombineCFG(nn.Module):
             v_full, v_text, v_img = (_latent_rows(item.get(name), x.dtype) for name in (
                 "velocity", "velocity_cfg_text", "velocity_cfg_img"))
             assert v_full is not None
+            if v_img is None and item.get("cfg_img_is_full"):
+                v_img = v_full  # the image-free context is the full one: same velocity
             v = guided_velocity(
                 v_full, v_text, v_img,
                 text_scale=float(item["cfg_text_scale"]), img_scale=float(item["cfg_img_scale"]),

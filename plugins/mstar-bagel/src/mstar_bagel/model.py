@@ -65,9 +65,10 @@ IMAGE_MARKER = "<image>"
 PREFILL_WALKS = {"text": "prefill_text", "vit": "prefill_vit", "vae": "prefill_vae"}
 LLM_INPUTS = ("input_ids", "positions", "segments", "chunk_mode", "expert_ids", "vit_mask",
               "vit_embeds", "latents", "latent_pos_ids", "t")
-#: Defaults of the authors' demo (app.py) for text-to-image and for editing.
+#: Defaults of the authors' demo (app.py) for text-to-image and for editing (its
+#: text-to-image leaves the image scale at the inferencer's 1.5).
 GENERATION_DEFAULTS = {
-    "generate": dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
+    "generate": dict(cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0),
                      cfg_renorm_type="global", cfg_renorm_min=0.0),
     "edit": dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
                  cfg_renorm_type="text_channel", cfg_renorm_min=0.0),
@@ -114,7 +115,7 @@ class BagelRequest(SamplingFields):
     cfg_text_scale: float | None = Field(None, ge=1.0, le=20.0,
                                          description="Text guidance scale (4.0).")
     cfg_img_scale: float | None = Field(None, ge=1.0, le=20.0,
-                                        description="Image guidance scale (1.0; edits 2.0).")
+                                        description="Image guidance scale (1.5; edits 2.0).")
     cfg_interval: list[float] | None = Field(  # a list: strict JSON checks take no tuple
         None, min_length=2, max_length=2,
         description="Guidance only where lo < t <= hi ([0.4, 1]; edits [0, 1]).")
@@ -215,6 +216,7 @@ class Bagel(Model):
                          outputs=("velocity",), skip=_image_guidance_off)),
             GraphNode("combine_cfg", inputs=(
                 "x_t", "step", "velocity", "velocity_cfg_text", "velocity_cfg_img",
+                "cfg_img_is_full",
                 "num_timesteps", "timestep_shift", "cfg_text_scale", "cfg_img_scale",
                 "cfg_renorm_type", "cfg_renorm_min"), outputs=("x_t", "step")))
         image_gen = Sequential(
@@ -471,6 +473,7 @@ class Bagel(Model):
                 num_latent_tokens=grid[0] * grid[1], cfg_text_length=cfg_text[0],
                 cfg_text_rope=cfg_text[1], cfg_img_ids=cfg_img_ids,
                 cfg_img_rope=len(cfg_img_ids), num_timesteps=req.num_timesteps,
+                cfg_img_is_full=len(cfg_img_ids) == length and not req.think,
                 timestep_shift=req.timestep_shift, denoise_steps=req.num_timesteps - 1,
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in knobs.items()})
             prompt_tokens += grid[0] * grid[1] + 2
@@ -574,7 +577,10 @@ def _image_guidance_off(env: Mapping[str, Any], iteration: int | None) -> bool:
 
 
 def _image_context_unused(env: Mapping[str, Any], iteration: int | None) -> bool:
-    return float(env["cfg_img_scale"]) <= 1.0 or float(env["cfg_text_scale"]) <= 1.0
+    """No image-free context to run: image guidance is off, or the context would equal the
+    full one (a prompt without images), whose velocity `combine_cfg` then reuses."""
+    return (float(env["cfg_img_scale"]) <= 1.0 or float(env["cfg_text_scale"]) <= 1.0
+            or bool(env["cfg_img_is_full"]))
 
 
 def _png(image: Any) -> bytes:
