@@ -130,6 +130,15 @@ def test_mstar_serve_takes_another_config_and_checks_its_model(capsys, tmp_path)
     assert "model: the config serves 'nosuch', not 'testvla'" in err
 
 
+def test_a_second_name_of_one_model_serves_its_configs_under_that_name(capsys):
+    """`bagel_cfg_parallel` is BAGEL registered again with another default layout: its
+    YAML says `model: bagel`, and it is served as the name typed."""
+    data = merged(capsys, main, ["serve", "bagel_cfg_parallel", *TINY])
+    assert data["model"] == "bagel_cfg_parallel" and len(data["node_groups"]) == 5
+    assert merged(capsys, main, ["serve", "bagel", "--config", "bagel_cfg_parallel",
+                                 *TINY])["model"] == "bagel"
+
+
 def test_mstar_serve_unknown_model_exits_2_listing_the_installed_ones(capsys):
     code, out, err = run(capsys, main, ["serve", "nosuch", *TINY])
     assert code == 2 and out == ""

@@ -31,14 +31,17 @@ def by_rank(server: Server, metric: str, *labels: str) -> dict[tuple, float]:
 
 
 def check_placement(server: Server, config_name: str, *, prefill_walks: set[str],
-                    single_rank_bytes: dict[str, tuple[int, int]]) -> None:
+                    single_rank_bytes: dict[str, tuple[int, int]],
+                    own_context: frozenset[str] = frozenset()) -> None:
     """Call once requests that ran every node of every walk have ended.
 
     - Each (walk, node) ran on exactly the ranks the YAML places it on (a tensor-parallel
       node on every rank of its group, a CFG branch only on its own rank).
     - A KV-cache node computed prompt tokens exactly on the ranks placed for its
-      `prefill_walks`; every other rank holding it computed none and imported K/V instead
-      (a migrated request, a branch's forked prefix).
+      `prefill_walks` or running an `own_context` branch (graph nodes that prefill a context
+      of their own inside a later walk, as BAGEL's image-free `LLM_cfg_img`); a rank that
+      runs any other of its graph nodes, and none of the prefill walks, imported K/V (a
+      migrated request, a branch's forked prefix), and no other rank did.
     - Each rank holds exactly the nodes placed on it; of a node at tp_size t it holds
       1/t of the parameters tensor parallelism splits (`single_rank_bytes`: (all, split)
       bytes of each node built whole on one rank) and all of the others.
@@ -69,14 +72,14 @@ def check_placement(server: Server, config_name: str, *, prefill_walks: set[str]
     for node, kind in engine_types.items():
         if kind != "kv_cache":
             continue
-        prefill_ranks = {r for (walk, _), p in placed.nodes.items()
-                         if p.module == node and walk in prefill_walks
-                         for r in p.ranks}
-        assert prefill_ranks, node
+        prefill, own, other = set(), set(), set()
+        for (walk, name), p in placed.nodes.items():
+            if p.module == node:
+                kind = prefill if walk in prefill_walks else own if name in own_context \
+                    else other
+                kind.update(p.ranks)
+        assert prefill, node
         for rank in {r for r, n in held if n == node}:
-            if rank in prefill_ranks:
-                assert computed[(rank, node)] > 0 and imported[(rank, node)] == 0, \
-                    (rank, node, computed, imported)
-            else:
-                assert computed[(rank, node)] == 0 < imported[(rank, node)], \
-                    (rank, node, computed, imported)
+            got = (computed[(rank, node)] > 0, imported[(rank, node)] > 0)
+            want = (rank in prefill | own, rank in other - prefill)
+            assert got == want, (rank, node, computed, imported)

@@ -18,6 +18,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 SERVE = "import sys; from mstar.cli.serve import serve_main; sys.exit(serve_main())"
+#: `mstar ...` (e.g. `serve <model>`: a model's default config and `mstar serve` plumbing).
+MSTAR = "import sys; from mstar.cli.main import main; sys.exit(main())"
 
 
 def free_port() -> int:
@@ -49,13 +51,15 @@ class Server:
     """One `mstar-serve` process on a free loopback port."""
 
     def __init__(self, tmp: Path, *args: str, port: int | None = None,
-                 env: dict[str, str] | None = None, sockets: Path | None = None):
-        """`sockets`: the socket path prefix (default: one of its own under `tmp`)."""
+                 env: dict[str, str] | None = None, sockets: Path | None = None,
+                 cli: str = SERVE):
+        """`sockets`: the socket path prefix (default: one of its own under `tmp`); `cli`:
+        the command `args` go to (`mstar-serve`, or `MSTAR`: `mstar serve <model> ...`)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.sockets = sockets or tmp / f"sockets-{self.port}"
         self.log = tmp / f"server-{self.port}.log"
-        cmd = [sys.executable, "-c", SERVE, *args, "--host", "127.0.0.1", "--port",
+        cmd = [sys.executable, "-c", cli, *args, "--host", "127.0.0.1", "--port",
                str(self.port), "--socket-path-prefix", str(self.sockets)]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

@@ -225,6 +225,17 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("mstar").setLevel(level)
 
 
+def _same_model_class(a: str, b: str) -> bool:
+    """Whether two registered names are one model class (a plugin may register a model
+    under a second name whose default config is another layout, `bagel_cfg_parallel`):
+    its configs name the first, and serving them under the second is the same model."""
+    try:
+        registry = model_registry()
+        return registry.get(a).model_class == registry.get(b).model_class
+    except KeyError:
+        return False
+
+
 def prepare(path_or_name: str | None, cli: Mapping[str, Any], overrides: Sequence[str] = (),
             *, model: str | None = None,
             defaults: Mapping[str, Any] | None = None) -> tuple[ServerSettings,
@@ -249,7 +260,10 @@ def prepare(path_or_name: str | None, cli: Mapping[str, Any], overrides: Sequenc
     except ConfigError as exc:
         problems += exc.problems
     if config is not None and model is not None and config.model != model:
-        problems.append(f"model: the config serves {config.model!r}, not {model!r}")
+        if _same_model_class(config.model, model):  # another name (default layout) of it
+            config = config.model_copy(update={"model": model})
+        else:
+            problems.append(f"model: the config serves {config.model!r}, not {model!r}")
     if settings is not None:
         _configure_logging(settings.log_level)
         try:

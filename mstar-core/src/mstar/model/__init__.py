@@ -17,6 +17,7 @@ from mstar.model.contract import (
     RequestState,
     WalkStep,
     token_list,
+    token_logprobs,
 )
 from mstar.model.fields import (
     AudioInput,
@@ -65,4 +66,5 @@ __all__ = [
     "attention_context",
     "ragged_attention",
     "token_list",
+    "token_logprobs",
 ]

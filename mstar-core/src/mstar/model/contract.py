@@ -163,6 +163,17 @@ def token_list(value: Any) -> list[int]:
     return [int(v) for v in value]
 
 
+def token_logprobs(value: Any) -> list[events.TokenLogprob] | None:
+    """The `logprobs` output the worker emits beside sampled `token_ids` (rows of (token,
+    log-prob, top alternatives) when the request asked for them) as the events' type."""
+    from mstar.events import TokenLogprob
+
+    if value is None:
+        return None
+    return [TokenLogprob(int(tok), float(lp), [(int(i), float(v)) for i, v in top])
+            for tok, lp, top in value]
+
+
 class Model:
     """Base class of every model. Subclasses set `config_class` and `presets`, and
     implement the declarations below.

@@ -50,6 +50,7 @@ from mstar.model import (
     SamplingFields,
     WalkStep,
     token_list,
+    token_logprobs,
 )
 from mstar.model.layers.embeddings import flattened_position_ids, patchify
 from mstar.weights import WeightSpec
@@ -115,7 +116,7 @@ class BagelRequest(SamplingFields):
                                          description="Text guidance scale (4.0).")
     cfg_img_scale: float | None = Field(None, ge=1.0, le=20.0,
                                         description="Image guidance scale (1.5; edits 2.0).")
-    cfg_interval: list[float] | None = Field(  # a list: JSON bodies have no tuples
+    cfg_interval: list[float] | None = Field(  # a list: strict JSON checks take no tuple
         None, min_length=2, max_length=2,
         description="Guidance only where lo < t <= hi ([0.4, 1]; edits [0, 1]).")
     cfg_renorm_type: Literal["global", "channel", "text_channel"] | None = None
@@ -556,7 +557,8 @@ class Bagel(Model):
         if "token_ids" in outputs:
             ids = token_list(outputs["token_ids"])
             out.append(TextDelta(text=state.detokenizer.push(ids), token_ids=ids,
-                                 index=state.child))
+                                 index=state.child,
+                                 logprobs=token_logprobs(outputs.get("logprobs"))))
         if "image" in outputs:
             out.append(Image(data=_png(outputs["image"]), index=state.child))
         return out

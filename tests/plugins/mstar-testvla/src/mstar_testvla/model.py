@@ -48,7 +48,6 @@ from mstar.events import (
     NamedTensor,
     TensorData,
     TextDelta,
-    TokenLogprob,
 )
 from mstar.graph import (
     ChunkPolicy,
@@ -75,6 +74,7 @@ from mstar.model import (
     TensorInput,
     WalkStep,
     token_list,
+    token_logprobs,
 )
 from mstar.weights import WeightSpec
 
@@ -594,11 +594,8 @@ class TestVLA(Model):
         if "token_ids" in outputs:
             ids = token_list(outputs["token_ids"])
             text = state.detokenizer.push(ids)
-            logprobs = None
-            if outputs.get("logprobs") is not None:
-                logprobs = [TokenLogprob(int(tok), float(lp), [(int(i), float(v)) for i, v in top])
-                            for tok, lp, top in outputs["logprobs"]]
-            out.append(TextDelta(text=text, token_ids=ids, index=index, logprobs=logprobs))
+            out.append(TextDelta(text=text, token_ids=ids, index=index,
+                                 logprobs=token_logprobs(outputs.get("logprobs"))))
         if "wave" in outputs:
             wave = torch.as_tensor(outputs["wave"]).float().reshape(-1)
             out.append(AudioChunk(samples=TensorData.from_tensor(wave),
