@@ -202,7 +202,10 @@ def test_chat_with_an_image_part_answers_as_generate(servers, reference):
     assert answer.usage.completion_tokens == 6 and choice.finish_reason == "length"
     assert choice.message.content == reference["answer"]["text"]
     assert len(choice.logprobs.content) == 6
-    assert [lp.logprob for lp in choice.logprobs.content] == reference["answer"]["logprobs"]
+    # The same image and text as the reference's `/generate`: the text now comes from its
+    # cached pages (a later prompt chunk), and a shorter computed suffix may round differently.
+    assert [lp.logprob for lp in choice.logprobs.content] == pytest.approx(
+        reference["answer"]["logprobs"], rel=0, abs=1e-5)
 
 
 def test_images_routes_and_the_sdk_give_pngs_of_the_size(servers):
