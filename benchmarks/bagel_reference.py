@@ -1,11 +1,8 @@
 """The authors' BAGEL code (ByteDance-Seed/Bagel) built from one of our checkpoints, run in a
 side venv: the reference that `plugins/mstar-bagel/tests/fixtures/make_bagel_fixtures.py`
 records outputs of and that `bench_bagel.py` times. Both import it; only the side venv runs
-it (the authors' code needs transformers 4.49, ours 5.x). The side venv, built once:
-
-    python -m venv VENV
-    VENV/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-    VENV/bin/pip install transformers==4.49.0 einops safetensors pillow numpy tqdm
+it (the authors' code needs transformers 4.49, ours 5.x; `benchmarks/README.md`, BAGEL
+section, builds the venv).
 
 The authors' sources come from a checkout or a bare git mirror of their repository (its
 `modeling/`, `data/` and `inferencer.py`), copied to a temporary directory and changed there:
