@@ -274,7 +274,8 @@ def bench(spec: dict[str, Any]) -> dict[str, Any]:
     tasks = {"image2text": (chat, spec["chat_levels"]),
              "text2image": (lambda s: paint(s, False), spec["image_levels"]),
              "edit": (lambda s: paint(s, True), spec["image_levels"])}
-    chat(0), paint(0, True)  # warm-up, as the served layouts get
+    chat(0)  # warm-up, as the served layouts get
+    paint(0, True)
     levels = {task: {str(c): [sequential_level(c, spec["requests_per_client"], one)
                               for _ in range(spec["repeat"])] for c in cs}
               for task, (one, cs) in tasks.items()}

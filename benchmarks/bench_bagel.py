@@ -66,7 +66,7 @@ LAYOUTS = {"1 rank": "bagel_single_gpu", "CFG-parallel 3 ranks": "bagel_cfg_para
 REFERENCE = "authors' code, sequential"
 QUESTION = "Describe this picture in detail, please."
 IMAGE_PROMPT = "a cat in a hat, picture {seed}"
-CHAT_IMAGE, EDIT_IMAGE = (64, 48), (64, 64)  # (width, height); an edit's output is its size
+CHAT_IMAGE, EDIT_IMAGE = (64, 48), (64, 64)  # (width, height); an edit outputs its size
 IMAGE_TASKS = ("text2image", "edit")
 
 
@@ -248,7 +248,7 @@ def reference_rows(ckpt: Path, tmp: Path, args: argparse.Namespace) -> list[Row]
         "token_ids": {p: tok.encode(p, add_special_tokens=False) for p in prompts},
         "special_ids": dict(tok.bagel_ids),
         "image_sizes": {"chat": CHAT_IMAGE, "edit": EDIT_IMAGE},
-        "output_shape": EDIT_IMAGE[::-1],
+        "output_shape": config.image_size_pairs()[0][::-1],  # text-to-image's default size
         "knobs": {task: {**GENERATION_DEFAULTS[key], "timestep_shift": shift}
                   for task, key in (("text2image", "generate"), ("edit", "edit"))},
         "chat_levels": args.chat_levels, "image_levels": args.image_levels,
