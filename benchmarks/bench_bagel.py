@@ -28,7 +28,7 @@ its text-to-image runs the image-free context the served layouts skip (equal to 
 one, the same image). Without the side venv or the authors' sources its rows say
 "not available" and the rest runs.
 
-    python benchmarks/bench_bagel.py            # ~4 minutes on 2 cores
+    python benchmarks/bench_bagel.py            # ~5 minutes on 2 cores
     python benchmarks/bench_bagel.py --quick    # smoke run
 """
 
