@@ -69,6 +69,11 @@ def torch_attention(seqs: list[SeqChunk], cache: KVCacheManager) -> AttentionBac
     return TorchAttention(seqs, cache=cache)
 
 
+def _on_host(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the CPU, without a call (a GIL hand-off, see `kv_engine`) when it is there."""
+    return t if t.device.type == "cpu" else t.cpu()
+
+
 _Forward = tuple[list[SeqChunk], list[Chunk], ForwardBatch, dict[str, torch.Tensor]]
 
 
@@ -324,7 +329,6 @@ class KVRunner:
         return torch.cat([p if p.shape[0] == 1 else p[-1:] for p in last])
 
     def _sample(self, tasks: list[Task], logits: torch.Tensor) -> list[WorkResult]:
-        logits = logits.float()
         rows = []
         for t in tasks:
             state = self.seqs[t.key]
@@ -335,7 +339,7 @@ class KVRunner:
                                       prompt_ids=state.appended_ids, key=t.key))
         result = sample(logits, rows, self.grammar)
         tokens = result.token_ids.tolist()
-        token_rows = result.token_ids.cpu().split(1)  # each row's `token_ids` output, one op
+        token_rows = _on_host(result.token_ids).split(1)  # each row's `token_ids`, one op
         results = []
         for i, t in enumerate(tasks):
             if i in result.failed:
