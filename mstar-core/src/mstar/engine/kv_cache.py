@@ -285,8 +285,8 @@ class KVCacheManager:
         device = self.pool.device
         table = torch.tensor(rows, dtype=torch.long, device=device)
         slots = self.pool.page_slots[table].view(len(keys), n_pages * ps)[:, :width]
-        lens = torch.tensor(lengths, dtype=torch.long, device=device)
-        valid = self.pool.slot_ids[:width] < lens.view(-1, 1)  # columns 0..width-1
+        lens = torch.tensor([[n] for n in lengths], dtype=torch.long, device=device)
+        valid = self.pool.slot_ids[:width] < lens  # columns 0..width-1 against [B, 1]
         return slots, valid, torch.tensor(last, dtype=torch.long, device=device)
 
     def commit(self, key: SeqKey, n: int) -> None:

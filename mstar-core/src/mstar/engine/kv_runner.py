@@ -254,7 +254,9 @@ class KVRunner:
         invocations' results."""
         finished: list[Task] = []
         ids = fb.input_ids.tolist()
-        positions = (fb.positions if fb.positions.dim() == 1 else fb.positions[0]).tolist()
+        positions = fb.positions.tolist()  # every axis: one call, not two
+        if fb.positions.dim() == 2:
+            positions = positions[0]
         for i, entry in enumerate(batch):
             task, take = entry.task, entry.take
             if task.mode == "append":
