@@ -20,8 +20,10 @@ from torch.overrides import TorchFunctionMode
 from mstar.config.deployment import SchedulerConfig
 from mstar.engine.kv_cache import KVCacheManager, PagePool
 from mstar.engine.kv_engine import KVEngine
+from mstar.engine.prefix_cache import page_hashes
 from mstar.engine.work import NodeWork
 from mstar.graph.primitives import GraphNode
+from mstar.model.forward import Segment
 from mstar.model.sampling import SamplingParams
 
 #: testvla's decode invocation: explicit positions, a sampled token and the mid hidden state.
@@ -35,12 +37,13 @@ class CountCalls(TorchFunctionMode):
     """Counts the torch functions and tensor methods called inside it, by name; those of
     `module`'s forward under the name "forward:<name>"."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.calls: collections.Counter[str] = collections.Counter()
         self._in_forward = False
-        self._hooks = [module.register_forward_pre_hook(lambda *_: self._forward(True)),
-                       module.register_forward_hook(lambda *_: self._forward(False))]
+        self._hooks = [] if module is None else [
+            module.register_forward_pre_hook(lambda *_: self._forward(True)),
+            module.register_forward_hook(lambda *_: self._forward(False))]
 
     def _forward(self, inside: bool) -> None:
         self._in_forward = inside
@@ -110,3 +113,20 @@ def test_a_decode_steps_host_path_makes_few_torch_calls(llm):
     calls = decode_step_calls(llm, 7, "int")
     host = {name: n for name, n in calls.items() if not name.startswith("forward:")}
     assert sum(host.values()) <= 20, host
+
+
+def hashing_calls(tokens: int) -> collections.Counter[str]:
+    """Torch calls of hashing the pages of a `tokens`-token prompt with a bfloat16 extra."""
+    ids, pos = torch.arange(tokens), torch.arange(tokens).expand(3, -1)
+    rows = {"media": torch.ones(tokens, 4, dtype=torch.bfloat16)}
+    with CountCalls() as counter:
+        hashes = page_hashes(ids, pos, [Segment(tokens, "causal")], rows, {}, page_size=4,
+                             salt="LLM")
+    assert len(hashes) == tokens // 4
+    return counter.calls
+
+
+def test_hashing_a_prompts_pages_makes_as_many_torch_calls_for_many_pages_as_for_few():
+    """A new request's prompt is hashed for the prefix cache by the worker, between the
+    decode steps of the others."""
+    assert hashing_calls(8) == hashing_calls(64)
