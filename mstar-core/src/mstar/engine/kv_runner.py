@@ -207,12 +207,13 @@ class KVRunner:
         if self.mirror is not None:
             self.mirror(tp_step(self.node, fb, [e.task for e in batch]))
         attention = self.backend(seq_chunks, self.cache)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         with torch.inference_mode(), step_range(f"{self.node} step", self.nvtx), \
                 attention_context(attention):
             out = self.module(fb)
         seconds = time.perf_counter() - started
         self.timing["forward"] += seconds
+        self.timing["forward_cpu"] += time.thread_time() - cpu_started
         self._log(batch, seconds)
         return seq_chunks, pieces, fb, out
 
