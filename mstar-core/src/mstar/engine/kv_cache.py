@@ -225,6 +225,8 @@ class KVCacheManager:
         `OutOfPages` with the state unchanged when the pool is short."""
         seq = self._get(key)
         new, cow = self._plan(seq, n_new)
+        if not (new or cow):
+            return  # the room is there (most decode steps)
         fresh = self.pool.allocate(new + len(cow))
         for i, page in zip(cow, fresh[:len(cow)]):
             self.pool.copy_page(seq.pages[i], page)
