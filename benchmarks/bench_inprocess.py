@@ -190,29 +190,23 @@ def run_clients(deployment: mstar.LocalDeployment, concurrency: int, per_client:
                sum(t.tokens < new_tokens for t in timings))
 
 
-HOST_TIMES = ("schedule", "runner", "worker", "forward", "host_cpu", "worker_cpu")
-
-
 def host_time(deployment: mstar.LocalDeployment) -> dict[str, float]:
     """Cumulative seconds over every rank: the KV engines' step planning (`schedule`),
     batch building, K/V commit and sampling (`runner`), the node's forward (`forward`),
-    the worker loop around the steps (`worker`: messages, cursors, routing), and `steps`;
-    the worker threads' CPU seconds in the first two (`host_cpu`) and in the third
-    (`worker_cpu`): the rest of those is waiting for the GIL and the cores."""
-    total = dict.fromkeys(("steps", *HOST_TIMES), 0.0)
+    the worker loop around the steps (`worker`: messages, cursors, routing), and `steps`."""
+    total = {"steps": 0.0, "schedule": 0.0, "runner": 0.0, "forward": 0.0, "worker": 0.0}
     for worker in deployment.workers.values():
         total["worker"] += worker.loop_seconds
-        total["worker_cpu"] += worker.loop_cpu_seconds
         for engine in worker.engines.values():
             for name, value in getattr(engine, "timing", {}).items():
-                if name in total:
-                    total[name] += value
+                total[name] += value
     return total
 
 
 def per_step_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     steps = after["steps"] - before["steps"]
-    out = {name: 1000 * (after[name] - before[name]) / max(steps, 1) for name in HOST_TIMES}
+    out = {name: 1000 * (after[name] - before[name]) / max(steps, 1)
+           for name in ("schedule", "runner", "worker", "forward")}
     out["steps"] = steps
     return out
 
@@ -352,23 +346,19 @@ def print_table(rows: list[Row]) -> None:
 
 
 def print_host(rows: list[Row]) -> None:
-    """Per engine step of the mstar rows: host ms (scheduler + runner + worker loop), their
-    share of the step (host + the node's forward), and the worker thread's CPU ms in them
-    (host less the waits for the GIL and the cores: the work itself, steadier on a busy
-    machine)."""
-    print("\nmstar host time per engine step (ms; share of the step = host / (host + forward);"
-          " cpu: the worker thread's CPU time in host):")
+    """Per engine step of the mstar rows: host ms (scheduler + runner + worker loop) and
+    their share of the step (host + the node's forward)."""
+    print("\nmstar host time per engine step (ms; share of the step = host / (host + forward)):")
     print(f"{'streams':>7} {'steps':>6} {'schedule':>9} {'runner':>8} {'worker':>8} "
-          f"{'host':>8} {'forward':>8} {'host %':>7} {'cpu':>7}")
+          f"{'host':>8} {'forward':>8} {'host %':>7}")
     for r in rows:
         if r.host is None:
             continue
         h = r.host
         host = h["schedule"] + h["runner"] + h["worker"]
-        cpu = h.get("host_cpu", 0.0) + h.get("worker_cpu", 0.0)
         print(f"{r.concurrency:>7} {int(h['steps']):>6} {h['schedule']:9.2f} {h['runner']:8.2f} "
               f"{h['worker']:8.2f} {host:8.2f} {h['forward']:8.2f} "
-              f"{100 * host / (host + h['forward']):6.1f}% {cpu:7.2f}")
+              f"{100 * host / (host + h['forward']):6.1f}%")
 
 
 def print_ratios(rows: list[Row], batch: int) -> None:

@@ -143,8 +143,7 @@ def test_a_raising_logits_processor_fails_its_request_alone(llm):
 
 def test_host_time_counts_every_step_that_ran_a_forward(llm):
     """`timing` accumulates per step that ran the node: its `forward` is the step log's
-    forward time, and planning and the runner are timed beside it, in wall time and in the
-    thread's CPU time."""
+    forward time, and planning and the runner are timed beside it."""
     e = engine(llm, pages=32)
     for rid in ("A", "B"):
         submit(e, rid, 0, IDS[:6])
@@ -152,7 +151,6 @@ def test_host_time_counts_every_step_that_ran_a_forward(llm):
     assert e.timing["steps"] == len(e.step_log) > 0
     assert e.timing["forward"] == sum(r.seconds for r in e.step_log)
     assert e.timing["schedule"] > 0 and e.timing["runner"] > 0
-    assert e.timing["host_cpu"] > 0 and e.timing["forward_cpu"] > 0
     e.step()  # nothing to run: not a step
     assert e.timing["steps"] == len(e.step_log)
 

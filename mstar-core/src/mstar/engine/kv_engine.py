@@ -109,11 +109,8 @@ class KVEngine:
         #: Cumulative host time of the steps that ran a forward (seconds): planning them
         #: (`schedule`: the scheduler), building the batch, committing and sampling
         #: (`runner`: the runner outside the forward), and the node's forward itself
-        #: (`forward`); `steps` counts them. `host_cpu`: this thread's CPU time in
-        #: `schedule` and `runner` (their wall time less waits for the GIL and the cores,
-        #: which other threads of the process decide). Cheap enough to stay on.
-        self.timing = {"steps": 0, "schedule": 0.0, "runner": 0.0, "forward": 0.0,
-                       "host_cpu": 0.0, "forward_cpu": 0.0}
+        #: (`forward`); `steps` counts them. Cheap enough to stay on.
+        self.timing = {"steps": 0, "schedule": 0.0, "runner": 0.0, "forward": 0.0}
         #: Decides each step (`StepPlan`); owns the queue (`waiting`).
         self.kv_scheduler = KVScheduler(
             node, spec, cache, self.seqs, scheduler, self.counters,
@@ -366,18 +363,17 @@ class KVEngine:
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[WorkResult]:
         """Plan one step (the scheduler) and carry it out (the runner)."""
-        started, cpu_started = time.perf_counter(), time.thread_time()
+        started = time.perf_counter()
         plan = self.kv_scheduler.schedule()
         if not plan.entries:
             return list(plan.failed)
         planned = time.perf_counter()
-        forward_before, forward_cpu_before = self.timing["forward"], self.timing["forward_cpu"]
+        forward_before = self.timing["forward"]
         try:
             return list(plan.failed) + self.runner.run(plan)
         finally:
-            ended, cpu = time.perf_counter(), time.thread_time() - cpu_started
+            ended = time.perf_counter()
             forward = self.timing["forward"] - forward_before
             self.timing["steps"] += 1
             self.timing["schedule"] += planned - started
             self.timing["runner"] += ended - planned - forward
-            self.timing["host_cpu"] += cpu - (self.timing["forward_cpu"] - forward_cpu_before)

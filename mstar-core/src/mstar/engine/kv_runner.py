@@ -207,13 +207,12 @@ class KVRunner:
         if self.mirror is not None:
             self.mirror(tp_step(self.node, fb, [e.task for e in batch]))
         attention = self.backend(seq_chunks, self.cache)
-        started, cpu_started = time.perf_counter(), time.thread_time()
+        started = time.perf_counter()
         with torch.inference_mode(), step_range(f"{self.node} step", self.nvtx), \
                 attention_context(attention):
             out = self.module(fb)
         seconds = time.perf_counter() - started
         self.timing["forward"] += seconds
-        self.timing["forward_cpu"] += time.thread_time() - cpu_started
         self._log(batch, seconds)
         return seq_chunks, pieces, fb, out
 

@@ -142,11 +142,8 @@ class Worker(Component):
         self._call_ids = itertools.count()
         self._report_seq = itertools.count()
         #: Host seconds of the loop turns that stepped an engine, outside the engine
-        #: (messages, cursors, submitting, routing results; not idle waits for messages),
-        #: and this thread's CPU time in them (`loop_seconds` less waits for the GIL and
-        #: the cores).
+        #: (messages, cursors, submitting, routing results; not idle waits for messages).
         self.loop_seconds = 0.0
-        self.loop_cpu_seconds = 0.0
         #: This loop turn's `Output`s by frontend, sent at its end (see `_send_outputs`).
         self._outbox: dict[str, list[msg.Output]] = {}
         #: Requests this worker dropped lately: late messages for them are ignored.
@@ -186,7 +183,7 @@ class Worker(Component):
                     self._fail(req, RuntimeError(f"{self.address} internal error: {exc}"))
 
     def _turn_once(self) -> None:
-        started, cpu_started = time.perf_counter(), time.thread_time()
+        started = time.perf_counter()
         self._schedule()
         busy = any(e.has_work() for e in self.engines.values())
         waiting = time.perf_counter()
@@ -204,9 +201,7 @@ class Worker(Component):
         in_engine = self._step()
         self._send_outputs()
         if in_engine is not None:
-            seconds, cpu = in_engine
-            self.loop_seconds += time.perf_counter() - started - waited - seconds
-            self.loop_cpu_seconds += time.thread_time() - cpu_started - cpu
+            self.loop_seconds += time.perf_counter() - started - waited - in_engine
 
     # -- messages ---------------------------------------------------------------------------
     def _request(self, request_id: str) -> WorkerRequest:
@@ -506,16 +501,15 @@ class Worker(Component):
             or SamplingParams()
 
     # -- results ----------------------------------------------------------------------------
-    def _step(self) -> tuple[float, float] | None:
+    def _step(self) -> float | None:
         """One engine step (engines take turns) and its results routed; the seconds spent
-        inside the engine and this thread's CPU seconds there, None when no engine had
-        work."""
+        inside the engine, None when no engine had work."""
         for _ in range(len(self._scheduled)):
             engine = self.engines[next(self._turn)]
             if engine.has_work():
-                started, cpu_started = time.perf_counter(), time.thread_time()
+                started = time.perf_counter()
                 results = engine.step()
-                in_engine = (time.perf_counter() - started, time.thread_time() - cpu_started)
+                in_engine = time.perf_counter() - started
                 for result in results:
                     self._on_result(result)
                 return in_engine
