@@ -279,25 +279,28 @@ def test_pages_for_completions_counts_shared_prompt_pages_once() -> None:
     assert pages_for_completions(8, 1, 3, max_seq_len=128, page_size=4) == 2 + 2 * 1
 
 
-def test_slot_table_is_each_sequences_slots_padded_with_zero() -> None:
+def test_slot_table_is_each_sequences_slots_with_their_mask() -> None:
     """A batch's slot table (one copy of its page tables) holds, row by row, exactly what
-    `slots` gives each sequence, 0 past a row's length; writing a shared last page is
-    refused as in `slots`."""
+    `slots` gives each sequence, marks those columns valid and no others, and gives each
+    row's last slot; writing a shared last page is refused as in `slots`."""
     m = manager()
     a, b, c = key("a"), key("b"), key("c")
     for k, n in ((a, 9), (b, 2), (c, 5)):
         m.create(k)
         append(m, k, n, seed=n)
     lengths = [9, 2, 5]
-    table, lens = m.slot_table([a, b, c], lengths)
-    assert table.shape == (3, 9) and lens.tolist() == lengths
-    for row, k, n in zip(table, (a, b, c), lengths):
+    table, valid, last = m.slot_table([a, b, c], lengths)
+    assert table.shape == valid.shape == (3, 9)
+    assert valid.sum(dim=1).tolist() == lengths
+    for row, ok, k, n in zip(table, valid, (a, b, c), lengths):
         assert row[:n].tolist() == m.slots(k, 0, n, write=False).tolist()
-        assert row[n:].tolist() == [0] * (9 - n)
+        assert ok[:n].all()
+    assert last.tolist() == [m.slots(k, n - 1, 1, write=False).item()
+                             for k, n in zip((a, b, c), lengths)]
     for k in (a, b, c):
         m.reserve(k, 1)
-    table, _ = m.slot_table([a, b, c], [10, 3, 6], write_last=True)
-    assert table[0, 9].item() == m.slots(a, 9, 1).item()
+    table, _, last = m.slot_table([a, b, c], [10, 3, 6], write_last=True)
+    assert table[0, 9].item() == last[0].item() == m.slots(a, 9, 1).item()
     fork = key("a", child=1)
     m.fork(a, fork)  # shares a's half-full last page
     with pytest.raises(RuntimeError, match="shared page"):

@@ -95,15 +95,12 @@ class TorchAttention:
     def _append_decode_plan(self, seqs: list[SeqChunk], cache: KVCacheManager) -> _Decode:
         """The decode step of appended one-token chunks (the common case): its new tokens
         are written first, then gathered with their context from one slot table (each
-        row's last column is its new token) built from the page tables in one go."""
-        slots, lens = cache.slot_table([s.key for s in seqs], [s.context_len + 1 for s in seqs],
-                                       write_last=True)
+        row's last valid column is its new token) built from the page tables in one go."""
+        slots, valid, self._write_slots = cache.slot_table(
+            [s.key for s in seqs], [s.context_len + 1 for s in seqs], write_last=True)
         batch, width = slots.shape
-        self._write_slots = slots.gather(1, (lens - 1).view(batch, 1)).view(batch)
-        cols = torch.arange(width, device=slots.device)
-        mask = cols.view(1, width) < lens.view(batch, 1)
-        return _Decode(slots=slots.view(-1), width=width, mask=mask.view(batch, 1, 1, width),
-                       write_first=True)
+        return _Decode(slots=slots.reshape(-1), width=width,
+                       mask=valid.view(batch, 1, 1, width), write_first=True)
 
     def _decode_plan(self, seqs: list[SeqChunk], dev: torch.device) -> _Decode:
         """One-token chunks not all appended (or no cache): every context padded to the

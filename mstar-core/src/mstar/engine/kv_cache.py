@@ -64,6 +64,10 @@ class PagePool:
         shape = (num_pages * page_size, spec.num_kv_heads, spec.head_dim)
         self._flat = [(self.kv[i, 0].view(shape), self.kv[i, 1].view(shape))
                       for i in range(spec.num_layers)]
+        #: Every flat slot in order, and as `[num_pages, page_size]` (row p holds page p's
+        #: slots), so that a batch's page table indexes its slots in one call (`slot_table`).
+        self.slot_ids = torch.arange(num_pages * page_size, device=self.device)
+        self.page_slots = self.slot_ids.view(num_pages, page_size)
 
     @property
     def num_pages(self) -> int:
@@ -221,6 +225,8 @@ class KVCacheManager:
         `OutOfPages` with the state unchanged when the pool is short."""
         seq = self._get(key)
         new, cow = self._plan(seq, n_new)
+        if not (new or cow):
+            return  # the room is there (most decode steps)
         fresh = self.pool.allocate(new + len(cow))
         for i, page in zip(cow, fresh[:len(cow)]):
             self.pool.copy_page(seq.pages[i], page)
@@ -254,16 +260,20 @@ class KVCacheManager:
                                "cached one); reserve() before writing")
 
     def slot_table(self, keys: list[SeqKey], lengths: list[int], *,
-                   write_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat slots of positions `0..lengths[i]-1` of every sequence `keys[i]`, as one
-        `[B, max(lengths)]` LongTensor (0 past a row's length), and `lengths` as a tensor:
-        the index tensors of a whole batch from one copy of its page tables, instead of
-        one `slots` per sequence. With `write_last`, each row's last position is about to
-        be written (its page must be exclusive, as in `slots`)."""
+                   write_last: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The index tensors of a whole batch, from one copy of its page tables instead of
+        one `slots` per sequence: the flat slots of positions `0..lengths[i]-1` of every
+        sequence `keys[i]`, as one `[B, max(lengths)]` LongTensor (a view; past a row's
+        length it holds some valid slot, to be masked), which of them are the row's
+        (`[B, max(lengths)]` bool), and each row's last slot (`[B]`). A decode step builds
+        it at every step, so it makes a fixed number of torch calls (each one lets the
+        threads serving clients take the GIL) whatever the batch. With `write_last`, each
+        row's last position is about to be written (its page must be exclusive, as in
+        `slots`)."""
         ps = self.pool.page_size
         width = max(lengths)
         n_pages = -(-width // ps)
-        rows = []
+        rows, last = [], []
         for key, n in zip(keys, lengths):
             seq = self._get(key)
             if n > len(seq.pages) * ps:
@@ -273,12 +283,13 @@ class KVCacheManager:
                 self._check_writable(key, seq, (n - 1) // ps, (n - 1) // ps)
             pages = seq.pages[:n_pages]
             rows.append(pages + [0] * (n_pages - len(pages)))
-        table = torch.tensor(rows, dtype=torch.long)
-        cols = torch.arange(width, dtype=torch.long)
-        lens = torch.tensor(lengths, dtype=torch.long)
-        slots = (table[:, cols // ps] * ps + cols % ps).masked_fill_(
-            cols[None, :] >= lens[:, None], 0)
-        return slots.to(self.pool.device), lens.to(self.pool.device)
+            last.append(seq.pages[(n - 1) // ps] * ps + (n - 1) % ps)
+        device = self.pool.device
+        table = torch.tensor(rows, dtype=torch.long, device=device)
+        slots = self.pool.page_slots[table].view(len(keys), n_pages * ps)[:, :width]
+        lens = torch.tensor([[n] for n in lengths], dtype=torch.long, device=device)
+        valid = self.pool.slot_ids[:width] < lens  # columns 0..width-1 against [B, 1]
+        return slots, valid, torch.tensor(last, dtype=torch.long, device=device)
 
     def commit(self, key: SeqKey, n: int) -> None:
         """The `n` reserved tokens after `length` now hold K/V."""

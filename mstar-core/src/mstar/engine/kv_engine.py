@@ -92,6 +92,8 @@ class KVEngine:
         #: consecutive positions on every axis, sliced for runs (see `_positions`)
         self._runs = torch.arange(max_seq_len + 1, device=device).expand(
             spec.position_axes, -1)
+        #: start -> the one-token run there (a decode step's positions), made once
+        self._one_token_runs: dict[int, torch.Tensor] = {}
         self.scheduler = scheduler
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = torch.device(device)
@@ -316,15 +318,21 @@ class KVEngine:
     def _positions(self, given: Any, state: SeqState, n: int) -> torch.Tensor:
         """[axes, n] positions, possibly a view (an axis expanded): they are only read, and
         batches concatenate them. A run (None, or an int start) is a slice of one table
-        kept per engine: one torch call per decode step of a sequence, not two."""
+        kept per engine; a one-token run is made once per position and reused by every
+        sequence's decode step there."""
         axes = self.spec.position_axes
         if given is None or isinstance(given, int):
             start = state.next_position if given is None else given
+            if n == 1 and (one := self._one_token_runs.get(start)) is not None:
+                return one  # a decode step: no torch call at all
             if start < 0:
                 raise RequestError(f"positions must be >= 0, got {start}")
             if start + n > self._runs.shape[1]:
                 self._runs = torch.arange(2 * (start + n), device=self.device).expand(axes, -1)
-            return self._runs[:, start:start + n]
+            run = self._runs[:, start:start + n]
+            if n == 1:
+                self._one_token_runs[start] = run
+            return run
         pos = _long_tensor(given)
         if pos.dim() == 1:
             pos = pos.expand(axes, -1)

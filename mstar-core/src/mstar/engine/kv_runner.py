@@ -69,6 +69,11 @@ def torch_attention(seqs: list[SeqChunk], cache: KVCacheManager) -> AttentionBac
     return TorchAttention(seqs, cache=cache)
 
 
+def _on_host(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the CPU, without a call (a GIL hand-off, see `kv_engine`) when it is there."""
+    return t if t.device.type == "cpu" else t.cpu()
+
+
 _Forward = tuple[list[SeqChunk], list[Chunk], ForwardBatch, dict[str, torch.Tensor]]
 
 
@@ -249,7 +254,9 @@ class KVRunner:
         invocations' results."""
         finished: list[Task] = []
         ids = fb.input_ids.tolist()
-        positions = (fb.positions if fb.positions.dim() == 1 else fb.positions[0]).tolist()
+        positions = fb.positions.tolist()  # every axis: one call, not two
+        if fb.positions.dim() == 2:
+            positions = positions[0]
         for i, entry in enumerate(batch):
             task, take = entry.task, entry.take
             if task.mode == "append":
@@ -324,27 +331,23 @@ class KVRunner:
         return torch.cat([p if p.shape[0] == 1 else p[-1:] for p in last])
 
     def _sample(self, tasks: list[Task], logits: torch.Tensor) -> list[WorkResult]:
-        logits = logits.float()
-        rows = []
-        for t in tasks:
-            state = self.seqs[t.key]
-            rows.append(SampleRequest(params=t.work.sampling, seed=t.work.seed,
-                                      child=t.work.child, site=t.work.node.name,
-                                      step=self.cache.length(t.key),
-                                      history=SampledIds(state.sampled),
-                                      prompt_ids=state.appended_ids, key=t.key))
+        states = [self.seqs[t.key] for t in tasks]
+        positions = [self.cache.length(t.key) for t in tasks]  # of the sampled tokens
+        rows = [SampleRequest(params=t.work.sampling, seed=t.work.seed, child=t.work.child,
+                              site=t.work.node.name, step=position,
+                              history=SampledIds(state.sampled),
+                              prompt_ids=state.appended_ids, key=t.key)
+                for t, state, position in zip(tasks, states, positions)]
         result = sample(logits, rows, self.grammar)
         tokens = result.token_ids.tolist()
-        token_rows = result.token_ids.cpu().split(1)  # each row's `token_ids` output, one op
+        token_rows = _on_host(result.token_ids).split(1)  # each row's `token_ids`, one op
         results = []
-        for i, t in enumerate(tasks):
+        for i, (t, state, position) in enumerate(zip(tasks, states, positions)):
             if i in result.failed:
                 results.append(WorkResult(t.work, error=RequestError(
                     result.failed[i], param="response_format")))
                 continue
-            state = self.seqs[t.key]
             token = tokens[i]
-            position = self.cache.length(t.key)
             state.sampled.append((position, token))
             reason = stop_reason(token, t.work.sampling, num_generated=len(state.sampled),
                                  seq_len=position + 1, max_seq_len=self.max_seq_len,

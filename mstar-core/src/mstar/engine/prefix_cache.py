@@ -21,6 +21,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
+import numpy
 import torch
 
 from mstar.model.forward import Segment
@@ -30,6 +31,16 @@ def _bytes(t: torch.Tensor) -> bytes:
     """Raw bytes of a CPU tensor (any dtype, bfloat16 included)."""
     t = t.contiguous()
     return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _row_bytes(t: torch.Tensor) -> numpy.ndarray:
+    """`t` [n, ...] (any dtype, bfloat16 included) as its raw bytes, one row per token:
+    a page's bytes are then a slice (one conversion per chunk: torch calls per page would
+    each hand the GIL to the threads serving clients)."""
+    t = t.detach().cpu().contiguous()
+    if not t.numel():
+        return numpy.zeros((t.shape[0], 0), dtype=numpy.uint8)
+    return t.view(torch.uint8).numpy().reshape(t.shape[0], -1)
 
 
 def page_hashes(input_ids: torch.Tensor, positions: torch.Tensor, segments: Sequence[Segment],
@@ -45,9 +56,9 @@ def page_hashes(input_ids: torch.Tensor, positions: torch.Tensor, segments: Sequ
     pages = n // page_size
     if pages == 0:
         return []
-    ids = input_ids.detach().to("cpu", torch.long)
-    pos = positions.detach().to("cpu", torch.long)
-    rows = {name: t.detach().cpu().contiguous() for name, t in sorted(token_extras.items())}
+    ids = _row_bytes(input_ids.to(torch.long))
+    pos = positions.detach().to("cpu", torch.long).numpy()  # [A, n]: a page is [:, a:b]
+    rows = {name: (t.dtype, _row_bytes(t)) for name, t in sorted(token_extras.items())}
     root = hashlib.blake2b(salt.encode(), digest_size=16)
     for name, t in sorted(seq_extras.items()):
         root.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -63,11 +74,11 @@ def page_hashes(input_ids: torch.Tensor, positions: torch.Tensor, segments: Sequ
     for p in range(pages):
         a, b = p * page_size, (p + 1) * page_size
         h = hashlib.blake2b(prev, digest_size=16)
-        h.update(_bytes(ids[a:b]))
-        h.update(_bytes(pos[:, a:b]))
-        for name, t in rows.items():
-            h.update(f"{name}:{t.dtype}".encode())
-            h.update(_bytes(t[a:b]))
+        h.update(ids[a:b].tobytes())
+        h.update(pos[:, a:b].tobytes())
+        for name, (dtype, data) in rows.items():
+            h.update(f"{name}:{dtype}".encode())
+            h.update(data[a:b].tobytes())
         for s, e in bidirectional:
             if s < b and e > a:
                 h.update(f"bidi:{s}:{e}".encode())

@@ -97,6 +97,12 @@ def _token_index(rows: Sequence[SampleRequest], idx: Sequence[int], with_prompt:
     return pos[valid].to(device), tok[valid].to(device)
 
 
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as float32, without a call when it is (each call is a GIL hand-off, see
+    `kv_engine`; sampling runs at every step)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def process_logits(logits: torch.Tensor, rows: Sequence[SampleRequest],
                    masks: RowMasks | None = None) -> torch.Tensor:
     """Steps 1-3 (processors, grammar masks, repetition, frequency/presence penalties) as
@@ -112,7 +118,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleRequest],
     freq = [i for i, r in enumerate(rows)
             if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
     if not (biased or procs or rep or freq or masks):
-        return logits.float()
+        return _float32(logits)
     x = logits.to(torch.float32, copy=True)
     for i in biased:
         bias = {t: b for t, b in rows[i].params.logit_bias.items() if t < x.shape[-1]}
@@ -223,7 +229,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRequest],
 
     Params are assumed validated at admission (`SamplingParams.validate`). `grammar` holds
     the state of rows with a `response_format` (ValueError when such a row comes without)."""
-    raw = logits.float()
+    raw = _float32(logits)
     masks = None
     if any(r.params.response_format is not None for r in rows):
         if grammar is None:

@@ -7,6 +7,7 @@ what a fork inherits up to its length.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import overload
@@ -38,8 +39,9 @@ class Chunk:
     token_extras: dict[str, torch.Tensor] = field(default_factory=dict)  # each [n, ...]
     seq_extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def length(self) -> int:
+        """Tokens in the chunk (read several times per sequence and step: kept)."""
         return int(self.input_ids.shape[0])
 
     def slice(self, a: int, b: int) -> Chunk:
