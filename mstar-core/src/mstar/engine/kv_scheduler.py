@@ -10,7 +10,6 @@ runs nothing: the runner (`kv_runner`) turns the plan into a forward.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,9 +43,9 @@ class Task:
     hashes: list[bytes] | None = None  # the sequence's full pages' hashes, up to its end
     registered: int = 0  # pages of it registered in the prefix cache so far
 
-    @functools.cached_property
+    @property
     def n(self) -> int:
-        """Tokens of the chunk (read several times per step: kept)."""
+        """Tokens of the chunk."""
         return self.chunk.length
 
     @property

@@ -7,7 +7,6 @@ what a fork inherits up to its length.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import overload
@@ -38,11 +37,12 @@ class Chunk:
     segments: list[Segment]
     token_extras: dict[str, torch.Tensor] = field(default_factory=dict)  # each [n, ...]
     seq_extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Tokens in the chunk, read several times per sequence and step: kept as a plain
+    #: attribute (a `functools.cached_property` takes a lock on every read in 3.11).
+    length: int = field(init=False)
 
-    @functools.cached_property
-    def length(self) -> int:
-        """Tokens in the chunk (read several times per sequence and step: kept)."""
-        return int(self.input_ids.shape[0])
+    def __post_init__(self) -> None:
+        self.length = int(self.input_ids.shape[0])
 
     def slice(self, a: int, b: int) -> Chunk:
         return Chunk(self.input_ids[a:b], self.positions[:, a:b],
