@@ -29,10 +29,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from mstar.engine.attention_torch import TorchAttention
+from mstar.engine.attention_torch import forward_step
 from mstar.engine.kv_cache import KVCacheManager, PagePool
 from mstar.model import KVSpec
-from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey, attention_context
+from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey
 from mstar.model.layers.embeddings import sincos_2d_table
 from mstar.weights.loader import WeightLoadError, iter_checkpoint, load_weights
 from mstar.weights.spec import WeightSpec
@@ -220,20 +220,7 @@ def step(module: BagelLLM, cache: KVCacheManager, chunks: list[Chunk]
     batch = ForwardBatch(input_ids=torch.tensor([i for ch in chunks for i in ch.ids]),
                          positions=torch.cat([ch.positions for ch in chunks]), seqs=seqs,
                          extras=extras)
-    with torch.no_grad(), attention_context(TorchAttention(seqs, cache=cache)):
-        out = module(batch)
-    for s in seqs:
-        if s.mode == "append":
-            cache.commit(s.key, s.length)
-    offsets = dict.fromkeys(out, 0)
-    results = []
-    for s in seqs:
-        mine = {}
-        for name, (_, count) in s.outputs.items():
-            mine[name] = out[name][offsets[name]:offsets[name] + count]
-            offsets[name] += count
-        results.append(mine)
-    return results
+    return forward_step(module, batch, cache)
 
 
 def new_cache(tp_size: int = 1) -> KVCacheManager:

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from mstar.engine import rng
-from mstar.engine.attention_torch import TorchAttention
+from mstar.engine.attention_torch import forward_step
 from mstar.engine.kv_cache import KVCacheManager, PagePool
 from mstar.model.contract import BuildContext, Model
-from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey, attention_context
+from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey
 from mstar.weights.loader import iter_checkpoint, load_weights
 from mstar.weights.sources import checkpoint_files, read_checkpoint_config
 
@@ -108,20 +108,7 @@ def run_llm(model: Model, module: nn.Module, cache: KVCacheManager,
         extras[ex.name] = torch.cat(parts)
     batch = ForwardBatch(input_ids=torch.cat(ids), positions=torch.cat(pos, dim=1), seqs=seqs,
                          extras=extras)
-    with torch.no_grad(), attention_context(TorchAttention(seqs, cache=cache)):
-        out = module(batch)
-    for s in seqs:
-        if s.mode == "append":
-            cache.commit(s.key, s.length)
-    results: list[dict[str, torch.Tensor]] = []
-    offsets = {name: 0 for name in out}
-    for s in seqs:
-        mine = {}
-        for name, (_, count) in s.outputs.items():
-            mine[name] = out[name][offsets[name]:offsets[name] + count]
-            offsets[name] += count
-        results.append(mine)
-    return results
+    return forward_step(module, batch, cache)
 
 
 class KeyedNoise:

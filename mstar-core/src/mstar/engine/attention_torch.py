@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mstar.engine.kv_cache import KVCacheManager
-from mstar.model.forward import SeqChunk
+from mstar.model.forward import ForwardBatch, SeqChunk, attention_context
 from mstar.model.ragged import segment_mask
 
 
@@ -181,3 +181,25 @@ class TorchAttention:
         if ks.dtype != dtype:
             ks, vs = ks.to(dtype), vs.to(dtype)
         return ks, vs
+
+
+def forward_step(module: torch.nn.Module, batch: ForwardBatch, cache: KVCacheManager
+                 ) -> list[dict[str, torch.Tensor]]:
+    """One step of a KV node over `batch` outside the engine (a plugin's oracle tests drive
+    their node this way): attention over `cache` (each sequence already created and, for an
+    appended chunk, reserved), appended chunks committed, then each sequence's named outputs
+    cut from the batch's in sequence order."""
+    with torch.no_grad(), attention_context(TorchAttention(batch.seqs, cache=cache)):
+        out = module(batch)
+    for s in batch.seqs:
+        if s.mode == "append":
+            cache.commit(s.key, s.length)
+    offsets = dict.fromkeys(out, 0)
+    results = []
+    for s in batch.seqs:
+        mine = {}
+        for name, (_, count) in s.outputs.items():
+            mine[name] = out[name][offsets[name]:offsets[name] + count]
+            offsets[name] += count
+        results.append(mine)
+    return results
