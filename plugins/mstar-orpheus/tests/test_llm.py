@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mstar.engine.attention_torch import TorchAttention
+from mstar.engine.attention_torch import forward_step
 from mstar.engine.kv_cache import KVCacheManager, PagePool
-from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey, attention_context
+from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey
 from mstar.weights.loader import WeightLoadError, iter_checkpoint, load_weights
 from mstar.weights.sources import checkpoint_files, read_checkpoint_config
 from mstar_orpheus.checkpoint import llama_config_json, write_lm, write_tokenizer
@@ -84,12 +84,8 @@ def step(module: OrpheusLLM, cache: KVCacheManager,
         positions.append(torch.arange(done, done + len(new)))
         start += len(new)
     batch = ForwardBatch(input_ids=torch.tensor(ids), positions=torch.cat(positions), seqs=seqs)
-    with torch.no_grad(), attention_context(TorchAttention(seqs, cache=cache)):
-        out = module(batch)
-    for s in seqs:
-        cache.commit(s.key, s.length)
-    rows = iter(out.get("logits", torch.empty(0)))
-    return [next(rows) if want else None for _, _, want in chunks]
+    outs = forward_step(module, batch, cache)
+    return [out["logits"][0] if want else None for out, (_, _, want) in zip(outs, chunks)]
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
