@@ -55,16 +55,17 @@ def test_think_reasons_then_draws(bagel) -> None:
     assert kinds == ["TextDelta"] * 4 + ["Image", "Finished"]
 
 
-@pytest.mark.parametrize(("req", "field"), [
-    ({"mode": "image", "width": 64, "height": 64}, "size: 64x64 is not supported; sizes: "
-                                                   "32x32, 48x32, 32x48"),
-    ({"mode": "image", "n": 5}, "n: at most 4"),
-    ({"mode": "image", "cfg_interval": [0.8, 0.2]}, "cfg_interval"),
-    ({"mode": "image", "cfg_text_scale": 0.5}, "cfg_text_scale"),
-    ({"mode": "image", "num_timesteps": 1}, "num_timesteps"),
-    ({"mode": "image", "think": True, "n": 2}, "n: a think request makes one image"),
-    ({"mode": "text", "width": 32}, "width and height are for mode 'image'"),
+@pytest.mark.parametrize(("req", "param", "words"), [
+    ({"mode": "image", "width": 64, "height": 64}, "width",
+     "size: 64x64 is not supported; sizes: 32x32, 48x32, 32x48"),
+    ({"mode": "image", "n": 5}, "n", "n: at most 4"),
+    ({"mode": "image", "cfg_interval": [0.8, 0.2]}, "cfg_interval", "0 <= lo <= hi <= 1"),
+    ({"mode": "image", "cfg_text_scale": 0.5}, "cfg_text_scale", "greater than or equal"),
+    ({"mode": "image", "num_timesteps": 1}, "num_timesteps", "greater than or equal"),
+    ({"mode": "image", "think": True, "n": 2}, "n", "a think request makes one image"),
+    ({"mode": "text", "width": 32}, "width", "width and height are for mode 'image'"),
 ])
-def test_bad_requests_name_the_field(bagel, req, field) -> None:
-    with pytest.raises(mstar.RequestError, match=field):
+def test_bad_requests_name_the_field(bagel, req, param, words) -> None:
+    with pytest.raises(mstar.RequestError, match=words) as err:
         _run(bagel, **req)
+    assert err.value.param == param

@@ -34,6 +34,7 @@ import torch
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from mstar.errors import RequestError
 from mstar.events import Event, Image, TextDelta
 from mstar.graph import GraphNode, Loop, Parallel, Sequential, Walk
 from mstar.graph.primitives import PrepareRule
@@ -133,9 +134,9 @@ class BagelRequest(SamplingFields):
         if self.cfg_interval is not None:
             lo, hi = self.cfg_interval
             if not 0.0 <= lo <= hi <= 1.0:
-                raise ValueError("cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1")
+                raise ValueError("cfg_interval: must be [lo, hi] with 0 <= lo <= hi <= 1")
         if self.mode == "text" and (self.width or self.height):
-            raise ValueError("width and height are for mode 'image'")
+            raise ValueError("width: width and height are for mode 'image'")
         if self.mode == "image" and self.n > 4:
             raise ValueError(f"n: at most 4 images per request, got {self.n}")
         if self.mode == "image" and self.think and self.n > 1:
@@ -144,14 +145,20 @@ class BagelRequest(SamplingFields):
 
 
 def _validated(request: Mapping[str, Any]) -> BagelRequest:
+    """The request, or a `RequestError` naming the first field at fault (a whole-request
+    check names its field at the start of its message)."""
     try:
         return BagelRequest.model_validate(dict(request))
     except ValidationError as err:
-        parts = []
+        parts, params = [], []
         for e in err.errors():
-            field = ".".join(str(x) for x in e["loc"]) or "request"
-            parts.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
-        raise ValueError("invalid bagel request: " + "; ".join(parts)) from None
+            msg = e["msg"].removeprefix("Value error, ")
+            field = ".".join(str(x) for x in e["loc"])
+            named = msg.split(":", 1)[0] if not field else field.split(".")[0]
+            params.append(named if named in BagelRequest.model_fields else None)
+            parts.append(f"{field or 'request'}: {msg}")
+        raise RequestError("invalid bagel request: " + "; ".join(parts),
+                           param=params[0]) from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -492,8 +499,8 @@ class Bagel(Model):
             return sizes[0]
         if (req.width, req.height) not in sizes:
             allowed = ", ".join(f"{w}x{h}" for w, h in sizes)
-            raise ValueError(f"size: {req.width}x{req.height} is not supported; sizes: "
-                             f"{allowed}")
+            raise RequestError(f"size: {req.width}x{req.height} is not supported; sizes: "
+                               f"{allowed}", param="width")
         return req.width, req.height
 
     def _walk_after(self, params: Mapping[str, Any], item: int,
