@@ -343,6 +343,7 @@ def test_a_client_that_leaves_mid_generation_stops_it_on_every_rank(servers):
     server.wait_idle(timeout=60)
     server.wait_reported()
     assert server.metric("mstar_kv_pages_in_use") == 0
+    assert by_rank(server, "mstar_rank_kv_pages_in_use") == {(0,): 0, (1,): 0, (2,): 0}
     assert server.metric("mstar_running_requests") == 0
     assert _combines(server) - steps_before < 4 * 249  # the loop stopped
     assert f"{rid} cancelled" in server.output()

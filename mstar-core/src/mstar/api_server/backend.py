@@ -39,7 +39,8 @@ class Stats(TypedDict):
     engines' cumulative counts by (rank, "<node>.<name>") (`LLM.prefix_cache_hit_tokens`);
     `invocations`: node invocations run, by (rank, graph node, walk); `parameter_bytes`:
     by (rank, node) held, (all its parameter bytes, those split by tensor parallelism);
-    `reported_at`: by rank, the wall-clock time its latest report was read.
+    `reported_at`: by rank, the wall-clock time its latest report was read;
+    `rank_pages_in_use`: by rank, the KV pages its engines hold (last report).
     """
 
     pages_in_use: int
@@ -50,6 +51,7 @@ class Stats(TypedDict):
     invocations: dict[tuple[int, str, str], int]
     parameter_bytes: dict[tuple[int, str], tuple[int, int]]
     reported_at: dict[int, float]
+    rank_pages_in_use: dict[int, int]
 
 
 class Backend(Protocol):

@@ -66,6 +66,11 @@ class _BackendGauges:
                                 value=stats["running"])
         yield GaugeMetricFamily("mstar_kv_pages_in_use", "KV cache pages held (all ranks).",
                                 value=stats["pages_in_use"])
+        by_rank = GaugeMetricFamily("mstar_rank_kv_pages_in_use", "KV cache pages a rank's "
+                                    "engines hold (its latest report).", labels=["rank"])
+        for rank, pages in sorted(stats["rank_pages_in_use"].items()):
+            by_rank.add_metric([str(rank)], pages)
+        yield by_rank
         steps = GaugeMetricFamily("mstar_step_seconds", "Mean forward seconds per engine "
                                   "step of a node on a rank (last report).",
                                   labels=["rank", "node"])

@@ -38,7 +38,8 @@ def entry_stats(entry: Entry) -> Stats:
                               for walk, count in walks.items()},
                  parameter_bytes={(rank, node): held for rank, r in reports.items()
                                   for node, held in r.parameter_bytes.items()},
-                 reported_at={rank: r.at for rank, r in reports.items()})
+                 reported_at={rank: r.at for rank, r in reports.items()},
+                 rank_pages_in_use={rank: r.pages_in_use for rank, r in reports.items()})
 
 
 class EntryBackend:
