@@ -214,10 +214,18 @@ def _code(error: Any) -> str | None:
     return "invalid_type" if kind.endswith("_type") else None
 
 
+def _named_in(message: str, model: type[BaseModel]) -> str | None:
+    """The field a whole-request check's message starts with ("n: ..."), if any."""
+    name = message.removeprefix("Value error, ").split(":", 1)[0]
+    return name if name in model.model_fields else None
+
+
 def parse(model: type[T], body: dict[str, Any]) -> T:
     """`body` as `model`, strictly (no string to number or boolean coercion), or
     InvalidRequest naming the first bad field: an unknown one first, as OpenAI's
-    "Unrecognized request argument supplied: <name>"."""
+    "Unrecognized request argument supplied: <name>". A whole-request check (a model
+    validator, which has no field location) names its field by starting its message with
+    it: "n: at most 4 images"."""
     try:
         return model.model_validate(body, strict=True)
     except ValidationError as exc:
@@ -225,7 +233,7 @@ def parse(model: type[T], body: dict[str, Any]) -> T:
         errors = sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden",
                                                      -len(e["loc"])))
         first = errors[0]
-        param = _loc(first["loc"]) or None
+        param = _loc(first["loc"]) or _named_in(first["msg"], model)
         if first["type"] == "extra_forbidden":
             raise InvalidRequest(f"Unrecognized request argument supplied: {param}", param,
                                  "unknown_field") from None
