@@ -190,8 +190,9 @@ def run_layout(layout: str, config: str, ckpt: Path, tmp: Path,
     def edit(client: httpx.AsyncClient, seed: int) -> Awaitable[Timing]:
         return paint(client, seed, args.steps, edit=True)
 
+    threads = ["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else []
     with launch(["--config", config, "--model-path", str(ckpt), "--log-level", "WARNING",
-                 "--set", "max_seq_len=4096"], tmp) as server:
+                 "--set", "max_seq_len=4096", *threads], tmp) as server:
         asyncio.run(level(server.url, 1, 1, chat))  # warm-up: every node's first forward
         asyncio.run(level(server.url, 1, 1, edit))
         for task, fn, levels in (("image2text", chat, args.chat_levels),
@@ -280,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=None,
                    help="rounds per level, the fastest kept (default 2; quick 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch threads of every rank (mstar serve --cpu-threads); default: "
+                        "the cores divided among the ranks, which differs by layout")
     p.add_argument("--bagel-venv", type=Path, default=DEFAULT_VENV,
                    help="the side venv that runs the authors' code (default %(default)s)")
     p.add_argument("--bagel-src", type=Path, default=DEFAULT_SOURCE,

@@ -22,6 +22,7 @@ from mstar.cli.serve import build_serve_parser, serve_main
 from mstar.config import DeploymentConfig, load_config, packaged_configs, placement
 from mstar.config.settings import ServerSettings
 from mstar.plugins import model_registry
+from mstar.serving.launcher import worker_threads
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--preset", "tiny", "--load-format", "dummy", "--validate-config"]
@@ -98,7 +99,7 @@ def test_mstar_serve_defaults_are_seed_000s(capsys):
         "tcp_transfer_device": None, "enable_nvtx": False, "log_level": "INFO",
         "model_path": None, "revision": None, "load_format": "dummy", "preset": "tiny",
         "max_body_bytes": 64 * 1024 * 1024, "startup_timeout": 600.0, "shutdown_grace": 30.0,
-        "data_workers": 1, "allow_private_media_urls": False, "media_max_bytes": 20971520,
+        "data_workers": 1, "cpu_threads": None, "allow_private_media_urls": False, "media_max_bytes": 20971520,
         "media_max_image_pixels": 16777216, "media_max_audio_seconds": 600.0,
         "media_max_video_seconds": 600.0, "media_fetch_timeout": 10.0}
     expected = load_config("testvla_single").model_copy(update={"request_timeout": 600.0})
@@ -478,3 +479,15 @@ def test_repo_configs_mirror_the_packaged_ones_byte_for_byte():
     readme = (REPO / "configs" / "README.md").read_text()
     for name in mirrored:
         assert f"`{name}.yaml`" in readme, f"configs/README.md does not describe {name}.yaml"
+
+
+def test_cpu_threads_split_the_cores_unless_given(capsys):
+    assert worker_threads(None, 3, cpus=8) == 2
+    assert worker_threads(None, 3, cpus=2) == 1
+    assert worker_threads(4, 3, cpus=2) == 4
+    assert merged(capsys, main, ["serve", "testvla", "--cpu-threads", "1", *TINY])[
+        "server"]["cpu_threads"] == 1
+    code, out, err = run(capsys, serve_main, ["--config", "testvla_single", "--cpu-threads",
+                                              "0", *TINY])
+    assert code == 1 and out == ""
+    assert "--cpu-threads: Input should be greater than or equal to 1" in err

@@ -78,6 +78,9 @@ class ServerSettings(BaseSettings):
     shutdown_grace: float = Field(30.0, ge=0)
     data_workers: int = Field(1, ge=1, description="Processes running the model's "
                               "process_prompt and postprocess, off the API server.")
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads of each rank's "
+                                    "worker process (CPU); None: the machine's cores "
+                                    "divided among the ranks.")
     allow_private_media_urls: bool = Field(False, description="Fetch media URLs whose host "
                                            "is private, loopback or link-local (SSRF guard "
                                            "off).")

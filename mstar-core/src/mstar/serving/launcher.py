@@ -71,6 +71,12 @@ def resolve_protocol(requested: str | None, *, node_count: int = 1) -> str:
     return requested.upper()
 
 
+
+def worker_threads(cpu_threads: int | None, ranks: int, cpus: int | None = None) -> int:
+    """torch threads of each rank's worker: `--cpu-threads` when given, else the machine's
+    cores divided among the ranks (at least one)."""
+    return cpu_threads or max(1, (cpus or os.cpu_count() or 1) // ranks)
+
 class ProcessDeployment:
     """The data workers, the conductor and the workers as child processes; the gateway in
     this process."""
@@ -104,7 +110,7 @@ class ProcessDeployment:
         self.on_child_death: Callable[[str], None] | None = None
         self._closing = False
         self.gateway.start()
-        cpus = os.cpu_count() or 1
+        threads = worker_threads(settings.cpu_threads, len(self.ranks))
         base = dict(deployment_id=self.id, socket_prefix=str(self.socket_dir),
                     protocol=self.protocol, model=config.model, config=config.model_dump(),
                     preset=settings.preset, load=dataclasses.asdict(options),
@@ -119,7 +125,7 @@ class ProcessDeployment:
             self.procs[address] = self._spawn(ProcessSpec(role="data_worker", rank=k, **base))
         for rank in self.ranks:
             self.procs[f"worker:{rank}"] = self._spawn(ProcessSpec(
-                role="worker", rank=rank, cpu_threads=max(1, cpus // len(self.ranks)),
+                role="worker", rank=rank, cpu_threads=threads,
                 tp_port=tp_port, **base))
         self._monitor = threading.Thread(target=self._watch, name="monitor", daemon=True)
         self._monitor.start()
