@@ -13,6 +13,7 @@ not run and the full context's velocity stands in for it (`cfg_img_is_full`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,18 +32,18 @@ def timesteps(num_timesteps: int, shift: float) -> list[float]:
     return (shift * s / (1 + (shift - 1) * s)).tolist()
 
 
-def guidance_active(env: dict[str, Any], step: int) -> bool:
-    """Whether step `step` uses classifier-free guidance at all: its time is inside
-    `cfg_interval` (lo < t ≤ hi) and text guidance is on (the authors' code applies image
-    guidance only on top of text guidance)."""
-    t = timesteps(int(env["num_timesteps"]), float(env["timestep_shift"]))[step]
+def guidance_active(env: Mapping[str, Any], step: int) -> bool:
+    """Whether step `step` uses classifier-free guidance at all: its time (of the request's
+    `timesteps`) is inside `cfg_interval` (lo < t ≤ hi) and text guidance is on (the
+    authors' code applies image guidance only on top of text guidance)."""
+    t = env["timesteps"][step]
     lo, hi = env["cfg_interval"]
     return lo < t <= hi and float(env["cfg_text_scale"]) > 1.0
 
 
 class LatentInit(nn.Module):
     """Each item: `x_t` = keyed Gaussian noise [num_latent_tokens, latent_dim] (site
-    "noise"), and `step` = 0 (an index into `timesteps`)."""
+    "noise")."""
 
     def __init__(self, latent_dim: int):
         super().__init__()
@@ -52,7 +53,7 @@ class LatentInit(nn.Module):
         out = []
         for i, item in enumerate(items):
             noise = ctx.randn(i, (int(item["num_latent_tokens"]), self.latent_dim), "noise")
-            out.append({"x_t": noise, "step": torch.zeros((), dtype=torch.long)})
+            out.append({"x_t": noise})
         return out
 
 
@@ -88,16 +89,15 @@ def _latent_rows(velocity: torch.Tensor | None, dtype: torch.dtype) -> torch.Ten
 
 
 class CombineCFG(nn.Module):
-    """One Euler step per item: x ← x − v·(t_i − t_{i+1}), v from `guided_velocity` over the
-    latent rows (the LLM's `velocity` covers the whole image chunk, whose first and last
-    rows are the image's start and end markers); `step` ← i + 1."""
+    """One Euler step per item, step i of its `timesteps` (the denoise loop's iteration):
+    x ← x − v·(t_i − t_{i+1}), v from `guided_velocity` over the latent rows (the LLM's
+    `velocity` covers the whole image chunk, whose first and last rows are the image's start
+    and end markers)."""
 
     def forward(self, items: Items, ctx: StepContext | None = None) -> Items:
         out = []
         for item in items:
-            step = int(item["step"])
-            ts = timesteps(int(item["num_timesteps"]), float(item["timestep_shift"]))
-            x = item["x_t"]
+            step, ts, x = int(item["step"]), item["timesteps"], item["x_t"]
             v_full, v_text, v_img = (_latent_rows(item.get(name), x.dtype) for name in (
                 "velocity", "velocity_cfg_text", "velocity_cfg_img"))
             assert v_full is not None
@@ -108,6 +108,5 @@ class CombineCFG(nn.Module):
                 text_scale=float(item["cfg_text_scale"]), img_scale=float(item["cfg_img_scale"]),
                 renorm_type=str(item["cfg_renorm_type"]),
                 renorm_min=float(item["cfg_renorm_min"]))
-            out.append({"x_t": x - v * (ts[step] - ts[step + 1]),
-                        "step": torch.tensor(step + 1, dtype=torch.long)})
+            out.append({"x_t": x - v * (ts[step] - ts[step + 1])})
         return out

@@ -222,14 +222,13 @@ class Bagel(Model):
                      llm("LLM_cfg_img", self._latent_chunk("cfg_img_rope"),
                          outputs=("velocity",), skip=_image_guidance_off)),
             GraphNode("combine_cfg", inputs=(
-                "x_t", "step", "velocity", "velocity_cfg_text", "velocity_cfg_img",
-                "cfg_img_is_full",
-                "num_timesteps", "timestep_shift", "cfg_text_scale", "cfg_img_scale",
-                "cfg_renorm_type", "cfg_renorm_min"), outputs=("x_t", "step")))
+                "x_t", "step", "timesteps", "velocity", "velocity_cfg_text",
+                "velocity_cfg_img", "cfg_img_is_full", "cfg_text_scale", "cfg_img_scale",
+                "cfg_renorm_type", "cfg_renorm_min"), outputs=("x_t",)))
         image_gen = Sequential(
             Parallel(llm("LLM_cfg_img", self._cfg_img_prefill, skip=_image_context_unused)),
-            GraphNode("latent_init", inputs=("num_latent_tokens",), outputs=("x_t", "step")),
-            Loop(denoise_step, times="denoise_steps", carry=["x_t", "step"]),
+            GraphNode("latent_init", inputs=("num_latent_tokens",), outputs=("x_t",)),
+            Loop(denoise_step, times="denoise_steps", carry=["x_t"], iteration="step"),
             GraphNode("vae_decoder", inputs=("x_t", "latent_grid"), outputs=("image",)))
         carry_pixels = ("pixels",)
         return {
@@ -318,8 +317,7 @@ class Bagel(Model):
         at that context's next position (`env[rope_key]`), at the step's flow time."""
 
         def prepare(env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
-            step = iteration or 0
-            t = timesteps(int(env["num_timesteps"]), float(env["timestep_shift"]))[step]
+            t = env["timesteps"][iteration or 0]
             chunk = self._latent_rows(env["x_t"], env["latent_grid"], int(env[rope_key]), env)
             return {**chunk, "chunk_mode": "scratch", "t": torch.tensor(t)}
 
@@ -479,9 +477,10 @@ class Bagel(Model):
                 width=width, height=height, latent_grid=grid,
                 num_latent_tokens=grid[0] * grid[1], cfg_text_length=cfg_text[0],
                 cfg_text_rope=cfg_text[1], cfg_img_ids=cfg_img_ids,
-                cfg_img_rope=len(cfg_img_ids), num_timesteps=req.num_timesteps,
+                cfg_img_rope=len(cfg_img_ids),
                 cfg_img_is_full=len(cfg_img_ids) == length and not req.think,
-                timestep_shift=req.timestep_shift, denoise_steps=req.num_timesteps - 1,
+                timesteps=timesteps(req.num_timesteps, req.timestep_shift),
+                denoise_steps=req.num_timesteps - 1,
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in knobs.items()})
             prompt_tokens += grid[0] * grid[1] + 2
         sampling = req.sampling_params(eos_token_ids=[specials["eos"]])
@@ -576,7 +575,7 @@ class Bagel(Model):
 
 
 def _text_guidance_off(env: Mapping[str, Any], iteration: int | None) -> bool:
-    return not guidance_active(dict(env), iteration or 0)
+    return not guidance_active(env, iteration or 0)
 
 
 def _image_guidance_off(env: Mapping[str, Any], iteration: int | None) -> bool:
