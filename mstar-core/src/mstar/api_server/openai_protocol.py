@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mstar import events
+from mstar.model.requests import named_field
 from mstar.model.sampling import ResponseFormatField, check_logit_bias
 
 _FORBID = ConfigDict(extra="forbid")
@@ -214,12 +215,6 @@ def _code(error: Any) -> str | None:
     return "invalid_type" if kind.endswith("_type") else None
 
 
-def _named_in(message: str, model: type[BaseModel]) -> str | None:
-    """The field a whole-request check's message starts with ("n: ..."), if any."""
-    name = message.removeprefix("Value error, ").split(":", 1)[0]
-    return name if name in model.model_fields else None
-
-
 def parse(model: type[T], body: dict[str, Any]) -> T:
     """`body` as `model`, strictly (no string to number or boolean coercion), or
     InvalidRequest naming the first bad field: an unknown one first, as OpenAI's
@@ -233,7 +228,7 @@ def parse(model: type[T], body: dict[str, Any]) -> T:
         errors = sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden",
                                                      -len(e["loc"])))
         first = errors[0]
-        param = _loc(first["loc"]) or _named_in(first["msg"], model)
+        param = _loc(first["loc"]) or named_field(first["msg"], model)
         if first["type"] == "extra_forbidden":
             raise InvalidRequest(f"Unrecognized request argument supplied: {param}", param,
                                  "unknown_field") from None

@@ -36,6 +36,7 @@ from mstar.model.forward import (
     attention_context,
 )
 from mstar.model.ragged import ragged_attention
+from mstar.model.requests import validate_request
 from mstar.model.sampling import SamplingFields, SamplingParams
 
 __all__ = [
@@ -67,4 +68,5 @@ __all__ = [
     "ragged_attention",
     "token_list",
     "token_logprobs",
+    "validate_request",
 ]

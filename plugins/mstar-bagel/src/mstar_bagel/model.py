@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from mstar.errors import RequestError
@@ -52,6 +52,7 @@ from mstar.model import (
     WalkStep,
     token_list,
     token_logprobs,
+    validate_request,
 )
 from mstar.model.layers.embeddings import flattened_position_ids, patchify
 from mstar.weights import WeightSpec
@@ -145,20 +146,7 @@ class BagelRequest(SamplingFields):
 
 
 def _validated(request: Mapping[str, Any]) -> BagelRequest:
-    """The request, or a `RequestError` naming the first field at fault (a whole-request
-    check names its field at the start of its message)."""
-    try:
-        return BagelRequest.model_validate(dict(request))
-    except ValidationError as err:
-        parts, params = [], []
-        for e in err.errors():
-            msg = e["msg"].removeprefix("Value error, ")
-            field = ".".join(str(x) for x in e["loc"])
-            named = msg.split(":", 1)[0] if not field else field.split(".")[0]
-            params.append(named if named in BagelRequest.model_fields else None)
-            parts.append(f"{field or 'request'}: {msg}")
-        raise RequestError("invalid bagel request: " + "; ".join(parts),
-                           param=params[0]) from None
+    return validate_request(BagelRequest, request, "bagel")
 
 
 # ------------------------------------------------------------------------------------------

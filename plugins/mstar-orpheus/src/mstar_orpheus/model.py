@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
 from mstar.events import AudioChunk, Event, TensorData
@@ -50,6 +50,7 @@ from mstar.model import (
     RequestState,
     SamplingFields,
     WalkStep,
+    validate_request,
 )
 from mstar.weights import WeightSpec
 from mstar_orpheus.config import (
@@ -310,12 +311,7 @@ class Orpheus(Model):
         return [START_OF_HUMAN, *self.tokenizer().encode(f"{voice}: {text}"), *PROMPT_END]
 
     def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
-        try:
-            req = OrpheusRequest.model_validate(dict(request))
-        except ValidationError as err:
-            parts = [f"{'.'.join(str(x) for x in e['loc']) or 'request'}: "
-                     f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors()]
-            raise ValueError("invalid orpheus request: " + "; ".join(parts)) from None
+        req = validate_request(OrpheusRequest, request, "orpheus")
         if req.n != 1:
             raise ValueError("n: orpheus speaks one utterance per request (n must be 1)")
         ids = self.prompt_ids(req.input, req.voice or DEFAULT_VOICE)

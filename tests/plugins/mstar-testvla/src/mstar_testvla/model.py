@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from mstar.errors import RequestError
@@ -75,6 +75,7 @@ from mstar.model import (
     WalkStep,
     token_list,
     token_logprobs,
+    validate_request,
 )
 from mstar.weights import WeightSpec
 
@@ -180,18 +181,7 @@ class TestVLARequest(SamplingFields):
 
 
 def _validated(request: Mapping[str, Any]) -> TestVLARequest:
-    try:
-        return TestVLARequest.model_validate(dict(request))
-    except ValidationError as err:
-        raise ValueError(_validation_message(err)) from None
-
-
-def _validation_message(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        field = ".".join(str(x) for x in e["loc"]) or "request"
-        parts.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
-    return "invalid testvla request: " + "; ".join(parts)
+    return validate_request(TestVLARequest, request, "testvla")
 
 
 # ------------------------------------------------------------------------------------------
