@@ -1,4 +1,5 @@
-"""Decoding a request's image bytes into an RGB Pillow image, safely.
+"""Decoding a request's image bytes into an RGB Pillow image, safely; and a model's
+pixels encoded as the PNG of an `events.Image`.
 
 Pillow reads only the header on `open`, so the pixel limit is checked there, before any
 pixel is decoded: a small PNG that declares 100k x 100k pixels (a decompression bomb) costs
@@ -11,7 +12,9 @@ the same conversion the Hugging Face image processors apply, so our inputs match
 from __future__ import annotations
 
 import io
+from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mstar.media.limits import MediaError, MediaLimits, too_large
@@ -41,3 +44,10 @@ def load_image(data: bytes, limits: MediaLimits) -> Image.Image:
             return image.convert("RGB")
         except (OSError, ValueError, SyntaxError) as exc:
             raise MediaError(f"the image could not be decoded: {exc}") from None
+
+
+def png_bytes(pixels: Any) -> bytes:
+    """uint8 RGB pixels [H, W, 3] (a numpy array or a CPU tensor) as PNG bytes."""
+    out = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8), "RGB").save(out, format="PNG")
+    return out.getvalue()

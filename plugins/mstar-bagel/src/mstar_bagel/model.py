@@ -554,7 +554,10 @@ class Bagel(Model):
                                  index=state.child,
                                  logprobs=token_logprobs(outputs.get("logprobs"))))
         if "image" in outputs:
-            out.append(Image(data=_png(outputs["image"]), index=state.child))
+            from mstar.media.image import png_bytes  # the frontend's (media is loaded there)
+
+            pixels = torch.as_tensor(outputs["image"]).cpu()
+            out.append(Image(data=png_bytes(pixels), index=state.child))
         return out
 
 
@@ -575,16 +578,4 @@ def _image_context_unused(env: Mapping[str, Any], iteration: int | None) -> bool
     full one (a prompt without images), whose velocity `combine_cfg` then reuses."""
     return (float(env["cfg_img_scale"]) <= 1.0 or float(env["cfg_text_scale"]) <= 1.0
             or bool(env["cfg_img_is_full"]))
-
-
-def _png(image: Any) -> bytes:
-    """A uint8 [H, W, 3] tensor as PNG bytes."""
-    import io
-
-    from PIL import Image as PIL
-
-    array = torch.as_tensor(image).to(torch.uint8).cpu().numpy()
-    buf = io.BytesIO()
-    PIL.fromarray(array, "RGB").save(buf, format="PNG")
-    return buf.getvalue()
 

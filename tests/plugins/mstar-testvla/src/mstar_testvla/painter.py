@@ -9,7 +9,6 @@ colour grid, which is scaled (nearest) to the requested size and encoded as PNG.
 from __future__ import annotations
 
 import functools
-import io
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +29,12 @@ def _projection(inputs: int) -> torch.Tensor:
 
 def paint(chunk: torch.Tensor, width: int, height: int) -> bytes:
     """The PNG of `chunk` (any shape) as a `width`×`height` RGB image."""
-    from PIL import Image
+    from mstar.media.image import png_bytes  # postprocess runs where media is loaded
 
     x = torch.as_tensor(chunk).detach().float().reshape(-1).cpu()
     colours = torch.sigmoid(x @ _projection(x.numel())).reshape(1, 3, GRID, GRID)
     pixels = F.interpolate(colours, size=(height, width), mode="nearest")[0]
-    rgb = (pixels.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    out = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(out, format="PNG")
-    return out.getvalue()
+    return png_bytes((pixels.permute(1, 2, 0) * 255).round().to(torch.uint8))
 
 
 def size_error(width: int | None, height: int | None) -> str | None:
