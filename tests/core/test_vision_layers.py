@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 from transformers.activations import ACT2FN
 
+from mstar.model import config_from_fields
 from mstar.model.layers import MLP, PatchEmbedding, SiglipConfig, SiglipVisionTransformer
 from mstar.model.layers.embeddings import patchify
 from mstar.model.layers.vision import pack_images
@@ -43,7 +44,7 @@ def pair(tmp_path_factory) -> tuple[SiglipVisionModel, SiglipVisionTransformer]:
                                                              attn_implementation="eager")), 0)
     path: Path = tmp_path_factory.mktemp("siglip") / "model.safetensors"
     save_file({k: v.contiguous() for k, v in oracle.state_dict().items()}, path)
-    ours = SiglipVisionTransformer(SiglipConfig.from_fields(TINY))
+    ours = SiglipVisionTransformer(config_from_fields(SiglipConfig, TINY))
     report = load_weights(ours, iter_checkpoint([path]), SPEC)
     assert report.ignored and all(k.startswith("head.") for k in report.ignored)
     return oracle, ours.eval()

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from mstar.engine.attention_torch import forward_step
 from mstar.engine.kv_cache import KVCacheManager, PagePool
-from mstar.model import KVSpec
+from mstar.model import KVSpec, config_from_fields
 from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey
 from mstar.model.layers.embeddings import sincos_2d_table
 from mstar.weights.loader import WeightLoadError, iter_checkpoint, load_weights
@@ -468,9 +468,9 @@ def test_7b_layout_loads_every_parameter_once(tp_rank: int, tp_size: int) -> Non
     """BAGEL-7B-MoT's shapes on the meta device: every LLM key of the layout loads into
     one of our parameters at its full shape (each rank its shard), ViT and connector keys
     are ignored, and a renamed key is an error, not a silent skip."""
-    cfg = LLMConfig.from_dict({"hidden_size": 3584, "num_attention_heads": 28,
-                               "num_key_value_heads": 4, "layer_module": "Qwen2MoTDecoderLayer",
-                               "model_type": "qwen2"})
+    cfg = config_from_fields(LLMConfig, {
+        "hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4,
+        "layer_module": "Qwen2MoTDecoderLayer", "model_type": "qwen2"})
     assert cfg == LLMConfig() and cfg.head_dim == 128
     layout = bagel_layout(cfg, 64, 64)
     hub = {k: torch.empty(shape, device="meta") for k, shape in layout.items()}

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from mstar.engine.attention_torch import forward_step
 from mstar.engine.kv_cache import KVCacheManager, PagePool
+from mstar.model import config_from_fields
 from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey
 from mstar.weights.loader import WeightLoadError, iter_checkpoint, load_weights
 from mstar.weights.sources import checkpoint_files, read_checkpoint_config
@@ -35,9 +36,7 @@ DECODE_STEPS = 8
 
 def config_from(checkpoint: Path) -> OrpheusConfig:
     """OrpheusConfig from the checkpoint's config.json (its fields, by name)."""
-    names = {f.name for f in dataclasses.fields(OrpheusConfig)}
-    return OrpheusConfig(**{k: v for k, v in read_checkpoint_config(checkpoint).items()
-                            if k in names})
+    return config_from_fields(OrpheusConfig, read_checkpoint_config(checkpoint))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from mstar.model.contract import (
     RequestPlan,
     RequestState,
     WalkStep,
+    config_from_fields,
     token_list,
     token_logprobs,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "TensorInput",
     "VideoInput",
     "WalkStep",
+    "config_from_fields",
     "attention_context",
     "ragged_attention",
     "token_list",

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 import torch
@@ -174,6 +174,16 @@ def token_logprobs(value: Any) -> list[events.TokenLogprob] | None:
             for tok, lp, top in value]
 
 
+C = TypeVar("C")
+
+
+def config_from_fields(cls: type[C], fields: Mapping[str, Any], **overrides: Any) -> C:
+    """Config dataclass `cls` from a checkpoint's config dict: the keys that are fields of
+    `cls`, by name (a checkpoint's other keys are ignored), then `overrides`."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in fields.items() if k in names} | overrides)
+
+
 class Model:
     """Base class of every model. Subclasses set `config_class` and `presets`, and
     implement the declarations below.
@@ -207,8 +217,7 @@ class Model:
         """Build the config dataclass from a checkpoint's config.json (with each of
         `config_files` under its file name). Default: pick the dataclass's fields by
         name."""
-        names = {f.name for f in dataclasses.fields(cls.config_class)}
-        return cls.config_class(**{k: v for k, v in checkpoint_config.items() if k in names})
+        return config_from_fields(cls.config_class, checkpoint_config)
 
     @classmethod
     def make_config(cls, *, preset: str | None = None,

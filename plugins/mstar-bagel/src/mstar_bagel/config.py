@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from mstar.model import config_from_fields
 from mstar_bagel.autoencoder import AEConfig
 from mstar_bagel.llm import LLMConfig
 from mstar_bagel.vit import VIT_PRESETS, ViTConfig
@@ -21,11 +22,8 @@ REAL_IMAGE_SIZES = ["1024x1024", "1024x768", "768x1024", "1024x576", "576x1024"]
 
 
 def _sub(cls: type, value: Any) -> Any:
-    """A sub-config from a dict of checkpoint fields (unknown keys ignored)."""
-    if isinstance(value, cls):
-        return value
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(value).items() if k in names})
+    """A sub-config as given, or from a dict of checkpoint fields (unknown keys ignored)."""
+    return value if isinstance(value, cls) else config_from_fields(cls, value)
 
 
 @dataclass

@@ -17,7 +17,6 @@ the Qwen2 projections are TP layers, so `tp_size > 1` shards them.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,12 +64,6 @@ class LLMConfig:
     def head_dim(self) -> int:
         """Qwen2 has no `head_dim` field: heads split the hidden size."""
         return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> LLMConfig:
-        """From `llm_config.json`'s dict; keys that are not fields here are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
 
     @classmethod
     def tiny(cls) -> LLMConfig:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mstar.model import config_from_fields
 from mstar.model.layers import MLP, PositionTable, SiglipConfig, SiglipVisionTransformer
 from mstar.model.layers.vision import pack_images
 
@@ -39,7 +40,8 @@ class ViTConfig(SiglipConfig):
         """From the checkpoint's `vit_config.json`. Every authors' loader (app.py,
         eval/*, train/*) drops the tower's last layer (`num_hidden_layers -= 1`, and
         `rope = False`: learned positions), so ema.safetensors holds 26 of its 27."""
-        return cls.from_fields(fields, num_hidden_layers=fields["num_hidden_layers"] - 1)
+        return config_from_fields(cls, fields,
+                                  num_hidden_layers=fields["num_hidden_layers"] - 1)
 
 
 #: `bagel-7b` is BAGEL-7B-MoT's vit_config.json read by `from_vit_config_json`; `tiny` is for

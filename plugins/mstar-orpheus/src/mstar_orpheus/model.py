@@ -50,6 +50,7 @@ from mstar.model import (
     RequestState,
     SamplingFields,
     WalkStep,
+    config_from_fields,
     validate_request,
 )
 from mstar.weights import WeightSpec
@@ -288,9 +289,7 @@ class Orpheus(Model):
         self._tokenizer_dir = directory = directories["default"]
         codec = Path(directory) / "snac" / "config.json" if directory is not None else None
         if codec is not None and codec.is_file():
-            names = {f.name for f in dataclasses.fields(SnacConfig)}
-            given = json.loads(codec.read_text())
-            self.config.snac = SnacConfig(**{k: v for k, v in given.items() if k in names})
+            self.config.snac = config_from_fields(SnacConfig, json.loads(codec.read_text()))
 
     def tokenizer(self) -> Any:
         """The checkpoint's tokenizer; without a checkpoint (dummy weights), the tiny one

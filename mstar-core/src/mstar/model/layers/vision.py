@@ -10,10 +10,8 @@ Norms are plain `nn.LayerNorm`: nothing here needs more.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +38,6 @@ class SiglipConfig:
     num_channels: int = 3
     hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, Any], **overrides: Any) -> Self:
-        """From a checkpoint's vision config dict (keys this class lacks are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in fields.items() if k in names} | overrides)
 
     @property
     def positions_per_side(self) -> int:
