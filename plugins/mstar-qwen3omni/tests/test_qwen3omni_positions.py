@@ -95,12 +95,16 @@ def test_mixed_prompt_matches_transformers():
     assert positions[0, start + 4] - positions[0, start] == CFG.position_id_per_seconds
 
 
-def test_audio_in_video_matches_transformers():
-    grid = [4, 4, 8]
-    ids = (TEXT + audio_video(grid, 350, 2.0) + TEXT + vision(MEDIA.image, [1, 4, 4])
+@pytest.mark.parametrize(("grid", "frames", "second"), [
+    ([4, 4, 8], 350, 2.0),
+    # a wide frame and a short audio: the audio's last tokens come after the video's, and
+    # the text after the item starts past them, not past the video's widest column
+    ([2, 4, 40], 116, 1.0)])
+def test_audio_in_video_matches_transformers(grid, frames, second):
+    ids = (TEXT + audio_video(grid, frames, second) + TEXT + vision(MEDIA.image, [1, 4, 4])
            + audio(100) + TEXT)
-    check(ids, images=[[1, 4, 4]], videos=[grid], mel_frames=[350, 100],
-          second_per_grid=[2.0], use_audio_in_video=True)
+    check(ids, images=[[1, 4, 4]], videos=[grid], mel_frames=[frames, 100],
+          second_per_grid=[second], use_audio_in_video=True)
 
 
 def test_text_and_audio_only_are_sequential():
