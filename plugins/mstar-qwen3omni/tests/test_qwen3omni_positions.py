@@ -9,6 +9,8 @@ from functools import partial
 
 import pytest
 import torch
+from mstar_qwen3omni.config import Qwen3OmniConfig
+from mstar_qwen3omni.positions import MediaTokens, interleaved_placeholders, mrope_positions
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
     Qwen3OmniMoeThinkerConfig,
 )
@@ -19,9 +21,6 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     _get_feat_extract_output_lengths,
 )
 from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import Qwen3OmniMoeProcessor
-
-from mstar_qwen3omni.config import Qwen3OmniConfig
-from mstar_qwen3omni.positions import MediaTokens, interleaved_placeholders, mrope_positions
 
 CFG = Qwen3OmniConfig()  # the real ids
 MEDIA = MediaTokens(audio=CFG.audio_token_id, image=CFG.image_token_id,
@@ -39,7 +38,10 @@ def hf_rope_index(ids, *, images=(), videos=(), mel_frames=(), second_per_grid=(
                                        audio_config=CFG.thinker_config["audio_config"])
     owner = types.SimpleNamespace(config=config, spatial_merge_size=2)
     owner.get_llm_pos_ids_for_vision = partial(HFOmni.get_llm_pos_ids_for_vision, owner)
-    as_long = (lambda rows: torch.tensor(rows, dtype=torch.long) if rows else None)
+
+    def as_long(rows):
+        return torch.tensor(rows, dtype=torch.long) if rows else None
+
     positions, delta = HFOmni.get_rope_index(
         owner, torch.tensor([ids]), image_grid_thw=as_long(images),
         video_grid_thw=as_long(videos), attention_mask=torch.ones(1, len(ids)),

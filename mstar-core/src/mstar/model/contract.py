@@ -115,13 +115,15 @@ class RequestPlan:
     (partitions not named are never touched), request-wide host values (visible to every
     walk's environment: `max_tokens`, `num_steps`, `guidance_scale`, …), sampling
     parameters per site (`"default"` applies where a site has none), and the seed (drawn at
-    admission when None)."""
+    admission when None). `prompt_detail` says what the prompt's tokens are made of (a
+    model's media expand into many), added to the error of a prompt past `max_seq_len`."""
 
     first_walks: dict[str, WalkStep]
     params: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, SamplingParams] = field(default_factory=dict)
     seed: int | None = None
     prompt_tokens: int = 0
+    prompt_detail: str = ""
 
 
 @dataclass

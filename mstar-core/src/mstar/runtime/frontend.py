@@ -150,7 +150,8 @@ class Frontend(Entry):
             raise RequestError("response_format needs a model with a tokenizer",
                                param="response_format")
         if plan.prompt_tokens > self.config.max_seq_len:
-            raise RequestError(f"prompt of {plan.prompt_tokens} tokens is longer than "
+            detail = f" ({plan.prompt_detail})" if plan.prompt_detail else ""
+            raise RequestError(f"prompt of {plan.prompt_tokens} tokens{detail} is longer than "
                                f"max_seq_len={self.config.max_seq_len}", param="prompt")
         for site, params in plan.sampling.items():
             if params.max_tokens is not None and params.max_tokens > self.config.max_seq_len:
