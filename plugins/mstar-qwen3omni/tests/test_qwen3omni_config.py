@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-from mstar_qwen3omni.config import PRESETS, TINY_VOCAB, Qwen3OmniConfig
-from mstar_qwen3omni.model import Qwen3Omni
-from mstar_qwen3omni.tokenizer import CHAT_TEMPLATE, load_chat_template, load_tokenizer
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeConfig
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeForConditionalGeneration,
 )
+
+from mstar_qwen3omni.config import PRESETS, TINY_VOCAB, Qwen3OmniConfig
+from mstar_qwen3omni.model import Qwen3Omni
+from mstar_qwen3omni.tokenizer import CHAT_TEMPLATE, load_chat_template, load_tokenizer
 
 
 def test_tiny_ids_are_the_packaged_tokenizers():

@@ -9,8 +9,6 @@ from functools import partial
 
 import pytest
 import torch
-from mstar_qwen3omni.config import Qwen3OmniConfig
-from mstar_qwen3omni.positions import MediaTokens, interleaved_placeholders, mrope_positions
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
     Qwen3OmniMoeThinkerConfig,
 )
@@ -21,6 +19,9 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     _get_feat_extract_output_lengths,
 )
 from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import Qwen3OmniMoeProcessor
+
+from mstar_qwen3omni.config import Qwen3OmniConfig
+from mstar_qwen3omni.positions import MediaTokens, interleaved_placeholders, mrope_positions
 
 CFG = Qwen3OmniConfig()  # the real ids
 MEDIA = MediaTokens(audio=CFG.audio_token_id, image=CFG.image_token_id,
