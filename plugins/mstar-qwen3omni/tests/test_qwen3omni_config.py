@@ -81,3 +81,27 @@ def test_real_preset_is_the_checkpoints():
     with pytest.raises(ValueError, match="codec_chunk_frames"):
         Qwen3Omni.make_config(preset="tiny", model_kwargs={"codec_chunk_frames": 0})
     assert PRESETS["30b-a3b"] == {}
+
+
+def test_checkpoint_is_in_the_hub_layout(tmp_path):
+    from safetensors import safe_open
+
+    from mstar_qwen3omni.checkpoint import write_checkpoint
+
+    out = write_checkpoint(tmp_path / "ckpt")
+    keys: set[str] = set()
+    for file in out.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            keys |= set(f.keys())
+    assert "thinker.model.layers.0.mlp.experts.3.gate_proj.weight" in keys
+    assert "talker.model.layers.1.mlp.shared_expert_gate.weight" in keys
+    assert {"thinker.lm_head.weight", "talker.codec_head.weight",
+            "talker.model.codec_embedding.weight", "thinker.audio_tower.conv_out.weight",
+            "thinker.visual.pos_embed.weight", "code2wav.code_embedding.weight"} <= keys
+    assert not any("gate_up_proj" in k or "language_model" in k for k in keys)
+    model = Qwen3Omni(Qwen3Omni.config_from_checkpoint(
+        json.loads((out / "config.json").read_text())))
+    model.use_checkpoint_files({"default": out})
+    assert model.chat_template() == CHAT_TEMPLATE
+    assert model.tokenizer().encode("<|im_start|>user", add_special_tokens=False) == [
+        model.config.im_start_token_id, model.config.user_token_id]

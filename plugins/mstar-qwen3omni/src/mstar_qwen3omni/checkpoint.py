@@ -1,0 +1,57 @@
+"""A seeded Qwen3-Omni checkpoint in the hub layout, for tests and offline runs.
+
+`python -m mstar_qwen3omni.checkpoint DIR [--preset tiny] [--seed 0]` builds transformers'
+`Qwen3OmniMoeForConditionalGeneration` from the preset's config (random weights, seeded)
+and saves it with `save_pretrained`, which writes the hub's key names (transformers 5
+fuses each MoE layer's experts in memory and splits them back into per-expert
+`experts.{e}.{gate,up,down}_proj` tensors on save), plus `config.json`, the packaged tiny
+tokenizer's files and its chat template, so `mstar serve qwen3_omni --model-path DIR`
+loads it as it would the real checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+from mstar_qwen3omni.model import Qwen3Omni
+from mstar_qwen3omni.tokenizer import CHAT_TEMPLATE, PACKAGED_TOKENIZER
+
+
+def write_checkpoint(directory: str | os.PathLike[str], *, preset: str = "tiny",
+                     seed: int = 0) -> Path:
+    """The preset's model with seeded random weights in `directory` (hub layout); returns
+    the directory."""
+    import torch
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
+        Qwen3OmniMoeConfig,
+    )
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+        Qwen3OmniMoeForConditionalGeneration,
+    )
+
+    config = Qwen3Omni.make_config(preset=preset)
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**config.hf_dict()))
+    out = Path(directory)
+    model.eval().save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(PACKAGED_TOKENIZER / name, out / name)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory")
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "small"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(write_checkpoint(args.directory, preset=args.preset, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()
