@@ -216,13 +216,13 @@ class Qwen3OmniConfig:
 
     def talker(self) -> Any:
         """The Talker's config (its own nested text and code-predictor configs), with the
-        top-level tts ids it needs."""
+        Thinker's vocabulary size and the top-level tts ids it needs."""
         from mstar_qwen3omni.talker import TalkerConfig
 
-        return config_from_fields(TalkerConfig, {
-            **self.talker_config, "tts_bos_token_id": self.tts_bos_token_id,
-            "tts_eos_token_id": self.tts_eos_token_id,
-            "tts_pad_token_id": self.tts_pad_token_id})
+        return TalkerConfig.from_fields(
+            self.talker_config, thinker_vocab_size=self.thinker_config["text_config"][
+                "vocab_size"], tts_bos_token_id=self.tts_bos_token_id,
+            tts_eos_token_id=self.tts_eos_token_id, tts_pad_token_id=self.tts_pad_token_id)
 
     def code2wav(self) -> Any:
         from mstar_qwen3omni.code2wav import Code2WavConfig

@@ -109,13 +109,6 @@ TRANSCRIBE_PROMPT = "Transcribe the audio into text."
 SPEECH = "_speech"  # suffix of the walks of a request that speaks
 THINKER_INPUTS = ("input_ids", "positions", "mm_embeds", "mm_mask", "deepstack")
 THINKER_STREAMS = ("thinker_embeds", "thinker_hidden")
-#: The Talker node's inputs and carried values (talker.py's contract, `q_wiring`).
-TALKER_HOST_VALUES = ("talker_user_rows", "talker_mm_mask", "talker_assistant_start",
-                      "talker_speaker", "talker_positions", "talker_rope_delta")
-TALKER_INPUTS = ("text_rows", "hidden_rows", "stream_ended", "input_ids", "talker_last_hidden",
-                 *TALKER_HOST_VALUES)
-TALKER_OUTPUTS = ("token_ids", "codes", "talker_last_hidden")
-TALKER_CARRY = {"token_ids": "input_ids", "talker_last_hidden": "talker_last_hidden"}
 #: Rows the Thinker may run ahead of the Talker (per request; 16 KiB a row at real width
 #: in bfloat16): text is never paced by speech in practice.
 THINKER_AHEAD_ROWS = 4096
@@ -326,14 +319,10 @@ class Qwen3Omni(Model):
         raise ValueError(f"qwen3_omni node {node!r} has no KV cache (Thinker and Talker have)")
 
     def graph_walks(self) -> dict[str, Walk]:
-        from mstar_qwen3omni.talker import talker_prepare
+        from mstar_qwen3omni.talker import talker_walk
 
         walks = {**self._thinker_walks(""), **self._thinker_walks(SPEECH)}
-        walks["talker"] = Walk(Loop(
-            GraphNode("Talker", inputs=TALKER_INPUTS, outputs=TALKER_OUTPUTS,
-                      prepare=talker_prepare(self.config.talker())),
-            until="finished", carry=TALKER_CARRY, iteration="talker_step"),
-            control=("finish_reason",))
+        walks["talker"] = Walk(talker_walk(self.config.talker()), control=("finish_reason",))
         walks["code2wav"] = Walk(Loop(
             GraphNode("Code2Wav", inputs=("codes",), outputs=("audio",), emit=("audio",)),
             until="stream_ended"))
@@ -413,7 +402,7 @@ class Qwen3Omni(Model):
         if node == "Talker":
             from mstar_qwen3omni.talker import talker_weight_spec
 
-            return talker_weight_spec(c.talker())
+            return talker_weight_spec()
         if node == "audio_encoder":
             from mstar_qwen3omni.audio_encoder import audio_weight_spec
 
