@@ -107,3 +107,10 @@ def test_real_size_builds_on_meta_with_the_hub_names() -> None:
     assert mapped == {k: v.shape for k, v in ours.state_dict().items()}
     assert spec.map_key("thinker.visual.blocks.0.norm1.weight") is None
     assert sum(v.numel() for v in ours.parameters()) > 600_000_000
+
+
+def test_bad_features_are_refused(encoders) -> None:
+    _, ours = encoders
+    for shape in ((16, 0), (15, 100), (16,)):
+        with pytest.raises(ValueError, match="audio features must be"):
+            ours([{"input_features": torch.zeros(shape)}])

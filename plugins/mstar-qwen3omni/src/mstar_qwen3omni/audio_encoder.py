@@ -152,37 +152,34 @@ class AudioEncoder(nn.Module):
         # HF's `embed_scale` (scale_embedding) is never applied in its forward; neither here.
         return x + sinusoids(t, self.cfg.d_model).to(x)
 
-    def _chunks(self, features: Sequence[torch.Tensor]) -> list[tuple[int, int, int]]:
-        """(clip, first frame, frames) of every chunk, clip by clip in order."""
-        size = self.cfg.chunk_frames
-        return [(i, start, min(size, feats.shape[1] - start))
-                for i, feats in enumerate(features)
-                for start in range(0, feats.shape[1], size)]
-
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Clips' mel features [num_mel_bins, frames] -> [output_length(frames), output_dim]
         each."""
-        if any(f.shape[1] == 0 for f in features):
-            raise ValueError("an audio clip has no mel frames")
-        dtype = self.conv2d1.weight.dtype
-        chunks = self._chunks(features)
-        # A clip's chunks are padded to its longest chunk (as HF pads a clip alone).
-        padded = {i: max(n for c, _, n in chunks if c == i) for i in range(len(features))}
-        rows: list[torch.Tensor | None] = [None] * len(chunks)
+        for f in features:
+            if f.dim() != 2 or f.shape[0] != self.cfg.num_mel_bins or f.shape[1] == 0:
+                raise ValueError(f"audio features must be [{self.cfg.num_mel_bins}, frames > 0]"
+                                 f", got {list(f.shape)}")
+        dtype, size = self.conv2d1.weight.dtype, self.cfg.chunk_frames
+        # Chunk k: (clip, first frame, frames). A clip's chunks are padded to its longest
+        # chunk, as HF pads a clip alone; chunks of one padded length convolve together.
+        chunks = [(i, start, min(size, f.shape[1] - start))
+                  for i, f in enumerate(features) for start in range(0, f.shape[1], size)]
         by_length: dict[int, list[int]] = {}
         for k, (clip, _, _) in enumerate(chunks):
-            by_length.setdefault(padded[clip], []).append(k)
+            by_length.setdefault(min(size, features[clip].shape[1]), []).append(k)
+        rows: list[torch.Tensor | None] = [None] * len(chunks)
         for length, members in by_length.items():
-            batch = torch.stack([F.pad(features[chunks[k][0]][:, chunks[k][1]:
-                                                              chunks[k][1] + chunks[k][2]],
-                                       (0, length - chunks[k][2])) for k in members])
-            out = self._downsample(batch.to(dtype))
+            pieces = []
+            for k in members:
+                clip, start, n = chunks[k]
+                pieces.append(F.pad(features[clip][:, start:start + n], (0, length - n)))
+            out = self._downsample(torch.stack(pieces).to(dtype))
             for row, k in enumerate(members):
                 rows[k] = out[row, :_conv_length(chunks[k][2])]
         x = torch.cat(rows)  # type: ignore[arg-type]
+        # Attention windows: n_window_infer frames' worth of rows, cut clip by clip.
         lengths = [self.output_length(f.shape[1]) for f in features]
-        window = _conv_length(self.cfg.chunk_frames) * (self.cfg.n_window_infer
-                                                       // self.cfg.chunk_frames)
+        window = _conv_length(size) * (self.cfg.n_window_infer // size)
         windows = [[Segment(min(window, n - start), "bidirectional")]
                    for n in lengths for start in range(0, n, window)]
         with ragged_attention(windows, device=x.device):
