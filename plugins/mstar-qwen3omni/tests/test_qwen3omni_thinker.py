@@ -11,11 +11,14 @@ Every step is compared with transformers run from scratch over the whole sequenc
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
     Qwen3OmniMoeTextConfig,
@@ -77,11 +80,15 @@ def checkpoint(tmp_path_factory) -> tuple[Qwen3OmniMoeThinkerForConditionalGener
     return oracle, hub
 
 
-def load_ours(hub: Path, text_config: dict) -> Thinker:
-    cfg = config_from_fields(ThinkerTextConfig, text_config)
-    module = Thinker(cfg, accept_hidden_layer=ACCEPT)
+def load_ours(hub: Path, tp_rank: int = 0, tp_size: int = 1, tp_group: object = None
+              ) -> Thinker:
+    """Our Thinker (rank `tp_rank` of `tp_size`) loaded from the files by its weight spec."""
+    cfg = config_from_fields(ThinkerTextConfig, TEXT)
+    module = Thinker(cfg, accept_hidden_layer=ACCEPT, tp_rank=tp_rank, tp_size=tp_size,
+                     tp_group=tp_group)
     spec = thinker_weight_spec(cfg)
-    report = load_weights(module, iter_checkpoint(checkpoint_files(hub, spec.patterns)), spec)
+    report = load_weights(module, iter_checkpoint(checkpoint_files(hub, spec.patterns)), spec,
+                          tp_rank=tp_rank, tp_size=tp_size)
     assert set(report.loaded) == set(module.state_dict())
     return module.eval()
 
@@ -183,7 +190,7 @@ def test_thinker_matches_transformers_over_media_prefill_and_decode(checkpoint) 
     greedily. Logits (last row), thinker_embeds and thinker_hidden (every row) match
     transformers' within 1e-4 at every step."""
     oracle, hub = checkpoint
-    ours = load_ours(hub, TEXT)
+    ours = load_ours(hub)
     assert ours.model.layers[1].mlp.__class__.__name__ == "GatedMLP"
     spec = thinker_kv_spec(ours.config, deepstack_layers=DEEPSTACK)
     cache = KVCacheManager(PagePool(spec, num_pages=32, page_size=4))
@@ -211,6 +218,50 @@ def test_thinker_matches_transformers_over_media_prefill_and_decode(checkpoint) 
         got = dict(zip((a, b), step(ours, cache, [(k, prompts[k], done[k], done[k] + 1)
                                                   for k in (a, b)], with_extras=False)))
     assert cache.length(a) == len(prompts[a].ids)
+
+
+def greedy(module: Thinker, tp_size: int, prompt: Prompt, steps: int
+           ) -> dict[str, torch.Tensor]:
+    """Prefill `prompt` (media rows included), then `steps` greedy decode steps: every
+    output of every step, concatenated. A TP rank's cache holds its share of the KV heads,
+    as the engine sizes it."""
+    spec = thinker_kv_spec(module.config, deepstack_layers=DEEPSTACK)
+    spec = dataclasses.replace(spec, num_kv_heads=spec.num_kv_heads // tp_size)
+    cache = KVCacheManager(PagePool(spec, num_pages=16, page_size=4))
+    key, p = SeqKey("r", "Thinker"), copy.deepcopy(prompt)
+    outs = step(module, cache, [(key, p, 0, len(p.ids))])
+    for _ in range(steps):
+        p.append(int(outs[-1]["logits"][0].argmax()))
+        outs += step(module, cache, [(key, p, len(p.ids) - 1, len(p.ids))], with_extras=False)
+    return {name: torch.cat([o[name] for o in outs]) for name in OUTPUTS}
+
+
+def _tp_rank(rank: int, hub: Path, prompt: Prompt, out: Path) -> None:
+    """One rank of a 2-way TP group (gloo, a file rendezvous): its outputs to `out`."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank,
+                            world_size=2)
+    try:
+        module = load_ours(hub, tp_rank=rank, tp_size=2, tp_group=dist.group.WORLD)
+        torch.save(greedy(module, 2, prompt, 3), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_ranks_match_one_rank(checkpoint, tmp_path: Path) -> None:
+    """tp_size 2 over two real processes: each rank holds half the heads, half of every
+    expert's (and the dense MLP's) intermediate features and half the vocabulary, the MoE
+    all-reduces once per layer, and both ranks produce the single-rank outputs."""
+    _, hub = checkpoint
+    torch.manual_seed(1)
+    prompt = image_prompt()
+    mp.spawn(_tp_rank, args=(hub, prompt, tmp_path), nprocs=2, join=True)
+    want = greedy(load_ours(hub), 1, prompt, 3)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for name in OUTPUTS:
+            torch.testing.assert_close(got[name], want[name], atol=ATOL, rtol=0,
+                                       msg=f"rank {rank}: {name}")
 
 
 REAL = dict(vocab_size=152064, hidden_size=2048, moe_intermediate_size=768,
