@@ -152,7 +152,8 @@ class _TextModel(nn.Module):
 
 def thinker_extras(cfg: ThinkerTextConfig,
                    deepstack_layers: int = DEEPSTACK_LAYERS) -> tuple[ExtraSpec, ...]:
-    """The per-token extras `Thinker.forward` reads (absent: zeros, i.e. text rows)."""
+    """The per-token extras `Thinker.forward` reads (absent: zeros, i.e. text rows).
+    `deepstack` is read on `mm_mask` rows only."""
     return (
         ExtraSpec("mm_mask", "token", dtype=torch.long),
         ExtraSpec("mm_embeds", "token", (cfg.hidden_size,)),
@@ -181,28 +182,33 @@ class Thinker(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_base,
                                       sections=cfg.mrope_section, interleaved=True)
 
-    def _embed(self, batch: ForwardBatch) -> torch.Tensor:
-        """Input embeddings: token embeddings, or the `mm_embeds` row where `mm_mask` is 1."""
+    def _embed(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Input embeddings (token embeddings, or the `mm_embeds` row where `mm_mask` is 1)
+        and the media rows' indices (None when there are none: text and decode steps)."""
         x = self.model.embed_tokens(batch.input_ids)
         mask = batch.extras.get("mm_mask")
-        if mask is not None and bool(mask.any()):
-            mm = batch.extras["mm_embeds"].to(device=x.device, dtype=x.dtype)
-            x = torch.where(mask.bool()[:, None], mm, x)
-        return x
+        media = None if mask is None else mask.nonzero().squeeze(1).to(x.device)
+        if media is None or media.numel() == 0:
+            return x, None
+        mm = batch.extras["mm_embeds"][media].to(device=x.device, dtype=x.dtype)
+        return x.index_copy(0, media, mm), media
 
     def forward(self, batch: ForwardBatch) -> dict[str, torch.Tensor]:
-        x = self._embed(batch)
+        x, media = self._embed(batch)
         out: dict[str, torch.Tensor] = {}
         if batch.wants("thinker_embeds"):
             out["thinker_embeds"] = x[batch.output_rows("thinker_embeds")]
-        deepstack = batch.extras.get("deepstack")
+        # Deepstack features exist only on media rows (zeros on audio ones).
+        deepstack = None if media is None else batch.extras.get("deepstack")
+        if deepstack is not None:
+            deepstack = deepstack[media].to(device=x.device, dtype=x.dtype)
         cos_sin = self.rotary.cos_sin(batch.positions)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos_sin)
             if i + 1 == self.accept_hidden_layer and batch.wants("thinker_hidden"):
                 out["thinker_hidden"] = x[batch.output_rows("thinker_hidden")]
             if deepstack is not None and i < deepstack.shape[1]:
-                x = x + deepstack[:, i].to(x.dtype)
+                x = x.index_add(0, media, deepstack[:, i])
         if batch.wants("logits"):
             out["logits"] = self.lm_head(self.model.norm(x[batch.output_rows("logits")]))
         return out
