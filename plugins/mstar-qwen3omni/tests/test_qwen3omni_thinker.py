@@ -96,13 +96,15 @@ def load_ours(hub: Path, tp_rank: int = 0, tp_size: int = 1, tp_group: object = 
 @dataclasses.dataclass
 class Prompt:
     """One sequence: token ids, positions [3, n], and its media rows (mm_mask 1: mm_embeds
-    replace the token embedding; deepstack rows added after the first layers)."""
+    replace the token embedding; on the `visual` ones deepstack rows are added after the
+    first layers, zeros elsewhere)."""
 
     ids: list[int]
     positions: torch.Tensor
     mm_mask: torch.Tensor
     mm_embeds: torch.Tensor
     deepstack: torch.Tensor
+    visual: torch.Tensor
 
     def append(self, token: int) -> None:
         nxt = int(self.positions.max()) + 1
@@ -111,26 +113,31 @@ class Prompt:
         self.mm_mask = torch.cat([self.mm_mask, torch.zeros(1, dtype=torch.long)])
         self.mm_embeds = torch.cat([self.mm_embeds, torch.zeros(1, HIDDEN)])
         self.deepstack = torch.cat([self.deepstack, torch.zeros(1, DEEPSTACK, HIDDEN)])
+        self.visual = torch.cat([self.visual, torch.zeros(1, dtype=torch.bool)])
 
 
 def text_prompt(ids: list[int]) -> Prompt:
     n = len(ids)
     return Prompt(list(ids), torch.arange(n).expand(3, -1).clone(),
                   torch.zeros(n, dtype=torch.long), torch.zeros(n, HIDDEN),
-                  torch.zeros(n, DEEPSTACK, HIDDEN))
+                  torch.zeros(n, DEEPSTACK, HIDDEN), torch.zeros(n, dtype=torch.bool))
 
 
-def image_prompt() -> Prompt:
-    """4 text rows, a 2x3 "image" (t fixed, h and w its grid), 2 text rows after it (the
-    next position is one past the largest, as get_rope_index places them)."""
-    p = text_prompt([5, 17, 3, 44])
+def media_prompt() -> Prompt:
+    """4 text rows, 3 "audio" rows (media, no deepstack; equal axes), a 2x3 "image" (t
+    fixed, h and w its grid), 2 text rows after it (the next position is one past the
+    largest, as get_rope_index places them): 15 rows."""
+    p = text_prompt([5, 17, 3, 44, 91, 91, 91])
+    p.mm_mask[4:] = 1
+    p.mm_embeds[4:] = torch.randn(3, HIDDEN)
     grid_h, grid_w = torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij")
-    image = torch.stack([torch.full((6,), 4), 4 + grid_h.flatten(), 4 + grid_w.flatten()])
+    image = torch.stack([torch.full((6,), 7), 7 + grid_h.flatten(), 7 + grid_w.flatten()])
     p.ids += [90] * 6
     p.positions = torch.cat([p.positions, image], dim=1)
     p.mm_mask = torch.cat([p.mm_mask, torch.ones(6, dtype=torch.long)])
     p.mm_embeds = torch.cat([p.mm_embeds, torch.randn(6, HIDDEN)])
     p.deepstack = torch.cat([p.deepstack, torch.randn(6, DEEPSTACK, HIDDEN)])
+    p.visual = torch.cat([p.visual, torch.ones(6, dtype=torch.bool)])
     for token in (61, 8):
         p.append(token)
     return p
@@ -141,10 +148,10 @@ def oracle_run(oracle: Qwen3OmniMoeThinkerForConditionalGeneration, p: Prompt
     """transformers over the whole sequence: the same inputs_embeds (media spliced), 3-axis
     positions and deepstack rows through the text model; every row's outputs."""
     text: Qwen3OmniMoeThinkerTextModel = oracle.model.language_model
-    visual = p.mm_mask.bool()
+    visual = p.visual
     with torch.no_grad():
         embeds = text.embed_tokens(torch.tensor(p.ids))
-        embeds = torch.where(visual[:, None], p.mm_embeds, embeds)
+        embeds = torch.where(p.mm_mask.bool()[:, None], p.mm_embeds, embeds)
         deepstack = [p.deepstack[visual, i] for i in range(DEEPSTACK)] if visual.any() else None
         out = text(inputs_embeds=embeds[None], position_ids=p.positions[:, None, :],
                    visual_pos_masks=visual[None], deepstack_visual_embeds=deepstack,
@@ -185,8 +192,8 @@ def step(module: Thinker, cache: KVCacheManager,
 
 
 def test_thinker_matches_transformers_over_media_prefill_and_decode(checkpoint) -> None:
-    """Sequence a: a text chunk (no extras given), then its image rows + text with
-    mm_embeds/deepstack, batched with sequence b's whole text prompt; then both decode
+    """Sequence a: a text chunk (no extras given), then its audio and image rows + text
+    with mm_embeds/deepstack, batched with sequence b's whole text prompt; then both decode
     greedily. Logits (last row), thinker_embeds and thinker_hidden (every row) match
     transformers' within 1e-4 at every step."""
     oracle, hub = checkpoint
@@ -195,12 +202,12 @@ def test_thinker_matches_transformers_over_media_prefill_and_decode(checkpoint) 
     spec = thinker_kv_spec(ours.config, deepstack_layers=DEEPSTACK)
     cache = KVCacheManager(PagePool(spec, num_pages=32, page_size=4))
     a, b = SeqKey("a", "Thinker"), SeqKey("b", "Thinker")
-    prompts = {a: image_prompt(), b: text_prompt([7, 1, 30, 2, 66])}
+    prompts = {a: media_prompt(), b: text_prompt([7, 1, 30, 2, 66])}
     assert not torch.equal(prompts[a].positions[0], prompts[a].positions[1])
 
     got = {a: step(ours, cache, [(a, prompts[a], 0, 4)], with_extras=False)[0]}
     first = {name: [got[a][name]] for name in ("thinker_embeds", "thinker_hidden")}
-    got = dict(zip((a, b), step(ours, cache, [(a, prompts[a], 4, 12),
+    got = dict(zip((a, b), step(ours, cache, [(a, prompts[a], 4, 15),
                                               (b, prompts[b], 0, 5)])))
     for name in first:
         got[a][name] = torch.cat([*first[name], got[a][name]])
@@ -254,7 +261,7 @@ def test_tensor_parallel_ranks_match_one_rank(checkpoint, tmp_path: Path) -> Non
     all-reduces once per layer, and both ranks produce the single-rank outputs."""
     _, hub = checkpoint
     torch.manual_seed(1)
-    prompt = image_prompt()
+    prompt = media_prompt()
     mp.spawn(_tp_rank, args=(hub, prompt, tmp_path), nprocs=2, join=True)
     want = greedy(load_ours(hub), 1, prompt, 3)
     for rank in range(2):
