@@ -7,6 +7,8 @@ with `save_pretrained` (transformers writes the hub's per-expert layout) and the
 loaded from that file with the real loader and driven as the runtime drives it: hand-built
 ragged `ForwardBatch`es over a real paged KV cache and the reference attention backend.
 Every step is compared with transformers run from scratch over the whole sequence.
+transformers is imported where the oracle is used: the tensor-parallel test's rank
+processes import this module and need no oracle.
 """
 
 from __future__ import annotations
@@ -14,20 +16,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
-    Qwen3OmniMoeTextConfig,
-    Qwen3OmniMoeThinkerConfig,
-)
-from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
-    Qwen3OmniMoeThinkerForConditionalGeneration,
-    Qwen3OmniMoeThinkerTextModel,
-)
 
 from mstar.engine.attention_torch import forward_step
 from mstar.engine.kv_cache import KVCacheManager, PagePool
@@ -55,8 +50,16 @@ OUTPUTS = ("logits", "thinker_embeds", "thinker_hidden")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> tuple[Qwen3OmniMoeThinkerForConditionalGeneration, Path]:
-    """The tiny seeded oracle and the directory of its `thinker.`-prefixed weights."""
+def checkpoint(tmp_path_factory) -> tuple[Any, Path]:
+    """The tiny seeded oracle (`Qwen3OmniMoeThinkerForConditionalGeneration`) and the
+    directory of its `thinker.`-prefixed weights."""
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
+        Qwen3OmniMoeThinkerConfig,
+    )
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+    )
+
     torch.manual_seed(0)
     config = Qwen3OmniMoeThinkerConfig(
         text_config=TEXT,
@@ -143,11 +146,10 @@ def media_prompt() -> Prompt:
     return p
 
 
-def oracle_run(oracle: Qwen3OmniMoeThinkerForConditionalGeneration, p: Prompt
-               ) -> dict[str, torch.Tensor]:
+def oracle_run(oracle: Any, p: Prompt) -> dict[str, torch.Tensor]:
     """transformers over the whole sequence: the same inputs_embeds (media spliced), 3-axis
     positions and deepstack rows through the text model; every row's outputs."""
-    text: Qwen3OmniMoeThinkerTextModel = oracle.model.language_model
+    text = oracle.model.language_model
     visual = p.visual
     with torch.no_grad():
         embeds = text.embed_tokens(torch.tensor(p.ids))
@@ -283,6 +285,13 @@ def test_30b_weight_map_covers_the_hub_keys(tp_rank: int, tp_size: int) -> None:
     """The real 30B-A3B text config on the meta device: every key of the hub's thinker
     text model (per expert, `thinker.`-prefixed) loads into exactly one parameter of ours,
     every parameter of ours is loaded, and keys of other nodes are ignored."""
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
+        Qwen3OmniMoeTextConfig,
+    )
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+        Qwen3OmniMoeThinkerTextModel,
+    )
+
     with torch.device("meta"):
         oracle = Qwen3OmniMoeThinkerTextModel(Qwen3OmniMoeTextConfig(**REAL))
         ours = Thinker(config_from_fields(ThinkerTextConfig, REAL), accept_hidden_layer=18,
