@@ -7,9 +7,8 @@ frequency order, read axis a. `interleaved` (Qwen3-VL / Qwen3-Omni) instead deal
 frequencies round-robin, so every axis gets high and low frequencies: pair i reads axis
 i mod A while that axis has pairs left (axis a > 0 owns pairs a, a + A, …, a + A·(sections[a]
 − 1)), and axis 0 reads every other pair. With every axis equal either layout is exactly
-1-D RoPE. cos/sin are
-computed from the positions at each call (no cache to size or invalidate); that is a few
-elementwise ops on [T, D], small beside attention.
+1-D RoPE. cos/sin are computed from the positions at each call (no cache to size or
+invalidate); that is a few elementwise ops on [T, D], small beside attention.
 
 The buffers (`inv_freq`, `axis_of_freq`) are not in checkpoints: `reset_buffers` computes
 them, at construction and again after the loader materialised a module built on the meta
