@@ -339,3 +339,13 @@ def test_thinker_rejects_an_accept_layer_that_is_no_layer_output() -> None:
     for bad in (0, 3):
         with pytest.raises(ValueError, match="accept_hidden_layer"):
             Thinker(cfg, accept_hidden_layer=bad)
+
+
+def test_config_reads_rope_settings_as_the_hub_and_transformers_5_write_them() -> None:
+    hub = config_from_fields(ThinkerTextConfig, {
+        "rope_theta": 500.0, "rope_scaling": {"mrope_section": [4, 2, 2], "interleaved": True,
+                                              "rope_type": "default"}})
+    v5 = config_from_fields(ThinkerTextConfig, {"rope_theta": None, "rope_parameters": {
+        "rope_theta": 500.0, "mrope_section": [4, 2, 2], "rope_type": "default"}})
+    assert (hub.rope_base, hub.mrope_section) == (v5.rope_base, v5.mrope_section) == \
+        (500.0, (4, 2, 2))
