@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,9 @@ class NodeWork:
 
     `inputs` holds the environment values the node reads; `walk` and `iteration` are kept
     for step logs and noise keys; `lane` is the worker's handle to route the result back.
+    `sampling` is the node's own sampling parameters; `site_sampling` the request's by site
+    (`RequestPlan.sampling`), for `ctx.sample`; `site_history` the ids `ctx.sample` drew so
+    far for this request and child, by keyed site (kept by the worker with the request).
     """
 
     request_id: str
@@ -30,6 +34,8 @@ class NodeWork:
     iteration: int | None = None
     lane: Any = None
     arrival: int = 0
+    site_sampling: Mapping[str, SamplingParams] = field(default_factory=dict)
+    site_history: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -52,11 +58,25 @@ class KeyedStepContext:
                          step=w.iteration or 0, dtype=dtype)
 
     def sample(self, seq_index: int, logits: torch.Tensor, site: str, step: int) -> torch.Tensor:
-        """Row j of `logits` is its own draw, keyed by site "<site>/<j>"."""
+        """Row j of `logits` is its own draw, keyed by site "<site>/<j>", with the request's
+        sampling parameters for `site` (`RequestPlan.sampling[site]`, else the node's own).
+        Penalties and logits processors see the ids drawn before at that keyed site for this
+        request and child; they are recorded only when the parameters use them (reading
+        the ids back waits for the device)."""
         from mstar.engine.sampler import SampleRequest, sample
 
         w = self._works[seq_index]
-        rows = [SampleRequest(params=w.sampling, seed=w.seed, child=w.child,
-                              site=f"{site}/{j}", step=step, history=())
-                for j in range(logits.shape[0])]
-        return sample(logits, rows).token_ids
+        params = w.site_sampling.get(site) or w.sampling
+        sites = [f"{site}/{j}" for j in range(logits.shape[0])]
+        rows = [SampleRequest(params=params, seed=w.seed, child=w.child, site=key, step=step,
+                              history=w.site_history.get(key, ())) for key in sites]
+        token_ids = sample(logits, rows).token_ids
+        if _uses_history(params):
+            for key, token in zip(sites, token_ids.tolist()):
+                w.site_history.setdefault(key, []).append(token)
+        return token_ids
+
+
+def _uses_history(params: SamplingParams) -> bool:
+    return bool(params.repetition_penalty != 1.0 or params.frequency_penalty
+                or params.presence_penalty or params.logits_processors)
