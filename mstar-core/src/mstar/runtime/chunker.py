@@ -223,15 +223,16 @@ class StreamChunker:
 
 
 def first_chunk_of(policy: ChunkPolicy, params: Mapping[str, object]) -> int | None:
-    """The first window's units for a request: its `first_chunk_param` value (a positive
-    int, else a `RequestError` naming the param), else the policy's `first_chunk`."""
+    """The first window's units for a request: its `first_chunk_param` value, else the
+    policy's `first_chunk`. The model's `process_prompt` sets the param, so a missing or
+    bad one is the server's fault: a `RequestError` with code 500 naming it."""
     name = policy.first_chunk_param
     if name is None:
         return policy.first_chunk
     value = params.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise RequestError(f"request param {name!r} (the streaming edge's first window) must "
-                           f"be a positive int, got {value!r}", param=name)
+                           f"be a positive int, got {value!r}", code=500, param=name)
     return value
 
 

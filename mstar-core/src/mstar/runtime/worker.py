@@ -716,7 +716,8 @@ class Worker(Component):
         waiting = sum(len(e.waiting) for e in self.engines.values())
         self.channel.send(self.status_address, msg.WorkerStats(
             self.address, self.pages_in_use(), len(self.requests), waiting, steps,
-            self.counters(), self.invocations(), self.parameter_bytes, time.time()))
+            self.counters(), self.invocations(), self.parameter_bytes, time.time(),
+            self.node_pages()))
 
     def counters(self) -> dict[str, int]:
         """Every engine's cumulative counters, as "<node>.<name>", with
@@ -735,5 +736,9 @@ class Worker(Component):
                 out.setdefault(node, {})[walk] = count
         return out
 
+    def node_pages(self) -> dict[str, int]:
+        """Pages each KV node built here holds (each has its own pool)."""
+        return {n: e.pages_in_use() for n, e in self.engines.items() if isinstance(e, KVEngine)}
+
     def pages_in_use(self) -> int:
-        return sum(e.pages_in_use() for e in self.engines.values() if isinstance(e, KVEngine))
+        return sum(self.node_pages().values())
