@@ -522,7 +522,11 @@ class Worker(Component):
         if (engine is None and node.name not in lane.remote) or info is None:
             self._fail(req, RuntimeError(f"node {node.module!r} is not on {self.address}"))
             return
-        inputs = lane.cursor.inputs(node.name)
+        try:
+            inputs = lane.cursor.inputs(node.name)  # runs the node's prepare rule
+        except Exception as exc:  # the model's rule failed: this request only
+            self._fail(req, exc)
+            return
         dest = lane.remote.get(node.name)
         if dest is not None:  # placed on another worker: call it there
             call_id = next(self._call_ids)
@@ -583,8 +587,11 @@ class Worker(Component):
         outputs = result.outputs
         if lane.window is not None:
             window, lane.window = lane.window, None
-            outputs = {k: slice_emitted(v, window) if isinstance(v, torch.Tensor) else v
-                       for k, v in outputs.items()}
+            if (window.emit_start, window.emit_end) != (window.win_start, window.win_end):
+                # (a window emitting all its units leaves outputs whole: a KV consumer's
+                # sampled token is one row whatever the window's size)
+                outputs = {k: slice_emitted(v, window) if isinstance(v, torch.Tensor) else v
+                           for k, v in outputs.items()}
             self._credit(req)
         self._push_streams(req, work.node, outputs)
         self._complete(req, lane, work.node, outputs)
