@@ -389,3 +389,6 @@ def test_in_node_sampling_uses_the_sites_params_and_each_childs_history():
     # a site the request has no params for: the node's own (greedy, no penalty, no record)
     assert [ctx.sample(0, logits, "other", s).tolist() for s in range(2)] == [[0, 3]] * 2
     assert "other/0" not in works[0].site_history
+    # a sequence rebuilt after preemption has no invocation: a clear error, not a guess
+    with pytest.raises(RuntimeError, match="rebuilt after preemption"):
+        KeyedStepContext([None]).sample(0, logits, "code_predictor", 0)

@@ -140,6 +140,8 @@ def test_a_per_request_first_window_larger_than_max_buffered_forms_without_deadl
     assert [s[0] for s in seen(evs)] == [6, 1, 1]
     rows = torch.cat(tensors(evs, "rows"))
     assert rows[:, 0].tolist() == [float(u) for u in range(8)]  # every row once, in order
+    # in flight at most: the request's own first window (then max_buffered again)
+    assert dep.workers[0].stream_peak == 6
     settle(dep)
 
 

@@ -46,14 +46,25 @@ class WorkResult:
 
 
 class KeyedStepContext:
-    """`StepContext` for one engine step: noise and in-node sampling keyed per request."""
+    """`StepContext` for one engine step: noise and in-node sampling keyed per request.
 
-    def __init__(self, works: list[NodeWork]):
+    A KV sequence rebuilt after preemption runs without an invocation (its entry is None):
+    it has no key to draw with, so a node must compute such rows from its recorded inputs
+    (a rebuild has no outputs wanted: `SeqChunk.outputs` is empty)."""
+
+    def __init__(self, works: list[NodeWork | None]):
         self._works = works
+
+    def _work(self, seq_index: int) -> NodeWork:
+        w = self._works[seq_index]
+        if w is None:
+            raise RuntimeError(f"sequence {seq_index} of this step is being rebuilt after "
+                               "preemption: it has no invocation to key noise or sampling by")
+        return w
 
     def randn(self, seq_index: int, shape: tuple[int, ...], site: str, *,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        w = self._works[seq_index]
+        w = self._work(seq_index)
         return rng.randn(shape, seed=w.seed, child=w.child, site=site,
                          step=w.iteration or 0, dtype=dtype)
 
@@ -65,7 +76,7 @@ class KeyedStepContext:
         the ids back waits for the device)."""
         from mstar.engine.sampler import SampleRequest, sample
 
-        w = self._works[seq_index]
+        w = self._work(seq_index)
         params = w.site_sampling.get(site) or w.sampling
         sites = [f"{site}/{j}" for j in range(logits.shape[0])]
         rows = [SampleRequest(params=params, seed=w.seed, child=w.child, site=key, step=step,

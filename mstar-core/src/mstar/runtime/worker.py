@@ -146,7 +146,8 @@ class Worker(Component):
                                  for e in self.edges]
         self.requests: dict[str, WorkerRequest] = {}
         #: Highest number of stream units any request had in flight to its consumer
-        #: (pushed, not yet released): never above the edge's `max_buffered`.
+        #: (pushed, not yet released): never above the edge's `max_buffered`, or the
+        #: request's first window where that is larger (`chunker.producer_bound`).
         self.stream_peak = 0
         self._stats_from: dict[str, int] = {}
         self._call_ids = itertools.count()
