@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import collect, finished, settle, tensors
+from conftest import collect, finished, settle, tensors, wait_for
 from torch import nn
 
 from mstar import events
@@ -157,6 +157,14 @@ def test_the_consumer_goes_on_after_the_end_with_empty_windows(dep):
     settle(dep)
 
 
+def test_a_stream_that_ends_short_of_the_first_window_flushes_what_it_has(dep):
+    # a Thinker that stops at its prefill: the prompt's 3 rows, never the fourth
+    evs = collect(dep, {"count": 1, "prompt_rows": 3, "first_rows": 4, "speak": 3})
+    assert finished(evs).reason == "stop", evs[-1]
+    assert [s[:2] for s in seen(evs)] == [[3, 1], [0, 1], [0, 1]]
+    settle(dep)
+
+
 def test_a_stream_that_ended_empty_fails_a_consumer_that_goes_on(dep):
     evs = collect(dep, {"count": 0, "prompt_rows": 3, "first_rows": 4, "speak": 2})
     error = evs[-1]
@@ -187,5 +195,5 @@ def test_ctx_sample_uses_the_sites_params_and_its_history(dep):
     evs = collect(dep, {**base, "voice": {"temperature": 0, "repetition_penalty": 10.0}})
     assert [s[4] for s in seen(evs)] == [0, 1, 2, 3]
     settle(dep)
-    # the history lives with the request on the worker and went with it
-    assert all(not w.requests for w in dep.workers.values())
+    # the history lives with the request on the worker and goes with it (its Release)
+    wait_for(lambda: all(not w.requests for w in dep.workers.values()))
