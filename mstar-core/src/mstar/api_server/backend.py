@@ -40,7 +40,8 @@ class Stats(TypedDict):
     `invocations`: node invocations run, by (rank, graph node, walk); `parameter_bytes`:
     by (rank, node) held, (all its parameter bytes, those split by tensor parallelism);
     `reported_at`: by rank, the wall-clock time its latest report was read;
-    `rank_pages_in_use`: by rank, the KV pages its engines hold (last report).
+    `rank_pages_in_use`: by rank, the KV pages its engines hold (last report);
+    `node_pages_in_use`: by (rank, KV node), the pages of that node's own pool.
     """
 
     pages_in_use: int
@@ -52,6 +53,7 @@ class Stats(TypedDict):
     parameter_bytes: dict[tuple[int, str], tuple[int, int]]
     reported_at: dict[int, float]
     rank_pages_in_use: dict[int, int]
+    node_pages_in_use: dict[tuple[int, str], int]
 
 
 class Backend(Protocol):

@@ -208,7 +208,8 @@ class WorkerStats(msgspec.Struct, tag=True):
     `vision_encoder.encoder_cache_hits`, ...); `invocations`: node invocations this rank
     ran, by graph node (branch nodes by their own name) and walk; `parameter_bytes`: per
     node held, [all its parameters, those of them split across a tensor-parallel group];
-    `at`: the wall-clock time (`time.time()`) the counts were read."""
+    `at`: the wall-clock time (`time.time()`) the counts were read; `node_pages`: per KV
+    node, the pages it holds of its own pool (`pages_in_use` is their sum)."""
 
     address: str
     pages_in_use: int
@@ -219,6 +220,7 @@ class WorkerStats(msgspec.Struct, tag=True):
     invocations: dict[str, dict[str, int]] = {}
     parameter_bytes: dict[str, tuple[int, int]] = {}
     at: float = 0.0
+    node_pages: dict[str, int] = {}
 
 
 # -- worker -> frontend -------------------------------------------------------------------
