@@ -178,7 +178,7 @@ class _SpokenReply:
     """The audio of a chat's spoken reply, per choice: encoded whole in the asked format
     (`message.audio`), or streamed as pcm16 pieces (`delta.audio`, the only format
     `check_chat` lets stream: its pieces need no flush at the end). A choice's first
-    streamed piece carries `expires_at`, its first audio piece the rate."""
+    streamed piece carries `expires_at`; every audio piece its rate."""
 
     def __init__(self, rid: str, fmt: str, created: int):
         self.rid, self.created = rid, created
@@ -213,10 +213,9 @@ class _SpokenReply:
         if encoder is None:
             encoder = self._encoders[event.index] = AudioEncoder(self.format,
                                                                  event.sample_rate)
-            extra["sample_rate"] = encoder.sample_rate
         _one_rate(encoder.input_rate, event)
         return oai.chat_audio(self.rid, event.index, data=encoder.encode(chunk_samples(event)),
-                              **extra)
+                              sample_rate=encoder.sample_rate, **extra)
 
     def close(self) -> None:
         for encoder in self._encoders.values():
