@@ -182,6 +182,7 @@ def test_generate_streams_text_and_audio_side_by_side(server, native):
     ({"audio": None}, "audio", "needs `audio`"),
     ({"messages": [*MESSAGES, {"role": "assistant", "audio": {"id": "audio_1"}}]},
      "messages[1].audio", "transcript"),
+    ({"n": 2}, "n", "one completion"),  # testvla's own limit
 ])
 def test_bad_spoken_chats_are_400_naming_the_field(server, change, param, words):
     body = {"model": "testvla", "messages": MESSAGES, **SPOKEN, **GREEDY, **change}
@@ -300,7 +301,13 @@ def test_sdk_transcribes_a_path_or_bytes(server, sdk, native, wav, tmp_path):
     assert asyncio.run(run()) == (expected, native["text"])
 
 
-# -- a model without the capabilities --------------------------------------------------------
+# -- in process: capabilities and limits ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    with mstar.load("testvla", preset="tiny", load_format="dummy", max_seq_len=64) as d:
+        yield d
 
 
 class _Silent(LocalBackend):
@@ -312,18 +319,14 @@ class _Silent(LocalBackend):
                                          if c not in ("audio_output", "transcription")]}
 
 
-def test_a_model_without_the_capabilities_answers_400_naming_them(wav):
-    deployment = mstar.load("testvla", preset="tiny", load_format="dummy", max_seq_len=64)
-    try:
-        with TestClient(create_app(_Silent(deployment), ServerSettings(api_key=None))) as http:
-            chat = http.post("/v1/chat/completions", json={
-                "model": "testvla", "messages": MESSAGES, **SPOKEN})
-            text = http.post("/v1/chat/completions", json={
-                "model": "testvla", "messages": MESSAGES, "max_tokens": 2})
-            transcription = http.post("/v1/audio/transcriptions", data={"model": "testvla"},
-                                      files={"file": ("tone.wav", wav)})
-    finally:
-        deployment.close()
+def test_a_model_without_the_capabilities_answers_400_naming_them(deployment, wav):
+    with TestClient(create_app(_Silent(deployment), ServerSettings(api_key=None))) as http:
+        chat = http.post("/v1/chat/completions", json={
+            "model": "testvla", "messages": MESSAGES, **SPOKEN})
+        text = http.post("/v1/chat/completions", json={
+            "model": "testvla", "messages": MESSAGES, "max_tokens": 2})
+        transcription = http.post("/v1/audio/transcriptions", data={"model": "testvla"},
+                                  files={"file": ("tone.wav", wav)})
     assert text.status_code == 200, text.text
     for response, param, capability in ((chat, "modalities", "audio_output"),
                                         (transcription, "model", "transcription")):
@@ -331,3 +334,15 @@ def test_a_model_without_the_capabilities_answers_400_naming_them(wav):
         error = response.json()["error"]
         assert error["param"] == param and error["code"] == "unsupported_capability"
         assert f"'{capability}'" in error["message"] and "chat" in error["message"]
+
+
+def test_audio_past_the_duration_limit_is_413_naming_file(deployment, wav):
+    """The file is decoded in the data worker within the server's media limits (the
+    tone is half a second)."""
+    settings = ServerSettings(api_key=None, media_max_audio_seconds=0.25)
+    with TestClient(create_app(LocalBackend(deployment), settings)) as http:
+        response = http.post("/v1/audio/transcriptions", data={"model": "testvla"},
+                             files={"file": ("tone.wav", wav)})
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert error["param"] == "file" and "0.25" in error["message"], error

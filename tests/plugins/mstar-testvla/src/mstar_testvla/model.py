@@ -173,6 +173,9 @@ class TestVLARequest(SamplingFields):
         if self.input is not None:  # speech: the text is the prompt, the consumer speaks
             self.prompt, self.stream_consumer = self.input, True
         if "audio" in (self.modalities or ()):  # a spoken reply: the consumer speaks
+            if self.n != 1:
+                raise ValueError("n: a spoken reply is one completion (the consumer speaks "
+                                 "completion 0 only)")
             self.stream_consumer = True
         if isinstance(self.image, list):
             if len(self.image) != 3:
