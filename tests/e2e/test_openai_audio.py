@@ -22,6 +22,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile
+from conftest import serving
 from fastapi.testclient import TestClient
 from serving_harness import running
 
@@ -29,6 +30,7 @@ import mstar
 from mstar import AsyncMStarClient, MStarClient
 from mstar.api_server.app import create_app
 from mstar.api_server.backend import ModelInfo
+from mstar.client import UnsupportedCapabilityError
 from mstar.config.settings import ServerSettings
 from mstar.media import MediaLimits, load_audio
 from mstar.serving.backends import LocalBackend
@@ -334,6 +336,16 @@ def test_a_model_without_the_capabilities_answers_400_naming_them(deployment, wa
         error = response.json()["error"]
         assert error["param"] == param and error["code"] == "unsupported_capability"
         assert f"'{capability}'" in error["message"] and "chat" in error["message"]
+
+
+def test_sdk_methods_name_the_capability_the_model_lacks(deployment, wav):
+    with serving(create_app(_Silent(deployment), ServerSettings(api_key=None))) as http:
+        with MStarClient(str(http.base_url).rstrip("/"), max_retries=0) as c:
+            with pytest.raises(UnsupportedCapabilityError, match="'audio_output'"):
+                c.chat("hi", audio_out=True)
+            with pytest.raises(UnsupportedCapabilityError, match="'transcription'"):
+                c.transcribe(wav)
+            assert c.chat("hi", max_tokens=2).text is not None  # text chat still served
 
 
 def test_audio_past_the_duration_limit_is_413_naming_file(deployment, wav):
