@@ -396,6 +396,14 @@ def parse_chat_frame(frame: SSEFrame, rid: str | None) -> list[ChatDelta]:
     return deltas
 
 
+def chat_route(audio_format: str | None) -> Route[ChatResponse, ChatDelta]:
+    """`CHAT`, reading spoken replies as `audio_format` (OpenAI's name; the answer does not
+    say it)."""
+    if audio_format is None:
+        return CHAT
+    return Route("POST", CHAT.path, lambda r: parse_chat(r, audio_format), parse_chat_frame)
+
+
 # ------------------------------------------------------------------------------------------
 # Native /generate, models, health
 
@@ -544,16 +552,8 @@ def parse_json(response: httpx.Response) -> dict[str, Any]:
     return response.json()
 
 
-CHAT: Route[ChatResponse, ChatDelta] = Route("POST", "/v1/chat/completions", parse_chat,
-                                             parse_chat_frame)
-
-
-def chat_route(audio_format: str | None) -> Route[ChatResponse, ChatDelta]:
-    """`CHAT`, reading spoken replies as `audio_format` (OpenAI's name; the answer does not
-    say it)."""
-    if audio_format is None:
-        return CHAT
-    return Route("POST", CHAT.path, lambda r: parse_chat(r, audio_format), parse_chat_frame)
+# ------------------------------------------------------------------------------------------
+# Transcriptions (OpenAI's /v1/audio/transcriptions)
 
 
 def transcription_payload(audio: object, *, model: str, language: str | None,
@@ -580,12 +580,14 @@ def parse_transcription(response: httpx.Response) -> str:
     return response.json()["text"]
 
 
-TRANSCRIPTIONS: Route[str, Any] = Route("POST", "/v1/audio/transcriptions",
-                                        parse_transcription)
+CHAT: Route[ChatResponse, ChatDelta] = Route("POST", "/v1/chat/completions", parse_chat,
+                                             parse_chat_frame)
 GENERATE: Route[GenerateResponse, events.Event] = Route("POST", "/generate", parse_generate,
                                                         parse_generate_frame)
 #: Streamed (`tts(stream=True)`), the answer's bytes are yielded as they come.
 SPEECH: Route[Speech, Any] = Route("POST", "/v1/audio/speech", parse_speech)
+TRANSCRIPTIONS: Route[str, Any] = Route("POST", "/v1/audio/transcriptions",
+                                        parse_transcription)
 IMAGES: Route[list[bytes], Any] = Route("POST", "/v1/images/generations", parse_images)
 IMAGE_EDITS: Route[list[bytes], Any] = Route("POST", "/v1/images/edits", parse_images)
 MODELS: Route[list[ModelInfo], Any] = Route("GET", "/v1/models", parse_models)
