@@ -156,6 +156,20 @@ def test_a_streamed_spoken_reply_is_pcm16_pieces_and_transcript_deltas(client, n
     assert chunks[-1].usage.completion_tokens == MAX_TOKENS
 
 
+def test_a_client_that_leaves_a_spoken_stream_cancels_the_request(server):
+    body = {"model": "testvla", "messages": MESSAGES, "modalities": ["text", "audio"],
+            "audio": {"format": "pcm16"}, "stream": True, **GREEDY, **EXTRA,
+            "max_tokens": 460}
+    with server.client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        rid = response.headers["x-request-id"]
+        for line in response.iter_lines():  # up to the first piece of audio
+            if line.startswith("data: ") and '"data":' in line:
+                break
+    server.wait_idle()
+    assert f"{rid} cancelled" in server.output()  # not a request that ran to its end
+
+
 def test_generate_streams_text_and_audio_side_by_side(server, native):
     body = {"prompt": PROMPT, "modalities": ["text", "audio"], **GREEDY, **EXTRA,
             "stream": True}
