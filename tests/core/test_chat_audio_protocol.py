@@ -1,18 +1,23 @@
-"""A spoken chat reply and a transcription at the contract's edges, as pure functions: what
-reaches the model of a chat asking for audio (`native_fields`: `modalities` and `voice`,
-nothing for a text chat), the answer's shape (`chat_response` with `chat_audio`: content
-null, as OpenAI answers), and `Model`'s default for transcriptions (a 400 naming `model`).
-The routes themselves are tested served, in `tests/e2e/test_openai_audio.py`."""
+"""Audio at the contract's edges, without a deployment: what reaches the model of a chat
+asking for a spoken reply (`native_fields`: `modalities` and `voice`, nothing for a text
+chat), the answer's shape (`chat_response` with `chat_audio`: content null, as OpenAI
+answers), `Model`'s default for transcriptions (a 400 naming `model`), and a chat's audio
+parts decoded at the model's `audio_input_rate()`. The routes themselves are tested
+served, in `tests/e2e/test_openai_audio.py`."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+import soundfile
 
 from mstar import events
 from mstar.api_server import openai_protocol as oai
+from mstar.chat import build_chat_prompt
 from mstar.errors import RequestError
-from mstar.media import Audio
+from mstar.media import Audio, MediaLimits
 from mstar.model import Model
 
 HI = [{"role": "user", "content": "hi"}]
@@ -59,3 +64,16 @@ def test_a_model_transcribes_only_when_it_implements_the_hook():
     with pytest.raises(RequestError) as info:
         model.process_transcription(Audio(np.zeros(4, dtype=np.float32), 16000), {})
     assert info.value.code == 400 and info.value.param == "model"
+
+
+def test_a_chats_audio_is_decoded_at_the_models_input_rate():
+    from mstar_testvla.model import TestVLA
+
+    model = TestVLA(TestVLA.make_config(preset="tiny"))
+    buf = io.BytesIO()
+    soundfile.write(buf, np.zeros(800, dtype=np.float32), 8000, format="WAV")
+    messages = [{"role": "user", "content": [{"type": "audio", "blob": 0}]}]
+    prompt = build_chat_prompt(model, messages, [buf.getvalue()], MediaLimits())
+    (audio,) = prompt.audios
+    assert model.audio_input_rate() == audio.sample_rate == 16000
+    assert len(audio.samples) == 1600

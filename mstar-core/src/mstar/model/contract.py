@@ -339,10 +339,10 @@ class Model:
         (the transcript) and its speech as `AudioChunk`s."""
         raise NotImplementedError(f"{type(self).__name__} does not take chat requests")
 
-    # -- transcription (models with the "transcription" capability) ----------------------
+    # -- audio input: chat audio parts, transcriptions ("transcription" capability) -------
     def audio_input_rate(self) -> int | None:
-        """The sample rate (Hz) a request's audio is decoded at for this model (the data
-        worker resamples to it); None: the file's own rate."""
+        """The sample rate (Hz) a chat's audio parts and a transcription's file are decoded
+        at for this model (the data worker resamples to it); None: each file's own rate."""
         return None
 
     def process_transcription(self, audio: Audio, request: Mapping[str, Any]) -> RequestPlan:
