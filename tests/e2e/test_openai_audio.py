@@ -8,7 +8,9 @@ seed): the routes add shape and encoding, never other tokens or samples. A trans
 text equals `/generate` of testvla's transcription prompt over the spectrogram of the file
 as decoded at the model's rate (the file is at 8 kHz, the model hears 16 kHz). `/generate`
 itself streams the text and the audio of one request side by side. Bad input is a 400
-naming the field; a model without the capabilities answers 400 naming them."""
+naming the field (audio past the duration limit a 413); a model without the capabilities
+answers 400 naming them, and the SDK says so before sending; a client that leaves a
+streamed spoken reply cancels it."""
 
 from __future__ import annotations
 
