@@ -62,8 +62,8 @@ class Backend(Protocol):
 
     def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str, *,
                kind: str = "generate", blobs: Sequence[bytes] = ()) -> str:
-        """Start a request (`kind` "generate", "completion" or "chat", whose media parts
-        index `blobs`); `sink` receives its events from another thread, the last one
+        """Start a request (`kind` "generate", "completion", "chat", whose media parts
+        index `blobs`, or "transcription" of the audio file `blobs[0]`); `sink` receives its events from another thread, the last one
         `Finished` or `Error`. Bad input raises `mstar.errors.RequestError` (with
         `.code`, `.param`) where the model's `process_prompt` runs in this process, or
         arrives as a first `Error` event (code 400) where it runs in a data worker."""

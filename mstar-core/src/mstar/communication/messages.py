@@ -70,7 +70,8 @@ class RequestInfo(msgspec.Struct):
 # -- API server (gateway) <-> data worker (frontend) --------------------------------------
 class ClientRequest(msgspec.Struct, tag=True):
     """A request body (JSON) for a data worker's frontend. `kind`: "generate" (the model's
-    native request), "completion" (a text prompt) or "chat" (messages, see `mstar.chat`);
+    native request), "completion" (a text prompt), "chat" (messages, see `mstar.chat`) or
+    "transcription" (an audio file, `blobs[0]`, and the transcription fields);
     `blobs`: the raw media bytes the body's media parts refer to by index."""
 
     request_id: str
