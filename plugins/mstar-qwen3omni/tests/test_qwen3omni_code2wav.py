@@ -11,6 +11,7 @@ import torch
 from mstar_qwen3omni.code2wav import (
     Code2WavConfig,
     Code2WavNode,
+    audible_value,
     code2wav_weight_spec,
 )
 from safetensors.torch import save_file
@@ -34,26 +35,12 @@ TINY = dict(codebook_size=32, hidden_size=32, num_attention_heads=4, num_key_val
             upsample_rates=[4, 3], upsampling_ratios=[2])
 
 
-def _value(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
-    """Every parameter drawn, scales away from their near-zero defaults so every block
-    shapes the waveform, which stays unsaturated under the final clamp."""
-    if name.endswith(("scale", "gamma")):
-        return 0.3 + 0.4 * torch.rand(shape, generator=gen)
-    if name.endswith(("alpha", "beta")):
-        return 0.3 * torch.randn(shape, generator=gen)
-    if "norm" in name and name.endswith("weight"):
-        return 1 + 0.1 * torch.randn(shape, generator=gen)
-    fan_in = shape[1:].numel() if len(shape) > 1 else 16
-    gain = 0.02 if shape[0] == 1 else 1.0  # the last conv, to one channel: the waveform
-    return gain * torch.randn(shape, generator=gen) / fan_in**0.5
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Qwen3OmniMoeCode2Wav, Code2WavNode]:
     torch.manual_seed(0)
     reference = Qwen3OmniMoeCode2Wav(Qwen3OmniMoeCode2WavConfig(**TINY)).eval()
     gen = torch.Generator().manual_seed(0)
-    reference.load_state_dict({k: _value(k, v.shape, gen) for k, v in
+    reference.load_state_dict({k: audible_value(k, v.shape, gen) for k, v in
                                reference.state_dict().items()})
     directory: Path = tmp_path_factory.mktemp("code2wav")
     tensors = {f"code2wav.{k}": v.contiguous() for k, v in reference.state_dict().items()}

@@ -314,6 +314,22 @@ class Code2WavNode(nn.Module):
         return out
 
 
+def audible_value(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """A random value for Code2Wav parameter `name` under which a random decoder is
+    audible: every block shapes the waveform (layer scales and ConvNeXt gains away from
+    their near-zero initial values, weights scaled by their fan-in) and the last
+    convolution, to one channel, keeps it mostly inside the final clamp."""
+    if name.endswith(("scale", "gamma")):
+        return 0.3 + 0.4 * torch.rand(shape, generator=generator)
+    if name.endswith(("alpha", "beta")):
+        return 0.3 * torch.randn(shape, generator=generator)
+    if "norm" in name and name.endswith("weight"):
+        return 1 + 0.1 * torch.randn(shape, generator=generator)
+    fan_in = shape[1:].numel() if len(shape) > 1 else 16
+    gain = 0.02 if shape[0] == 1 else 1.0
+    return gain * torch.randn(shape, generator=generator) / fan_in**0.5
+
+
 def code2wav_weight_spec() -> WeightSpec:
     """The hub's `code2wav.*` keys are `Code2WavNode`'s names; every other key is another
     node's."""
