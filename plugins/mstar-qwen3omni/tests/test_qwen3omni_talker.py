@@ -28,14 +28,12 @@ from mstar_qwen3omni.code2wav import (
 )
 from mstar_qwen3omni.talker import (
     ASSISTANT_ROWS,
-    TALKER_PREFILL_OUTPUTS,
-    TALKER_STEP_OUTPUTS,
     Talker,
     TalkerConfig,
     talker_kv_spec,
-    talker_prepare,
     talker_prompt_plan,
     talker_prompt_rows,
+    talker_walk,
     talker_weight_spec,
 )
 from safetensors.torch import load_file
@@ -52,7 +50,9 @@ from mstar.engine.attention_torch import forward_step
 from mstar.engine.kv_cache import KVCacheManager, PagePool
 from mstar.engine.sampler import SampleRequest, sample
 from mstar.engine.work import KeyedStepContext, NodeWork
-from mstar.graph.primitives import GraphNode
+from mstar.graph.cursor import WalkCursor
+from mstar.graph.primitives import GraphNode, Walk
+from mstar.graph.program import compile_walk
 from mstar.model import config_from_fields
 from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey
 from mstar.model.sampling import SamplingParams
@@ -191,8 +191,9 @@ def talker_step(talker: Talker, cache: KVCacheManager, key: SeqKey, inputs: dict
 
 
 def stream_to_ours(talker: Talker, thinker_result: Any, cfg: TalkerConfig) -> list[torch.Tensor]:
-    """Our Talker fed the oracle Thinker's rows as the streaming edge feeds them; the
-    frames its steps output, until it draws the codec end token or TALKER_TOKENS codes."""
+    """Our Talker walk (`talker_walk` under the runtime's cursor) fed the oracle Thinker's
+    rows as the streaming edge feeds them; the frames its steps output, until it draws the
+    codec end token or TALKER_TOKENS codes (the engine's `finished`)."""
     embeds = torch.cat([h[0] for h in thinker_result.hidden_states], dim=1)[0]
     hidden = torch.cat([h[cfg.accept_hidden_layer] for h in thinker_result.hidden_states],
                        dim=1)[0]
@@ -200,32 +201,32 @@ def stream_to_ours(talker: Talker, thinker_result: Any, cfg: TalkerConfig) -> li
     env: dict[str, Any] = talker_prompt_plan(PROMPT, cfg, im_start_id=290, user_id=280,
                                              assistant_id=281)
     env["talker_speaker"] = cfg.speaker_id["ethan"]
-    prepare = talker_prepare(cfg)
+    cursor = WalkCursor(compile_walk(Walk(talker_walk(cfg))), env)
     cache = KVCacheManager(PagePool(talker_kv_spec(cfg), num_pages=16, page_size=4))
     key = SeqKey("r", "Talker")
-    greedy = SamplingParams(temperature=0.0)
-    work = NodeWork("r", 0, GraphNode("Talker"), {}, seed=0, sampling=greedy)
+    work = NodeWork("r", 0, GraphNode("Talker"), {}, seed=0,
+                    sampling=SamplingParams(temperature=0.0))
     # HF's talker defaults: greedy here, repetition penalty 1.05 over the drawn codes.
     talker_params = SamplingParams(temperature=0.0, repetition_penalty=1.05)
     frames, drawn, appended = [], [], []
-    for step in range(TALKER_TOKENS):
+    while not cursor.done:
+        step = len(drawn)  # the window the edge hands this invocation (as the worker does)
         lo, hi = (0, first) if step == 0 else (first + step - 1, first + step)
         env.update(text_rows=embeds[lo:hi], hidden_rows=hidden[lo:hi],
                    stream_ended=hi >= embeds.shape[0])
-        inputs = prepare(env, step)
-        outputs = TALKER_PREFILL_OUTPUTS if step == 0 else TALKER_STEP_OUTPUTS
-        out = talker_step(talker, cache, key, inputs, outputs, work)
+        [invocation] = cursor.pending()
+        inputs = cursor.inputs("Talker")
+        out = talker_step(talker, cache, key, inputs, invocation.node.outputs, work)
         appended += inputs["input_ids"].tolist()
         code = int(sample(out["logits"], [SampleRequest(
             talker_params, seed=0, child=0, site="Talker", step=cache.length(key),
             history=list(drawn), prompt_ids=list(appended))]).token_ids[0])
         drawn.append(code)
-        if step:
+        if "codes" in out:
             frames.append(out["codes"][0])
-        env.update(token_ids=torch.tensor([code]), talker_hidden=out["talker_hidden"],
-                   talker_text_done=out["talker_text_done"])
-        if code == cfg.codec_eos_token_id:
-            break
+        del out["logits"]
+        cursor.complete("Talker", {**out, "token_ids": torch.tensor([code]), "finished":
+                                   code == cfg.codec_eos_token_id or len(drawn) == TALKER_TOKENS})
     return frames
 
 
