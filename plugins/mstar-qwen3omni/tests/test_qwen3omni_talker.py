@@ -14,12 +14,15 @@ engine's sampler from the logits, the residual codes by `ctx.sample` (greedy).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from mstar_qwen3omni.code2wav import (
     Code2WavConfig,
     Code2WavNode,
@@ -130,11 +133,12 @@ def oracle(tmp_path_factory) -> tuple[Qwen3OmniMoeForConditionalGeneration, Path
     return model, directory
 
 
-def load_ours(directory: Path, cfg: TalkerConfig) -> tuple[Talker, Code2WavNode]:
-    talker = Talker(cfg)
+def load_ours(directory: Path, cfg: TalkerConfig, tp_rank: int = 0, tp_size: int = 1,
+              tp_group: Any = None) -> tuple[Talker, Code2WavNode]:
+    talker = Talker(cfg, tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group)
     spec = talker_weight_spec()
     report = load_weights(talker, iter_checkpoint(checkpoint_files(directory, spec.patterns)),
-                          spec)
+                          spec, tp_rank=tp_rank, tp_size=tp_size)
     assert set(report.loaded) == set(talker.state_dict())
     code2wav = Code2WavNode(config_from_fields(Code2WavConfig, CODE2WAV))
     spec = code2wav_weight_spec()
@@ -190,19 +194,28 @@ def talker_step(talker: Talker, cache: KVCacheManager, key: SeqKey, inputs: dict
     return forward_step(talker, batch, cache)[0]
 
 
-def stream_to_ours(talker: Talker, thinker_result: Any, cfg: TalkerConfig) -> list[torch.Tensor]:
-    """Our Talker walk (`talker_walk` under the runtime's cursor) fed the oracle Thinker's
-    rows as the streaming edge feeds them; the frames its steps output, until it draws the
+def thinker_rows(thinker_result: Any, cfg: TalkerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows the Thinker streams: `thinker_embeds` (HF hidden state 0) and
+    `thinker_hidden` (hidden state `accept_hidden_layer`) of every row it ran."""
+    states = thinker_result.hidden_states
+    return (torch.cat([h[0] for h in states], dim=1)[0],
+            torch.cat([h[cfg.accept_hidden_layer] for h in states], dim=1)[0])
+
+
+def stream_to_ours(talker: Talker, embeds: torch.Tensor, hidden: torch.Tensor,
+                   tp_size: int = 1) -> torch.Tensor:
+    """Our Talker walk (`talker_walk` under the runtime's cursor) fed the Thinker's rows as
+    the streaming edge feeds them; the frames [F, 16] its steps output, until it draws the
     codec end token or TALKER_TOKENS codes (the engine's `finished`)."""
-    embeds = torch.cat([h[0] for h in thinker_result.hidden_states], dim=1)[0]
-    hidden = torch.cat([h[cfg.accept_hidden_layer] for h in thinker_result.hidden_states],
-                       dim=1)[0]
+    cfg = talker.config
     first = len(PROMPT) + 1
     env: dict[str, Any] = talker_prompt_plan(PROMPT, cfg, im_start_id=290, user_id=280,
                                              assistant_id=281)
     env["talker_speaker"] = cfg.speaker_id["ethan"]
     cursor = WalkCursor(compile_walk(Walk(talker_walk(cfg))), env)
-    cache = KVCacheManager(PagePool(talker_kv_spec(cfg), num_pages=16, page_size=4))
+    spec = talker_kv_spec(cfg)  # a TP rank's cache holds its share of the KV heads
+    spec = dataclasses.replace(spec, num_kv_heads=spec.num_kv_heads // tp_size)
+    cache = KVCacheManager(PagePool(spec, num_pages=16, page_size=4))
     key = SeqKey("r", "Talker")
     work = NodeWork("r", 0, GraphNode("Talker"), {}, seed=0,
                     sampling=SamplingParams(temperature=0.0))
@@ -227,7 +240,7 @@ def stream_to_ours(talker: Talker, thinker_result: Any, cfg: TalkerConfig) -> li
         del out["logits"]
         cursor.complete("Talker", {**out, "token_ids": torch.tensor([code]), "finished":
                                    code == cfg.codec_eos_token_id or len(drawn) == TALKER_TOKENS})
-    return frames
+    return torch.stack(frames)
 
 
 def test_codes_and_waveform_match_hf_generate(oracle) -> None:
@@ -236,17 +249,44 @@ def test_codes_and_waveform_match_hf_generate(oracle) -> None:
     talker, code2wav = load_ours(directory, cfg)
     seen = run_oracle(model)
     want = seen["codes"][0].T  # [frames, 16]
-    thinker_rows = sum(h[0].shape[1] for h in seen["thinker"].hidden_states)
+    embeds, hidden = thinker_rows(seen["thinker"], cfg)
     # The Talker spoke past the Thinker's last row (tts_eos, then tts_pad) and drew
     # residual codes that differ between groups: the test covers every input kind.
-    assert want.shape[0] > thinker_rows - len(PROMPT) and len(set(want[0].tolist())) > 4
-    got = torch.stack(stream_to_ours(talker, seen["thinker"], cfg))
+    assert want.shape[0] > embeds.shape[0] - len(PROMPT) and len(set(want[0].tolist())) > 4
+    got = stream_to_ours(talker, embeds, hidden)
     assert got.shape == want.shape
     for i, (g, w) in enumerate(zip(got, want)):
         assert torch.equal(g, w), f"frame {i}: ours {g.tolist()}, HF {w.tolist()}"
     with torch.no_grad():
         audio = code2wav([{"codes": got}])[0]["audio"]
     torch.testing.assert_close(audio, seen["wav"][0, 0], rtol=1e-5, atol=1e-5)
+
+
+def _tp_rank(rank: int, directory: Path, cfg: TalkerConfig, rows: tuple[torch.Tensor, ...],
+             out: Path) -> None:
+    """One rank of a 2-way TP group (gloo, a file rendezvous): its frames to `out`."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank,
+                            world_size=2)
+    try:
+        talker, _ = load_ours(directory, cfg, rank, 2, dist.group.WORLD)
+        torch.save(stream_to_ours(talker, *rows, tp_size=2), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_ranks_speak_the_single_rank_codes(oracle, tmp_path: Path) -> None:
+    """tp_size 2 over two real processes: each rank holds half the heads (one KV head),
+    half of every expert's features and half of each vocabulary (the codec's and the
+    Thinker's table); the code predictor and projections are replicated. Both ranks draw
+    the single rank's frames."""
+    model, directory = oracle
+    cfg = ours_config(model.config)
+    rows = thinker_rows(run_oracle(model)["thinker"], cfg)
+    mp.spawn(_tp_rank, args=(directory, cfg, rows, tmp_path), nprocs=2, join=True)
+    want = stream_to_ours(load_ours(directory, cfg)[0], *rows)
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), want), f"rank {rank}"
 
 
 def hf_user_rows(ids: list[int]) -> list[int]:
