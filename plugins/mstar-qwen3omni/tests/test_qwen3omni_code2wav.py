@@ -114,3 +114,17 @@ def test_streamed_windows_match_hf_chunked_decode(models, first_chunk: int | Non
     assert short > left + chunk  # the runtime could not infer the rows per frame itself
     assert got.shape == want.shape == (total * 24 - short * len(windows),)
     assert (got - want).abs().max() <= TOL
+
+
+def test_real_size_keys_and_shortfall_match_hf() -> None:
+    """At the real size (on the meta device): the hub's `code2wav.*` keys are our
+    parameters with their shapes, and a window is 1920 samples per frame less 555."""
+    with torch.device("meta"):
+        theirs = Qwen3OmniMoeCode2Wav(Qwen3OmniMoeCode2WavConfig())
+        ours = Code2WavNode(Code2WavConfig())
+    spec = code2wav_weight_spec()
+    hub = {spec.map_key(f"code2wav.{k}"): tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert hub == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert spec.map_key("talker.codec_head.weight") is None
+    cfg = ours.code2wav.config
+    assert (cfg.total_upsample, cfg.short_by) == (int(theirs.total_upsample), 555)

@@ -31,6 +31,11 @@ the Thinker prompt's user-role rows, then 9 assistant rows carrying the codec's
 think/speaker/bos specials; each later step adds the next streamed Thinker token row,
 then `tts_eos` once the stream ended, then `tts_pad`.
 
+Not yet supported: rebuilding a preempted Talker sequence. The engine recomputes a
+sequence from its recorded chunks, but a decode row's input depends on residual codes drawn
+inside the forward (not recorded), and a recompute step has no request to draw for; the
+request then fails. Recording them needs the engine to keep node-made per-token inputs.
+
 The Talker needs the Thinker's embeddings of the three tts tokens. `mstar.weights` loads
 whole tensors (a TP rank reads its shard, never chosen rows), so the node holds the
 Thinker's whole `embed_tokens` table (`thinker_embed`, loaded from
