@@ -49,8 +49,10 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeTalkerForConditionalGeneration,
 )
 
+from mstar.config.deployment import SchedulerConfig
 from mstar.engine.attention_torch import forward_step
 from mstar.engine.kv_cache import KVCacheManager, PagePool
+from mstar.engine.kv_engine import KVEngine
 from mstar.engine.sampler import SampleRequest, sample
 from mstar.engine.work import KeyedStepContext, NodeWork
 from mstar.graph.cursor import WalkCursor
@@ -202,8 +204,12 @@ def thinker_rows(thinker_result: Any, cfg: TalkerConfig) -> tuple[torch.Tensor, 
             torch.cat([h[cfg.accept_hidden_layer] for h in states], dim=1)[0])
 
 
+#: HF's talker sampling under `talker_do_sample=False`: greedy, repetition penalty 1.05.
+HF_TALKER = SamplingParams(temperature=0.0, repetition_penalty=1.05)
+
+
 def stream_to_ours(talker: Talker, embeds: torch.Tensor, hidden: torch.Tensor,
-                   tp_size: int = 1) -> torch.Tensor:
+                   tp_size: int = 1, talker_params: SamplingParams = HF_TALKER) -> torch.Tensor:
     """Our Talker walk (`talker_walk` under the runtime's cursor) fed the Thinker's rows as
     the streaming edge feeds them; the frames [F, 16] its steps output, until it draws the
     codec end token or TALKER_TOKENS codes (the engine's `finished`)."""
@@ -219,8 +225,6 @@ def stream_to_ours(talker: Talker, embeds: torch.Tensor, hidden: torch.Tensor,
     key = SeqKey("r", "Talker")
     work = NodeWork("r", 0, GraphNode("Talker"), {}, seed=0,
                     sampling=SamplingParams(temperature=0.0))
-    # HF's talker defaults: greedy here, repetition penalty 1.05 over the drawn codes.
-    talker_params = SamplingParams(temperature=0.0, repetition_penalty=1.05)
     frames, drawn, appended = [], [], []
     while not cursor.done:
         step = len(drawn)  # the window the edge hands this invocation (as the worker does)
@@ -260,6 +264,41 @@ def test_codes_and_waveform_match_hf_generate(oracle) -> None:
     with torch.no_grad():
         audio = code2wav([{"codes": got}])[0]["audio"]
     torch.testing.assert_close(audio, seen["wav"][0, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_kv_engine_runs_the_walk_as_the_hand_built_steps(oracle) -> None:
+    """The Talker walk through a real `KVEngine` (submission of the prepare rule's inputs,
+    its positions and extras, the sampler with the codec end token as stop token, the
+    max-tokens cut, the residual codes by `ctx.sample`) gives the hand-driven frames."""
+    model, directory = oracle
+    cfg = ours_config(model.config)
+    talker, _ = load_ours(directory, cfg)
+    embeds, hidden = thinker_rows(run_oracle(model)["thinker"], cfg)
+    spec = talker_kv_spec(cfg)
+    engine = KVEngine("Talker", talker, spec, KVCacheManager(PagePool(spec, 16, 4)),
+                      max_seq_len=64, scheduler=SchedulerConfig())
+    params = SamplingParams(temperature=0.0, stop_token_ids=[cfg.codec_eos_token_id],
+                            max_tokens=TALKER_TOKENS)
+    env: dict[str, Any] = {**talker_prompt_plan(PROMPT, cfg, im_start_id=290, user_id=280,
+                                                assistant_id=281), "talker_speaker": 1080}
+    cursor = WalkCursor(compile_walk(Walk(talker_walk(cfg))), env)
+    first, frames = len(PROMPT) + 1, []
+    while not cursor.done:
+        step = len(frames) + 1 if "token_ids" in env else 0
+        lo, hi = (0, first) if step == 0 else (first + step - 1, first + step)
+        env.update(text_rows=embeds[lo:hi], hidden_rows=hidden[lo:hi],
+                   stream_ended=hi >= embeds.shape[0])
+        [invocation] = cursor.pending()
+        engine.submit(NodeWork("r", 0, invocation.node, cursor.inputs("Talker"), seed=0,
+                               sampling=params, iteration=invocation.iteration))
+        [result] = engine.step()
+        assert result.error is None, result.error
+        if "codes" in result.outputs:
+            frames.append(result.outputs["codes"][0])
+        cursor.complete("Talker", result.outputs)
+    want = stream_to_ours(talker, embeds, hidden, talker_params=SamplingParams(temperature=0.0))
+    assert len(frames) > embeds.shape[0] - len(PROMPT)  # it spoke past the text's end
+    assert torch.equal(torch.stack(frames), want)
 
 
 def _tp_rank(rank: int, directory: Path, cfg: TalkerConfig, rows: tuple[torch.Tensor, ...],
