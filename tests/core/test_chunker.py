@@ -227,6 +227,24 @@ def test_slice_emitted_dim_and_errors():
         slice_emitted(torch.zeros(7), w)
 
 
+def test_slice_emitted_short_output_loses_the_windows_tail():
+    """A decoder whose window output lacks its last rows (5 per unit, 4 short: as many as
+    the window has units, so r cannot be read off the output): the units before the
+    emitted range still take 5 rows each, the shortfall comes off the end."""
+    w = Window(0, {}, win_start=2, win_end=6, emit_start=3, emit_end=6, final=False)
+    out = torch.arange(4 * 5 - 4)
+    assert torch.equal(slice_emitted(out, w, rows_per_unit=5), out[5:])
+    with pytest.raises(ValueError, match="not a multiple"):
+        slice_emitted(torch.arange(4 * 5 - 3), w)
+    early = Window(0, {}, win_start=2, win_end=6, emit_start=2, emit_end=4, final=False)
+    assert torch.equal(slice_emitted(out, early, rows_per_unit=5), out[:10])
+    # Whole units of output: the rule is the plain one.
+    full = torch.arange(20)
+    assert torch.equal(slice_emitted(full, w, rows_per_unit=5), slice_emitted(full, w))
+    with pytest.raises(ValueError, match="more than"):
+        slice_emitted(torch.arange(21), w, rows_per_unit=5)
+
+
 def test_release_frees_units_and_room_tracks_the_bound():
     policy = ChunkPolicy(window=4, hop=1, emit=(1, 2), max_buffered=6)
     data = stream(10)

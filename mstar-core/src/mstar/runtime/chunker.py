@@ -254,17 +254,29 @@ def _row_count(units: Mapping[str, torch.Tensor]) -> int:
     return count
 
 
-def slice_emitted(output: torch.Tensor, window: Window, dim: int = 0) -> torch.Tensor:
+def slice_emitted(output: torch.Tensor, window: Window, dim: int = 0, *,
+                  rows_per_unit: int | None = None) -> torch.Tensor:
     """The part of a node output computed for the whole window that belongs to its emitted
     units: `output` has r rows per window unit along `dim` (an integer r, e.g. audio samples
-    per codec frame), and the rows of units [emit_start, emit_end) are returned."""
+    per codec frame), and the rows of units [emit_start, emit_end) are returned.
+
+    A node whose output falls short of the window's units at their end (Code2Wav: its
+    causal transposed convolutions drop trailing samples) names its r as `rows_per_unit`;
+    the missing rows are the window's last ones, so the emitted range is cut where the
+    output ends, as the node's reference decoder cuts its chunks (HF's `chunked_decode`
+    keeps everything after the left context)."""
     span = window.win_end - window.win_start
     rows = output.shape[dim]
-    if rows % span:
-        raise ValueError(
-            f"output has {rows} rows along dim {dim}, not a multiple of the window's {span} units"
-        )
-    r = rows // span
-    first = (window.emit_start - window.win_start) * r
-    last = (window.emit_end - window.win_start) * r
+    if rows_per_unit is None:
+        if rows % span:
+            raise ValueError(f"output has {rows} rows along dim {dim}, not a multiple of the "
+                             f"window's {span} units")
+        r = rows // span
+    elif rows > span * rows_per_unit:
+        raise ValueError(f"output has {rows} rows along dim {dim}, more than the window's "
+                         f"{span} units of {rows_per_unit}")
+    else:
+        r = rows_per_unit
+    first = min((window.emit_start - window.win_start) * r, rows)
+    last = min((window.emit_end - window.win_start) * r, rows)
     return output.narrow(dim, first, last - first)
