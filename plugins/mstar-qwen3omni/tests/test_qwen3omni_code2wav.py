@@ -8,12 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mstar_qwen3omni.code2wav import (
-    Code2WavConfig,
-    Code2WavNode,
-    audible_value,
-    code2wav_weight_spec,
-)
 from safetensors.torch import save_file
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
     Qwen3OmniMoeCode2WavConfig,
@@ -24,6 +18,12 @@ from mstar.graph.primitives import ChunkPolicy
 from mstar.model import config_from_fields
 from mstar.runtime.chunker import StreamChunker, Window, slice_emitted
 from mstar.weights import checkpoint_files, iter_checkpoint, load_weights
+from mstar_qwen3omni.code2wav import (
+    Code2WavConfig,
+    Code2WavNode,
+    audible_value,
+    code2wav_weight_spec,
+)
 
 torch.set_num_threads(1)
 

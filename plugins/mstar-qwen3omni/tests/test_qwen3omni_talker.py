@@ -23,22 +23,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from mstar_qwen3omni.code2wav import (
-    Code2WavConfig,
-    Code2WavNode,
-    audible_value,
-    code2wav_weight_spec,
-)
-from mstar_qwen3omni.talker import (
-    ASSISTANT_ROWS,
-    Talker,
-    TalkerConfig,
-    talker_kv_spec,
-    talker_prompt_plan,
-    talker_prompt_rows,
-    talker_walk,
-    talker_weight_spec,
-)
 from safetensors.torch import load_file
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
     Qwen3OmniMoeConfig,
@@ -63,6 +47,22 @@ from mstar.model.forward import ForwardBatch, Segment, SeqChunk, SeqKey
 from mstar.model.sampling import SamplingParams
 from mstar.weights import iter_checkpoint, load_weights
 from mstar.weights.sources import checkpoint_files
+from mstar_qwen3omni.code2wav import (
+    Code2WavConfig,
+    Code2WavNode,
+    audible_value,
+    code2wav_weight_spec,
+)
+from mstar_qwen3omni.talker import (
+    ASSISTANT_ROWS,
+    Talker,
+    TalkerConfig,
+    talker_kv_spec,
+    talker_prompt_plan,
+    talker_prompt_rows,
+    talker_walk,
+    talker_weight_spec,
+)
 
 torch.set_num_threads(1)
 H = 32

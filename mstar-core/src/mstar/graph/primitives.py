@@ -214,13 +214,19 @@ class StreamingGraphEdge:
     Outputs of an invocation fed by a window are cut to the window's emit range (rows scale
     with the output/input length ratio). The buffer is bounded per request (backpressure
     pauses only that request's producer); end of stream reaches the consumer as the boolean
-    environment value `end_flag`."""
+    environment value `end_flag`.
+
+    `rows_per_unit` names consumer outputs with a fixed number of rows per unit that may
+    fall short at a window's end (Code2Wav: 1920 samples a frame, its causal transposed
+    convolutions drop the last 555 of a window); without it the rows per unit are the
+    output's rows over the window's units, which must divide evenly."""
 
     src: str
     dst: str
     tensors: Mapping[str, str]
     policy: ChunkPolicy
     end_flag: str = "stream_ended"
+    rows_per_unit: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,8 @@ class Lane:
     cursor: WalkCursor
     in_flight: set[str] = field(default_factory=set)
     window: Window | None = None
+    #: the fed window's edge's `rows_per_unit` (how its outputs are cut)
+    window_rows: Mapping[str, int] = field(default_factory=dict)
     remote: dict[str, str] = field(default_factory=dict)  # node name -> worker running it
 
 
@@ -507,7 +509,7 @@ class Worker(Component):
                 for src_name, dst_name in edge.tensors.items():
                     lane.cursor.env[dst_name] = window.units[src_name]
                 lane.cursor.env[edge.end_flag] = window.final
-                lane.window = window
+                lane.window, lane.window_rows = window, edge.rows_per_unit
         return True
 
     def _bound(self, req: WorkerRequest, idx: int) -> int:
@@ -591,8 +593,8 @@ class Worker(Component):
             if (window.emit_start, window.emit_end) != (window.win_start, window.win_end):
                 # (a window emitting all its units leaves outputs whole: a KV consumer's
                 # sampled token is one row whatever the window's size)
-                outputs = {k: slice_emitted(v, window) if isinstance(v, torch.Tensor) else v
-                           for k, v in outputs.items()}
+                outputs = {k: slice_emitted(v, window, rows_per_unit=lane.window_rows.get(k))
+                           if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
             self._credit(req)
         self._push_streams(req, work.node, outputs)
         self._complete(req, lane, work.node, outputs)
