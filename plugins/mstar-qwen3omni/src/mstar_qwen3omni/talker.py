@@ -56,18 +56,15 @@ from torch import nn
 from mstar.graph.primitives import GraphNode, Loop, Sequential
 from mstar.model import ExtraSpec, ForwardBatch, KVSpec, config_from_fields
 from mstar.model.layers import (
-    ColumnParallelLinear,
-    PagedAttention,
     ParallelLMHead,
     RMSNorm,
     RotaryEmbedding,
-    RowParallelLinear,
     SparseMoE,
     VocabParallelEmbedding,
-    heads_per_rank,
 )
 from mstar.model.layers.mlp import ACTIVATIONS
 from mstar.weights import WeightSpec
+from mstar_qwen3omni.thinker import DecoderLayer
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 #: `talker_kind`: what makes a row's text part.
@@ -334,57 +331,18 @@ class ResizeMLP(nn.Module):
         return self.linear_fc2(self.act(self.linear_fc1(x)))
 
 
-class _Attention(nn.Module):
-    """`self_attn`: q/k/v column-parallel (whole heads per rank), o row-parallel, q/k
-    RMS-normed per head before RoPE, K/V in the paged cache."""
-
-    def __init__(self, cfg: TalkerTextConfig, layer_idx: int, tp: dict[str, Any]):
-        super().__init__()
-        self.heads, self.kv_heads = heads_per_rank(cfg.num_attention_heads,
-                                                   cfg.num_key_value_heads, tp["tp_size"])
-        self.head_dim = d = cfg.attn_head_dim
-        q_width, kv_width = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-        bias = cfg.attention_bias
-        self.q_proj = ColumnParallelLinear(cfg.hidden_size, q_width, bias, **tp)
-        self.k_proj = ColumnParallelLinear(cfg.hidden_size, kv_width, bias, **tp)
-        self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_width, bias, **tp)
-        self.o_proj = RowParallelLinear(q_width, cfg.hidden_size, bias, **tp)
-        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.attn = PagedAttention(layer_idx, self.heads, self.kv_heads, d)
-
-    def forward(self, x: torch.Tensor, cos_sin: CosSin) -> torch.Tensor:
-        n = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(n, self.heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(n, self.kv_heads, self.head_dim))
-        v = self.v_proj(x).view(n, self.kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.apply(q, k, cos_sin)
-        return self.o_proj(self.attn(q, k, v).reshape(n, self.heads * self.head_dim))
-
-
-class _DecoderLayer(nn.Module):
-    def __init__(self, cfg: TalkerTextConfig, layer_idx: int, tp: dict[str, Any]):
-        super().__init__()
-        self.self_attn = _Attention(cfg, layer_idx, tp)
-        self.mlp = SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
-                             cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
-                             shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
-                             act=cfg.hidden_act, **tp)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, cos_sin: CosSin) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
 class _TalkerModel(nn.Module):
     """`talker.model.*` of the checkpoint."""
 
     def __init__(self, cfg: TalkerTextConfig, tp: dict[str, Any]):
         super().__init__()
-        self.layers = nn.ModuleList(_DecoderLayer(cfg, i, tp)
-                                    for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, tp, head_dim=cfg.attn_head_dim, mlp=SparseMoE(
+                cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+                shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+                act=cfg.hidden_act, **tp))
+            for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.codec_embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, **tp)
 

@@ -91,15 +91,15 @@ class ThinkerTextConfig:
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
 
-class _Attention(nn.Module):
-    """`self_attn`: q/k/v column-parallel (whole heads per rank), o row-parallel, q/k
-    RMS-normed per head before RoPE."""
+class QKNormAttention(nn.Module):
+    """`self_attn` of the Thinker and the Talker: q/k/v column-parallel (whole heads per
+    rank), o row-parallel, q/k RMS-normed per head before RoPE, K/V in the paged cache."""
 
-    def __init__(self, cfg: ThinkerTextConfig, layer_idx: int, tp: dict[str, Any]):
+    def __init__(self, cfg: Any, layer_idx: int, tp: dict[str, Any], head_dim: int):
         super().__init__()
         self.heads, self.kv_heads = heads_per_rank(cfg.num_attention_heads,
                                                    cfg.num_key_value_heads, tp["tp_size"])
-        self.head_dim = d = cfg.head_dim
+        self.head_dim = d = head_dim
         q_width, kv_width = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
         bias = cfg.attention_bias
         self.q_proj = ColumnParallelLinear(cfg.hidden_size, q_width, bias, **tp)
@@ -119,18 +119,14 @@ class _Attention(nn.Module):
         return self.o_proj(self.attn(q, k, v).reshape(n, self.heads * self.head_dim))
 
 
-class _DecoderLayer(nn.Module):
-    def __init__(self, cfg: ThinkerTextConfig, layer_idx: int, tp: dict[str, Any]):
+class DecoderLayer(nn.Module):
+    """A pre-norm decoder layer of the Thinker or the Talker around the given `mlp`."""
+
+    def __init__(self, cfg: Any, layer_idx: int, tp: dict[str, Any], *, head_dim: int,
+                 mlp: nn.Module):
         super().__init__()
-        self.self_attn = _Attention(cfg, layer_idx, tp)
-        if cfg.is_sparse(layer_idx):
-            self.mlp: nn.Module = SparseMoE(
-                cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
-                cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
-                act=cfg.hidden_act, **tp)
-        else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act,
-                                **tp)
+        self.self_attn = QKNormAttention(cfg, layer_idx, tp, head_dim)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -139,14 +135,23 @@ class _DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _thinker_mlp(cfg: ThinkerTextConfig, layer_idx: int, tp: dict[str, Any]) -> nn.Module:
+    if cfg.is_sparse(layer_idx):
+        return SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                         cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+                         act=cfg.hidden_act, **tp)
+    return GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, **tp)
+
+
 class _TextModel(nn.Module):
     """`thinker.model.*` of the checkpoint."""
 
     def __init__(self, cfg: ThinkerTextConfig, tp: dict[str, Any]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, **tp)
-        self.layers = nn.ModuleList(_DecoderLayer(cfg, i, tp)
-                                    for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, tp, head_dim=cfg.head_dim, mlp=_thinker_mlp(cfg, i, tp))
+            for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
