@@ -8,8 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mstar.errors import RequestError
 from mstar.graph.primitives import ChunkPolicy
-from mstar.runtime.chunker import StreamChunker, Window, slice_emitted
+from mstar.runtime.chunker import (
+    StreamChunker,
+    Window,
+    first_chunk_of,
+    producer_bound,
+    slice_emitted,
+)
 
 ORPHEUS = ChunkPolicy(window=4, hop=1, emit=(1, 2))  # left 1, lookahead 2
 
@@ -220,6 +227,24 @@ def test_slice_emitted_dim_and_errors():
         slice_emitted(torch.zeros(7), w)
 
 
+def test_slice_emitted_short_output_loses_the_windows_tail():
+    """A decoder whose window output lacks its last rows (5 per unit, 4 short: as many as
+    the window has units, so r cannot be read off the output): the units before the
+    emitted range still take 5 rows each, the shortfall comes off the end."""
+    w = Window(0, {}, win_start=2, win_end=6, emit_start=3, emit_end=6, final=False)
+    out = torch.arange(4 * 5 - 4)
+    assert torch.equal(slice_emitted(out, w, rows_per_unit=5), out[5:])
+    with pytest.raises(ValueError, match="not a multiple"):
+        slice_emitted(torch.arange(4 * 5 - 3), w)
+    early = Window(0, {}, win_start=2, win_end=6, emit_start=2, emit_end=4, final=False)
+    assert torch.equal(slice_emitted(out, early, rows_per_unit=5), out[:10])
+    # Whole units of output: the rule is the plain one.
+    full = torch.arange(20)
+    assert torch.equal(slice_emitted(full, w, rows_per_unit=5), slice_emitted(full, w))
+    with pytest.raises(ValueError, match="more than"):
+        slice_emitted(torch.arange(21), w, rows_per_unit=5)
+
+
 def test_release_frees_units_and_room_tracks_the_bound():
     policy = ChunkPolicy(window=4, hop=1, emit=(1, 2), max_buffered=6)
     data = stream(10)
@@ -359,3 +384,55 @@ def test_an_all_junk_stream_ends_cleanly():
     policy = ChunkPolicy(window=4, hop=1, emit=(1, 2), max_buffered=4, assemble=_Triples)
     windows, uncredited = run_edge(policy, [-1] * 100)
     assert windows == [] and uncredited == 0
+
+
+#: A Talker fed row by row whose prefill takes the request's prompt rows at once.
+TALKER = ChunkPolicy(window=1, hop=1, emit=(0, 1), max_buffered=2,
+                     first_chunk_param="first_rows", continue_after_end=True)
+
+
+def test_a_request_param_sets_the_first_window():
+    assert first_chunk_of(TALKER, {"first_rows": 5}) == 5
+    assert first_chunk_of(ORPHEUS, {"first_rows": 5}) is None  # no param: the policy's
+    data = stream(9)
+    chunker = StreamChunker(TALKER)
+    chunker.set_first_chunk(5)
+    chunker.push(rows(data, 0, 4))
+    assert chunker.next_window() is None and chunker.needed == 5
+    chunker.push(rows(data, 4, 7))
+    first, second, third = drain(chunker)
+    assert (first.emit_start, first.emit_end) == (0, 5) and first.win_end == 5
+    assert [(w.emit_start, w.emit_end) for w in (second, third)] == [(5, 6), (6, 7)]
+    for w in (first, second, third):
+        check_units(w, data)
+    chunker.set_first_chunk(5)  # another walk of the consumer: the same value is fine
+    with pytest.raises(ValueError, match="already cut"):
+        chunker.set_first_chunk(6)
+
+
+@pytest.mark.parametrize("params", [{}, {"first_rows": 0}, {"first_rows": -3},
+                                    {"first_rows": "5"}, {"first_rows": True},
+                                    {"first_rows": 2.5}])
+def test_a_missing_or_bad_first_window_param_is_an_error_naming_it(params):
+    with pytest.raises(RequestError, match="'first_rows'") as exc:
+        first_chunk_of(TALKER, params)
+    assert exc.value.param == "first_rows" and exc.value.code == 500  # the model's param
+
+
+def test_the_producer_may_push_a_first_window_larger_than_max_buffered():
+    # max_buffered 2, first window 6 units: the bound is raised until 6 rows were pushed
+    assert [producer_bound(TALKER, 6, pushed) for pushed in (0, 5, 6, 9)] == [6, 6, 2, 2]
+    assert producer_bound(TALKER, None, 0) == 2  # hop + lookahead fit max_buffered
+    assert producer_bound(ORPHEUS, 2, 0) == ORPHEUS.max_buffered
+
+
+def test_empty_units_keep_the_streams_trailing_shape_and_dtype():
+    chunker = StreamChunker(TALKER)
+    assert chunker.empty_units() is None  # nothing pushed: no shape to give
+    data = stream(3)
+    chunker.push(data)
+    chunker.end()
+    assert len(drain(chunker)) == 3 and chunker.release() == 3
+    empty = chunker.empty_units()
+    assert {k: (tuple(v.shape), v.dtype) for k, v in empty.items()} == {
+        "frames": ((0, 3), torch.float32), "codes": ((0, 7), torch.long)}

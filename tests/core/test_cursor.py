@@ -16,7 +16,8 @@ Runner = Callable[[Invocation, dict[str, Any]], Mapping[str, Any]]
 
 
 def drive(cursor: WalkCursor, run: Runner) -> list[tuple[str, int | None, tuple[int, ...]]]:
-    """Run a cursor to the end; returns the trace of (node, iteration, loop_path)."""
+    """Run a cursor to the end, reading each invocation's inputs as the worker does; returns
+    the trace of (node, iteration, loop_path)."""
     trace = []
     for _ in range(10_000):
         if cursor.done:
@@ -25,6 +26,7 @@ def drive(cursor: WalkCursor, run: Runner) -> list[tuple[str, int | None, tuple[
         assert invocations, "a cursor that is not done always has pending work"
         for inv in invocations:
             trace.append((inv.node.name, inv.iteration, inv.loop_path))
+            cursor.inputs(inv.node.name)
             cursor.complete(inv.node.name, run(inv, cursor.env))
     raise AssertionError("walk did not finish")
 
@@ -170,6 +172,21 @@ def test_prepare_called_once_per_visit_with_iteration():
     node = GraphNode("p", prepare=lambda env, it: outside.append(it) or {})
     drive(cursor_for(node), no_outputs)
     assert outside == [None]
+
+
+def test_prepare_sees_what_was_put_into_env_after_the_node_was_reported():
+    """A stream-fed node's window enters env once the node is reported and the window is
+    ready: its prepare rule (a Talker's prompt rows) must see this window, not the last."""
+    node = GraphNode("talker", inputs=("n",),
+                     prepare=lambda env, it: {"n": env["window"].shape[0]})
+    env: dict[str, Any] = {}
+    cursor = cursor_for(Loop(node, times=2), env)
+    for rows in (5, 1):
+        assert [inv.node.name for inv in cursor.pending()] == ["talker"]
+        env["window"] = torch.zeros(rows, 2)
+        assert cursor.inputs("talker") == {"n": rows}
+        cursor.complete("talker", {})
+    assert cursor.done
 
 
 def test_prepare_results_are_local_to_their_invocation():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 from safetensors.torch import save
-from test_media import _peak_hz, _sine, _video, _wav
+from test_media import _peak_hz, _sine, _video, _video_with_sound, _wav
 
 from mstar.api_server.forms import form_values
 from mstar.api_server.request_flow import ApiError
@@ -31,6 +31,7 @@ class Request(BaseModel):
     image: list[float] | ImageInput | None = None
     speech: Annotated[Any, InputField("audio", sample_rate=16000)] | None = None
     clip: Annotated[Any, InputField("video", fps=5.0, max_frames=16)] | None = None
+    film: Annotated[Any, InputField("video", sample_rate=16000)] | None = None
     latents: TensorInput | None = None
 
 
@@ -44,7 +45,8 @@ def decode(**request: Any) -> dict[str, Any]:
 
 def test_the_schema_declares_its_fields_through_unions():
     assert {name: f.kind for name, f in FIELDS.items()} == {
-        "image": "image", "speech": "audio", "clip": "video", "latents": "tensor"}
+        "image": "image", "speech": "audio", "clip": "video", "film": "video",
+        "latents": "tensor"}
     assert FIELDS["speech"].sample_rate == 16000
 
 
@@ -61,6 +63,14 @@ def test_video_is_sampled_at_the_declared_rate():
     video = decode(clip={"blob": 0}, blobs=[_video(seconds=2, rate=10)])["clip"]
     assert isinstance(video, Video) and video.fps == 5.0 and video.frames.shape[0] == 10
     assert video.timestamps == pytest.approx([0.2 * k for k in range(10)])
+
+
+def test_a_video_field_with_a_sample_rate_gets_its_sound():
+    data = _video_with_sound(frequency=1000.0)
+    film = decode(film={"blob": 0}, blobs=[data])["film"]
+    assert film.audio is not None and film.audio.sample_rate == 16000
+    assert abs(_peak_hz(film.audio.samples, 16000) - 1000) <= 1
+    assert decode(clip={"blob": 0}, blobs=[data])["clip"].audio is None
 
 
 def test_tensors_from_json_safetensors_and_npy():

@@ -407,6 +407,64 @@ def test_video_duration_limit_and_bad_videos():
         assert info.value.status == 400
 
 
+def _video_with_sound(seconds: float = 2.0, sound_seconds: float | None = None,
+                      frequency: float = 440.0, rate: int = 48_000) -> bytes:
+    """An MP4: 10 fps of gray frames (H.264) and a stereo AAC track of a sine at
+    `frequency` (the right channel at half amplitude), `sound_seconds` long."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=10)
+        video.width = video.height = 32
+        video.pix_fmt = "yuv420p"
+        sound = container.add_stream("aac", rate=rate, layout="stereo")
+        for i in range(int(seconds * 10)):
+            image = np.full((32, 32, 3), 10 + 10 * i, dtype=np.uint8)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(video.encode())
+        sine = _sine(frequency, sound_seconds or seconds, rate)
+        frame = av.AudioFrame.from_ndarray(np.stack([sine, 0.5 * sine]), format="fltp",
+                                           layout="stereo")
+        frame.sample_rate, frame.pts = rate, 0
+        for packet in [*sound.encode(frame), *sound.encode()]:
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_video_audio_track_decoded_at_the_asked_rate():
+    """The sound of a 2 s clip at 16 kHz: mono (the channels' mean, 0.75 of the sine),
+    2 s long (AAC adds at most a frame of priming), the sine's frequency; the frames are
+    those of a silent video."""
+    data = _video_with_sound(frequency=1000.0)
+    video = load_video(data, MediaLimits(), fps=2.0, audio_rate=16_000)
+    assert _frame_numbers(video.frames) == [0, 5, 10, 15]
+    audio = video.audio
+    assert audio is not None and audio.sample_rate == 16_000
+    assert audio.samples.dtype == np.float32 and audio.samples.ndim == 1
+    assert 32_000 <= len(audio.samples) <= 32_000 + 1024 * 16_000 // 48_000 + 1
+    assert abs(_peak_hz(audio.samples, 16_000) - 1000.0) <= 1.0
+    middle = audio.samples[8_000:24_000]
+    assert abs(float(np.abs(middle).max()) - 0.75) < 0.05
+    # At its own rate (48 kHz) unless asked; not decoded at all without `audio_rate`.
+    native = load_video(data, MediaLimits(), audio_rate=48_000).audio
+    assert native is not None and 96_000 <= len(native.samples) <= 97_100
+    assert load_video(data, MediaLimits()).audio is None
+    # max_frames stops the frames early, never the sound.
+    few = load_video(data, MediaLimits(), fps=10.0, max_frames=2, audio_rate=16_000)
+    assert len(few.frames) == 2 and few.audio is not None
+    assert len(few.audio.samples) >= 32_000
+
+
+def test_video_without_sound_has_no_audio_and_long_sound_is_refused():
+    assert load_video(_video(), MediaLimits(), audio_rate=16_000).audio is None
+    # 1 s of frames but 3 s of sound: the video stream's header says 1 s, the sound is
+    # over a 2 s limit.
+    data = _video_with_sound(seconds=1.0, sound_seconds=3.0)
+    with pytest.raises(MediaError, match="audio exceeds the limit") as info:
+        load_video(data, MediaLimits(max_video_seconds=2.0), audio_rate=16_000)
+    assert info.value.status == 413
+    assert len(load_video(data, MediaLimits(max_video_seconds=2.0)).frames) == 2
+
+
 # ------------------------------------------------------------------------------------------
 # Uploads
 

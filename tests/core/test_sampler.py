@@ -365,3 +365,30 @@ def test_the_candidate_nucleus_equals_a_whole_vocabulary_sort():
     for scale in (0.1, 1.0, 3.0, 20.0):  # flat (whole sorts) to peaked (candidates only)
         x = torch.randn(len(top_k), vocab, generator=gen) * scale
         assert torch.equal(_nucleus(x, top_k, top_p), whole(x, top_k, top_p)), scale
+
+
+def test_in_node_sampling_uses_the_sites_params_and_each_childs_history():
+    """`ctx.sample` (a Talker's code predictor): the request's params for the site, else the
+    node's; penalties see the ids drawn before at the keyed site by this request and child
+    only, recorded only when the params use them."""
+    from mstar.engine.work import KeyedStepContext, NodeWork
+    from mstar.graph.primitives import GraphNode
+
+    node_own = SamplingParams(temperature=0)
+    site = SamplingParams(temperature=0, frequency_penalty=2.0)
+    works = [NodeWork("r", child, GraphNode("Talker"), {}, seed=0, sampling=node_own,
+                      site_sampling={"code_predictor": site}) for child in (0, 1)]
+    ctx = KeyedStepContext(works)
+    logits = torch.tensor([[4.0, 3.5, 3.0, 0.0], [0.0, 0.0, 0.0, 9.0]])
+    drawn = [ctx.sample(0, logits, "code_predictor", step).tolist() for step in range(3)]
+    assert drawn == [[0, 3], [1, 3], [2, 3]]  # each row its own history ("<site>/<j>")
+    assert works[0].site_history == {"code_predictor/0": [0, 1, 2],
+                                     "code_predictor/1": [3, 3, 3]}
+    assert ctx.sample(1, logits, "code_predictor", 0).tolist() == [0, 3]  # another child
+    assert works[1].site_history == {"code_predictor/0": [0], "code_predictor/1": [3]}
+    # a site the request has no params for: the node's own (greedy, no penalty, no record)
+    assert [ctx.sample(0, logits, "other", s).tolist() for s in range(2)] == [[0, 3]] * 2
+    assert "other/0" not in works[0].site_history
+    # a sequence rebuilt after preemption has no invocation: a clear error, not a guess
+    with pytest.raises(RuntimeError, match="rebuilt after preemption"):
+        KeyedStepContext([None]).sample(0, logits, "code_predictor", 0)

@@ -321,7 +321,7 @@ HI = [{"role": "user", "content": "hi"}]
     ({"temperature": "0.5"}, "temperature", "invalid_type", "number"),
     ({"n": 1.0}, "n", "invalid_type", "integer"),
     ({"reasoning_effort": "high"}, "reasoning_effort", None, "not supported"),
-    ({"modalities": ["text", "audio"]}, "modalities", None, "only text"),
+    ({"modalities": ["audio"]}, "modalities", None, '["text", "audio"]'),
     ({"logit_bias": {"abc": 5}}, "logit_bias", None, "token ids"),
     ({"logit_bias": {"65": 101}}, "logit_bias", None, "[-100, 100]"),
     ({"logit_bias": {"100000": 1}}, "logit_bias", None, "vocabulary size"),
@@ -427,7 +427,8 @@ def test_openapi_describes_every_route_and_the_models_request(server):
     doc = server.client.get("/openapi.json").json()
     contents = {path: ops["post"]["requestBody"]["content"]
                 for path, ops in doc["paths"].items() if "post" in ops}
-    assert set(contents.pop("/v1/images/edits")) == {"multipart/form-data"}  # OpenAI's form
+    for form in ("/v1/images/edits", "/v1/audio/transcriptions"):  # OpenAI's forms
+        assert set(contents.pop(form)) == {"multipart/form-data"}
     bodies = {path: content["application/json"]["schema"]
               for path, content in contents.items()}
     assert set(bodies) == {"/generate", "/v1/chat/completions", "/v1/completions",

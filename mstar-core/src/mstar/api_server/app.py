@@ -203,6 +203,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     from mstar.api_server.openai_routes import add_openai_routes
     from mstar.api_server.plugin_routes import add_plugin_routes
     from mstar.api_server.speech_route import add_speech_route
+    from mstar.api_server.transcription_route import add_transcription_route
 
     info = backend.model_info()
     created = int(time.time())
@@ -302,6 +303,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
 
     add_openai_routes(guarded, runner, info, settings)
     add_speech_route(guarded, runner, info, settings)
+    add_transcription_route(guarded, runner, info, settings)
     add_image_routes(app, guarded, runner, info, settings)
     add_plugin_routes(app, guarded, runner, info, settings)  # the model's plugin's own
     app.include_router(guarded)

@@ -40,7 +40,8 @@ class Stats(TypedDict):
     `invocations`: node invocations run, by (rank, graph node, walk); `parameter_bytes`:
     by (rank, node) held, (all its parameter bytes, those split by tensor parallelism);
     `reported_at`: by rank, the wall-clock time its latest report was read;
-    `rank_pages_in_use`: by rank, the KV pages its engines hold (last report).
+    `rank_pages_in_use`: by rank, the KV pages its engines hold (last report);
+    `node_pages_in_use`: by (rank, KV node), the pages of that node's own pool.
     """
 
     pages_in_use: int
@@ -52,6 +53,7 @@ class Stats(TypedDict):
     parameter_bytes: dict[tuple[int, str], tuple[int, int]]
     reported_at: dict[int, float]
     rank_pages_in_use: dict[int, int]
+    node_pages_in_use: dict[tuple[int, str], int]
 
 
 class Backend(Protocol):
@@ -60,8 +62,8 @@ class Backend(Protocol):
 
     def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str, *,
                kind: str = "generate", blobs: Sequence[bytes] = ()) -> str:
-        """Start a request (`kind` "generate", "completion" or "chat", whose media parts
-        index `blobs`); `sink` receives its events from another thread, the last one
+        """Start a request (`kind` "generate", "completion", "chat", whose media parts
+        index `blobs`, or "transcription" of the audio file `blobs[0]`); `sink` receives its events from another thread, the last one
         `Finished` or `Error`. Bad input raises `mstar.errors.RequestError` (with
         `.code`, `.param`) where the model's `process_prompt` runs in this process, or
         arrives as a first `Error` event (code 400) where it runs in a data worker."""

@@ -71,6 +71,12 @@ class _BackendGauges:
         for rank, pages in sorted(stats["rank_pages_in_use"].items()):
             by_rank.add_metric([str(rank)], pages)
         yield by_rank
+        by_node = GaugeMetricFamily("mstar_node_kv_pages_in_use", "KV cache pages a KV "
+                                    "node holds of its own pool on a rank (its latest "
+                                    "report).", labels=["node", "rank"])
+        for (rank, node), pages in sorted(stats["node_pages_in_use"].items()):
+            by_node.add_metric([node, str(rank)], pages)
+        yield by_node
         steps = GaugeMetricFamily("mstar_step_seconds", "Mean forward seconds per engine "
                                   "step of a node on a rank (last report).",
                                   labels=["rank", "node"])

@@ -8,10 +8,13 @@ build the answers from `mstar.events`. vLLM's extensions that users rely on (`to
 `min_p`, `repetition_penalty`, `ignore_eos`, `chat_template_kwargs`) are accepted too.
 OpenAI's fields that cannot change the output are accepted and ignored (`IGNORED_FIELDS`);
 those that would and are not supported are refused (`check_chat`, `check_completion`).
+A spoken reply (`modalities: ["text", "audio"]`, `audio: {"voice", "format"}`) is
+`message.audio` (`chat_audio`), streamed as `delta.audio` pieces.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar
@@ -81,12 +84,29 @@ class ChatMessage(BaseModel):
     name: str | None = None
     # What an assistant message returned by the API carries, so a client can send it back
     # as it came: a refusal and annotations are kept out of the prompt; tool and audio
-    # outputs only when empty (check_chat: tool calling and audio output are refused).
+    # outputs only when empty (check_chat: tool calling is refused; a spoken reply is not
+    # kept, so its audio cannot be referred to).
     refusal: str | None = None
     annotations: list[Any] | None = None
     tool_calls: list[Any] | None = None
     function_call: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
+
+
+#: The chat's audio formats (OpenAI's names) -> `mstar.media.audio_out`'s names.
+CHAT_AUDIO_FORMATS = {"wav": "wav", "mp3": "mp3", "flac": "flac", "opus": "opus",
+                      "aac": "aac", "pcm16": "pcm"}
+#: The only format OpenAI streams a spoken reply in.
+STREAMED_AUDIO_FORMAT = "pcm16"
+
+
+class ChatAudioParam(BaseModel):
+    """`audio` of a chat asking for a spoken reply: the voice (None: the model's default)
+    and the format of `message.audio.data`."""
+
+    model_config = _FORBID
+    voice: str | None = None
+    format: Literal["wav", "mp3", "flac", "opus", "aac", "pcm16"]
 
 
 class StreamOptions(BaseModel):
@@ -125,7 +145,6 @@ class _Sampling(BaseModel):
 _REFUSED_SCHEMAS: dict[str, dict[str, Any]] = {
     "tools": {"type": "array", "maxItems": 0}, "functions": {"type": "array", "maxItems": 0},
     "tool_choice": {"enum": ["none", None]}, "function_call": {"enum": ["none", None]},
-    "modalities": {"enum": [["text"], None]}, "audio": {"type": "null"},
     "reasoning_effort": {"type": "null"}, "verbosity": {"type": "null"},
     "web_search_options": {"type": "null"}}
 
@@ -153,13 +172,14 @@ class ChatCompletionRequest(_Sampling):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     prediction: dict[str, Any] | None = None
+    # a spoken reply (models with the "audio_output" capability; check_chat)
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: ChatAudioParam | None = None
     # refused unless they ask for nothing (check_chat)
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
-    audio: dict[str, Any] | None = None
-    modalities: list[str] | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
@@ -245,23 +265,44 @@ def check_common(req: _Sampling) -> None:
                              "stream_options")
 
 
+def wants_audio(req: ChatCompletionRequest) -> bool:
+    """Whether the chat asks for a spoken reply (`check_chat` made `audio` present)."""
+    return "audio" in (req.modalities or ())
+
+
 def check_chat(req: ChatCompletionRequest) -> None:
     """OpenAI's fields that would change the output and are not supported are refused
-    unless they ask for nothing (no tools, text only)."""
+    unless they ask for nothing (no tools); a spoken reply needs both `modalities` with
+    "audio" and `audio`, and streams only as pcm16 (as OpenAI's does). Whether the model
+    can speak is the route's check (its capabilities)."""
     if req.tools or req.tool_choice not in (None, "none") or req.functions or \
             req.function_call not in (None, "none"):
         raise InvalidRequest("tool calling is not supported yet", "tools")
-    if req.modalities not in (None, ["text"]) or req.audio is not None:
-        raise InvalidRequest("only text output is supported (modalities: [\"text\"])",
-                             "modalities" if req.audio is None else "audio")
+    modalities = req.modalities or ["text"]
+    if "text" not in modalities or len(set(modalities)) != len(modalities):
+        raise InvalidRequest('modalities must be ["text"] or ["text", "audio"]', "modalities")
+    if wants_audio(req):
+        if req.audio is None:
+            raise InvalidRequest('modalities with "audio" needs `audio` ({"voice", '
+                                 '"format"})', "audio")
+        if req.stream and req.audio.format != STREAMED_AUDIO_FORMAT:
+            raise InvalidRequest(f"a streamed spoken reply is {STREAMED_AUDIO_FORMAT} (got "
+                                 f"{req.audio.format!r}); ask for another format without "
+                                 "stream", "audio.format")
+    elif req.audio is not None:
+        raise InvalidRequest('audio needs modalities ["text", "audio"]', "modalities")
     for name in ("reasoning_effort", "verbosity", "web_search_options"):
         if getattr(req, name) is not None:
             raise InvalidRequest(f"{name} is not supported", name)
     for i, message in enumerate(req.messages):
-        for name in ("tool_calls", "function_call", "audio"):
+        for name in ("tool_calls", "function_call"):
             if getattr(message, name):
-                raise InvalidRequest(f"messages[{i}].{name}: tool calls and audio output are "
-                                     "not supported", f"messages[{i}].{name}")
+                raise InvalidRequest(f"messages[{i}].{name}: tool calls are not supported",
+                                     f"messages[{i}].{name}")
+        if message.audio:
+            raise InvalidRequest(f"messages[{i}].audio: an earlier spoken reply is not kept "
+                                 "(its expires_at has passed): send its transcript as the "
+                                 "content", f"messages[{i}].audio")
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
     if req.response_format is not None:
@@ -300,6 +341,10 @@ def native_fields(req: _Sampling, *, default_max_tokens: int) -> dict[str, Any]:
         fmt = req.response_format
         if fmt is not None and fmt.type != "text":
             out["response_format"] = fmt.model_dump(by_alias=True, exclude_none=True)
+        if wants_audio(req):
+            out["modalities"] = ["text", "audio"]
+            if req.audio is not None and req.audio.voice is not None:
+                out["voice"] = req.audio.voice
     elif isinstance(req, CompletionRequest) and req.logprobs is not None:
         out["logprobs"] = req.logprobs
     return out
@@ -336,13 +381,18 @@ def completion_logprobs(items: Sequence[events.TokenLogprob], offset: int) -> di
 
 
 class Choices:
-    """Collects a request's events into its choices (text, logprobs) per index."""
+    """Collects a request's events into its choices (text, logprobs, audio chunks) per
+    index."""
 
     def __init__(self, n: int):
         self.text = [""] * n
         self.logprobs: list[list[events.TokenLogprob]] = [[] for _ in range(n)]
+        self.audio: list[list[events.AudioChunk]] = [[] for _ in range(n)]
 
-    def add(self, event: events.TextDelta) -> None:
+    def add(self, event: events.TextDelta | events.AudioChunk) -> None:
+        if isinstance(event, events.AudioChunk):
+            self.audio[event.index].append(event)
+            return
         self.text[event.index] += event.text
         if event.logprobs:
             self.logprobs[event.index].extend(event.logprobs)
@@ -353,13 +403,39 @@ def finish_reasons(done: events.Finished, n: int) -> list[str]:
     return [done.reasons.get(i, done.reason) for i in range(n)]
 
 
+def chat_audio(rid: str, index: int, *, data: bytes | None = None,
+               transcript: str | None = None, expires_at: int | None = None,
+               sample_rate: int | None = None) -> dict[str, Any]:
+    """OpenAI's `message.audio` of choice `index` (every field given), or a streamed
+    `delta.audio` (those of the piece). `sample_rate` (of `data`) is mstar's addition: a
+    pcm16 clip has no header that says it. Nothing is kept for a later turn to refer to,
+    so `expires_at` is the response's `created`."""
+    out: dict[str, Any] = {"id": f"audio_{rid}_{index}"}
+    if data is not None:
+        out["data"] = base64.b64encode(data).decode()
+    for name, value in (("transcript", transcript), ("expires_at", expires_at),
+                        ("sample_rate", sample_rate)):
+        if value is not None:
+            out[name] = value
+    return out
+
+
 def chat_response(rid: str, model: str, created: int, choices: Choices,
-                  done: events.Finished, want_logprobs: bool) -> dict[str, Any]:
+                  done: events.Finished, want_logprobs: bool,
+                  audio: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The chat completion; with `audio` (each choice's `chat_audio`) the text is the
+    audio's transcript and `content` is null, as OpenAI answers a spoken reply."""
     reasons = finish_reasons(done, len(choices.text))
+
+    def message(i: int, text: str) -> dict[str, Any]:
+        if audio is None:
+            return {"role": "assistant", "content": text}
+        return {"role": "assistant", "content": None, "audio": audio[i]}
+
     return {
         "id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created,
         "model": model, "system_fingerprint": None,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+        "choices": [{"index": i, "message": message(i, text),
                      "logprobs": {"content": chat_logprobs(choices.logprobs[i])}
                      if want_logprobs else None,
                      "finish_reason": reasons[i]}

@@ -10,6 +10,11 @@ multipart/form-data, kept under `--upload-dir` until its bytes are read), and se
 worker normalised messages whose media parts index the fetched bytes (`kind="chat"`). The data worker decodes the media, renders
 the model's chat template, detokenises and applies stop strings; its events come back as
 `mstar.events`, turned here into OpenAI's JSON or SSE chunks.
+
+A chat asking for a spoken reply (`modalities: ["text", "audio"]`; capability
+`audio_output`) gives the model `modalities` and `voice` (`native_fields`); its text is the
+reply's transcript and its `AudioChunk`s the reply's audio (`_SpokenReply`): encoded whole
+in the asked format (`message.audio`), or streamed as pcm16 pieces (`delta.audio`).
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import httpx
 import msgspec
+import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -42,6 +49,7 @@ from mstar.api_server.request_flow import (
     terminal,
 )
 from mstar.api_server.schemas import field_types, request_body
+from mstar.media.audio_out import AudioEncoder, chunk_samples, encode_audio, output_rate
 from mstar.model.fields import UPLOAD_SCHEME
 
 if TYPE_CHECKING:
@@ -124,7 +132,7 @@ async def _stream(run: Run, first: events.Event, n: int, include_usage: bool,
     `data: {"error": ...}` frame and the end."""
     event = first
     while True:
-        if isinstance(event, events.TextDelta):
+        if isinstance(event, events.TextDelta | events.AudioChunk):
             for frame in chunk(event, None):
                 yield _frame(frame)
         elif isinstance(event, events.Finished):
@@ -144,12 +152,74 @@ async def _stream(run: Run, first: events.Event, n: int, include_usage: bool,
         event = await run.next()
 
 
-def lacks(info: ModelInfo, capability: str, route: str) -> ApiError:
-    """The 400 for a route the served model's capabilities do not include."""
+def lacks(info: ModelInfo, capability: str, route: str, *, param: str = "model") -> ApiError:
+    """The 400 for a route (or what a request asks, `param`) the served model's
+    capabilities do not include."""
     have = ", ".join(sorted(info["capabilities"])) or "none"
     return ApiError(400, f"model {info['name']!r} does not serve {route} (capability "
-                         f"{capability!r}); its capabilities: {have}", param="model",
+                         f"{capability!r}); its capabilities: {have}", param=param,
                     code="unsupported_capability")
+
+
+def check_model(name: str, served: str) -> None:
+    """A 404 for a model name this server does not serve."""
+    if name != served:
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+                            f"{served!r}", param="model", code="model_not_found")
+
+
+def _one_rate(rate: int, chunk: events.AudioChunk) -> None:
+    if chunk.sample_rate != rate:
+        raise ValueError(f"the model changed its sample rate mid-reply ({rate} to "
+                         f"{chunk.sample_rate} Hz)")
+
+
+class _SpokenReply:
+    """The audio of a chat's spoken reply, per choice: encoded whole in the asked format
+    (`message.audio`), or streamed as pcm16 pieces (`delta.audio`, the only format
+    `check_chat` lets stream: its pieces need no flush at the end). A choice's first
+    streamed piece carries `expires_at`; every audio piece its rate."""
+
+    def __init__(self, rid: str, fmt: str, created: int):
+        self.rid, self.created = rid, created
+        self.format = oai.CHAT_AUDIO_FORMATS[fmt]
+        self._encoders: dict[int, AudioEncoder] = {}
+        self._started: set[int] = set()
+
+    def whole(self, index: int, transcript: str,
+              chunks: list[events.AudioChunk]) -> dict[str, Any]:
+        """`message.audio` of choice `index`: its chunks as one file (a reply the model
+        ended before any audio has empty `data`)."""
+        if not chunks:
+            return oai.chat_audio(self.rid, index, data=b"", transcript=transcript,
+                                  expires_at=self.created)
+        rate = chunks[0].sample_rate
+        for chunk in chunks:
+            _one_rate(rate, chunk)
+        samples = np.concatenate([chunk_samples(chunk) for chunk in chunks])
+        return oai.chat_audio(self.rid, index, data=encode_audio(samples, rate, self.format),
+                              transcript=transcript, expires_at=self.created,
+                              sample_rate=output_rate(self.format, rate))
+
+    def delta(self, event: events.TextDelta | events.AudioChunk) -> dict[str, Any]:
+        """`delta.audio` of a streamed event: a transcript piece, or a piece of audio."""
+        extra: dict[str, Any] = {}
+        if event.index not in self._started:
+            self._started.add(event.index)
+            extra["expires_at"] = self.created
+        if isinstance(event, events.TextDelta):
+            return oai.chat_audio(self.rid, event.index, transcript=event.text, **extra)
+        encoder = self._encoders.get(event.index)
+        if encoder is None:
+            encoder = self._encoders[event.index] = AudioEncoder(self.format,
+                                                                 event.sample_rate)
+        _one_rate(encoder.input_rate, event)
+        return oai.chat_audio(self.rid, event.index, data=encoder.encode(chunk_samples(event)),
+                              sample_rate=encoder.sample_rate, **extra)
+
+    def close(self) -> None:
+        for encoder in self._encoders.values():
+            encoder.close()
 
 
 def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
@@ -187,35 +257,46 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
                 raise ApiError(exc.status, str(exc), param="files") from None
         return body.fields
 
-    def check_model(name: str) -> None:
-        if name != served:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{served!r}", param="model", code="model_not_found")
-
     async def run_openai(request: Request, req: oai._Sampling, body: dict[str, Any],
                          kind: str, blobs: list[bytes], created: int,
                          respond: Callable[[oai.Choices, events.Finished], dict[str, Any]],
-                         chunk: Callable[..., dict[str, Any]], usage_object: str) -> Response:
+                         chunk: Callable[..., list[dict[str, Any]]], usage_object: str, *,
+                         on_close: Callable[[], None] = lambda: None,
+                         renamed: dict[str, str] | None = None) -> Response:
+        """Run the request; `respond` builds the whole answer (in a thread: it may encode
+        audio), `chunk` the streamed frames of an event; `on_close` runs when the answer
+        ends; `renamed`: the model's name of a field -> the client's, in errors."""
         rid = request.state.request_id
-        run, first = await runner.start(request, body, kind=kind, blobs=blobs)
+        try:
+            run, first = await runner.start(request, body, kind=kind, blobs=blobs)
+        except ApiError as exc:
+            exc.param = (renamed or {}).get(exc.param or "", exc.param)
+            on_close()
+            raise
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def close() -> None:
+                run.close()
+                on_close()
+
             return StreamedResponse(_stream(run, first, req.n, include_usage, chunk, usage_object,
-                                            (rid, req.model, created)), on_close=run.close)
+                                            (rid, req.model, created)), on_close=close)
         try:
             collected = await collect(run, first, request)
         except ClientGone:
             return Response(status_code=499)
         finally:
             run.close()
+            on_close()
         choices = oai.Choices(req.n)
         for event in collected:
-            if isinstance(event, events.TextDelta) and event.index < req.n:
+            if isinstance(event, events.TextDelta | events.AudioChunk) and event.index < req.n:
                 choices.add(event)
         done = collected[-1]
         assert isinstance(done, events.Finished)
-        return Response(msgspec.json.encode(respond(choices, done)),
-                        media_type="application/json")
+        answer = await anyio.to_thread.run_sync(respond, choices, done)
+        return Response(msgspec.json.encode(answer), media_type="application/json")
 
     def parsed(model: type[oai.T], body: dict[str, Any]) -> oai.T:
         req = oai.parse(model, body)
@@ -224,7 +305,7 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
             oai.check_chat(req)
         elif isinstance(req, oai.CompletionRequest):
             oai.check_completion(req)
-        check_model(req.model)
+        check_model(req.model, served)
         return req
 
     @router.post("/v1/chat/completions", openapi_extra=request_body(
@@ -238,6 +319,8 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
         rid, created = request.state.request_id, int(time.time())
         try:
             req = parsed(oai.ChatCompletionRequest, await read_chat(request))
+            if oai.wants_audio(req) and "audio_output" not in capabilities:
+                raise lacks(info, "audio_output", "spoken replies", param="modalities")
             runner.admit()  # before fetching media for a request that cannot run
             async with httpx.AsyncClient(follow_redirects=False) as client:
                 messages, blobs = await resolve_messages(
@@ -250,29 +333,44 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
         if req.chat_template_kwargs:
             body["chat_template_kwargs"] = req.chat_template_kwargs
         model = req.model
+        spoken = _SpokenReply(rid, req.audio.format, created) \
+            if oai.wants_audio(req) and req.audio is not None else None
 
         def respond(choices: oai.Choices, done: events.Finished) -> dict[str, Any]:
-            return oai.chat_response(rid, model, created, choices, done, req.logprobs)
+            audio = None if spoken is None else [
+                spoken.whole(i, choices.text[i], choices.audio[i]) for i in range(req.n)]
+            return oai.chat_response(rid, model, created, choices, done, req.logprobs, audio)
 
         started: set[int] = set()
 
-        def chunk(event: events.TextDelta, finish: str | None) -> list[dict[str, Any]]:
+        def chunk(event: events.TextDelta | events.AudioChunk,
+                  finish: str | None) -> list[dict[str, Any]]:
+            if spoken is None and isinstance(event, events.AudioChunk):
+                return []  # audio nobody asked for
             frames = []
             if event.index not in started:
                 started.add(event.index)
-                frames.append(oai.chat_chunk(rid, model, created, event.index,
-                                             {"role": "assistant", "content": ""}))
+                frames.append(oai.chat_chunk(rid, model, created, event.index, {
+                    "role": "assistant", "content": "" if spoken is None else None}))
             if finish is not None:
                 frames.append(oai.chat_chunk(rid, model, created, event.index, {},
                                              finish_reason=finish))
+            elif isinstance(event, events.AudioChunk):
+                assert spoken is not None
+                frames.append(oai.chat_chunk(rid, model, created, event.index,
+                                             {"audio": spoken.delta(event)}))
             elif event.text or event.logprobs:
+                delta = {"content": event.text} if spoken is None \
+                    else {"audio": spoken.delta(event)}
                 frames.append(oai.chat_chunk(
-                    rid, model, created, event.index, {"content": event.text},
+                    rid, model, created, event.index, delta,
                     logprobs=event.logprobs or [] if req.logprobs else None))
             return frames
 
         return await run_openai(request, req, body, "chat", blobs, created, respond, chunk,
-                                "chat.completion.chunk")
+                                "chat.completion.chunk",
+                                on_close=spoken.close if spoken is not None else lambda: None,
+                                renamed={"voice": "audio.voice"})
 
     @router.post("/v1/completions", openapi_extra=request_body(
         oai.CompletionRequest, "OpenAI's (legacy) completion request.", served=served))
@@ -292,8 +390,10 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
             return oai.completion_response(rid, model, created, choices, done,
                                            want_logprobs)
 
-        def chunk(event: events.TextDelta, finish: str | None) -> list[dict[str, Any]]:
-            if finish is None and not event.text and not event.logprobs:
+        def chunk(event: events.TextDelta | events.AudioChunk,
+                  finish: str | None) -> list[dict[str, Any]]:
+            if isinstance(event, events.AudioChunk) or (
+                    finish is None and not event.text and not event.logprobs):
                 return []
             logprobs = None
             if want_logprobs and finish is None:
@@ -307,4 +407,4 @@ def add_openai_routes(router: APIRouter, runner: Runner, info: ModelInfo,
                                 chunk, "text_completion")
 
 
-__all__ = ["add_openai_routes", "lacks", "resolve_messages"]
+__all__ = ["add_openai_routes", "check_model", "lacks", "resolve_messages"]

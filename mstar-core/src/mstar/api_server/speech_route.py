@@ -32,14 +32,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from mstar import events
 from mstar.api_server import openai_protocol as oai
-from mstar.api_server.openai_routes import lacks
+from mstar.api_server.openai_routes import check_model, lacks
 from mstar.api_server.request_flow import (
     ApiError,
     Run,
@@ -52,7 +51,13 @@ from mstar.api_server.request_flow import (
     read_json,
 )
 from mstar.api_server.schemas import check_body, native_request_model, request_body
-from mstar.media.audio_out import FORMATS, SPEED_RANGE, AudioEncoder, media_type
+from mstar.media.audio_out import (
+    FORMATS,
+    SPEED_RANGE,
+    AudioEncoder,
+    chunk_samples,
+    media_type,
+)
 
 if TYPE_CHECKING:
     from mstar.api_server.backend import ModelInfo
@@ -128,11 +133,6 @@ class _Failed(Exception):
         self.event = event
 
 
-def _samples(chunk: events.AudioChunk) -> np.ndarray:
-    """The chunk's samples (float32 by the contract; numpy reads any float width)."""
-    return np.frombuffer(chunk.samples.data, dtype=chunk.samples.dtype).astype(np.float32)
-
-
 def _no_audio(done: events.Finished, req: SpeechRequest) -> ApiError:
     """Why a request finished before any audio, as the client's error."""
     message = f"the model finished ({done.reason}) without any audio"
@@ -167,7 +167,7 @@ async def _encoded(run: Run, first: events.AudioChunk,
                 raise _Failed(events.Error(
                     f"the model changed its sample rate mid-stream ({encoder.input_rate} "
                     f"to {event.sample_rate} Hz)"))
-            piece = encoder.encode(_samples(event))
+            piece = encoder.encode(chunk_samples(event))
             if piece:
                 yield piece
         elif isinstance(event, events.Finished):
@@ -221,9 +221,7 @@ def add_speech_route(router: APIRouter, runner: Runner, info: ModelInfo,
         if "speech" not in info["capabilities"]:
             raise lacks(info, "speech", "POST /v1/audio/speech")
         req = parse_speech(await read_json(request, settings.max_body_bytes))
-        if req.model != served:
-            raise ApiError(404, f"the model {req.model!r} does not exist; this server "
-                                f"serves {served!r}", param="model", code="model_not_found")
+        check_model(req.model, served)
         body = native_request(req)
         if native is not None:
             check_body(native, body)

@@ -37,21 +37,23 @@ class ChatPrompt:
     media_hashes: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _decode(kind: str, data: bytes, part: Mapping[str, Any], limits: MediaLimits) -> Any:
+def _decode(kind: str, data: bytes, part: Mapping[str, Any], limits: MediaLimits,
+            audio_rate: int | None) -> Any:
     from mstar import media
 
     if kind == "image":
         return media.load_image(data, limits)
     if kind == "audio":
-        return media.load_audio(data, limits, sample_rate=part.get("sample_rate"))
+        return media.load_audio(data, limits, sample_rate=audio_rate)
     return media.load_video(data, limits, fps=float(part.get("fps") or 2.0))
 
 
 def build_chat_prompt(model: Model, messages: Sequence[Mapping[str, Any]],
                       blobs: Sequence[bytes], limits: MediaLimits, *,
                       template_kwargs: Mapping[str, Any] | None = None) -> ChatPrompt:
-    """Decode the media the messages point to and render the model's chat template.
-    Bad media or a template that refuses the conversation raise ValueError (400)."""
+    """Decode the media the messages point to (audio at the model's `audio_input_rate()`)
+    and render the model's chat template. Bad media or a template that refuses the
+    conversation raise ValueError (400)."""
     from mstar import media
 
     template = model.chat_template()
@@ -69,7 +71,8 @@ def build_chat_prompt(model: Model, messages: Sequence[Mapping[str, Any]],
                 if kind in MEDIA_KINDS:
                     data = blobs[int(part["blob"])]
                     try:
-                        decoded[kind].append(_decode(kind, data, part, limits))
+                        decoded[kind].append(_decode(kind, data, part, limits,
+                                                     model.audio_input_rate()))
                     except media.MediaError as exc:
                         exc.param = exc.param or f"messages[{m_index}].content[{p_index}]"
                         raise

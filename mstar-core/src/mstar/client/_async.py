@@ -112,15 +112,20 @@ class AsyncMStarClient(ClientBase):
     async def chat(self, text_or_messages: str | Sequence[Mapping[str, Any]], *,
                    images: object = None, model: str | None = None, stream: bool = False,
                    system: str | None = None, max_tokens: int | None = None,
-                   temperature: float | None = None, **extra: Any,
+                   temperature: float | None = None, audio_out: bool = False,
+                   voice: str | None = None, audio_format: str | None = None, **extra: Any,
                    ) -> ChatResponse | AsyncStream[ChatDelta]:
         """See `MStarClient.chat`."""
+        fmt = protocol.chat_audio_format(audio_out, voice, audio_format, stream)
+        if fmt is not None:
+            await self._require("audio_output", "chat")
         messages = protocol.chat_messages(text_or_messages, images=images, system=system)
         body = protocol.chat_body(messages, model=model or await self._default_model(),
                                   stream=stream, max_tokens=max_tokens,
-                                  temperature=temperature, extra=extra)
-        return await (self._stream(protocol.CHAT, body) if stream else
-                      self._request(protocol.CHAT, body))
+                                  temperature=temperature, extra=extra, audio_format=fmt,
+                                  voice=voice)
+        route = protocol.chat_route(fmt)
+        return await (self._stream(route, body) if stream else self._request(route, body))
 
     async def generate(self, request: Mapping[str, Any] | None = None, *,
                        stream: bool = False, binary: bool = False, **fields: Any,
@@ -147,6 +152,16 @@ class AsyncMStarClient(ClientBase):
         if not stream:
             return await self._request(protocol.SPEECH, body)
         return AsyncByteStream(await self._send(protocol.SPEECH, body), self.base_url)
+
+    async def transcribe(self, audio: object, *, language: str | None = None,
+                         prompt: str | None = None, model: str | None = None,
+                         **extra: Any) -> str:
+        """See `MStarClient.transcribe`."""
+        await self._require("transcription", "transcribe")
+        payload = protocol.transcription_payload(
+            audio, model=model or await self._default_model(), language=language,
+            prompt=prompt, extra=extra)
+        return await self._request(protocol.TRANSCRIPTIONS, payload)
 
     async def generate_image(self, prompt: str, *, size: str | None = None, n: int = 1,
                              model: str | None = None, **fields: Any) -> bytes | list[bytes]:

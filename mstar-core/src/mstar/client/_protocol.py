@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -24,7 +25,7 @@ import msgspec
 
 from mstar import __version__, events
 from mstar.client import _tensors as tensors
-from mstar.client._media import image_file, image_url
+from mstar.client._media import image_file, image_url, media_bytes
 from mstar.client._payload import SAFETENSORS, Payload
 from mstar.client._sse import SSEDecoder, SSEFrame
 from mstar.client.errors import (
@@ -307,14 +308,34 @@ def chat_messages(text_or_messages: str | Sequence[Mapping[str, Any]], *,
     return messages
 
 
+#: A chat's audio format (OpenAI's name) -> the `Speech.format` its bytes are.
+_CHAT_AUDIO = {"pcm16": "pcm"}
+
+
+def chat_audio_format(audio_out: bool, voice: str | None, audio_format: str | None,
+                      stream: bool) -> str | None:
+    """The audio format a chat call asks for (None: text only): `audio_format`, else pcm16
+    streamed (the only format a spoken reply streams in) and wav whole."""
+    if not audio_out:
+        if voice is not None or audio_format is not None:
+            raise ValueError("voice and audio_format need audio_out=True")
+        return None
+    return audio_format or ("pcm16" if stream else "wav")
+
+
 def chat_body(messages: list[dict[str, Any]], *, model: str, stream: bool,
               max_tokens: int | None, temperature: float | None,
-              extra: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON of a chat call; options left None are not sent (the server's defaults)."""
+              extra: Mapping[str, Any], audio_format: str | None = None,
+              voice: str | None = None) -> dict[str, Any]:
+    """The JSON of a chat call; options left None are not sent (the server's defaults).
+    `audio_format`: a spoken reply in it (`voice` None: the model's default voice)."""
     body: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature)):
         if value is not None:
             body[name] = value
+    if audio_format is not None:
+        body["modalities"] = ["text", "audio"]
+        body["audio"] = {"format": audio_format, **({"voice": voice} if voice else {})}
     body.update(extra)
     return body
 
@@ -326,17 +347,31 @@ def _usage(data: Mapping[str, Any] | None) -> events.Usage | None:
                         completion_tokens=int(data.get("completion_tokens") or 0))
 
 
-def parse_chat(response: httpx.Response) -> ChatResponse:
-    body = response.json()
+def _chat_audio(audio: Mapping[str, Any] | None, fmt: str,
+                rid: str | None) -> Speech | None:
+    """A `message.audio` or `delta.audio` with data, as `Speech` (its bytes in `fmt`,
+    OpenAI's name)."""
+    if not audio or "data" not in audio:
+        return None
+    rate = audio.get("sample_rate")
+    return Speech(audio=base64.b64decode(audio["data"]), format=_CHAT_AUDIO.get(fmt, fmt),
+                  sample_rate=int(rate) if rate is not None else None, request_id=rid)
+
+
+def parse_chat(response: httpx.Response, audio_format: str | None = None) -> ChatResponse:
+    """The chat completion; `audio_format`: the format its spoken replies were asked in."""
+    body, rid = response.json(), request_id(response)
     choices = []
     for c in body["choices"]:
         message = c.get("message") or {}
+        audio = message.get("audio") or {}
         choices.append(ChatChoice(index=c.get("index", len(choices)),
-                                  text=message.get("content") or "",
+                                  text=message.get("content") or audio.get("transcript") or "",
                                   finish_reason=c.get("finish_reason"), message=message,
-                                  logprobs=c.get("logprobs")))
+                                  logprobs=c.get("logprobs"),
+                                  audio=_chat_audio(audio, audio_format or "", rid)))
     return ChatResponse(choices=choices, usage=_usage(body.get("usage")), raw=body,
-                        request_id=request_id(response))
+                        request_id=rid)
 
 
 def parse_chat_frame(frame: SSEFrame, rid: str | None) -> list[ChatDelta]:
@@ -348,13 +383,25 @@ def parse_chat_frame(frame: SSEFrame, rid: str | None) -> list[ChatDelta]:
         status = _stream_status(error.get("code"), error.get("type"))
         raise error_from_body(status, {"error": error}, rid, "error in the stream")
     usage = _usage(data.get("usage"))
-    deltas = [ChatDelta(text=(c.get("delta") or {}).get("content") or "",
-                        index=c.get("index", 0), finish_reason=c.get("finish_reason"),
-                        usage=usage, raw=data)
-              for c in data.get("choices") or ()]
+    deltas = []
+    for c in data.get("choices") or ():
+        delta = c.get("delta") or {}
+        audio = delta.get("audio") or {}
+        deltas.append(ChatDelta(text=delta.get("content") or audio.get("transcript") or "",
+                                index=c.get("index", 0), finish_reason=c.get("finish_reason"),
+                                usage=usage, raw=data,
+                                audio=_chat_audio(audio, "pcm16", rid)))
     if not deltas and usage is not None:
         deltas.append(ChatDelta(text="", usage=usage, raw=data))
     return deltas
+
+
+def chat_route(audio_format: str | None) -> Route[ChatResponse, ChatDelta]:
+    """`CHAT`, reading spoken replies as `audio_format` (OpenAI's name; the answer does not
+    say it)."""
+    if audio_format is None:
+        return CHAT
+    return Route("POST", CHAT.path, lambda r: parse_chat(r, audio_format), parse_chat_frame)
 
 
 # ------------------------------------------------------------------------------------------
@@ -505,12 +552,42 @@ def parse_json(response: httpx.Response) -> dict[str, Any]:
     return response.json()
 
 
+# ------------------------------------------------------------------------------------------
+# Transcriptions (OpenAI's /v1/audio/transcriptions)
+
+
+def transcription_payload(audio: object, *, model: str, language: str | None,
+                          prompt: str | None, extra: Mapping[str, Any]) -> Payload:
+    """OpenAI's transcription form: the file (a path, str or `os.PathLike`, or bytes) in
+    `file`; `extra` fields as given (`temperature`, `max_completion_tokens`, `seed`)."""
+    if isinstance(audio, str):
+        audio = Path(audio)
+    if not isinstance(audio, os.PathLike | bytes | bytearray | memoryview):
+        raise TypeError(f"transcribe() takes a path or bytes, not {type(audio).__name__}")
+    item = media_bytes(audio)
+    assert item is not None  # a path or bytes always reads
+    data, mime = item
+    name = Path(audio).name if isinstance(audio, os.PathLike) else "audio"
+    body: dict[str, Any] = {"model": model, "response_format": "json"}
+    for key, value in (("language", language), ("prompt", prompt)):
+        if value is not None:
+            body[key] = value
+    body.update(extra)
+    return Payload(body, [("file", (name, data, mime))], form=True)
+
+
+def parse_transcription(response: httpx.Response) -> str:
+    return response.json()["text"]
+
+
 CHAT: Route[ChatResponse, ChatDelta] = Route("POST", "/v1/chat/completions", parse_chat,
                                              parse_chat_frame)
 GENERATE: Route[GenerateResponse, events.Event] = Route("POST", "/generate", parse_generate,
                                                         parse_generate_frame)
 #: Streamed (`tts(stream=True)`), the answer's bytes are yielded as they come.
 SPEECH: Route[Speech, Any] = Route("POST", "/v1/audio/speech", parse_speech)
+TRANSCRIPTIONS: Route[str, Any] = Route("POST", "/v1/audio/transcriptions",
+                                        parse_transcription)
 IMAGES: Route[list[bytes], Any] = Route("POST", "/v1/images/generations", parse_images)
 IMAGE_EDITS: Route[list[bytes], Any] = Route("POST", "/v1/images/edits", parse_images)
 MODELS: Route[list[ModelInfo], Any] = Route("GET", "/v1/models", parse_models)

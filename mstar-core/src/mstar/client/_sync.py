@@ -113,17 +113,27 @@ class MStarClient(ClientBase):
     def chat(self, text_or_messages: str | Sequence[Mapping[str, Any]], *,
              images: object = None, model: str | None = None, stream: bool = False,
              system: str | None = None, max_tokens: int | None = None,
-             temperature: float | None = None, **extra: Any,
+             temperature: float | None = None, audio_out: bool = False,
+             voice: str | None = None, audio_format: str | None = None, **extra: Any,
              ) -> ChatResponse | Stream[ChatDelta]:
         """OpenAI chat completion. A str is one user message (or pass OpenAI `messages`);
         `images` (a path, URL, bytes or PIL image, or a list) join the last user message;
-        `extra` fields go into the body as given (e.g. `seed`, `stream_options`)."""
+        `extra` fields go into the body as given (e.g. `seed`, `stream_options`).
+        `audio_out=True` (models with the "audio_output" capability) asks for a spoken
+        reply in `voice` (None: the model's default) and `audio_format` (wav, mp3, flac,
+        opus, aac or pcm16; default wav, pcm16 streamed, the only format it streams in):
+        each choice's `.audio` is a `Speech` and `.text` its transcript; streamed, the
+        deltas bring the transcript's text and pieces of audio (`delta.audio`)."""
+        fmt = protocol.chat_audio_format(audio_out, voice, audio_format, stream)
+        if fmt is not None:
+            self._require("audio_output", "chat")
         messages = protocol.chat_messages(text_or_messages, images=images, system=system)
         body = protocol.chat_body(messages, model=model or self._default_model(),
                                   stream=stream, max_tokens=max_tokens,
-                                  temperature=temperature, extra=extra)
-        return self._stream(protocol.CHAT, body) if stream else \
-            self._request(protocol.CHAT, body)
+                                  temperature=temperature, extra=extra, audio_format=fmt,
+                                  voice=voice)
+        route = protocol.chat_route(fmt)
+        return self._stream(route, body) if stream else self._request(route, body)
 
     def generate(self, request: Mapping[str, Any] | None = None, *, stream: bool = False,
                  binary: bool = False, **fields: Any) -> GenerateResponse | Stream[events.Event]:
@@ -161,6 +171,17 @@ class MStarClient(ClientBase):
         if not stream:
             return self._request(protocol.SPEECH, body)
         return ByteStream(self._send(protocol.SPEECH, body), self.base_url)
+
+    def transcribe(self, audio: object, *, language: str | None = None,
+                   prompt: str | None = None, model: str | None = None, **extra: Any) -> str:
+        """The text of an audio file (`/v1/audio/transcriptions`; models with the
+        "transcription" capability): `audio` a path (str or `pathlib.Path`) or the file's
+        bytes; `language` (ISO-639-1) and `prompt` guide it; `extra` goes into the form
+        (`temperature`, `max_completion_tokens`, `seed`, ...)."""
+        self._require("transcription", "transcribe")
+        payload = protocol.transcription_payload(audio, model=model or self._default_model(),
+                                                 language=language, prompt=prompt, extra=extra)
+        return self._request(protocol.TRANSCRIPTIONS, payload)
 
     def generate_image(self, prompt: str, *, size: str | None = None, n: int = 1,
                        model: str | None = None, **fields: Any) -> bytes | list[bytes]:

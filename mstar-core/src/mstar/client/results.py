@@ -20,13 +20,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ChatChoice:
-    """One completion of a chat request; `text` is its message content ("" if none)."""
+    """One completion of a chat request; `text` is its message content ("" if none), or
+    the transcript of its spoken reply, whose audio is then `audio` (`chat(audio_out=
+    True)`: the file in the asked format, `.samples()`, `.to_wav(path)`)."""
 
     index: int
     text: str
     finish_reason: str | None
     message: dict[str, Any]
     logprobs: Any = None
+    audio: Speech | None = None
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,16 @@ class ChatDelta:
     """One streamed piece of a chat completion: the new `text` of choice `index`; the last
     piece of a choice has its `finish_reason`. A chunk carrying token counts (OpenAI's
     `stream_options={"include_usage": True}`) gives a delta with `usage`, and text "" when
-    it has no choices."""
+    it has no choices. Streaming a spoken reply (`chat(audio_out=True)`), `text` is the
+    transcript's new text and a piece of the audio comes as a delta whose `audio` is that
+    piece (pcm16: `.samples()`, `.sample_rate`)."""
 
     text: str
     index: int = 0
     finish_reason: str | None = None
     usage: Usage | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    audio: Speech | None = None
 
 
 @dataclass(frozen=True)
@@ -115,9 +121,10 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Speech:
-    """The audio of a speech call (`tts`): the file's bytes as the server encoded them,
-    its `format` (mp3, opus, aac, flac, wav or pcm) and `sample_rate` (the header's where
-    the format has one, else the server's `x-sample-rate`)."""
+    """Encoded audio: of a speech call (`tts`), or a chat's spoken reply (or a streamed
+    piece of it): the file's bytes as the server encoded them, its `format` (mp3, opus,
+    aac, flac, wav or pcm) and `sample_rate` (the header's where the format has one, else
+    the server's `x-sample-rate`, or the chat audio's `sample_rate`)."""
 
     audio: bytes
     format: str

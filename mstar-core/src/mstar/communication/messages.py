@@ -70,7 +70,8 @@ class RequestInfo(msgspec.Struct):
 # -- API server (gateway) <-> data worker (frontend) --------------------------------------
 class ClientRequest(msgspec.Struct, tag=True):
     """A request body (JSON) for a data worker's frontend. `kind`: "generate" (the model's
-    native request), "completion" (a text prompt) or "chat" (messages, see `mstar.chat`);
+    native request), "completion" (a text prompt), "chat" (messages, see `mstar.chat`) or
+    "transcription" (an audio file, `blobs[0]`, and the transcription fields);
     `blobs`: the raw media bytes the body's media parts refer to by index."""
 
     request_id: str
@@ -208,7 +209,8 @@ class WorkerStats(msgspec.Struct, tag=True):
     `vision_encoder.encoder_cache_hits`, ...); `invocations`: node invocations this rank
     ran, by graph node (branch nodes by their own name) and walk; `parameter_bytes`: per
     node held, [all its parameters, those of them split across a tensor-parallel group];
-    `at`: the wall-clock time (`time.time()`) the counts were read."""
+    `at`: the wall-clock time (`time.time()`) the counts were read; `node_pages`: per KV
+    node, the pages it holds of its own pool (`pages_in_use` is their sum)."""
 
     address: str
     pages_in_use: int
@@ -219,6 +221,7 @@ class WorkerStats(msgspec.Struct, tag=True):
     invocations: dict[str, dict[str, int]] = {}
     parameter_bytes: dict[str, tuple[int, int]] = {}
     at: float = 0.0
+    node_pages: dict[str, int] = {}
 
 
 # -- worker -> frontend -------------------------------------------------------------------

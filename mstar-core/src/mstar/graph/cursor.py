@@ -19,8 +19,9 @@ Semantics:
   visit; skip rules are evaluated when the cursor lands on the stage, all against the same
   env. A skipped node's outputs (after `rename`) are removed from env, so a later node
   sees them absent rather than a previous iteration's values. A node's `prepare` rule runs
-  once per visit, with `(env, iteration)`, the first time `pending()` reports the node (as
-  late as possible, so it sees the freshest env); its dict is local to that invocation:
+  once per visit, with `(env, iteration)`, the first time `inputs()` is asked for the
+  reported node (as late as possible, so it sees the freshest env: a stream-fed node's
+  window is put into env after `pending()` reports it); its dict is local to that invocation:
   `inputs(name)` reads it over env, and env itself never holds it (two branches of one
   `Parallel` may prepare different values under one name).
 - `complete(name, outputs)`: writes `outputs` into env, each output name renamed through
@@ -104,10 +105,7 @@ class WalkCursor:
         for node in self._active:
             if node.name in self._completed:
                 continue
-            if node.name not in self._reported:
-                self._reported.add(node.name)
-                if node.prepare is not None:
-                    self._local[node.name] = node.prepare(self.env, iteration)
+            self._reported.add(node.name)
             result.append(Invocation(node, iteration, path))
         return result
 
@@ -118,6 +116,8 @@ class WalkCursor:
         if node is None or node_name not in self._reported:
             raise ValueError(f"node {node_name!r} has not been reported at position "
                              f"{self.position}")
+        if node.prepare is not None and node_name not in self._local:
+            self._local[node_name] = node.prepare(self.env, self._iteration())
         local = self._local.get(node_name, {})
         return {k: local[k] if k in local else self.env[k] for k in node.inputs
                 if k in local or k in self.env}

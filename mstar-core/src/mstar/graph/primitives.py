@@ -146,6 +146,19 @@ class ChunkPolicy:
     ready once e(k+1) + lookahead units exist or the stream has ended. At end of stream the
     remaining units are flushed with whatever context exists, so every input unit's output
     is emitted exactly once. `emit[1] - emit[0]` must equal `hop`.
+
+    `first_chunk_param` names a request param (`RequestPlan.params[name]`, a positive int)
+    that sets e1 per request instead of `first_chunk` (a Talker whose prefill needs all of
+    its prompt's rows at once, a length known only per request). While a request's first
+    window has not formed, its producer may push up to that window's units even past
+    `max_buffered` (bounded by the request's own first window), so backpressure cannot
+    deadlock it.
+
+    `continue_after_end`: once the stream ended and every unit was emitted, the consumer
+    node is still invoked, each time with empty windows (0 rows, the stream's trailing
+    shape and dtype) and the end flag True, until its own loop ends (a Talker that keeps
+    speaking after the Thinker stopped). Without it the consumer's loop gets no further
+    invocation (the node completes without outputs, the end flag True).
     """
 
     window: int
@@ -160,6 +173,8 @@ class ChunkPolicy:
     #: received (rows that made no unit are credited at once); `window`, `hop`, `emit`
     #: count units.
     assemble: Callable[[], Any] | None = None
+    first_chunk_param: str | None = None
+    continue_after_end: bool = False
 
     def __post_init__(self):
         start, end = self.emit
@@ -199,13 +214,19 @@ class StreamingGraphEdge:
     Outputs of an invocation fed by a window are cut to the window's emit range (rows scale
     with the output/input length ratio). The buffer is bounded per request (backpressure
     pauses only that request's producer); end of stream reaches the consumer as the boolean
-    environment value `end_flag`."""
+    environment value `end_flag`.
+
+    `rows_per_unit` names consumer outputs with a fixed number of rows per unit that may
+    fall short at a window's end (Code2Wav: 1920 samples a frame, its causal transposed
+    convolutions drop the last 555 of a window); without it the rows per unit are the
+    output's rows over the window's units, which must divide evenly."""
 
     src: str
     dst: str
     tensors: Mapping[str, str]
     policy: ChunkPolicy
     end_flag: str = "stream_ended"
+    rows_per_unit: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,36 @@ def _with_soundfile(data: bytes, limits: MediaLimits) -> tuple[np.ndarray, int] 
     return samples, rate
 
 
+class FloatTrack:
+    """An audio stream's decoded frames gathered as planar float32 at the stream's own rate
+    (every channel kept; `mono_audio` averages them, as soundfile's path does)."""
+
+    def __init__(self, stream: av.audio.stream.AudioStream):
+        if not stream.rate:
+            raise MediaError("the audio stream states no sample rate")
+        self.rate = stream.rate
+        self._to_float = av.AudioResampler(format="fltp", layout=stream.layout.name,
+                                           rate=stream.rate)
+        self._chunks: list[np.ndarray] = []
+        self.count = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.count / self.rate
+
+    def add(self, frame: av.AudioFrame) -> None:
+        for converted in self._to_float.resample(frame):
+            chunk = converted.to_ndarray()  # [channels, n]
+            self._chunks.append(chunk)
+            self.count += chunk.shape[1]
+
+    def samples(self) -> np.ndarray:
+        """[n, channels] float32."""
+        if not self._chunks:
+            return np.zeros((0, 1), dtype=np.float32)
+        return np.concatenate(self._chunks, axis=1).T.astype(np.float32, copy=False)
+
+
 def _with_pyav(data: bytes, limits: MediaLimits) -> tuple[np.ndarray, int]:
     """(samples [n, channels], rate) of the first audio stream, decoded by FFmpeg."""
     try:
@@ -64,26 +94,25 @@ def _with_pyav(data: bytes, limits: MediaLimits) -> tuple[np.ndarray, int]:
         if container.duration is not None and container.duration / av.time_base > \
                 limits.max_audio_seconds:
             raise _over(container.duration / av.time_base, limits)
-        rate = stream.rate
-        if not rate:
-            raise MediaError("the audio stream states no sample rate")
-        # Planar float keeps every channel apart (we average them ourselves, as soundfile's
-        # path does) at the stream's own rate.
-        to_float = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=rate)
-        chunks, count = [], 0
+        track = FloatTrack(stream)
         try:
             for frame in container.decode(stream):
-                for converted in to_float.resample(frame):
-                    chunk = converted.to_ndarray()  # [channels, n]
-                    chunks.append(chunk)
-                    count += chunk.shape[1]
-                if count / rate > limits.max_audio_seconds:
-                    raise _over(count / rate, limits)
+                track.add(frame)
+                if track.seconds > limits.max_audio_seconds:
+                    raise _over(track.seconds, limits)
         except FFmpegError as exc:
             raise MediaError(f"the audio could not be decoded: {exc}") from None
-    if not chunks:
-        return np.zeros((0, 1), dtype=np.float32), rate
-    return np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False), rate
+    return track.samples(), track.rate
+
+
+def mono_audio(samples: np.ndarray, rate: int, sample_rate: int | None = None) -> Audio:
+    """Samples [n, channels] at `rate` -> their channel mean, resampled (soxr, high
+    quality) to `sample_rate` when given."""
+    mono = samples.mean(axis=1, dtype=np.float32)
+    if sample_rate is not None and sample_rate != rate and len(mono):
+        mono = soxr.resample(mono, rate, sample_rate, quality="HQ").astype(np.float32,
+                                                                          copy=False)
+    return Audio(samples=np.ascontiguousarray(mono), sample_rate=int(sample_rate or rate))
 
 
 def load_audio(data: bytes, limits: MediaLimits, *, sample_rate: int | None = None) -> Audio:
@@ -95,9 +124,4 @@ def load_audio(data: bytes, limits: MediaLimits, *, sample_rate: int | None = No
     samples, rate = decoded if decoded is not None else _with_pyav(data, limits)
     if samples.size == 0:
         raise MediaError("the audio holds no samples")
-    mono = samples.mean(axis=1, dtype=np.float32)
-    if sample_rate is not None and sample_rate != rate:
-        mono = soxr.resample(mono, rate, sample_rate, quality="HQ").astype(np.float32,
-                                                                          copy=False)
-        rate = sample_rate
-    return Audio(samples=np.ascontiguousarray(mono), sample_rate=int(rate))
+    return mono_audio(samples, rate, sample_rate)

@@ -37,6 +37,8 @@ import av
 import av.filter
 import numpy as np
 
+from mstar.events import AudioChunk
+
 #: Formats the encoder writes (OpenAI's `response_format` values).
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 #: The range of `speed` (OpenAI's).
@@ -258,6 +260,12 @@ class AudioEncoder:
         return self._file.take() if isinstance(self._file, _Pipe) else b""
 
 
+def chunk_samples(chunk: AudioChunk) -> np.ndarray:
+    """A model's audio chunk as float32 samples (float32 by the contract; numpy reads any
+    float width)."""
+    return np.frombuffer(chunk.samples.data, dtype=chunk.samples.dtype).astype(np.float32)
+
+
 def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str, *,
                  speed: float = 1.0) -> bytes:
     """A whole file of `fmt` holding `samples` (mono float32 at `sample_rate`)."""
@@ -269,5 +277,5 @@ def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str, *,
         encoder.close()
 
 
-__all__ = ["FORMATS", "SPEED_RANGE", "AudioEncoder", "check_speed", "encode_audio",
-           "media_type", "output_rate"]
+__all__ = ["FORMATS", "SPEED_RANGE", "AudioEncoder", "check_speed", "chunk_samples",
+           "encode_audio", "media_type", "output_rate"]

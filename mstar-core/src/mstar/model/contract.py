@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from mstar import events
     from mstar.chat.prompt import ChatPrompt
+    from mstar.media import Audio
     from mstar.model.sampling import SamplingParams
     from mstar.weights.spec import WeightSpec
 
@@ -332,8 +333,28 @@ class Model:
     def process_chat(self, prompt: ChatPrompt, request: Mapping[str, Any]) -> RequestPlan:
         """`process_prompt` for a chat: `prompt` holds the rendered text and the decoded
         media (PIL images, `mstar.media.Audio`/`Video`) in marker order; `request` the
-        sampling fields of `SamplingFields` (max_tokens, temperature, n, logprobs, ...)."""
+        sampling fields of `SamplingFields` (max_tokens, temperature, n, logprobs, ...).
+        A chat asking for spoken output (models with the "audio_output" capability) also
+        has `modalities: ["text", "audio"]` and, when the client named one, `voice` (the
+        field the speech route fills too; an unknown voice is the model's `ValueError`
+        or `RequestError` naming `voice`): the model then emits its text as `TextDelta`s
+        (the transcript) and its speech as `AudioChunk`s."""
         raise NotImplementedError(f"{type(self).__name__} does not take chat requests")
+
+    # -- audio input: chat audio parts, transcriptions ("transcription" capability) -------
+    def audio_input_rate(self) -> int | None:
+        """The sample rate (Hz) a chat's audio parts and a transcription's file are decoded
+        at for this model (the data worker resamples to it); None: each file's own rate."""
+        return None
+
+    def process_transcription(self, audio: Audio, request: Mapping[str, Any]) -> RequestPlan:
+        """`process_prompt` for `POST /v1/audio/transcriptions`: `audio` is the uploaded
+        file decoded (mono, at `audio_input_rate()`); `request` holds `language` and
+        `prompt` (each None when not given) and the sampling fields (`temperature`,
+        `max_tokens`, `seed`, ...). The answer is the text the plan's walks emit."""
+        from mstar.errors import RequestError
+
+        raise RequestError(f"{type(self).__name__} does not transcribe audio", param="model")
 
     def default_segments(self, n: int) -> list[Segment]:
         return [Segment(n, "causal")]

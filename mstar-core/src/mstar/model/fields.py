@@ -114,7 +114,8 @@ def _decoded_type(kind: InputKind) -> type:
 class InputField:
     """The marker of a media or tensor field (use it in `Annotated`): what its value
     decodes to, and for audio the sample rate the model wants (None: the file's own), for
-    video the frame rate to sample at and the most frames."""
+    video the frame rate to sample at, the most frames and the rate of its audio track
+    (`sample_rate`; None: the sound is not decoded, `Video.audio` is None)."""
 
     kind: InputKind
     sample_rate: int | None = None
@@ -185,7 +186,8 @@ class InputField:
         if self.kind == "audio":
             return media.load_audio(value, limits, sample_rate=self.sample_rate)
         if self.kind == "video":
-            return media.load_video(value, limits, fps=self.fps, max_frames=self.max_frames)
+            return media.load_video(value, limits, fps=self.fps, max_frames=self.max_frames,
+                                    audio_rate=self.sample_rate)
         return tensor_from_file(value, name)
 
 

@@ -90,7 +90,11 @@ class StepContext(Protocol):
 
     def sample(self, seq_index: int, logits: torch.Tensor, site: str, step: int) -> torch.Tensor:
         """Sample token ids from `logits` [k, vocab] with the request's sampling parameters
-        for `site`, keyed by (seed, child, site, step) (for short in-node loops)."""
+        for `site` (`RequestPlan.sampling[site]`, else the node's), keyed by (seed, child,
+        "<site>/<row>", step) (for short in-node loops: a code predictor's residual codes).
+        Penalties see the ids drawn before at the same site and row for the request and
+        child. Not for the rows of a sequence rebuilt after preemption (no outputs wanted:
+        such a row has no invocation to key by)."""
 
 
 @dataclass

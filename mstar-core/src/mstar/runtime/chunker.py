@@ -28,6 +28,15 @@ unit's row is credited when the unit is dropped. Either way the producer's rows 
 (pushed, not credited) are the units the consumer holds plus the rows still on their way,
 so a producer paused at `max_buffered` always resumes once the consumer has what a window
 needs (`ChunkPolicy` refuses a `max_buffered` smaller than that).
+
+Per-request first window (`ChunkPolicy.first_chunk_param`): the request's param replaces
+`first_chunk` (`first_chunk_of`); it is set on the chunker (`set_first_chunk`) when the
+consumer's walk starts, before any window is cut (units may arrive earlier). The producer's
+bound is then `producer_bound`: raised to the first window's units until it has pushed them.
+
+After the end (`ChunkPolicy.continue_after_end`): `empty_units` are what each further
+invocation of the consumer gets, 0 rows of every name with the stream's trailing shape and
+dtype (None when nothing was ever pushed: there is no shape to give).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from typing import Protocol
 
 import torch
 
+from mstar.errors import RequestError
 from mstar.graph.primitives import ChunkPolicy
 
 
@@ -79,6 +89,22 @@ class StreamChunker:
         self._assembler: UnitAssembler | None = policy.assemble() if policy.assemble else None
         self._rows = 0  # producer rows pushed (the units themselves without an assembler)
         self._credited = 0  # producer rows handed back by `release`
+        self._first_chunk = policy.first_chunk  # e1, unless the request sets it
+
+    def set_first_chunk(self, units: int | None) -> None:
+        """This request's first window (`first_chunk_of`); set again by each walk of the
+        consumer, it may change only before the first window is cut."""
+        if units is None or units == self._first_chunk:
+            return
+        if self._index:
+            raise ValueError("the first window was already cut")
+        self._first_chunk = units
+
+    def _step(self) -> int:
+        """Units the next window emits (before the end's clipping)."""
+        if self._index == 0 and self._first_chunk is not None:
+            return self._first_chunk
+        return self.policy.hop
 
     @property
     def buffered(self) -> int:
@@ -137,10 +163,7 @@ class StreamChunker:
     def next_window(self) -> Window | None:
         """The next ready window, or None (not ready yet, or every unit emitted)."""
         start = self._next_emit
-        step = self.policy.hop
-        if self._index == 0 and self.policy.first_chunk is not None:
-            step = self.policy.first_chunk
-        stop = start + step
+        stop = start + self._step()
         ended = self.ended
         if ended:
             if start >= self._pushed:
@@ -173,10 +196,14 @@ class StreamChunker:
     @property
     def needed(self) -> int:
         """Units that must exist before the next window is ready (before the stream ends)."""
-        step = self.policy.hop
-        if self._index == 0 and self.policy.first_chunk is not None:
-            step = self.policy.first_chunk
-        return self._next_emit + step + self.policy.lookahead
+        return self._next_emit + self._step() + self.policy.lookahead
+
+    def empty_units(self) -> dict[str, torch.Tensor] | None:
+        """0 rows of every unit name, with the stream's trailing shape and dtype (what a
+        consumer that goes on after the end gets); None when nothing was ever pushed."""
+        if self._names is None:
+            return None
+        return {name: self._buffer[name][:0] for name in self._names}
 
     def release(self) -> int:
         """Drop units no future window needs (all of them once the stream has ended and
@@ -195,6 +222,28 @@ class StreamChunker:
         return freed
 
 
+def first_chunk_of(policy: ChunkPolicy, params: Mapping[str, object]) -> int | None:
+    """The first window's units for a request: its `first_chunk_param` value, else the
+    policy's `first_chunk`. The model's `process_prompt` sets the param, so a missing or
+    bad one is the server's fault: a `RequestError` with code 500 naming it."""
+    name = policy.first_chunk_param
+    if name is None:
+        return policy.first_chunk
+    value = params.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise RequestError(f"request param {name!r} (the streaming edge's first window) must "
+                           f"be a positive int, got {value!r}", code=500, param=name)
+    return value
+
+
+def producer_bound(policy: ChunkPolicy, first_chunk: int | None, pushed: int) -> int:
+    """Rows a producer may have in flight (pushed, not credited back) before it pauses:
+    `max_buffered`, raised to the first window's units until the producer has pushed them
+    (a first window larger than `max_buffered` could never form otherwise)."""
+    first = (first_chunk or policy.hop) + policy.lookahead
+    return policy.max_buffered if pushed >= first else max(policy.max_buffered, first)
+
+
 def _row_count(units: Mapping[str, torch.Tensor]) -> int:
     counts = {name: int(t.shape[0]) for name, t in units.items()}
     if not counts:
@@ -205,17 +254,29 @@ def _row_count(units: Mapping[str, torch.Tensor]) -> int:
     return count
 
 
-def slice_emitted(output: torch.Tensor, window: Window, dim: int = 0) -> torch.Tensor:
+def slice_emitted(output: torch.Tensor, window: Window, dim: int = 0, *,
+                  rows_per_unit: int | None = None) -> torch.Tensor:
     """The part of a node output computed for the whole window that belongs to its emitted
     units: `output` has r rows per window unit along `dim` (an integer r, e.g. audio samples
-    per codec frame), and the rows of units [emit_start, emit_end) are returned."""
+    per codec frame), and the rows of units [emit_start, emit_end) are returned.
+
+    A node whose output falls short of the window's units at their end (Code2Wav: its
+    causal transposed convolutions drop trailing samples) names its r as `rows_per_unit`;
+    the missing rows are the window's last ones, so the emitted range is cut where the
+    output ends, as the node's reference decoder cuts its chunks (HF's `chunked_decode`
+    keeps everything after the left context)."""
     span = window.win_end - window.win_start
     rows = output.shape[dim]
-    if rows % span:
-        raise ValueError(
-            f"output has {rows} rows along dim {dim}, not a multiple of the window's {span} units"
-        )
-    r = rows // span
-    first = (window.emit_start - window.win_start) * r
-    last = (window.emit_end - window.win_start) * r
+    if rows_per_unit is None:
+        if rows % span:
+            raise ValueError(f"output has {rows} rows along dim {dim}, not a multiple of the "
+                             f"window's {span} units")
+        r = rows // span
+    elif rows > span * rows_per_unit:
+        raise ValueError(f"output has {rows} rows along dim {dim}, more than the window's "
+                         f"{span} units of {rows_per_unit}")
+    else:
+        r = rows_per_unit
+    first = min((window.emit_start - window.win_start) * r, rows)
+    last = min((window.emit_end - window.win_start) * r, rows)
     return output.narrow(dim, first, last - first)

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 #: Stop strings a request may give at most, and their longest length.
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
-REQUEST_KINDS = ("generate", "completion", "chat")
+REQUEST_KINDS = ("generate", "completion", "chat", "transcription")
 
 
 @dataclass
@@ -118,8 +118,10 @@ class Frontend(Entry):
              blobs: Sequence[bytes] = ()) -> RequestPlan:
         """The model's plan for a request, checked; bad input raises RequestError. `kind`
         "chat": `request` holds normalised `messages` (see `mstar.chat.prompt`) whose media
-        parts index `blobs`, plus sampling fields; "generate": its media and tensor fields
-        (`mstar.model.fields`) are decoded, fetched ones from `blobs`."""
+        parts index `blobs`, plus sampling fields; "transcription": `blobs[0]` is an audio
+        file, `request` the model's transcription fields (`Model.process_transcription`);
+        "generate": its media and tensor fields (`mstar.model.fields`) are decoded, fetched
+        ones from `blobs`."""
         if not isinstance(request, Mapping):
             raise RequestError("the request body must be a JSON object")
         if kind not in REQUEST_KINDS:
@@ -127,6 +129,8 @@ class Frontend(Entry):
         try:
             if kind == "chat":
                 plan = self._plan_chat(request, blobs)
+            elif kind == "transcription":
+                plan = self._plan_transcription(request, blobs)
             else:
                 plan = self.model.process_prompt(self._decoded(request, blobs))
             for site, params in plan.sampling.items():
@@ -205,6 +209,23 @@ class Frontend(Entry):
         fields = {k: v for k, v in request.items()
                   if k not in ("messages", "chat_template_kwargs")}
         return self.model.process_chat(prompt, fields)
+
+    def _plan_transcription(self, request: Mapping[str, Any],
+                            blobs: Sequence[bytes]) -> RequestPlan:
+        """The audio file decoded at the model's input rate (what is no audio or holds no
+        samples: a 400 naming `file`, the form field it came in; over the duration limit
+        a 413), then `process_transcription`."""
+        from mstar.media import MediaError, load_audio
+
+        if len(blobs) != 1:
+            raise RequestError(f"a transcription takes one audio file, got {len(blobs)}",
+                               param="file")
+        try:
+            audio = load_audio(blobs[0], self._limits(),
+                               sample_rate=self.model.audio_input_rate())
+        except MediaError as exc:
+            raise RequestError(f"file: {exc}", code=exc.status, param="file") from None
+        return self.model.process_transcription(audio, request)
 
     def submit(self, request: Mapping[str, Any], sink: Sink, *,
                request_id: str | None = None, kind: str = "generate",

@@ -20,7 +20,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,13 @@ from mstar.model.contract import Model
 from mstar.model.forward import SeqKey
 from mstar.model.sampling import SamplingParams
 from mstar.runtime.builder import parameter_bytes
-from mstar.runtime.chunker import StreamChunker, Window, slice_emitted
+from mstar.runtime.chunker import (
+    StreamChunker,
+    Window,
+    first_chunk_of,
+    producer_bound,
+    slice_emitted,
+)
 from mstar.runtime.migration import export_sequences, import_sequences, to_wire
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,8 @@ class Lane:
     cursor: WalkCursor
     in_flight: set[str] = field(default_factory=set)
     window: Window | None = None
+    #: the fed window's edge's `rows_per_unit` (how its outputs are cut)
+    window_rows: Mapping[str, int] = field(default_factory=dict)
     remote: dict[str, str] = field(default_factory=dict)  # node name -> worker running it
 
 
@@ -83,6 +91,10 @@ class WorkerRequest:
     pushed: dict[int, int] = field(default_factory=dict)
     credited: dict[int, int] = field(default_factory=dict)
     chunkers: dict[int, StreamChunker] = field(default_factory=dict)
+    #: per streaming edge this worker runs an end of: the request's first window (units)
+    first_chunks: dict[int, int | None] = field(default_factory=dict)
+    #: per child: the ids `ctx.sample` drew so far at each site (penalties' history)
+    site_history: dict[int, dict[str, list[int]]] = field(default_factory=dict)
     producers: dict[int, str] = field(default_factory=dict)
     imported: set[str] = field(default_factory=set)  # KV nodes whose sequences arrived
     calls: dict[int, tuple[Lane, GraphNode]] = field(default_factory=dict)  # NodeCalls out
@@ -136,7 +148,8 @@ class Worker(Component):
                                  for e in self.edges]
         self.requests: dict[str, WorkerRequest] = {}
         #: Highest number of stream units any request had in flight to its consumer
-        #: (pushed, not yet released): never above the edge's `max_buffered`.
+        #: (pushed, not yet released): never above the edge's `max_buffered`, or the
+        #: request's first window where that is larger (`chunker.producer_bound`).
         self.stream_peak = 0
         self._stats_from: dict[str, int] = {}
         self._call_ids = itertools.count()
@@ -298,7 +311,9 @@ class Worker(Component):
             engine.submit(NodeWork(request_id=info.request_id, child=m.child, node=node,
                                    inputs={**m.host, **self._take(m.tensors)},
                                    seed=info.seed, sampling=self._sampling(info, node),
-                                   walk=m.walk, iteration=m.iteration, lane=caller))
+                                   walk=m.walk, iteration=m.iteration, lane=caller,
+                                   site_sampling=info.sampling,
+                                   site_history=req.site_history.setdefault(m.child, {})))
         except (RequestError, KeyError, IndexError) as exc:
             self._reply(caller, req, error=exc)
 
@@ -385,6 +400,7 @@ class Worker(Component):
                     engine.release_seq(key)
                     self._send(req, dest, msg.SeqImport(req.request_id, f.node, [transfer]))
             tensors = {name: self.transport.get(h) for name, h in step.tensors.items()}
+            self._first_windows(req, m.partition)
         except (RequestError, KeyError) as exc:
             self._fail(req, exc)
             return
@@ -401,6 +417,19 @@ class Worker(Component):
             req.lanes[(m.partition, child)] = lane
             if lane.cursor.done:
                 self._walk_done(req, lane)
+
+    def _first_windows(self, req: WorkerRequest, partition: str) -> None:
+        """Resolve the request's first window of every active edge with an end in
+        `partition` (a bad `first_chunk_param` fails the request here, naming it) and give
+        it to the consumer's chunker before any window is cut."""
+        for idx, edge in enumerate(self.edges):
+            src_part, dst_part = self._edge_partitions[idx]
+            if partition not in (src_part, dst_part) or not self._edge_active(req, idx):
+                continue
+            assert req.info is not None  # set by the StartWalk being handled
+            first = req.first_chunks[idx] = first_chunk_of(edge.policy, req.info.params)
+            if partition == dst_part:
+                self._chunker(req, idx).set_first_chunk(first)
 
     def _drop(self, request_id: str) -> None:
         self._gone[request_id] = None
@@ -439,11 +468,13 @@ class Worker(Component):
             if lane.cursor.done or len(lane.in_flight) >= lane.cursor.outstanding():
                 continue  # finished, or everything it waits on is running
             for inv in lane.cursor.pending():
-                if inv.node.name in lane.in_flight or not self._ready(req, lane, inv):
+                if inv.node.name in lane.in_flight:
                     continue
+                ready = self._ready(req, lane, inv)
                 if req.request_id not in self.requests:
                     return  # it failed meanwhile
-                self._submit(req, lane, inv)
+                if ready:
+                    self._submit(req, lane, inv)
 
     def _ready(self, req: WorkerRequest, lane: Lane, inv: Invocation) -> bool:
         node = inv.node
@@ -452,11 +483,23 @@ class Worker(Component):
                 continue
             if edge.src == node.module:
                 outstanding = req.pushed.get(idx, 0) - req.credited.get(idx, 0)
-                if outstanding >= edge.policy.max_buffered:
+                if outstanding >= self._bound(req, idx):
                     return False  # backpressure: this request's producer waits
             if edge.dst == node.name:
                 chunker = self._chunker(req, idx)
                 window = chunker.next_window()
+                if window is None and chunker.ended and edge.policy.continue_after_end:
+                    empty = chunker.empty_units()
+                    if empty is None:
+                        self._fail(req, RuntimeError(
+                            f"streaming edge {edge.src}->{edge.dst} ended before any unit "
+                            f"was pushed: node {node.name!r} goes on after the end "
+                            "(continue_after_end) but no window ever gave it a shape"))
+                        return False
+                    for src_name, dst_name in edge.tensors.items():
+                        lane.cursor.env[dst_name] = empty[src_name]
+                    lane.cursor.env[edge.end_flag] = True
+                    continue  # an empty window: its outputs are not cut
                 if window is None:
                     if chunker.ended:  # nothing left: the loop ends without running
                         lane.cursor.env[edge.end_flag] = True
@@ -466,8 +509,14 @@ class Worker(Component):
                 for src_name, dst_name in edge.tensors.items():
                     lane.cursor.env[dst_name] = window.units[src_name]
                 lane.cursor.env[edge.end_flag] = window.final
-                lane.window = window
+                lane.window, lane.window_rows = window, edge.rows_per_unit
         return True
+
+    def _bound(self, req: WorkerRequest, idx: int) -> int:
+        """Rows the request's producer on edge `idx` may have in flight before it pauses."""
+        policy = self.edges[idx].policy
+        return producer_bound(policy, req.first_chunks.get(idx, policy.first_chunk),
+                              req.pushed.get(idx, 0))
 
     def _submit(self, req: WorkerRequest, lane: Lane, inv: Invocation) -> None:
         node = inv.node
@@ -476,7 +525,11 @@ class Worker(Component):
         if (engine is None and node.name not in lane.remote) or info is None:
             self._fail(req, RuntimeError(f"node {node.module!r} is not on {self.address}"))
             return
-        inputs = lane.cursor.inputs(node.name)
+        try:
+            inputs = lane.cursor.inputs(node.name)  # runs the node's prepare rule
+        except Exception as exc:  # the model's rule failed: this request only
+            self._fail(req, exc)
+            return
         dest = lane.remote.get(node.name)
         if dest is not None:  # placed on another worker: call it there
             call_id = next(self._call_ids)
@@ -490,7 +543,9 @@ class Worker(Component):
             return
         work = NodeWork(request_id=req.request_id, child=lane.child, node=node,
                         inputs=inputs, seed=info.seed, sampling=self._sampling(info, node),
-                        walk=lane.walk, iteration=inv.iteration, lane=lane)
+                        walk=lane.walk, iteration=inv.iteration, lane=lane,
+                        site_sampling=info.sampling,
+                        site_history=req.site_history.setdefault(lane.child, {}))
         try:
             engine.submit(work)
         except RequestError as exc:
@@ -535,8 +590,11 @@ class Worker(Component):
         outputs = result.outputs
         if lane.window is not None:
             window, lane.window = lane.window, None
-            outputs = {k: slice_emitted(v, window) if isinstance(v, torch.Tensor) else v
-                       for k, v in outputs.items()}
+            if (window.emit_start, window.emit_end) != (window.win_start, window.win_end):
+                # (a window emitting all its units leaves outputs whole: a KV consumer's
+                # sampled token is one row whatever the window's size)
+                outputs = {k: slice_emitted(v, window, rows_per_unit=lane.window_rows.get(k))
+                           if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
             self._credit(req)
         self._push_streams(req, work.node, outputs)
         self._complete(req, lane, work.node, outputs)
@@ -643,12 +701,14 @@ class Worker(Component):
                     where = f"walk '{lane.walk}' node '{node.name}'"
                     route = f"streaming edge {edge.src}->{edge.dst}"
                     outstanding = req.pushed.get(idx, 0) - req.credited.get(idx, 0)
-                    if edge.src == node.module and outstanding >= edge.policy.max_buffered:
+                    bound = self._bound(req, idx)
+                    if edge.src == node.module and outstanding >= bound:
                         waits.append(f"{where} is paused for credits on {route} ({outstanding} "
-                                     f"rows not credited back, max_buffered "
-                                     f"{edge.policy.max_buffered})")
+                                     f"rows not credited back, bound {bound})")
                     if edge.dst == node.name:
                         chunker = self._chunker(req, idx)
+                        if chunker.ended and edge.policy.continue_after_end:
+                            continue  # runnable: it goes on with empty windows
                         waits.append(f"{where} waits on {route} ({chunker.pushed} units "
                                      f"pushed, the next window needs {chunker.needed})")
         return waits
@@ -666,7 +726,8 @@ class Worker(Component):
         waiting = sum(len(e.waiting) for e in self.engines.values())
         self.channel.send(self.status_address, msg.WorkerStats(
             self.address, self.pages_in_use(), len(self.requests), waiting, steps,
-            self.counters(), self.invocations(), self.parameter_bytes, time.time()))
+            self.counters(), self.invocations(), self.parameter_bytes, time.time(),
+            self.node_pages()))
 
     def counters(self) -> dict[str, int]:
         """Every engine's cumulative counters, as "<node>.<name>", with
@@ -685,5 +746,9 @@ class Worker(Component):
                 out.setdefault(node, {})[walk] = count
         return out
 
+    def node_pages(self) -> dict[str, int]:
+        """Pages each KV node built here holds (each has its own pool)."""
+        return {n: e.pages_in_use() for n, e in self.engines.items() if isinstance(e, KVEngine)}
+
     def pages_in_use(self) -> int:
-        return sum(e.pages_in_use() for e in self.engines.values() if isinstance(e, KVEngine))
+        return sum(self.node_pages().values())

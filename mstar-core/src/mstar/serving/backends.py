@@ -39,7 +39,9 @@ def entry_stats(entry: Entry) -> Stats:
                  parameter_bytes={(rank, node): held for rank, r in reports.items()
                                   for node, held in r.parameter_bytes.items()},
                  reported_at={rank: r.at for rank, r in reports.items()},
-                 rank_pages_in_use={rank: r.pages_in_use for rank, r in reports.items()})
+                 rank_pages_in_use={rank: r.pages_in_use for rank, r in reports.items()},
+                 node_pages_in_use={(rank, node): pages for rank, r in reports.items()
+                                    for node, pages in r.node_pages.items()})
 
 
 class EntryBackend:

@@ -1,6 +1,6 @@
 """Layers shared by every model: tensor-parallel linear/embedding/LM head, RMSNorm, rotary
-embedding, gated MLP, paged attention, the position/time embeddings of diffusion and
-vision models, and SigLIP-family vision towers. All are plain layers at tp_size 1."""
+embedding, gated MLP, sparse mixture-of-experts MLP, paged attention, the position/time
+embeddings of diffusion and vision models, and SigLIP-family vision towers. All are plain layers at tp_size 1."""
 
 from mstar.model.layers.attention import PagedAttention, heads_per_rank
 from mstar.model.layers.embeddings import PositionTable, TimestepEmbedder
@@ -11,6 +11,7 @@ from mstar.model.layers.linear import (
     VocabParallelEmbedding,
 )
 from mstar.model.layers.mlp import GatedMLP
+from mstar.model.layers.moe import SparseMoE
 from mstar.model.layers.norm import RMSNorm
 from mstar.model.layers.rotary import RotaryEmbedding
 from mstar.model.layers.vision import (
@@ -36,6 +37,7 @@ __all__ = [
     "SiglipConfig",
     "SiglipEncoder",
     "SiglipVisionTransformer",
+    "SparseMoE",
     "TimestepEmbedder",
     "VocabParallelEmbedding",
     "heads_per_rank",

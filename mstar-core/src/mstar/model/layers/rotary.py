@@ -3,9 +3,12 @@ multi-axis.
 
 Multi-axis positions `[A, T]` (Qwen2-VL's M-RoPE: temporal, height, width) give each
 frequency pair the position of one axis: `sections[a]` consecutive frequency pairs, in
-frequency order, read axis a. With every axis equal this is exactly 1-D RoPE. cos/sin are
-computed from the positions at each call (no cache to size or invalidate); that is a few
-elementwise ops on [T, D], small beside attention.
+frequency order, read axis a. `interleaved` (Qwen3-VL / Qwen3-Omni) instead deals the
+frequencies round-robin, so every axis gets high and low frequencies: pair i reads axis
+i mod A while that axis has pairs left (axis a > 0 owns pairs a, a + A, …, a + A·(sections[a]
+− 1)), and axis 0 reads every other pair. With every axis equal either layout is exactly
+1-D RoPE. cos/sin are computed from the positions at each call (no cache to size or
+invalidate); that is a few elementwise ops on [T, D], small beside attention.
 
 The buffers (`inv_freq`, `axis_of_freq`) are not in checkpoints: `reset_buffers` computes
 them, at construction and again after the loader materialised a module built on the meta
@@ -48,12 +51,12 @@ class RotaryEmbedding(nn.Module):
     `rope_scaling`: None (or rope_type "default") or a Llama-3 dict
     (`{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"}`). `sections`: frequency pairs per position axis
-    (sum D/2) for multi-axis positions.
+    (sum D/2) for multi-axis positions, chunked or (`interleaved`) round-robin.
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0, *,
                  rope_scaling: dict[str, Any] | None = None,
-                 sections: tuple[int, ...] | None = None):
+                 sections: tuple[int, ...] | None = None, interleaved: bool = False):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embedding, got {head_dim}")
@@ -70,6 +73,12 @@ class RotaryEmbedding(nn.Module):
                                           or min(self.sections) < 0):
             raise ValueError(f"rotary sections {self.sections} must be non-negative and "
                              f"sum to head_dim/2 = {head_dim // 2}")
+        self.interleaved = interleaved
+        if interleaved and (self.sections is None or any(
+                a + len(self.sections) * (n - 1) >= head_dim // 2
+                for a, n in enumerate(self.sections) if a and n)):
+            raise ValueError(f"interleaved rotary needs sections whose pairs a + A·k fit in "
+                             f"head_dim/2 = {head_dim // 2}, got {self.sections}")
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
         if self.sections is not None:
             self.register_buffer("axis_of_freq", torch.empty(head_dim // 2, dtype=torch.long),
@@ -87,9 +96,18 @@ class RotaryEmbedding(nn.Module):
         with torch.no_grad():
             self.inv_freq.copy_(inv_freq)
             if self.sections is not None:
-                self.axis_of_freq.copy_(torch.tensor(
-                    [axis for axis, n in enumerate(self.sections) for _ in range(n)],
-                    dtype=torch.long, device=cpu))
+                self.axis_of_freq.copy_(self._axis_of_freq())
+
+    def _axis_of_freq(self) -> torch.Tensor:
+        """The position axis every frequency pair reads, [D/2]."""
+        if not self.interleaved:
+            return torch.tensor([axis for axis, n in enumerate(self.sections) for _ in range(n)],
+                                dtype=torch.long)
+        axes = len(self.sections)
+        axis_of = torch.zeros(self.head_dim // 2, dtype=torch.long)
+        for axis, n in enumerate(self.sections[1:], start=1):
+            axis_of[axis:axis + axes * n:axes] = axis
+        return axis_of
 
     def _angles(self, positions: torch.Tensor) -> torch.Tensor:
         """Rotation angle of every (token, frequency pair), [T, D/2], in float32. 1-D
@@ -119,4 +137,5 @@ class RotaryEmbedding(nn.Module):
         return self.apply(q, k, self.cos_sin(positions))
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, base={self.base}, sections={self.sections}"
+        return (f"head_dim={self.head_dim}, base={self.base}, sections={self.sections}, "
+                f"interleaved={self.interleaved}")

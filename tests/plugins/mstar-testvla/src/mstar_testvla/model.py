@@ -15,7 +15,15 @@ Walks (partition "lm" unless noted):
   PNG `Image` (`painter.paint`).
 - `rollout`: each iteration appends the previous predicted frame and predicts the next.
 - `stream` (partition "stream"): the consumer decodes windows of (token, mid-layer hidden)
-  units streamed from the LLM.
+  units streamed from the LLM. It is testvla's voice: a speech request (`input`) and a chat
+  asking for spoken output (`modalities` with "audio") run it, so the text's tokens come
+  back as `TextDelta`s (the transcript) and the consumer's `wave` as `AudioChunk`s.
+
+Transcription (`process_transcription`): testvla has no audio encoder, so it "hears" an
+audio clip as a picture: its log-magnitude spectrogram (`spectrogram`, at
+`audio_input_rate()`, 16 kHz) resized to a `chat_image_size` square, read by the vision
+encoder in a text prompt like a chat's image. The transcript is whatever the tiny LLM
+writes about it: a real plumbing test, not a speech recogniser.
 
 Each walk starts from a fresh environment (the request's params plus the `WalkStep`'s
 inputs), so `next_walk` hands on what the next walk needs: the image features' handle, the
@@ -83,6 +91,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from mstar.chat import ChatPrompt
+    from mstar.media import Audio
 from mstar_testvla.config import PRESETS, TestVLAConfig
 from mstar_testvla.modules import ActionInit, Combine, Consumer, TestVLALLM, VisionEncoder
 from mstar_testvla.painter import IMAGE_SIZES, MAX_IMAGES, paint, size_error
@@ -128,8 +137,11 @@ class TestVLARequest(SamplingFields):
                                                 "speak, run as a text prompt whose consumer "
                                                 "streams the audio.")
     voice: Literal["alloy", "echo"] | None = Field(
-        None, description="Speech: the voice (names only: the tiny consumer has one sound); "
-                          "None: 'alloy'.")
+        None, description="Speech and spoken chat replies: the voice (names only: the tiny "
+                          "consumer has one sound); None: 'alloy'.")
+    modalities: list[Literal["text", "audio"]] | None = Field(
+        None, description="Chat: [\"text\", \"audio\"] speaks the reply (the consumer "
+                          "streams its audio, as for `input`).")
     image: list[list[list[float]]] | ImageInput | None = Field(
         None, description="Pixels as nested lists [3][H][W] (H and W multiples of the "
                           "patch size), or an image (resized to `chat_image_size` square).")
@@ -160,6 +172,11 @@ class TestVLARequest(SamplingFields):
             raise ValueError("give exactly one of prompt and input (speech)")
         if self.input is not None:  # speech: the text is the prompt, the consumer speaks
             self.prompt, self.stream_consumer = self.input, True
+        if "audio" in (self.modalities or ()):  # a spoken reply: the consumer speaks
+            if self.n != 1:
+                raise ValueError("n: a spoken reply is one completion (the consumer speaks "
+                                 "completion 0 only)")
+            self.stream_consumer = True
         if isinstance(self.image, list):
             if len(self.image) != 3:
                 raise ValueError(f"image must have 3 channels, got {len(self.image)}")
@@ -480,6 +497,19 @@ class TestVLA(Model):
         req = _validated({**request, "prompt": prompt.text})
         return self._plan(req, self._pixels(prompt.images[0]) if prompt.images else None)
 
+    def audio_input_rate(self) -> int:
+        return self.config.sample_rate
+
+    def process_transcription(self, audio: Audio, request: Mapping[str, Any]) -> RequestPlan:
+        """A text prompt over the audio's spectrogram picture (see the module docstring);
+        `language` and `prompt` join the prompt's text."""
+        fields = dict(request)
+        language, hint = fields.pop("language", None), fields.pop("prompt", None)
+        text = (f"transcribe{' ' + language if language else ''}: {hint or ''}"
+                f"{IMAGE_MARKER}\nassistant:")
+        req = _validated({**fields, "prompt": text})
+        return self._plan(req, spectrogram(audio, self.config.chat_image_size))
+
     def _pixels(self, image: Image) -> torch.Tensor:
         """An image as [3, size, size] RGB in [0, 1], resized to `chat_image_size`."""
         size = self.config.chat_image_size
@@ -595,6 +625,21 @@ class TestVLA(Model):
                 tensor = TensorData.from_tensor(torch.as_tensor(outputs[name]).float())
                 out.append(NamedTensor(event_name, tensor, index=index))
         return out
+
+
+def spectrogram(audio: Audio, size: int) -> torch.Tensor:
+    """[3, size, size] in [0, 1]: log(1 + |STFT|) with `size` frequency bins (a Hann window
+    of 2·(size-1) samples, half overlapping), its frames linearly resized to `size`
+    columns and scaled by its maximum, on every channel."""
+    n_fft = 2 * (size - 1)
+    samples = torch.from_numpy(audio.samples).float()
+    if samples.numel() < n_fft:
+        samples = torch.nn.functional.pad(samples, (0, n_fft - samples.numel()))
+    stft = torch.stft(samples, n_fft, hop_length=n_fft // 2, window=torch.hann_window(n_fft),
+                      center=False, return_complex=True)
+    picture = torch.nn.functional.interpolate(torch.log1p(stft.abs())[None], size=size,
+                                              mode="linear", align_corners=False)[0]
+    return (picture / picture.max().clamp_min(1e-6)).expand(3, size, size).contiguous()
 
 
 def _image_params(req: TestVLARequest) -> dict[str, int]:

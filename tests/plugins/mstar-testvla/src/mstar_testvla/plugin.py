@@ -24,11 +24,13 @@ def mstar_register_models(registry: ModelRegistry) -> None:
         default_config="testvla_single",
         presets=("tiny", "small"),
         capabilities=("generate", "chat", "completions", "image_input", "actions", "latents",
-                      "speech", "images", "image_edits", "testvla_policy"),
+                      "speech", "audio_output", "transcription", "images", "image_edits",
+                      "testvla_policy"),
         request_schema="mstar_testvla.model:TestVLARequest",
         description="Tiny vision-language-action test model: Llama text expert, half-width "
                     "action expert (flow matching with CFG), ViT encoder, frame rollout and "
-                    "a streamed codec-like consumer.",
+                    "a streamed codec-like consumer (its speech, in chat too; it transcribes "
+                    "audio as a spectrogram picture).",
     ))
 
 
