@@ -300,6 +300,7 @@ class Qwen3Omni(Model):
                                    continue_after_end=True, max_buffered=THINKER_AHEAD_ROWS)),
             StreamingGraphEdge(
                 src="Talker", dst="Code2Wav", tensors={"codes": "codes"},
+                rows_per_unit={"audio": c.samples_per_frame},
                 policy=ChunkPolicy(window=left + chunk, hop=chunk, emit=(left, left + chunk),
                                    first_chunk=c.codec_first_chunk_frames,
                                    max_buffered=left + 2 * chunk)),
@@ -555,18 +556,12 @@ class Qwen3Omni(Model):
         sampling = {"Thinker": req.sampling_params(eos_token_ids=[c.im_end_token_id])}
         if req.speaks:
             params["talker_first_rows"] = len(prompt.ids) + 1
-            first_walks["talker"] = WalkStep("talker", inputs=self._talker_values(prompt, voice))
+            first_walks["talker"] = WalkStep("talker", inputs=talker_inputs(prompt, c, voice))
             first_walks["code2wav"] = WalkStep("code2wav")
             sampling.update(self._speech_sampling(req))
         return RequestPlan(first_walks=first_walks, params=params, sampling=sampling,
                            seed=req.seed, prompt_tokens=len(prompt.ids),
                            prompt_detail=_media_detail(prompt))
-
-    def _talker_values(self, prompt: ThinkerPrompt, voice: str) -> dict[str, Any]:
-        """The Talker walk's host values (`prompt.talker_inputs`), lists as tensors."""
-        values = talker_inputs(prompt, self.config, voice)
-        return {k: torch.tensor(v, dtype=torch.long) if isinstance(v, list) else v
-                for k, v in values.items()}
 
     def _speech_sampling(self, req: Qwen3OmniRequest) -> dict[str, SamplingParams]:
         c = self.config

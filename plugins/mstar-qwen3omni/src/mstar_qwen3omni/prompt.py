@@ -197,40 +197,20 @@ def prefill_schedule(items: Sequence[dict[str, Any]]) -> Iterator[str]:
 
 
 def talker_inputs(prompt: ThinkerPrompt, cfg: Qwen3OmniConfig, speaker: str) -> dict[str, Any]:
-    """What the Talker's prompt needs of the Thinker's (HF `generate`): the rows of user
-    turns (`talker_user_rows`, Thinker prompt indices in order: every token whose latest
-    `<|im_start|>` is followed by the user role), which of them are media rows
-    (`talker_mm_mask`: 1 takes `hidden_projection` of the Thinker's hidden row, 0
-    `text_projection` of its embedding), the row of the last `<|im_start|>assistant`
-    (`talker_assistant_start`), the speaker's code (`talker_speaker`), and the Talker
-    prompt's positions ([3, users + 9] as a list, `talker_positions`) and decode delta
-    (`talker_rope_delta`): HF runs `get_rope_index` over the user ids followed by nine
-    `tts_pad` ids with the same media (and without `use_audio_in_video`, which its
-    `generate` does not pass on); the prompt length is `talker_prompt_rows`."""
-    ids = prompt.ids
-    user_rows: list[int] = []
-    role = None
-    for i, token in enumerate(ids):
-        if token == cfg.im_start_token_id:
-            role = ids[i + 1] if i + 1 < len(ids) else None
-        if role == cfg.user_token_id:
-            user_rows.append(i)
-    starts = [i for i in range(len(ids) - 1)
-              if ids[i] == cfg.im_start_token_id and ids[i + 1] == cfg.assistant_token_id]
-    if not starts:
-        raise ValueError("the prompt has no assistant turn to speak")
-    media = {cfg.audio_token_id, cfg.image_token_id, cfg.video_token_id}
-    talker_ids = [ids[i] for i in user_rows] + [cfg.tts_pad_token_id] * 9
-    positions, delta = mrope_positions(
+    """The Talker walk's host values: `talker.talker_prompt_plan`'s (which Thinker rows are
+    user rows, which of them media, where the assistant's turn starts), the speaker's code
+    (`talker_speaker`) and the Talker prompt's positions (`talker_positions` [3, users +
+    9]): HF runs `get_rope_index` over the user ids followed by nine `tts_pad` ids with the
+    same media (and without `use_audio_in_video`, which its `generate` does not pass on).
+    Its decoding continues one past the largest position, as the engine does."""
+    from mstar_qwen3omni.talker import ASSISTANT_ROWS, talker_prompt_plan
+
+    plan = talker_prompt_plan(prompt.ids, cfg.talker(), im_start_id=cfg.im_start_token_id,
+                              user_id=cfg.user_token_id, assistant_id=cfg.assistant_token_id)
+    talker_ids = [prompt.ids[i] for i in plan["talker_user_rows"]]
+    talker_ids += [cfg.tts_pad_token_id] * ASSISTANT_ROWS
+    positions, _ = mrope_positions(
         talker_ids, media_tokens(cfg), image_grids=prompt.image_grids,
         video_grids=prompt.video_grids, audio_tokens=prompt.audio_tokens,
         second_per_grid=prompt.second_per_grid, use_audio_in_video=False)
-    return {
-        "talker_user_rows": user_rows,
-        "talker_mm_mask": [int(ids[i] in media) for i in user_rows],
-        "talker_assistant_start": starts[-1],
-        "talker_speaker": cfg.speakers[speaker],
-        "talker_positions": positions.tolist(),
-        "talker_rope_delta": delta,
-        "talker_prompt_rows": len(talker_ids),
-    }
+    return {**plan, "talker_speaker": cfg.speakers[speaker], "talker_positions": positions}
