@@ -1,0 +1,87 @@
+"""Qwen3-Omni served (`mstar-serve qwen3_omni --preset tiny --load-format dummy`, the
+default 2-rank layout) through the official `openai` client: a chat with image and audio
+parts answering in text and speech (whole and streamed pcm16), a transcription, and the
+model's 400 for an unknown voice."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import openai
+import pytest
+import soundfile
+from serving_harness import running
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = "qwen3_omni"
+GREEDY = {"temperature": 0, "max_tokens": 4, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    with running(tmp_path_factory.mktemp("qwen3omni"), "--config", "qwen3omni_2gpu",
+                 "--preset", "tiny",
+                 "--load-format", "dummy", "--set", "max_seq_len=1024") as srv:
+        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+
+def wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    out = io.BytesIO()
+    t = np.arange(int(seconds * rate)) / rate
+    soundfile.write(out, (0.3 * np.sin(2 * np.pi * 440 * t)).astype("float32"), rate,
+                    format="WAV")
+    return out.getvalue()
+
+
+def png() -> str:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray((np.random.RandomState(0).rand(32, 48, 3) * 255).astype("uint8")).save(
+        out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+MESSAGES = [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": png()}},
+    {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav()).decode(),
+                                            "format": "wav"}},
+    {"type": "text", "text": "What do you see and hear?"}]}]
+
+
+def test_chat_with_media_answers_in_text_and_speech(client):
+    answer = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, modalities=["text", "audio"],
+        audio={"voice": "chelsie", "format": "wav"}, **GREEDY)
+    audio = answer.choices[0].message.audio
+    samples, rate = soundfile.read(io.BytesIO(base64.b64decode(audio.data)), dtype="float32")
+    assert rate == 24000 and len(samples) > 1920 and float(np.abs(samples).max()) > 0.01
+    assert audio.transcript and answer.usage.completion_tokens == 4
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, modalities=["text", "audio"],
+        audio={"voice": "chelsie", "format": "pcm16"}, stream=True, **GREEDY)
+    pieces = [dict(c.choices[0].delta.audio) for c in streamed
+              if c.choices and getattr(c.choices[0].delta, "audio", None)]
+    pcm = b"".join(base64.b64decode(p["data"]) for p in pieces if p.get("data"))
+    transcript = "".join(p.get("transcript") or "" for p in pieces)
+    assert transcript == audio.transcript
+    assert len(pcm) // 2 == len(samples)  # the same reply, streamed as 16-bit pieces
+
+
+def test_text_chat_and_transcription(client):
+    answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
+    assert answer.choices[0].message.content is not None and answer.usage.completion_tokens == 4
+    text = client.audio.transcriptions.create(model=MODEL, file=("tone.wav", wav()),
+                                              extra_body={"max_completion_tokens": 3})
+    assert isinstance(text.text, str)
+
+
+def test_unknown_voice_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                       modalities=["text", "audio"],
+                                       audio={"voice": "nobody", "format": "wav"}, **GREEDY)
+    assert info.value.body["param"] == "audio.voice" and "Ethan" in info.value.body["message"]
