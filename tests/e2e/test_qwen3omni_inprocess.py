@@ -88,3 +88,44 @@ def test_prompt_past_max_seq_len_says_what_the_media_took():
             d.generate({"prompt": "Hi", "audio": clip})
     assert info.value.param == "prompt"
     assert "of them media (audio 260)" in str(info.value), str(info.value)
+
+
+def _clip(seconds: float, sound: bool) -> bytes:
+    """An MP4 of `seconds` at 10 fps of changing gray frames, with a 440 Hz AAC track."""
+    import io
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=10)
+        video.width = video.height = 64
+        video.pix_fmt = "yuv420p"
+        track = container.add_stream("aac", rate=16000, layout="mono") if sound else None
+        for i in range(int(seconds * 10)):
+            frame = np.full((64, 64, 3), 10 + 10 * i, dtype=np.uint8)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode())
+        if track is not None:
+            t = np.arange(int(seconds * 16000)) / 16000
+            samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, 0
+            for packet in [*track.encode(frame), *track.encode()]:
+                container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_video_with_its_audio(deployments):
+    """`use_audio_in_video`: the clip's frames and sound enter as one interleaved item
+    (more prompt rows than the frames alone); a clip without sound is a 400."""
+    d = deployments["qwen3omni_colocated"]
+    request = {"prompt": "What happens?", "video": _clip(2.0, sound=True), "max_tokens": 2,
+               "seed": 2}
+    alone = collect(d, request)
+    both = collect(d, {**request, "use_audio_in_video": True})
+    assert isinstance(both[-1], events.Finished), both[-1]
+    assert both[-1].usage.prompt_tokens > alone[-1].usage.prompt_tokens + 20
+    with pytest.raises(RequestError) as info:
+        d.generate({**request, "video": _clip(2.0, sound=False), "use_audio_in_video": True})
+    assert info.value.param == "use_audio_in_video"

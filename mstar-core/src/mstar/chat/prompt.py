@@ -45,15 +45,16 @@ def _decode(kind: str, data: bytes, part: Mapping[str, Any], limits: MediaLimits
         return media.load_image(data, limits)
     if kind == "audio":
         return media.load_audio(data, limits, sample_rate=audio_rate)
-    return media.load_video(data, limits, fps=float(part.get("fps") or 2.0))
+    return media.load_video(data, limits, fps=float(part.get("fps") or 2.0),
+                            audio_rate=audio_rate)
 
 
 def build_chat_prompt(model: Model, messages: Sequence[Mapping[str, Any]],
                       blobs: Sequence[bytes], limits: MediaLimits, *,
                       template_kwargs: Mapping[str, Any] | None = None) -> ChatPrompt:
-    """Decode the media the messages point to (audio at the model's `audio_input_rate()`)
-    and render the model's chat template. Bad media or a template that refuses the
-    conversation raise ValueError (400)."""
+    """Decode the media the messages point to (audio, and a video's sound, at the model's
+    `audio_input_rate()`) and render the model's chat template. Bad media or a template
+    that refuses the conversation raise ValueError (400)."""
     from mstar import media
 
     template = model.chat_template()

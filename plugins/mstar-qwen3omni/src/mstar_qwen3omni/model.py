@@ -142,8 +142,9 @@ class Qwen3OmniRequest(SamplingFields):
     image: ImageInput | None = Field(None, description="An image for the last user turn.")
     audio: Annotated[Any, InputField("audio", sample_rate=INPUT_SAMPLE_RATE)] | None = Field(
         None, description="An audio clip for the last user turn (read at 16 kHz).")
-    video: Annotated[Any, InputField("video", fps=2.0)] | None = Field(
-        None, description="A video for the last user turn (sampled at 2 frames a second).")
+    video: Annotated[Any, InputField("video", fps=2.0, sample_rate=INPUT_SAMPLE_RATE)] | None \
+        = Field(None, description="A video for the last user turn (sampled at 2 frames a "
+                                  "second; its audio track read at 16 kHz).")
     use_audio_in_video: bool = Field(False, description="Also hear the video's audio track, "
                                                         "interleaved with its frames by time.")
     modalities: list[Literal["text", "audio"]] | None = Field(
