@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import collect, tokens
+from conftest import collect, settle, tokens
 from PIL import Image
 
 import mstar
@@ -129,3 +129,18 @@ def test_video_with_its_audio(deployments):
     with pytest.raises(RequestError) as info:
         d.generate({**request, "video": _clip(2.0, sound=False), "use_audio_in_video": True})
     assert info.value.param == "use_audio_in_video"
+
+
+def test_a_client_leaving_mid_speech_frees_every_partition(deployments):
+    """Closing the stream after the first audio packet cancels the request: the Thinker,
+    Talker and Code2Wav stop and every page and tensor is released, in each layout."""
+    for name, d in deployments.items():
+        stream = d.generate({**SPEAK, "max_tokens": 40})
+        for event in stream:
+            if isinstance(event, events.AudioChunk):
+                break
+        else:
+            pytest.fail(f"{name}: no audio before the end")
+        assert d.pages_in_use() > 0, name  # the Talker was still speaking
+        stream.close()
+        settle(d)
