@@ -6,7 +6,9 @@ and saves it with `save_pretrained`, which writes the hub's key names (transform
 fuses each MoE layer's experts in memory and splits them back into per-expert
 `experts.{e}.{gate,up,down}_proj` tensors on save), plus `config.json`, the packaged tiny
 tokenizer's files and its chat template, so `mstar serve qwen3_omni --model-path DIR`
-loads it as it would the real checkpoint.
+loads it as it would the real checkpoint. Its Code2Wav is drawn as dummy weights are made
+audible (`dummy.audible_code2wav`): transformers' random initialisation decodes to near
+silence, under which any codes give the same waveform.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
+from mstar_qwen3omni.dummy import audible_code2wav
 from mstar_qwen3omni.model import Qwen3Omni
 from mstar_qwen3omni.tokenizer import CHAT_TEMPLATE, PACKAGED_TOKENIZER
 
@@ -36,6 +39,10 @@ def write_checkpoint(directory: str | os.PathLike[str], *, preset: str = "tiny",
     config = Qwen3Omni.make_config(preset=preset)
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**config.hf_dict()))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.code2wav.named_parameters():
+            param.copy_(audible_code2wav(name, param.detach().clone(), generator))
     out = Path(directory)
     model.eval().save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
