@@ -48,11 +48,23 @@ def _orpheus(tmp: Path) -> tuple[Model, Path]:
     return Orpheus(Orpheus.make_config(preset="tiny")), write_tiny_checkpoint(tmp / "c", "tiny")
 
 
-PLUGINS = {"testvla": _testvla, "orpheus": _orpheus}
+def _qwen3omni(tmp: Path) -> tuple[Model, Path]:
+    from mstar_qwen3omni.checkpoint import write_checkpoint
+    from mstar_qwen3omni.model import Qwen3Omni
+
+    return Qwen3Omni(Qwen3Omni.make_config(preset="tiny")), write_checkpoint(tmp / "c")
+
+
+PLUGINS = {"testvla": _testvla, "orpheus": _orpheus, "qwen3omni": _qwen3omni}
 NODES = [("testvla", n, 1) for n in ("vision_encoder", "LLM", "action_init", "combine",
                                      "consumer")]
 NODES += [("testvla", "LLM", 2), ("orpheus", "LLM", 1), ("orpheus", "LLM", 2),
           ("orpheus", "snac_decoder", 1)]
+NODES += [("qwen3omni", n, 1) for n in ("audio_encoder", "vision_encoder", "Thinker",
+                                        "Talker", "Code2Wav")]
+NODES += [("qwen3omni", "Thinker", 2), ("qwen3omni", "Talker", 2)]
+#: Each plugin's main KV node.
+LLM = {"testvla": "LLM", "orpheus": "LLM", "qwen3omni": "Thinker"}
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +164,8 @@ def test_parameter_memory_is_written_once_by_the_loader(plugins, name, load_form
     model, checkpoint = plugins[name]
     options = LoadOptions(load_format=load_format, model_path=str(checkpoint))
     with _Writes() as mode:
-        module = build_module(model, "LLM", NodePlacement("LLM", (0,)), 0, options, CPU)
+        module = build_module(model, LLM[name], NodePlacement(LLM[name], (0,)), 0, options,
+                              CPU)
     assert list(module.parameters())
     for param_name, p in module.named_parameters():
         assert tuple(p.shape) in mode.meta_shapes, param_name
