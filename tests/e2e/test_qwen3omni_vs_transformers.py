@@ -2,7 +2,7 @@
 layout (`mstar_qwen3omni.checkpoint`) served by `mstar.load` in two layouts gives, greedy,
 the same text as `Qwen3OmniMoeForConditionalGeneration.generate` and the same waveform as
 its `chunked_decode(codes, 300, 25)` (our Code2Wav windows set to the same boundaries:
-`codec_first_chunk_frames=300`)."""
+`codec_chunk_frames=codec_first_chunk_frames=300`)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def test_text_and_speech_equal_transformers(checkpoint, reference, layout):
     text, wav = reference
     with mstar.load("qwen3_omni", layout, model_path=str(checkpoint), max_seq_len=1024,
                     kv_cache={"num_pages": 128},
-                    model_kwargs={"codec_first_chunk_frames": 300}) as d:
+                    model_kwargs={"codec_chunk_frames": 300,
+                                  "codec_first_chunk_frames": 300}) as d:
         evs = list(d.generate(REQUEST))
     assert isinstance(evs[-1], events.Finished), evs[-1]
     assert tokens(evs) == text

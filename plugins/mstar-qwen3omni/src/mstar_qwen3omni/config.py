@@ -99,8 +99,10 @@ INPUT_SAMPLE_RATE = 16000
 class Qwen3OmniConfig:
     """`config.json` of Qwen3-Omni (sub-configs as the checkpoint nests them) and the
     serving knobs: Code2Wav's streaming windows in codec frames (`codec_chunk_frames` with
-    `codec_left_context_frames` of left context, the reference's `chunked_decode(codes,
-    300, 25)`, and a short `codec_first_chunk_frames` for the first packet) and the bound
+    `codec_left_context_frames` of left context, cut as the reference's
+    `chunked_decode(codes, chunk, left)` cuts; 25 and 25 as vLLM-Omni streams, not
+    `generate`'s one-shot 300, whose next packet would come 24 s of speech after the
+    first; and a short `codec_first_chunk_frames` for the first packet) and the bound
     on a Talker that never samples its end code (`talker_frames_per_token` codec frames per
     Thinker token, `talker_min_frames` at least)."""
 
@@ -117,7 +119,7 @@ class Qwen3OmniConfig:
     system_token_id: int = 8948
     user_token_id: int = 872
     assistant_token_id: int = 77091
-    codec_chunk_frames: int = 300
+    codec_chunk_frames: int = 25
     codec_left_context_frames: int = 25
     codec_first_chunk_frames: int = 10
     talker_frames_per_token: int = 8
