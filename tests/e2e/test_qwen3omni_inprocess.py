@@ -146,3 +146,13 @@ def test_a_client_leaving_mid_speech_frees_every_partition(deployments):
         assert d.pages_in_use() > 0, name  # the Talker was still speaking
         stream.close()
         settle(d)
+
+
+def test_a_thinker_that_stops_at_its_first_token_still_ends_the_speech(deployments):
+    """`max_tokens` 1: the Thinker feeds no generated row, so the Talker's first window is
+    the prompt's rows alone; it is told the text ended (`tts_eos`) and the request finishes
+    (transformers' `generate` fails on this case)."""
+    for name, d in deployments.items():
+        evs = collect(d, {**SPEAK, "max_tokens": 1})
+        assert isinstance(evs[-1], events.Finished), (name, evs[-1])
+        assert len(tokens(evs)) == 1, name

@@ -539,18 +539,24 @@ def talker_prompt_rows(text_rows: torch.Tensor, hidden_rows: torch.Tensor,
     """The Talker prompt's extras from the Thinker's rows of its prompt plus the first
     generated token (`thinker_embeds` as `text_rows`, `thinker_hidden` as `hidden_rows`,
     [P + 1, H_thinker]) and the host values of `talker_prompt_plan` and `talker_speaker`:
-    `talker_text`, `talker_kind`, `talker_codec` of HF's user part then assistant part."""
+    `talker_text`, `talker_kind`, `talker_codec` of HF's user part then assistant part.
+
+    A Thinker that stopped at its first token (an end token, or `max_tokens` 1) fed no
+    generated row: its stream holds the prompt's rows only. HF's `generate` fails there;
+    the Talker is told the text ended at once (`tts_eos` in the first text's place)."""
     user = torch.tensor(host["talker_user_rows"], dtype=torch.long)
     mm = torch.tensor(host["talker_mm_mask"], dtype=torch.bool)
     a = int(host["talker_assistant_start"])
-    if text_rows.shape[0] != a + 4:
+    if text_rows.shape[0] not in (a + 3, a + 4):
         raise ValueError(f"the Talker's first window has {text_rows.shape[0]} rows; the "
                          f"prompt's {a + 3} and the first generated token's were expected")
     zero = text_rows.new_zeros(1, text_rows.shape[1])
+    first = text_rows[a + 3:] if text_rows.shape[0] == a + 4 else zero
+    first_kind = KIND_TEXT if text_rows.shape[0] == a + 4 else KIND_EOS
     user_text = torch.where(mm[:, None], hidden_rows[user], text_rows[user])
-    text = torch.cat([user_text, text_rows[a:a + 3], zero.expand(5, -1), text_rows[a + 3:]])
+    text = torch.cat([user_text, text_rows[a:a + 3], zero.expand(5, -1), first])
     kind = torch.cat([torch.where(mm, KIND_MM, KIND_TEXT),
-                      torch.tensor([KIND_TEXT] * 3 + [KIND_PAD] * 4 + [KIND_BOS, KIND_TEXT])])
+                      torch.tensor([KIND_TEXT] * 3 + [KIND_PAD] * 4 + [KIND_BOS, first_kind])])
     codec = [-1] * 3 + [cfg.codec_nothink_id, cfg.codec_think_bos_id, cfg.codec_think_eos_id,
                         int(host["talker_speaker"]), cfg.codec_pad_id, cfg.codec_bos_id]
     codec = torch.cat([torch.full((len(user),), -1), torch.tensor(codec)])
