@@ -1,7 +1,8 @@
 """Qwen3-Omni served (`mstar-serve qwen3_omni --preset tiny --load-format dummy`, the
 default 2-rank layout) through the official `openai` client: a chat with image and audio
-parts answering in text and speech (whole and streamed pcm16), a transcription, and the
-model's 400 for an unknown voice."""
+parts answering in text and speech (whole and streamed pcm16), a transcription, the
+model's 400 for an unknown voice, the seed-003 chat examples as written, and where each
+part ran (per-rank counters: encoders and Thinker on rank 1, Talker and Code2Wav on 0)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import numpy as np
 import openai
 import pytest
 import soundfile
+from placement_check import by_rank
 from serving_harness import running
+
+from mstar import MStarClient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -21,11 +25,16 @@ GREEDY = {"temperature": 0, "max_tokens": 4, "seed": 0}
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def server(tmp_path_factory):
     with running(tmp_path_factory.mktemp("qwen3omni"), "--config", "qwen3omni_2gpu",
                  "--preset", "tiny",
                  "--load-format", "dummy", "--set", "max_seq_len=1024") as srv:
-        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
 def wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
@@ -85,3 +94,41 @@ def test_unknown_voice_is_a_400_naming_it(client):
                                        modalities=["text", "audio"],
                                        audio={"voice": "nobody", "format": "wav"}, **GREEDY)
     assert info.value.body["param"] == "audio.voice" and "Ethan" in info.value.body["message"]
+
+
+def test_seed_examples_run_as_written(server):
+    client = MStarClient(server.url)
+    assert isinstance(client.chat("What is the capital of France?").text, str)  # text
+    for event in client.chat("Tell me a story", stream=True):  # streaming
+        print(getattr(event, "text", ""), end="", flush=True)
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    answer = client.chat.completions.create(model="qwen3_omni",
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content is not None
+
+
+def test_each_part_ran_where_the_layout_places_it(server, client):
+    """A spoken chat over an image and a clip, then a text-only one: every node ran on its
+    rank only, and the text-only request left the Talker's and Code2Wav's counters alone."""
+    def ran() -> dict[str, dict[int, float]]:
+        server.wait_reported()
+        counts: dict[str, dict[int, float]] = {}
+        for (rank, node, _walk), count in by_rank(server, "mstar_node_invocations_total",
+                                                  "node", "walk").items():
+            counts.setdefault(node, {}).setdefault(rank, 0.0)
+            counts[node][rank] += count
+        return counts
+
+    client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                   modalities=["text", "audio"],
+                                   audio={"voice": "ethan", "format": "wav"}, **GREEDY)
+    spoken = ran()
+    where = {node: {r for r, c in by.items() if c > 0} for node, by in spoken.items()}
+    assert where == {"audio_encoder": {1}, "vision_encoder": {1}, "Thinker": {1},
+                     "Talker": {0}, "Code2Wav": {0}}, where
+    client.chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY)
+    text_only = ran()
+    assert text_only["Talker"] == spoken["Talker"] and text_only["Code2Wav"] == spoken["Code2Wav"]
+    assert sum(text_only["Thinker"].values()) > sum(spoken["Thinker"].values())
