@@ -28,7 +28,8 @@ GREEDY = {"temperature": 0, "max_tokens": 4, "seed": 0}
 def server(tmp_path_factory):
     with running(tmp_path_factory.mktemp("qwen3omni"), "--config", "qwen3omni_2gpu",
                  "--preset", "tiny",
-                 "--load-format", "dummy", "--set", "max_seq_len=1024") as srv:
+                 "--load-format", "dummy", "--set", "max_seq_len=1024",
+                 "--media-max-video-seconds", "2") as srv:
         yield srv
 
 
@@ -132,3 +133,37 @@ def test_each_part_ran_where_the_layout_places_it(server, client):
     text_only = ran()
     assert text_only["Talker"] == spoken["Talker"] and text_only["Code2Wav"] == spoken["Code2Wav"]
     assert sum(text_only["Thinker"].values()) > sum(spoken["Thinker"].values())
+
+
+def mp4(seconds: float) -> str:
+    """A data URL of an MP4 of `seconds` at 10 fps."""
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for i in range(int(seconds * 10)):
+            frame = np.full((32, 32, 3), 8 * i % 256, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return "data:video/mp4;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def test_audio_that_is_not_audio_and_a_video_too_long_are_refused(client):
+    noise = base64.b64encode(b"not a sound at all" * 20).decode()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": noise, "format": "wav"}},
+            {"type": "text", "text": "hi"}]}], **GREEDY)
+    assert info.value.body["param"] == "messages[0].content[0]", info.value.body
+    short = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": mp4(1)}},
+                                          {"type": "text", "text": "what happens?"}]}]
+    assert client.chat.completions.create(model=MODEL, messages=short, **GREEDY).choices
+    long = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": mp4(4)}},
+                                         {"type": "text", "text": "what happens?"}]}]
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model=MODEL, messages=long, **GREEDY)
+    assert info.value.status_code in (400, 413) and "2" in info.value.body["message"], \
+        info.value.body

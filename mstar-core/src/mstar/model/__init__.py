@@ -17,8 +17,8 @@ from mstar.model.contract import (
     RequestState,
     WalkStep,
     config_from_fields,
+    text_delta,
     token_list,
-    token_logprobs,
 )
 from mstar.model.fields import (
     AudioInput,
@@ -69,6 +69,6 @@ __all__ = [
     "attention_context",
     "ragged_attention",
     "token_list",
-    "token_logprobs",
+    "text_delta",
     "validate_request",
 ]

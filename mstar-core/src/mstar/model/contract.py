@@ -166,15 +166,19 @@ def token_list(value: Any) -> list[int]:
     return [int(v) for v in value]
 
 
-def token_logprobs(value: Any) -> list[events.TokenLogprob] | None:
-    """The `logprobs` output the worker emits beside sampled `token_ids` (rows of (token,
-    log-prob, top alternatives) when the request asked for them) as the events' type."""
-    from mstar.events import TokenLogprob
+def text_delta(outputs: Mapping[str, Any], state: OutputState) -> events.TextDelta:
+    """The client event of a lane's sampled `token_ids`: their text through the lane's
+    incremental detokenizer, and the `logprobs` the worker emits beside them (rows of
+    (token, log-prob, top alternatives)) when the request asked for them."""
+    from mstar.events import TextDelta, TokenLogprob
 
-    if value is None:
-        return None
-    return [TokenLogprob(int(tok), float(lp), [(int(i), float(v)) for i, v in top])
-            for tok, lp, top in value]
+    ids = token_list(outputs["token_ids"])
+    rows = outputs.get("logprobs")
+    logprobs = None if rows is None else [
+        TokenLogprob(int(tok), float(lp), [(int(i), float(v)) for i, v in top])
+        for tok, lp, top in rows]
+    return TextDelta(text=state.detokenizer.push(ids), token_ids=ids, index=state.child,
+                     logprobs=logprobs)
 
 
 C = TypeVar("C")

@@ -35,7 +35,7 @@ from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from mstar.errors import RequestError
-from mstar.events import Event, Image, TextDelta
+from mstar.events import Event, Image
 from mstar.graph import GraphNode, Loop, Parallel, Sequential, Walk
 from mstar.graph.primitives import PrepareRule
 from mstar.model import (
@@ -50,8 +50,8 @@ from mstar.model import (
     RequestState,
     SamplingFields,
     WalkStep,
+    text_delta,
     token_list,
-    token_logprobs,
     validate_request,
 )
 from mstar.model.layers.embeddings import flattened_position_ids, patchify
@@ -549,10 +549,7 @@ class Bagel(Model):
     def postprocess(self, outputs: Mapping[str, Any], state: OutputState) -> list[Event]:
         out: list[Event] = []
         if "token_ids" in outputs:
-            ids = token_list(outputs["token_ids"])
-            out.append(TextDelta(text=state.detokenizer.push(ids), token_ids=ids,
-                                 index=state.child,
-                                 logprobs=token_logprobs(outputs.get("logprobs"))))
+            out.append(text_delta(outputs, state))
         if "image" in outputs:
             from mstar.media.image import png_bytes  # the frontend's (media is loaded there)
 

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from mstar.errors import RequestError
-from mstar.events import AudioChunk, Event, TensorData, TextDelta
+from mstar.events import AudioChunk, Event, TensorData
 from mstar.graph import (
     ChunkPolicy,
     GraphNode,
@@ -72,8 +72,7 @@ from mstar.model import (
     SamplingFields,
     SamplingParams,
     WalkStep,
-    token_list,
-    token_logprobs,
+    text_delta,
     validate_request,
 )
 from mstar.weights import WeightSpec
@@ -599,10 +598,7 @@ class Qwen3Omni(Model):
     def postprocess(self, outputs: Mapping[str, Any], state: OutputState) -> list[Event]:
         out: list[Event] = []
         if "token_ids" in outputs:
-            ids = token_list(outputs["token_ids"])
-            out.append(TextDelta(text=state.detokenizer.push(ids), token_ids=ids,
-                                 index=state.child,
-                                 logprobs=token_logprobs(outputs.get("logprobs"))))
+            out.append(text_delta(outputs, state))
         if "audio" in outputs:
             audio = torch.as_tensor(outputs["audio"]).float().reshape(-1)
             if audio.numel():

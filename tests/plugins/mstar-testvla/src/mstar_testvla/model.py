@@ -55,7 +55,6 @@ from mstar.events import (
     Image,
     NamedTensor,
     TensorData,
-    TextDelta,
 )
 from mstar.graph import (
     ChunkPolicy,
@@ -81,8 +80,7 @@ from mstar.model import (
     SamplingFields,
     TensorInput,
     WalkStep,
-    token_list,
-    token_logprobs,
+    text_delta,
     validate_request,
 )
 from mstar.weights import WeightSpec
@@ -612,10 +610,7 @@ class TestVLA(Model):
             return [Image(paint(outputs["x_t"], p["width"], p["height"]), index=index)]
         out: list[Event] = []
         if "token_ids" in outputs:
-            ids = token_list(outputs["token_ids"])
-            text = state.detokenizer.push(ids)
-            out.append(TextDelta(text=text, token_ids=ids, index=index,
-                                 logprobs=token_logprobs(outputs.get("logprobs"))))
+            out.append(text_delta(outputs, state))
         if "wave" in outputs:
             wave = torch.as_tensor(outputs["wave"]).float().reshape(-1)
             out.append(AudioChunk(samples=TensorData.from_tensor(wave),
