@@ -1,9 +1,10 @@
 """Qwen3-Omni that cannot speak (`enable_audio_output: false`, the packaged
 `qwen3omni_text_only`): in process it declares no Talker or Code2Wav, answers text and
 refuses a spoken reply naming `modalities`; a thinker-only checkpoint (no Talker or Code2Wav
-weights, the flag in its config.json) loads and writes transformers' greedy text; served,
-`/v1/models` leaves `audio_output` out, a chat asking for audio is a 400 naming `modalities`
-(the SDK refuses it before sending) and `/generate`'s is the model's 400."""
+weights, the flag in its config.json) loads and writes transformers' greedy text, as the
+full checkpoint does under the text-only config; served, `/v1/models` leaves
+`audio_output` out, a chat asking for audio is a 400 naming `modalities` (the SDK refuses
+it before sending) and `/generate`'s is the model's 400."""
 
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def test_in_process_it_writes_text_and_refuses_to_speak():
 
 
 def test_a_thinker_only_checkpoint_loads_and_writes_transformers_text(tmp_path):
+    """A checkpoint without Talker or Code2Wav weights, its config.json saying so, writes
+    transformers' greedy text; the full checkpoint under `qwen3omni_text_only` writes the
+    same (its Talker's and Code2Wav's weights left unread)."""
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
         Qwen3OmniMoeForConditionalGeneration,
     )
@@ -57,6 +61,10 @@ def test_a_thinker_only_checkpoint_loads_and_writes_transformers_text(tmp_path):
         assert set(d.model.node_engine_types()) == THINKER_ONLY
         ids = d.model.process_prompt(request).first_walks["thinker"].inputs["prompt"][0]
         ours = tokens(collect(d, request))
+    full = write_checkpoint(tmp_path / "instruct")
+    with mstar.load(MODEL, "qwen3omni_text_only", model_path=str(full), max_seq_len=512,
+                    kv_cache={"num_pages": 32}) as d:
+        assert tokens(collect(d, request)) == ours
     hf = Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(path),
                                                               dtype=torch.float32).eval()
     with torch.no_grad():
