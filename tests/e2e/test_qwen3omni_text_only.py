@@ -55,9 +55,10 @@ def test_a_thinker_only_checkpoint_loads_and_writes_transformers_text(tmp_path):
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert {key.split(".")[0] for key in f.keys()} == {"thinker"}
     request = {"prompt": "Hello", "max_tokens": 5, "temperature": 0, "seed": 0}
-    # model_kwargs={} drops the packaged YAML's: the flag comes from the config.json
-    with mstar.load(MODEL, "qwen3omni_text_only", model_path=str(path), model_kwargs={},
-                    max_seq_len=512, kv_cache={"num_pages": 32}) as d:
+    # no model_kwargs: the flag comes from the config.json
+    layout = {"node_groups": [{"node_names": sorted(THINKER_ONLY), "ranks": [0]}]}
+    with mstar.load(MODEL, layout, model_path=str(path), max_seq_len=512,
+                    kv_cache={"num_pages": 32}) as d:
         assert set(d.model.node_engine_types()) == THINKER_ONLY
         ids = d.model.process_prompt(request).first_walks["thinker"].inputs["prompt"][0]
         ours = tokens(collect(d, request))
