@@ -301,6 +301,13 @@ class Model:
         (`encoder_cache_bytes`) without running the node."""
         return set()
 
+    def unavailable_capabilities(self) -> set[str]:
+        """Capabilities of the model's registered family (`ModelSpec.capabilities`) that
+        this instance lacks: its config left the parts out (Qwen3-Omni without its Talker
+        cannot speak). A deployment serves the family's capabilities less these, so the
+        API refuses what it cannot do with a 400 naming the capability. Default: none."""
+        return set()
+
     # -- host-side request handling ------------------------------------------------------
     def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
         raise NotImplementedError

@@ -53,7 +53,9 @@ class EntryBackend:
 
     def model_info(self) -> ModelInfo:
         spec, config = self.deployment.spec, self.deployment.config
-        return ModelInfo(name=spec.name, capabilities=list(spec.capabilities),
+        lacking = self.deployment.model.unavailable_capabilities()
+        return ModelInfo(name=spec.name,
+                         capabilities=[c for c in spec.capabilities if c not in lacking],
                          max_model_len=config.max_seq_len,
                          max_concurrent_requests=config.max_concurrent_requests,
                          request_schema=spec.request_schema)

@@ -25,9 +25,11 @@ from mstar_qwen3omni.tokenizer import CHAT_TEMPLATE, PACKAGED_TOKENIZER
 
 
 def write_checkpoint(directory: str | os.PathLike[str], *, preset: str = "tiny",
-                     seed: int = 0) -> Path:
+                     seed: int = 0, enable_audio_output: bool = True) -> Path:
     """The preset's model with seeded random weights in `directory` (hub layout); returns
-    the directory."""
+    the directory. `enable_audio_output=False` writes a thinker-only checkpoint (as
+    `-Thinking` and `-Captioner` are: transformers then builds no Talker or Code2Wav, so
+    none of their weights are saved) whose Thinker is the full one's for the seed."""
     import torch
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
         Qwen3OmniMoeConfig,
@@ -36,12 +38,13 @@ def write_checkpoint(directory: str | os.PathLike[str], *, preset: str = "tiny",
         Qwen3OmniMoeForConditionalGeneration,
     )
 
-    config = Qwen3Omni.make_config(preset=preset)
+    config = Qwen3Omni.make_config(preset=preset,
+                                   model_kwargs={"enable_audio_output": enable_audio_output})
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**config.hf_dict()))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.code2wav.named_parameters():
+        for name, param in (model.code2wav.named_parameters() if model.has_talker else ()):
             param.copy_(audible_code2wav(name, param.detach().clone(), generator))
     out = Path(directory)
     model.eval().save_pretrained(out)
@@ -56,8 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directory")
     parser.add_argument("--preset", default="tiny", choices=("tiny", "small"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--thinker-only", action="store_true",
+                        help="no Talker or Code2Wav (enable_audio_output false)")
     args = parser.parse_args(argv)
-    print(write_checkpoint(args.directory, preset=args.preset, seed=args.seed))
+    print(write_checkpoint(args.directory, preset=args.preset, seed=args.seed,
+                           enable_audio_output=not args.thinker_only))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ uses only the first and reserves nothing in the others:
   `codec_left_context_frames` of left context, the first chunk `codec_first_chunk_frames`
   long for a fast first packet), each emitting 24 kHz `audio`.
 
+A deployment with `enable_audio_output: false` (a `model_kwargs`, or a thinker-only
+checkpoint's config.json: `-Thinking`, `-Captioner`) declares the `thinker` partition and its
+text walks only: no Talker, no Code2Wav, no weights for them, and `audio_output` is not
+among the capabilities it serves.
+
 Sampling sites: `Thinker` (the request's fields; default temperature 0.7, top_p 0.9),
 `Talker` (`talker_*`; HF's defaults temperature 0.9, top_k 50, top_p 1.0, repetition
 penalty 1.05, stopping on the codec end code) and `code_predictor` (`code_predictor_*`;
@@ -180,10 +185,16 @@ class Qwen3OmniRequest(SamplingFields):
         return "audio" in (self.modalities or ())
 
 
-def _validated(request: Mapping[str, Any]) -> Qwen3OmniRequest:
-    """The request checked against the schema; fields sent as null keep their defaults."""
-    return validate_request(Qwen3OmniRequest,
-                            {k: v for k, v in request.items() if v is not None}, "qwen3_omni")
+def _validated(request: Mapping[str, Any], can_speak: bool) -> Qwen3OmniRequest:
+    """The request checked against the schema (fields sent as null keep their defaults)
+    and against the deployment: speech needs the Talker."""
+    req = validate_request(Qwen3OmniRequest,
+                           {k: v for k, v in request.items() if v is not None}, "qwen3_omni")
+    if req.speaks and not can_speak:
+        raise RequestError("modalities: this deployment of qwen3_omni cannot speak "
+                           "(enable_audio_output is false, it has no Talker); ask for "
+                           "[\"text\"]", param="modalities")
+    return req
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,21 +285,36 @@ class Qwen3Omni(Model):
         return Qwen3OmniConfig.from_checkpoint(checkpoint_config)
 
     # -- declarations ----------------------------------------------------------------------
+    @property
+    def can_speak(self) -> bool:
+        """Whether this instance has its Talker and Code2Wav (`enable_audio_output`)."""
+        return self.config.enable_audio_output
+
+    def unavailable_capabilities(self) -> set[str]:
+        return set() if self.can_speak else {"audio_output"}
+
     def node_engine_types(self) -> dict[str, Literal["kv_cache", "stateless"]]:
-        return {"audio_encoder": "stateless", "vision_encoder": "stateless",
-                "Thinker": "kv_cache", "Talker": "kv_cache", "Code2Wav": "stateless"}
+        nodes: dict[str, Literal["kv_cache", "stateless"]] = {
+            "audio_encoder": "stateless", "vision_encoder": "stateless", "Thinker": "kv_cache"}
+        if self.can_speak:
+            nodes.update(Talker="kv_cache", Code2Wav="stateless")
+        return nodes
 
     def tp_nodes(self) -> set[str]:
-        return {"Thinker", "Talker"}
+        return {"Thinker", "Talker"} if self.can_speak else {"Thinker"}
 
     def cacheable_nodes(self) -> set[str]:
         return {"audio_encoder", "vision_encoder"}
 
     def partitions(self) -> list[Partition]:
-        return [Partition("thinker", ("audio_encoder", "vision_encoder", "Thinker")),
-                Partition("talker", ("Talker",)), Partition("code2wav", ("Code2Wav",))]
+        thinker = Partition("thinker", ("audio_encoder", "vision_encoder", "Thinker"))
+        if not self.can_speak:
+            return [thinker]
+        return [thinker, Partition("talker", ("Talker",)), Partition("code2wav", ("Code2Wav",))]
 
     def streaming_edges(self) -> list[StreamingGraphEdge]:
+        if not self.can_speak:
+            return []
         c = self.config
         left, chunk = c.codec_left_context_frames, c.codec_chunk_frames
         return [
@@ -322,6 +348,8 @@ class Qwen3Omni(Model):
     def graph_walks(self) -> dict[str, Walk]:
         from mstar_qwen3omni.talker import talker_walk
 
+        if not self.can_speak:
+            return self._thinker_walks("")
         walks = {**self._thinker_walks(""), **self._thinker_walks(SPEECH)}
         walks["talker"] = Walk(talker_walk(self.config.talker()), control=("finish_reason",))
         walks["code2wav"] = Walk(Loop(
@@ -456,7 +484,7 @@ class Qwen3Omni(Model):
 
     # -- host side: requests -----------------------------------------------------------------
     def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
-        req = _validated(request)
+        req = _validated(request, self.can_speak)
         if req.messages is not None:
             messages: list[dict[str, Any]] = [m.model_dump() for m in req.messages]
         else:
@@ -479,7 +507,7 @@ class Qwen3Omni(Model):
     def process_chat(self, prompt: ChatPrompt, request: Mapping[str, Any]) -> RequestPlan:
         """A chat's rendered conversation and media (in marker order); one that asks for
         speech and has no system message gets `SPEECH_SYSTEM_PROMPT` first."""
-        req = _validated({**request, "prompt": prompt.text})
+        req = _validated({**request, "prompt": prompt.text}, self.can_speak)
         text = prompt.text
         if req.speaks and not text.startswith("<|im_start|>system"):
             text = f"<|im_start|>system\n{SPEECH_SYSTEM_PROMPT}<|im_end|>\n{text}"
@@ -499,7 +527,8 @@ class Qwen3Omni(Model):
 
         text = render_chat(self.chat_template(), [{"role": "user", "content": [
             {"type": "audio"}, {"type": "text", "text": instruction}]}])
-        req = _validated({**fields, "prompt": text, "modalities": ["text"]})
+        req = _validated({**fields, "prompt": text, "modalities": ["text"]},
+                         self.can_speak)
         return self._plan(text, req, audios=[audio])
 
     def _encoded(self, images: list[Image], audios: list[Audio], videos: list[Video],

@@ -6,7 +6,8 @@ from __future__ import annotations
 from mstar.plugins.hookspecs import hookimpl
 from mstar.plugins.registry import ModelRegistry, ModelSpec
 
-CONFIGS = ("qwen3omni_2gpu", "qwen3omni_colocated", "qwen3omni_pd_disaggregated")
+CONFIGS = ("qwen3omni_2gpu", "qwen3omni_colocated", "qwen3omni_pd_disaggregated",
+           "qwen3omni_text_only")
 CAPABILITIES = ("chat", "generate", "image_input", "audio_input", "video_input",
                 "audio_output", "transcription")
 
