@@ -197,3 +197,30 @@ def test_ctx_sample_uses_the_sites_params_and_its_history(dep):
     settle(dep)
     # the history lives with the request on the worker and goes with it (its Release)
     wait_for(lambda: all(not w.requests for w in dep.workers.values()))
+
+
+class WrongWalkModel(RelayModel):
+    """A model bug: a plan or `next_walk` naming a walk the model does not declare."""
+
+    def process_prompt(self, request):
+        plan = super().process_prompt(request)
+        if request.get("bad_start"):
+            plan.first_walks["src"] = WalkStep("no_such_walk")
+        return plan
+
+    def next_walk(self, state, control):
+        return WalkStep("no_such_walk") if state.walk == "source_walk" else Done("stop")
+
+
+def test_a_walk_the_model_does_not_declare_fails_the_request_not_the_conductor():
+    config = DeploymentConfig.model_validate({
+        "model": "relay", "node_groups": [{"node_names": ["source", "sink"], "ranks": [0]}]})
+    with LocalDeployment(ModelSpec("relay", f"{__name__}:WrongWalkModel"),
+                         WrongWalkModel(RelayConfig()), config,
+                         LoadOptions(load_format="dummy")) as d:
+        request = {"count": 1, "prompt_rows": 2, "first_rows": 2, "speak": 1}
+        for bad in ({**request, "bad_start": True}, request):
+            evs = collect(d, bad)
+            assert isinstance(evs[-1], events.Error) and evs[-1].code == 500, evs[-1]
+            assert "'no_such_walk', which" in evs[-1].message, evs[-1].message
+        settle(d)

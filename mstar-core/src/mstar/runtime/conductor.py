@@ -148,6 +148,13 @@ class Conductor(Component):
             self.channel.send(m.info.frontend, msg.Rejected(
                 rid, f"server busy: {self.max_concurrent} requests already running", 429))
             return
+        unknown = sorted({step.walk for step in m.first_walks.values()} - set(self.walks))
+        if unknown:  # a model bug: fail the request, never the conductor
+            self.channel.send(m.info.frontend, msg.Rejected(
+                rid, f"the model's plan starts walk(s) {', '.join(map(repr, unknown))}, "
+                     f"which it does not declare (its walks: {', '.join(sorted(self.walks))})",
+                500))
+            return
         owners = {p: self.owner_of(step.walk) for p, step in m.first_walks.items()}
         dead = sorted(set(owners.values()) & set(self.dead_workers))
         if dead:
@@ -217,6 +224,11 @@ class Conductor(Component):
         except Exception as exc:
             log.exception("next_walk failed for %s", m.request_id)
             self._end(m.request_id, "error", error=f"next_walk: {exc}", code=500)
+            return
+        if isinstance(nxt, WalkStep) and nxt.walk not in self.walks:
+            self._end(m.request_id, "error", code=500,
+                      error=f"next_walk returned walk {nxt.walk!r}, which the model does not "
+                            f"declare (its walks: {', '.join(sorted(self.walks))})")
             return
         if isinstance(nxt, WalkStep):
             self._dispatch(req, m.partition, m.child, msg.walk_step_msg(nxt), self.owner_of(nxt.walk))
