@@ -105,3 +105,26 @@ def test_checkpoint_is_in_the_hub_layout(tmp_path):
     assert model.chat_template() == CHAT_TEMPLATE
     assert model.tokenizer().encode("<|im_start|>user", add_special_tokens=False) == [
         model.config.im_start_token_id, model.config.user_token_id]
+
+
+def test_checkpoint_is_the_same_for_a_seed_and_finite(tmp_path):
+    """Every tensor comes from the seed (transformers leaves the Talker's experts
+    uninitialised; the writer must set them), so two writes are bitwise equal."""
+    from safetensors.torch import load_file
+
+    from mstar_qwen3omni.checkpoint import write_checkpoint
+
+    def tensors(directory):
+        out = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            out.update(load_file(str(file)))
+        return out
+
+    first = tensors(write_checkpoint(tmp_path / "a", seed=5))
+    # garbage in freed memory makes uninitialised tensors differ between the two writes
+    torch.full((1 << 20,), float("nan")).add_(1)
+    second = tensors(write_checkpoint(tmp_path / "b", seed=5))
+    assert first.keys() == second.keys()
+    for key, value in first.items():
+        assert torch.isfinite(value).all(), key
+        assert torch.equal(value, second[key]), key

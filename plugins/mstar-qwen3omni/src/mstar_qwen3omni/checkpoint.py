@@ -44,6 +44,12 @@ def write_checkpoint(directory: str | os.PathLike[str], *, preset: str = "tiny",
     model = Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**config.hf_dict()))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        # transformers' `_init_weights` never initialises the Talker's experts (made with
+        # `torch.empty`): without this the file would hold whatever memory held
+        for module in model.modules():
+            if type(module).__name__ == "Qwen3OmniMoeTalkerTextExperts":
+                for param in module.parameters():
+                    param.normal_(0.0, 0.02, generator=generator)
         for name, param in (model.code2wav.named_parameters() if model.has_talker else ()):
             param.copy_(audible_code2wav(name, param.detach().clone(), generator))
     out = Path(directory)
