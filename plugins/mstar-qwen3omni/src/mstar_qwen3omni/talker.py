@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,7 @@ from mstar.model.layers import (
 )
 from mstar.model.layers.mlp import ACTIVATIONS
 from mstar.weights import WeightSpec
-from mstar_qwen3omni.thinker import DecoderLayer
+from mstar_qwen3omni.thinker import DecoderLayer, RopeSettings
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 #: `talker_kind`: what makes a row's text part.
@@ -76,17 +76,8 @@ ASSISTANT_ROWS = 9
 SampleFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-def _rope(rope_theta: float | None, rope_scaling: Mapping[str, Any] | None,
-          rope_parameters: Mapping[str, Any] | None, default_theta: float) -> dict[str, Any]:
-    """RoPE settings as transformers 5 writes them (`rope_parameters`) or as a hub
-    config.json does (`rope_theta` + `rope_scaling`), merged."""
-    merged = {**(rope_scaling or {}), **(rope_parameters or {})}
-    merged.setdefault("rope_theta", rope_theta or default_theta)
-    return merged
-
-
 @dataclass(frozen=True)
-class TalkerTextConfig:
+class TalkerTextConfig(RopeSettings):
     """`Qwen3OmniMoeTalkerTextConfig`'s fields (defaults: Qwen3-Omni-30B-A3B-Instruct's).
     Every layer is sparse (HF's Talker layer always builds the MoE block). `head_dim`
     absent means hidden / heads, as HF reads it."""
@@ -114,19 +105,10 @@ class TalkerTextConfig:
     def attn_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
-    @property
-    def rope_base(self) -> float:
-        return float(_rope(self.rope_theta, self.rope_scaling, self.rope_parameters,
-                           1_000_000.0)["rope_theta"])
-
-    @property
-    def mrope_section(self) -> tuple[int, ...]:
-        merged = _rope(self.rope_theta, self.rope_scaling, self.rope_parameters, 1_000_000.0)
-        return tuple(merged.get("mrope_section", (24, 20, 20)))
 
 
 @dataclass(frozen=True)
-class CodePredictorConfig:
+class CodePredictorConfig(RopeSettings):
     """`Qwen3OmniMoeTalkerCodePredictorConfig`'s fields (a small dense Qwen3; defaults:
     the real model's)."""
 
@@ -144,11 +126,7 @@ class CodePredictorConfig:
     rope_scaling: dict[str, Any] | None = None
     rope_parameters: dict[str, Any] | None = None
     num_code_groups: int = 16
-
-    @property
-    def rope_base(self) -> float:
-        return float(_rope(self.rope_theta, self.rope_scaling, self.rope_parameters,
-                           10_000.0)["rope_theta"])
+    default_rope_theta: ClassVar[float] = 10_000.0
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ projection is a TP layer (whole heads per rank; each expert's intermediate featu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -45,8 +45,33 @@ CosSin = tuple[torch.Tensor, torch.Tensor]
 DEEPSTACK_LAYERS = 3
 
 
+class RopeSettings:
+    """`rope_base` and `mrope_section` of a config holding HF's RoPE fields, written as
+    transformers 5 writes them (`rope_parameters`) or as a hub config.json does
+    (`rope_theta` + `rope_scaling`): one reading for the Thinker's, the Talker's and the
+    code predictor's configs."""
+
+    rope_theta: float | None
+    rope_scaling: Mapping[str, Any] | None
+    rope_parameters: Mapping[str, Any] | None
+    #: The base when no field gives one.
+    default_rope_theta: ClassVar[float] = 1_000_000.0
+
+    def _rope(self) -> dict[str, Any]:
+        return {**(self.rope_scaling or {}), **(self.rope_parameters or {})}
+
+    @property
+    def rope_base(self) -> float:
+        return float(self._rope().get("rope_theta") or self.rope_theta
+                     or self.default_rope_theta)
+
+    @property
+    def mrope_section(self) -> tuple[int, ...]:
+        return tuple(self._rope().get("mrope_section", (24, 20, 20)))
+
+
 @dataclass(frozen=True)
-class ThinkerTextConfig:
+class ThinkerTextConfig(RopeSettings):
     """Fields of `Qwen3OmniMoeTextConfig` (the thinker's `text_config`), by name; defaults
     are `Qwen/Qwen3-Omni-30B-A3B-Instruct`'s. The RoPE settings come as transformers 5
     writes them (`rope_parameters`) or as the hub's config.json does (`rope_theta` and
@@ -73,17 +98,6 @@ class ThinkerTextConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: Sequence[int] = ()
     tie_word_embeddings: bool = False
-
-    def _rope(self) -> dict[str, Any]:
-        return {**(self.rope_scaling or {}), **(self.rope_parameters or {})}
-
-    @property
-    def rope_base(self) -> float:
-        return float(self._rope().get("rope_theta") or self.rope_theta or 1_000_000.0)
-
-    @property
-    def mrope_section(self) -> tuple[int, ...]:
-        return tuple(self._rope().get("mrope_section", (24, 20, 20)))
 
     def is_sparse(self, layer: int) -> bool:
         """Whether decoder layer `layer` has the MoE MLP (HF's rule)."""
