@@ -189,3 +189,27 @@ def running(directory: Path, *args: str) -> Iterator[Server]:
     assert server.stop() == 0, server.output()
     server.assert_clean()
 
+
+
+@contextlib.contextmanager
+def running_keyed(directory: Path, key: str, *args: str) -> Iterator[Server]:
+    """`running` with `--api-key key`; the server's own `client` sends the key."""
+    with running(directory, *args, "--api-key", key) as server:
+        server.client.headers["Authorization"] = f"Bearer {key}"
+        yield server
+
+
+def openai_client(server: Server, key: str):
+    """The official `openai` client on the server's `/v1`, without retries."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+@contextlib.contextmanager
+def sdk_client(server: Server, key: str):
+    """Our SDK's client on the server, without retries."""
+    from mstar import MStarClient
+
+    with MStarClient(server.url, api_key=key, max_retries=0) as client:
+        yield client

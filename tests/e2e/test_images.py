@@ -23,7 +23,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from serving_harness import running
+from serving_harness import openai_client, running_keyed, sdk_client
 
 import mstar
 from mstar import AsyncMStarClient, MStarClient
@@ -45,21 +45,20 @@ MAX_BYTES = 100_000  # the server's --media-max-bytes
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("images-server")
-    with running(tmp, "--config", "testvla_single", "--preset", "tiny", "--load-format",
-                 "dummy", "--api-key", KEY, "--upload-dir", str(tmp / "uploads"),
-                 "--media-max-bytes", str(MAX_BYTES)) as srv:
-        srv.client.headers["Authorization"] = f"Bearer {KEY}"
+    with running_keyed(tmp, KEY, "--config", "testvla_single", "--preset", "tiny",
+                       "--load-format", "dummy", "--upload-dir", str(tmp / "uploads"),
+                       "--media-max-bytes", str(MAX_BYTES)) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    return openai_client(server, KEY)
 
 
 @pytest.fixture(scope="module")
 def sdk(server) -> MStarClient:
-    with MStarClient(server.url, api_key=KEY, max_retries=0) as c:
+    with sdk_client(server, KEY) as c:
         yield c
 
 

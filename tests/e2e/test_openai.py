@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from serving_harness import Server, running
+from serving_harness import Server, openai_client, running_keyed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,16 +27,15 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openai-server")
-    with running(tmp, "--config", "testvla_single", "--preset", "tiny", "--load-format",
-                 "dummy", "--api-key", KEY, "--upload-dir", str(tmp / "uploads")) as srv:
+    with running_keyed(tmp, KEY, "--config", "testvla_single", "--preset", "tiny",
+                       "--load-format", "dummy", "--upload-dir", str(tmp / "uploads")) as srv:
         srv.uploads = tmp / "uploads"
-        srv.client.headers["Authorization"] = f"Bearer {KEY}"
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    return openai_client(server, KEY)
 
 
 def native_text(server: Server, prompt: str, **fields) -> str:

@@ -26,7 +26,7 @@ import pytest
 import soundfile
 from conftest import serving
 from fastapi.testclient import TestClient
-from serving_harness import running
+from serving_harness import openai_client, running_keyed, sdk_client
 
 import mstar
 from mstar import AsyncMStarClient, MStarClient
@@ -53,20 +53,19 @@ TRANSCRIBE = {"max_completion_tokens": 8}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running(tmp_path_factory.mktemp("openai-audio"), "--config", "testvla_single",
-                 "--preset", "tiny", "--load-format", "dummy", "--api-key", KEY) as srv:
-        srv.client.headers["Authorization"] = f"Bearer {KEY}"
+    with running_keyed(tmp_path_factory.mktemp("openai-audio"), KEY, "--config",
+                       "testvla_single", "--preset", "tiny", "--load-format", "dummy") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    return openai_client(server, KEY)
 
 
 @pytest.fixture(scope="module")
 def sdk(server) -> MStarClient:
-    with MStarClient(server.url, api_key=KEY, max_retries=0) as c:
+    with sdk_client(server, KEY) as c:
         yield c
 
 

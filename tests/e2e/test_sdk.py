@@ -15,7 +15,7 @@ import time
 
 import httpx
 import pytest
-from serving_harness import Server, free_port, running
+from serving_harness import Server, free_port, running_keyed
 
 import mstar
 from mstar import events
@@ -46,10 +46,9 @@ ACT = {"prompt": "pick up", "mode": "act", "num_steps": 2, "seed": 4}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     """Keyed, a 10 s request timeout, at most two requests at once."""
-    with running(tmp_path_factory.mktemp("sdk"), "--config", "testvla_single", "--preset",
-                 "tiny", "--load-format", "dummy", "--api-key", KEY, "--timeout", "10",
-                 "--set", "max_concurrent_requests=2") as server:
-        server.client.headers["Authorization"] = f"Bearer {KEY}"
+    with running_keyed(tmp_path_factory.mktemp("sdk"), KEY, "--config", "testvla_single",
+                       "--preset", "tiny", "--load-format", "dummy", "--timeout", "10",
+                       "--set", "max_concurrent_requests=2") as server:
         yield server
 
 

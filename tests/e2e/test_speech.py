@@ -22,7 +22,7 @@ import openai
 import pytest
 import soundfile
 from fastapi.testclient import TestClient
-from serving_harness import running
+from serving_harness import openai_client, running_keyed, sdk_client
 
 import mstar
 from mstar import AsyncMStarClient, MStarClient
@@ -46,15 +46,14 @@ MEDIA_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac",
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running(tmp_path_factory.mktemp("speech-server"), "--config", "testvla_single",
-                 "--preset", "tiny", "--load-format", "dummy", "--api-key", KEY) as srv:
-        srv.client.headers["Authorization"] = f"Bearer {KEY}"
+    with running_keyed(tmp_path_factory.mktemp("speech-server"), KEY, "--config",
+                       "testvla_single", "--preset", "tiny", "--load-format", "dummy") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    return openai_client(server, KEY)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def native(server) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def sdk(server) -> MStarClient:
-    with MStarClient(server.url, api_key=KEY, max_retries=0) as c:
+    with sdk_client(server, KEY) as c:
         yield c
 
 
