@@ -212,6 +212,11 @@ class _DenseAttention(nn.Module):
 
 
 class _DenseMLP(nn.Module):
+    """The code predictor's gated MLP, of plain `nn.Linear`s, not core's `GatedMLP`: the
+    code predictor is replicated whole on every TP rank of the Talker, and core's parallel
+    layers mark their weights as split (`mark_sharded`), so the loader and the per-rank
+    parameter reports would take it for a shard."""
+
     def __init__(self, hidden: int, intermediate: int, act: str):
         super().__init__()
         self.act = ACTIVATIONS[act]
