@@ -71,8 +71,10 @@ FORMATS = {
                    "observation/wrist_image": "left_wrist_0_rgb"},
         ("observation/state",), 7),
 }
+#: mstar's extras an openpi observation may carry (replayable chunks, fewer flow steps).
+OPTIONS = ("seed", "num_steps")
 #: The native observation: the `/generate` body's fields, arrays allowed.
-NATIVE_KEYS = ("images", "prompt", "state", "action_dim", "num_steps", "seed", "noise")
+NATIVE_KEYS = ("images", "prompt", "state", "action_dim", *OPTIONS, "noise")
 
 
 # -- openpi's msgpack-numpy framing ------------------------------------------------------------
@@ -248,7 +250,14 @@ def generate_body(obs: Mapping[str, Any]) -> dict[str, Any]:
     state = np.concatenate([_vector(obs[key], key) for key in fmt.state])
     return {"images": {camera: image_tensor(obs[key], key) for key, camera in
                        fmt.cameras.items()},
-            "state": state.tolist(), "action_dim": fmt.action_dim, **_prompt(obs)}
+            "state": state.tolist(), "action_dim": fmt.action_dim, **_prompt(obs),
+            **_numbers(obs, OPTIONS)}
+
+
+def _numbers(obs: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """`keys` of `obs` that are there, numpy scalars (or 0-d arrays) as Python numbers."""
+    return {key: obs[key].item() if isinstance(obs[key], np.generic | np.ndarray) and
+            np.ndim(obs[key]) == 0 else obs[key] for key in keys if key in obs}
 
 
 def _native_body(obs: Mapping[str, Any]) -> dict[str, Any]:
@@ -269,9 +278,7 @@ def _native_body(obs: Mapping[str, Any]) -> dict[str, Any]:
         body["images"] = list(body["images"].values())
     if "state" in obs:
         body["state"] = _vector(obs["state"], "state").tolist()
-    for key in ("action_dim", "num_steps", "seed"):
-        if isinstance(body.get(key), np.generic):
-            body[key] = body[key].item()
+    body.update(_numbers(obs, ("action_dim", *OPTIONS)))
     if isinstance(body.get("noise"), np.ndarray):
         noise = np.ascontiguousarray(body["noise"], dtype=np.float32)
         body["noise"] = {"dtype": "float32", "shape": list(noise.shape),
