@@ -67,11 +67,12 @@ def actions_of(response: httpx.Response) -> np.ndarray:
         out["shape"])
 
 
-def body(seed: int = 0, **fields) -> dict:
-    """A `/generate` body: the three cameras as arrays, an instruction, an 8-wide state."""
-    return {"images": {cam: tensor(pixels(seed + i)) for i, cam in enumerate(CAMERAS)},
+def body(view: int = 0, **fields) -> dict:
+    """A `/generate` body: the three cameras as arrays (pixels seeded `view`, ...), an
+    instruction, an 8-wide state; the noise seeded `view` unless `fields` say otherwise."""
+    return {"images": {cam: tensor(pixels(view + i)) for i, cam in enumerate(CAMERAS)},
             "prompt": "pick up the red cup", "state": np.linspace(-1, 1, 8).tolist(),
-            "seed": seed, **fields}
+            "seed": view, **fields}
 
 
 @pytest.fixture(scope="module")
