@@ -68,6 +68,10 @@ ACTION_INPUTS = ("input_ids", "positions", "segments", "chunk_mode", "expert_ids
 #: rows come from `action_in_proj(x_t)`).
 ACTION_PLACEHOLDER = 0
 MAX_NUM_STEPS = 1000
+#: PaliGemma's LM head in lerobot's files (with or without the policy's `model.`), and the
+#: name under which the LLM holds the token embedding a second time to load it.
+LM_HEAD_KEY = r"(?:model\.)?paligemma_with_expert\.paligemma\.lm_head\.weight"
+TIED_HEAD = "paligemma_lm_head"
 
 
 class Pi05Request(BaseModel):
@@ -192,13 +196,22 @@ class Pi05(Model):
         }
         if node not in builders:
             raise ValueError(f"unknown pi05 node {node!r}; nodes: {sorted(builders)}")
-        return builders[node]().eval()
+        module = builders[node]()
+        if node == "LLM":  # PaliGemma's head is its token embedding (see `weight_spec`)
+            module.add_module(TIED_HEAD, module.paligemma.embed_tokens)
+        return module.eval()
 
     def weight_spec(self, node: str) -> WeightSpec:
-        """One lerobot `model.safetensors` for every node; each maps its own keys."""
+        """One lerobot `model.safetensors` for every node; each maps its own keys.
+        PaliGemma ties its LM head to the token embedding and lerobot's files keep only one
+        of the two names (`lm_head.weight`, as safetensors keeps a shared tensor's first
+        name): the LLM holds the embedding under both (`TIED_HEAD`), so either key, or
+        both, fill it."""
         if node not in WEIGHT_KEY_MAPS:
             raise ValueError(f"unknown pi05 node {node!r}; nodes: {sorted(WEIGHT_KEY_MAPS)}")
-        return WeightSpec(key_map=WEIGHT_KEY_MAPS[node])
+        tied = ((LM_HEAD_KEY, f"{TIED_HEAD}.weight"),) if node == "LLM" else ()
+        # only the weights: the processor steps' statistics are safetensors files too
+        return WeightSpec(patterns=("model*.safetensors",), key_map=tied + WEIGHT_KEY_MAPS[node])
 
     # -- host files ------------------------------------------------------------------------
     def use_checkpoint_files(self, directories: Mapping[str, Path | None]) -> None:
