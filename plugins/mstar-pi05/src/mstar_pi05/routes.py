@@ -38,8 +38,6 @@ from mstar.api_server.plugin_routes import Caller, RouteContext
 from mstar.api_server.request_flow import ApiError
 
 PATH = "/v1/pi05/policy"
-#: openpi_client's root path on the policy port
-OPENPI_PATH = "/"
 #: numpy dtype kinds an array in an observation may have: bool, ints, floats
 ARRAY_KINDS = "biuf"
 
@@ -137,7 +135,7 @@ class MsgpackNumpy:
     """openpi's framing as core's websocket codec: msgpack-numpy both ways, answers without
     frame ids, an error as a text frame (which openpi_client raises as RuntimeError)."""
 
-    ids = False
+    answers_carry_id = False
 
     def __init__(self) -> None:
         self._encoder = msgspec.msgpack.Encoder(enc_hook=_pack)
@@ -314,8 +312,6 @@ def add_policy_routes(context: RouteContext) -> None:
         return {"actions": actions,
                 "server_timing": {"infer_ms": (time.monotonic() - started) * 1000}}
 
-    hello, codec = metadata(context), MsgpackNumpy()
-    context.websocket(PATH, Observation, infer, hello=hello, codec=codec)
-    port = context.settings.policy_ws_port
-    if port is not None:
-        context.websocket(OPENPI_PATH, Observation, infer, hello=hello, codec=codec, port=port)
+    # with --policy-ws-port, core serves it on that port too, at "/" as well (openpi's)
+    context.websocket(PATH, Observation, infer, hello=metadata(context), codec=MsgpackNumpy(),
+                      port=context.settings.policy_ws_port)
