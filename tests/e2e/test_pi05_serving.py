@@ -132,19 +132,19 @@ print(json.dumps(report))
 """
 
 
-def droid(seed: int, **extra) -> dict:
-    return {"observation/exterior_image_1_left": pixels(seed, 224),
-            "observation/wrist_image_left": pixels(seed + 1, 224),
+def droid(view: int, **extra) -> dict:
+    return {"observation/exterior_image_1_left": pixels(view, 224),
+            "observation/wrist_image_left": pixels(view + 1, 224),
             "observation/joint_position": np.linspace(-0.5, 0.5, 7),
             "observation/gripper_position": np.array([0.25]),
             "prompt": "put the marker in the cup", **extra}
 
 
-def libero(seed: int, **extra) -> dict:
+def libero(view: int, **extra) -> dict:
     # openpi's LIBERO example is uint8 HWC; a float CHW [0, 1] image is read as its
     # `_parse_image` reads it
-    return {"observation/image": pixels(seed, 224),
-            "observation/wrist_image": pixels(seed + 1, 224).transpose(2, 0, 1) / 255.0,
+    return {"observation/image": pixels(view, 224),
+            "observation/wrist_image": pixels(view + 1, 224).transpose(2, 0, 1) / 255.0,
             "observation/state": np.linspace(0, 1, 8), "prompt": "open the drawer", **extra}
 
 

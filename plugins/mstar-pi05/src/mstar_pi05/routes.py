@@ -225,7 +225,11 @@ def _vector(value: Any, key: str) -> np.ndarray:
     if vector is None or vector.dtype.kind not in ARRAY_KINDS or vector.ndim != 1:
         raise ApiError(400, f"{key}: expected a vector of numbers, got {_shown(value)}",
                        param=key)
-    return vector.astype(np.float64)
+    vector = vector.astype(np.float64)
+    if not np.isfinite(vector).all():  # named here: the model sees only the joined state
+        raise ApiError(400, f"{key}: every value must be finite, got {vector.tolist()}",
+                       param=key)
+    return vector
 
 
 def _prompt(obs: Mapping[str, Any]) -> dict[str, str]:
