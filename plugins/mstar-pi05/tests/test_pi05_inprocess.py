@@ -118,11 +118,12 @@ def test_actions_are_unnormalised_with_the_checkpoints_statistics(dep, checkpoin
 
 
 def test_ragged_batch_is_exact(dep):
-    """Requests of different prompt lengths and camera sets batched together give what
+    """Requests of different prompt lengths, camera sets and flow steps (so flow times
+    differ within a step) batched together give what
     each gives alone, up to float32 rounding (a batch's matrix products add in another
     order): nothing is padded, no row sees another request's rows."""
     reqs = [request(seed=1),
-            request(images={"right_wrist_0_rgb": picture(5, 30, 90)}, seed=2,
+            request(images={"right_wrist_0_rgb": picture(5, 30, 90)}, seed=2, num_steps=4,
                     prompt="open the top drawer of the cabinet slowly, then close it again"),
             request(images=[picture(6), picture(7), picture(8)], seed=3, state=[0.5] * 3)]
     alone = [actions(dep, r) for r in reqs]

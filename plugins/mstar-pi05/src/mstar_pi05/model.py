@@ -105,6 +105,8 @@ class Pi05(Model):
 
     config_class = Pi05Config
     presets = PRESETS
+    #: 3 cameras' tokens + a 200-token prompt + the action chunk, with room to spare
+    preset_max_seq_len = {"tiny": 512, "small": 1024}
     config: Pi05Config
     host_files = {
         "default": ("config.json", "policy_preprocessor*.json", "policy_postprocessor*.json",
