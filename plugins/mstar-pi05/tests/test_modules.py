@@ -353,6 +353,23 @@ def test_action_expert_step_matches_the_equations(oracle: Oracle, llm: Pi05LLM) 
         torch.testing.assert_close(a["velocity"], b["velocity"], atol=0, rtol=0)
 
 
+def test_prefill_and_denoise_of_two_robots_share_a_step(oracle: Oracle, llm: Pi05LLM) -> None:
+    """Robot a's action block and robot b's prefix in one step (both experts' rows, routed
+    and scattered back): a's velocity and then b's match the equations."""
+    cache = KVCacheManager(PagePool(kv_spec(), num_pages=64, page_size=4))
+    (pa, pb), (a, b) = PREFIXES, KEYS
+    x_t = torch.randn(CFG.action_horizon, CFG.max_action_dim,
+                      generator=torch.Generator().manual_seed(8))
+    step(llm, cache, [pa.chunk(a)])
+    got_a, got_b = step(llm, cache, [action_chunk(a, len(pa), x_t, 0.8), pb.chunk(b)])
+    assert got_b == {} and cache.length(b) == len(pb)
+    torch.testing.assert_close(got_a["velocity"], reference_velocity(oracle.state, pa, x_t, 0.8),
+                               atol=ATOL, rtol=0)
+    got_b = step(llm, cache, [action_chunk(b, len(pb), x_t, 0.1)])[0]
+    torch.testing.assert_close(got_b["velocity"], reference_velocity(oracle.state, pb, x_t, 0.1),
+                               atol=ATOL, rtol=0)
+
+
 def test_action_expert_with_plain_norms_matches_transformers_gemma(
         oracle: Oracle, checkpoint: Path) -> None:
     """adaRMS with dense = (0, bias [w, 0, 1]) is Gemma's norm with weight w and no gate:
