@@ -145,6 +145,13 @@ def test_every_lerobot_key_maps_with_or_without_the_model_prefix(oracle: Oracle)
     assert spec.map_key(f"{EXPERT}model.layers.0.input_layernorm.weight") is None
 
 
+def test_one_kv_head_cannot_be_split_across_ranks() -> None:
+    """Pi0.5 has one KV head and core's KV cache holds whole heads per rank: tp_size 2 is
+    refused when the module is built, naming the heads."""
+    with pytest.raises(ValueError, match="num_key_value_heads=1 must be divisible by tp_size=2"):
+        Pi05LLM(CFG, tp_rank=0, tp_size=2)
+
+
 # -- the LLM as the engine runs it -------------------------------------------------------------
 
 

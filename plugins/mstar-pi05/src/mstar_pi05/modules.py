@@ -112,10 +112,12 @@ class VitEncoder(nn.Module):
         patches, position_ids, lengths = pack_images(images, self.siglip.patch_size,
                                                      self.siglip.positions_per_side)
         features = self.projector(self.vision_model(patches, position_ids, lengths))
-        ends = torch.tensor(lengths).cumsum(0)[
-            torch.tensor([len(item["pixel_values"]) for item in items]).cumsum(0) - 1]
-        features = features.split(torch.diff(ends, prepend=ends.new_zeros(1)).tolist())
-        return [{"image_features": f} for f in features]
+        per_item, first = [], 0
+        for item in items:
+            cams = len(item["pixel_values"])
+            per_item.append(sum(lengths[first:first + cams]))
+            first += cams
+        return [{"image_features": f} for f in features.split(per_item)]
 
 
 # ------------------------------------------------------------------------------------------
