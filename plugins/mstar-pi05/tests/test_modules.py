@@ -12,12 +12,15 @@ mask, adaRMS, gated residuals, the flow-time MLP). The LLM runs as the engine ru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
@@ -155,9 +158,9 @@ def test_one_kv_head_cannot_be_split_across_ranks() -> None:
 # -- the LLM as the engine runs it -------------------------------------------------------------
 
 
-def kv_spec() -> KVSpec:
-    """The LLM's KV spec as the wiring contract declares it."""
-    return KVSpec(num_layers=PG.depth, num_kv_heads=PG.num_kv_heads, head_dim=PG.head_dim,
+def kv_spec(kv_heads: int = PG.num_kv_heads) -> KVSpec:
+    """The LLM's KV spec as the wiring contract declares it (`kv_heads`: a rank's)."""
+    return KVSpec(num_layers=PG.depth, num_kv_heads=kv_heads, head_dim=PG.head_dim,
                   extras=(ExtraSpec("expert_ids", "token", (), torch.long, 0),
                           ExtraSpec("is_image", "token", (), torch.long, 0),
                           ExtraSpec("image_embeds", "token", (PG.width,)),
@@ -403,6 +406,55 @@ def test_action_expert_with_plain_norms_matches_transformers_gemma(
                             position_ids=torch.arange(n, n + h)[None], use_cache=True)
         want = oracle.extra["action_out_proj"](out.last_hidden_state[0])
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+# Pi0.5's sizes with two KV heads: what tensor parallelism would need.
+TP_CFG = dataclasses.replace(CFG, paligemma=dataclasses.replace(PG, num_kv_heads=2),
+                             action_expert=dataclasses.replace(EX, num_kv_heads=2))
+
+
+def two_robots(llm: Pi05LLM, kv_heads: int) -> list[torch.Tensor]:
+    """Robot a's prefill; a's action block beside b's prefill; b's action block: the
+    velocities."""
+    cache = KVCacheManager(PagePool(kv_spec(kv_heads), num_pages=64, page_size=4))
+    (pa, pb), (a, b) = PREFIXES, KEYS
+    x_t = torch.randn(CFG.action_horizon, CFG.max_action_dim,
+                      generator=torch.Generator().manual_seed(10))
+    step(llm, cache, [pa.chunk(a)])
+    got_a = step(llm, cache, [action_chunk(a, len(pa), x_t, 0.9), pb.chunk(b)])[0]
+    got_b = step(llm, cache, [action_chunk(b, len(pb), x_t, 0.2)])[0]
+    return [got_a["velocity"], got_b["velocity"]]
+
+
+def _tp_rank(rank: int, weights: Path, out: Path) -> None:
+    """One rank of a 2-way TP group (gloo, a file rendezvous): its velocities to `out`."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank,
+                            world_size=2)
+    try:
+        llm = Pi05LLM(TP_CFG, tp_rank=rank, tp_size=2, tp_group=dist.group.WORLD)
+        load_weights(llm, iter_checkpoint([weights]), WeightSpec(), tp_rank=rank, tp_size=2)
+        torch.save(two_robots(llm.eval(), kv_heads=1), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_ranks_match_one_rank(tmp_path: Path) -> None:
+    """With two KV heads, tp_size 2 over two real processes (each rank half the heads, half
+    of both stacks' MLPs, half the vocabulary; the adaptive norms, time MLP and action
+    projections replicated) gives the single-rank velocities on both ranks."""
+    one = Pi05LLM(TP_CFG)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in one.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    weights = tmp_path / "llm.safetensors"
+    save_file(one.state_dict(), str(weights))
+    mp.spawn(_tp_rank, args=(weights, tmp_path), nprocs=2, join=True)
+    want = two_robots(one.eval(), kv_heads=2)
+    for rank in range(2):
+        for got, expected in zip(torch.load(tmp_path / f"rank{rank}.pt"), want):
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=f"rank {rank}")
 
 
 # -- vision -----------------------------------------------------------------------------------
