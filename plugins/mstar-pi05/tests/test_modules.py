@@ -35,7 +35,14 @@ from mstar.model.forward import ExtraSpec, ForwardBatch, Segment, SeqChunk, SeqK
 from mstar.model.sampling import SamplingParams
 from mstar.weights import WeightSpec, iter_checkpoint, load_weights
 from mstar_pi05.config import PRESETS, Pi05Config
-from mstar_pi05.modules import WEIGHT_KEY_MAPS, ActionInit, Combine, Pi05LLM, VitEncoder
+from mstar_pi05.modules import (
+    TIED_EMBEDDING,
+    WEIGHT_KEY_MAPS,
+    ActionInit,
+    Combine,
+    Pi05LLM,
+    VitEncoder,
+)
 
 ATOL = 1e-5
 CFG = Pi05Config(**PRESETS["tiny"], action_horizon=5)
@@ -146,6 +153,17 @@ def test_every_lerobot_key_maps_with_or_without_the_model_prefix(oracle: Oracle)
     spec = WeightSpec(key_map=WEIGHT_KEY_MAPS["LLM"])
     assert spec.map_key("action_time_mlp_in.weight") == "time_mlp_in.weight"
     assert spec.map_key(f"{EXPERT}model.layers.0.input_layernorm.weight") is None
+
+
+def test_a_checkpoint_without_embed_tokens_loads_the_tied_lm_head(oracle: Oracle) -> None:
+    embed = f"model.{PALIGEMMA}model.language_model.embed_tokens.weight"
+    lm_head = oracle.state[f"model.{PALIGEMMA}lm_head.weight"]
+    state = {k: v for k, v in oracle.state.items() if k != embed} | {
+        f"model.{PALIGEMMA}lm_head.weight": lm_head + 1}
+    llm = Pi05LLM(CFG)
+    load_weights(llm, state.items(), WeightSpec(key_map=(TIED_EMBEDDING,
+                                                         *WEIGHT_KEY_MAPS["LLM"])))
+    assert torch.equal(llm.paligemma.embed_tokens.weight, lm_head + 1)
 
 
 def test_one_kv_head_cannot_be_split_across_ranks() -> None:

@@ -51,8 +51,13 @@ _EXPERT = _P + r"gemma_expert\."
 _VISION_KEYS = _PALIGEMMA + r"model\.(?:vision_tower|multi_modal_projector)\..*"
 _LLM_KEYS = (r"(?:model\.)?(?:action_in_proj|action_out_proj|(?:action_)?time_mlp_in"
              r"|(?:action_)?time_mlp_out)\..*")
+#: The LLM's rule for checkpoints without PaliGemma's `embed_tokens` (those converted from
+#: openpi store only the tied `lm_head`; lerobot copies it into the embedding when loading,
+#: and a stored `embed_tokens` wins): put it before the LLM's map only then.
+TIED_EMBEDDING: tuple[str, str] = (_PALIGEMMA + r"lm_head\.weight",
+                                   "paligemma.embed_tokens.weight")
 _OTHER_KEYS = (
-    # the tied embedding: model.py loads it into the embedding when embed_tokens is absent
+    # the tied embedding (see TIED_EMBEDDING)
     (_PALIGEMMA + r"lm_head\.weight", None),
     # the prefix's hidden states are never read, only its K/V
     (_PALIGEMMA + r"model\.language_model\.norm\.weight", None),
