@@ -12,12 +12,15 @@ mask, adaRMS, gated residuals, the flow-time MLP). The LLM runs as the engine ru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
@@ -32,7 +35,14 @@ from mstar.model.forward import ExtraSpec, ForwardBatch, Segment, SeqChunk, SeqK
 from mstar.model.sampling import SamplingParams
 from mstar.weights import WeightSpec, iter_checkpoint, load_weights
 from mstar_pi05.config import PRESETS, Pi05Config
-from mstar_pi05.modules import WEIGHT_KEY_MAPS, ActionInit, Combine, Pi05LLM, VitEncoder
+from mstar_pi05.modules import (
+    TIED_EMBEDDING,
+    WEIGHT_KEY_MAPS,
+    ActionInit,
+    Combine,
+    Pi05LLM,
+    VitEncoder,
+)
 
 ATOL = 1e-5
 CFG = Pi05Config(**PRESETS["tiny"], action_horizon=5)
@@ -145,12 +155,30 @@ def test_every_lerobot_key_maps_with_or_without_the_model_prefix(oracle: Oracle)
     assert spec.map_key(f"{EXPERT}model.layers.0.input_layernorm.weight") is None
 
 
+def test_a_checkpoint_without_embed_tokens_loads_the_tied_lm_head(oracle: Oracle) -> None:
+    embed = f"model.{PALIGEMMA}model.language_model.embed_tokens.weight"
+    lm_head = oracle.state[f"model.{PALIGEMMA}lm_head.weight"]
+    state = {k: v for k, v in oracle.state.items() if k != embed} | {
+        f"model.{PALIGEMMA}lm_head.weight": lm_head + 1}
+    llm = Pi05LLM(CFG)
+    load_weights(llm, state.items(), WeightSpec(key_map=(TIED_EMBEDDING,
+                                                         *WEIGHT_KEY_MAPS["LLM"])))
+    assert torch.equal(llm.paligemma.embed_tokens.weight, lm_head + 1)
+
+
+def test_one_kv_head_cannot_be_split_across_ranks() -> None:
+    """Pi0.5 has one KV head and core's KV cache holds whole heads per rank: tp_size 2 is
+    refused when the module is built, naming the heads."""
+    with pytest.raises(ValueError, match="num_key_value_heads=1 must be divisible by tp_size=2"):
+        Pi05LLM(CFG, tp_rank=0, tp_size=2)
+
+
 # -- the LLM as the engine runs it -------------------------------------------------------------
 
 
-def kv_spec() -> KVSpec:
-    """The LLM's KV spec as the wiring contract declares it."""
-    return KVSpec(num_layers=PG.depth, num_kv_heads=PG.num_kv_heads, head_dim=PG.head_dim,
+def kv_spec(kv_heads: int = PG.num_kv_heads) -> KVSpec:
+    """The LLM's KV spec as the wiring contract declares it (`kv_heads`: a rank's)."""
+    return KVSpec(num_layers=PG.depth, num_kv_heads=kv_heads, head_dim=PG.head_dim,
                   extras=(ExtraSpec("expert_ids", "token", (), torch.long, 0),
                           ExtraSpec("is_image", "token", (), torch.long, 0),
                           ExtraSpec("image_embeds", "token", (PG.width,)),
@@ -353,6 +381,23 @@ def test_action_expert_step_matches_the_equations(oracle: Oracle, llm: Pi05LLM) 
         torch.testing.assert_close(a["velocity"], b["velocity"], atol=0, rtol=0)
 
 
+def test_prefill_and_denoise_of_two_robots_share_a_step(oracle: Oracle, llm: Pi05LLM) -> None:
+    """Robot a's action block and robot b's prefix in one step (both experts' rows, routed
+    and scattered back): a's velocity and then b's match the equations."""
+    cache = KVCacheManager(PagePool(kv_spec(), num_pages=64, page_size=4))
+    (pa, pb), (a, b) = PREFIXES, KEYS
+    x_t = torch.randn(CFG.action_horizon, CFG.max_action_dim,
+                      generator=torch.Generator().manual_seed(8))
+    step(llm, cache, [pa.chunk(a)])
+    got_a, got_b = step(llm, cache, [action_chunk(a, len(pa), x_t, 0.8), pb.chunk(b)])
+    assert got_b == {} and cache.length(b) == len(pb)
+    torch.testing.assert_close(got_a["velocity"], reference_velocity(oracle.state, pa, x_t, 0.8),
+                               atol=ATOL, rtol=0)
+    got_b = step(llm, cache, [action_chunk(b, len(pb), x_t, 0.1)])[0]
+    torch.testing.assert_close(got_b["velocity"], reference_velocity(oracle.state, pb, x_t, 0.1),
+                               atol=ATOL, rtol=0)
+
+
 def test_action_expert_with_plain_norms_matches_transformers_gemma(
         oracle: Oracle, checkpoint: Path) -> None:
     """adaRMS with dense = (0, bias [w, 0, 1]) is Gemma's norm with weight w and no gate:
@@ -379,6 +424,55 @@ def test_action_expert_with_plain_norms_matches_transformers_gemma(
                             position_ids=torch.arange(n, n + h)[None], use_cache=True)
         want = oracle.extra["action_out_proj"](out.last_hidden_state[0])
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+# Pi0.5's sizes with two KV heads: what tensor parallelism would need.
+TP_CFG = dataclasses.replace(CFG, paligemma=dataclasses.replace(PG, num_kv_heads=2),
+                             action_expert=dataclasses.replace(EX, num_kv_heads=2))
+
+
+def two_robots(llm: Pi05LLM, kv_heads: int) -> list[torch.Tensor]:
+    """Robot a's prefill; a's action block beside b's prefill; b's action block: the
+    velocities."""
+    cache = KVCacheManager(PagePool(kv_spec(kv_heads), num_pages=64, page_size=4))
+    (pa, pb), (a, b) = PREFIXES, KEYS
+    x_t = torch.randn(CFG.action_horizon, CFG.max_action_dim,
+                      generator=torch.Generator().manual_seed(10))
+    step(llm, cache, [pa.chunk(a)])
+    got_a = step(llm, cache, [action_chunk(a, len(pa), x_t, 0.9), pb.chunk(b)])[0]
+    got_b = step(llm, cache, [action_chunk(b, len(pb), x_t, 0.2)])[0]
+    return [got_a["velocity"], got_b["velocity"]]
+
+
+def _tp_rank(rank: int, weights: Path, out: Path) -> None:
+    """One rank of a 2-way TP group (gloo, a file rendezvous): its velocities to `out`."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank,
+                            world_size=2)
+    try:
+        llm = Pi05LLM(TP_CFG, tp_rank=rank, tp_size=2, tp_group=dist.group.WORLD)
+        load_weights(llm, iter_checkpoint([weights]), WeightSpec(), tp_rank=rank, tp_size=2)
+        torch.save(two_robots(llm.eval(), kv_heads=1), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_ranks_match_one_rank(tmp_path: Path) -> None:
+    """With two KV heads, tp_size 2 over two real processes (each rank half the heads, half
+    of both stacks' MLPs, half the vocabulary; the adaptive norms, time MLP and action
+    projections replicated) gives the single-rank velocities on both ranks."""
+    one = Pi05LLM(TP_CFG)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in one.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    weights = tmp_path / "llm.safetensors"
+    save_file(one.state_dict(), str(weights))
+    mp.spawn(_tp_rank, args=(weights, tmp_path), nprocs=2, join=True)
+    want = two_robots(one.eval(), kv_heads=2)
+    for rank in range(2):
+        for got, expected in zip(torch.load(tmp_path / f"rank{rank}.pt"), want):
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=f"rank {rank}")
 
 
 # -- vision -----------------------------------------------------------------------------------

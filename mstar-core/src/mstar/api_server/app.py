@@ -137,14 +137,17 @@ class RequestIdMiddleware:
 
 
 def _require_key(api_key: str) -> Callable[[Request], Awaitable[None]]:
+    """The API key guard: `Authorization: Bearer <key>`, or `Api-Key <key>` (as openpi's
+    policy client sends it)."""
     expected = api_key.encode()
 
     async def require_key(request: Request) -> None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 expected):
+        if scheme.lower() not in ("bearer", "api-key") or not hmac.compare_digest(
+                token.strip().encode(), expected):
             raise ApiError(401, "invalid or missing API key: send `Authorization: Bearer "
-                                "<key>`", headers={"WWW-Authenticate": "Bearer"})
+                                "<key>` (or `Api-Key <key>`)",
+                           headers={"WWW-Authenticate": "Bearer"})
 
     return require_key
 
@@ -203,7 +206,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     OpenAI-compatible ones: `mstar.api_server.openai_routes`)."""
     from mstar.api_server.images_route import add_image_routes
     from mstar.api_server.openai_routes import add_openai_routes
-    from mstar.api_server.plugin_routes import add_plugin_routes
+    from mstar.api_server.plugin_routes import OwnPorts, add_plugin_routes
     from mstar.api_server.speech_route import add_speech_route
     from mstar.api_server.transcription_route import add_transcription_route
 
@@ -218,6 +221,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="mstar", version=mstar_version(), openapi_url=None, docs_url=None,
                   redoc_url=None)
     app.state.metrics = metrics  # routes added to the app count their requests with it
+    app.state.own_ports = {}  # port -> the routes a plugin serves there too
+    app.add_middleware(OwnPorts, listeners=app.state.own_ports)  # inside the request ids
     app.add_middleware(RequestIdMiddleware)
     guarded = APIRouter(dependencies=[Depends(_require_key(settings.api_key))]
                         if settings.api_key else [])

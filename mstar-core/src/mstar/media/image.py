@@ -49,8 +49,9 @@ def load_image(data: bytes, limits: MediaLimits) -> Image.Image:
 def image_from_array(pixels: np.ndarray, limits: MediaLimits | None = None) -> Image.Image:
     """An RGB image from an array, so a model sees one type however a client sent its
     camera frames: uint8 [H, W, 3], [H, W] (gray), [H, W, 4] (RGBA: alpha dropped) or
-    [3, H, W]; floats in [0, 1] are rounded to uint8. 400 for another dtype, shape or
-    range; 413 over `max_image_pixels`."""
+    [3, H, W] (read so only when the last axis is not 3 or 4); floats in [0, 1] are
+    rounded to uint8. 400 for another dtype, shape or range; 413 over
+    `max_image_pixels`."""
     if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4) and pixels.shape[0] == 3:
         pixels = pixels.transpose(1, 2, 0)
     if not (pixels.ndim == 2 or pixels.ndim == 3 and pixels.shape[-1] in (3, 4)) \

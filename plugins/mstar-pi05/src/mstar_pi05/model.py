@@ -105,6 +105,8 @@ class Pi05(Model):
 
     config_class = Pi05Config
     presets = PRESETS
+    #: 3 cameras' tokens + a 200-token prompt + the action chunk, with room to spare
+    preset_max_seq_len = {"tiny": 512, "small": 1024}
     config: Pi05Config
     host_files = {
         "default": ("config.json", "policy_preprocessor*.json", "policy_postprocessor*.json",
@@ -314,7 +316,8 @@ class Pi05(Model):
         return ids
 
     def _noise(self, noise: Any) -> list[list[float]] | None:
-        """The request's flow noise as a nested list (a host value), checked."""
+        """The request's flow noise, checked, as a nested list: a host value every walk's
+        environment holds (`action_init` reads it; messages carry no tensors)."""
         if noise is None:
             return None
         c = self.config
@@ -328,10 +331,8 @@ class Pi05(Model):
     def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Done:
         if state.walk == "encode":
             return WalkStep("prefill", inputs={"image_features": control["image_features"]})
-        if state.walk == "prefill":
-            noise = state.params.get("noise")
-            return WalkStep("denoise", inputs={} if noise is None else {
-                "noise": torch.tensor(noise, dtype=torch.float32)})
+        if state.walk == "prefill":  # `noise`, when given, is a request param
+            return WalkStep("denoise")
         if state.walk == "denoise":
             return Done("stop")
         raise ValueError(f"pi05 has no walk {state.walk!r}")
