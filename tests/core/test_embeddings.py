@@ -12,6 +12,7 @@ from mstar.model.layers.embeddings import (
     PositionTable,
     flattened_position_ids,
     patchify,
+    period_sincos,
     sincos_2d_table,
     timestep_frequencies,
     unpatchify,
@@ -33,6 +34,16 @@ def test_timestep_frequencies_match_diffusers(dim: int) -> None:
     t = torch.tensor([0.0, 0.25, 0.999, 3.5])
     ref = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
     torch.testing.assert_close(timestep_frequencies(t, dim), ref, atol=1e-5, rtol=0)
+
+
+def test_period_sincos_spans_min_to_max_period() -> None:
+    """Periods 0.5, 1, 2 (geometric, both ends) at t = 0.25: angles pi, pi/2, pi/4."""
+    got = period_sincos(torch.tensor([0.25, 0.0]), 6, min_period=0.5, max_period=2.0)
+    h = 0.5 ** 0.5
+    want = torch.tensor([[0.0, 1.0, h, -1.0, 0.0, h], [0, 0, 0, 1, 1, 1]])
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="must be even"):
+        period_sincos(torch.zeros(1), 5, min_period=0.5, max_period=2.0)
 
 
 def test_patchify_orders_row_col_channel_and_round_trips() -> None:

@@ -51,8 +51,13 @@ _EXPERT = _P + r"gemma_expert\."
 _VISION_KEYS = _PALIGEMMA + r"model\.(?:vision_tower|multi_modal_projector)\..*"
 _LLM_KEYS = (r"(?:model\.)?(?:action_in_proj|action_out_proj|(?:action_)?time_mlp_in"
              r"|(?:action_)?time_mlp_out)\..*")
+#: The LLM's rule for checkpoints without PaliGemma's `embed_tokens` (those converted from
+#: openpi store only the tied `lm_head`; lerobot copies it into the embedding when loading,
+#: and a stored `embed_tokens` wins): put it before the LLM's map only then.
+TIED_EMBEDDING: tuple[str, str] = (_PALIGEMMA + r"lm_head\.weight",
+                                   "paligemma.embed_tokens.weight")
 _OTHER_KEYS = (
-    # the tied embedding: model.py loads it into the embedding when embed_tokens is absent
+    # the tied embedding (see TIED_EMBEDDING)
     (_PALIGEMMA + r"lm_head\.weight", None),
     # the prefix's hidden states are never read, only its K/V
     (_PALIGEMMA + r"model\.language_model\.norm\.weight", None),
@@ -112,10 +117,12 @@ class VitEncoder(nn.Module):
         patches, position_ids, lengths = pack_images(images, self.siglip.patch_size,
                                                      self.siglip.positions_per_side)
         features = self.projector(self.vision_model(patches, position_ids, lengths))
-        ends = torch.tensor(lengths).cumsum(0)[
-            torch.tensor([len(item["pixel_values"]) for item in items]).cumsum(0) - 1]
-        features = features.split(torch.diff(ends, prepend=ends.new_zeros(1)).tolist())
-        return [{"image_features": f} for f in features]
+        per_item, first = [], 0
+        for item in items:
+            cams = len(item["pixel_values"])
+            per_item.append(sum(lengths[first:first + cams]))
+            first += cams
+        return [{"image_features": f} for f in features.split(per_item)]
 
 
 # ------------------------------------------------------------------------------------------
