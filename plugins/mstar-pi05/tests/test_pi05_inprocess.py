@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import mstar
 from mstar import events
@@ -115,6 +116,23 @@ def test_actions_are_unnormalised_with_the_checkpoints_statistics(dep, checkpoin
     lo, hi = stats.action.lo, stats.action.hi
     assert stats.action.mode == "QUANTILES"
     torch.testing.assert_close(normalised, (raw + 1) * (hi - lo) / 2 + lo)
+
+
+def test_the_embedding_comes_from_embed_tokens_else_the_tied_head(checkpoint, tmp_path):
+    """A file with both keys (lerobot 0.6.1 saves them untied) embeds with `embed_tokens`,
+    as lerobot does; one with the head only (openpi's conversion) embeds with the head."""
+    head = "paligemma_with_expert.paligemma.lm_head.weight"
+    embed = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    other = torch.randn(weights[head].shape, generator=torch.Generator().manual_seed(1))
+    answers = []
+    for name, tensors in (("both", {**weights, head: other, embed: weights[head]}),
+                          ("head", weights)):
+        copy = Path(shutil.copytree(checkpoint, tmp_path / name))
+        save_file(tensors, str(copy / "model.safetensors"))
+        with mstar.load("pi05", "pi05_tiny", model_path=str(copy)) as d:
+            answers.append(actions(d, request()))
+    assert torch.equal(answers[0], answers[1])
 
 
 def test_ragged_batch_is_exact(dep):
