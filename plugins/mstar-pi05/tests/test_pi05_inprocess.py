@@ -160,6 +160,8 @@ def test_camera_subsets_steps_and_action_width(dep):
     assert one_camera.shape == full.shape and not torch.allclose(one_camera, full, atol=1e-3)
     as_list = actions(dep, request(images=[picture(0), picture(1)]))  # camera order
     assert torch.equal(as_list, full)
+    arrays = {"base_0_rgb": np.asarray(picture(0)), "left_wrist_0_rgb": np.asarray(picture(1))}
+    assert torch.equal(actions(dep, request(images=arrays)), full)
     fewer_steps = actions(dep, request(num_steps=3))
     assert not torch.allclose(fewer_steps, full, atol=1e-3)
     assert torch.equal(actions(dep, request(num_steps=10)), full)  # the default
