@@ -1,6 +1,6 @@
 """Fixed and learned embeddings of positions and times that diffusion and vision models share:
 a 2-D sine-cosine position table (DiT/MAE style, stored in checkpoints as `pos_embed`), the
-DiT timestep embedder, patchifying an image, and flattened patch position ids.
+DiT timestep embedder, openpi's flow-time embedding, patchifying an image, and flattened patch position ids.
 
 These follow the DiT/MAE conventions BAGEL and others were trained with, so the exact order
 of sin/cos halves and of the two grid axes matters: see each docstring.
@@ -62,6 +62,20 @@ def timestep_frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def period_sincos(t: torch.Tensor, dim: int, min_period: float, max_period: float
+                  ) -> torch.Tensor:
+    """[N, dim] float32: [sin, cos] of 2π·t / period for dim/2 periods spaced geometrically
+    from `min_period` to `max_period`, both ends included: openpi's flow-time embedding
+    (Pi0, Pi0.5), whose period range, unlike DiT's frequencies, is set for t in [0, 1].
+    Computed in float64, as openpi does, so the shortest periods keep their precision."""
+    if dim % 2:
+        raise ValueError(f"period sine-cosine embedding dim must be even, got {dim}")
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
+    period = min_period * (max_period / min_period) ** fraction
+    angle = (1.0 / period * 2 * math.pi) * t.reshape(-1).to(torch.float64)[:, None]
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).float()
 
 
 class TimestepEmbedder(nn.Module):
