@@ -109,7 +109,8 @@ def test_fixture_checkpoint_is_the_tiny_preset() -> None:
     assert config_json["mstar_sizes"] == sizes_entry(config)
     assert (config.action_horizon, config.state_dim, config.action_dim) == (10, 8, 8)
     assert config.cameras == ("base_0_rgb", "left_wrist_0_rgb")
-    assert sorted(p.name for p in CHECKPOINT.iterdir()) == META["checkpoint_files"]
+    files = sorted(str(p.relative_to(CHECKPOINT)) for p in CHECKPOINT.rglob("*") if p.is_file())
+    assert files == META["checkpoint_files"]
     packaged = hashlib.sha256(PACKAGED_TOKENIZER.read_bytes()).hexdigest()
     assert packaged == META["tokenizer_sha256"], (
         "the packaged tiny tokenizer changed: regenerate the fixtures (fixtures/make_fixtures.py)")
