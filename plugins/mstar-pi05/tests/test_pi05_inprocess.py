@@ -191,11 +191,17 @@ def test_a_fixed_action_horizon(checkpoint):
         assert info.value.param == "noise" and "[15, 32]" in str(info.value)
 
 
-def test_dummy_tiny_preset_gives_actions():
+def test_dummy_tiny_preset_gives_actions_that_see_the_observation():
+    """`--load-format dummy --preset tiny` answers chunks that depend on the prompt and
+    the cameras (`Pi05.adjust_dummy_weight`), not just the noise."""
     with mstar.load("pi05", "pi05_tiny", preset="tiny", load_format="dummy") as d:
         a = actions(d, request(state=[0.0] * 32))
+        other_prompt = actions(d, request(state=[0.0] * 32, prompt="open the drawer"))
+        other_image = actions(d, request(state=[0.0] * 32, images=[picture(9)]))
     assert a.shape == (Pi05Config(**PRESETS["tiny"]).action_horizon, 32)
     assert bool(torch.isfinite(a).all())
+    assert float((a - other_prompt).abs().mean()) > 1e-3
+    assert float((a - other_image).abs().mean()) > 1e-3
 
 
 BAD = [

@@ -25,6 +25,7 @@ only fits a tiny vocabulary).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -224,6 +225,18 @@ class Pi05(Model):
         # only the weights: the processor steps' statistics are safetensors files too
         return WeightSpec(patterns=("model*.safetensors",),
                           key_map=tied + WEIGHT_KEY_MAPS[node])
+
+    def adjust_dummy_weight(self, node: str, name: str, weight: torch.Tensor,
+                            generator: torch.Generator) -> torch.Tensor:
+        """Dummy weights whose actions depend on the observation. Core's normal(0, 0.02)
+        leaves attention uniform and the action expert's adaRMS gates near zero, so the
+        chunk is the noise plus a drift that hardly sees the cameras or the prompt (two
+        prompts 1e-4 apart in the tiny preset); each matrix is drawn again with a standard
+        deviation of 1/sqrt(fan_in), which keeps activations O(1) through the layers."""
+        if weight.dim() < 2 or "embed_tokens" in name or "position_embedding" in name:
+            return weight
+        fan_in = math.prod(weight.shape[1:])
+        return torch.randn(weight.shape, generator=generator) / math.sqrt(fan_in)
 
     # -- host files ------------------------------------------------------------------------
     def use_checkpoint_files(self, directories: Mapping[str, Path | None]) -> None:
