@@ -245,3 +245,35 @@ def test_the_runtime_keeps_serving_after_bad_input(dep):
             dep.generate(request(**fields))
     assert torch.equal(actions(dep, request(seed=21)), want)
     assert dep.frontend.live_requests() == 0
+
+
+@pytest.mark.parametrize(("mode", "lo", "hi"), [("QUANTILES", "q01", "q99"),
+                                                ("QUANTILE10", "q10", "q90"),
+                                                ("MIN_MAX", "min", "max")])
+def test_normaliser_modes_map_their_bounds_to_plus_minus_one(checkpoint, tmp_path, mode, lo,
+                                                             hi):
+    copy = Path(shutil.copytree(checkpoint, tmp_path / "ck"))
+    for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
+        text = (copy / name).read_text().replace('"QUANTILES"', f'"{mode}"')
+        (copy / name).write_text(text)
+    norm = Normalizer.from_directory(copy)
+    stats = load_file(str(copy / "policy_preprocessor_step_3_normalizer_processor.safetensors"))
+    bounds = torch.stack([stats[f"observation.state.{lo}"], stats[f"observation.state.{hi}"]])
+    torch.testing.assert_close(norm.state.normalize(bounds),
+                               torch.tensor([[-1.0], [1.0]]).expand(2, STATE_DIM))
+    x = torch.randn(H, ACTION_DIM)
+    torch.testing.assert_close(norm.action.normalize(norm.action.unnormalize(x)), x)
+
+
+def test_mean_std_identity_and_refused_relative_actions(checkpoint, tmp_path):
+    copy = Path(shutil.copytree(checkpoint, tmp_path / "ck"))
+    pre = copy / "policy_preprocessor.json"
+    pre.write_text(pre.read_text().replace('"STATE": "QUANTILES"', '"STATE": "MEAN_STD"'))
+    stats = load_file(str(copy / "policy_preprocessor_step_3_normalizer_processor.safetensors"))
+    mean, std = stats["observation.state.mean"], stats["observation.state.std"]
+    norm = Normalizer.from_directory(copy)
+    torch.testing.assert_close(norm.state.normalize(mean + std), std / (std + 1e-8))
+    assert Normalizer.from_directory(None).action.unnormalize(mean) is mean
+    pre.write_text(pre.read_text().replace('"enabled": false', '"enabled": true', 1))
+    with pytest.raises(ValueError, match="use_relative_actions"):
+        Normalizer.from_directory(copy)
