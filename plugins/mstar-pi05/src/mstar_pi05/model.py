@@ -135,6 +135,10 @@ class Pi05(Model):
     def node_engine_types(self) -> dict[str, Literal["kv_cache", "stateless"]]:
         return dict(NODES)
 
+    def tp_nodes(self) -> set[str]:
+        """The LLM shards by heads (sizes with one KV head, the real ones, cannot split)."""
+        return {"LLM"}
+
     def cacheable_nodes(self) -> set[str]:
         return {"vit_encoder"}
 
