@@ -88,7 +88,7 @@ class Oracle:
         for m in (self.paligemma, self.expert):
             randomize_norms(m, gen)
         self.projector = nn.Linear(v.hidden_size, PG.width)
-        self.extra = {  # Pi0.5's own layers, and the expert's adaptive norms
+        self.extra = {  # Pi0.5's own layers
             name: nn.Linear(i, o) for name, (i, o) in {
                 "action_in_proj": (CFG.max_action_dim, EX.width),
                 "action_out_proj": (EX.width, CFG.max_action_dim),
@@ -103,7 +103,7 @@ class Oracle:
                   for k, p in self.projector.state_dict().items()}
         state |= {f"{EXPERT}model.{k}": p for k, p in self.expert.state_dict().items()
                   if "norm" not in k and "embed_tokens" not in k}
-        state[f"{EXPERT}lm_head.weight"] = torch.randn(CFG.vocab_size, EX.width)
+        state[f"{EXPERT}lm_head.weight"] = torch.randn(CFG.vocab_size, EX.width, generator=gen)
         norms = [f"layers.{i}.{n}" for i in range(EX.depth)
                  for n in ("input_layernorm", "post_attention_layernorm")] + ["norm"]
         for n in norms:

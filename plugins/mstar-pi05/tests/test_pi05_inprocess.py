@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import mstar
 from mstar import events
@@ -117,6 +118,23 @@ def test_actions_are_unnormalised_with_the_checkpoints_statistics(dep, checkpoin
     torch.testing.assert_close(normalised, (raw + 1) * (hi - lo) / 2 + lo)
 
 
+def test_the_embedding_comes_from_embed_tokens_else_the_tied_head(checkpoint, tmp_path):
+    """A file with both keys (lerobot 0.6.1 saves them untied) embeds with `embed_tokens`,
+    as lerobot does; one with the head only (openpi's conversion) embeds with the head."""
+    head = "paligemma_with_expert.paligemma.lm_head.weight"
+    embed = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    other = torch.randn(weights[head].shape, generator=torch.Generator().manual_seed(1))
+    answers = []
+    for name, tensors in (("both", {**weights, head: other, embed: weights[head]}),
+                          ("head", weights)):
+        copy = Path(shutil.copytree(checkpoint, tmp_path / name))
+        save_file(tensors, str(copy / "model.safetensors"))
+        with mstar.load("pi05", "pi05_tiny", model_path=str(copy)) as d:
+            answers.append(actions(d, request()))
+    assert torch.equal(answers[0], answers[1])
+
+
 def test_ragged_batch_is_exact(dep):
     """Requests of different prompt lengths, camera sets and flow steps (so flow times
     differ within a step) batched together give what
@@ -142,6 +160,8 @@ def test_camera_subsets_steps_and_action_width(dep):
     assert one_camera.shape == full.shape and not torch.allclose(one_camera, full, atol=1e-3)
     as_list = actions(dep, request(images=[picture(0), picture(1)]))  # camera order
     assert torch.equal(as_list, full)
+    arrays = {"base_0_rgb": np.asarray(picture(0)), "left_wrist_0_rgb": np.asarray(picture(1))}
+    assert torch.equal(actions(dep, request(images=arrays)), full)
     fewer_steps = actions(dep, request(num_steps=3))
     assert not torch.allclose(fewer_steps, full, atol=1e-3)
     assert torch.equal(actions(dep, request(num_steps=10)), full)  # the default
@@ -171,11 +191,17 @@ def test_a_fixed_action_horizon(checkpoint):
         assert info.value.param == "noise" and "[15, 32]" in str(info.value)
 
 
-def test_dummy_tiny_preset_gives_actions():
+def test_dummy_tiny_preset_gives_actions_that_see_the_observation():
+    """`--load-format dummy --preset tiny` answers chunks that depend on the prompt and
+    the cameras (`Pi05.adjust_dummy_weight`), not just the noise."""
     with mstar.load("pi05", "pi05_tiny", preset="tiny", load_format="dummy") as d:
         a = actions(d, request(state=[0.0] * 32))
+        other_prompt = actions(d, request(state=[0.0] * 32, prompt="open the drawer"))
+        other_image = actions(d, request(state=[0.0] * 32, images=[picture(9)]))
     assert a.shape == (Pi05Config(**PRESETS["tiny"]).action_horizon, 32)
     assert bool(torch.isfinite(a).all())
+    assert float((a - other_prompt).abs().mean()) > 1e-3
+    assert float((a - other_image).abs().mean()) > 1e-3
 
 
 BAD = [
@@ -219,3 +245,35 @@ def test_the_runtime_keeps_serving_after_bad_input(dep):
             dep.generate(request(**fields))
     assert torch.equal(actions(dep, request(seed=21)), want)
     assert dep.frontend.live_requests() == 0
+
+
+@pytest.mark.parametrize(("mode", "lo", "hi"), [("QUANTILES", "q01", "q99"),
+                                                ("QUANTILE10", "q10", "q90"),
+                                                ("MIN_MAX", "min", "max")])
+def test_normaliser_modes_map_their_bounds_to_plus_minus_one(checkpoint, tmp_path, mode, lo,
+                                                             hi):
+    copy = Path(shutil.copytree(checkpoint, tmp_path / "ck"))
+    for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
+        text = (copy / name).read_text().replace('"QUANTILES"', f'"{mode}"')
+        (copy / name).write_text(text)
+    norm = Normalizer.from_directory(copy)
+    stats = load_file(str(copy / "policy_preprocessor_step_3_normalizer_processor.safetensors"))
+    bounds = torch.stack([stats[f"observation.state.{lo}"], stats[f"observation.state.{hi}"]])
+    torch.testing.assert_close(norm.state.normalize(bounds),
+                               torch.tensor([[-1.0], [1.0]]).expand(2, STATE_DIM))
+    x = torch.randn(H, ACTION_DIM)
+    torch.testing.assert_close(norm.action.normalize(norm.action.unnormalize(x)), x)
+
+
+def test_mean_std_identity_and_refused_relative_actions(checkpoint, tmp_path):
+    copy = Path(shutil.copytree(checkpoint, tmp_path / "ck"))
+    pre = copy / "policy_preprocessor.json"
+    pre.write_text(pre.read_text().replace('"STATE": "QUANTILES"', '"STATE": "MEAN_STD"'))
+    stats = load_file(str(copy / "policy_preprocessor_step_3_normalizer_processor.safetensors"))
+    mean, std = stats["observation.state.mean"], stats["observation.state.std"]
+    norm = Normalizer.from_directory(copy)
+    torch.testing.assert_close(norm.state.normalize(mean + std), std / (std + 1e-8))
+    assert Normalizer.from_directory(None).action.unnormalize(mean) is mean
+    pre.write_text(pre.read_text().replace('"enabled": false', '"enabled": true', 1))
+    with pytest.raises(ValueError, match="use_relative_actions"):
+        Normalizer.from_directory(copy)

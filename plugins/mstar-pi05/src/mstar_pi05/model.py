@@ -25,6 +25,7 @@ only fits a tiny vocabulary).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -52,7 +53,14 @@ from mstar.model import (
 )
 from mstar.weights import WeightSpec
 from mstar_pi05.config import PRESETS, Pi05Config, from_lerobot
-from mstar_pi05.modules import WEIGHT_KEY_MAPS, ActionInit, Combine, Pi05LLM, VitEncoder
+from mstar_pi05.modules import (
+    TIED_EMBEDDING,
+    WEIGHT_KEY_MAPS,
+    ActionInit,
+    Combine,
+    Pi05LLM,
+    VitEncoder,
+)
 from mstar_pi05.processing import Normalizer, pixels, prompt_text
 from mstar_pi05.tokenizer import PACKAGED_TOKENIZER, PromptTokenizer, load_tokenizer
 
@@ -68,9 +76,8 @@ ACTION_INPUTS = ("input_ids", "positions", "segments", "chunk_mode", "expert_ids
 #: rows come from `action_in_proj(x_t)`).
 ACTION_PLACEHOLDER = 0
 MAX_NUM_STEPS = 1000
-#: PaliGemma's LM head in lerobot's files (with or without the policy's `model.`), and the
-#: name under which the LLM holds the token embedding a second time to load it.
-LM_HEAD_KEY = r"(?:model\.)?paligemma_with_expert\.paligemma\.lm_head\.weight"
+#: The name under which the LLM holds PaliGemma's token embedding a second time, to load
+#: it from the tied LM head's key (see `Pi05.weight_spec`).
 TIED_HEAD = "paligemma_lm_head"
 
 
@@ -127,6 +134,10 @@ class Pi05(Model):
     # -- declarations ----------------------------------------------------------------------
     def node_engine_types(self) -> dict[str, Literal["kv_cache", "stateless"]]:
         return dict(NODES)
+
+    def tp_nodes(self) -> set[str]:
+        """The LLM shards by heads (sizes with one KV head, the real ones, cannot split)."""
+        return {"LLM"}
 
     def cacheable_nodes(self) -> set[str]:
         return {"vit_encoder"}
@@ -205,15 +216,31 @@ class Pi05(Model):
 
     def weight_spec(self, node: str) -> WeightSpec:
         """One lerobot `model.safetensors` for every node; each maps its own keys.
-        PaliGemma ties its LM head to the token embedding and lerobot's files keep only one
-        of the two names (`lm_head.weight`, as safetensors keeps a shared tensor's first
-        name): the LLM holds the embedding under both (`TIED_HEAD`), so either key, or
-        both, fill it."""
+
+        PaliGemma's LM head is tied to its token embedding. Checkpoints converted from openpi
+        store only `lm_head.weight`; lerobot 0.6.1 saves both, and loading it, its stored
+        `embed_tokens` is the embedding. The LLM holds the embedding under a second name
+        (`TIED_HEAD`) that the head's key fills, so either key alone loads it and with both
+        the embedding's key, read after the head's (a file's keys are read in sorted order,
+        `...paligemma.lm_head` before `...paligemma.model...`), wins."""
         if node not in WEIGHT_KEY_MAPS:
             raise ValueError(f"unknown pi05 node {node!r}; nodes: {sorted(WEIGHT_KEY_MAPS)}")
-        tied = ((LM_HEAD_KEY, f"{TIED_HEAD}.weight"),) if node == "LLM" else ()
+        tied = ((TIED_EMBEDDING[0], f"{TIED_HEAD}.weight"),) if node == "LLM" else ()
         # only the weights: the processor steps' statistics are safetensors files too
-        return WeightSpec(patterns=("model*.safetensors",), key_map=tied + WEIGHT_KEY_MAPS[node])
+        return WeightSpec(patterns=("model*.safetensors",),
+                          key_map=tied + WEIGHT_KEY_MAPS[node])
+
+    def adjust_dummy_weight(self, node: str, name: str, weight: torch.Tensor,
+                            generator: torch.Generator) -> torch.Tensor:
+        """Dummy weights whose actions depend on the observation. Core's normal(0, 0.02)
+        leaves attention uniform and the action expert's adaRMS gates near zero, so the
+        chunk is the noise plus a drift that hardly sees the cameras or the prompt (two
+        prompts 1e-4 apart in the tiny preset); each matrix is drawn again with a standard
+        deviation of 1/sqrt(fan_in), which keeps activations O(1) through the layers."""
+        if weight.dim() < 2 or "embed_tokens" in name or "position_embedding" in name:
+            return weight
+        fan_in = math.prod(weight.shape[1:])
+        return torch.randn(weight.shape, generator=generator) / math.sqrt(fan_in)
 
     # -- host files ------------------------------------------------------------------------
     def use_checkpoint_files(self, directories: Mapping[str, Path | None]) -> None:

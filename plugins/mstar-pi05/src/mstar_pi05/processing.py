@@ -36,6 +36,7 @@ PREPROCESSOR = "policy_preprocessor.json"
 POSTPROCESSOR = "policy_postprocessor.json"
 #: lerobot's registry names of the steps holding the statistics.
 NORMALIZER_STEP, UNNORMALIZER_STEP = "normalizer_processor", "unnormalizer_processor"
+RELATIVE_STEP = "relative_actions_processor"
 #: lerobot's feature type of each feature we normalise.
 FEATURE_TYPES = {STATE_FEATURE: "STATE", ACTION_FEATURE: "ACTION"}
 #: The statistics each mode reads (lower bound, upper bound), or mean and std.
@@ -125,7 +126,13 @@ class Normalizer:
 
     @classmethod
     def from_directory(cls, directory: Path | None) -> Normalizer:
-        """The processor files' statistics in `directory`; identity (logged) without them."""
+        """The processor files' statistics in `directory`; identity (logged) without them.
+        ValueError for a checkpoint trained on actions relative to the state (lerobot's
+        `use_relative_actions`), whose answers would need the state added back."""
+        relative = _step(directory, PREPROCESSOR, RELATIVE_STEP)
+        if relative is not None and relative.config.get("enabled"):
+            raise ValueError(f"{relative.file}: this checkpoint predicts actions relative to "
+                             "the state (use_relative_actions), which pi05 does not serve")
         pre = _step(directory, PREPROCESSOR, NORMALIZER_STEP)
         post = _step(directory, POSTPROCESSOR, UNNORMALIZER_STEP)
         if pre is None and post is None:

@@ -52,11 +52,15 @@ class PromptTokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike[str] | None = None) -> PromptTokenizer:
-    """The tokenizer of `tokenizer.json` at `path` (a file or a directory holding it), or
-    the packaged tiny one when `path` is None."""
+    """The tokenizer of `tokenizer.json` at `path`: the file, a directory holding it, or a
+    checkpoint directory holding it in its `tokenizer/` subfolder (where a local checkpoint
+    keeps the "tokenizer" weight source); the packaged tiny one when `path` is None."""
     file = PACKAGED_TOKENIZER if path is None else Path(path)
     if file.is_dir():
-        file = file / "tokenizer.json"
+        inside = [file / "tokenizer.json", file / "tokenizer" / "tokenizer.json"]
+        file = next((f for f in inside if f.is_file()), inside[0])
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
     return PromptTokenizer(Tokenizer.from_file(str(file)), str(file))
 
 
