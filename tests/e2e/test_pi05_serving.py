@@ -206,10 +206,10 @@ def test_sdk_act_returns_the_chunk_as_numpy(server):
 def test_openpi_client_speaks_droid_and_libero(server, tmp_path):
     bad_state = libero(3, seed=3)
     bad_state["observation/state"] = np.zeros(STATE_DIM + 1)
-    (conn, wrong_key) = run_openpi(server, tmp_path, [
+    (conn, wrong_key, no_key) = run_openpi(server, tmp_path, [
         (KEY, [droid(1, seed=5), libero(3, seed=3), bad_state, droid(1, seed=5)]),
-        ("sk-wrong", [droid(1)])])
-    assert wrong_key == {"refused": "InvalidStatus", "status": 401}
+        ("sk-wrong", [droid(1)]), ("", [droid(1)])])
+    assert wrong_key == no_key == {"refused": "InvalidStatus", "status": 401}
 
     meta = conn["metadata"]
     assert meta["model"] == "pi05" and meta["action_horizon"] == HORIZON
@@ -239,10 +239,10 @@ def test_openpi_client_speaks_droid_and_libero(server, tmp_path):
     np.testing.assert_allclose(np.asarray(lib["actions"], np.float32), want, rtol=0, atol=0)
 
 
-def ws(server: Server, **headers):
+def ws(server: Server, **options):
     url = server.url.replace("http://", "ws://") + "/v1/pi05/policy"
-    return connect(url, additional_headers={"Authorization": f"Api-Key {KEY}", **headers},
-                   open_timeout=30, max_size=None)
+    return connect(url, additional_headers={"Authorization": f"Api-Key {KEY}"},
+                   open_timeout=30, max_size=None, **options)
 
 
 def native(seed: int, **fields) -> bytes:
@@ -302,7 +302,8 @@ def test_http_and_openpi_robots_share_batched_steps(server, tmp_path):
 
 def test_a_robot_that_never_reads_its_answers_blocks_no_one(server):
     ok = server.metric('mstar_requests_total{status="ok"}')
-    with ws(server) as silent:
+    # stops reading from its socket once one frame waits unread
+    with ws(server, max_queue=1) as silent:
         silent.recv(timeout=30)  # the metadata; its answers are not read
         for k in range(3):
             silent.send(native(10 + k))
