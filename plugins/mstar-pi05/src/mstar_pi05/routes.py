@@ -193,17 +193,22 @@ def _keys(fmt: ObservationFormat) -> list[str]:
 def image_tensor(value: Any, key: str) -> dict[str, Any]:
     """An observation's camera image as the `/generate` tensor form of an image: uint8 HWC,
     converted as openpi's `_parse_image` does (float [0, 1] -> uint8 by `255 * x`, CHW ->
-    HWC)."""
+    HWC; other integer arrays of 0..255 are taken as uint8, a float outside [0, 1] is
+    clipped rather than wrapped)."""
     image = np.asarray(value) if isinstance(value, np.ndarray | list) else None
-    if image is None or image.dtype.kind not in ARRAY_KINDS or image.ndim != 3:
+    if image is None or image.dtype.kind not in "iuf" or image.ndim != 3 or (
+            image.dtype.kind == "f" and not np.isfinite(image).all()) or (
+            image.dtype.kind in "iu" and image.size and not 0 <= image.min() <= image.max()
+            <= 255):
         raise ApiError(400, f"{key}: not an image: expected an array [H, W, 3] (uint8, or "
                             "float in [0, 1]; [3, H, W] too), got "
                             f"{_shown(value)}", param=key)
     if image.dtype.kind == "f":
-        image = (255 * image).astype(np.uint8)
+        image = np.clip(255 * image, 0, 255)
+    image = image.astype(np.uint8)
     if image.shape[0] == 3:
         image = image.transpose(1, 2, 0)
-    if image.shape[2] != 3 or image.dtype != np.uint8:
+    if image.shape[2] != 3:
         raise ApiError(400, f"{key}: not an image: expected [H, W, 3] RGB, got "
                             f"{_shown(image)}", param=key)
     image = np.ascontiguousarray(image)
