@@ -210,6 +210,9 @@ def test_openpi_client_speaks_droid_and_libero(server, tmp_path):
         (KEY, [droid(1, seed=5), libero(3, seed=3), bad_state, droid(1, seed=5)]),
         ("sk-wrong", [droid(1)]), ("", [droid(1)])])
     assert wrong_key == no_key == {"refused": "InvalidStatus", "status": 401}
+    # openpi's health check, on the policy port
+    health = httpx.get(f"http://127.0.0.1:{server.policy_port}/healthz", timeout=30)
+    assert health.status_code == 200 and health.text == "OK\n"
 
     meta = conn["metadata"]
     assert meta["model"] == "pi05" and meta["action_horizon"] == HORIZON
