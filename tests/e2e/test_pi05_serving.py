@@ -1,7 +1,7 @@
-"""Pi0.5 served (`mstar-serve --config pi05_tiny --preset tiny --load-format dummy`, with
-`--api-key` and `--policy-ws-port`): `/generate` with camera images as data URLs, uploads
-and arrays; the SDK's `client.act`; openpi's own client (`openpi_client`, PyPI 0.1.2, in a
-side venv: it pins numpy < 2) speaking DROID and LIBERO observations on the policy port;
+"""Pi0.5 served (`mstar serve pi05 --preset tiny --load-format dummy`, with `--api-key`
+and `--policy-ws-port`): `/generate` with camera images as data URLs, uploads and arrays;
+the SDK's `client.act`; openpi's own client (`openpi_client`, PyPI 0.1.2, in a side venv:
+it pins numpy < 2) speaking DROID and LIBERO observations on the policy port;
 robots batched together (HTTP and websocket clients share prefill and denoising steps,
 per-rank counters), a client that never reads or that leaves mid-call blocking no one and
 leaking nothing; the encoder cache hit only by identical pixels; bad input, each a clear
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from conftest import wait_for
 from placement_check import by_rank
-from serving_harness import Server, free_port, running_keyed, sdk_client
+from serving_harness import MSTAR, Server, free_port, running_keyed, sdk_client
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.timeout(300)
@@ -77,12 +77,19 @@ def body(view: int = 0, **fields) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """`mstar serve pi05 --preset tiny --load-format dummy` with a key and a policy port."""
     port = free_port()
-    with running_keyed(tmp_path_factory.mktemp("pi05"), KEY, "--config", "pi05_tiny",
-                       "--preset", "tiny", "--load-format", "dummy",
-                       "--policy-ws-port", str(port)) as srv:
-        srv.policy_port = port
+    srv = Server(tmp_path_factory.mktemp("pi05"), "serve", "pi05", "--preset", "tiny",
+                 "--load-format", "dummy", "--api-key", KEY, "--policy-ws-port", str(port),
+                 cli=MSTAR)
+    srv.policy_port = port
+    srv.client.headers["Authorization"] = f"Bearer {KEY}"
+    try:
+        srv.wait_healthy()
         yield srv
+    finally:
+        assert srv.stop() == 0, srv.output()
+    srv.assert_clean()
 
 
 def openpi_python() -> str:
