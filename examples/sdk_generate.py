@@ -33,11 +33,10 @@ with MStarClient(url) as client:
     print()
 
     # A vision-language-action request: `act` returns the chunk as a numpy array.
-    actions = client.act(prompt="pick up the cup", mode="act", num_steps=4, seed=0).outputs["actions"]
+    actions = client.act(prompt="pick up the cup", mode="act", num_steps=4, seed=0)
     print(f"actions: shape {list(actions.shape)}, "
           f"first row {[round(float(x), 3) for x in actions[0]]}")
 
     # The same outputs as one safetensors body (for tensors too large for base64 JSON).
     binary = client.act(prompt="pick up the cup", mode="act", num_steps=4, seed=0, binary=True)
-    print("binary answer equals the JSON one:",
-          np.array_equal(binary.outputs["actions"], actions))
+    print("binary answer equals the JSON one:", np.array_equal(binary, actions))

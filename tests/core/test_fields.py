@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pydantic import BaseModel
 from safetensors.torch import save
 from test_media import _peak_hz, _sine, _video, _video_with_sound, _wav
@@ -33,6 +34,8 @@ class Request(BaseModel):
     clip: Annotated[Any, InputField("video", fps=5.0, max_frames=16)] | None = None
     film: Annotated[Any, InputField("video", sample_rate=16000)] | None = None
     latents: TensorInput | None = None
+    cameras: dict[str, ImageInput] | list[ImageInput] | None = None
+    clips: list[Annotated[Any, InputField("audio", sample_rate=8000)]] = []
 
 
 FIELDS = input_fields(Request)
@@ -46,8 +49,38 @@ def decode(**request: Any) -> dict[str, Any]:
 def test_the_schema_declares_its_fields_through_unions():
     assert {name: f.kind for name, f in FIELDS.items()} == {
         "image": "image", "speech": "audio", "clip": "video", "film": "video",
-        "latents": "tensor"}
+        "latents": "tensor", "cameras": "image", "clips": "audio"}
     assert FIELDS["speech"].sample_rate == 16000
+    assert {name: (sorted(f.containers), f.single) for name, f in FIELDS.items()
+            if f.containers or not f.single} == {"cameras": (["dict", "list"], False),
+                                                 "clips": (["list"], False)}
+    assert FIELDS["clips"].sample_rate == 8000  # the item's marker, as a lone field's
+
+
+def test_each_item_of_a_container_decodes_and_an_error_names_it():
+    red = np.zeros((2, 5, 3), np.uint8)
+    red[..., 0] = 255
+    png = io.BytesIO()
+    Image.fromarray(red).save(png, format="PNG")
+    wav = _wav(_sine(440, 0.1, 16000), 16000)
+    got = decode(cameras={"front": red, "wrist": {"blob": 0}}, clips=[{"blob": 1}],
+                 blobs=[png.getvalue(), wav])
+    front, wrist = got["cameras"]["front"], got["cameras"]["wrist"]
+    assert front.mode == "RGB" and front.size == (5, 2) and front.getpixel((0, 0)) == (
+        255, 0, 0)
+    assert np.array_equal(np.asarray(wrist), red)
+    assert [a.sample_rate for a in got["clips"]] == [8000]
+    as_list = decode(cameras=[torch.from_numpy(red).permute(2, 0, 1).float() / 255])
+    assert np.array_equal(np.asarray(as_list["cameras"][0]), red)
+    for given, param, words in (
+            ({"cameras": {"front": red, "wrist": red[..., :2]}}, "cameras.wrist",
+             "got shape [2, 5, 2]"),
+            ({"cameras": [red, red.astype(np.int64)]}, "cameras[1]", "got int64"),
+            ({"cameras": [red.astype(np.float32) * 2]}, "cameras[0]", "in [0, 1]"),
+            ({"cameras": [red] * 65}, "cameras", "holds 65 items; at most 64")):
+        with pytest.raises(RequestError, match=words.replace("[", r"\[")) as err:
+            decode(**given)
+        assert err.value.param == param and err.value.code == 400
 
 
 def test_audio_is_resampled_to_the_declared_rate():

@@ -148,3 +148,26 @@ def test_tensors_read_back_from_json_and_safetensors_as_numpy():
     written = _tensors.write_safetensors({n: _tensors.wire_tensor(t) for n, t in source.items()})
     for name, tensor in load_safetensors(written).items():
         assert torch.equal(tensor, source[name]), name
+
+
+def test_the_items_of_a_dict_or_list_field_are_encoded_one_by_one():
+    """Cameras by name or as a list: small items inline (an array as a tensor, never a PNG),
+    large ones file parts named `<field>.<key>` / `<field>.<i>` (a list keeps a null)."""
+    big = np.random.default_rng(1).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    assert big.nbytes > INLINE_LIMIT
+    request = sent(generate_payload({"prompt": "pick"}, {
+        "images": {"base": PIXELS, "wrist": big, "side": Image.fromarray(PIXELS)},
+        "cams": [big, PIXELS], "state": [0.5, -1.0]}, stream=False))
+    got = parts(request)
+    assert set(got) == {"request", "images.wrist", "cams.0"}
+    body = json.loads(got["request"][2])
+    assert set(body["images"]) == {"base", "side"}
+    assert torch.equal(as_torch(body["images"]["base"]), torch.from_numpy(PIXELS))
+    assert body["images"]["side"].startswith("data:image/png;base64,")
+    assert body["cams"][0] is None and torch.equal(as_torch(body["cams"][1]),
+                                                   torch.from_numpy(PIXELS))
+    assert body["state"] == [0.5, -1.0]
+    for name in ("images.wrist", "cams.0"):
+        filename, _, content = got[name]
+        assert filename == f"{name}.npy"
+        np.testing.assert_array_equal(np.load(io.BytesIO(content), allow_pickle=False), big)

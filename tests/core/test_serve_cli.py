@@ -70,13 +70,14 @@ def test_mstar_serve_options_parse_and_only_given_ones_are_set():
         "--upload-dir", "/u", "--timeout", "12.5", "--mooncake-port", "9090",
         "--tcp-transfer-device", "eth0", "--enable-nvtx", "--log-level", "debug",
         "--model-path", "/m", "--revision", "main", "--load-format", "dummy",
-        "--preset", "tiny", "--api-key", "k", "--data-workers", "3", "--set",
+        "--preset", "tiny", "--api-key", "k", "--data-workers", "3",
+        "--policy-ws-port", "9001", "--set",
         "max_seq_len=64", "--set", "a.b=1", "--validate-config"])
     assert (args.host, args.port, args.tensor_comm_protocol, args.timeout) == (
         "127.0.0.1", 9000, "TCP", 12.5)
     assert (args.mooncake_port, args.tcp_transfer_device, args.enable_nvtx,
             args.log_level) == (9090, "eth0", True, "DEBUG")
-    assert args.data_workers == 3
+    assert (args.data_workers, args.policy_ws_port) == (3, 9001)
     assert args.overrides == ["max_seq_len=64", "a.b=1"] and args.validate_config
 
 
@@ -98,7 +99,7 @@ def test_mstar_serve_defaults_are_seed_000s(capsys):
         "mooncake_port": 8080,
         "tcp_transfer_device": None, "enable_nvtx": False, "log_level": "INFO",
         "model_path": None, "revision": None, "load_format": "dummy", "preset": "tiny",
-        "max_body_bytes": 64 * 1024 * 1024, "startup_timeout": 600.0, "shutdown_grace": 30.0,
+        "policy_ws_port": None, "max_body_bytes": 64 * 1024 * 1024, "startup_timeout": 600.0, "shutdown_grace": 30.0,
         "data_workers": 1, "cpu_threads": None, "allow_private_media_urls": False, "media_max_bytes": 20971520,
         "media_max_image_pixels": 16777216, "media_max_audio_seconds": 600.0,
         "media_max_video_seconds": 600.0, "media_fetch_timeout": 10.0}

@@ -1,7 +1,8 @@
-"""Media and tensor fields of `/generate` (testvla's `image` and `frame`), in every form a
-client may send them: JSON (data URL, http URL, tensor JSON), multipart/form-data with a
-`request` part and file parts (named after the field, or referred to as upload://), plain
-OpenAI-style form fields, and in-process objects. Each form gives what the plain nested
+"""Media and tensor fields of `/generate` (testvla's `image`, `cameras` (a dict or list of
+images) and `frame`), in every form a client may send them: JSON (data URL, http URL,
+tensor JSON, an image's pixels as a tensor), multipart/form-data with a `request` part and
+file parts (named after the field or a container's item, or referred to as upload://),
+plain OpenAI-style form fields, and in-process objects. Each form gives what the plain nested
 lists (or the decoded image) give; each bad input is refused naming the field. The app runs
 over an in-process deployment (its routes are the server's); one test runs the real
 processes."""
@@ -134,6 +135,91 @@ def test_a_tensor_field_takes_json_a_safetensors_part_and_an_npy_part(dep, clien
         assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, want)), form
 
 
+def pixels(png_bytes: bytes) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(png_bytes)).convert("RGB"))
+
+
+def test_a_container_field_takes_each_item_in_every_form(dep, client, media_url):  # noqa: F811
+    """`cameras` by name or as a list; each item a data URL, an http URL, an upload, a
+    file part named `cameras.<key>` / `cameras.<i>`, or pixels as a tensor."""
+    cat, dog = Image.open(io.BytesIO(CAT)), Image.open(io.BytesIO(DOG))
+    want = in_process(dep, {**ACT, "cameras": {"left": cat, "right": dog}}, "actions")
+    swapped = in_process(dep, {**ACT, "cameras": [dog, cat]}, "actions")
+    assert want and not torch.equal(want[0], swapped[0])  # each item, in its order, decides
+    Media.hits.clear()
+    answers = {
+        "data URLs": client.post("/generate", json={**ACT, "cameras": {
+            "left": data_url(CAT), "right": data_url(DOG)}}),
+        "a list, one http URL": client.post("/generate", json={**ACT, "cameras": [
+            media_url + "/cat.png", data_url(DOG)]}),
+        "parts by key": multipart(client, ACT, {"cameras.left": ("l.png", CAT),
+                                                "cameras.right": ("r.png", DOG)}),
+        "parts by index": multipart(client, {**ACT, "cameras": [None, data_url(DOG)]},
+                                    {"cameras.0": ("l.png", CAT)}),
+        "upload://": multipart(client, {**ACT, "cameras": {"left": "upload://l.png",
+                                                           "right": "upload://r.png"}},
+                               {"a": ("l.png", CAT), "b": ("r.png", DOG)}),
+        "tensors": multipart(client, {**ACT, "cameras": {"left": tensor_json(
+            torch.from_numpy(pixels(CAT)))}}, {"cameras.right": (
+                "r.npy", npy(torch.from_numpy(pixels(DOG)).permute(2, 0, 1) / 255.0))}),
+    }
+    assert Media.hits == ["/cat.png"]
+    for form, response in answers.items():
+        got = outputs(response, "actions")
+        assert len(got) == 1 and torch.equal(got[0], want[0]), form
+
+
+def test_an_image_field_takes_pixels_as_a_tensor(dep, client):
+    want = in_process(dep, {**ACT, "image": Image.open(io.BytesIO(CAT))}, "actions")
+    rgb = torch.from_numpy(pixels(CAT))  # uint8 [H, W, 3]
+    rgba = torch.cat([rgb, torch.full_like(rgb[..., :1], 7)], dim=-1)
+    answers = {
+        "uint8 HWC JSON": client.post("/generate", json={**ACT, "image": tensor_json(rgb)}),
+        "float CHW JSON": client.post("/generate", json={**ACT, "image": tensor_json(
+            rgb.permute(2, 0, 1).float() / 255.0)}),
+        "RGBA .npy part": multipart(client, ACT, {"image": ("i.npy", npy(rgba))}),
+        "safetensors part": multipart(client, ACT, {"image": ("i.safetensors",
+                                                              save({"image": rgb}))}),
+    }
+    for form, response in answers.items():
+        got = outputs(response, "actions")
+        assert len(got) == 1 and torch.equal(got[0], want[0]), form
+    for value in (rgb, rgb.numpy(), rgb.numpy() / 255.0):
+        assert torch.equal(in_process(dep, {**ACT, "image": value}, "actions")[0], want[0])
+    gray = in_process(dep, {**ACT, "image": rgb[..., 0].numpy()}, "actions")
+    assert torch.equal(gray[0], in_process(dep, {**ACT, "image": Image.fromarray(
+        rgb[..., 0].numpy()).convert("RGB")}, "actions")[0])
+
+
+def test_bad_arrays_and_container_items_are_refused_naming_the_item(client):
+    rgb = torch.zeros(4, 4, 3, dtype=torch.uint8)
+    for bad, words in ((torch.zeros(4, 4, 7, dtype=torch.uint8), "got shape [4, 4, 7]"),
+                       (torch.zeros(4, 0, 3, dtype=torch.uint8), "got shape [4, 0, 3]"),
+                       (rgb.long(), "uint8 or float in [0, 1], got int64"),
+                       (rgb.float() + 1.5, "values in [0, 1]")):
+        assert_error(client.post("/generate", json={**ACT, "image": tensor_json(bad)}), 400,
+                     "image", words)
+    assert_error(multipart(client, ACT, {"image": ("i.npy", npy(rgb.long()))}), 400,
+                 "image", "got int64")
+    assert_error(client.post("/generate", json={**ACT, "cameras": {
+        "left": data_url(CAT), "right": data_url(b"no", "text/plain")}}), 400,
+        "cameras.right", "not an image")
+    assert_error(multipart(client, {**ACT, "cameras": [data_url(CAT)]},
+                           {"cameras.1": ("x.npy", npy(rgb.long()))}), 400, "cameras[1]",
+                 "got int64")
+    assert_error(client.post("/generate", json={**ACT, "cameras": [data_url(CAT)] * 65}), 400,
+                 "cameras", "holds 65 items; at most 64")
+    assert_error(multipart(client, {**ACT, "cameras": {"left": data_url(CAT)}},
+                           {"cameras.left": ("l.png", CAT)}), 400, "cameras.left",
+                 "given twice")
+    assert_error(multipart(client, {**ACT, "cameras": [data_url(CAT)]},
+                           {"cameras.left": ("l.png", CAT)}), 400, "cameras",
+                 "named cameras.<index>")
+    assert_error(multipart(client, ACT, {"cameras.left": ("l.png", CAT),
+                                         "frame.x": ("f.npy", npy(rgb))}), 400, "frame.x",
+                 "fills no field")
+
+
 def test_in_process_takes_json_forms_and_objects(dep):
     start = torch.tensor(frame(24))
     want = in_process(dep, {**ROLL, "frame": start.tolist()}, "frame")
@@ -192,7 +278,10 @@ def test_the_openapi_document_shows_media_and_tensor_fields(client):
              for name in ("image", "frame")}
     assert "image" in kinds["image"] and "tensor" in kinds["frame"]
     assert set(content["multipart/form-data"]["schema"]["properties"]) == {
-        "request", "image", "frame"}
+        "request", "image", "cameras", "frame"}
+    cameras = [s for s in fields["cameras"]["anyOf"] if s.get("type") in ("object", "array")]
+    assert [s.get("additionalProperties", s.get("items"))["x-mstar"] for s in cameras] == [
+        "image", "image"]
 
 
 @pytest.mark.timeout(180)

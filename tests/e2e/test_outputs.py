@@ -2,7 +2,7 @@
 `outputs` of the JSON answer (actions, rollout frames, speech audio) against the events of
 the same answer, the safetensors answer (`Accept: application/vnd.safetensors`, read with
 the safetensors package) against the JSON one, and the SDK's typed results (numpy arrays,
-`Audio`, `binary=True`, `act`) sync and async. A model without a capability (testvla with
+`Audio`, `binary=True`, `act`) sync and async, and the answer's `timing`. A model without a capability (testvla with
 its capabilities cut, served in-process) makes `act` and `tts` raise before sending."""
 
 from __future__ import annotations
@@ -101,6 +101,21 @@ def test_speech_audio_is_one_output_of_the_chunks_with_their_rate(server):
                                   np.concatenate([array(c["samples"]) for c in chunks]))
 
 
+def test_the_answer_says_how_long_the_request_took(server, client, tmp_path):
+    """`timing`: from the server's receipt to the first output and to the finish, in the
+    JSON answer, the safetensors metadata and the SDK's results."""
+    for body in (ACT, SPEECH):
+        timing = post(server, body).json()["timing"]
+        assert set(timing) == {"total_ms", "first_output_ms"}
+        assert 0 < timing["first_output_ms"] <= timing["total_ms"]
+    (tmp_path / "answer.safetensors").write_bytes(post(server, ACT, SAFETENSORS).content)
+    with safe_open(tmp_path / "answer.safetensors", "numpy") as f:
+        assert set(json.loads(f.metadata()["timing"])) == {"total_ms", "first_output_ms"}
+    for binary in (False, True):
+        assert set(client.generate(ACT, binary=binary).timing) == {"total_ms",
+                                                                    "first_output_ms"}
+
+
 # -- the safetensors answer ---------------------------------------------------------------
 @pytest.mark.parametrize("body", [ACT, ROLLOUT, SPEECH], ids=["act", "rollout", "speech"])
 def test_the_safetensors_answer_holds_the_json_outputs(server, body, tmp_path):
@@ -138,11 +153,13 @@ def test_a_preferred_safetensors_type_gets_the_binary_answer(server, accept):
 # -- the SDK ------------------------------------------------------------------------------
 def test_sdk_outputs_are_numpy_arrays_and_audio(client, server):
     acted = client.act(prompt="pick up", mode="act", num_steps=2, seed=4)
-    assert isinstance(acted, GenerateResponse) and acted.finish_reason == "stop"
+    assert isinstance(acted, np.ndarray) and acted.shape == (4, 4)
     wire = post(server, ACT).json()["outputs"]
-    np.testing.assert_array_equal(acted.outputs["actions"], array(wire["actions"]))
-    (event,) = [e for e in acted.events if isinstance(e, events.NamedTensor)]
-    np.testing.assert_array_equal(acted.outputs["actions"], event.tensor.to_tensor().numpy())
+    np.testing.assert_array_equal(acted, array(wire["actions"]))
+    generated = client.generate(ACT)
+    assert isinstance(generated, GenerateResponse) and generated.finish_reason == "stop"
+    (event,) = [e for e in generated.events if isinstance(e, events.NamedTensor)]
+    np.testing.assert_array_equal(acted, event.tensor.to_tensor().numpy())
     spoken = client.generate(SPEECH)
     audio = spoken.outputs["audio"]
     assert isinstance(audio, Audio) and audio.sample_rate == 16000
@@ -169,14 +186,14 @@ def test_sdk_binary_answer_equals_the_json_one(client, body):
 
 
 def test_async_sdk_acts_and_reads_the_binary_answer(server, client):
-    expected = client.act(ACT).outputs["actions"]
+    expected = client.act(ACT)
 
     async def main() -> tuple[np.ndarray, np.ndarray, list[events.Event]]:
         async with AsyncMStarClient(server.url) as c:
             acted = await c.act(ACT)
             binary = await c.act(ACT, binary=True)
             streamed = [e async for e in await c.generate(ACT, stream=True)]
-            return acted.outputs["actions"], binary.outputs["actions"], streamed
+            return acted, binary, streamed
 
     acted, binary, streamed = asyncio.run(main())
     np.testing.assert_array_equal(acted, expected)
@@ -214,12 +231,17 @@ def test_sdk_inputs_reach_the_model_as_the_server_decodes_them(client, tmp_path)
     assert path.stat().st_size > 1 << 20  # over the SDK's inline limit: a file part
     url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     act = {**ACT, "prompt": "<image> pick up"}
-    expected = client.act({**act, "image": url}).outputs["actions"]
-    for image in (big, path, path.read_bytes()):
-        np.testing.assert_array_equal(client.act({**act, "image": image}).outputs["actions"],
-                                      expected)
+    expected = client.act({**act, "image": url})
+    for image in (big, path, path.read_bytes(), np.asarray(big)):
+        np.testing.assert_array_equal(client.act({**act, "image": image}), expected)
     other = Image.fromarray(255 - np.asarray(big))
-    assert not np.array_equal(client.act({**act, "image": other}).outputs["actions"], expected)
+    assert not np.array_equal(client.act({**act, "image": other}), expected)
+    # a dict of cameras: each one sent as its own part or inline
+    cams = {"left": big, "right": np.asarray(other)}
+    by_name = client.act({**act, "cameras": cams})
+    as_list = client.act({**act, "cameras": [url, other]})
+    np.testing.assert_array_equal(by_name, as_list)
+    assert not np.array_equal(by_name, client.act({**act, "cameras": [other, big]}))
 
 
 def test_model_methods_name_the_capability_the_model_lacks():

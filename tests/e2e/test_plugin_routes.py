@@ -1,8 +1,11 @@
 """Routes a plugin adds (`mstar_register_routes`), through a real `mstar-serve` of testvla:
 its policy routes (`POST /v1/testvla/act`, the WebSocket `/v1/testvla/policy`) run on
-core's plumbing: the API key (HTTP and WebSocket), request ids, metrics, 400s naming the
-field, cancellation when the client leaves; and they exist only when the model declares
-their capability."""
+core's plumbing: the API key (HTTP and WebSocket; `Bearer` or `Api-Key`), request ids,
+metrics, 400s naming the field, cancellation when the client leaves; and they exist only
+when the model declares their capability. With `--policy-ws-port`, testvla's JSON-framed
+policy socket (a codec of its own) is served on that port too, as a robot protocol is
+(openpi's clients connect to `ws://host:port`), with `/healthz`; a port in use fails the
+start naming it."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import pytest
 import torch
 from conftest import image, wait_for
 from fastapi.testclient import TestClient
-from serving_harness import Server, running
+from serving_harness import Server, free_port, running
 from starlette.websockets import WebSocketDisconnect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
@@ -220,3 +223,73 @@ def test_a_policy_socket_is_named_by_the_clients_request_id(server):
                  open_timeout=30) as ws:
         assert ws.response.headers["x-request-id"] not in ("bad id!", "")
 
+
+
+# -- a websocket route in its own framing, on its own port ---------------------------------
+@pytest.fixture(scope="module")
+def policy_port_server(tmp_path_factory: pytest.TempPathFactory):
+    port = free_port()
+    with running(tmp_path_factory.mktemp("policy-port"), "--config", "testvla_single",
+                 "--preset", "tiny", "--load-format", "dummy", "--api-key", KEY,
+                 "--policy-ws-port", str(port)) as srv:
+        srv.client.headers.update(AUTH)
+        yield srv, port
+
+
+def json_frame(ws) -> dict:
+    frame = ws.recv(timeout=60)
+    assert isinstance(frame, str), frame  # JSON text frames, as the codec writes them
+    return msgspec.json.decode(frame)
+
+
+def test_the_own_port_serves_the_route_in_its_codec_and_goes_on_after_a_bad_frame(
+        policy_port_server):
+    server, port = policy_port_server
+    want = generated_actions(server, OBS)
+    ok, errors = requests_counted(server, "ok"), requests_counted(server, "error")
+    api_key = {"Authorization": f"Api-Key {KEY}"}  # as openpi's client sends it
+    for url in (f"ws://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/testvla/policy-json",
+                server.url.replace("http://", "ws://") + "/v1/testvla/policy-json"):
+        with connect(url, additional_headers=api_key, open_timeout=30) as ws:
+            assert json_frame(ws) == {"protocol": "testvla-policy/1", "model": "testvla"}
+            ws.send(msgspec.json.encode(OBS).decode())
+            answer = json_frame(ws)
+            assert set(answer) == {"actions"}  # no id: this codec's answers carry none
+            torch.testing.assert_close(actions(answer), want)
+            ws.send("{not json")
+            assert json_frame(ws)["status"] == 400
+            ws.send(msgspec.json.encode({**OBS, "num_steps": 0}).decode())
+            error = json_frame(ws)
+            assert error["status"] == 400 and "num_steps" in error["message"]
+            ws.send(msgspec.json.encode(OBS).decode())  # the connection went on
+            torch.testing.assert_close(actions(json_frame(ws)), want)
+    assert requests_counted(server, "ok") == ok + 6
+    assert requests_counted(server, "error") == errors + 6
+
+
+def test_the_own_port_needs_the_api_key_and_answers_healthz(policy_port_server):
+    server, port = policy_port_server
+    for headers in ({}, {"Authorization": "Api-Key wrong"}, {"Authorization": "Bearer nope"}):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"ws://127.0.0.1:{port}", additional_headers=headers, open_timeout=30)
+        assert refused.value.response.status_code == 401
+    health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
+    assert health.status_code == 200 and health.text.strip() == "OK"
+    assert httpx.get(f"http://127.0.0.1:{port}/generate", timeout=30).status_code == 404
+    # the API key in either scheme, on every route of the main port
+    for scheme in ("Bearer", "Api-Key"):
+        assert httpx.get(server.url + "/v1/models", timeout=30, headers={
+            "Authorization": f"{scheme} {KEY}"}).status_code == 200
+    assert httpx.get(server.url + "/v1/models", timeout=30, headers={
+        "Authorization": f"Basic {KEY}"}).status_code == 401
+
+
+def test_a_policy_port_in_use_fails_the_start_naming_it(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = Server(tmp_path, "--config", "testvla_single", "--preset", "tiny",
+                        "--load-format", "dummy", "--policy-ws-port", str(port))
+        assert server.proc.wait(timeout=60) == 1
+    assert f"cannot listen on 127.0.0.1:{port} (--policy-ws-port)" in server.output()

@@ -9,12 +9,13 @@ on the runtime.
 
 Response of a non-streamed `/generate` (200):
 `{"id", "events": [every event as JSON, tagged by "event"], "finish_reason", "usage",
-"text": [the concatenated text of each completion index], "outputs": {name: output}}`
-(`text` only when the model produced text; `outputs`: the tensors, audio and image by name,
-see `mstar.api_server.outputs`). Bytes fields (audio samples, images, tensors) are base64,
-as msgspec writes them. With `Accept: application/vnd.safetensors` the answer is instead
-one safetensors body of the outputs, with `id`, `finish_reason`, `usage` and `text` in
-its metadata. Streamed: one SSE frame per event, `event: <tag>` and `data: <event JSON>`,
+"text": [the concatenated text of each completion index], "outputs": {name: output},
+"timing": {"total_ms", "first_output_ms"}}` (`text` only when the model produced text;
+`outputs`: the tensors, audio and image by name, see `mstar.api_server.outputs`; `timing`:
+ms from the server's receipt to the finish and to the first output, when there was one).
+Bytes fields (audio samples, images, tensors) are base64, as msgspec writes them. With
+`Accept: application/vnd.safetensors` the answer is instead one safetensors body of the
+outputs, with `id`, `finish_reason`, `usage`, `timing` and `text` in its metadata. Streamed: one SSE frame per event, `event: <tag>` and `data: <event JSON>`,
 then `data: [DONE]` after `finished`; an `error` event is the last frame instead. The
 response status is decided by the first event, so a request that fails at once (rejected,
 bad input found by a worker) gets its HTTP status even when streamed.
@@ -136,14 +137,17 @@ class RequestIdMiddleware:
 
 
 def _require_key(api_key: str) -> Callable[[Request], Awaitable[None]]:
+    """The API key guard: `Authorization: Bearer <key>`, or `Api-Key <key>` (as openpi's
+    policy client sends it)."""
     expected = api_key.encode()
 
     async def require_key(request: Request) -> None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 expected):
+        if scheme.lower() not in ("bearer", "api-key") or not hmac.compare_digest(
+                token.strip().encode(), expected):
             raise ApiError(401, "invalid or missing API key: send `Authorization: Bearer "
-                                "<key>`", headers={"WWW-Authenticate": "Bearer"})
+                                "<key>` (or `Api-Key <key>`)",
+                           headers={"WWW-Authenticate": "Bearer"})
 
     return require_key
 
@@ -162,7 +166,8 @@ def _text(collected: list[events.Event]) -> list[str]:
     return ["".join(texts.get(i, ())) for i in range(max(texts) + 1)] if texts else []
 
 
-def _result(request_id: str, collected: list[events.Event], binary: bool) -> Response:
+def _result(request_id: str, collected: list[events.Event], binary: bool,
+            timing: dict[str, float]) -> Response:
     """The answer of a finished non-streamed request (see the module docstring): JSON, or
     the safetensors body when `binary`."""
     last = collected[-1]
@@ -171,13 +176,13 @@ def _result(request_id: str, collected: list[events.Event], binary: bool) -> Res
     if binary:
         usage = msgspec.to_builtins(last.usage)
         metadata: dict[str, Any] = {"id": request_id, "finish_reason": last.reason,
-                                    "usage": usage}
+                                    "usage": usage, "timing": timing}
         if text:
             metadata["text"] = text
         return Response(safetensors_body(outputs, metadata), media_type=SAFETENSORS)
     out: dict[str, Any] = {"id": request_id, "events": collected,
                            "finish_reason": last.reason, "usage": last.usage,
-                           "outputs": outputs_json(outputs)}
+                           "outputs": outputs_json(outputs), "timing": timing}
     if text:
         out["text"] = text
     return Response(msgspec.json.encode(out), media_type="application/json")
@@ -201,7 +206,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     OpenAI-compatible ones: `mstar.api_server.openai_routes`)."""
     from mstar.api_server.images_route import add_image_routes
     from mstar.api_server.openai_routes import add_openai_routes
-    from mstar.api_server.plugin_routes import add_plugin_routes
+    from mstar.api_server.plugin_routes import OwnPorts, add_plugin_routes
     from mstar.api_server.speech_route import add_speech_route
     from mstar.api_server.transcription_route import add_transcription_route
 
@@ -216,6 +221,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="mstar", version=mstar_version(), openapi_url=None, docs_url=None,
                   redoc_url=None)
     app.state.metrics = metrics  # routes added to the app count their requests with it
+    app.state.own_ports = {}  # port -> the routes a plugin serves there too
+    app.add_middleware(OwnPorts, listeners=app.state.own_ports)  # inside the request ids
     app.add_middleware(RequestIdMiddleware)
     guarded = APIRouter(dependencies=[Depends(_require_key(settings.api_key))]
                         if settings.api_key else [])
@@ -277,7 +284,7 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                   "application/vnd.safetensors`.", files=inputs))
     async def generate(request: Request) -> Response:
         rid = request.state.request_id
-        runner.recorder(request)
+        clock = runner.recorder(request)  # from the request's receipt
         parsed = await read_body(request, settings.max_body_bytes, form_types)
         body = parsed.fields
         stream = body.pop("stream", False)  # the transport's option, not the model's
@@ -295,7 +302,8 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
         binary = wants_safetensors(request.headers.get("accept"))
         try:
             collected = await collect(run, first, request)
-            return await anyio.to_thread.run_sync(_result, rid, collected, binary)
+            return await anyio.to_thread.run_sync(_result, rid, collected, binary,
+                                                  clock.timing())
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; the request is cancelled
         finally:

@@ -155,6 +155,8 @@ class RequestMetrics:
         self._m = metrics
         self._start = time.perf_counter()
         self._first_seen = False
+        self._first_at: float | None = None
+        self._finished_at: float | None = None
         self._last_streamed: float | None = None
         self._counted = False
         self.status: str | None = None
@@ -162,14 +164,25 @@ class RequestMetrics:
     def event(self, event: events.Event) -> None:
         now = time.perf_counter()
         if isinstance(event, _OUTPUTS) and not self._first_seen:
-            self._first_seen = True
+            self._first_seen, self._first_at = True, now
             self._m.first_output.observe(now - self._start)
         if isinstance(event, _STREAMED):
             if self._last_streamed is not None:
                 self._m.inter_token.observe(now - self._last_streamed)
             self._last_streamed = now
         if isinstance(event, events.Finished):
+            self._finished_at = now
             self._m.output_tokens.inc(event.usage.completion_tokens)
+
+    def timing(self) -> dict[str, float]:
+        """What the client's answer tells of this clock, in ms since the route received
+        the request: `total_ms` (to the finish, or now) and `first_output_ms` (the first
+        text, audio, image or tensor) when there was one."""
+        end = self._finished_at if self._finished_at is not None else time.perf_counter()
+        out = {"total_ms": round((end - self._start) * 1000, 3)}
+        if self._first_at is not None:
+            out["first_output_ms"] = round((self._first_at - self._start) * 1000, 3)
+        return out
 
     def finish(self, status: str) -> None:
         """Record the request's final status (the first one given wins)."""

@@ -10,14 +10,21 @@ its `add(context)` gets a `RouteContext` and adds routes with it:
 - `context.post(path, schema, handler)`: a JSON route behind the API key. The body
   (within `max_body_bytes`) is checked against the pydantic `schema`; `handler(caller,
   parsed)` returns the answer's fields, sent as JSON with the request's `id`.
-- `context.websocket(path, schema, handler, hello=...)`: a WebSocket route. The API key
-  is checked at connect (a wrong one gets the HTTP 401 before any upgrade); the
-  handshake's answer carries the connection's `x-request-id`. `hello` (if any) is the
-  first frame; then each binary frame (msgpack, a map) is one request, id `<connection
-  id>-<n>`, answered by one binary frame: `{"id", **fields}`, or `{"id", "error": ...}`
-  (a bad frame does not end the connection; more than `MAX_FRAMES_AHEAD` frames waiting
-  for their answers does, with 1008). Each frame is counted in the metrics like an HTTP
-  request, and a client that leaves cancels the request it was waiting for.
+- `context.websocket(path, schema, handler, hello=..., codec=..., port=...)`: a WebSocket
+  route. The API key is checked at connect (a wrong one gets the HTTP 401 before any
+  upgrade); the handshake's answer carries the connection's `x-request-id`. `hello` (if
+  not None, even empty: openpi's clients wait for their metadata) is the first frame;
+  then each frame is one request, id `<connection id>-<n>`, answered by one frame. The
+  `codec` (a `FrameCodec`) says how frames are read and written; the default,
+  `MsgpackFrames`, takes binary msgpack maps and answers `{"id", **fields}` or `{"id",
+  "error": ...}`. A bad frame is answered with the codec's error
+  frame and does not end the connection; more than `MAX_FRAMES_AHEAD` frames waiting for
+  their answers does, with 1008. Each frame is counted in the metrics like an HTTP
+  request, and a client that leaves cancels the request it was waiting for. `port`: the
+  route is also served on a listener of its own (the server's host, that port; at its
+  path and at "/", as robot clients that know only `ws://host:port` connect, beside
+  `GET /healthz`), in the same process and event loop as the app and behind the same API
+  key (`own_ports` gives the launcher what to listen on).
 
 Inside a handler, `context.generate(caller, body)` runs one request of the model's own
 `/generate` body (checked against its `request_schema` like `/generate`) and returns its
@@ -31,13 +38,15 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
 from fastapi import APIRouter, FastAPI, Request, WebSocket
 from pydantic import BaseModel
-from starlette.responses import Response
-from starlette.websockets import WebSocketDisconnect
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route, Router, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocketClose, WebSocketDisconnect
 
 from mstar import events
 from mstar.api_server import openai_protocol as oai
@@ -48,6 +57,7 @@ from mstar.api_server.request_flow import (
     Runner,
     collect,
     error_body,
+    error_response,
     read_json,
 )
 from mstar.api_server.schemas import check_body, native_request_model, request_body
@@ -68,6 +78,45 @@ MAX_FRAMES_AHEAD = 4
 
 
 Handler = Callable[[Caller, S], Awaitable[Mapping[str, Any]]]
+
+
+class FrameCodec(Protocol):
+    """A WebSocket route's wire format (a robot protocol's framing): how a frame becomes
+    a request body (`decode`: an `ApiError` 400 for a bad frame), how an answer and an
+    error (`status`, the OpenAI-shaped `{"error": {...}}` body) become a frame (bytes: a
+    binary frame, str: a text frame), and whether answers carry the frame's `id`."""
+
+    answers_carry_id: bool
+
+    def decode(self, frame: bytes | str) -> dict[str, Any]: ...
+
+    def encode(self, answer: Mapping[str, Any]) -> bytes | str: ...
+
+    def error(self, status: int, body: Mapping[str, Any]) -> bytes | str: ...
+
+
+class MsgpackFrames:
+    """The default framing: a binary msgpack map per frame, answers and errors as msgpack
+    maps carrying the frame's id."""
+
+    answers_carry_id = True
+
+    def decode(self, frame: bytes | str) -> dict[str, Any]:
+        if not isinstance(frame, bytes):
+            raise ApiError(400, "this route takes msgpack in binary frames")
+        try:
+            value = msgspec.msgpack.decode(frame)
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, f"the frame is not valid msgpack: {exc}") from None
+        if not isinstance(value, dict):
+            raise ApiError(400, "the frame must be a msgpack map")
+        return value
+
+    def encode(self, answer: Mapping[str, Any]) -> bytes:
+        return msgspec.msgpack.encode(answer)
+
+    def error(self, status: int, body: Mapping[str, Any]) -> bytes:
+        return msgspec.msgpack.encode(body)
 
 
 class _Frame:
@@ -123,9 +172,12 @@ class RouteContext:
                                    openapi_extra=request_body(schema, description))
 
     def websocket(self, path: str, schema: type[S], handler: Handler[S], *,
-                  hello: Mapping[str, Any] | None = None) -> None:
-        """Add the WebSocket route `path` (see the module docstring)."""
+                  hello: Mapping[str, Any] | None = None, codec: FrameCodec | None = None,
+                  port: int | None = None) -> None:
+        """Add the WebSocket route `path` (see the module docstring); `codec`: its
+        framing (None: `MsgpackFrames`); `port`: serve it on that port too."""
         guards = [d.dependency for d in self._router.dependencies if d.dependency]
+        frames = codec or MsgpackFrames()
 
         async def route(websocket: WebSocket) -> None:
             # FastAPI resolves a router's dependencies with a Request, which a WebSocket is
@@ -137,10 +189,57 @@ class RouteContext:
                 await _deny(websocket, exc)
                 return
             session = _Session(websocket, self._runner, self.settings.max_body_bytes, schema,
-                               handler)
-            await session.serve(dict(hello or {}))
+                               handler, frames)
+            await session.serve(None if hello is None else dict(hello))
 
         self._app.add_api_websocket_route(path, route, name=_name(path))
+        if port is not None:
+            self._listen(port, path, route)
+
+    def _listen(self, port: int, path: str, route: Callable[[WebSocket], Awaitable[None]]
+                ) -> None:
+        """Serve `route` on its own `port`: at `path` and "/", with `GET /healthz`."""
+        listeners = self._app.state.own_ports
+        if port == self.settings.port or port in listeners:
+            raise ValueError(f"websocket {path}: port {port} already serves "
+                             f"{'the API' if port == self.settings.port else 'another route'}")
+        routes = [WebSocketRoute(p, route) for p in dict.fromkeys((path, "/"))]
+        listeners[port] = Router([*routes, Route("/healthz", _healthz, methods=["GET"])],
+                                 default=_not_found)
+
+
+async def _healthz(request: Request) -> Response:
+    return PlainTextResponse("OK\n")  # as openpi's policy server answers
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """What a route's own port answers for anything else (an HTTP exception raised there
+    would not reach the app's handlers)."""
+    if scope["type"] == "websocket":
+        await WebSocketClose()(scope, receive, send)
+        return
+    await error_response(404, f"no route for {scope['method']} {scope['path']} on this "
+                              "port")(scope, receive, send)
+
+
+class OwnPorts:
+    """ASGI middleware sending what arrived on a route's own port (`websocket(...,
+    port=)`) to that port's routes, and everything else to the app. It sits inside the
+    request-id middleware, so ids, logs and metrics are the same on every port."""
+
+    def __init__(self, app: ASGIApp, listeners: Mapping[int, ASGIApp]):
+        self.app, self.listeners = app, listeners
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server") or (None, None)
+        target = self.listeners.get(server[1]) if scope["type"] in ("http", "websocket") \
+            else None
+        await (target or self.app)(scope, receive, send)
+
+
+def own_ports(app: FastAPI) -> list[int]:
+    """The ports plugin routes asked to be served on besides the app's own."""
+    return sorted(app.state.own_ports)
 
 
 def _name(path: str) -> str:
@@ -163,20 +262,20 @@ class _Session:
     it leaves), the loop answers them one at a time."""
 
     def __init__(self, websocket: WebSocket, runner: Runner, limit: int,
-                 schema: type[BaseModel], handler: Handler[Any]):
+                 schema: type[BaseModel], handler: Handler[Any], codec: FrameCodec):
         self.ws, self.runner, self.limit = websocket, runner, limit
-        self.schema, self.handler = schema, handler
+        self.schema, self.handler, self.codec = schema, handler, codec
         self.id = websocket.state.request_id  # the client's x-request-id, or a new one
         self.gone = asyncio.Event()
         self.inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
 
-    async def serve(self, hello: dict[str, Any]) -> None:
+    async def serve(self, hello: dict[str, Any] | None) -> None:
         await self.ws.accept(headers=[(b"x-request-id", self.id.encode())])
         log.info("%s websocket %s connected", self.id, self.ws.url.path)
         reader = asyncio.create_task(self._read())
         try:
-            if hello:
-                await self._send(hello)
+            if hello is not None:
+                await self._send(self.codec.encode(hello))
             count = 0
             while (frame := await self.inbox.get()) is not None:
                 count += 1
@@ -215,43 +314,37 @@ class _Session:
         """Answer one frame; False when the client has left."""
         rid = caller.state.request_id
         recorder = self.runner.recorder(caller)
-        status = 200
+        ids = {"id": rid} if self.codec.answers_carry_id else {}
+        status, error = 200, None
         try:
-            parsed = oai.parse(self.schema, self._decode(frame))
-            answer = {"id": rid, **await self.handler(caller, parsed)}
+            if len(frame) > self.limit:
+                raise ApiError(413, f"frame of {len(frame)} bytes is over the limit of "
+                                    f"{self.limit} bytes")
+            parsed = oai.parse(self.schema, self.codec.decode(frame))
+            answer = await self.handler(caller, parsed)
         except ApiError as exc:
-            status, answer = exc.status, {"id": rid, **error_body(
-                exc.status, exc.message, param=exc.param, code=exc.code)}
+            status, error = exc.status, error_body(exc.status, exc.message, param=exc.param,
+                                                   code=exc.code)
         except oai.InvalidRequest as exc:
-            status, answer = 400, {"id": rid, **error_body(400, str(exc), param=exc.param,
-                                                           code=exc.code)}
+            status, error = 400, error_body(400, str(exc), param=exc.param, code=exc.code)
         except Exception:
             recorder.count(500)
             raise
         if self.gone.is_set():
             recorder.count(499)
             return False
+        out = self.codec.encode({**ids, **answer}) if error is None else \
+            self.codec.error(status, {**ids, **error})
         recorder.count(status)  # before the answer leaves, as the middleware counts HTTP
-        await self._send(answer)
+        await self._send(out)
         log.info("%s -> %d", rid, status)
         return True
 
-    def _decode(self, frame: str | bytes) -> dict[str, Any]:
-        if len(frame) > self.limit:
-            raise ApiError(413, f"frame of {len(frame)} bytes is over the limit of "
-                                f"{self.limit} bytes")
-        if not isinstance(frame, bytes):
-            raise ApiError(400, "this route takes msgpack in binary frames")
-        try:
-            value = msgspec.msgpack.decode(frame)
-        except msgspec.DecodeError as exc:
-            raise ApiError(400, f"the frame is not valid msgpack: {exc}") from None
-        if not isinstance(value, dict):
-            raise ApiError(400, "the frame must be a msgpack map")
-        return value
-
-    async def _send(self, answer: Mapping[str, Any]) -> None:
-        await self.ws.send_bytes(msgspec.msgpack.encode(answer))
+    async def _send(self, frame: bytes | str) -> None:
+        if isinstance(frame, str):
+            await self.ws.send_text(frame)
+        else:
+            await self.ws.send_bytes(frame)
 
 
 def add_plugin_routes(app: FastAPI, router: APIRouter, runner: Runner, info: ModelInfo,
@@ -286,4 +379,5 @@ def _keys(route: Any) -> set[tuple[str, str]]:
             {"WEBSOCKET"}}
 
 
-__all__ = ["Caller", "RouteContext", "add_plugin_routes"]
+__all__ = ["Caller", "FrameCodec", "MsgpackFrames", "OwnPorts", "RouteContext",
+           "add_plugin_routes", "own_ports"]

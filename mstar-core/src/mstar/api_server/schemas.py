@@ -69,7 +69,9 @@ def request_body(model: type[BaseModel] | None, description: str, *,
     if files:
         binary = {"type": "string", "format": "binary"}
         content["multipart/form-data"] = {"schema": {
-            "type": "object", "properties": {
+            "type": "object", "description": "File parts named after a field fill it; "
+            "`<field>.<key>` / `<field>.<i>` fill one item of a dict or list field.",
+            "properties": {
                 "request": {"type": "string", "description": "The JSON body."},
                 **{name: binary for name in files}}}}
     return {"requestBody": {"required": True, "description": description, "content": content}}

@@ -92,6 +92,9 @@ def _add_options(parser: argparse.ArgumentParser, shown_defaults: Mapping[str, s
                         help=f"logging level {d('log_level')}")
     server.add_argument("--api-key", help="require this bearer key on every route but "
                                           "/health (also MSTAR_API_KEY)")
+    server.add_argument("--policy-ws-port", type=int,
+                        help="serve a policy model's websocket protocol (e.g. Pi0.5's openpi "
+                             "protocol) on this port too")
     server.add_argument("--cpu-threads", type=int,
                         help="torch threads of each rank's worker process on CPU (default: "
                              "the cores divided among the ranks)")

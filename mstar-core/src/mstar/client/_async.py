@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import httpx
 
@@ -20,6 +20,9 @@ from mstar.client._base import ClientBase
 from mstar.client._payload import generate_payload
 from mstar.client.errors import MStarError
 from mstar.client.results import ChatDelta, ChatResponse, GenerateResponse, ModelInfo, Speech
+
+if TYPE_CHECKING:
+    import numpy as np
 
 T = TypeVar("T")
 E = TypeVar("E")
@@ -136,11 +139,11 @@ class AsyncMStarClient(ClientBase):
                       self._request(protocol.GENERATE, body))
 
     async def act(self, request: Mapping[str, Any] | None = None, *, binary: bool = False,
-                  **fields: Any) -> GenerateResponse:
+                  **fields: Any) -> np.ndarray:
         """See `MStarClient.act`."""
         await self._require("actions", "act")
-        return await self._request(protocol.GENERATE, generate_payload(
-            request, fields, stream=False, binary=binary))
+        return protocol.actions(await self._request(protocol.GENERATE, generate_payload(
+            request, fields, stream=False, binary=binary)))
 
     async def tts(self, text: str, *, voice: str | None = None, format: str = "wav",
                   model: str | None = None, stream: bool = False, **extra: Any,

@@ -7,8 +7,9 @@ is sent as given: text, or an http(s)/`data:` URL). A top-level field whose enco
 are over `inline_limit` travels instead as a file part of a `multipart/form-data` body
 named by the field (`.npy` for an array, `.safetensors` for a torch tensor, the file itself
 for media) beside a `request` part holding the rest as JSON; so does a `.npy` or
-`.safetensors` file or bytes, whatever its size. Inside lists and dicts values are encoded
-the same way, always inline.
+`.safetensors` file or bytes, whatever its size. The items of a field's list or dict (e.g.
+cameras by name) are encoded the same way, a file part named `<field>.<key>` /
+`<field>.<i>` (the list keeps a null in its place); deeper down, always inline.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from mstar.client._media import data_url, media_bytes
 #: Fields whose encoded bytes are above this go as file parts (1 MiB).
 INLINE_LIMIT = 1 << 20
 SAFETENSORS = "application/vnd.safetensors"
+#: What an item that travels as a file part leaves in the JSON body (nothing; a list: null).
+_PART = object()
 
 
 @dataclass(frozen=True)
@@ -99,13 +102,25 @@ def generate_payload(request: Mapping[str, Any] | None, fields: Mapping[str, Any
     the fields win) plus `stream`; `binary` asks for the safetensors answer."""
     merged = {**(request or {}), **fields}
     body: dict[str, Any] = {}
-    files = []
-    for name, value in merged.items():
+    files: list[tuple[str, tuple[str, bytes, str]]] = []
+
+    def encoded(name: str, value: Any) -> Any:
+        """`value` inline, or `_PART` once it is a file part named `name`."""
         part = _file_part(name, value, inline_limit)
         if part is None:
-            body[name] = _inline(value)
-        else:
-            files.append((name, part))
+            return _inline(value)
+        files.append((name, part))
+        return _PART
+
+    for name, value in merged.items():
+        if isinstance(value, Mapping):
+            items = {key: encoded(f"{name}.{key}", v) for key, v in value.items()}
+            body[name] = {key: v for key, v in items.items() if v is not _PART}
+        elif isinstance(value, list | tuple):
+            body[name] = [None if v is _PART else v for v in
+                          (encoded(f"{name}.{i}", v) for i, v in enumerate(value))]
+        elif (inline := encoded(name, value)) is not _PART:
+            body[name] = inline
     body["stream"] = stream
     headers = {"Accept": SAFETENSORS} if binary and not stream else {}
     return Payload(body, files, headers)

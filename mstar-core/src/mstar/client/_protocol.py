@@ -415,6 +415,7 @@ class _GenerateBody(msgspec.Struct):
     usage: events.Usage
     text: list[str] = []
     outputs: dict[str, dict[str, Any]] = {}
+    timing: dict[str, float] = {}
 
 
 _EVENT = msgspec.json.Decoder(events.Event)
@@ -445,7 +446,8 @@ def parse_generate(response: httpx.Response) -> GenerateResponse:
     return GenerateResponse(id=typed.id, events=typed.events, text=typed.text,
                             finish_reason=typed.finish_reason, usage=typed.usage,
                             raw=response.json(), request_id=request_id(response),
-                            outputs={k: _output(v) for k, v in typed.outputs.items()})
+                            outputs={k: _output(v) for k, v in typed.outputs.items()},
+                            timing=typed.timing)
 
 
 def _parse_binary(response: httpx.Response) -> GenerateResponse:
@@ -469,7 +471,16 @@ def _parse_binary(response: httpx.Response) -> GenerateResponse:
                             text=json.loads(metadata.get("text", "[]")),
                             finish_reason=metadata["finish_reason"],
                             usage=events.Usage(**usage), raw=metadata,
-                            request_id=request_id(response), outputs=outputs)
+                            request_id=request_id(response), outputs=outputs,
+                            timing=json.loads(metadata.get("timing", "{}")))
+
+
+def actions(answer: GenerateResponse) -> Any:
+    """The action chunk of an `act` answer (its "actions" output, a numpy array)."""
+    if "actions" not in answer.outputs:
+        raise MStarError("the answer has no 'actions' output (it has: "
+                         f"{', '.join(answer.outputs) or 'none'})", request_id=answer.request_id)
+    return answer.outputs["actions"]
 
 
 def parse_generate_frame(frame: SSEFrame, rid: str | None) -> list[events.Event]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import httpx
 
@@ -19,6 +19,9 @@ from mstar.client._base import ClientBase
 from mstar.client._payload import generate_payload
 from mstar.client.errors import MStarError
 from mstar.client.results import ChatDelta, ChatResponse, GenerateResponse, ModelInfo, Speech
+
+if TYPE_CHECKING:
+    import numpy as np
 
 T = TypeVar("T")
 E = TypeVar("E")
@@ -149,13 +152,16 @@ class MStarClient(ClientBase):
             self._request(protocol.GENERATE, body)
 
     def act(self, request: Mapping[str, Any] | None = None, *, binary: bool = False,
-            **fields: Any) -> GenerateResponse:
-        """An action chunk (models with the "actions" capability): `generate` with the
-        model's fields as given; the chunk is `.outputs["actions"]`, a numpy array
-        [steps, action dim]. Unlike `generate`, it first checks the capability."""
+            **fields: Any) -> np.ndarray:
+        """An action chunk (models with the "actions" capability), e.g.
+        `client.act(images={"base_0_rgb": frame}, prompt="fold the towel", state=q)`:
+        `generate` with the model's fields as given (images as arrays, PIL images or
+        files), returning its "actions" output, a numpy array [steps, action dim];
+        `binary=True` fetches it in the safetensors answer. Unlike `generate`, it first
+        checks the capability."""
         self._require("actions", "act")
-        return self._request(protocol.GENERATE, generate_payload(
-            request, fields, stream=False, binary=binary))
+        return protocol.actions(self._request(protocol.GENERATE, generate_payload(
+            request, fields, stream=False, binary=binary)))
 
     def tts(self, text: str, *, voice: str | None = None, format: str = "wav",
             model: str | None = None, stream: bool = False, **extra: Any,

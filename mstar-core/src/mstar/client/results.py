@@ -97,7 +97,8 @@ class GenerateResponse:
     `text`, the concatenated text of each completion index ([] when the model made none),
     and `outputs` by name: a tensor as a numpy array (bfloat16 as float32), an image as a
     PIL image, audio as `Audio`. A binary answer (`binary=True`) has the same `outputs` and
-    no events; its `raw` is the safetensors metadata."""
+    no events; its `raw` is the safetensors metadata. `timing`: the server's `total_ms`
+    (receipt to finish) and `first_output_ms`."""
 
     id: str
     events: list[Event]
@@ -107,6 +108,7 @@ class GenerateResponse:
     raw: dict[str, Any] = field(repr=False)
     request_id: str | None = None
     outputs: dict[str, Any] = field(default_factory=dict, repr=False)
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,10 @@ class ServerSettings(BaseSettings):
     load_format: Literal["auto", "dummy"] = "auto"
     preset: str | None = None
     api_key: str | None = None
+    policy_ws_port: int | None = Field(None, ge=1, le=65535, description="Also serve a "
+                                       "policy model's websocket protocol (e.g. Pi0.5's "
+                                       "openpi protocol) on this port (the model's plugin "
+                                       "reads it).")
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     startup_timeout: float = Field(600.0, gt=0)
     shutdown_grace: float = Field(30.0, ge=0)

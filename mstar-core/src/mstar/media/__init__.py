@@ -4,7 +4,7 @@ Every failure is a `MediaError` carrying the HTTP status to answer with."""
 
 from mstar.media.audio import Audio, load_audio
 from mstar.media.fetch import decode_base64, decode_data_url, fetch_media, media_hash
-from mstar.media.image import IMAGE_FORMATS, load_image
+from mstar.media.image import IMAGE_FORMATS, image_from_array, load_image
 from mstar.media.limits import MediaError, MediaLimits
 from mstar.media.uploads import UploadStore
 from mstar.media.video import Video, load_video
@@ -19,6 +19,7 @@ __all__ = [
     "decode_base64",
     "decode_data_url",
     "fetch_media",
+    "image_from_array",
     "load_audio",
     "load_image",
     "load_video",

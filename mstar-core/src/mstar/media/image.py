@@ -46,6 +46,32 @@ def load_image(data: bytes, limits: MediaLimits) -> Image.Image:
             raise MediaError(f"the image could not be decoded: {exc}") from None
 
 
+def image_from_array(pixels: np.ndarray, limits: MediaLimits | None = None) -> Image.Image:
+    """An RGB image from an array, so a model sees one type however a client sent its
+    camera frames: uint8 [H, W, 3], [H, W] (gray), [H, W, 4] (RGBA: alpha dropped) or
+    [3, H, W] (read so only when the last axis is not 3 or 4); floats in [0, 1] are
+    rounded to uint8. 400 for another dtype, shape or range; 413 over
+    `max_image_pixels`."""
+    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4) and pixels.shape[0] == 3:
+        pixels = pixels.transpose(1, 2, 0)
+    if not (pixels.ndim == 2 or pixels.ndim == 3 and pixels.shape[-1] in (3, 4)) \
+            or 0 in pixels.shape:
+        raise MediaError(f"an image array is [H, W, 3], [H, W], [H, W, 4] or [3, H, W], got "
+                         f"shape {list(pixels.shape)}")
+    height, width = pixels.shape[:2]
+    if limits is not None and width * height > limits.max_image_pixels:
+        raise too_large(f"the image ({width}x{height} pixels)", limits.max_image_pixels,
+                        "pixels")
+    if pixels.dtype.kind == "f":
+        if not (np.isfinite(pixels).all() and pixels.min() >= 0.0 and pixels.max() <= 1.0):
+            raise MediaError("a float image array holds values in [0, 1]")
+        pixels = (pixels.astype(np.float32) * 255.0).round().astype(np.uint8)
+    elif pixels.dtype != np.uint8:
+        raise MediaError(f"an image array is uint8 or float in [0, 1], got {pixels.dtype}")
+    mode = "L" if pixels.ndim == 2 else "RGB" if pixels.shape[-1] == 3 else "RGBA"
+    return Image.fromarray(np.ascontiguousarray(pixels), mode).convert("RGB")
+
+
 def png_bytes(pixels: Any) -> bytes:
     """uint8 RGB pixels [H, W, 3] (a numpy array or a CPU tensor) as PNG bytes."""
     out = io.BytesIO()

@@ -11,13 +11,21 @@ named after the field, and the data worker decodes it here before `process_promp
 OpenAPI document says which fields take media or tensors.
 
 A tensor in JSON is `{"dtype", "shape", "data": base64 of the C-order bytes}` (the shape
-`mstar.events.TensorData` has), or a `.safetensors` / `.npy` file part.
+`mstar.events.TensorData` has), or a `.safetensors` / `.npy` file part. An image may be
+given as such a tensor too (or, in-process, a numpy array or torch tensor): uint8 or float
+pixels in [0, 1], decoded to the same RGB image (`mstar.media.image_from_array`).
+
+A field may also be a container of media: `dict[str, ImageInput]` (e.g. cameras by name)
+or `list[ImageInput]`, of any kind; each item is fetched and decoded as a lone field would
+be, and an error names the item (`images.wrist`, `images[1]`). A container holds at most
+`MAX_ITEMS` items.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import math
@@ -45,13 +53,16 @@ MEDIA_SCHEMES = ("http://", "https://", "data:", "upload://")
 UPLOAD_SCHEME = "upload://"
 #: Where a value the API server fetched went: `{BLOB: i}` is the request's i-th blob.
 BLOB = "blob"
+TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
+#: The most items one media container (a dict or list field) holds.
+MAX_ITEMS = 64
 
 InputKind = Literal["image", "audio", "video", "tensor"]
 
 
 def tensor_from_json(value: Mapping[str, Any]) -> torch.Tensor:
     """`{"dtype", "shape", "data"}` as a tensor; ValueError when they disagree."""
-    if set(value) != {"dtype", "shape", "data"}:
+    if set(value) != TENSOR_KEYS:
         raise ValueError("a tensor is {\"dtype\", \"shape\", \"data\"} (base64), got keys "
                          f"{sorted(value)}")
     dtype, shape, data = value["dtype"], value["shape"], value["data"]
@@ -75,6 +86,14 @@ def tensor_from_json(value: Mapping[str, Any]) -> torch.Tensor:
     return TensorData(dtype, shape, raw).to_tensor()
 
 
+def is_tensor_file(data: bytes) -> bool:
+    """Whether `data` looks like a `.npy` or `.safetensors` file (by content)."""
+    if data.startswith(b"\x93NUMPY"):
+        return True
+    header = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    return 0 < header <= len(data) - 8 and data[8:9] == b"{"
+
+
 def tensor_from_file(data: bytes, name: str) -> torch.Tensor:
     """A tensor from a `.npy` file or a `.safetensors` file (its one tensor, or the one
     keyed `name`), told apart by content; ValueError for anything else."""
@@ -84,8 +103,7 @@ def tensor_from_file(data: bytes, name: str) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(array))
         except (ValueError, TypeError, EOFError) as exc:
             raise ValueError(f"the .npy file could not be read: {exc}") from None
-    header = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
-    if 0 < header <= len(data) - 8 and data[8:9] == b"{":
+    if is_tensor_file(data):
         from safetensors import SafetensorError
         from safetensors.torch import load
 
@@ -102,6 +120,18 @@ def tensor_from_file(data: bytes, name: str) -> torch.Tensor:
     raise ValueError("a tensor file is a .npy or a .safetensors file")
 
 
+def image_from_tensor(value: torch.Tensor | np.ndarray, limits: MediaLimits | None = None,
+                      ) -> Any:
+    """An image field's array as the RGB `PIL.Image.Image` every other form decodes to
+    (`mstar.media.image_from_array`; its `MediaError` is a ValueError with a status)."""
+    from mstar.media import image_from_array
+
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    return image_from_array(value, limits)
+
+
 def _decoded_type(kind: InputKind) -> type:
     from PIL.Image import Image
 
@@ -115,18 +145,29 @@ class InputField:
     """The marker of a media or tensor field (use it in `Annotated`): what its value
     decodes to, and for audio the sample rate the model wants (None: the file's own), for
     video the frame rate to sample at, the most frames and the rate of its audio track
-    (`sample_rate`; None: the sound is not decoded, `Video.audio` is None)."""
+    (`sample_rate`; None: the sound is not decoded, `Video.audio` is None).
+
+    `input_fields` fills in what the schema declares around the marker: `containers`
+    ("dict" for `dict[str, ...]`, "list" for `list[...]`) and whether a lone item is
+    accepted (`single`)."""
 
     kind: InputKind
     sample_rate: int | None = None
     fps: float = 2.0
     max_frames: int | None = None
+    containers: frozenset[str] = frozenset()
+    single: bool = True
 
     # -- the schema ------------------------------------------------------------------------
     def validate(self, value: Any) -> Any:
         """The JSON form (a media URL; a tensor dict, checked) or a decoded object."""
         if isinstance(value, _decoded_type(self.kind)):
             return value
+        if self.kind == "image" and not isinstance(value, str):
+            if isinstance(value, Mapping) and set(value) == TENSOR_KEYS:
+                value = tensor_from_json(value)
+            if isinstance(value, torch.Tensor | np.ndarray):
+                return image_from_tensor(value)
         if self.kind == "tensor":
             if isinstance(value, np.ndarray):
                 return torch.from_numpy(value)
@@ -138,24 +179,33 @@ class InputField:
                              f"file part (upload://<file name>), got {type(value).__name__}")
         if isinstance(value, str) and value.lower().startswith(MEDIA_SCHEMES):
             return value
-        raise ValueError(f"{_a(self.kind)} field takes an http(s) URL, a data URL or "
+        arrays = ", a tensor" if self.kind == "image" else ""
+        raise ValueError(f"{_a(self.kind)} field takes an http(s) URL, a data URL{arrays} or "
                          f"upload://<file name>, got {_shown(value)}")
 
     def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
         return core_schema.no_info_plain_validator_function(self.validate)
 
     def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> dict[str, Any]:
+        tensor = {"type": "object", "required": ["dtype", "shape", "data"],
+                  "properties": {"dtype": {"type": "string", "enum": list(TENSOR_DTYPES)},
+                                 "shape": {"type": "array", "items": {"type": "integer"}},
+                                 "data": {"type": "string", "contentEncoding": "base64"}}}
         if self.kind == "tensor":
-            return {"type": "object", "x-mstar": "tensor", "required": ["dtype", "shape", "data"],
-                    "properties": {"dtype": {"type": "string", "enum": list(TENSOR_DTYPES)},
-                                   "shape": {"type": "array", "items": {"type": "integer"}},
-                                   "data": {"type": "string", "contentEncoding": "base64"}},
+            return {**tensor, "x-mstar": "tensor",
                     "description": "A tensor (C-order bytes, base64), or a .safetensors/.npy "
                                    "file part named after the field."}
         extra = {"x-mstar-sample-rate": self.sample_rate} if self.sample_rate else {}
-        return {"type": "string", "format": "uri", "x-mstar": self.kind, **extra,
-                "description": f"{_a(self.kind).capitalize()}: an http(s) or data URL, or upload://<file "
-                               "name> (a file part; or a file part named after the field)."}
+        url = {"type": "string", "format": "uri"}
+        described = {"x-mstar": self.kind, **extra, "description": (
+            f"{_a(self.kind).capitalize()}: an http(s) or data URL, or upload://<file name> "
+            "(a file part; or a file part named after the field)" + (
+                "; or its pixels as a tensor (uint8 [H, W, 3], [H, W], [H, W, 4] or "
+                "[3, H, W], or floats in [0, 1]; JSON or a .npy/.safetensors file part)."
+                if self.kind == "image" else "."))}
+        if self.kind == "image":
+            return {"anyOf": [url, tensor], **described}
+        return {**url, **described}
 
     # -- decoding (the data worker) ----------------------------------------------------------
     def decode(self, name: str, value: Any, blobs: Sequence[bytes], limits: MediaLimits
@@ -179,9 +229,15 @@ class InputField:
             value = media.decode_data_url(value, limits)
         elif self.kind == "tensor" and not isinstance(value, bytes):
             return self.validate(value) if isinstance(value, Mapping | np.ndarray) else value
+        elif self.kind == "image" and isinstance(value, Mapping) and set(value) == TENSOR_KEYS:
+            value = tensor_from_json(value)
+        if self.kind == "image" and isinstance(value, torch.Tensor | np.ndarray):
+            return image_from_tensor(value, limits)
         if not isinstance(value, bytes):
             return value
         if self.kind == "image":
+            if is_tensor_file(value):
+                return image_from_tensor(tensor_from_file(value, name), limits)
             return media.load_image(value, limits)
         if self.kind == "audio":
             return media.load_audio(value, limits, sample_rate=self.sample_rate)
@@ -207,49 +263,100 @@ VideoInput = Annotated[Any, InputField("video")]
 TensorInput = Annotated[Any, InputField("tensor")]
 
 
-def _marker(annotation: Any) -> InputField | None:
-    """The `InputField` inside `annotation` (through unions and `Annotated`), if any."""
+#: Where an item sits in its field: a dict's key, a list's index; None: the field itself.
+Key = str | int | None
+
+
+def _markers(annotation: Any, inside: str | None = None
+             ) -> list[tuple[InputField, str | None]]:
+    """Each `InputField` inside `annotation` (through unions and `Annotated`) with the
+    container it sits in ("dict", "list"; None: none)."""
     for meta in getattr(annotation, "__metadata__", ()):
         if isinstance(meta, InputField):
-            return meta
-    for arg in typing.get_args(annotation):
-        found = _marker(arg)
-        if found is not None:
-            return found
-    return None
+            return [(meta, inside)]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if inside is None and origin in (dict, Mapping) and len(args) == 2:
+        return _markers(args[1], "dict")
+    if inside is None and origin in (list, Sequence) and len(args) == 1:
+        return _markers(args[0], "list")
+    if origin in (dict, Mapping, list, Sequence):
+        return []  # nested containers are no media fields
+    return [found for arg in args for found in _markers(arg, inside)]
 
 
 def input_fields(schema: type[BaseModel] | None) -> dict[str, InputField]:
-    """The media and tensor fields `schema` declares, by name."""
+    """The media and tensor fields `schema` declares, by name, each with the containers
+    its annotation puts it in."""
     if schema is None:
         return {}
     found = {}
     for name, info in schema.model_fields.items():
         marker = next((m for m in info.metadata if isinstance(m, InputField)), None)
-        marker = marker or _marker(info.annotation)
         if marker is not None:
             found[name] = marker
+        elif markers := _markers(info.annotation):
+            containers = frozenset(c for _, c in markers if c is not None)
+            found[name] = dataclasses.replace(markers[0][0], containers=containers,
+                                              single=any(c is None for _, c in markers))
     return found
+
+
+def field_items(field: InputField, value: Any) -> list[tuple[Key, Any]]:
+    """The media items of a field's `value` by their key in its container (a str in a
+    dict, an int in a list; None: the value is one item, or not media at all). ValueError
+    for a container of more than `MAX_ITEMS`."""
+    if isinstance(value, Mapping) and "dict" in field.containers and not (
+            field.single and set(value) in ({BLOB}, TENSOR_KEYS)):
+        items: list[tuple[Key, Any]] = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, list | tuple) and "list" in field.containers:
+        items = list(enumerate(value))
+    else:
+        return [(None, value)]
+    if len(items) > MAX_ITEMS:
+        raise ValueError(f"holds {len(items)} items; at most {MAX_ITEMS}")
+    return items
+
+
+def item_name(name: str, key: Key) -> str:
+    """How errors name a field's item: `field`, `field.key` (a dict's), `field[i]`."""
+    return name if key is None else f"{name}[{key}]" if isinstance(key, int) else \
+        f"{name}.{key}"
+
+
+def with_items(value: Any, items: Mapping[Key, Any]) -> Any:
+    """`value` (a field's) with its items replaced by `items` (keys from `field_items`)."""
+    if None in items:
+        return items[None]
+    if isinstance(value, Mapping):
+        return {**value, **items}
+    return [items.get(i, v) for i, v in enumerate(value)]
 
 
 def decode_inputs(request: Mapping[str, Any], fields: Mapping[str, InputField],
                   blobs: Sequence[bytes], limits: MediaLimits) -> dict[str, Any]:
-    """`request` with each media and tensor field decoded (`InputField.decode`); a failure
-    is a `RequestError` naming the field (the media layer's status: 413 over a limit)."""
+    """`request` with each media and tensor field (each item of a container) decoded
+    (`InputField.decode`); a failure is a `RequestError` naming the field or item (the
+    media layer's status: 413 over a limit)."""
     decoded = dict(request)
     for name, field in fields.items():
         if decoded.get(name) is None:
             continue
+        at = name
         try:
-            decoded[name] = field.decode(name, decoded[name], blobs, limits)
+            items = {}
+            for key, item in field_items(field, decoded[name]):
+                at = item_name(name, key)
+                items[key] = field.decode(at, item, blobs, limits)
+            decoded[name] = with_items(decoded[name], items)
         except RequestError:
             raise
         except ValueError as exc:
-            raise RequestError(f"{name}: {exc}", code=getattr(exc, "status", 400),
-                               param=name) from None
+            raise RequestError(f"{at}: {exc}", code=getattr(exc, "status", 400),
+                               param=at) from None
     return decoded
 
 
-__all__ = ["BLOB", "TENSOR_DTYPES", "AudioInput", "ImageInput", "InputField", "TensorInput",
-           "VideoInput", "decode_inputs", "input_fields", "tensor_from_file",
-           "tensor_from_json"]
+__all__ = ["BLOB", "MAX_ITEMS", "TENSOR_DTYPES", "AudioInput", "ImageInput", "InputField", "Key",
+           "TensorInput", "VideoInput", "decode_inputs", "field_items", "image_from_tensor",
+           "input_fields", "is_tensor_file", "item_name", "tensor_from_file",
+           "tensor_from_json", "with_items"]

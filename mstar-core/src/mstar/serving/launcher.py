@@ -253,11 +253,12 @@ def draining_server(config: Any, grace: float, fail: Callable[[], None]) -> Any:
 def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
     """Serve until SIGINT/SIGTERM, or until a child dies; the exit code (0 after a clean
     shutdown, 1 when start-up failed, `EXIT_CHILD_DIED`)."""
-    busy = port_is_free(settings.host, settings.port)
-    if busy is not None:
-        print(f"error: cannot listen on {settings.host}:{settings.port}: {busy}",
-              file=sys.stderr)
-        return 1
+    for port, what in ((settings.port, ""), (settings.policy_ws_port, " (--policy-ws-port)")):
+        busy = None if port is None else port_is_free(settings.host, port)
+        if busy is not None:
+            print(f"error: cannot listen on {settings.host}:{port}{what}: {busy}",
+                  file=sys.stderr)
+            return 1
     leftovers.sweep(Path(settings.socket_path_prefix))
     # From here on SIGINT/SIGTERM stop the server cleanly whenever they come: one that
     # arrives before uvicorn runs is remembered (uvicorn then stops at once). uvicorn
@@ -308,6 +309,7 @@ def _serve(settings: ServerSettings, config: DeploymentConfig, deployment: Proce
     import uvicorn
 
     from mstar.api_server.app import create_app
+    from mstar.api_server.plugin_routes import own_ports
     from mstar.serving.backends import GatewayBackend
 
     exit_code = [0]
@@ -319,12 +321,15 @@ def _serve(settings: ServerSettings, config: DeploymentConfig, deployment: Proce
                         "with 503", live, settings.shutdown_grace)
             deployment.gateway.fail_all("the server is shutting down; retry on a new one", 503)
 
-    server = draining_server(uvicorn.Config(
-        create_app(GatewayBackend(deployment), settings), host=settings.host,
-        port=settings.port, log_level=settings.log_level.lower(), lifespan="off",
-        access_log=False,  # the app logs one line per request, with its request id
-        timeout_graceful_shutdown=int(settings.shutdown_grace + _GRACE_MARGIN_S)),
-        settings.shutdown_grace, fail_running)
+    app = create_app(GatewayBackend(deployment), settings)
+    uv_config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+        lifespan="off", access_log=False,  # the app logs one line per request, with its id
+        timeout_graceful_shutdown=int(settings.shutdown_grace + _GRACE_MARGIN_S))
+    sockets = _listeners(uv_config, settings, own_ports(app))
+    if sockets is None:
+        return 1
+    server = draining_server(uv_config, settings.shutdown_grace, fail_running)
     stop.attach(server)
 
     def child_died(message: str) -> None:
@@ -347,5 +352,28 @@ def _serve(settings: ServerSettings, config: DeploymentConfig, deployment: Proce
             server.should_exit = True
 
     threading.Thread(target=announce, name="announce", daemon=True).start()
-    server.run()
+    server.run(sockets=sockets)
     return exit_code[0]
+
+
+def _listeners(config: Any, settings: ServerSettings, own: list[int],
+               ) -> list[socket.socket] | None:
+    """The bound sockets uvicorn serves: the API's port, then each port a plugin route is
+    served on too (`mstar.api_server.plugin_routes.own_ports`), all in one server so they
+    start and drain together; None (said on stderr) when one cannot be bound."""
+    if settings.policy_ws_port is not None and settings.policy_ws_port not in own:
+        log.warning("--policy-ws-port %d: the model serves no websocket route on it",
+                    settings.policy_ws_port)
+    sockets = [config.bind_socket()]
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    for port in own:
+        try:
+            sockets.append(socket.create_server((settings.host, port), family=family))
+        except OSError as exc:
+            print(f"error: cannot listen on {settings.host}:{port} (a plugin's websocket "
+                  f"route's own port): {exc}", file=sys.stderr)
+            for sock in sockets:
+                sock.close()
+            return None
+        log.info("a plugin's websocket route is served on %s:%d too", settings.host, port)
+    return sockets

@@ -143,6 +143,9 @@ class TestVLARequest(SamplingFields):
     image: list[list[list[float]]] | ImageInput | None = Field(
         None, description="Pixels as nested lists [3][H][W] (H and W multiples of the "
                           "patch size), or an image (resized to `chat_image_size` square).")
+    cameras: dict[str, ImageInput] | list[ImageInput] | None = Field(
+        None, description="Camera images by name (in the order given) or as a list, instead of "
+                          "`image`: each resized to `chat_image_size` square, side by side.")
     mode: Literal["text", "act", "rollout", "image"] = "text"
     width: int | None = Field(None, description="Image width (mode image); with height, one "
                                                 "of the sizes " + ", ".join(
@@ -175,6 +178,8 @@ class TestVLARequest(SamplingFields):
                 raise ValueError("n: a spoken reply is one completion (the consumer speaks "
                                  "completion 0 only)")
             self.stream_consumer = True
+        if self.cameras is not None and (self.image is not None or not self.cameras):
+            raise ValueError("cameras: give one or more images, and no `image` beside them")
         if isinstance(self.image, list):
             if len(self.image) != 3:
                 raise ValueError(f"image must have 3 channels, got {len(self.image)}")
@@ -478,6 +483,9 @@ class TestVLA(Model):
     # -- host side -------------------------------------------------------------------------
     def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
         req = _validated(request)
+        if req.cameras is not None:
+            images = req.cameras.values() if isinstance(req.cameras, dict) else req.cameras
+            return self._plan(req, torch.cat([self._pixels(i) for i in images], dim=2))
         if req.image is None or isinstance(req.image, list):
             pixels = None if req.image is None else torch.tensor(req.image, dtype=torch.float32)
         else:
