@@ -260,20 +260,24 @@ def test_engine_reuses_whole_segments_only_and_matches_full_recompute(llm) -> No
     a, same, tail = prompt(llm, 1), prompt(llm, 1), prompt(llm, 1, tail_seed=2)
     torch.testing.assert_close(logits(cached, "a", a), logits(plain, "a", a), rtol=0, atol=0)
     assert cached.counters == {"prompt_tokens_computed": 17, "prefix_cache_hit_tokens": 0,
-                               "kv_tokens_imported": 0, "preemptions": 0}
+                               "kv_tokens_imported": 0, "preemptions": 0,
+                               "batched_prompts": 0, "batched_scratch_chunks": 0}
     # The same prompt (its first holder released): every full page but the last token's.
     want = logits(plain, "same", same)
     torch.testing.assert_close(logits(cached, "same", same), want, rtol=1e-6, atol=1e-6)
     assert cached.counters == {"prompt_tokens_computed": 18, "prefix_cache_hit_tokens": 16,
-                               "kv_tokens_imported": 0, "preemptions": 0}
+                               "kv_tokens_imported": 0, "preemptions": 0,
+                               "batched_prompts": 0, "batched_scratch_chunks": 0}
     # The media's last rows differ: pages 0..2 hash equal (same ids, positions, rows up to
     # 11), but the segment's K/V depend on its tail, so only page 0 (before it) is reused.
     want = logits(plain, "tail", tail)
     torch.testing.assert_close(logits(cached, "tail", tail), want, rtol=1e-6, atol=1e-6)
     assert cached.counters == {"prompt_tokens_computed": 31, "prefix_cache_hit_tokens": 20,
-                               "kv_tokens_imported": 0, "preemptions": 0}
+                               "kv_tokens_imported": 0, "preemptions": 0,
+                               "batched_prompts": 0, "batched_scratch_chunks": 0}
     assert plain.counters == {"prompt_tokens_computed": 51, "prefix_cache_hit_tokens": 0,
-                               "kv_tokens_imported": 0, "preemptions": 0}
+                               "kv_tokens_imported": 0, "preemptions": 0,
+                               "batched_prompts": 0, "batched_scratch_chunks": 0}
     assert cached.pages_in_use() == 0 and cached.cache.pool.num_cached > 0
 
 

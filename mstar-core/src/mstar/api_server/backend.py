@@ -9,7 +9,7 @@ so those methods must be cheap and never block.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, NotRequired, Protocol, TypedDict
 
 from mstar.events import Sink
 
@@ -19,14 +19,17 @@ if TYPE_CHECKING:
 
 
 class ModelInfo(TypedDict):
-    """What `/v1/models` shows, what admission needs, and the import string of the pydantic
-    model of `/generate`'s body (`ModelSpec.request_schema`, None when undeclared)."""
+    """What `/v1/models` shows, what admission needs, the import string of the pydantic
+    model of `/generate`'s body (`ModelSpec.request_schema`, None when undeclared), and the
+    model's config as plain values (`config`: what a plugin's routes may announce, e.g. a
+    policy's action horizon)."""
 
     name: str
     capabilities: list[str]
     max_model_len: int
     max_concurrent_requests: int
     request_schema: str | None
+    config: NotRequired[dict[str, Any]]
 
 
 class Stats(TypedDict):

@@ -39,6 +39,12 @@ ENGINE_COUNTERS = (
      "them (a migrated request, a CFG branch's forked prefix)."),
     ("mstar_encoder_cache_hits", "encoder_cache_hits",
      "Invocations of a cacheable node served from its encoder-output cache."),
+    ("mstar_batched_prompts", "batched_prompts",
+     "Prompts (a sequence's first chunk) a KV-cache node ran in one step with other "
+     "sequences: requests sharing a batched prefill."),
+    ("mstar_batched_scratch_chunks", "batched_scratch_chunks",
+     "Scratch chunks (a denoising step's block) a KV-cache node ran in one step with other "
+     "sequences: requests sharing a batched denoising step."),
 )
 
 

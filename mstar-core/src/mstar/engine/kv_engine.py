@@ -102,9 +102,12 @@ class KVEngine:
         self.seqs: dict[SeqKey, SeqState] = {}
         self._extras = {e.name: e for e in spec.extras}
         #: Cumulative: tokens of sequences' first chunks run, taken from cached pages, and
-        #: whose K/V arrived from another rank; requests preempted (pages dropped, rebuilt).
+        #: whose K/V arrived from another rank; requests preempted (pages dropped, rebuilt);
+        #: first chunks and scratch chunks run in a step beside other sequences (requests
+        #: sharing a batched prefill, a batched denoising step).
         self.counters = {"prompt_tokens_computed": 0, "prefix_cache_hit_tokens": 0,
-                         "kv_tokens_imported": 0, "preemptions": 0}
+                         "kv_tokens_imported": 0, "preemptions": 0, "batched_prompts": 0,
+                         "batched_scratch_chunks": 0}
         self.invocations: collections.Counter[tuple[str, str]] = collections.Counter()
         #: Cumulative host time of the steps that ran a forward (seconds): planning them
         #: (`schedule`: the scheduler), building the batch, committing and sampling
@@ -368,6 +371,10 @@ class KVEngine:
         if not plan.entries:
             return list(plan.failed)
         planned = time.perf_counter()
+        if len(plan.entries) > 1:
+            self.counters["batched_prompts"] += sum(e.task.first for e in plan.entries)
+            self.counters["batched_scratch_chunks"] += sum(e.task.mode == "scratch"
+                                                           for e in plan.entries)
         forward_before = self.timing["forward"]
         try:
             return list(plan.failed) + self.runner.run(plan)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from mstar.api_server.backend import ModelInfo, Stats
 from mstar.events import Sink
 from mstar.runtime.entry import Entry
@@ -58,7 +60,8 @@ class EntryBackend:
                          capabilities=[c for c in spec.capabilities if c not in lacking],
                          max_model_len=config.max_seq_len,
                          max_concurrent_requests=config.max_concurrent_requests,
-                         request_schema=spec.request_schema)
+                         request_schema=spec.request_schema,
+                         config=msgspec.to_builtins(self.deployment.model.config, enc_hook=str))
 
     def submit(self, body: Mapping[str, Any], sink: Sink, request_id: str, *,
                kind: str = "generate", blobs: Sequence[bytes] = ()) -> str:
