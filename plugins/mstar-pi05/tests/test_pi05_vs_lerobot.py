@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import mstar
 from mstar.events import NamedTensor
@@ -148,13 +149,12 @@ def test_actions_match_lerobot(served: Any, i: int) -> None:
     assert_close(actions, EXPECTED[f"{i}.actions"], f"request {i} actions")
 
 
-def test_concurrent_requests_match_lerobot(served: Any) -> None:
-    """Both fixture requests in flight together (other prompt lengths and cameras in one
-    ragged batch) still give lerobot's actions, each as it ran alone there."""
-    results: dict[int, list[Any]] = {}
+def run_concurrently(dep: Any) -> dict[int, torch.Tensor]:
+    """The actions of every fixture request, all in flight together."""
+    results: dict[int, torch.Tensor] = {}
 
     def run(i: int) -> None:
-        results[i] = list(served.generate(request(i)))
+        results[i] = actions_of(list(dep.generate(request(i))))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in REQUESTS]
     for t in threads:
@@ -162,6 +162,25 @@ def test_concurrent_requests_match_lerobot(served: Any) -> None:
     for t in threads:
         t.join(timeout=120)
     assert sorted(results) == list(REQUESTS), "a request did not finish"
-    for i in REQUESTS:
-        assert_close(actions_of(results[i]), EXPECTED[f"{i}.actions"], f"request {i} actions")
+    return results
+
+
+def test_concurrent_requests_match_lerobot(served: Any) -> None:
+    """Both fixture requests in flight together (other prompt lengths and cameras in one
+    ragged batch) still give lerobot's actions, each as it ran alone there."""
+    for i, actions in run_concurrently(served).items():
+        assert_close(actions, EXPECTED[f"{i}.actions"], f"request {i} actions")
+
+
+def test_checkpoint_without_embed_tokens_matches_lerobot(tmp_path: Path) -> None:
+    """lerobot/pi05_base's layout (converted from openpi): no `embed_tokens`, PaliGemma's
+    tied `lm_head` is the token embedding (lerobot's loader copies it there). The fixture
+    checkpoint's two differ, so this also tells which one a checkpoint with both uses."""
+    ckpt = shutil.copytree(CHECKPOINT, tmp_path / "checkpoint")
+    weights = load_file(str(CHECKPOINT / "model.safetensors"))
+    del weights[META["head_only_drops"]]
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    with mstar.load("pi05", model_path=str(ckpt)) as dep:
+        for i, actions in run_concurrently(dep).items():
+            assert_close(actions, EXPECTED[f"{i}.actions_head_only"], f"request {i} actions")
 
