@@ -5,10 +5,13 @@ lerobot's layout, which is committed too).
 
 Our side serves `fixtures/checkpoint` through the real loader and runtime (`mstar.load` in
 process) and sends each fixture request (camera images, prompt, state, the same initial
-noise); forward hooks on the real `vit_encoder` and `combine` modules observe what the
-runtime hands them, so a mismatch says where it starts: the image features, the first Euler
-step's velocity (prefix + action expert), the last step's output (the flow loop), the
-actions (unnormalising, slicing).
+noise); forward hooks on the real `vit_encoder`, the LLM's attention layers and `combine`
+observe what the runtime hands them, so a mismatch says where it starts: the image
+features (resize with padding, SigLIP, projector), the prefix's cached keys and values per
+layer (embeddings, prompt, the PaliGemma stack), the first Euler step's velocity (the
+action expert: time condition, adaRMS, joint attention), the last step's output (the flow
+loop), the actions (unnormalising, slicing). Also: the prompt string and token ids, both
+fixture requests at once, and the checkpoint layout without `embed_tokens`.
 
 Tolerance: float32 on both sides, attention and reductions ordered differently (lerobot pads
 the prompt to 200 tokens and masks, we do not pad): every compared tensor within
