@@ -197,3 +197,22 @@ def test_an_int_position_is_a_text_run_on_every_axis(llm):
     torch.testing.assert_close(logits(0), logits(None), rtol=0, atol=0)
     with pytest.raises(RequestError, match="positions"):
         logits(-1)
+
+
+def test_batched_counters_count_sequences_that_shared_a_step(llm):
+    """Two prompts in one step count as batched prompts; two scratch chunks in one step
+    as batched scratch chunks; a step of one sequence counts nothing."""
+    e = engine(llm, 64)
+    submit(e, "A", 0, IDS[:6])
+    drain(e)
+    assert e.counters["batched_prompts"] == 0  # alone in its step
+    submit(e, "B", 0, IDS[:5])
+    submit(e, "C", 0, IDS[:7])
+    drain(e)
+    assert e.counters["batched_prompts"] == 2
+    for rid in ("B", "C"):
+        e.submit(NodeWork(rid, 0, NODE, {"input_ids": torch.tensor(IDS[:3]),
+                                         "chunk_mode": "scratch"}, seed=0,
+                          sampling=SamplingParams()))
+    drain(e)
+    assert e.counters["batched_scratch_chunks"] == 2 and e.counters["batched_prompts"] == 2

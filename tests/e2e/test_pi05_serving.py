@@ -1,7 +1,7 @@
-"""Pi0.5 served (`mstar-serve --config pi05_tiny --preset tiny --load-format dummy`, with
-`--api-key` and `--policy-ws-port`): `/generate` with camera images as data URLs, uploads
-and arrays; the SDK's `client.act`; openpi's own client (`openpi_client`, PyPI 0.1.2, in a
-side venv: it pins numpy < 2) speaking DROID and LIBERO observations on the policy port;
+"""Pi0.5 served (`mstar serve pi05 --preset tiny --load-format dummy`, with `--api-key`
+and `--policy-ws-port`): `/generate` with camera images as data URLs, uploads and arrays;
+the SDK's `client.act`; openpi's own client (`openpi_client`, PyPI 0.1.2, in a side venv:
+it pins numpy < 2) speaking DROID and LIBERO observations on the policy port;
 robots batched together (HTTP and websocket clients share prefill and denoising steps,
 per-rank counters), a client that never reads or that leaves mid-call blocking no one and
 leaking nothing; the encoder cache hit only by identical pixels; bad input, each a clear
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from conftest import wait_for
 from placement_check import by_rank
-from serving_harness import Server, free_port, running_keyed, sdk_client
+from serving_harness import MSTAR, Server, free_port, running_keyed, sdk_client
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.timeout(300)
@@ -77,12 +77,19 @@ def body(view: int = 0, **fields) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """`mstar serve pi05 --preset tiny --load-format dummy` with a key and a policy port."""
     port = free_port()
-    with running_keyed(tmp_path_factory.mktemp("pi05"), KEY, "--config", "pi05_tiny",
-                       "--preset", "tiny", "--load-format", "dummy",
-                       "--policy-ws-port", str(port)) as srv:
-        srv.policy_port = port
+    srv = Server(tmp_path_factory.mktemp("pi05"), "serve", "pi05", "--preset", "tiny",
+                 "--load-format", "dummy", "--api-key", KEY, "--policy-ws-port", str(port),
+                 cli=MSTAR)
+    srv.policy_port = port
+    srv.client.headers["Authorization"] = f"Bearer {KEY}"
+    try:
+        srv.wait_healthy()
         yield srv
+    finally:
+        assert srv.stop() == 0, srv.output()
+    srv.assert_clean()
 
 
 def openpi_python() -> str:
@@ -206,10 +213,13 @@ def test_sdk_act_returns_the_chunk_as_numpy(server):
 def test_openpi_client_speaks_droid_and_libero(server, tmp_path):
     bad_state = libero(3, seed=3)
     bad_state["observation/state"] = np.zeros(STATE_DIM + 1)
-    (conn, wrong_key) = run_openpi(server, tmp_path, [
+    (conn, wrong_key, no_key) = run_openpi(server, tmp_path, [
         (KEY, [droid(1, seed=5), libero(3, seed=3), bad_state, droid(1, seed=5)]),
-        ("sk-wrong", [droid(1)])])
-    assert wrong_key == {"refused": "InvalidStatus", "status": 401}
+        ("sk-wrong", [droid(1)]), ("", [droid(1)])])
+    assert wrong_key == no_key == {"refused": "InvalidStatus", "status": 401}
+    # openpi's health check, on the policy port
+    health = httpx.get(f"http://127.0.0.1:{server.policy_port}/healthz", timeout=30)
+    assert health.status_code == 200 and health.text == "OK\n"
 
     meta = conn["metadata"]
     assert meta["model"] == "pi05" and meta["action_horizon"] == HORIZON
@@ -239,10 +249,10 @@ def test_openpi_client_speaks_droid_and_libero(server, tmp_path):
     np.testing.assert_allclose(np.asarray(lib["actions"], np.float32), want, rtol=0, atol=0)
 
 
-def ws(server: Server, **headers):
+def ws(server: Server, **options):
     url = server.url.replace("http://", "ws://") + "/v1/pi05/policy"
-    return connect(url, additional_headers={"Authorization": f"Api-Key {KEY}", **headers},
-                   open_timeout=30, max_size=None)
+    return connect(url, additional_headers={"Authorization": f"Api-Key {KEY}"},
+                   open_timeout=30, max_size=None, **options)
 
 
 def native(seed: int, **fields) -> bytes:
@@ -302,7 +312,8 @@ def test_http_and_openpi_robots_share_batched_steps(server, tmp_path):
 
 def test_a_robot_that_never_reads_its_answers_blocks_no_one(server):
     ok = server.metric('mstar_requests_total{status="ok"}')
-    with ws(server) as silent:
+    # stops reading from its socket once one frame waits unread
+    with ws(server, max_queue=1) as silent:
         silent.recv(timeout=30)  # the metadata; its answers are not read
         for k in range(3):
             silent.send(native(10 + k))

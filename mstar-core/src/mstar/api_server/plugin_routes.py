@@ -13,10 +13,11 @@ its `add(context)` gets a `RouteContext` and adds routes with it:
 - `context.websocket(path, schema, handler, hello=..., codec=..., port=...)`: a WebSocket
   route. The API key is checked at connect (a wrong one gets the HTTP 401 before any
   upgrade); the handshake's answer carries the connection's `x-request-id`. `hello` (if
-  any) is the first frame; then each frame is one request, id `<connection id>-<n>`,
-  answered by one frame. The `codec` (a `FrameCodec`) says how frames are read and
-  written; the default, `MsgpackFrames`, takes binary msgpack maps and answers `{"id",
-  **fields}` or `{"id", "error": ...}`. A bad frame is answered with the codec's error
+  not None, even empty: openpi's clients wait for their metadata) is the first frame;
+  then each frame is one request, id `<connection id>-<n>`, answered by one frame. The
+  `codec` (a `FrameCodec`) says how frames are read and written; the default,
+  `MsgpackFrames`, takes binary msgpack maps and answers `{"id", **fields}` or `{"id",
+  "error": ...}`. A bad frame is answered with the codec's error
   frame and does not end the connection; more than `MAX_FRAMES_AHEAD` frames waiting for
   their answers does, with 1008. Each frame is counted in the metrics like an HTTP
   request, and a client that leaves cancels the request it was waiting for. `port`: the
@@ -189,7 +190,7 @@ class RouteContext:
                 return
             session = _Session(websocket, self._runner, self.settings.max_body_bytes, schema,
                                handler, frames)
-            await session.serve(dict(hello or {}))
+            await session.serve(None if hello is None else dict(hello))
 
         self._app.add_api_websocket_route(path, route, name=_name(path))
         if port is not None:
@@ -268,12 +269,12 @@ class _Session:
         self.gone = asyncio.Event()
         self.inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
 
-    async def serve(self, hello: dict[str, Any]) -> None:
+    async def serve(self, hello: dict[str, Any] | None) -> None:
         await self.ws.accept(headers=[(b"x-request-id", self.id.encode())])
         log.info("%s websocket %s connected", self.id, self.ws.url.path)
         reader = asyncio.create_task(self._read())
         try:
-            if hello:
+            if hello is not None:
                 await self._send(self.codec.encode(hello))
             count = 0
             while (frame := await self.inbox.get()) is not None:

@@ -193,22 +193,32 @@ def _keys(fmt: ObservationFormat) -> list[str]:
 def image_tensor(value: Any, key: str) -> dict[str, Any]:
     """An observation's camera image as the `/generate` tensor form of an image: uint8 HWC,
     converted as openpi's `_parse_image` does (float [0, 1] -> uint8 by `255 * x`, CHW ->
-    HWC)."""
+    HWC; other integer arrays of 0..255 are taken as uint8, a float outside [0, 1] is
+    clipped rather than wrapped)."""
     image = np.asarray(value) if isinstance(value, np.ndarray | list) else None
-    if image is None or image.dtype.kind not in ARRAY_KINDS or image.ndim != 3:
+    if image is None or image.dtype.kind not in "iuf" or image.ndim != 3 or (
+            image.dtype.kind == "f" and not np.isfinite(image).all()) or (
+            image.dtype.kind in "iu" and image.size and not 0 <= image.min() <= image.max()
+            <= 255):
         raise ApiError(400, f"{key}: not an image: expected an array [H, W, 3] (uint8, or "
                             "float in [0, 1]; [3, H, W] too), got "
                             f"{_shown(value)}", param=key)
     if image.dtype.kind == "f":
-        image = (255 * image).astype(np.uint8)
+        image = np.clip(255 * image, 0, 255)
+    image = image.astype(np.uint8)
     if image.shape[0] == 3:
         image = image.transpose(1, 2, 0)
-    if image.shape[2] != 3 or image.dtype != np.uint8:
+    if image.shape[2] != 3:
         raise ApiError(400, f"{key}: not an image: expected [H, W, 3] RGB, got "
                             f"{_shown(image)}", param=key)
-    image = np.ascontiguousarray(image)
-    return {"dtype": "uint8", "shape": list(image.shape),
-            "data": base64.b64encode(image.tobytes()).decode()}
+    return _tensor_json(image)
+
+
+def _tensor_json(array: np.ndarray) -> dict[str, Any]:
+    """The JSON tensor form of `/generate` (the body travels to the data worker as is)."""
+    array = np.ascontiguousarray(array)
+    return {"dtype": str(array.dtype), "shape": list(array.shape),
+            "data": base64.b64encode(array.tobytes()).decode()}
 
 
 def _shown(value: Any) -> str:
@@ -269,23 +279,25 @@ def _native_body(obs: Mapping[str, Any]) -> dict[str, Any]:
                             f"{', '.join(NATIVE_KEYS)})", param=unknown[0])
     images = obs["images"]
     if isinstance(images, list):
-        images = dict(enumerate(images))
-    if not isinstance(images, dict):
+        images = [_native_image(image, f"images[{i}]") for i, image in enumerate(images)]
+    elif isinstance(images, dict):
+        images = {cam: _native_image(image, f"images.{cam}") for cam, image in images.items()}
+    else:
         raise ApiError(400, "images: expected a map of camera name -> image, or a list",
                        param="images")
-    body = {**obs, **_prompt(obs), "images": {
-        camera: image_tensor(image, f"images.{camera}") if not isinstance(image, str)
-        else image for camera, image in images.items()}}
-    if isinstance(obs["images"], list):
-        body["images"] = list(body["images"].values())
+    body = {**obs, **_prompt(obs), "images": images,
+            **_numbers(obs, ("action_dim", *OPTIONS))}
     if "state" in obs:
         body["state"] = _vector(obs["state"], "state").tolist()
-    body.update(_numbers(obs, ("action_dim", *OPTIONS)))
-    if isinstance(body.get("noise"), np.ndarray):
-        noise = np.ascontiguousarray(body["noise"], dtype=np.float32)
-        body["noise"] = {"dtype": "float32", "shape": list(noise.shape),
-                         "data": base64.b64encode(noise.tobytes()).decode()}
+    if isinstance(obs.get("noise"), np.ndarray):
+        body["noise"] = _tensor_json(obs["noise"].astype(np.float32))
     return body
+
+
+def _native_image(image: Any, key: str) -> Any:
+    """A native observation's image: an array as `image_tensor`; a URL or data URL as it
+    is."""
+    return image if isinstance(image, str) else image_tensor(image, key)
 
 
 def actions_of(evs: list[events.Event]) -> np.ndarray:
