@@ -24,13 +24,16 @@ most of it).
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -59,13 +62,22 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     assert err <= ATOL, f"{what}: max |ours - lerobot's| = {err:.3g} > {ATOL}"
 
 
-def request(i: int) -> dict[str, Any]:
-    """Fixture request `i` as a `/generate` body: the uint8 camera images (as pictures),
-    the raw prompt and state, lerobot's initial noise."""
+def request(i: int, *, png: bool = False) -> dict[str, Any]:
+    """Fixture request `i` as a `/generate` body: the camera images (camera -> uint8 array
+    [H, W, 3]; with `png`, a list in the checkpoint's camera order of PNG data URLs), the
+    raw prompt and state, lerobot's initial noise."""
     meta = META["requests"][i]
-    images = {cam: Image.fromarray(INPUTS[f"{i}.image.{cam}"].numpy()) for cam in meta["cameras"]}
+    arrays = [INPUTS[f"{i}.image.{cam}"].numpy() for cam in meta["cameras"]]
+    images = [png_url(a) for a in arrays] if png else dict(zip(meta["cameras"], arrays,
+                                                                strict=True))
     return {"images": images, "prompt": meta["prompt"],
             "state": INPUTS[f"{i}.state"].tolist(), "noise": INPUTS[f"{i}.noise"]}
+
+
+def png_url(pixels: np.ndarray) -> str:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 def actions_of(events: list[Any]) -> torch.Tensor:
@@ -171,11 +183,11 @@ def test_actions_match_lerobot(served: Any, i: int) -> None:
 
 
 def run_concurrently(dep: Any) -> dict[int, torch.Tensor]:
-    """The actions of every fixture request, all in flight together."""
+    """The actions of every fixture request, all in flight together (images as PNGs)."""
     results: dict[int, torch.Tensor] = {}
 
     def run(i: int) -> None:
-        results[i] = actions_of(list(dep.generate(request(i))))
+        results[i] = actions_of(list(dep.generate(request(i, png=True))))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in REQUESTS]
     for t in threads:
@@ -188,7 +200,7 @@ def run_concurrently(dep: Any) -> dict[int, torch.Tensor]:
 
 def test_concurrent_requests_match_lerobot(served: Any) -> None:
     """Both fixture requests in flight together (other prompt lengths and cameras in one
-    ragged batch) still give lerobot's actions, each as it ran alone there."""
+    ragged batch; the images sent as PNG data URLs) still give lerobot's actions."""
     for i, actions in run_concurrently(served).items():
         assert_close(actions, EXPECTED[f"{i}.actions"], f"request {i} actions")
 
