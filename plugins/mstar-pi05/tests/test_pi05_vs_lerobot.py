@@ -125,7 +125,8 @@ class Observed:
 
 @pytest.fixture(scope="module")
 def served() -> Any:
-    with mstar.load("pi05", model_path=str(CHECKPOINT)) as dep:
+    # no encoder cache: every request's images go through `vit_encoder`, in any test order
+    with mstar.load("pi05", model_path=str(CHECKPOINT), encoder_cache_bytes=0) as dep:
         yield dep
 
 
