@@ -11,7 +11,8 @@ features (resize with padding, SigLIP, projector), the prefix's cached keys and 
 layer (embeddings, prompt, the PaliGemma stack), the first Euler step's velocity (the
 action expert: time condition, adaRMS, joint attention), the last step's output (the flow
 loop), the actions (unnormalising, slicing). Also: the prompt string and token ids, both
-fixture requests at once, and the checkpoint layout without `embed_tokens`.
+fixture requests at once, a `num_steps` override, and the checkpoint layout without
+`embed_tokens`.
 
 Tolerance: float32 on both sides, attention and reductions ordered differently (lerobot pads
 the prompt to 200 tokens and masks, we do not pad): every compared tensor within
@@ -204,6 +205,15 @@ def test_concurrent_requests_match_lerobot(served: Any) -> None:
     ragged batch; the images sent as PNG data URLs) still give lerobot's actions."""
     for i, actions in run_concurrently(served).items():
         assert_close(actions, EXPECTED[f"{i}.actions"], f"request {i} actions")
+
+
+@pytest.mark.parametrize("i", REQUESTS)
+def test_num_steps_override_matches_lerobot(served: Any, i: int) -> None:
+    """A request's `num_steps` (5, the checkpoint's is 10) gives lerobot's actions for
+    `predict_action_chunk(num_steps=5)`: the Euler step and times follow it."""
+    steps = META["few_steps"]
+    actions = actions_of(list(served.generate({**request(i), "num_steps": steps})))
+    assert_close(actions, EXPECTED[f"{i}.actions_{steps}_steps"], f"request {i} actions")
 
 
 def test_checkpoint_without_embed_tokens_matches_lerobot(tmp_path: Path) -> None:
