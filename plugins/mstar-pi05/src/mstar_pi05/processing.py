@@ -70,7 +70,7 @@ def resize_with_pad(images: torch.Tensor, height: int, width: int) -> torch.Tens
 def prompt_text(task: str, normalized_state: torch.Tensor) -> str:
     """`Task: {task}, State: {bins};\\nAction: ` with the task stripped, `_` and newlines as
     spaces, and each state value's bin among 256 equal ones over [-1, 1] (values outside
-    fall in bins -1 and 256, as np.digitize puts them)."""
+    fall in bins -1 and 255, as np.digitize puts them)."""
     edges = np.linspace(-1, 1, STATE_BINS + 1)[:-1]
     bins = np.digitize(normalized_state.float().numpy(), bins=edges) - 1
     cleaned = task.strip().replace("_", " ").replace("\n", " ")
