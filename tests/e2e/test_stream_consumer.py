@@ -206,10 +206,15 @@ class WrongWalkModel(RelayModel):
         plan = super().process_prompt(request)
         if request.get("bad_start"):
             plan.first_walks["src"] = WalkStep("no_such_walk")
+        plan.params["tensor_input"] = request.get("tensor_input", False)
         return plan
 
     def next_walk(self, state, control):
-        return WalkStep("no_such_walk") if state.walk == "source_walk" else Done("stop")
+        if state.walk != "source_walk":
+            return Done("stop")
+        if state.params.get("tensor_input"):  # a tensor cannot travel in a control message
+            return WalkStep("source_walk", inputs={"noise": torch.zeros(2)})
+        return WalkStep("no_such_walk")
 
 
 def test_a_walk_the_model_does_not_declare_fails_the_request_not_the_conductor():
@@ -223,4 +228,7 @@ def test_a_walk_the_model_does_not_declare_fails_the_request_not_the_conductor()
             evs = collect(d, bad)
             assert isinstance(evs[-1], events.Error) and evs[-1].code == 500, evs[-1]
             assert "'no_such_walk', which" in evs[-1].message, evs[-1].message
+        evs = collect(d, {**request, "tensor_input": True})
+        assert isinstance(evs[-1], events.Error) and evs[-1].code == 500, evs[-1]
+        assert "input 'noise' of walk 'source_walk' is a Tensor" in evs[-1].message, evs[-1]
         settle(d)

@@ -87,9 +87,11 @@ class Fork(msgspec.Struct, frozen=True):
 
 @dataclass
 class WalkStep:
-    """Run `walk` next. `inputs` are new environment values (tensors, host values, or
-    handles of results of earlier walks); `forks` run before it starts; `children` runs the
-    walk once per child (0..children-1), each with its own environment copy."""
+    """Run `walk` next. `inputs` are new environment values: host values or handles of
+    results of earlier walks, and tensors in a plan's first walks only (`next_walk` runs in
+    the conductor, which has no tensor transport: a tensor there fails the request);
+    `forks` run before it starts; `children` runs the walk once per child
+    (0..children-1), each with its own environment copy."""
 
     walk: str
     inputs: dict[str, Any] = field(default_factory=dict)

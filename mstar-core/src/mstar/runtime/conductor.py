@@ -231,7 +231,12 @@ class Conductor(Component):
                             f"declare (its walks: {', '.join(sorted(self.walks))})")
             return
         if isinstance(nxt, WalkStep):
-            self._dispatch(req, m.partition, m.child, msg.walk_step_msg(nxt), self.owner_of(nxt.walk))
+            step = msg.walk_step_msg(nxt)
+            problem = _unsendable(step)
+            if problem:
+                self._end(m.request_id, "error", code=500, error=f"next_walk: {problem}")
+                return
+            self._dispatch(req, m.partition, m.child, step, self.owner_of(nxt.walk))
             self._fail_if_stalled(req)
             return
         if isinstance(nxt, Done) and nxt.reason != "stop":
@@ -286,4 +291,26 @@ class Conductor(Component):
                               else msg.Release(rid))
         self.channel.send(req.info.frontend, msg.Complete(rid, reason, dict(req.outputs_sent),
                                                           error, code, req.child_reasons))
+
+
+def _unsendable(step: msg.WalkStepMsg) -> str | None:
+    """What of a `next_walk` step cannot travel to a worker (None: all of it can). The
+    conductor has no tensor transport: its steps carry host values and result handles, and a
+    tensor there (or any object msgpack cannot encode) would fail the send, leaving the
+    request waiting on a walk that never starts."""
+    try:
+        msg.encode(step)
+        return None
+    except (TypeError, ValueError, OverflowError):
+        pass
+    for name, value in step.host.items():
+        try:
+            msg.encode(msg.WalkStepMsg(step.walk, {name: value}))
+        except (TypeError, ValueError, OverflowError):
+            return (f"input {name!r} of walk {step.walk!r} is a {type(value).__name__}, which "
+                    "cannot travel in a control message: a WalkStep from next_walk carries "
+                    "host values (numbers, strings, lists, dicts) and handles of walk "
+                    "results; a tensor comes from a walk's `results` or from the plan's "
+                    "first walks")
+    return f"walk {step.walk!r} cannot be sent to a worker (its forks or children)"
 
