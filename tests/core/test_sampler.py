@@ -392,3 +392,19 @@ def test_in_node_sampling_uses_the_sites_params_and_each_childs_history():
     # a sequence rebuilt after preemption has no invocation: a clear error, not a guess
     with pytest.raises(RuntimeError, match="rebuilt after preemption"):
         KeyedStepContext([None]).sample(0, logits, "code_predictor", 0)
+
+
+def test_keyed_noise_is_drawn_on_cpu_and_lands_on_the_engines_device():
+    """`ctx.randn` is placement-independent (drawn on CPU from the request's key) and is
+    handed over on the engine's device, so a node without parameters (flow noise) gets it
+    beside the tensors it combines with."""
+    from mstar.engine import rng
+    from mstar.engine.work import KeyedStepContext, NodeWork
+    from mstar.graph.primitives import GraphNode
+
+    work = NodeWork("r", 0, GraphNode("init"), {}, seed=7, sampling=SamplingParams())
+    here = KeyedStepContext([work]).randn(0, (2, 3), "noise")
+    assert torch.equal(here, rng.randn((2, 3), seed=7, child=0, site="noise", step=0))
+    elsewhere = KeyedStepContext([work], device="meta")
+    assert elsewhere.device == torch.device("meta")
+    assert elsewhere.randn(0, (2, 3), "noise").device.type == "meta"

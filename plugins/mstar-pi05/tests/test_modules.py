@@ -498,11 +498,11 @@ def test_vit_encoder_matches_siglip_and_projector(oracle: Oracle, checkpoint: Pa
 # -- flow matching ----------------------------------------------------------------------------
 
 
-def keyed(seeds: list[int]) -> KeyedStepContext:
+def keyed(seeds: list[int], device: str = "cpu") -> KeyedStepContext:
     return KeyedStepContext([NodeWork(request_id=f"r{i}", child=0,
                                       node=GraphNode("action_init"), inputs={}, seed=s,
                                       sampling=SamplingParams())
-                             for i, s in enumerate(seeds)])
+                             for i, s in enumerate(seeds)], device)
 
 
 def test_action_init_noise_is_keyed_by_the_seed() -> None:
@@ -517,6 +517,9 @@ def test_action_init_noise_is_keyed_by_the_seed() -> None:
     assert not torch.equal(a["x_t"], b["x_t"])
     assert torch.equal(c["x_t"], given)
     assert float(a["t"]) == 1.0
+    # on the engine's device, drawn or given (it meets the LLM's velocity there)
+    on_meta = init([{}, {"noise": given}], keyed([7, 9], device="meta"))
+    assert {out["x_t"].device.type for out in on_meta} == {"meta"}
 
 
 def test_combine_is_one_euler_step_landing_on_openpi_times() -> None:

@@ -201,7 +201,7 @@ class KVRunner:
         extras = self.batch_extras(pieces)
         fb = ForwardBatch(input_ids=torch.cat([p.input_ids for p in pieces]),
                           positions=torch.cat([p.positions for p in pieces], dim=1),
-                          seqs=seq_chunks, extras=extras, ctx=KeyedStepContext(works))
+                          seqs=seq_chunks, extras=extras, ctx=KeyedStepContext(works, self.device))
         if self.spec.position_axes == 1:
             fb.positions = fb.positions[0]
         if self.mirror is not None:
@@ -238,7 +238,7 @@ class KVRunner:
                           positions=step.positions.to_tensor().to(self.device), seqs=chunks,
                           extras={k: v.to_tensor().to(self.device)
                                   for k, v in step.extras.items()},
-                          ctx=KeyedStepContext(works))
+                          ctx=KeyedStepContext(works, self.device))
         with torch.inference_mode(), attention_context(self.backend(chunks, self.cache)):
             self.module(fb)
         for c, s in zip(chunks, step.seqs):

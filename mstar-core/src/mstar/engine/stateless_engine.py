@@ -94,11 +94,14 @@ class OutputCache:
 
 class StatelessEngine:
     def __init__(self, node: str, module: torch.nn.Module, *, max_batch: int = 64,
-                 log_size: int = 10_000, cache_bytes: int = 0):
+                 log_size: int = 10_000, cache_bytes: int = 0,
+                 device: torch.device | str = "cpu"):
         """`cache_bytes` > 0 gives the node an encoder-output cache of that size (only for
-        nodes whose outputs are a pure function of their inputs)."""
+        nodes whose outputs are a pure function of their inputs); `device`: the rank's, where
+        `ctx.randn` puts a parameterless node's noise."""
         self.node = node
         self.module = module
+        self.device = device
         self.max_batch = max_batch
         self.waiting: list[NodeWork] = []
         self.nvtx = False  # NVTX range around each call (CUDA only; `--enable-nvtx`)
@@ -170,7 +173,7 @@ class StatelessEngine:
         items = [dict(w.inputs) for w in works]
         started = time.perf_counter()
         with torch.inference_mode(), step_range(f"{self.node} step", self.nvtx):
-            outs = self.module(items, KeyedStepContext(works))
+            outs = self.module(items, KeyedStepContext(works, self.device))
         seconds = time.perf_counter() - started
         if len(outs) != len(works):
             raise RuntimeError(f"{self.node} returned {len(outs)} results for {len(works)} items")

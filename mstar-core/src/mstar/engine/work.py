@@ -50,10 +50,12 @@ class KeyedStepContext:
 
     A KV sequence rebuilt after preemption runs without an invocation (its entry is None):
     it has no key to draw with, so a node must compute such rows from its recorded inputs
-    (a rebuild has no outputs wanted: `SeqChunk.outputs` is empty)."""
+    (a rebuild has no outputs wanted: `SeqChunk.outputs` is empty). Noise is drawn on CPU
+    (placement-independent) and lands on the engine's `device`, beside the node's tensors."""
 
-    def __init__(self, works: list[NodeWork | None]):
+    def __init__(self, works: list[NodeWork | None], device: torch.device | str = "cpu"):
         self._works = works
+        self.device = torch.device(device)
 
     def _work(self, seq_index: int) -> NodeWork:
         w = self._works[seq_index]
@@ -66,7 +68,7 @@ class KeyedStepContext:
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = self._work(seq_index)
         return rng.randn(shape, seed=w.seed, child=w.child, site=site,
-                         step=w.iteration or 0, dtype=dtype)
+                         step=w.iteration or 0, dtype=dtype, device=self.device)
 
     def sample(self, seq_index: int, logits: torch.Tensor, site: str, step: int) -> torch.Tensor:
         """Row j of `logits` is its own draw, keyed by site "<site>/<j>", with the request's

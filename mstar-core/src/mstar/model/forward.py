@@ -81,7 +81,10 @@ class SeqChunk:
 
 
 class StepContext(Protocol):
-    """Core services available to a node during one engine step."""
+    """Core services available to a node during one engine step. `device`: the engine's,
+    where a node without parameters puts the tensors it makes."""
+
+    device: torch.device
 
     def randn(self, seq_index: int, shape: tuple[int, ...], site: str, *,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -267,7 +267,8 @@ def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodeP
         else:
             engines[node] = StatelessEngine(
                 node, module, max_batch=config.scheduler.max_num_seqs,
-                cache_bytes=config.encoder_cache_bytes if node in cacheable else 0)
+                cache_bytes=config.encoder_cache_bytes if node in cacheable else 0,
+                device=device)
     for engine in engines.values():
         engine.nvtx = enable_nvtx
     return engines

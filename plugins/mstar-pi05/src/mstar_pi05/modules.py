@@ -347,7 +347,7 @@ class ActionInit(nn.Module):
         for i, item in enumerate(items):
             noise = item.get("noise")
             x = (ctx.randn(i, self.shape, site="noise") if noise is None
-                 else torch.as_tensor(noise).to(torch.float32))
+                 else torch.as_tensor(noise).to(device=ctx.device, dtype=torch.float32))
             out.append({"x_t": x, "t": torch.ones((), dtype=torch.float64, device=x.device)})
         return out
 
