@@ -405,6 +405,6 @@ def test_keyed_noise_is_drawn_on_cpu_and_lands_on_the_engines_device():
     work = NodeWork("r", 0, GraphNode("init"), {}, seed=7, sampling=SamplingParams())
     here = KeyedStepContext([work]).randn(0, (2, 3), "noise")
     assert torch.equal(here, rng.randn((2, 3), seed=7, child=0, site="noise", step=0))
-    elsewhere = KeyedStepContext([work], device="meta")
+    elsewhere = KeyedStepContext([work], device=torch.device("meta"))
     assert elsewhere.device == torch.device("meta")
     assert elsewhere.randn(0, (2, 3), "noise").device.type == "meta"

@@ -502,7 +502,7 @@ def keyed(seeds: list[int], device: str = "cpu") -> KeyedStepContext:
     return KeyedStepContext([NodeWork(request_id=f"r{i}", child=0,
                                       node=GraphNode("action_init"), inputs={}, seed=s,
                                       sampling=SamplingParams())
-                             for i, s in enumerate(seeds)], device)
+                             for i, s in enumerate(seeds)], torch.device(device))
 
 
 def test_action_init_noise_is_keyed_by_the_seed() -> None:

@@ -24,7 +24,7 @@ import torch
 
 from mstar.engine.kv_engine import StepRecord
 from mstar.engine.profiling import step_range
-from mstar.engine.work import KeyedStepContext, NodeWork, WorkResult
+from mstar.engine.work import CPU, KeyedStepContext, NodeWork, WorkResult
 
 
 def input_key(inputs: dict[str, Any]) -> bytes:
@@ -95,7 +95,7 @@ class OutputCache:
 class StatelessEngine:
     def __init__(self, node: str, module: torch.nn.Module, *, max_batch: int = 64,
                  log_size: int = 10_000, cache_bytes: int = 0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device = CPU):
         """`cache_bytes` > 0 gives the node an encoder-output cache of that size (only for
         nodes whose outputs are a pure function of their inputs); `device`: the rank's, where
         `ctx.randn` puts a parameterless node's noise."""

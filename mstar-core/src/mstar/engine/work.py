@@ -45,6 +45,9 @@ class WorkResult:
     error: Exception | None = None
 
 
+CPU = torch.device("cpu")
+
+
 class KeyedStepContext:
     """`StepContext` for one engine step: noise and in-node sampling keyed per request.
 
@@ -53,9 +56,9 @@ class KeyedStepContext:
     (a rebuild has no outputs wanted: `SeqChunk.outputs` is empty). Noise is drawn on CPU
     (placement-independent) and lands on the engine's `device`, beside the node's tensors."""
 
-    def __init__(self, works: list[NodeWork | None], device: torch.device | str = "cpu"):
+    def __init__(self, works: list[NodeWork | None], device: torch.device = CPU):
         self._works = works
-        self.device = torch.device(device)
+        self.device = device  # as given: this runs once per engine step
 
     def _work(self, seq_index: int) -> NodeWork:
         w = self._works[seq_index]
