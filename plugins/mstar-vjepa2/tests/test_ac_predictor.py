@@ -8,6 +8,7 @@ node runs as the engine runs it: frames appended as bidirectional chunks to a re
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import sys
 import types
 from pathlib import Path
@@ -39,7 +40,7 @@ from mstar_vjepa2.pose import compute_new_pose
 def _authors_module() -> Any:
     """vjepa2.models.ac_predictor; its modules.py imports timm only for `drop_path`
     (stochastic depth, off at drop_path_rate 0 and in eval): give it the identity when timm
-    is absent (timm would pull torchvision)."""
+    is absent (timm would pull torchvision). CI installs cc-vjepa2 (.ci/run): no skip."""
     if "timm.models.layers" not in sys.modules:
         try:
             import timm.models.layers  # noqa: F401
@@ -50,7 +51,7 @@ def _authors_module() -> Any:
                               ("timm.models", types.ModuleType("timm.models")),
                               ("timm.models.layers", layers)):
                 sys.modules.setdefault(name, mod)
-    return pytest.importorskip("vjepa2.models.ac_predictor")
+    return importlib.import_module("vjepa2.models.ac_predictor")
 
 
 # head_dim 16 (4 dims unrotated) and a non-square 3x4 grid (the authors' column snapping)
