@@ -7,6 +7,13 @@ appended to its sequence: with earlier frames cached that IS the block-causal ma
 rollout appends one frame per step instead of recomputing the clip (the paper's speedup).
 Predictions of a frame's patch rows are the next frame's latents.
 
+A frame's chunk holds the action taken *from* that frame (and the state there), and its
+patch rows attend to that action token: so the K/V of the current frame depend on the
+action being tried. A rollout's or planner's first step therefore appends the current
+frame with the first action; only the frames before it (with the actions already taken)
+are a context that candidates can share by forking. With the authors' one-frame context
+each CEM candidate's first chunk is the current frame itself.
+
 RoPE as the authors' (`rope.rope_3d`, shared with the encoder). Action and state tokens
 rotate by their frame only, which is rotating them at row = column = 0: so every row
 carries 3 positions (frame, row, column) and one rotation serves all rows.
