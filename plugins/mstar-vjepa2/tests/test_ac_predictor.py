@@ -208,6 +208,34 @@ def test_rollout_with_the_persistent_cache_equals_the_authors_recompute(
     torch.testing.assert_close(pose, poses[-1])
 
 
+def test_candidates_forked_from_a_shared_history_match_the_authors(
+        oracle: torch.nn.Module, node: ACPredictor) -> None:
+    """A planner's round: two history frames (actions taken) prefilled once under their
+    own label; three candidates fork it, and in one batched step each appends the current
+    frame with its own action, then its predicted frame with its second action. Each equals
+    the authors' forward over its whole trajectory."""
+    z, a, s = clip(8, 3)
+    gen = torch.Generator().manual_seed(9)
+    first, second = torch.randn(3, 7, generator=gen), torch.randn(3, 7, generator=gen)
+    cache, ctx = new_cache(), SeqKey("r", "ac_predictor", "ctx")
+    step(node, cache, [(ctx, frames_of(z[:2], a[:2], s[:2]))])
+    kids = [SeqKey("r", "ac_predictor", "cand", c) for c in range(3)]
+    for kid in kids:
+        cache.fork(ctx, kid)
+    nxt = step(node, cache, [(kid, [frame_inputs(z[2], first[c], s[2], 2, CFG)])
+                             for c, kid in enumerate(kids)])
+    last = step(node, cache, [(kid, [frame_inputs(nxt[c][0], second[c], s[2], 3, CFG)])
+                              for c, kid in enumerate(kids)])
+    for c in range(3):
+        zs = torch.cat([z, nxt[c]])
+        acts = torch.stack([a[0], a[1], first[c], second[c]])
+        with torch.no_grad():
+            want = oracle(zs.flatten(0, 1)[None], acts[None],
+                          torch.cat([s, s[2:]])[None])[0].view(4, P, D)
+        torch.testing.assert_close(torch.cat([nxt[c], last[c]]), want[2:], atol=1e-5, rtol=0)
+    assert cache.length(ctx) == 2 * CFG.tokens_per_frame
+
+
 def test_extrinsics_token_and_square_vitg_rope_match_the_authors(tmp_path: Path) -> None:
     """The third conditioning token (extrinsics: 6 values) on a square grid."""
     cfg = dataclasses.replace(ACPredictorConfig(**PRESETS["tiny"]), use_extrinsics=True,
