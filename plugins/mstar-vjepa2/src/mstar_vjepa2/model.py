@@ -206,6 +206,11 @@ def _matrix(value: Any, param: str, rows: int | None, what: str) -> torch.Tensor
     return x
 
 
+def _chunk(inputs: dict[str, Any]) -> dict[str, Any]:
+    """`ac_predictor.frame_inputs`' chunk as a node's inputs: its extras by name."""
+    return {k: v for k, v in inputs.items() if k != "extras"} | inputs["extras"]
+
+
 def _event(name: str, value: Any, index: int = 0) -> NamedTensor:
     tensor = torch.as_tensor(value).float().cpu().contiguous()
     return NamedTensor(name, TensorData.from_tensor(tensor), index=index)
@@ -413,11 +418,12 @@ class VJepa2AC(_VJepa2Base):
 
     # -- walks ------------------------------------------------------------------------------
     def graph_walks(self) -> dict[str, Walk]:
-        def encode(clip: str = "pixel_values", out: str = "latents",
+        def encode(at: str | None = "frame", clip: str = "pixel_values", out: str = "latents",
                    emit: bool = False) -> GraphNode:
-            """The encoder on frame `frame` (the loop's) of `clip`, or on its only frame."""
+            """The encoder on frame `env[at]` of `clip` (the loop's `frame`, the last
+            context frame `prefix_frames`), or on its only frame (`at` None)."""
             def prepare(env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
-                return self._encoded(env, clip, int(env.get("frame", 0)))
+                return self._encoded(env, clip, 0 if at is None else int(env[at]))
             return GraphNode("video_encoder", inputs=("pixel_values",), outputs=("latents",),
                              rename={"latents": out}, prepare=prepare,
                              emit=(out,) if emit else ())
@@ -440,13 +446,13 @@ class VJepa2AC(_VJepa2Base):
             "encode": Walk(Loop(encode(emit=True), times="num_frames", iteration="frame")),
             "rollout": Walk(Sequential(
                 Loop(Sequential(encode(), append()), times="prefix_frames", iteration="frame"),
-                encode(), Loop(append(step=True, emit=True), times="rollout_steps",
+                encode("prefix_frames"), Loop(append(step=True, emit=True), times="rollout_steps",
                                carry=["next_latents"]))),
             # every context frame into the kept `ctx` (the last one's chunk is cut off by
             # the candidates' forks: its action is each candidate's own), then the goal
             "plan_context": Walk(Sequential(
                 Loop(Sequential(encode(), append(ctx=True)), times="num_frames",
-                     iteration="frame"), encode("goal_pixels", "goal_latents")),
+                     iteration="frame"), encode(None, "goal_pixels", "goal_latents")),
                 results=("latents", "goal_latents")),
             "plan": Walk(
                 Sequential(GraphNode("cem_sample", inputs=("cem_mean", "cem_std", "maxnorm"),
@@ -476,8 +482,9 @@ class VJepa2AC(_VJepa2Base):
         i = int(env["frame"])
         actions = env["actions"]
         action = torch.tensor(actions[i]) if i < len(actions) else torch.zeros(ACTION_DIM)
-        return acp.frame_inputs(self._normed(env["latents"]), action,
-                                torch.tensor(env["poses"][i]), i, self.config.predictor)
+        return _chunk(acp.frame_inputs(self._normed(env["latents"]), action,
+                                       torch.tensor(env["poses"][i]), i,
+                                       self.config.predictor))
 
     def _step_frame(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
         """Step k: frame T-1+k, the last context frame (k = 0) or the previous prediction,
@@ -495,7 +502,7 @@ class VJepa2AC(_VJepa2Base):
             action, pose = plan[k], pose[0, 0]
         else:
             action, pose = torch.tensor(env["actions"][frame]), torch.tensor(env["poses"][frame])
-        return acp.frame_inputs(latents, action, pose, frame, self.config.predictor)
+        return _chunk(acp.frame_inputs(latents, action, pose, frame, self.config.predictor))
 
     def _join_inputs(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
         """The round's candidates for `cem_score`: their trajectories and final frames
