@@ -180,9 +180,7 @@ def _pixels(frames: torch.Tensor, cfg: VJepa2Config, param: str,
             per_frame: bool = False) -> torch.Tensor:
     """[T, 3, crop, crop] float32, as `VJEPA2VideoProcessor` (`processing`); `per_frame`:
     every frame kept (the AC model encodes frames one by one)."""
-    if frames.shape[-1] != 3:  # [T, 3, H, W] in [0, 1] -> the processor's [T, H, W, 3]
-        frames = frames.permute(0, 2, 3, 1) * 255.0
-    h, w = frames.shape[1:3]
+    h, w = frames.shape[1:3] if frames.shape[-1] == 3 else frames.shape[2:]
     if min(h, w) < cfg.patch_size:
         raise RequestError(f"{param}: frames of {h}x{w} pixels are smaller than one "
                            f"{cfg.patch_size}-pixel patch", param=param)
@@ -376,6 +374,34 @@ AUTHORS_ENCODER_KEYS: tuple[tuple[str, str | None], ...] = (
 )
 
 
+class _QKVSlice(nn.Module):
+    """Query, key or value as a slice of the authors' fused `attn.qkv` projection."""
+
+    def __init__(self, fused: nn.Linear, index: int):
+        super().__init__()
+        self._fused = [fused]  # a list: the fused layer's parameters are registered once
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self._fused[0]
+        rows = slice(self.index * fused.in_features, (self.index + 1) * fused.in_features)
+        bias = None if fused.bias is None else fused.bias[rows]
+        return F.linear(x, fused.weight[rows], bias)
+
+
+def fused_qkv_encoder(encoder: VideoEncoder) -> VideoEncoder:
+    """The encoder with each layer's q, k, v in one `attention.qkv` [3·d, d], the
+    authors' layout (`vision_transformer.py`), which core's loader cannot split: the AC
+    checkpoint's encoder loads as it is stored."""
+    for layer in encoder.layer:
+        attention = layer.attention
+        dim = attention.query.in_features
+        attention.qkv = nn.Linear(dim, 3 * dim, bias=attention.query.bias is not None)
+        for i, name in enumerate(("query", "key", "value")):
+            setattr(attention, name, _QKVSlice(attention.qkv, i))
+    return encoder
+
+
 class CEMSample(nn.Module):
     """The stateless node `cem_sample`: each plan candidate (child) draws its action
     trajectory [horizon, 7] from the round's (`cem_mean`, `cem_std`) [horizon, 4] with
@@ -515,7 +541,7 @@ class VJepa2AC(_VJepa2Base):
     # -- modules and weights --------------------------------------------------------------
     def build_submodule(self, node: str, ctx: BuildContext) -> nn.Module:
         c = self.config
-        builders = {"video_encoder": lambda: VideoEncoder(c.encoder),
+        builders = {"video_encoder": lambda: fused_qkv_encoder(VideoEncoder(c.encoder)),
                     "ac_predictor": lambda: acp.ACPredictor(c.predictor),
                     "cem_sample": CEMSample, "cem_score": CEMScore}
         if node not in builders:
