@@ -552,12 +552,12 @@ class VJepa2AC(_VJepa2Base):
         """The authors' pickled `{"encoder": ..., "predictor": ...}` (keys prefixed
         `module.backbone.`), read with `weights_only=True`; core's loader flattens it to
         `encoder.module.backbone.*` and `predictor.module.backbone.*`."""
+        nothing = ((r".*", None),)  # the CEM nodes hold no weights
         maps = {"video_encoder": AUTHORS_ENCODER_KEYS, **acp.WEIGHT_KEY_MAPS,
-                "cem_sample": (), "cem_score": ()}
+                "cem_sample": nothing, "cem_score": nothing}
         if node not in maps:
             raise ValueError(f"unknown vjepa2_ac node {node!r}; nodes: {sorted(maps)}")
-        return WeightSpec(patterns=("*.pt", "*.pth") if maps[node] else (), format="torch",
-                          key_map=maps[node])
+        return WeightSpec(patterns=("*.pt", "*.pth"), format="torch", key_map=maps[node])
 
     # -- host side ------------------------------------------------------------------------
     def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
