@@ -8,6 +8,7 @@ node runs as the engine runs it: frames appended as bidirectional chunks to a re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import sys
 import types
@@ -34,6 +35,8 @@ from mstar_vjepa2.ac_predictor import (
     kv_extras,
     next_frame,
 )
+from mstar_vjepa2.encoder import VideoEncoder
+from mstar_vjepa2.model import AC_PRESETS, VJepa2AC, VJepa2ACConfig, fused_qkv_encoder
 from mstar_vjepa2.pose import compute_new_pose
 
 
@@ -71,12 +74,16 @@ def authors_predictor(cfg: ACPredictorConfig, seed: int) -> torch.nn.Module:
         num_heads=cfg.num_heads, action_embed_dim=cfg.action_embed_dim,
         use_extrinsics=cfg.use_extrinsics, use_rope=cfg.use_rope,
         is_frame_causal=cfg.is_frame_causal)
+    return randomize(m, seed).eval()
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for name, p in module.named_parameters():
             p.copy_(0.1 * torch.randn(p.shape, generator=gen)
                     + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    return m.eval()
+    return module
 
 
 def save_authors_checkpoint(predictor: torch.nn.Module, path: Path) -> Path:
@@ -252,6 +259,44 @@ def test_extrinsics_token_and_square_vitg_rope_match_the_authors(tmp_path: Path)
     frames = [frame_inputs(z[t], a[t], s[t], t, cfg, extrinsics=e[t]) for t in range(2)]
     got = step(node, new_cache(cfg), [(SeqKey("r", "ac_predictor"), frames)])[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_the_released_layout_loads_both_nodes_and_its_encoder_is_the_authors_vit(
+        oracle: torch.nn.Module, tmp_path: Path) -> None:
+    """One authors' file ({"encoder", "predictor"}, `module.backbone.` keys) through
+    VJepa2AC's weight specs: the predictor as above, the encoder (the authors' RoPE ViT,
+    q/k/v fused in `attn.qkv`) into the fused-qkv VideoEncoder, whose latents of a frame
+    (a tubelet of it repeated, as the authors' WorldModel.encode) are the authors'."""
+    _authors_module()
+    from vjepa2.models.vision_transformer import VisionTransformer
+
+    model = VJepa2AC(VJepa2ACConfig(**AC_PRESETS["tiny"]))
+    enc_cfg = model.config.encoder
+    vit = VisionTransformer(
+        img_size=(enc_cfg.crop_size, enc_cfg.crop_size), patch_size=enc_cfg.patch_size,
+        num_frames=enc_cfg.frames_per_clip, tubelet_size=enc_cfg.tubelet_size,
+        embed_dim=enc_cfg.hidden_size, depth=enc_cfg.num_hidden_layers,
+        num_heads=enc_cfg.num_attention_heads, mlp_ratio=enc_cfg.mlp_ratio, qkv_bias=True,
+        norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), use_rope=True,
+        uniform_power=False, use_sdpa=True, use_SiLU=False, wide_SiLU=True).eval()
+    randomize(vit, seed=11)
+    path = tmp_path / "vjepa2-ac.pt"
+    torch.save({"encoder": {f"module.backbone.{k}": v.clone()
+                            for k, v in vit.state_dict().items()},
+                "predictor": {f"module.backbone.{k}": v.clone()
+                              for k, v in oracle.state_dict().items()}}, path)
+    encoder = fused_qkv_encoder(VideoEncoder(enc_cfg))
+    load_weights(encoder, iter_checkpoint([path]), model.weight_spec("video_encoder"))
+    predictor = ACPredictor(model.config.predictor)
+    load_weights(predictor, iter_checkpoint([path]), model.weight_spec("ac_predictor"))
+    frame = torch.randn(1, 3, enc_cfg.crop_size, enc_cfg.crop_size,
+                        generator=torch.Generator().manual_seed(12))
+    tubelet = frame.repeat(enc_cfg.tubelet_size, 1, 1, 1)
+    with torch.no_grad():
+        want = vit(tubelet.transpose(0, 1)[None])[0]
+        got = encoder.eval()([{"pixel_values": tubelet}])[0]["latents"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert all(torch.equal(predictor.state_dict()[k], v) for k, v in oracle.state_dict().items())
 
 
 def test_frame_inputs_refuse_what_the_predictor_cannot_read() -> None:
