@@ -233,20 +233,18 @@ class ACPredictor(nn.Module):
         self.predictor_proj = nn.Linear(dim, cfg.embed_dim)
 
     def _embed(self, batch: ForwardBatch) -> torch.Tensor:
+        """Each row through its kind's input layer. Every layer runs on every row and
+        `where` picks (the conditioning layers are 7 wide: cheap), so no row selection
+        waits on the device."""
         ex = batch.extras
-        kind = ex["token_kind"].to(torch.long)
         w = self.predictor_embed.weight
-        x = torch.empty(batch.num_tokens, self.cfg.predictor_embed_dim, dtype=w.dtype,
-                        device=w.device)
+        kind = ex["token_kind"].to(device=w.device, dtype=torch.long)[:, None]
         cond = ex["cond"].to(w.dtype)
-        for k, layer, width in ((PATCH, self.predictor_embed, None),
-                                (ACTION, self.action_encoder, None),
-                                (STATE, self.state_encoder, None),
-                                (EXTRINSICS, self.extrinsics_encoder, -1)):
-            rows = kind == k
-            if bool(rows.any()):
-                src = ex["latents"].to(w.dtype)[rows] if k == PATCH else cond[rows, :width]
-                x[rows] = layer(src)
+        x = self.predictor_embed(ex["latents"].to(w.dtype))
+        x = torch.where(kind == ACTION, self.action_encoder(cond), x)
+        x = torch.where(kind == STATE, self.state_encoder(cond), x)
+        if self.cfg.use_extrinsics:
+            x = torch.where(kind == EXTRINSICS, self.extrinsics_encoder(cond[:, :-1]), x)
         return x
 
     def _rope(self, t: torch.Tensor, pos: tuple[torch.Tensor, ...]) -> torch.Tensor:
