@@ -13,6 +13,7 @@ import importlib
 import sys
 import types
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -35,6 +36,7 @@ from mstar_vjepa2.ac_predictor import (
     kv_extras,
     next_frame,
 )
+from mstar_vjepa2.cem import CEMScore, initial_distribution, sample_actions
 from mstar_vjepa2.encoder import VideoEncoder
 from mstar_vjepa2.model import AC_PRESETS, VJepa2AC, VJepa2ACConfig, fused_qkv_encoder
 from mstar_vjepa2.pose import compute_new_pose
@@ -241,6 +243,46 @@ def test_candidates_forked_from_a_shared_history_match_the_authors(
                           torch.cat([s, s[2:]])[None])[0].view(4, P, D)
         torch.testing.assert_close(torch.cat([nxt[c], last[c]]), want[2:], atol=1e-5, rtol=0)
     assert cache.length(ctx) == 2 * CFG.tokens_per_frame
+
+
+def test_plan_over_cached_rollouts_equals_the_authors_world_model(
+        authors_notebooks: ModuleType, oracle: torch.nn.Module, node: ACPredictor) -> None:
+    """The authors' planner end to end: `WorldModel.infer_next_action` (their `cem` over
+    their recompute-everything step_predictor, layer-normed latents, scipy poses) against
+    ours: each round every candidate appends the current frame with its first action,
+    then its prediction with its second (the candidates batched in one step per horizon
+    step), and `CEMScore` joins them. Same noise: torch's global generator, drawn in the
+    authors' order (per horizon step, before its rollout)."""
+    samples, topk, rounds, horizon, maxnorm = 12, 4, 3, 2, 0.05
+    wm = authors_notebooks.world_model_wrapper.WorldModel(
+        encoder=None, predictor=oracle, tokens_per_frame=P, transform=None, device="cpu",
+        mpc_args={"rollout": horizon, "samples": samples, "topk": topk, "cem_steps": rounds,
+                  "momentum_mean": 0.15, "momentum_std": 0.15, "maxnorm": maxnorm})
+    z, goal = F.layer_norm(clip(20, 1)[0], (D,)), F.layer_norm(clip(21, 1)[0], (D,))
+    pose = torch.rand(1, 7, generator=torch.Generator().manual_seed(22))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        want = wm.infer_next_action(z[None], pose[None], goal[None])
+    torch.manual_seed(5)
+    cache, mean, std = new_cache(), *initial_distribution(horizon, maxnorm)
+    kids = [SeqKey("p", "ac_predictor", "cand", c) for c in range(samples)]
+    for _ in range(rounds):
+        noise = torch.stack([torch.randn(samples, 4) for _ in range(horizon)], dim=1)
+        actions = sample_actions(mean, std, noise, maxnorm)
+        latents, poses = [z[0]] * samples, [pose[0]] * samples
+        for h in range(horizon):
+            out = step(node, cache, [(kid, [frame_inputs(latents[c], actions[c, h], poses[c],
+                                                         h, CFG)])
+                                     for c, kid in enumerate(kids)])
+            latents = [F.layer_norm(o[0], (D,)) for o in out]
+            poses = [compute_new_pose(p, a) for p, a in zip(poses, actions[:, h])]
+        joined = CEMScore()([{"final_latents": torch.stack(latents), "actions": actions,
+                              "goal_latents": goal[0], "topk": topk, "maxnorm": maxnorm,
+                              "cem_mean": mean, "cem_std": std}])[0]
+        mean, std = joined["cem_mean"], joined["cem_std"]
+        for kid in kids:  # the next round starts each candidate afresh
+            cache.free(kid)
+    torch.testing.assert_close(joined["plan_actions"], want, atol=1e-5, rtol=0)
 
 
 def test_extrinsics_token_and_square_vitg_rope_match_the_authors(tmp_path: Path) -> None:
