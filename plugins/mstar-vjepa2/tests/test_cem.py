@@ -1,6 +1,7 @@
-"""The CEM pieces and the `cem_score` join node: against the authors' `cem`
-(notebooks/utils/mpc_utils.py, run from a checkout named by VJEPA2_REPO: the notebooks are
-not in the cc-vjepa2 package) with the same noise, and against the formulas always."""
+"""The CEM pieces and the `cem_score` join node, and the pose integration: against the
+authors' `cem` and `compute_new_pose` (notebooks/utils/mpc_utils.py, from a checkout named
+by VJEPA2_REPO, which .ci/run fetches: the notebooks are not in the cc-vjepa2 package) with
+the same noise, and against the formulas always."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from mstar_vjepa2.cem import (
     refit,
     sample_actions,
 )
+from mstar_vjepa2.pose import compute_new_pose
 
 N, D = 4, 6  # tokens of a frame, latent width
 MAXNORM = 0.05
@@ -66,7 +68,8 @@ def plan(world: WorldModel, context: torch.Tensor, goal: torch.Tensor, *, horizo
     return out["plan_actions"]
 
 
-def _authors_cem() -> Any:
+def _authors_mpc_utils() -> Any:
+    """The authors' notebooks/utils/mpc_utils.py (.ci/run fetches a pinned checkout)."""
     repo = os.environ.get("VJEPA2_REPO")
     if not repo or not (Path(repo) / "notebooks/utils/mpc_utils.py").is_file():
         pytest.skip("VJEPA2_REPO (a facebookresearch/vjepa2 checkout) is not set")
@@ -74,14 +77,24 @@ def _authors_cem() -> Any:
     pytest.importorskip("tqdm")
     sys.path.insert(0, repo)
     try:
-        return importlib.import_module("notebooks.utils.mpc_utils").cem
+        return importlib.import_module("notebooks.utils.mpc_utils")
     finally:
         sys.path.remove(repo)
 
 
+def test_pose_matches_the_authors_compute_new_pose() -> None:
+    authors = _authors_mpc_utils().compute_new_pose
+    gen = torch.Generator().manual_seed(2)
+    pose = torch.rand(32, 1, 7, generator=gen) * 2 - 1
+    pose[..., 3:6] *= torch.tensor([3.0, 1.4, 3.0])  # pitch away from gimbal lock
+    action = torch.rand(32, 1, 7, generator=gen) * 0.6 - 0.3
+    torch.testing.assert_close(compute_new_pose(pose, action), authors(pose, action),
+                               atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("close_gripper", [None, 1])
 def test_plan_matches_the_authors_cem_with_the_same_noise(close_gripper: int | None) -> None:
-    cem = _authors_cem()
+    cem = _authors_mpc_utils().cem
     world = WorldModel(0)
     gen = torch.Generator().manual_seed(1)
     context, goal = torch.randn(1, 1, N, D, generator=gen), torch.randn(1, 1, N, D, generator=gen)
