@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mstar.model import ForwardBatch
@@ -142,16 +143,16 @@ def frame_inputs(latents: torch.Tensor, action: torch.Tensor, state: torch.Tenso
     if not 0 <= frame_index < cfg.max_frames:
         raise ValueError(f"frame {frame_index} is outside the predictor's "
                          f"{cfg.max_frames} frames")
-    conds = [action, state] + ([extrinsics] if cfg.use_extrinsics else [])
     if cfg.use_extrinsics and extrinsics is None:
         raise ValueError("this predictor is conditioned on extrinsics: give them")
+    conds = [action, state] + ([extrinsics] if cfg.use_extrinsics else [])
     rows = []
     for name, v in zip(("action", "state", "extrinsics"), conds):
         v = torch.as_tensor(v, dtype=torch.float32).reshape(-1)
         want = cfg.action_embed_dim - (name == "extrinsics")
         if v.numel() != want:
             raise ValueError(f"{name} must have {want} values, got {v.numel()}")
-        rows.append(torch.nn.functional.pad(v, (0, cfg.action_embed_dim - want)))
+        rows.append(F.pad(v, (0, cfg.action_embed_dim - want)))
     k, n = cfg.cond_tokens, cfg.tokens_per_frame
     gh, gw = cfg.grid
     positions = torch.zeros(POSITION_AXES, n, dtype=torch.long)
