@@ -19,8 +19,10 @@ from test_ac_predictor import authors_predictor
 
 import mstar
 from mstar import events
+from mstar.engine import rng
 from mstar.errors import RequestError
 from mstar.weights import WeightSpec, iter_checkpoint, load_weights
+from mstar_vjepa2 import cem
 from mstar_vjepa2.ac_predictor import ACPredictorConfig
 from mstar_vjepa2.checkpoint import AC_FILE, AC_PREFIX, write_checkpoint
 from mstar_vjepa2.config import PRESETS, VJepa2Config
@@ -139,6 +141,14 @@ def test_predict_target_frames_and_a_seeded_mask(vjepa2, hf_checkpoint):
 
 # -- vjepa2_ac ------------------------------------------------------------------------------
 
+def authors_from(checkpoint: Path) -> torch.nn.Module:
+    """The authors' AC predictor holding the checkpoint's predictor weights."""
+    authors = authors_predictor(AC.predictor, seed=0)
+    stored = torch.load(checkpoint / AC_FILE, weights_only=True)["predictor"]
+    authors.load_state_dict({k.removeprefix(AC_PREFIX): v for k, v in stored.items()})
+    return authors.eval()
+
+
 def rollout_request(steps: int, seed: int = 2) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return {"frames": clip(seed, frames=2), "mode": "rollout",
@@ -168,9 +178,7 @@ def test_rollout_with_the_persistent_cache_equals_the_authors_recompute(ac, ac_c
     steps, req = 3, rollout_request(steps=3, seed=4)
     got = torch.stack(tensors(run(ac, req), "rollout"))
     context = tensors(run(ac, {"frames": req["frames"]}), "latents")[0]  # layer-normed
-    authors = authors_predictor(AC.predictor, seed=0)
-    stored = torch.load(ac_checkpoint / AC_FILE, weights_only=True)["predictor"]
-    authors.load_state_dict({k.removeprefix(AC_PREFIX): v for k, v in stored.items()})
+    authors = authors_from(ac_checkpoint)
     reps, poses, actions = context, req["states"], req["actions"]
     with torch.no_grad():
         for _h in range(steps):
@@ -180,6 +188,48 @@ def test_rollout_with_the_persistent_cache_equals_the_authors_recompute(ac, ac_c
             poses = torch.cat([poses, compute_new_pose(poses[-1:][None],
                                                        actions[n - 1][None, None])[0]])
     torch.testing.assert_close(got, reps[2:], atol=1e-4, rtol=0)
+
+
+def test_plan_equals_the_authors_cem_over_their_predictor(ac, ac_checkpoint):
+    """The served plan (candidates forked from the kept context, joined once per round)
+    against the authors' CEM loop in plain torch over their predictor on the same
+    checkpoint, every candidate's rollout recomputed from the context, with the runtime's
+    keyed noise (seed, child c, site "cem" of round r)."""
+    frames = clip(9, frames=3)
+    req = PLAN | {"frames": frames[:2], "states": 0.1 * torch.rand(2, 7),
+                  "actions": [[0.02, -0.01, 0.03, 0.0, 0.0, 0.0, 0.5]], "goal": frames[2]}
+    evs = run(ac, req)
+    context = tensors(run(ac, {"frames": frames[:2]}), "latents")[0]
+    goal = tensors(run(ac, {"frames": frames[2:]}), "latents")[0][0]
+    authors = authors_from(ac_checkpoint)
+    s, h, topk = req["samples"], 2, req["topk"]
+    mean, std = cem.initial_distribution(h, 0.05)
+    best = []
+    for r in range(req["iterations"]):
+        noise = torch.stack([rng.randn((h, 4), seed=req["seed"], child=c,
+                                       site=rng.noise_site("cem", (), r), step=0)
+                             for c in range(s)])
+        actions = cem.sample_actions(mean, std, noise, 0.05)
+        finals = []
+        for a in actions:
+            reps, poses = context, req["states"]
+            acts = torch.cat([torch.tensor(req["actions"]), a])
+            with torch.no_grad():
+                for _ in range(h):
+                    n = reps.shape[0]
+                    pred = authors(reps.flatten(0, 1)[None], acts[None, :n], poses[None])[0]
+                    reps = torch.cat([reps, F.layer_norm(pred[-TOKENS:],
+                                                         pred.shape[-1:])[None]])
+                    poses = torch.cat([poses, compute_new_pose(
+                        poses[-1:][None], acts[n - 1][None, None])[0]])
+            finals.append(reps[-1])
+        scores = cem.l1_scores(torch.stack(finals), goal)
+        best.append(scores.min())
+        mean, std = cem.refit(actions, scores, mean, std, topk)
+    torch.testing.assert_close(tensors(evs, "actions")[0], cem.planned_actions(mean),
+                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat(tensors(evs, "plan_scores")), torch.stack(best),
+                               atol=1e-4, rtol=0)
 
 
 def test_ac_config_matches_the_authors_predictor_sizes():
