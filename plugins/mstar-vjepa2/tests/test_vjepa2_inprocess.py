@@ -307,6 +307,7 @@ def plan_req(**fields) -> dict:
     ({k: v for k, v in plan_req().items() if k != "goal"}, "goal", "required"),
     (plan_req(samples=10 ** 6), "samples", f"at most {MAX_SAMPLES}"),
     (plan_req(topk=13), "topk", "at most samples=12"),
+    (plan_req(topk=1), "topk", "greater than or equal to 2"),
     (plan_req(iterations=10 ** 4), "iterations", "at most"),
 ])
 def test_bad_ac_requests_are_400s_naming_the_field(ac, req, param, fragment):
