@@ -424,6 +424,8 @@ class VJepa2AC(_VJepa2Base):
 
     config_class = VJepa2ACConfig
     presets = AC_PRESETS
+    #: the authors' file is a bare state dict: their sizes are the defaults (`vitg`)
+    checkpoint_has_config = False
     preset_max_seq_len = {"tiny": 1024, "small": 4096}
     config: VJepa2ACConfig
 
