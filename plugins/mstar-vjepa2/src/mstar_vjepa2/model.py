@@ -129,8 +129,9 @@ class VJepa2ACRequest(_VideoRequest):
                                       description="rollout: steps (default: the actions past "
                                                   "the context).")
     goal: VideoInput | ImageInput | TensorInput | None = Field(
-        None, description="plan: the goal frame (an image, a video whose last frame is "
-                          "taken, or frames).")
+        None, description="plan: the goal frame: a video (its last frame), or frames as "
+                          "a tensor ([H, W, 3] / [N, H, W, 3] uint8, [N, 3, H, W] float; the "
+                          "last one); in process also a PIL image.")
     samples: int = Field(PLAN_DEFAULTS["samples"], ge=1, description=f"plan: candidates "
                          f"per iteration (at most {MAX_SAMPLES}).")
     iterations: int = Field(PLAN_DEFAULTS["iterations"], ge=1,
