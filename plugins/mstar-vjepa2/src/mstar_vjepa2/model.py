@@ -380,17 +380,29 @@ class _QKVSlice(nn.Module):
         return F.linear(x, fused.weight[rows], bias)
 
 
-def fused_qkv_encoder(encoder: VideoEncoder) -> VideoEncoder:
-    """The encoder with each layer's q, k, v in one `attention.qkv` [3·d, d], the
-    authors' layout (`vision_transformer.py`), which core's loader cannot split: the AC
-    checkpoint's encoder loads as it is stored."""
-    for layer in encoder.layer:
-        attention = layer.attention
-        dim = attention.query.in_features
-        attention.qkv = nn.Linear(dim, 3 * dim, bias=attention.query.bias is not None)
-        for i, name in enumerate(("query", "key", "value")):
-            setattr(attention, name, _QKVSlice(attention.qkv, i))
-    return encoder
+class ACVideoEncoder(VideoEncoder):
+    """The encoder as the authors' `WorldModel.encode` runs it: each layer's q, k, v in
+    one `attention.qkv` [3·d, d], their checkpoint's layout (core's loader cannot split a
+    fused key), and with `normalize` the latents layer-normed (`normalize_reps`) once
+    per batch, so every candidate of a plan reads them as they are."""
+
+    def __init__(self, cfg: VJepa2Config, normalize: bool):
+        super().__init__(cfg)
+        self.normalize = normalize
+        for layer in self.layer:
+            attention = layer.attention
+            dim = attention.query.in_features
+            attention.qkv = nn.Linear(dim, 3 * dim, bias=attention.query.bias is not None)
+            for i, name in enumerate(("query", "key", "value")):
+                setattr(attention, name, _QKVSlice(attention.qkv, i))
+
+    def forward(self, items: list[dict[str, Any]], ctx: StepContext | None = None
+                ) -> list[dict[str, Any]]:
+        out = super().forward(items, ctx)
+        if self.normalize:
+            out = [{"latents": F.layer_norm(o["latents"], o["latents"].shape[-1:])}
+                   for o in out]
+        return out
 
 
 class CEMSample(nn.Module):
@@ -503,7 +515,7 @@ class VJepa2AC(_VJepa2Base):
         i = int(env["frame"])
         actions = env["actions"]
         action = torch.tensor(actions[i]) if i < len(actions) else torch.zeros(ACTION_DIM)
-        return _chunk(acp.frame_inputs(self._normed(env["latents"]), action,
+        return _chunk(acp.frame_inputs(env["latents"], action,
                                        torch.tensor(env["poses"][i]), i,
                                        self.config.predictor))
 
@@ -512,8 +524,7 @@ class VJepa2AC(_VJepa2Base):
         with its action and pose: a rollout's from the request, a plan candidate's from its
         sampled trajectory, the pose integrated from the last context frame's."""
         k = int(iteration or 0)
-        latents = self._normed(env["latents"]) if k == 0 else \
-            self._predicted(env["next_latents"])
+        latents = env["latents"] if k == 0 else self._predicted(env["next_latents"])
         frame = int(env["prefix_frames"]) + k
         if "candidate" in env:
             plan = env["candidate"].float().cpu()
@@ -531,12 +542,12 @@ class VJepa2AC(_VJepa2Base):
         final = env["next_latents"]
         return {"actions": env["candidate"],
                 "final_latents": self._normed(final[:, self.config.predictor.cond_tokens:]),
-                "goal_latents": self._normed(env["goal_latents"])}
+                "goal_latents": env["goal_latents"]}
 
     # -- modules and weights --------------------------------------------------------------
     def build_submodule(self, node: str, ctx: BuildContext) -> nn.Module:
         c = self.config
-        builders = {"video_encoder": lambda: fused_qkv_encoder(VideoEncoder(c.encoder)),
+        builders = {"video_encoder": lambda: ACVideoEncoder(c.encoder, c.normalize_reps),
                     "ac_predictor": lambda: acp.ACPredictor(c.predictor),
                     "cem_sample": CEMSample, "cem_score": CEMScore}
         if node not in builders:
@@ -678,7 +689,7 @@ class VJepa2AC(_VJepa2Base):
         p = state.params
         if "latents" in outputs:
             frames = state.store.setdefault("frames", [])
-            frames.append(self._normed(torch.as_tensor(outputs["latents"]).float().cpu()))
+            frames.append(torch.as_tensor(outputs["latents"]).float().cpu())
             if len(frames) < p["num_frames"]:
                 return []
             return [_event("latents", torch.stack(frames))]
