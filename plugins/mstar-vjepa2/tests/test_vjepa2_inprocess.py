@@ -21,6 +21,7 @@ import mstar
 from mstar import events
 from mstar.engine import rng
 from mstar.errors import RequestError
+from mstar.plugins.manager import model_registry
 from mstar.weights import WeightSpec, iter_checkpoint, load_weights
 from mstar_vjepa2 import cem
 from mstar_vjepa2.ac_predictor import ACPredictorConfig
@@ -104,6 +105,14 @@ def loaded(module: torch.nn.Module, checkpoint: Path, key_map: tuple) -> torch.n
     files = sorted(checkpoint.glob("*.safetensors"))
     load_weights(module, iter_checkpoint(files), WeightSpec(key_map=key_map))
     return module.eval()
+
+
+@pytest.mark.parametrize("name", ["vjepa2", "vjepa2_ac"])
+def test_the_plugin_registers_each_model_as_its_class_defines_it(name):
+    spec = model_registry().get(name)
+    cls = spec.load_class()
+    assert set(spec.presets) == set(cls.presets)
+    assert spec.default_config in spec.configs and f"{name}_tiny" in spec.configs
 
 
 # -- vjepa2 ---------------------------------------------------------------------------------
