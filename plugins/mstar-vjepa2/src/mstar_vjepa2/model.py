@@ -152,7 +152,7 @@ class VJepa2ACRequest(_VideoRequest):
 
 # -- the clip, host side -----------------------------------------------------------------
 
-def _clip_frames(req: _VideoRequest, what: str = "video") -> torch.Tensor:
+def _clip_frames(req: _VideoRequest) -> torch.Tensor:
     """The request's clip as frames [T, H, W, 3] uint8 or [T, 3, H, W] float, checked."""
     if (req.video is None) == (req.frames is None):
         raise RequestError("give the clip as exactly one of `video` or `frames`",
@@ -164,6 +164,7 @@ def _clip_frames(req: _VideoRequest, what: str = "video") -> torch.Tensor:
 
 
 def _checked_frames(frames: torch.Tensor, param: str) -> torch.Tensor:
+    """`frames` if they are [T, H, W, 3] uint8 or [T, 3, H, W] float in [0, 1]."""
     channels_last = frames.dim() == 4 and frames.shape[-1] == 3
     channels_first = frames.dim() == 4 and frames.shape[1] == 3
     if not (channels_last or channels_first) or min(frames.shape) == 0:
@@ -273,15 +274,15 @@ class VJepa2(_VJepa2Base):
     def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
         req = validate_request(VJepa2Request, request, "vjepa2")
         cfg = self.config
+        param = "video" if req.video is not None else "frames"
         frames = _clip_frames(req)
         t = frames.shape[0]
-        if t < cfg.tubelet_size or t % cfg.tubelet_size or t > cfg.frames_per_clip:
-            raise RequestError(
-                f"{'video' if req.video is not None else 'frames'}: {t} frames; the clip "
-                f"must have a multiple of tubelet_size={cfg.tubelet_size} frames, from "
-                f"{cfg.tubelet_size} to frames_per_clip={cfg.frames_per_clip}",
-                param="video" if req.video is not None else "frames")
-        pixels = _pixels(frames, cfg, "video" if req.video is not None else "frames")
+        if not cfg.tubelet_size <= t <= cfg.frames_per_clip:
+            raise RequestError(f"{param}: {t} frames; the clip needs from tubelet_size="
+                               f"{cfg.tubelet_size} to frames_per_clip={cfg.frames_per_clip}",
+                               param=param)
+        # a trailing remainder short of a tubelet is dropped, as the hub model's convolution
+        pixels = _pixels(frames, cfg, param)
         steps, per_step = t // cfg.tubelet_size, cfg.tokens_per_tubelet
         params: dict[str, Any] = {"mode": req.mode}
         if req.mode == "predict":
