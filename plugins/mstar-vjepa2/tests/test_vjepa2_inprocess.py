@@ -21,6 +21,7 @@ import mstar
 from mstar import events
 from mstar.engine import rng
 from mstar.errors import RequestError
+from mstar.plugins.manager import model_registry
 from mstar.weights import WeightSpec, iter_checkpoint, load_weights
 from mstar_vjepa2 import cem
 from mstar_vjepa2.ac_predictor import ACPredictorConfig
@@ -106,6 +107,14 @@ def loaded(module: torch.nn.Module, checkpoint: Path, key_map: tuple) -> torch.n
     return module.eval()
 
 
+@pytest.mark.parametrize("name", ["vjepa2", "vjepa2_ac"])
+def test_the_plugin_registers_each_model_as_its_class_defines_it(name):
+    spec = model_registry().get(name)
+    cls = spec.load_class()
+    assert set(spec.presets) == set(cls.presets)
+    assert spec.default_config in spec.configs and f"{name}_tiny" in spec.configs
+
+
 # -- vjepa2 ---------------------------------------------------------------------------------
 
 def test_latents_are_the_encoders_over_the_preprocessed_clip(vjepa2, hf_checkpoint):
@@ -118,6 +127,9 @@ def test_latents_are_the_encoders_over_the_preprocessed_clip(vjepa2, hf_checkpoi
         with torch.no_grad():
             want = encoder([{"pixel_values": preprocess_video(given, CFG)}])[0]["latents"]
         torch.testing.assert_close(got[0], want, atol=1e-5, rtol=0)
+    # three frames: the third, short of a tubelet, is dropped as the hub model drops it
+    odd = tensors(run(vjepa2, {"frames": frames[:3]}), "latents")[0]
+    torch.testing.assert_close(odd, tensors(run(vjepa2, {"frames": frames[:2]}), "latents")[0])
 
 
 def test_predict_target_frames_and_a_seeded_mask(vjepa2, hf_checkpoint):
@@ -177,7 +189,10 @@ def test_rollout_with_the_persistent_cache_equals_the_authors_recompute(ac, ac_c
     every step, each prediction layer-normed, poses integrated from the actions."""
     steps, req = 3, rollout_request(steps=3, seed=4)
     got = torch.stack(tensors(run(ac, req), "rollout"))
-    context = tensors(run(ac, {"frames": req["frames"]}), "latents")[0]  # layer-normed
+    context = tensors(run(ac, {"frames": req["frames"]}), "latents")[0]
+    # the authors' WorldModel.encode layer-norms the encoder's latents (normalize_reps)
+    torch.testing.assert_close(context, F.layer_norm(context, context.shape[-1:]), atol=1e-4,
+                               rtol=0)
     authors = authors_from(ac_checkpoint)
     reps, poses, actions = context, req["states"], req["actions"]
     with torch.no_grad():
@@ -232,6 +247,19 @@ def test_plan_equals_the_authors_cem_over_their_predictor(ac, ac_checkpoint):
                                atol=1e-4, rtol=0)
 
 
+def test_the_authors_file_needs_no_config_json(ac, ac_checkpoint):
+    """The authors' release is a bare state dict: without a preset the model takes its
+    config's defaults (the released sizes), here overridden to the tiny ones by
+    `model_kwargs`, and serves as the preset does."""
+    assert not list(ac_checkpoint.glob("*.json"))
+    req = rollout_request(steps=2, seed=11)
+    with mstar.load("vjepa2_ac", "vjepa2_ac_tiny", model_path=str(ac_checkpoint),
+                    model_kwargs={"encoder": AC.encoder, "predictor": AC.predictor}) as d:
+        got = tensors(run(d, req), "rollout")
+    torch.testing.assert_close(torch.stack(got), torch.stack(tensors(run(ac, req), "rollout")),
+                               atol=0, rtol=0)
+
+
 def test_ac_config_matches_the_authors_predictor_sizes():
     assert isinstance(AC.predictor, ACPredictorConfig)
     assert AC.predictor.embed_dim == AC.encoder.hidden_size
@@ -276,8 +304,8 @@ def corrupt_video() -> str:
 
 
 @pytest.mark.parametrize("req,param,fragment", [
-    ({"frames": clip(0, frames=1)}, "frames", "multiple of tubelet_size=2"),
-    ({"frames": clip(0, frames=3)}, "frames", "multiple of tubelet_size=2"),
+    ({"frames": clip(0, frames=1)}, "frames", "1 frames; the clip needs from tubelet_size=2"),
+    ({"frames": clip(0, frames=5)}, "frames", "to frames_per_clip=4"),
     ({"frames": torch.zeros(4, 40, 48, 4, dtype=torch.uint8)}, "frames", "[T, H, W, 3]"),
     ({"frames": clip(0, h=4, w=6)}, "frames", "smaller than one 8-pixel patch"),
     ({"video": corrupt_video()}, "video", "video"),
@@ -307,6 +335,7 @@ def plan_req(**fields) -> dict:
     ({k: v for k, v in plan_req().items() if k != "goal"}, "goal", "required"),
     (plan_req(samples=10 ** 6), "samples", f"at most {MAX_SAMPLES}"),
     (plan_req(topk=13), "topk", "at most samples=12"),
+    (plan_req(topk=1), "topk", "greater than or equal to 2"),
     (plan_req(iterations=10 ** 4), "iterations", "at most"),
 ])
 def test_bad_ac_requests_are_400s_naming_the_field(ac, req, param, fragment):

@@ -110,6 +110,8 @@ def _configured_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *
         if options.load_format == "dummy" and not options.model_path:
             raise ValueError(f"load_format 'dummy' needs a preset (one of {list(spec.presets)}) "
                              "or a model path holding config.json")
+        if not cls.checkpoint_has_config:  # the class's defaults are the checkpoint's sizes
+            return cls(cls.make_config(model_kwargs=model_kwargs))
         path = options.fetch("default", ["config.json", *cls.config_files])
         checkpoint_config = read_checkpoint_config(path, cls.config_files)
         if not checkpoint_config:

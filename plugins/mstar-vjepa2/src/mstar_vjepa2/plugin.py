@@ -8,7 +8,6 @@ from mstar.plugins.registry import ModelRegistry, ModelSpec
 
 VJEPA2_CONFIGS = ("vjepa2", "vjepa2_tiny")
 AC_CONFIGS = ("vjepa2_ac", "vjepa2_ac_tiny", "vjepa2_ac_split")
-PRESETS = ("tiny", "small", "large", "giant")
 #: The authors' release of V-JEPA 2-AC: not on the Hugging Face hub, one pickled file.
 AC_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/vjepa2/vjepa2-ac-vitg.pt"
 
@@ -24,7 +23,7 @@ def mstar_register_models(registry: ModelRegistry) -> None:
         model_class="mstar_vjepa2.model:VJepa2",
         configs=_configs(VJEPA2_CONFIGS),
         default_config="vjepa2",
-        presets=PRESETS,
+        presets=("tiny", "small", "vitl"),
         weight_sources={"default": "facebook/vjepa2-vitl-fpc64-256"},
         capabilities=("generate", "video_input", "latents"),
         request_schema="mstar_vjepa2.model:VJepa2Request",
@@ -37,7 +36,7 @@ def mstar_register_models(registry: ModelRegistry) -> None:
         model_class="mstar_vjepa2.model:VJepa2AC",
         configs=_configs(AC_CONFIGS),
         default_config="vjepa2_ac",
-        presets=PRESETS,
+        presets=("tiny", "small", "vitg"),
         weight_sources={"default": AC_WEIGHTS_URL},
         capabilities=("generate", "video_input", "latents", "rollout", "planning"),
         request_schema="mstar_vjepa2.model:VJepa2ACRequest",
