@@ -67,6 +67,9 @@ class DeploymentConfig(BaseModel):
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     max_concurrent_requests: int = Field(default=256, ge=1)
+    #: Children one walk step may run (`WalkStep.children`: `n` completions, CEM candidates;
+    #: each holds KV and a lane): a step asking for more fails its request with a 400.
+    max_children: int = Field(default=1024, ge=1)
     #: Bytes of outputs kept for reuse by each of the model's `cacheable_nodes` on each
     #: rank (an encoder-output cache keyed by the inputs' hash; 0: off).
     encoder_cache_bytes: int = Field(default=256 * 2**20, ge=0)

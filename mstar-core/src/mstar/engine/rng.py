@@ -40,6 +40,18 @@ def key_seed(seed: int, child: int, site: str, step: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def noise_site(site: str, outer: tuple[int, ...] = (), join_round: int | None = None) -> str:
+    """The site `ctx.randn` keys noise by: `site`, plus the iterations of the loops enclosing
+    the innermost one ("@i.j") and the `Join` round ("#r") when there are any, so nested
+    loops and join rounds draw fresh noise while a single loop's keys stay (site, iteration).
+    A reference reproducing a walk's noise calls `randn(..., site=noise_site(...), step=...)`."""
+    if outer:
+        site = f"{site}@{'.'.join(map(str, outer))}"
+    if join_round is not None:
+        site = f"{site}#{join_round}"
+    return site
+
+
 def draw_seed() -> int:
     """A fresh 63-bit seed for a request that gave none (drawn once, at admission)."""
     return secrets.randbits(63)

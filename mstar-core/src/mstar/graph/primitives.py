@@ -111,6 +111,50 @@ WalkItem = GraphNode | Sequential | Parallel | Loop
 
 
 @dataclass(frozen=True)
+class Join:
+    """Join a walk's children in one node invocation per round, on the worker that runs them.
+
+    A walk started with `WalkStep(children=N, forks=...)` runs one lane per child. With a
+    `join`, when every child's lane has finished, `node` (a stateless node) runs once and
+    sees, in its environment: each name of `stack` gathered from the children in child order
+    (tensors `torch.stack`ed along a new dim 0, host values as a list), plus the request's
+    environment (its params and the step's inputs, the previous round's `feed` values) and
+    `round` (the 0-based round). Its outputs are written into that join environment. Then,
+    on that worker, without a round trip through the conductor:
+
+    - the join ends when `until` holds (the name of a boolean join value, or a callable of
+      the join environment) or `times` rounds ran (an int or the name of a request value):
+      the walk then ends once for the parent lane: its `emit`, `control` and `results` are
+      read from the join environment (the children's own walk ends report nothing);
+    - otherwise every child starts the walk body again: the step's `forks` are applied again
+      (a fork into an existing sequence first frees it, so each child re-forks a clean copy
+      of the kept context, e.g. `Fork(node, label="cand", child=c, src_label="ctx")`), and
+      each child's environment is the request's plus the join's `feed` outputs (output name
+      -> input name; a list means same-named) and `round` + 1.
+
+    Why a walk option run by the children's worker rather than a conductor step: the
+    children and their forked KV already live on that worker, their stacked outputs are
+    tensors (the conductor never holds one), and a CEM refit per round then costs one node
+    invocation and no message per child. Children of a round run concurrently (batched in
+    the engines); noise drawn inside them is keyed by the round too (`ctx.randn`), so every
+    round draws fresh samples. A joined walk's forks must stay on that worker (no fork
+    into a branch placed elsewhere); `node` may be placed anywhere (a remote call).
+    """
+
+    node: GraphNode
+    stack: tuple[str, ...] = ()
+    feed: Mapping[str, str] | Sequence[str] = ()
+    until: str | Callable[[Mapping[str, Any]], bool] | None = None
+    times: int | str | None = None
+    round: str = "join_round"
+
+    def feed_map(self) -> dict[str, str]:
+        if isinstance(self.feed, Mapping):
+            return dict(self.feed)
+        return {name: name for name in self.feed}
+
+
+@dataclass(frozen=True)
 class Walk:
     """A named execution plan: its body and the outputs reported at its end.
 
@@ -118,13 +162,15 @@ class Walk:
     finish reason; at most 4 KiB per request); `results` names tensors kept on the worker
     and reported to the conductor by handle so the next walk can consume them; `emit`
     names values sent to the client side (postprocess) when the walk ends (a denoised
-    action chunk, a final latent).
+    action chunk, a final latent). `join` runs the walk's children in rounds joined by one
+    node invocation (`Join`; CEM planning); the walk's outputs then come from the join.
     """
 
     body: WalkItem
     control: tuple[str, ...] = ()
     results: tuple[str, ...] = ()
     emit: tuple[str, ...] = ()
+    join: Join | None = None
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,9 @@ class StepContext(Protocol):
     def randn(self, seq_index: int, shape: tuple[int, ...], site: str, *,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Gaussian noise for sequence/item `seq_index`, keyed by its request's
-        (seed, child, site, loop iteration): independent of batch composition."""
+        (seed, child, site, loop iteration), the site extended by the enclosing loops'
+        iterations and the join round where there are any (`rng.noise_site`): independent
+        of batch composition, fresh in every outer iteration and every `Join` round."""
 
     def sample(self, seq_index: int, logits: torch.Tensor, site: str, step: int) -> torch.Tensor:
         """Sample token ids from `logits` [k, vocab] with the request's sampling parameters
