@@ -1,0 +1,308 @@
+"""V-JEPA 2 served (`mstar serve vjepa2 --preset tiny --load-format dummy` and `vjepa2_ac`,
+one server per module): latents over HTTP from an uploaded mp4 (written with PyAV), an http
+URL, a data URL and a frames tensor, which agree where the pixels are the same; the SDK's
+`encode_video`, `rollout` (streamed step by step over SSE, sync and async) and `plan`; bad
+input, each a 400 naming it while the server keeps serving; a client that leaves
+mid-rollout stops the loop and frees every page; `vjepa2_ac_split` running the encoder on
+rank 1 and the predictor on rank 0."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import wait_for
+from placement_check import by_rank
+from serving_harness import MSTAR, Server
+
+from mstar.client import AsyncMStarClient, MStarClient, UnsupportedCapabilityError
+from mstar.media import MediaLimits, load_video
+
+pytestmark = pytest.mark.timeout(300)
+
+#: the clip's frame rate: at most the request field's sampling rate, so every frame is kept
+FPS = 1
+SIDE = 48
+ACTION_DIM = 7
+#: a rollout that runs for many seconds: still running when its client leaves
+LONG_STEPS = 4000
+
+
+def clip(seed: int, frames: int = 4, side: int = SIDE) -> np.ndarray:
+    """Smooth moving gradients (what a video codec keeps well), uint8 [T, H, W, 3]."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side] / side
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    out = [np.stack([127 + 120 * np.sin(2 * np.pi * (x + y * c + t / 8) + phase[c])
+                     for c in range(3)], axis=-1) for t in range(frames)]
+    return np.asarray(out).round().astype(np.uint8)
+
+
+def mp4(frames: np.ndarray, fps: int = FPS) -> bytes:
+    """An H.264 MP4 of the frames, written with PyAV."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("h264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for pixels in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def decoded(data: bytes) -> np.ndarray:
+    """The frames the server decodes from a file (core's own decoder, every frame)."""
+    return load_video(data, MediaLimits(), fps=FPS).frames
+
+
+def tensor(array: np.ndarray) -> dict:
+    """The JSON tensor form of `/generate`."""
+    array = np.ascontiguousarray(array)
+    return {"dtype": str(array.dtype), "shape": list(array.shape),
+            "data": base64.b64encode(array.tobytes()).decode()}
+
+
+def data_url(data: bytes, mime: str = "video/mp4") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def output(response: httpx.Response, name: str) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    out = response.json()["outputs"][name]
+    return np.frombuffer(base64.b64decode(out["data"]), dtype=out["dtype"]).reshape(
+        out["shape"])
+
+
+def assert_bad(response: httpx.Response, param: str, says: str) -> None:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"] or "").startswith(param) and says in error["message"], error
+
+
+CLIP = clip(0)
+MP4 = mp4(CLIP)
+
+
+class _Files(BaseHTTPRequestHandler):
+    """Serves the test clip at /clip.mp4 (an http URL the server fetches)."""
+
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        if self.path != "/clip.mp4":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("content-type", "video/mp4")
+        self.send_header("content-length", str(len(MP4)))
+        self.end_headers()
+        self.wfile.write(MP4)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def files_url() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@contextlib.contextmanager
+def serve(directory: Path, model: str, *args: str) -> Iterator[Server]:
+    """`mstar serve <model> --preset tiny --load-format dummy ...`, healthy for the block,
+    then stopped: it must exit with status 0 and leave nothing behind."""
+    server = Server(directory, "serve", model, "--preset", "tiny", "--load-format", "dummy",
+                    *args, cli=MSTAR)
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        assert server.stop() == 0, server.output()
+    server.assert_clean()
+
+
+@pytest.fixture(scope="module")
+def vjepa2(tmp_path_factory):
+    with serve(tmp_path_factory.mktemp("vjepa2"), "vjepa2", "--allow-private-media-urls") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def ac(tmp_path_factory):
+    with serve(tmp_path_factory.mktemp("vjepa2_ac"), "vjepa2_ac") as srv:
+        yield srv
+
+
+# -- latents ----------------------------------------------------------------------------------
+def test_latents_from_an_upload_a_url_a_data_url_and_frames_agree(vjepa2, files_url):
+    encode = {"mode": "encode"}
+    from_data_url = output(vjepa2.generate({**encode, "video": data_url(MP4)}), "latents")
+    tokens, dim = from_data_url.shape
+    assert tokens > 0 and dim > 0 and from_data_url.dtype == np.float32
+    assert np.isfinite(from_data_url).all()
+    uploaded = vjepa2.client.post("/generate", data={"request": json.dumps(encode)},
+                                  files={"video": ("clip.mp4", MP4, "video/mp4")})
+    fetched = vjepa2.generate({**encode, "video": files_url + "/clip.mp4"})
+    # the decoded pixels as a tensor: the same latents; other pixels, others
+    frames = vjepa2.generate({**encode, "frames": tensor(decoded(MP4))})
+    for response in (uploaded, fetched, frames):
+        np.testing.assert_array_equal(output(response, "latents"), from_data_url)
+    other = output(vjepa2.generate({**encode, "frames": tensor(clip(1))}), "latents")
+    assert other.shape == from_data_url.shape and not np.allclose(other, from_data_url)
+
+
+def test_sdk_encode_video_takes_a_path_bytes_a_url_and_an_array(vjepa2, files_url, tmp_path):
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(MP4)
+    want = output(vjepa2.generate({"mode": "encode", "video": data_url(MP4)}), "latents")
+    with MStarClient(vjepa2.url, max_retries=0) as client:
+        for video in (path, str(path), MP4, files_url + "/clip.mp4", decoded(MP4)):
+            np.testing.assert_array_equal(client.encode_video(video), want)
+        np.testing.assert_array_equal(client.encode_video(MP4, binary=True), want)
+        # vjepa2 has no action-conditioned predictor: refused before anything is sent
+        with pytest.raises(UnsupportedCapabilityError, match="'rollout'"):
+            client.rollout(video=MP4, actions=np.zeros((2, ACTION_DIM)))
+        with pytest.raises(UnsupportedCapabilityError, match="'planning'"):
+            client.plan(video=MP4, goal=MP4)
+
+
+# -- rollouts ---------------------------------------------------------------------------------
+def actions(steps: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-0.05, 0.05, (steps, ACTION_DIM)).astype(
+        np.float32)
+
+
+def states(frames: int) -> np.ndarray:
+    return np.tile(np.linspace(0.1, 0.7, ACTION_DIM, dtype=np.float32), (frames, 1))
+
+
+def rollout_body(steps: int, **fields) -> dict:
+    return {"mode": "rollout", "frames": tensor(CLIP[:2]), "actions": tensor(actions(steps)),
+            "states": tensor(states(2)), "rollout_steps": steps, **fields}
+
+
+def sse_steps(response: httpx.Response) -> Iterator[np.ndarray]:
+    """Each `rollout` tensor event of an SSE answer, as it arrives."""
+    for line in response.iter_lines():
+        if line.startswith("data: {"):
+            event = json.loads(line[len("data: "):])
+            assert event["event"] != "error", event
+            if event["event"] == "tensor" and event["name"] == "rollout":
+                t = event["tensor"]
+                yield np.frombuffer(base64.b64decode(t["data"]), t["dtype"]).reshape(
+                    t["shape"])
+
+
+def test_a_rollout_streams_each_step_as_it_is_computed(ac):
+    whole = output(ac.generate(rollout_body(3)), "rollout")
+    with ac.client.stream("POST", "/generate", json={**rollout_body(3), "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith(
+            "text/event-stream")
+        streamed = list(sse_steps(r))
+    assert len(streamed) == 3
+    np.testing.assert_array_equal(np.concatenate(streamed), whole)
+    # each step is the next frame's latents: the first steps do not depend on later actions
+    longer = output(ac.generate({**rollout_body(4), "actions": tensor(np.concatenate(
+        [actions(3), actions(1, seed=9)]))}), "rollout")
+    np.testing.assert_array_equal(longer[:len(whole)], whole)
+
+
+def test_sdk_rollout_and_plan_sync_and_async(ac):
+    body = rollout_body(3)
+    want = output(ac.generate(body), "rollout")
+    kwargs = {"video": CLIP[:2], "actions": actions(3), "states": states(2), "steps": 3}
+    with MStarClient(ac.url, max_retries=0) as client:
+        got = client.rollout(**kwargs)
+        assert got.shape[0] == 3 and got.ndim == 3
+        np.testing.assert_array_equal(got.reshape(want.shape), want)
+        with client.rollout(**kwargs, stream=True) as steps:
+            streamed = list(steps)
+        np.testing.assert_array_equal(np.stack(streamed), got)
+        planned = client.plan(video=CLIP[:1], goal=CLIP[3:4], states=states(1), samples=8,
+                              iterations=2, horizon=2, topk=2, seed=3)
+        assert planned.shape == (2, ACTION_DIM) and np.isfinite(planned).all()
+        np.testing.assert_array_equal(planned, client.plan(
+            video=CLIP[:1], goal=CLIP[3:4], states=states(1), samples=8, iterations=2,
+            horizon=2, topk=2, seed=3))
+        assert client.encode_video(MP4).ndim == 2
+
+    async def main() -> None:
+        async with AsyncMStarClient(ac.url, max_retries=0) as client:
+            np.testing.assert_array_equal(await client.rollout(**kwargs), got)
+            streamed = [s async for s in await client.rollout(**kwargs, stream=True)]
+            np.testing.assert_array_equal(np.stack(streamed), got)
+            np.testing.assert_array_equal(await client.plan(
+                video=CLIP[:1], goal=CLIP[3:4], states=states(1), samples=8, iterations=2,
+                horizon=2, topk=2, seed=3), planned)
+
+    asyncio.run(main())
+
+
+def test_a_plan_comes_back_for_the_authors_defaults(ac):
+    planned = output(ac.generate({"mode": "plan", "frames": tensor(CLIP[:1]),
+                                  "goal": tensor(CLIP[3:4]), "states": tensor(states(1)),
+                                  "iterations": 1, "seed": 0}), "actions")
+    assert planned.shape == (2, ACTION_DIM) and np.isfinite(planned).all()
+
+
+def test_a_client_leaving_mid_rollout_stops_the_loop_and_frees_its_pages(ac):
+    ac.wait_idle()
+    aborted = ac.metric('mstar_requests_total{status="abort"}')
+    with ac.client.stream("POST", "/generate",
+                          json={**rollout_body(LONG_STEPS, actions=tensor(actions(LONG_STEPS))),
+                                "stream": True}) as r:
+        first = next(sse_steps(r))  # the loop runs
+        assert first.size > 0
+    wait_for(lambda: ac.metric('mstar_requests_total{status="abort"}') == aborted + 1,
+             timeout=60)
+    ac.wait_idle(timeout=60)
+    assert output(ac.generate(rollout_body(1)), "rollout").shape[0] > 0
+
+
+# -- bad input --------------------------------------------------------------------------------
+CORRUPT = data_url(MP4[:40] + bytes(200))
+BAD = [
+    ({"mode": "encode", "frames": tensor(CLIP[:1])}, "frames", "frames"),
+    ({"mode": "encode", "frames": tensor(CLIP[..., :2])}, "frames", "3"),
+    ({"mode": "encode", "video": CORRUPT}, "video", "video"),
+    (rollout_body(3, actions=tensor(np.zeros((3, 6), np.float32))), "actions", "7"),
+    (rollout_body(3, actions=tensor(actions(2))), "actions", "3"),
+    ({"mode": "plan", "frames": tensor(CLIP[:1]), "states": tensor(states(1))}, "goal",
+     "goal"),
+    ({"mode": "plan", "frames": tensor(CLIP[:1]), "goal": tensor(CLIP[3:4]),
+      "states": tensor(states(1)), "samples": 10 ** 7}, "samples", "samples"),
+]
+
+
+@pytest.mark.parametrize("body, param, says", BAD, ids=[
+    "too-few-frames", "wrong-frame-size", "corrupt-file", "action-dim", "action-count",
+    "no-goal", "absurd-samples"])
+def test_bad_input_is_a_400_naming_it(ac, body, param, says):
+    assert_bad(ac.generate(body), param, says)
+    assert output(ac.generate(rollout_body(1)), "rollout").shape[0] > 0
+
+
+# -- another layout ---------------------------------------------------------------------------
+def test_vjepa2_ac_split_encodes_on_rank_1_and_predicts_on_rank_0(tmp_path):
+    with serve(tmp_path, "vjepa2_ac", "--config", "vjepa2_ac_split") as split:
+        assert output(split.generate(rollout_body(2)), "rollout").shape[0] > 0
+        split.wait_reported()
+        ran = {(rank, node) for (rank, node, walk), count in by_rank(
+            split, "mstar_node_invocations_total", "node", "walk").items() if count > 0}
+        assert ran == {(1, "video_encoder"), (0, "ac_predictor")}
+        split.wait_idle()
+
