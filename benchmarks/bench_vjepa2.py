@@ -27,6 +27,7 @@ import time
 import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -127,9 +128,9 @@ def rollouts(deployment, predictor, steps_list: list[int], repeat: int) -> list[
             -0.05, 0.05, (steps, 7)).astype(np.float32))
         request = {"mode": "rollout", "frames": context_frame, "actions": actions,
                    "states": pose, "rollout_steps": steps}
-        cached = best_of(repeat, lambda: run(deployment, request))
-        recomputed = best_of(repeat, lambda: recompute_rollout(predictor, context, pose,
-                                                               actions))
+        cached = best_of(repeat, partial(run, deployment, request))
+        recomputed = best_of(repeat, partial(recompute_rollout, predictor, context, pose,
+                                             actions))
         rows.append(f"{steps:>5} {1000 * cached:>10.1f} {1000 * recomputed:>13.1f} "
                     f"{recomputed / cached:>6.2f}x")
     return rows
@@ -144,9 +145,12 @@ def planners(deployment, samples: int, iterations: int, counts: list[int],
 
     rows = [f"samples {samples}, iterations {iterations}, horizon 2 (the authors' default)",
             f"{'planners':>8} {'wall s':>8} {'plans/s':>8} {'s per plan':>11}"]
+    def together(pool: ThreadPoolExecutor, count: int) -> None:
+        list(pool.map(plan, range(count)))
+
     for count in counts:
         with ThreadPoolExecutor(count) as pool:
-            wall = best_of(repeat, lambda: list(pool.map(plan, range(count))))
+            wall = best_of(repeat, partial(together, pool, count))
         rows.append(f"{count:>8} {wall:>8.2f} {count / wall:>8.2f} {wall / count:>11.2f}")
     return rows
 
