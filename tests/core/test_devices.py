@@ -155,7 +155,8 @@ def test_tp_backend_per_device_kind():
 
 def test_a_kv_node_s_pages_are_held_in_its_dtype():
     groups = [{"node_names": ["LLM"], "ranks": [0], "dtype": "bfloat16"},
-              {"node_names": ["vision_encoder", "action_init", "combine", "consumer"],
+              {"node_names": ["vision_encoder", "action_init", "combine", "cem_sample",
+                              "cem_refit", "consumer"],
                "ranks": [0]}]
     with mstar.load("testvla", preset="tiny", load_format="dummy", node_groups=groups,
                     max_seq_len=64, kv_cache={"num_pages": 8}) as dep:

@@ -274,7 +274,8 @@ def test_request_timeout_frees_everything(tiny_ckpt):
 
 def test_per_node_dtype_override(tiny_ckpt):
     groups = [{"node_names": ["vision_encoder"], "ranks": [0], "dtype": "bfloat16"},
-              {"node_names": ["LLM", "action_init", "combine", "consumer"], "ranks": [0]}]
+              {"node_names": ["LLM", "action_init", "combine", "cem_sample", "cem_refit",
+                              "consumer"], "ranks": [0]}]
     with mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=256,
                     node_groups=groups) as d:
         engines = d.workers[0].engines

@@ -20,7 +20,7 @@ ACT = {"prompt": "<image>grasp", "image": image(4), "mode": "act", "num_steps": 
 STREAM = {"prompt": "stream this", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
           "stream_consumer": True}
 
-LM_NODES = ["LLM", "action_init", "combine"]
+LM_NODES = ["LLM", "action_init", "combine", "cem_sample", "cem_refit"]
 
 
 def outputs(dep) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -42,9 +42,11 @@ def colocated(tiny_ckpt):
      {"node_names": ["consumer"], "ranks": [2]}],
     [{"node_names": ["vision_encoder"], "ranks": [0]},
      {"node_names": ["LLM"], "ranks": [0],
-      "graph_walks": ["prefill", "prefill_act", "prefill_rollout"]},
-     {"node_names": ["LLM"], "ranks": [1], "graph_walks": ["decode", "denoise", "rollout"]},
-     {"node_names": ["action_init", "combine", "consumer"], "ranks": [1]}],
+      "graph_walks": ["prefill", "prefill_act", "prefill_rollout", "prefill_plan"]},
+     {"node_names": ["LLM"], "ranks": [1],
+      "graph_walks": ["decode", "denoise", "rollout", "plan"]},
+     {"node_names": ["action_init", "combine", "cem_sample", "cem_refit", "consumer"],
+      "ranks": [1]}],
     [{"node_names": ["vision_encoder", *LM_NODES, "consumer"], "ranks": [0]},
      {"node_names": ["LLM_uncond"], "ranks": [1]}],
 ], ids=["vision-on-rank-1", "three-ranks", "prefill-decode-split", "cfg-branch-on-rank-1"])
@@ -168,8 +170,9 @@ def test_sequences_migrate_between_two_workers(tiny_ckpt):
     from mstar.model.contract import Fork
     from mstar.model.sampling import SamplingParams
 
-    groups = [{"node_names": ["vision_encoder", "action_init", "combine", "consumer"],
-               "ranks": [0]}, {"node_names": ["LLM"], "ranks": [1]}]
+    groups = [{"node_names": ["vision_encoder", "action_init", "combine", "cem_sample",
+                              "cem_refit", "consumer"], "ranks": [0]},
+              {"node_names": ["LLM"], "ranks": [1]}]
     with mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=256) as a, \
             mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=256,
                        node_groups=groups) as b:

@@ -438,7 +438,8 @@ def test_three_ranks_launch_and_stop_three_times(tmp_path):
     config = tmp_path / "three.yaml"
     config.write_text("model: testvla\nmax_seq_len: 256\nnode_groups:\n"
                       "  - {node_names: [vision_encoder], ranks: [1]}\n"
-                      "  - {node_names: [LLM, action_init, combine], ranks: [0]}\n"
+                      "  - {node_names: [LLM, action_init, combine, cem_sample, cem_refit],"
+                      " ranks: [0]}\n"
                       "  - {node_names: [consumer], ranks: [2]}\n")
     saw_503 = False
     for i in range(3):

@@ -72,7 +72,8 @@ def test_installed_wheels_serve_their_packaged_configs(venv, tmp_path):
     config = yaml.safe_load(default.stdout)
     assert (config["model"], config["max_seq_len"]) == ("testvla", 512)
     assert config["node_groups"] == [{"node_names": ["vision_encoder", "LLM", "action_init",
-                                                     "combine", "consumer"],
+                                                     "combine", "cem_sample", "cem_refit",
+                                                     "consumer"],
                                       "ranks": [0], "graph_walks": None, "tp_size": 1,
                                       "dtype": None}]
     assert config["server"]["tensor_comm_protocol"] == "SHM"
@@ -81,4 +82,5 @@ def test_installed_wheels_serve_their_packaged_configs(venv, tmp_path):
                  outside, env)
     config = yaml.safe_load(named.stdout)
     assert [(g["node_names"], g["ranks"]) for g in config["node_groups"]] == [
-        (["vision_encoder"], [1]), (["LLM", "action_init", "combine", "consumer"], [0])]
+        (["vision_encoder"], [1]),
+        (["LLM", "action_init", "combine", "cem_sample", "cem_refit", "consumer"], [0])]

@@ -288,6 +288,8 @@ class NodeCall(msgspec.Struct, tag=True):
     reply_to: str
     host: dict[str, Any] = {}
     tensors: dict[str, Handle] = {}
+    outer: tuple[int, ...] = ()  # the noise key's other parts (`NodeWork`)
+    join_round: int | None = None
 
 
 class NodeResult(msgspec.Struct, tag=True):
@@ -317,6 +319,8 @@ class TPSeq(msgspec.Struct):
     #: None for a chunk that does not end one (or a rebuild after preemption).
     ends: tuple[str, str] | None = None
     first: bool = False  # the chunk starts its sequence (counted as prompt tokens computed)
+    outer: tuple[int, ...] = ()  # the noise key's other parts (`NodeWork`)
+    join_round: int | None = None
 
 
 class TPStep(msgspec.Struct, tag=True):

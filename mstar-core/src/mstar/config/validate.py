@@ -90,7 +90,7 @@ class _ModelView:
         walk_runs: dict[str, list[str]] = {}
         for walk_name, walk in model.graph_walks().items():
             runs = walk_runs[walk_name] = []
-            for node in walk_nodes(walk.body):
+            for node in walk_nodes(walk):
                 if node.alias_of is not None:
                     branches[node.name] = node.alias_of
                 if node.name not in runs:

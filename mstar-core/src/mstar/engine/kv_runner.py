@@ -57,7 +57,8 @@ def tp_step(node: str, fb: ForwardBatch, tasks: list[Task]) -> msg.TPStep:
                       [(g.length, g.kind) for g in c.segments], c.mode, c.is_last_chunk,
                       dict(c.outputs), w.seed if w else 0, w.iteration if w else None,
                       ends=(w.node.name, w.walk) if w and c.is_last_chunk else None,
-                      first=t.first)
+                      first=t.first, outer=w.outer if w else (),
+                      join_round=w.join_round if w else None)
             for c, t, w in ((c, t, t.work) for c, t in zip(fb.seqs, tasks))]
     return msg.TPStep(node, seqs, TensorData.from_tensor(fb.input_ids),
                       TensorData.from_tensor(fb.positions),
@@ -232,7 +233,8 @@ class KVRunner:
                                    mode=s.mode, is_last_chunk=s.is_last,
                                    outputs={k: tuple(v) for k, v in s.outputs.items()}))
             works.append(NodeWork(s.request_id, s.child, GraphNode(self.node), {}, s.seed,
-                                  SamplingParams(), iteration=s.iteration))
+                                  SamplingParams(), iteration=s.iteration, outer=s.outer,
+                                  join_round=s.join_round))
             start += s.take
         fb = ForwardBatch(input_ids=step.input_ids.to_tensor().to(self.device),
                           positions=step.positions.to_tensor().to(self.device), seqs=chunks,

@@ -18,7 +18,8 @@ class NodeWork:
     """One invocation of `node` for one request (`child` numbers its lanes).
 
     `inputs` holds the environment values the node reads; `walk` and `iteration` are kept
-    for step logs and noise keys; `lane` is the worker's handle to route the result back.
+    for step logs and noise keys, with `outer` (the enclosing loops' iterations, outermost
+    first) and `join_round` (the `Join` round, None outside joined walks); `lane` is the worker's handle to route the result back.
     `sampling` is the node's own sampling parameters; `site_sampling` the request's by site
     (`RequestPlan.sampling`), for `ctx.sample`; `site_history` the ids `ctx.sample` drew so
     far for this request and child, by keyed site (kept by the worker with the request).
@@ -32,6 +33,8 @@ class NodeWork:
     sampling: SamplingParams
     walk: str = ""
     iteration: int | None = None
+    outer: tuple[int, ...] = ()
+    join_round: int | None = None
     lane: Any = None
     arrival: int = 0
     site_sampling: Mapping[str, SamplingParams] = field(default_factory=dict)
@@ -67,7 +70,8 @@ class KeyedStepContext:
     def randn(self, seq_index: int, shape: tuple[int, ...], site: str, *,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = self._work(seq_index)
-        return rng.randn(shape, seed=w.seed, child=w.child, site=site,
+        return rng.randn(shape, seed=w.seed, child=w.child,
+                         site=rng.noise_site(site, w.outer, w.join_round),
                          step=w.iteration or 0, dtype=dtype, device=self.device)
 
     def sample(self, seq_index: int, logits: torch.Tensor, site: str, step: int) -> torch.Tensor:

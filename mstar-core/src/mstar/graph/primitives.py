@@ -283,8 +283,10 @@ class Partition:
     nodes: tuple[str, ...]
 
 
-def walk_nodes(item: WalkItem) -> list[GraphNode]:
-    """Every GraphNode of a walk item, in program order."""
+def walk_nodes(item: WalkItem | Walk) -> list[GraphNode]:
+    """Every GraphNode of a walk item, in program order (of a walk: its join node last)."""
+    if isinstance(item, Walk):
+        return walk_nodes(item.body) + ([item.join.node] if item.join is not None else [])
     if isinstance(item, GraphNode):
         return [item]
     if isinstance(item, Sequential):

@@ -11,7 +11,9 @@ different walks can be batched by the node they wait on:
 - `LoopBegin(loop_id, loop, end_pc)`: enter `loop`; `end_pc` is the pc of its `LoopEnd`;
 - `LoopEnd(loop_id, begin_pc)`: close an iteration; `begin_pc` is the pc of its `LoopBegin`.
 
-`Sequential` concatenates its items. Declaration errors (a loop that cannot end, a
+`Sequential` concatenates its items. A walk's `Join` node is not an instruction (the worker
+runs it once every child's lane has finished); it comes last in `nodes`, so a remote call
+names it by its index like any other. Declaration errors (a loop that cannot end, a
 non-node branch, two branches of one stage with the same name) are raised here, when the
 model's walks are compiled, rather than in the middle of serving a request.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mstar.graph.primitives import GraphNode, Loop, Parallel, Sequential, Walk, WalkItem
+from mstar.graph.primitives import GraphNode, Join, Loop, Parallel, Sequential, Walk, WalkItem
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ def compile_walk(walk: Walk) -> WalkProgram:
     instructions: list[Instruction] = []
     nodes: list[GraphNode] = []
     _emit(walk.body, instructions, nodes, loop_ids=[0])
+    if walk.join is not None:
+        _check_join(walk.join)
+        nodes.append(walk.join.node)
     return WalkProgram(walk=walk, instructions=tuple(instructions), nodes=tuple(nodes))
 
 
@@ -119,3 +124,14 @@ def _check_loop(loop: Loop) -> None:
             raise ValueError(f"Loop times must be a non-negative int or a name, got {times!r}")
     if loop.until is not None and not (isinstance(loop.until, str) or callable(loop.until)):
         raise TypeError(f"Loop until must be a name or a callable, got {loop.until!r}")
+
+
+def _check_join(join: Join) -> None:
+    if not isinstance(join.node, GraphNode):
+        raise TypeError(f"a Join's node must be a GraphNode, got {join.node!r}")
+    if join.times is None and join.until is None:
+        raise ValueError(f"a Join needs `times` or `until` (or both): {join!r}")
+    times = join.times
+    if times is not None and not isinstance(times, str):
+        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise ValueError(f"Join times must be a positive int or a name, got {times!r}")

@@ -66,15 +66,18 @@ class ConductorRequest:
 class Conductor(Component):
     def __init__(self, model: Model, placement: Placement, channel: Channel, *,
                  max_concurrent_requests: int, rank_addresses: Callable[[int], str]
-                 = lambda r: f"worker:{r}", status_address: str = "frontend"):
+                 = lambda r: f"worker:{r}", status_address: str = "frontend",
+                 max_children: int = 1024):
         """`status_address`: where the workers' readiness is forwarded (the frontend in one
-        process, the API server's gateway when served)."""
+        process, the API server's gateway when served). `max_children`: the most children
+        one walk step may run (`DeploymentConfig.max_children`; more fails with a 400)."""
         super().__init__("conductor")
         self.status_address = status_address
         self.model = model
         self.placement = placement
         self.channel = channel
         self.max_concurrent = max_concurrent_requests
+        self.max_children = max_children
         self.address_of = rank_addresses
         self.walks = model.graph_walks()
         self.edges = list(model.streaming_edges())
@@ -95,7 +98,7 @@ class Conductor(Component):
     # -- placement --------------------------------------------------------------------------
     def kv_nodes_of(self, walk: str) -> list[str]:
         types = self.model.node_engine_types()
-        return sorted({n.module for n in walk_nodes(self.walks[walk].body)
+        return sorted({n.module for n in walk_nodes(self.walks[walk])
                        if types.get(n.module) == "kv_cache"})
 
     def owner_of(self, walk: str) -> str:
@@ -103,7 +106,7 @@ class Conductor(Component):
         branch (`alias_of`, its own KV label) is no anchor even when it comes first (an
         image-free guidance context prefilled at the start of the walk): the request's
         main sequence lives with the node itself."""
-        nodes = walk_nodes(self.walks[walk].body)
+        nodes = walk_nodes(self.walks[walk])
         types = self.model.node_engine_types()
         kv = [n for n in nodes if types.get(n.module) == "kv_cache"]
         anchor = next((n for n in kv if n.alias_of is None), kv[0] if kv else nodes[0])
@@ -155,6 +158,11 @@ class Conductor(Component):
                      f"which it does not declare (its walks: {', '.join(sorted(self.walks))})",
                 500))
             return
+        too_many = next(filter(None, map(self._too_many_children, m.first_walks.values())),
+                        None)
+        if too_many:
+            self.channel.send(m.info.frontend, msg.Rejected(rid, too_many, 400))
+            return
         owners = {p: self.owner_of(step.walk) for p, step in m.first_walks.items()}
         dead = sorted(set(owners.values()) & set(self.dead_workers))
         if dead:
@@ -185,7 +193,7 @@ class Conductor(Component):
                 self._send(req, home, msg.Migrate(req.info.request_id, node, owner))
                 imports.append(node)
             req.kv_home[node] = owner
-        nodes = walk_nodes(self.walks[step.walk].body)
+        nodes = walk_nodes(self.walks[step.walk])
         remote = {}
         for n in nodes:  # nodes of this walk placed elsewhere run by NodeCall
             where = self.address_of(self.placement.get(step.walk, n.name).ranks[0])
@@ -198,7 +206,8 @@ class Conductor(Component):
                            and n.name in remote), None)
             if target is not None:
                 fork_dests[i] = remote[target.name]
-        children = range(step.children) if step.children > 1 else [child]
+        joined = self.walks[step.walk].join is not None  # its worker reports it once
+        children = range(step.children) if step.children > 1 and not joined else [child]
         req.lanes.update((partition, c) for c in children)
         req.workers.add(owner)
         self.load[owner] = self.load.get(owner, 0) + 1
@@ -236,6 +245,10 @@ class Conductor(Component):
             if problem:
                 self._end(m.request_id, "error", code=500, error=f"next_walk: {problem}")
                 return
+            too_many = self._too_many_children(step)
+            if too_many:
+                self._end(m.request_id, "error", code=400, error=too_many)
+                return
             self._dispatch(req, m.partition, m.child, step, self.owner_of(nxt.walk))
             self._fail_if_stalled(req)
             return
@@ -249,6 +262,12 @@ class Conductor(Component):
             self._end(m.request_id, req.reason)
         else:
             self._fail_if_stalled(req)
+
+    def _too_many_children(self, step: msg.WalkStepMsg) -> str | None:
+        if step.children <= self.max_children:
+            return None
+        return (f"walk {step.walk!r} asks for {step.children} children, more than this "
+                f"deployment runs at once (max_children={self.max_children})")
 
     def _send(self, req: ConductorRequest, worker: str, m: msg.Message) -> None:
         req.sent[worker] = req.sent.get(worker, 0) + 1

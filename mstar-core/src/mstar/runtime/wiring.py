@@ -79,7 +79,8 @@ class Wiring:
     def conductor(self, channel: Channel) -> Conductor:
         return Conductor(self.model, self.placement, channel,
                          max_concurrent_requests=self.config.max_concurrent_requests,
-                         status_address=self.status_address)
+                         status_address=self.status_address,
+                         max_children=self.config.max_children)
 
     def frontend(self, channel: Channel, transport: Transport, *,
                  media_limits: MediaLimits | None = None) -> Frontend:

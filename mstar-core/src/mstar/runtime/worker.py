@@ -5,7 +5,9 @@ waits on, queues the ready ones in the engines (a request whose stream buffer is
 paused, others go on; a stream-fed invocation waits for a window), runs one engine step
 (engines take turns), and routes the results: outputs back into cursors, client-bound values
 to the frontend, stream units to the consumer's worker, control values to the conductor at
-walk ends. Loop conditions are evaluated here; per-iteration control never leaves the rank.
+walk ends. Loop conditions are evaluated here; per-iteration control never leaves the rank,
+nor does a joined walk's (`Join`): its children's rounds, the join node between them and
+their re-forks run here, and only the join's end reaches the conductor.
 
 Stalls: whenever a request it holds has nothing runnable, queued or awaited here, the worker
 tells the conductor (`Blocked`: what it waits on, and how many of the request's messages it
@@ -36,7 +38,7 @@ from mstar.engine.stateless_engine import StatelessEngine
 from mstar.engine.work import NodeWork, WorkResult
 from mstar.errors import RequestError
 from mstar.graph.cursor import Invocation, WalkCursor
-from mstar.graph.primitives import GraphNode, StreamingGraphEdge
+from mstar.graph.primitives import GraphNode, Join, StreamingGraphEdge, Walk
 from mstar.graph.program import WalkProgram, compile_walk
 from mstar.model.contract import Model
 from mstar.model.forward import SeqKey
@@ -59,6 +61,26 @@ Engine = KVEngine | StatelessEngine
 
 
 @dataclass
+class JoinGroup:
+    """The children of a joined walk (`Join`) on this worker: the start that made them (its
+    forks are applied again each round), the request's environment for the next round,
+    the children's environments finished this round, and the join's own lane while it
+    runs (keyed as the parent lane: `child`)."""
+
+    start: msg.StartWalk
+    base: dict[str, Any]
+    children: list[int]
+    rounds: int | None
+    round: int = 0
+    finished: dict[int, dict[str, Any]] = field(default_factory=dict)
+    join_lane: Lane | None = None
+
+    @property
+    def child(self) -> int:
+        return self.start.child
+
+
+@dataclass
 class Lane:
     """One walk of one (partition, child) of a request on this worker."""
 
@@ -71,6 +93,7 @@ class Lane:
     #: the fed window's edge's `rows_per_unit` (how its outputs are cut)
     window_rows: Mapping[str, int] = field(default_factory=dict)
     remote: dict[str, str] = field(default_factory=dict)  # node name -> worker running it
+    group: JoinGroup | None = None  # a joined walk's child, or its join
 
 
 @dataclass(frozen=True)
@@ -142,6 +165,10 @@ class Worker(Component):
         self.transport = transport
         self.programs: dict[str, WalkProgram] = {
             name: compile_walk(walk) for name, walk in model.graph_walks().items()}
+        #: per joined walk: the program of its join (the join node alone)
+        self.join_programs: dict[str, WalkProgram] = {
+            name: compile_walk(Walk(p.walk.join.node)) for name, p in self.programs.items()
+            if p.walk.join is not None}
         self.edges: list[StreamingGraphEdge] = list(model.streaming_edges())
         partition_of = {n: p.name for p in model.partitions() for n in p.nodes}
         self._edge_partitions = [(partition_of.get(e.src), partition_of.get(e.dst))
@@ -311,7 +338,8 @@ class Worker(Component):
             engine.submit(NodeWork(request_id=info.request_id, child=m.child, node=node,
                                    inputs={**m.host, **self._take(m.tensors)},
                                    seed=info.seed, sampling=self._sampling(info, node),
-                                   walk=m.walk, iteration=m.iteration, lane=caller,
+                                   walk=m.walk, iteration=m.iteration, outer=m.outer,
+                                   join_round=m.join_round, lane=caller,
                                    site_sampling=info.sampling,
                                    site_history=req.site_history.setdefault(m.child, {})))
         except (RequestError, KeyError, IndexError) as exc:
@@ -385,20 +413,17 @@ class Worker(Component):
         req.info = m.info
         req.peers.update(m.stream_peers)
         step = m.step
+        group = None
         try:
             if step.walk not in self.programs:
                 raise RequestError(f"unknown walk {step.walk!r}")
-            for i, f in enumerate(step.forks):
-                engine = self.engines.get(f.node)
-                if not isinstance(engine, KVEngine):
-                    raise RequestError(f"fork of {f.node!r}: not a KV node on {self.address}")
-                engine.fork(req.request_id, f)
-                dest = m.fork_dests.get(i)
-                if dest is not None:  # the branch runs elsewhere: its context moves there
-                    key = SeqKey(req.request_id, f.node, f.label, f.child)
-                    transfer = to_wire(engine, engine.export_seq(key), self.transport, dest)
-                    engine.release_seq(key)
-                    self._send(req, dest, msg.SeqImport(req.request_id, f.node, [transfer]))
+            join = self.programs[step.walk].walk.join
+            if join is not None and m.fork_dests:
+                raise RequestError(f"walk {step.walk!r} joins its children on "
+                                   f"{self.address}, but forks their KV into a branch "
+                                   "placed elsewhere: a joined walk's forks must stay on "
+                                   "the worker that runs it", code=500)
+            self._fork(req, m)
             tensors = {name: self.transport.get(h) for name, h in step.tensors.items()}
             self._first_windows(req, m.partition)
         except (RequestError, KeyError) as exc:
@@ -406,15 +431,42 @@ class Worker(Component):
             return
         for h in step.tensors.values():
             self.transport.free(h)
-        children = range(step.children) if step.children > 1 else [m.child]
+        base: dict[str, Any] = {**m.info.params, **step.host, **tensors}
+        children = list(range(step.children)) if step.children > 1 else [m.child]
+        if join is not None:
+            try:
+                rounds = _join_rounds(join, base)
+            except RequestError as exc:
+                self._fail(req, exc)
+                return
+            group = JoinGroup(m, base, children, rounds)
+            base[join.round] = 0
+        self._start_lanes(req, m.partition, step.walk, children, base, m.remote_nodes, group)
+
+    def _fork(self, req: WorkerRequest, m: msg.StartWalk) -> None:
+        """Apply a walk start's forks (again at each round of a joined walk: a fork into an
+        existing sequence frees it first, so each round starts from a clean copy)."""
+        for i, f in enumerate(m.step.forks):
+            engine = self.engines.get(f.node)
+            if not isinstance(engine, KVEngine):
+                raise RequestError(f"fork of {f.node!r}: not a KV node on {self.address}")
+            engine.fork(req.request_id, f)
+            dest = m.fork_dests.get(i)
+            if dest is not None:  # the branch runs elsewhere: its context moves there
+                key = SeqKey(req.request_id, f.node, f.label, f.child)
+                transfer = to_wire(engine, engine.export_seq(key), self.transport, dest)
+                engine.release_seq(key)
+                self._send(req, dest, msg.SeqImport(req.request_id, f.node, [transfer]))
+
+    def _start_lanes(self, req: WorkerRequest, partition: str, walk: str, children: list[int],
+                     base: dict[str, Any], remote: Mapping[str, str],
+                     group: JoinGroup | None) -> None:
+        """A lane per child, each with its own copy of the environment `base`."""
         for child in children:
-            env: dict[str, Any] = dict(m.info.params)
-            env.update(step.host)
-            env.update(tensors)
-            env["child"] = child
-            lane = Lane(m.partition, child, step.walk, WalkCursor(self.programs[step.walk], env),
-                        remote=dict(m.remote_nodes))
-            req.lanes[(m.partition, child)] = lane
+            lane = Lane(partition, child, walk,
+                        WalkCursor(self.programs[walk], {**base, "child": child}),
+                        remote=dict(remote), group=group)
+            req.lanes[(partition, child)] = lane
             if lane.cursor.done:
                 self._walk_done(req, lane)
 
@@ -530,6 +582,7 @@ class Worker(Component):
         except Exception as exc:  # the model's rule failed: this request only
             self._fail(req, exc)
             return
+        join_round = lane.group.round if lane.group is not None else None
         dest = lane.remote.get(node.name)
         if dest is not None:  # placed on another worker: call it there
             call_id = next(self._call_ids)
@@ -538,12 +591,14 @@ class Worker(Component):
             index = next(i for i, n in enumerate(self.programs[lane.walk].nodes) if n is node)
             self._send(req, dest, msg.NodeCall(call_id, info, lane.walk, node.name, index,
                                                lane.child, inv.iteration, self.address,
-                                               host, tensors))
+                                               host, tensors, inv.loop_path[:-1],
+                                               join_round))
             lane.in_flight.add(node.name)
             return
         work = NodeWork(request_id=req.request_id, child=lane.child, node=node,
                         inputs=inputs, seed=info.seed, sampling=self._sampling(info, node),
-                        walk=lane.walk, iteration=inv.iteration, lane=lane,
+                        walk=lane.walk, iteration=inv.iteration, outer=inv.loop_path[:-1],
+                        join_round=join_round, lane=lane,
                         site_sampling=info.sampling,
                         site_history=req.site_history.setdefault(lane.child, {}))
         try:
@@ -655,6 +710,16 @@ class Worker(Component):
             self._walk_done(req, lane)
 
     def _walk_done(self, req: WorkerRequest, lane: Lane) -> None:
+        group = lane.group
+        if group is not None and lane is not group.join_lane:
+            del req.lanes[(lane.partition, lane.child)]
+            group.finished[lane.child] = lane.cursor.env
+            if len(group.finished) == len(group.children):
+                self._join(req, lane, group)
+            return
+        if group is not None and not self._join_ends(group, lane.cursor.env):
+            self._next_round(req, lane, group)
+            return
         walk = self.programs[lane.walk].walk
         env = lane.cursor.env
         self._emit(req, lane.child, {n: env[n] for n in walk.emit if n in env})
@@ -665,6 +730,57 @@ class Worker(Component):
         self._send(req, "conductor", msg.WalkDone(
             req.request_id, lane.partition, lane.walk, lane.child, self.address, control,
             results, req.outputs_sent, dict(req.pushed)))
+
+    # -- joined walks (`Join`) ---------------------------------------------------------------
+    def _join(self, req: WorkerRequest, last: Lane, group: JoinGroup) -> None:
+        """Every child of the round has finished: run the join node once, over their stacked
+        values, as the parent's lane."""
+        walk = last.walk
+        join = self.programs[walk].walk.join
+        assert join is not None
+        envs = [group.finished[c] for c in group.children]
+        group.finished = {}
+        env = dict(group.base)
+        for name in join.stack:
+            values = [e.get(name) for e in envs]
+            if any(v is None for v in values):
+                self._fail(req, RuntimeError(f"walk {walk!r}: a child ended without "
+                                             f"{name!r}, which its join stacks"))
+                return
+            env[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        lane = Lane(last.partition, group.child, walk,
+                    WalkCursor(self.join_programs[walk], env), remote=last.remote, group=group)
+        group.join_lane = lane
+        req.lanes[(lane.partition, lane.child)] = lane
+        if lane.cursor.done:  # the join node skipped itself
+            self._walk_done(req, lane)
+
+    def _join_ends(self, group: JoinGroup, env: dict[str, Any]) -> bool:
+        """Whether the round just joined is the last (`Join.until`, `Join.times`)."""
+        group.round += 1
+        until = self.programs[group.start.step.walk].walk.join.until  # type: ignore[union-attr]
+        if until is not None and (bool(env.get(until, False)) if isinstance(until, str)
+                                  else bool(until(env))):
+            return True
+        return group.round == group.rounds
+
+    def _next_round(self, req: WorkerRequest, lane: Lane, group: JoinGroup) -> None:
+        """The join goes on: its fed outputs into the request's environment, every child's
+        KV forked afresh from the kept context, and every child's walk started again."""
+        del req.lanes[(lane.partition, lane.child)]
+        group.join_lane = None
+        join = self.programs[lane.walk].walk.join
+        assert join is not None
+        env = lane.cursor.env
+        group.base.update({inp: env[out] for out, inp in join.feed_map().items() if out in env})
+        group.base[join.round] = group.round
+        try:
+            self._fork(req, group.start)
+        except (RequestError, KeyError) as exc:
+            self._fail(req, exc)
+            return
+        self._start_lanes(req, lane.partition, lane.walk, group.children, group.base,
+                          lane.remote, group)
 
     # -- stalls -----------------------------------------------------------------------------
     def _report_blocked(self) -> None:
@@ -752,3 +868,18 @@ class Worker(Component):
 
     def pages_in_use(self) -> int:
         return sum(self.node_pages().values())
+
+
+def _join_rounds(join: Join, env: Mapping[str, Any]) -> int | None:
+    """A join's `times` resolved against the request's environment (None: only `until`)."""
+    times = join.times
+    if isinstance(times, str):
+        if times not in env:
+            raise RequestError(f"the join's rounds ({times!r}) are missing from the request",
+                               code=500)
+        value = env[times]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RequestError(f"{times} must be a positive integer, got {value!r}",
+                               param=times)
+        return value
+    return times

@@ -14,6 +14,16 @@ Walks (partition "lm" unless noted):
   per image (children: each its own noise); `postprocess` paints each denoised chunk as a
   PNG `Image` (`painter.paint`).
 - `rollout`: each iteration appends the previous predicted frame and predicts the next.
+- `prefill_plan`, `plan` (mode "plan", the shape of CEM planning): the prompt with its
+  initial frame is prefilled once under its own KV label "ctx" (the `LLM_ctx` branch),
+  predicting frame 1. `plan` runs `plan_samples` children, each a fork of "ctx" into its own
+  "main" sequence: `cem_sample` draws its actions [plan_horizon, frame_dim] (mean + std ·
+  keyed noise), then a rollout appends frame k + 1 = the frame before it + action k and
+  predicts the next, `plan_horizon` times. The walk's `Join` runs `cem_refit` once per
+  round over every candidate's actions and last predicted frame (L1 distance to `goal`,
+  top `plan_topk`, refit of mean and std, each round's best `score` emitted), then re-forks
+  the children from "ctx" with the new mean and std, `plan_iters` rounds; the final mean
+  comes back as the tensor "plan".
 - `stream` (partition "stream"): the consumer decodes windows of (token, mid-layer hidden)
   units streamed from the LLM. It is testvla's voice: a speech request (`input`) and a chat
   asking for spoken output (`modalities` with "audio") run it, so the text's tokens come
@@ -59,6 +69,7 @@ from mstar.events import (
 from mstar.graph import (
     ChunkPolicy,
     GraphNode,
+    Join,
     Loop,
     Parallel,
     Partition,
@@ -91,7 +102,15 @@ if TYPE_CHECKING:
     from mstar.chat import ChatPrompt
     from mstar.media import Audio
 from mstar_testvla.config import PRESETS, TestVLAConfig
-from mstar_testvla.modules import ActionInit, Combine, Consumer, TestVLALLM, VisionEncoder
+from mstar_testvla.modules import (
+    ActionInit,
+    CEMRefit,
+    CEMSample,
+    Combine,
+    Consumer,
+    TestVLALLM,
+    VisionEncoder,
+)
 from mstar_testvla.painter import IMAGE_SIZES, MAX_IMAGES, paint, size_error
 from mstar_testvla.tokenizer import (
     ACT,
@@ -106,7 +125,7 @@ from mstar_testvla.tokenizer import (
 PROMPT_INPUTS = ("input_ids", "positions", "segments", "expert_ids", "media_embeds",
                  "frame_embeds")
 PREFILL_WALKS = {"text": "prefill", "act": "prefill_act", "rollout": "prefill_rollout",
-                 "image": "prefill_act"}
+                 "image": "prefill_act", "plan": "prefill_plan"}
 STREAM_POLICY = ChunkPolicy(window=4, hop=1, emit=(1, 2), max_buffered=16)
 #: "role: text" lines, `<image>` where an image part was, then "assistant:".
 CHAT_TEMPLATE = (
@@ -146,7 +165,7 @@ class TestVLARequest(SamplingFields):
     cameras: dict[str, ImageInput] | list[ImageInput] | None = Field(
         None, description="Camera images by name (in the order given) or as a list, instead of "
                           "`image`: each resized to `chat_image_size` square, side by side.")
-    mode: Literal["text", "act", "rollout", "image"] = "text"
+    mode: Literal["text", "act", "rollout", "image", "plan"] = "text"
     width: int | None = Field(None, description="Image width (mode image); with height, one "
                                                 "of the sizes " + ", ".join(
                                                     f"{w}x{h}" for w, h in IMAGE_SIZES)
@@ -160,8 +179,16 @@ class TestVLARequest(SamplingFields):
                     "by 1/num_steps) has lo < t <= hi (act, image).")
     num_frames: int = Field(1, ge=1, le=64, description="Frames to predict (rollout).")
     frame: list[list[float]] | TensorInput | None = Field(
-        None, description="The initial frame [frame_tokens][frame_dim] (rollout), as nested "
-                          "lists or a tensor.")
+        None, description="The initial frame [frame_tokens][frame_dim] (rollout, plan), as "
+                          "nested lists or a tensor.")
+    goal: list[list[float]] | None = Field(
+        None, description="The goal frame [frame_tokens][frame_dim] (plan).")
+    plan_samples: int = Field(8, ge=1, le=4096, description="CEM candidates per round (plan).")
+    plan_topk: int = Field(2, ge=1, description="Candidates the refit keeps (plan).")
+    plan_iters: int = Field(3, ge=1, le=64, description="CEM rounds (plan).")
+    plan_horizon: int = Field(2, ge=1, le=16, description="Frames each candidate rolls out "
+                                                          "(plan).")
+    plan_std: float = Field(1.0, gt=0.0, description="The actions' initial std (plan).")
     stream_consumer: bool = Field(False, description="Also stream the consumer (text).")
     consumer_delay_s: float = Field(
         0.0, ge=0.0, le=10.0, description="Test instrumentation: the consumer sleeps this "
@@ -190,8 +217,13 @@ class TestVLARequest(SamplingFields):
         lo, hi = self.cfg_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"cfg_interval must have 0 <= lo <= hi <= 1, got {[lo, hi]}")
-        if (self.mode == "rollout") != (self.frame is not None):
-            raise ValueError("frame is required in rollout mode and only there")
+        if (self.mode in ("rollout", "plan")) != (self.frame is not None):
+            raise ValueError("frame is required in rollout and plan modes and only there")
+        if (self.mode == "plan") != (self.goal is not None):
+            raise ValueError("goal is required in plan mode and only there")
+        if self.plan_topk > self.plan_samples:
+            raise ValueError(f"plan_topk ({self.plan_topk}) must not exceed plan_samples "
+                             f"({self.plan_samples})")
         if self.mode not in ("text", "image") and self.n != 1 or (
                 self.mode != "text" and self.stream_consumer):
             raise ValueError("n > 1 needs mode 'text' or 'image'; stream_consumer mode 'text'")
@@ -308,7 +340,8 @@ class TestVLA(Model):
     # -- declarations ----------------------------------------------------------------------
     def node_engine_types(self) -> dict[str, Literal["kv_cache", "stateless"]]:
         return {"vision_encoder": "stateless", "LLM": "kv_cache", "action_init": "stateless",
-                "combine": "stateless", "consumer": "stateless"}
+                "combine": "stateless", "cem_sample": "stateless", "cem_refit": "stateless",
+                "consumer": "stateless"}
 
     def tp_nodes(self) -> set[str]:
         return {"LLM"}
@@ -317,7 +350,8 @@ class TestVLA(Model):
         return {"vision_encoder"}
 
     def partitions(self) -> list[Partition]:
-        return [Partition("lm", ("vision_encoder", "LLM", "action_init", "combine")),
+        return [Partition("lm", ("vision_encoder", "LLM", "action_init", "combine",
+                                 "cem_sample", "cem_refit")),
                 Partition("stream", ("consumer",))]
 
     def streaming_edges(self) -> list[StreamingGraphEdge]:
@@ -331,7 +365,7 @@ class TestVLA(Model):
         c = self.config
         return KVSpec(
             num_layers=c.num_hidden_layers, num_kv_heads=c.num_key_value_heads,
-            head_dim=c.head_dim, labels=("main", "uncond"), position_axes=3,
+            head_dim=c.head_dim, labels=("main", "uncond", "ctx"), position_axes=3,
             extras=(ExtraSpec("expert_ids", "token", (), torch.long, 0),
                     ExtraSpec("media_embeds", "token", (c.expert_hidden,)),
                     ExtraSpec("x_t", "token", (c.action_dim,)),
@@ -380,6 +414,22 @@ class TestVLA(Model):
                                            outputs=("frame_pred",), emit=("frame_pred",),
                                            prepare=self._frame_inputs),
                                  times="rollout_steps", carry={"frame_pred": "frame_embeds"})),
+            "prefill_plan": Walk(GraphNode("LLM_ctx", alias_of="LLM", label="ctx",
+                                           outputs=("frame_pred",), **prompt),
+                                 results=("frame_pred",)),
+            "plan": Walk(
+                Sequential(GraphNode("cem_sample", inputs=("mean", "std"), outputs=("actions",)),
+                           Loop(GraphNode("LLM", inputs=("input_ids", "positions", "segments",
+                                                         "frame_embeds"),
+                                          outputs=("frame_pred",),
+                                          prepare=self._plan_frame_inputs),
+                                times="plan_horizon", carry={"frame_pred": "frame_embeds"})),
+                join=Join(GraphNode("cem_refit", inputs=("actions", "frame_pred", "goal",
+                                                         "plan_topk"),
+                                    outputs=("mean", "std", "score"), emit=("score",)),
+                          stack=("actions", "frame_pred"), feed=("mean", "std"),
+                          times="plan_iters"),
+                emit=("mean",)),
             "stream": Walk(Loop(GraphNode("consumer",
                                           inputs=("codes", "hidden", "consumer_delay_s"),
                                           outputs=("wave",), emit=("wave",)),
@@ -445,6 +495,13 @@ class TestVLA(Model):
                                              layout.frame_grid),
                 "segments": [(n, "bidirectional")]}
 
+    def _plan_frame_inputs(self, env: Mapping[str, Any],
+                           iteration: int | None) -> dict[str, Any]:
+        """A candidate's frame `iteration + 1`: the frame before it plus its action."""
+        step = iteration or 0
+        return {**self._frame_inputs(env, iteration),
+                "frame_embeds": env["frame_embeds"] + env["actions"][step]}
+
     # -- modules and weights ---------------------------------------------------------------
     def build_submodule(self, node: str, ctx: BuildContext) -> nn.Module:
         c = self.config
@@ -454,6 +511,8 @@ class TestVLA(Model):
                                       tp_group=ctx.tp_group),
             "action_init": lambda: ActionInit(c),
             "combine": lambda: Combine(),
+            "cem_sample": lambda: CEMSample(),
+            "cem_refit": lambda: CEMRefit(),
             "consumer": lambda: Consumer(c),
         }
         if node not in builders:
@@ -469,6 +528,8 @@ class TestVLA(Model):
             "consumer": ((r"consumer\.(.*)", r"\1"), (r".*", None)),
             "action_init": ((r".*", None),),
             "combine": ((r".*", None),),
+            "cem_sample": ((r".*", None),),
+            "cem_refit": ((r".*", None),),
         }
         if node not in rules:
             raise ValueError(f"unknown testvla node {node!r}; nodes: {sorted(rules)}")
@@ -568,6 +629,16 @@ class TestVLA(Model):
             "prompt_ids": ids, "layout": layout.to_params(), "text_end": layout.text_end,
             "frame": frame,
         }
+        if req.mode == "plan":
+            if len(req.goal) != c.frame_tokens or {len(r) for r in req.goal} != {c.frame_dim}:
+                raise RequestError(f"goal: must be [{c.frame_tokens}][{c.frame_dim}]",
+                                   param="goal")
+            shape = (req.plan_horizon, c.frame_dim)
+            params.update({"goal": req.goal, "plan_samples": req.plan_samples,
+                           "plan_topk": req.plan_topk, "plan_iters": req.plan_iters,
+                           "plan_horizon": req.plan_horizon,
+                           "mean": torch.zeros(shape).tolist(),
+                           "std": torch.full(shape, req.plan_std).tolist()})
         if req.mode == "image":
             params.update(_image_params(req))
         prefill = WalkStep(PREFILL_WALKS[req.mode])
@@ -600,13 +671,18 @@ class TestVLA(Model):
                 forks += [Fork("LLM", length=p["uncond_length"], label="uncond", child=c)
                           for c in range(n)]
             return WalkStep("denoise", forks=forks, children=n)
+        if state.walk == "prefill_plan":  # the candidates: forks of the kept context
+            n = int(p["plan_samples"])
+            return WalkStep("plan", inputs={"frame_embeds": control["frame_pred"]},
+                            children=n, forks=[Fork("LLM", child=c, src_label="ctx")
+                                               for c in range(n)])
         if state.walk == "prefill_rollout":
             if p["rollout_steps"] == 0:
                 return Done("stop")
             return WalkStep("rollout", inputs={"frame_embeds": control["frame_pred"]})
         if state.walk == "decode":
             return Done(control.get("finish_reason") or "stop")
-        if state.walk in ("denoise", "rollout"):
+        if state.walk in ("denoise", "rollout", "plan"):
             return Done("stop")
         raise ValueError(f"testvla has no walk {state.walk!r}")
 
@@ -623,7 +699,8 @@ class TestVLA(Model):
             wave = torch.as_tensor(outputs["wave"]).float().reshape(-1)
             out.append(AudioChunk(samples=TensorData.from_tensor(wave),
                                   sample_rate=self.config.sample_rate, index=index))
-        for name, event_name in (("x_t", "actions"), ("frame_pred", "frame")):
+        for name, event_name in (("x_t", "actions"), ("frame_pred", "frame"),
+                                 ("mean", "plan"), ("score", "score")):
             if name in outputs:
                 tensor = TensorData.from_tensor(torch.as_tensor(outputs[name]).float())
                 out.append(NamedTensor(event_name, tensor, index=index))

@@ -7,6 +7,8 @@
   expert runs its own norms and projections on its own rows; attention is joint over all
   tokens, so both experts read and write the same KV layers.
 - `ActionInit`, `Combine` (stateless): flow-matching noise and the Euler/CFG update.
+- `CEMSample`, `CEMRefit` (stateless): the cross-entropy method's candidate actions and
+  its top-k refit, the join of the `plan` walk's children.
 - `Consumer` (stateless): a codec-like decoder of (code, hidden) units into audio samples,
   fed by a streaming edge window by window.
 
@@ -374,6 +376,40 @@ class Combine(nn.Module):
             dt = -1.0 / int(item["num_steps"])
             t = torch.as_tensor(item["t"], dtype=v.dtype, device=v.device)
             out.append({"x_t": item["x_t"] + dt * v, "t": t + dt})
+        return out
+
+
+class CEMSample(nn.Module):
+    """Each item: `actions` = `mean` + `std` · keyed Gaussian noise (site "cem"), of
+    `mean`'s shape [horizon, frame_dim]. Each candidate (child) and each CEM round draws
+    its own noise: `ctx.randn` keys it by child and join round."""
+
+    def forward(self, items: Items, ctx: StepContext) -> Items:
+        out = []
+        for i, item in enumerate(items):
+            mean = torch.as_tensor(item["mean"], dtype=torch.float32, device=ctx.device)
+            std = torch.as_tensor(item["std"], dtype=torch.float32, device=ctx.device)
+            out.append({"actions": mean + std * ctx.randn(i, tuple(mean.shape), site="cem")})
+        return out
+
+
+class CEMRefit(nn.Module):
+    """The join of a CEM round, over every candidate at once: `actions` [N, horizon, dim]
+    and each candidate's final predicted frame `frame_pred` [N, frame_tokens, dim] in; the
+    score of a candidate is the mean L1 distance of its frame to `goal`; the `plan_topk`
+    lowest (ties to the lower child) refit `mean` and `std` (population std); `score` is
+    the best candidate's."""
+
+    def forward(self, items: Items, ctx: StepContext | None = None) -> Items:
+        out = []
+        for item in items:
+            actions, frames = item["actions"], item["frame_pred"]
+            goal = torch.as_tensor(item["goal"], dtype=frames.dtype, device=frames.device)
+            scores = (frames - goal).abs().mean(dim=(1, 2))
+            order = torch.argsort(scores, stable=True)[:int(item["plan_topk"])]
+            elite = actions[order]
+            out.append({"mean": elite.mean(0), "std": elite.std(0, correction=0),
+                        "score": scores[order[0]]})
         return out
 
 

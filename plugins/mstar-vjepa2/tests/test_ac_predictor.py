@@ -1,0 +1,236 @@
+"""The AC predictor node against the authors' `VisionTransformerPredictorAC` (the PyPI
+`cc-vjepa2` fork, whose ac_predictor.py is the authors' file) on the same random weights,
+saved as the authors' pickled dict and loaded by core's loader through our key map. The
+node runs as the engine runs it: frames appended as bidirectional chunks to a real
+`KVCacheManager`, attention by core's torch backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mstar.engine.attention_torch import forward_step
+from mstar.engine.kv_cache import KVCacheManager, PagePool
+from mstar.model import KVSpec
+from mstar.model.forward import ForwardBatch, SeqChunk, SeqKey
+from mstar.weights import WeightSpec, iter_checkpoint, load_weights
+from mstar_vjepa2.ac_predictor import (
+    KV_OUTPUTS,
+    POSITION_AXES,
+    PRESETS,
+    WEIGHT_KEY_MAPS,
+    ACPredictor,
+    ACPredictorConfig,
+    frame_inputs,
+    kv_extras,
+    next_frame,
+)
+from mstar_vjepa2.pose import compute_new_pose
+
+
+def _authors_module() -> Any:
+    """vjepa2.models.ac_predictor; its modules.py imports timm only for `drop_path`
+    (stochastic depth, off at drop_path_rate 0 and in eval): give it the identity when timm
+    is absent (timm would pull torchvision). CI installs cc-vjepa2 (.ci/run): no skip."""
+    if "timm.models.layers" not in sys.modules:
+        try:
+            import timm.models.layers  # noqa: F401
+        except ImportError:
+            layers = types.ModuleType("timm.models.layers")
+            layers.drop_path = lambda x, drop_prob=0.0, training=False: x  # type: ignore[attr-defined]
+            for name, mod in (("timm", types.ModuleType("timm")),
+                              ("timm.models", types.ModuleType("timm.models")),
+                              ("timm.models.layers", layers)):
+                sys.modules.setdefault(name, mod)
+    return importlib.import_module("vjepa2.models.ac_predictor")
+
+
+# head_dim 16 (4 dims unrotated) and a non-square 3x4 grid (the authors' column snapping)
+CFG = dataclasses.replace(ACPredictorConfig(**PRESETS["tiny"]), img_size=(24, 32))
+GH, GW = CFG.grid
+P, D = CFG.patches_per_frame, CFG.embed_dim
+
+
+def authors_predictor(cfg: ACPredictorConfig, seed: int) -> torch.nn.Module:
+    """The authors' predictor, every parameter random (biases and norms included)."""
+    m = _authors_module().vit_ac_predictor(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, num_frames=cfg.num_frames,
+        tubelet_size=cfg.tubelet_size, embed_dim=cfg.embed_dim,
+        predictor_embed_dim=cfg.predictor_embed_dim, depth=cfg.depth,
+        num_heads=cfg.num_heads, action_embed_dim=cfg.action_embed_dim,
+        use_extrinsics=cfg.use_extrinsics, use_rope=cfg.use_rope,
+        is_frame_causal=cfg.is_frame_causal)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen)
+                    + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return m.eval()
+
+
+def save_authors_checkpoint(predictor: torch.nn.Module, path: Path) -> Path:
+    """The released file's layout: {"encoder": ..., "predictor": ...}, DDP and backbone
+    prefixes on every key, plus non-tensor bookkeeping."""
+    torch.save({"encoder": {"module.backbone.patch_embed.proj.weight": torch.zeros(2, 3)},
+                "predictor": {f"module.backbone.{k}": v.clone()
+                              for k, v in predictor.state_dict().items()},
+                "epoch": 315}, path)
+    return path
+
+
+def load_node(cfg: ACPredictorConfig, path: Path) -> ACPredictor:
+    node = ACPredictor(cfg)
+    load_weights(node, iter_checkpoint([path]), WeightSpec(key_map=WEIGHT_KEY_MAPS["ac_predictor"]))
+    return node.eval()
+
+
+@pytest.fixture(scope="module")
+def oracle() -> torch.nn.Module:
+    return authors_predictor(CFG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def node(oracle: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> ACPredictor:
+    path = save_authors_checkpoint(oracle, tmp_path_factory.mktemp("ac") / "vjepa2-ac.pt")
+    return load_node(CFG, path)
+
+
+def new_cache(cfg: ACPredictorConfig = CFG) -> KVCacheManager:
+    spec = KVSpec(num_layers=cfg.depth, num_kv_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                  position_axes=POSITION_AXES, extras=kv_extras(cfg), outputs=KV_OUTPUTS)
+    return KVCacheManager(PagePool(spec, num_pages=256, page_size=8))
+
+
+def step(node: ACPredictor, cache: KVCacheManager, chunks: list[tuple[SeqKey, list[dict]]]
+         ) -> list[torch.Tensor]:
+    """One engine step: each sequence appends its frames (one bidirectional segment each)
+    as one chunk and wants `next_latents` on every row -> each sequence's predictions of
+    the frame after each of its frames [frames, P, D]."""
+    seqs, parts, start = [], [], 0
+    for key, frames in chunks:
+        n = sum(f["input_ids"].shape[0] for f in frames)
+        if not cache.has(key):
+            cache.create(key)
+        cache.reserve(key, n)
+        seqs.append(SeqChunk(key=key, start=start, length=n, context_len=cache.length(key),
+                             segments=[s for f in frames for s in f["segments"]],
+                             outputs={"next_latents": (0, n)}))
+        parts.extend(frames)
+        start += n
+    batch = ForwardBatch(
+        input_ids=torch.cat([f["input_ids"] for f in parts]),
+        positions=torch.cat([f["positions"] for f in parts], dim=1), seqs=seqs,
+        extras={e.name: torch.cat([f["extras"][e.name] for f in parts]).to(e.dtype)
+                for e in kv_extras(node.cfg)})
+    out = forward_step(node, batch, cache)
+    k = node.cfg.tokens_per_frame
+    return [torch.stack([next_frame(r, node.cfg) for r in o["next_latents"].split(k)])
+            for o in out]
+
+
+def clip(seed: int, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(frames, P, D, generator=gen), torch.randn(frames, 7, generator=gen),
+            torch.randn(frames, 7, generator=gen))
+
+
+def frames_of(latents: torch.Tensor, actions: torch.Tensor, states: torch.Tensor,
+              first: int = 0) -> list[dict]:
+    return [frame_inputs(z, a, s, first + t, CFG)
+            for t, (z, a, s) in enumerate(zip(latents, actions, states))]
+
+
+def test_every_authors_key_maps_and_nothing_else_loads(oracle: torch.nn.Module) -> None:
+    spec = WeightSpec(key_map=WEIGHT_KEY_MAPS["ac_predictor"])
+    names = dict(ACPredictor(CFG).named_parameters())
+    assert {spec.map_key(f"predictor.module.backbone.{k}") for k in oracle.state_dict()} \
+        == set(names)
+    assert spec.map_key("encoder.module.backbone.blocks.0.attn.qkv.weight") is None
+
+
+def test_frames_appended_one_step_at_a_time_match_the_authors(
+        oracle: torch.nn.Module, node: ACPredictor) -> None:
+    """Three frames, each its own step appended to the cache, and a second sequence whose
+    two context frames go in one chunk (two segments) in the same step as the first's
+    frame 0: the authors' block-causal forward over the whole clip."""
+    z, a, s = clip(1, 3)
+    z2, a2, s2 = clip(2, 2)
+    with torch.no_grad():
+        want = oracle(z.flatten(0, 1)[None], a[None], s[None])[0].view(3, P, D)
+        want2 = oracle(z2.flatten(0, 1)[None], a2[None], s2[None])[0].view(2, P, D)
+    cache = new_cache()
+    key, key2 = SeqKey("r", "ac_predictor"), SeqKey("q", "ac_predictor")
+    got, got2 = step(node, cache, [(key, frames_of(z[:1], a[:1], s[:1])),
+                                   (key2, frames_of(z2, a2, s2))])
+    got = [got[0]] + [step(node, cache, [(key, frames_of(z[t:t + 1], a[t:t + 1],
+                                                         s[t:t + 1], first=t))])[0][0]
+                      for t in (1, 2)]
+    torch.testing.assert_close(torch.stack(got), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got2, want2, atol=1e-5, rtol=0)
+    assert cache.length(key) == 3 * CFG.tokens_per_frame
+
+
+def test_rollout_with_the_persistent_cache_equals_the_authors_recompute(
+        oracle: torch.nn.Module, node: ACPredictor) -> None:
+    """N steps of the authors' world-model loop (world_model_wrapper's step_predictor: the
+    whole trajectory through the predictor each step, the last frame's prediction
+    layer-normed, the pose integrated from the last action) against one cached frame
+    appended per step."""
+    steps = 4
+    z0, actions, pose0 = clip(3, 1)[0], 0.05 * clip(4, steps)[1], torch.rand(1, 7)
+    # the reference
+    reps, poses = F.layer_norm(z0, (D,)), pose0
+    with torch.no_grad():
+        for h in range(steps):
+            pred = oracle(reps.flatten(0, 1)[None], actions[None, :h + 1], poses[None])[0]
+            reps = torch.cat([reps, F.layer_norm(pred[-P:], (D,))[None]])
+            poses = torch.cat([poses, compute_new_pose(poses[-1:], actions[h:h + 1])])
+    # the cache: frame h appended at step h
+    cache, key = new_cache(), SeqKey("r", "ac_predictor")
+    latents, pose, got = F.layer_norm(z0[0], (D,)), pose0[0], []
+    for h in range(steps):
+        frame = frame_inputs(latents, actions[h], pose, h, CFG)
+        latents = F.layer_norm(step(node, cache, [(key, [frame])])[0][0], (D,))
+        pose = compute_new_pose(pose, actions[h])
+        got.append(latents)
+    torch.testing.assert_close(torch.stack(got), reps[1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pose, poses[-1])
+
+
+def test_extrinsics_token_and_square_vitg_rope_match_the_authors(tmp_path: Path) -> None:
+    """The third conditioning token (extrinsics: 6 values) on a square grid."""
+    cfg = dataclasses.replace(ACPredictorConfig(**PRESETS["tiny"]), use_extrinsics=True,
+                              num_heads=2)
+    oracle = authors_predictor(cfg, seed=5)
+    node = load_node(cfg, save_authors_checkpoint(oracle, tmp_path / "ac.pt"))
+    p = cfg.patches_per_frame
+    gen = torch.Generator().manual_seed(6)
+    z, a, s, e = (torch.randn(2, p, cfg.embed_dim, generator=gen),
+                  torch.randn(2, 7, generator=gen), torch.randn(2, 7, generator=gen),
+                  torch.randn(2, 6, generator=gen))
+    with torch.no_grad():
+        want = oracle(z.flatten(0, 1)[None], a[None], s[None], e[None])[0].view(2, p, -1)
+    frames = [frame_inputs(z[t], a[t], s[t], t, cfg, extrinsics=e[t]) for t in range(2)]
+    got = step(node, new_cache(cfg), [(SeqKey("r", "ac_predictor"), frames)])[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_frame_inputs_refuse_what_the_predictor_cannot_read() -> None:
+    z, a, s = clip(7, 1)
+    with pytest.raises(ValueError, match="latents must be"):
+        frame_inputs(z[0, :-1], a[0], s[0], 0, CFG)
+    with pytest.raises(ValueError, match="action must have 7"):
+        frame_inputs(z[0], a[0, :6], s[0], 0, CFG)
+    with pytest.raises(ValueError, match="outside the predictor's 8 frames"):
+        frame_inputs(z[0], a[0], s[0], CFG.max_frames, CFG)
+    with pytest.raises(ValueError, match="is_frame_causal"):
+        ACPredictorConfig(is_frame_causal=False)
