@@ -2,9 +2,9 @@
 one server per module): latents over HTTP from an uploaded mp4 (written with PyAV), an http
 URL, a data URL and a frames tensor, which agree where the pixels are the same; the SDK's
 `encode_video`, `rollout` (streamed step by step over SSE, sync and async) and `plan`; bad
-input, each a 400 naming it while the server keeps serving; a client that leaves
-mid-rollout stops the loop and frees every page; `vjepa2_ac_split` running the encoder on
-rank 1 and the predictor on rank 0."""
+input, each a 400 naming it while the server keeps serving; a client that leaves mid-plan
+stops its rollouts (cancelled) and one that leaves mid-rollout leaves no page behind;
+`vjepa2_ac_split` running the encoder on rank 1 and the predictor on rank 0."""
 
 from __future__ import annotations
 
@@ -34,8 +34,6 @@ pytestmark = pytest.mark.timeout(300)
 FPS = 1
 SIDE = 48
 ACTION_DIM = 7
-#: a rollout that runs for many seconds: still running when its client leaves
-LONG_STEPS = 4000
 
 
 def clip(seed: int, frames: int = 4, side: int = SIDE) -> np.ndarray:
@@ -181,8 +179,8 @@ def test_sdk_encode_video_takes_a_path_bytes_a_url_and_an_array(vjepa2, files_ur
 
 
 # -- rollouts ---------------------------------------------------------------------------------
-def actions(steps: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(-0.05, 0.05, (steps, ACTION_DIM)).astype(
+def actions(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-0.05, 0.05, (rows, ACTION_DIM)).astype(
         np.float32)
 
 
@@ -190,116 +188,173 @@ def states(frames: int) -> np.ndarray:
     return np.tile(np.linspace(0.1, 0.7, ACTION_DIM, dtype=np.float32), (frames, 1))
 
 
+#: a rollout's context: two frames, so one action joins them before one action per step
+CONTEXT = 2
+
+
 def rollout_body(steps: int, **fields) -> dict:
-    return {"mode": "rollout", "frames": tensor(CLIP[:2]), "actions": tensor(actions(steps)),
-            "states": tensor(states(2)), "rollout_steps": steps, **fields}
+    return {"mode": "rollout", "frames": tensor(CLIP[:CONTEXT]),
+            "actions": tensor(actions(CONTEXT - 1 + steps)), "states": tensor(states(CONTEXT)),
+            "rollout_steps": steps, **fields}
 
 
-def sse_steps(response: httpx.Response) -> Iterator[np.ndarray]:
-    """Each `rollout` tensor event of an SSE answer, as it arrives."""
+def plan_body(**fields) -> dict:
+    return {"mode": "plan", "frames": tensor(CLIP[:1]), "goal": tensor(CLIP[3:4]),
+            "states": tensor(states(1)), "samples": 8, "iterations": 2, "horizon": 2,
+            "topk": 2, "seed": 3, **fields}
+
+
+def step_arrays(events: list[dict]) -> list[np.ndarray]:
+    """The `rollout` tensor of each step, in order, from the answer's events."""
+    out = []
+    for event in events:
+        assert event["event"] != "error", event
+        if event["event"] == "tensor" and event["name"] == "rollout":
+            t = event["tensor"]
+            out.append(np.frombuffer(base64.b64decode(t["data"]), t["dtype"]).reshape(
+                t["shape"]))
+    return out
+
+
+def rollout_of(response: httpx.Response) -> list[np.ndarray]:
+    assert response.status_code == 200, response.text
+    return step_arrays(response.json()["events"])
+
+
+def sse_events(response: httpx.Response) -> Iterator[dict]:
+    """Each event of an SSE answer, as it arrives."""
     for line in response.iter_lines():
         if line.startswith("data: {"):
-            event = json.loads(line[len("data: "):])
-            assert event["event"] != "error", event
-            if event["event"] == "tensor" and event["name"] == "rollout":
-                t = event["tensor"]
-                yield np.frombuffer(base64.b64decode(t["data"]), t["dtype"]).reshape(
-                    t["shape"])
+            yield json.loads(line[len("data: "):])
 
 
 def test_a_rollout_streams_each_step_as_it_is_computed(ac):
-    whole = output(ac.generate(rollout_body(3)), "rollout")
+    whole = rollout_of(ac.generate(rollout_body(3)))
+    assert len(whole) == 3 and all(s.shape == whole[0].shape for s in whole)
+    assert whole[0].ndim >= 2 and np.isfinite(np.stack(whole)).all()
     with ac.client.stream("POST", "/generate", json={**rollout_body(3), "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith(
             "text/event-stream")
-        streamed = list(sse_steps(r))
-    assert len(streamed) == 3
-    np.testing.assert_array_equal(np.concatenate(streamed), whole)
-    # each step is the next frame's latents: the first steps do not depend on later actions
-    longer = output(ac.generate({**rollout_body(4), "actions": tensor(np.concatenate(
-        [actions(3), actions(1, seed=9)]))}), "rollout")
-    np.testing.assert_array_equal(longer[:len(whole)], whole)
+        streamed = []
+        for event in sse_events(r):
+            streamed.extend(step_arrays([event]))
+            if event["event"] == "finished":
+                assert event["reason"] == "stop" and len(streamed) == 3
+    np.testing.assert_array_equal(np.stack(streamed), np.stack(whole))
+    # step k reads the actions up to its own: another last action changes the last step only
+    changed = rollout_body(3, actions=tensor(np.concatenate([actions(CONTEXT + 1),
+                                                             actions(1, seed=9)])))
+    other = rollout_of(ac.generate(changed))
+    np.testing.assert_array_equal(np.stack(other[:2]), np.stack(whole[:2]))
+    assert not np.allclose(other[2], whole[2])
 
 
 def test_sdk_rollout_and_plan_sync_and_async(ac):
-    body = rollout_body(3)
-    want = output(ac.generate(body), "rollout")
-    kwargs = {"video": CLIP[:2], "actions": actions(3), "states": states(2), "steps": 3}
+    want = np.stack(rollout_of(ac.generate(rollout_body(3))))
+    kwargs = {"video": CLIP[:CONTEXT], "actions": actions(CONTEXT + 2),
+              "states": states(CONTEXT), "steps": 3}
+    planned_raw = output(ac.generate(plan_body()), "actions")
+    plan = {"video": CLIP[:1], "goal": CLIP[3:4], "states": states(1), "samples": 8,
+            "iterations": 2, "horizon": 2, "topk": 2, "seed": 3}
     with MStarClient(ac.url, max_retries=0) as client:
         got = client.rollout(**kwargs)
-        assert got.shape[0] == 3 and got.ndim == 3
-        np.testing.assert_array_equal(got.reshape(want.shape), want)
+        assert got.ndim == 3 and got.shape[0] == 3
+        np.testing.assert_array_equal(got, want.reshape(got.shape))
         with client.rollout(**kwargs, stream=True) as steps:
-            streamed = list(steps)
-        np.testing.assert_array_equal(np.stack(streamed), got)
-        planned = client.plan(video=CLIP[:1], goal=CLIP[3:4], states=states(1), samples=8,
-                              iterations=2, horizon=2, topk=2, seed=3)
+            np.testing.assert_array_equal(np.stack(list(steps)), got)
+        planned = client.plan(**plan)
         assert planned.shape == (2, ACTION_DIM) and np.isfinite(planned).all()
-        np.testing.assert_array_equal(planned, client.plan(
-            video=CLIP[:1], goal=CLIP[3:4], states=states(1), samples=8, iterations=2,
-            horizon=2, topk=2, seed=3))
-        assert client.encode_video(MP4).ndim == 2
+        np.testing.assert_array_equal(planned, planned_raw)
+        assert not np.array_equal(client.plan(**{**plan, "seed": 4}), planned)
 
     async def main() -> None:
         async with AsyncMStarClient(ac.url, max_retries=0) as client:
             np.testing.assert_array_equal(await client.rollout(**kwargs), got)
             streamed = [s async for s in await client.rollout(**kwargs, stream=True)]
             np.testing.assert_array_equal(np.stack(streamed), got)
-            np.testing.assert_array_equal(await client.plan(
-                video=CLIP[:1], goal=CLIP[3:4], states=states(1), samples=8, iterations=2,
-                horizon=2, topk=2, seed=3), planned)
+            np.testing.assert_array_equal(await client.plan(**plan), planned)
 
     asyncio.run(main())
 
 
-def test_a_plan_comes_back_for_the_authors_defaults(ac):
-    planned = output(ac.generate({"mode": "plan", "frames": tensor(CLIP[:1]),
-                                  "goal": tensor(CLIP[3:4]), "states": tensor(states(1)),
-                                  "iterations": 1, "seed": 0}), "actions")
+def test_a_plan_with_the_authors_defaults_but_one_iteration(ac):
+    body = {k: v for k, v in plan_body(iterations=1).items()
+            if k not in ("samples", "horizon", "topk")}
+    response = ac.generate(body)
+    planned = output(response, "actions")
     assert planned.shape == (2, ACTION_DIM) and np.isfinite(planned).all()
+    # the authors' planner clips each xyz step to maxnorm (0.05)
+    assert np.abs(planned[:, :3]).max() <= 0.05 + 1e-6
 
 
-def test_a_client_leaving_mid_rollout_stops_the_loop_and_frees_its_pages(ac):
+def test_a_client_leaving_mid_plan_stops_its_rollouts_and_frees_their_pages(ac):
     ac.wait_idle()
     aborted = ac.metric('mstar_requests_total{status="abort"}')
-    with ac.client.stream("POST", "/generate",
-                          json={**rollout_body(LONG_STEPS, actions=tensor(actions(LONG_STEPS))),
-                                "stream": True}) as r:
-        first = next(sse_steps(r))  # the loop runs
-        assert first.size > 0
+    long_plan = plan_body(samples=1024, iterations=100, topk=10)
+    with ac.client.stream("POST", "/generate", json={**long_plan, "stream": True}) as r:
+        assert r.status_code == 200
+        wait_for(lambda: ac.metric("mstar_kv_pages_in_use") > 0, timeout=60)
+    # cancelled long before its 100 rounds of 1024 rollouts could finish, every page back
     wait_for(lambda: ac.metric('mstar_requests_total{status="abort"}') == aborted + 1,
              timeout=60)
     ac.wait_idle(timeout=60)
-    assert output(ac.generate(rollout_body(1)), "rollout").shape[0] > 0
+    assert len(rollout_of(ac.generate(rollout_body(1)))) == 1
+
+
+def test_a_client_leaving_mid_rollout_leaves_no_pages(ac):
+    """A tiny rollout is too short to be sure the client leaves before its end: whether it
+    was cancelled or had finished, it ends and its pages come back."""
+    ac.wait_idle()
+    ended = sum(ac.metric(f'mstar_requests_total{{status="{s}"}}', 0) for s in ("ok", "abort"))
+    with ac.client.stream("POST", "/generate", json={**rollout_body(6), "stream": True}) as r:
+        first = next(e for e in sse_events(r) if e["event"] == "tensor")
+        assert first["name"] in ("rollout", "poses")
+    wait_for(lambda: sum(ac.metric(f'mstar_requests_total{{status="{s}"}}', 0)
+                         for s in ("ok", "abort")) == ended + 1, timeout=60)
+    ac.wait_idle(timeout=60)
 
 
 # -- bad input --------------------------------------------------------------------------------
 CORRUPT = data_url(MP4[:40] + bytes(200))
-BAD = [
-    ({"mode": "encode", "frames": tensor(CLIP[:1])}, "frames", "frames"),
-    ({"mode": "encode", "frames": tensor(CLIP[..., :2])}, "frames", "3"),
-    ({"mode": "encode", "video": CORRUPT}, "video", "video"),
-    (rollout_body(3, actions=tensor(np.zeros((3, 6), np.float32))), "actions", "7"),
-    (rollout_body(3, actions=tensor(actions(2))), "actions", "3"),
-    ({"mode": "plan", "frames": tensor(CLIP[:1]), "states": tensor(states(1))}, "goal",
-     "goal"),
-    ({"mode": "plan", "frames": tensor(CLIP[:1]), "goal": tensor(CLIP[3:4]),
-      "states": tensor(states(1)), "samples": 10 ** 7}, "samples", "samples"),
+BAD_CLIPS = [
+    ({"frames": tensor(CLIP[:1])}, "frames", "frames"),
+    ({"frames": tensor(CLIP[:, :4, :4])}, "frames", "patch"),
+    ({"frames": tensor(CLIP[..., :2])}, "frames", "[T, H, W, 3]"),
+    ({"video": CORRUPT}, "video", "video"),
 ]
 
 
-@pytest.mark.parametrize("body, param, says", BAD, ids=[
-    "too-few-frames", "wrong-frame-size", "corrupt-file", "action-dim", "action-count",
-    "no-goal", "absurd-samples"])
-def test_bad_input_is_a_400_naming_it(ac, body, param, says):
+@pytest.mark.parametrize("body, param, says", BAD_CLIPS, ids=[
+    "too-few-frames", "frames-smaller-than-a-patch", "two-channels", "corrupt-file"])
+def test_a_bad_clip_is_a_400_naming_it(vjepa2, body, param, says):
+    assert_bad(vjepa2.generate({"mode": "encode", **body}), param, says)
+    assert output(vjepa2.generate({"mode": "encode", "frames": tensor(CLIP)}),
+                  "latents").size > 0
+
+
+BAD_REQUESTS = [
+    (rollout_body(3, actions=tensor(np.zeros((CONTEXT + 2, 6), np.float32))), "actions",
+     "[N, 7]"),
+    (rollout_body(3, actions=tensor(actions(CONTEXT))), "actions", "needs"),
+    (rollout_body(3, states=tensor(states(CONTEXT + 1))), "states", "rows"),
+    ({k: v for k, v in plan_body().items() if k != "goal"}, "goal", "goal"),
+    (plan_body(samples=10 ** 7), "samples", "at most"),
+    (plan_body(horizon=10 ** 4), "horizon", "at most"),
+]
+
+
+@pytest.mark.parametrize("body, param, says", BAD_REQUESTS, ids=[
+    "action-dim", "action-count", "state-count", "no-goal", "absurd-samples",
+    "absurd-horizon"])
+def test_bad_rollout_and_plan_input_is_a_400_naming_it(ac, body, param, says):
     assert_bad(ac.generate(body), param, says)
-    assert output(ac.generate(rollout_body(1)), "rollout").shape[0] > 0
+    assert len(rollout_of(ac.generate(rollout_body(1)))) == 1
 
 
 # -- another layout ---------------------------------------------------------------------------
 def test_vjepa2_ac_split_encodes_on_rank_1_and_predicts_on_rank_0(tmp_path):
     with serve(tmp_path, "vjepa2_ac", "--config", "vjepa2_ac_split") as split:
-        assert output(split.generate(rollout_body(2)), "rollout").shape[0] > 0
+        assert len(rollout_of(split.generate(rollout_body(2)))) == 2
         split.wait_reported()
         ran = {(rank, node) for (rank, node, walk), count in by_rank(
             split, "mstar_node_invocations_total", "node", "walk").items() if count > 0}

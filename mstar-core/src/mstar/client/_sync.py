@@ -166,10 +166,11 @@ class MStarClient(ClientBase):
 
     def encode_video(self, video: object, *, binary: bool = False,
                      **fields: Any) -> np.ndarray:
-        """A clip's latents (models with the "latents" capability), [tokens, dim]:
-        `video` a file path, `pathlib.Path`, bytes, an http(s) or `data:` URL (the server
-        decodes and samples it), or frames as an array ([T, H, W, 3] uint8 or
-        [T, 3, H, W] float); `fields` are the model's own (e.g. `fps`)."""
+        """A clip's latents (models with the "latents" capability), the model's `latents`
+        output (V-JEPA 2: [tokens, dim]; V-JEPA 2-AC, each frame alone: [frames, tokens,
+        dim]): `video` a file path, `pathlib.Path`, bytes, an http(s) or `data:` URL (the
+        server decodes and samples it), or frames as an array ([T, H, W, 3] uint8 or
+        [T, 3, H, W] float in [0, 1]); `fields` are the model's own."""
         self._require("latents", "encode_video")
         return world.output(self._request(protocol.GENERATE, generate_payload(
             None, world.encode_fields(video, fields), stream=False, binary=binary)),
@@ -179,10 +180,12 @@ class MStarClient(ClientBase):
                 steps: int | None = None, stream: bool = False, **fields: Any,
                 ) -> np.ndarray | Stream[np.ndarray]:
         """Predicted future latents (models with the "rollout" capability): from the
-        context clip `video` (as `encode_video` takes it), robot `actions` [steps, 7] and
-        end-effector `states` [frames, 7], `steps` autoregressive steps (None: one per
-        action). Returns [steps, tokens, dim]; streamed, a `Stream` yielding each step's
-        [tokens, dim] as the server computes it (leaving it early ends the rollout)."""
+        context clip `video` of T frames (as `encode_video` takes it), the end-effector
+        `states` [T, 7] at its frames and robot `actions` [T - 1 + steps, 7] (one between
+        each two context frames, then one per step), `steps` autoregressive steps (None:
+        the actions past the context). Returns [steps, tokens, dim]; streamed, a `Stream`
+        yielding each step's [tokens, dim] as the server computes it (leaving it early
+        ends the rollout on the server)."""
         self._require("rollout", "rollout")
         body = generate_payload(None, world.rollout_fields(video, actions, states, steps,
                                                            fields), stream=stream)
