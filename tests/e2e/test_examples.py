@@ -86,7 +86,7 @@ def test_vjepa2_mpc_loop(tmp_path):
     finally:
         assert world_model.stop() == 0, world_model.output()
     world_model.assert_clean()
-    assert re.search(r"goal latents: shape \[\d+, \d+\]", out), out
+    assert re.search(r"goal latents: shape \[1, \d+, \d+\]", out), out
     for t in range(2):
         assert re.search(rf"step {t}: planned \[2, 7\] in [\d.]+ s, applied \[.*\], pose "
                          r"error [\d.]+, latent L1 to goal [\d.]+", out), out
