@@ -113,6 +113,18 @@ def test_predictor_ragged_batch_matches_transformers(hub: tuple[VJEPA2Model, Pat
         torch.testing.assert_close(out["predictions"], want, atol=TOL, rtol=0)
 
 
+def test_encoder_and_predictor_reject_malformed_items() -> None:
+    cfg = VJepa2Config(**PRESETS["tiny"])
+    encoder, predictor = VideoEncoder(cfg), MaskedPredictor(cfg)
+    for pixels in (_clip(3, 0), _clip(2, 0, size=30), torch.zeros(2, 32, 32, 3)):
+        with pytest.raises(ValueError, match="pixel_values"):
+            encoder([{"pixel_values": pixels}])
+    latents = torch.zeros(32, cfg.hidden_size)
+    with pytest.raises(ValueError, match="32 latents"):
+        predictor([{"latents": latents, "context_ids": torch.tensor([0, 32]),
+                    "target_ids": torch.tensor([1])}])
+
+
 def test_key_maps_route_every_hub_key_to_one_node(hub: tuple[VJEPA2Model, Path]) -> None:
     keys = hub[0].state_dict().keys()
     enc, pred = (WeightSpec(key_map=m[n]) for m, n in ((ENCODER_KEYS, "video_encoder"),
@@ -187,17 +199,27 @@ def test_processing_matches_the_processors_output() -> None:
 
 
 def test_processing_keeps_a_constant_frame_constant() -> None:
+    """In both layouts: [T, H, W, 3] in 0..255 and [T, 3, H, W] in [0, 1]."""
     cfg = VJepa2Config(**PRESETS["tiny"])
-    flat = torch.full((2, 50, 30, 3), 200.0)
     want = (200 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    torch.testing.assert_close(preprocess_video(flat, cfg),
-                               want[None, :, None, None].expand(2, 3, 32, 32),
-                               atol=1e-6, rtol=0)
+    want = want[None, :, None, None].expand(2, 3, 32, 32)
+    for flat in (torch.full((2, 50, 30, 3), 200.0), torch.full((2, 3, 50, 30), 200 / 255)):
+        torch.testing.assert_close(preprocess_video(flat, cfg), want, atol=1e-6, rtol=0)
+
+
+def test_processing_channels_first_floats_equal_channels_last() -> None:
+    cfg = VJepa2Config(**PRESETS["tiny"])
+    frames = torch.rand(4, 40, 70, 3, generator=torch.Generator().manual_seed(10)) * 255
+    torch.testing.assert_close(preprocess_video(frames.permute(0, 3, 1, 2) / 255, cfg),
+                               preprocess_video(frames, cfg), atol=1e-5, rtol=0)
 
 
 def test_processing_rejects_too_few_frames_and_bad_shapes() -> None:
     cfg = VJepa2Config(**PRESETS["tiny"])
     with pytest.raises(ValueError, match="at least 2"):
         preprocess_video(np.zeros((1, 40, 40, 3), np.uint8), cfg)
-    with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
-        preprocess_video(np.zeros((4, 3, 40, 40), np.uint8), cfg)
+    for bad in (np.zeros((4, 3, 40, 40), np.uint8), np.zeros((4, 40, 40), np.uint8)):
+        with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
+            preprocess_video(bad, cfg)
+    with pytest.raises(ValueError, match="empty"):
+        preprocess_video(np.zeros((4, 0, 40, 3), np.uint8), cfg)

@@ -280,16 +280,21 @@ class Reference:
 
     # -- frames ----------------------------------------------------------------------------
     def rollout(self, prompt_ids: list[int], frame: torch.Tensor, num_frames: int,
-                image: torch.Tensor | None = None) -> torch.Tensor:
+                image: torch.Tensor | None = None,
+                actions: torch.Tensor | None = None) -> torch.Tensor:
         """`prompt_ids` end with the initial frame's FRAME tokens; predict `num_frames`
-        frames, each appended as the next frame. Returns [num_frames, frame_tokens, dim]."""
+        frames, each appended as the next frame (plus `actions[k]` [frame_dim], when given,
+        for the k-th appended one: a planner's candidate). Returns [num_frames,
+        frame_tokens, dim]."""
         ft = self.c["frame_tokens"]
         ids, frames, preds = list(prompt_ids), frame.double(), []
-        for _ in range(num_frames):
+        for k in range(num_frames):
             h = self.run(ids, image=image, frames=frames)["hidden0"][-ft:]
             pred = self._lin(h, "frame_out_proj")
             preds.append(pred)
             ids += [FRAME] * ft
+            if actions is not None and k < len(actions):
+                pred = pred + actions[k].double()
             frames = torch.cat([frames, pred])
         return torch.stack(preds).float()
 

@@ -32,9 +32,10 @@ rollout poses are integrated on the host when the request arrives.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from torch import nn
 from mstar.errors import RequestError
 from mstar.events import Event, NamedTensor, TensorData
 from mstar.graph import GraphNode, Join, Loop, Sequential, Walk
+from mstar.media import Video
 from mstar.model import (
     BuildContext,
     Done,
@@ -55,6 +57,7 @@ from mstar.model import (
     OutputState,
     RequestPlan,
     RequestState,
+    StepContext,
     TensorInput,
     VideoInput,
     WalkStep,
@@ -62,10 +65,12 @@ from mstar.model import (
 )
 from mstar.weights import WeightSpec
 from mstar_vjepa2 import ac_predictor as acp
-from mstar_vjepa2.cem import CEMScore
+from mstar_vjepa2.cem import CEMScore, initial_distribution, sample_actions
 from mstar_vjepa2.config import PRESETS, VJepa2Config, from_hub
-from mstar_vjepa2.encoder import WEIGHT_KEY_MAPS, VideoEncoder
+from mstar_vjepa2.encoder import WEIGHT_KEY_MAPS as ENCODER_KEYS
+from mstar_vjepa2.encoder import VideoEncoder
 from mstar_vjepa2.pose import compute_new_pose
+from mstar_vjepa2.predictor import WEIGHT_KEY_MAPS as PREDICTOR_KEYS
 from mstar_vjepa2.predictor import MaskedPredictor
 from mstar_vjepa2.processing import preprocess_video
 
@@ -171,13 +176,16 @@ def _checked_frames(frames: torch.Tensor, param: str) -> torch.Tensor:
     return frames
 
 
-def _pixels(frames: torch.Tensor, cfg: VJepa2Config, param: str) -> torch.Tensor:
-    """[T, 3, crop, crop] float32, as `VJEPA2VideoProcessor` (`processing`)."""
-    h, w = (frames.shape[1:3] if frames.shape[-1] == 3 else frames.shape[2:4])
+def _pixels(frames: torch.Tensor, cfg: VJepa2Config, param: str,
+            per_frame: bool = False) -> torch.Tensor:
+    """[T, 3, crop, crop] float32, as `VJEPA2VideoProcessor` (`processing`); `per_frame`:
+    every frame kept (the AC model encodes frames one by one)."""
+    h, w = frames.shape[1:3] if frames.shape[-1] == 3 else frames.shape[2:]
     if min(h, w) < cfg.patch_size:
         raise RequestError(f"{param}: frames of {h}x{w} pixels are smaller than one "
                            f"{cfg.patch_size}-pixel patch", param=param)
-    return preprocess_video(frames, cfg.crop_size)
+    return preprocess_video(frames, dataclasses.replace(cfg, tubelet_size=1) if per_frame
+                            else cfg)
 
 
 def _matrix(value: Any, param: str, rows: int | None, what: str) -> torch.Tensor:
@@ -196,7 +204,12 @@ def _matrix(value: Any, param: str, rows: int | None, what: str) -> torch.Tensor
     return x
 
 
-def _latents_event(name: str, value: Any, index: int = 0) -> NamedTensor:
+def _chunk(inputs: dict[str, Any]) -> dict[str, Any]:
+    """`ac_predictor.frame_inputs`' chunk as a node's inputs: its extras by name."""
+    return {k: v for k, v in inputs.items() if k != "extras"} | inputs["extras"]
+
+
+def _event(name: str, value: Any, index: int = 0) -> NamedTensor:
     tensor = torch.as_tensor(value).float().cpu().contiguous()
     return NamedTensor(name, TensorData.from_tensor(tensor), index=index)
 
@@ -261,9 +274,10 @@ class VJepa2(_VJepa2Base):
         return builders[node](self.config).eval()
 
     def weight_spec(self, node: str) -> WeightSpec:
-        if node not in WEIGHT_KEY_MAPS:
-            raise ValueError(f"unknown vjepa2 node {node!r}; nodes: {sorted(WEIGHT_KEY_MAPS)}")
-        return WeightSpec(patterns=("*.safetensors",), key_map=WEIGHT_KEY_MAPS[node])
+        maps = {**ENCODER_KEYS, **PREDICTOR_KEYS}
+        if node not in maps:
+            raise ValueError(f"unknown vjepa2 node {node!r}; nodes: {sorted(maps)}")
+        return WeightSpec(patterns=("*.safetensors",), key_map=maps[node])
 
     def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
         req = validate_request(VJepa2Request, request, "vjepa2")
@@ -314,7 +328,7 @@ class VJepa2(_VJepa2Base):
         raise ValueError(f"vjepa2 has no walk {state.walk!r}")
 
     def postprocess(self, outputs: Mapping[str, Any], state: OutputState) -> list[Event]:
-        return [_latents_event(name, outputs[name]) for name in ("latents", "predictions")
+        return [_event(name, outputs[name]) for name in ("latents", "predictions")
                 if name in outputs]
 
 
@@ -336,13 +350,72 @@ class VJepa2ACConfig:
     normalize_reps: bool = True
 
 
+#: What `cem_score` reads and writes (`cem.CEMScore`).
+CEM_INPUTS = ("actions", "final_latents", "goal_latents", "topk", "maxnorm", "cem_mean",
+              "cem_std", "momentum_mean", "momentum_std")
+CEM_OUTPUTS = ("cem_mean", "cem_std", "best_score", "plan_actions")
+
 AC_PRESETS: dict[str, dict[str, Any]] = {
     name: {"encoder": VJepa2Config(**PRESETS[name]),
            "predictor": acp.ACPredictorConfig(**acp.PRESETS[name])}
     for name in ("tiny", "small")} | {"vitg": {}}
 
-#: inputs of an `ac_predictor` frame chunk (`ac_predictor.frame_inputs` builds them)
-FRAME_INPUTS = ("input_ids", "positions", "segments", *(e.name for e in acp.KV_EXTRAS))
+#: The authors' encoder keys (`vision_transformer.py`, under `encoder.module.backbone.`)
+#: -> the encoder's (Hugging Face) names. The authors fuse q, k and v into `attn.qkv`.
+AUTHORS_ENCODER_KEYS: tuple[tuple[str, str | None], ...] = (
+    (r"encoder\.(?:module\.)?(?:backbone\.)?patch_embed\.proj\.(.*)",
+     r"embeddings.patch_embeddings.proj.\1"),
+    (r"encoder\.(?:module\.)?(?:backbone\.)?blocks\.(\d+)\.attn\.(qkv|proj)\.(.*)",
+     r"layer.\1.attention.\2.\3"),
+    (r"encoder\.(?:module\.)?(?:backbone\.)?blocks\.(\d+)\.(norm1|norm2|mlp\.fc1|mlp\.fc2)\.(.*)",
+     r"layer.\1.\2.\3"),
+    (r"encoder\.(?:module\.)?(?:backbone\.)?norm\.(.*)", r"layernorm.\1"),
+    (r".*", None),
+)
+
+
+class _QKVSlice(nn.Module):
+    """Query, key or value as a slice of the authors' fused `attn.qkv` projection."""
+
+    def __init__(self, fused: nn.Linear, index: int):
+        super().__init__()
+        self._fused = [fused]  # a list: the fused layer's parameters are registered once
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self._fused[0]
+        rows = slice(self.index * fused.in_features, (self.index + 1) * fused.in_features)
+        bias = None if fused.bias is None else fused.bias[rows]
+        return F.linear(x, fused.weight[rows], bias)
+
+
+def fused_qkv_encoder(encoder: VideoEncoder) -> VideoEncoder:
+    """The encoder with each layer's q, k, v in one `attention.qkv` [3·d, d], the
+    authors' layout (`vision_transformer.py`), which core's loader cannot split: the AC
+    checkpoint's encoder loads as it is stored."""
+    for layer in encoder.layer:
+        attention = layer.attention
+        dim = attention.query.in_features
+        attention.qkv = nn.Linear(dim, 3 * dim, bias=attention.query.bias is not None)
+        for i, name in enumerate(("query", "key", "value")):
+            setattr(attention, name, _QKVSlice(attention.qkv, i))
+    return encoder
+
+
+class CEMSample(nn.Module):
+    """The stateless node `cem_sample`: each plan candidate (child) draws its action
+    trajectory [horizon, 7] from the round's (`cem_mean`, `cem_std`) [horizon, 4] with
+    `cem.sample_actions`; `ctx.randn` keys the noise by child and join round, so every
+    candidate of every round draws its own."""
+
+    def forward(self, items: list[dict[str, Any]], ctx: StepContext) -> list[dict[str, Any]]:
+        out = []
+        for i, item in enumerate(items):
+            mean = torch.as_tensor(item["cem_mean"], dtype=torch.float32, device=ctx.device)
+            std = torch.as_tensor(item["cem_std"], dtype=torch.float32, device=ctx.device)
+            noise = ctx.randn(i, tuple(mean.shape), site="cem")
+            out.append({"actions": sample_actions(mean, std, noise, float(item["maxnorm"]))})
+        return out
 
 
 class VJepa2AC(_VJepa2Base):
@@ -352,132 +425,149 @@ class VJepa2AC(_VJepa2Base):
     presets = AC_PRESETS
     preset_max_seq_len = {"tiny": 1024, "small": 4096}
     config: VJepa2ACConfig
-    walk_names: ClassVar[tuple[str, ...]] = ("encode", "rollout", "plan_context", "plan")
 
     @property
     def encoder_config(self) -> VJepa2Config:
         return self.config.encoder
 
-    @property
-    def frame_tokens(self) -> int:
-        return self.config.encoder.tokens_per_tubelet
-
     def node_engine_types(self) -> dict[str, Literal["kv_cache", "stateless"]]:
         return {"video_encoder": "stateless", "ac_predictor": "kv_cache",
-                "cem_score": "stateless"}
+                "cem_sample": "stateless", "cem_score": "stateless"}
 
     def kv_spec(self, node: str) -> KVSpec:
         if node != "ac_predictor":
             raise ValueError(f"vjepa2_ac node {node!r} has no KV cache (only 'ac_predictor')")
         p = self.config.predictor
-        return KVSpec(num_layers=p.depth, num_kv_heads=p.num_heads,
-                      head_dim=p.embed_dim // p.num_heads, labels=("main", "ctx"),
-                      position_axes=acp.POSITION_AXES, extras=acp.KV_EXTRAS,
-                      outputs=dict(acp.KV_OUTPUTS))
+        return KVSpec(num_layers=p.depth, num_kv_heads=p.num_heads, head_dim=p.head_dim,
+                      labels=("main", "ctx"), position_axes=acp.POSITION_AXES,
+                      extras=acp.kv_extras(p), outputs=dict(acp.KV_OUTPUTS))
 
     # -- walks ------------------------------------------------------------------------------
     def graph_walks(self) -> dict[str, Walk]:
-        def encode(i: int | str | None, clip: str = "pixel_values", out: str = "latents",
+        def encode(at: str | None = "frame", clip: str = "pixel_values", out: str = "latents",
                    emit: bool = False) -> GraphNode:
-            """The encoder on frame `i` of `clip` (an int, a param, or the loop iteration)."""
+            """The encoder on frame `env[at]` of `clip` (the loop's `frame`, the last
+            context frame `prefix_frames`), or on its only frame (`at` None)."""
             def prepare(env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
-                index = iteration if i is None else (env[i] if isinstance(i, str) else i)
-                return self._encoded(env, clip, int(index))
+                return self._encoded(env, clip, 0 if at is None else int(env[at]))
             return GraphNode("video_encoder", inputs=("pixel_values",), outputs=("latents",),
                              rename={"latents": out}, prepare=prepare,
                              emit=(out,) if emit else ())
 
-        def append(label: str = "main", step: bool = False, emit: bool = False) -> GraphNode:
+        frame_inputs = ("input_ids", "positions", "segments",
+                        *(e.name for e in acp.kv_extras(self.config.predictor)))
+
+        def append(node: GraphNode | None = None, *, step: bool = False,
+                   emit: bool = False, ctx: bool = False) -> GraphNode:
             """One frame chunk into the cache: a context frame (its encoding, given action
             and state) or a rollout step (the last context frame, then the prediction)."""
-            rule = self._step_frame if step else self._context_frame
-            return GraphNode("ac_predictor", inputs=FRAME_INPUTS, outputs=("next_latents",),
-                             label=label, prepare=rule, emit=("next_latents",) if emit else ())
+            names = {"name": "ac_predictor_ctx", "alias_of": "ac_predictor",
+                     "label": "ctx"} if ctx else {"name": "ac_predictor"}
+            return GraphNode(**names, inputs=frame_inputs, outputs=("next_latents",),
+                             prepare=self._step_frame if step else self._context_frame,
+                             emit=("next_latents",) if emit else ())
 
-        context = Loop(Sequential(encode(None), append()), times="prefix_frames",
-                       iteration="frame")
-        ctx_context = Loop(Sequential(encode(None), append("ctx")), times="prefix_frames",
-                           iteration="frame")
-        last = encode("last_frame")
-        score = GraphNode("cem_score", inputs=CEMScore.INPUTS, outputs=CEMScore.OUTPUTS)
+        steps = Loop(append(step=True), times="horizon", carry=["next_latents"])
         return {
-            "encode": Walk(Loop(encode(None, emit=True), times="num_frames",
-                                iteration="frame")),
-            "rollout": Walk(Sequential(context, last, Loop(
-                append(step=True, emit=True), times="rollout_steps", carry=["next_latents"]))),
-            "plan_context": Walk(Sequential(ctx_context, last,
-                                            encode(0, "goal_pixels", "goal_latents"), score),
-                                 results=("latents", "goal_latents", *CEMScore.FEED)),
-            "plan": Walk(Loop(append(step=True), times="horizon", carry=["next_latents"]),
-                         join=Join(score, stack=("next_latents",), feed=CEMScore.FEED,
-                                   times="iterations"),
-                         emit=("plan_actions", "plan_scores")),
+            "encode": Walk(Loop(encode(emit=True), times="num_frames", iteration="frame")),
+            "rollout": Walk(Sequential(
+                Loop(Sequential(encode(), append()), times="prefix_frames", iteration="frame"),
+                encode("prefix_frames"), Loop(append(step=True, emit=True), times="rollout_steps",
+                               carry=["next_latents"]))),
+            # every context frame into the kept `ctx` (the last one's chunk is cut off by
+            # the candidates' forks: its action is each candidate's own), then the goal
+            "plan_context": Walk(Sequential(
+                Loop(Sequential(encode(), append(ctx=True)), times="num_frames",
+                     iteration="frame"), encode(None, "goal_pixels", "goal_latents")),
+                results=("latents", "goal_latents")),
+            "plan": Walk(
+                Sequential(GraphNode("cem_sample", inputs=("cem_mean", "cem_std", "maxnorm"),
+                                     outputs=("actions",), rename={"actions": "candidate"}),
+                           steps),
+                join=Join(GraphNode("cem_score", inputs=CEM_INPUTS, outputs=CEM_OUTPUTS,
+                                    emit=("best_score",), prepare=self._join_inputs),
+                          stack=("candidate", "next_latents"), feed=("cem_mean", "cem_std"),
+                          times="iterations"),
+                emit=("plan_actions",)),
         }
 
     # -- prepare rules --------------------------------------------------------------------
-    def _latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def _normed(self, latents: torch.Tensor) -> torch.Tensor:
+        """The authors' `normalize_reps`: latents layer-normed (no affine) before use."""
         return F.layer_norm(latents, latents.shape[-1:]) if self.config.normalize_reps \
             else latents
 
+    def _predicted(self, next_latents: torch.Tensor) -> torch.Tensor:
+        """A frame chunk's output rows -> the next frame's latents, as the authors'."""
+        return self._normed(acp.next_frame(next_latents, self.config.predictor))
+
     def _context_frame(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
-        """Context frame i (the loop's `frame`): its encoding, given action i and state i."""
+        """Context frame i (the loop's `frame`): its encoding with its given action and
+        state. A plan's last context frame has no action of its own (each candidate's):
+        zeros stand in, and the candidates' forks cut that chunk off."""
         i = int(env["frame"])
-        latents = env["latents"]
-        row = torch.tensor(env["actions"][i], dtype=latents.dtype, device=latents.device)
-        state = torch.tensor(env["poses"][i], dtype=latents.dtype, device=latents.device)
-        return acp.frame_inputs(self._latents(latents), row, state, i, self.config.predictor)
+        actions = env["actions"]
+        action = torch.tensor(actions[i]) if i < len(actions) else torch.zeros(ACTION_DIM)
+        return _chunk(acp.frame_inputs(self._normed(env["latents"]), action,
+                                       torch.tensor(env["poses"][i]), i,
+                                       self.config.predictor))
 
     def _step_frame(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
-        """Rollout step k: frame T-1+k, the last context frame (k = 0) or the previous
-        prediction, with its action and pose: a rollout's from the request, a plan
-        candidate's from its row of `candidates`, its pose integrated from the context's."""
+        """Step k: frame T-1+k, the last context frame (k = 0) or the previous prediction,
+        with its action and pose: a rollout's from the request, a plan candidate's from its
+        sampled trajectory, the pose integrated from the last context frame's."""
         k = int(iteration or 0)
-        latents = self._latents(env["latents"]) if k == 0 else env["next_latents"]
+        latents = self._normed(env["latents"]) if k == 0 else \
+            self._predicted(env["next_latents"])
         frame = int(env["prefix_frames"]) + k
-        dev, dtype = latents.device, latents.dtype
-        if "candidates" in env:  # a plan candidate: this child's action sequence
-            plan = env["candidates"][int(env["child"])].to(dev, dtype)
-            pose = torch.tensor(env["poses"][-1], dtype=dtype, device=dev)
+        if "candidate" in env:
+            plan = env["candidate"].float().cpu()
+            pose = torch.tensor(env["poses"][-1])[None, None]
             for j in range(k):
-                pose = compute_new_pose(pose[None, None], plan[j][None, None])[0, 0]
-            action = plan[k]
+                pose = compute_new_pose(pose, plan[j][None, None])
+            action, pose = plan[k], pose[0, 0]
         else:
-            action = torch.tensor(env["actions"][frame], dtype=dtype, device=dev)
-            pose = torch.tensor(env["poses"][frame], dtype=dtype, device=dev)
-        return acp.frame_inputs(latents, action, pose, frame, self.config.predictor)
+            action, pose = torch.tensor(env["actions"][frame]), torch.tensor(env["poses"][frame])
+        return _chunk(acp.frame_inputs(latents, action, pose, frame, self.config.predictor))
+
+    def _join_inputs(self, env: Mapping[str, Any], iteration: int | None) -> dict[str, Any]:
+        """The round's candidates for `cem_score`: their trajectories and final frames
+        (layer-normed, as the goal's)."""
+        final = env["next_latents"]
+        return {"actions": env["candidate"],
+                "final_latents": self._normed(final[:, self.config.predictor.cond_tokens:]),
+                "goal_latents": self._normed(env["goal_latents"])}
 
     # -- modules and weights --------------------------------------------------------------
     def build_submodule(self, node: str, ctx: BuildContext) -> nn.Module:
         c = self.config
-        builders = {"video_encoder": lambda: VideoEncoder(c.encoder),
+        builders = {"video_encoder": lambda: fused_qkv_encoder(VideoEncoder(c.encoder)),
                     "ac_predictor": lambda: acp.ACPredictor(c.predictor),
-                    "cem_score": lambda: CEMScore()}
+                    "cem_sample": CEMSample, "cem_score": CEMScore}
         if node not in builders:
             raise ValueError(f"unknown vjepa2_ac node {node!r}; nodes: {sorted(builders)}")
         return builders[node]().eval()
 
     def weight_spec(self, node: str) -> WeightSpec:
-        """The authors' pickled `{"encoder": ..., "predictor": ...}`, keys prefixed
-        `module.backbone.` (read with `weights_only=True`; it flattens to `encoder.module.
-        backbone.*` and `predictor.module.backbone.*`)."""
-        if node == "cem_score":
-            return WeightSpec(patterns=())
-        if node not in acp.AUTHORS_KEY_MAPS:
-            raise ValueError(f"unknown vjepa2_ac node {node!r}; nodes: "
-                             f"{sorted(acp.AUTHORS_KEY_MAPS)}")
-        return WeightSpec(patterns=("*.pt", "*.pth"), format="torch",
-                          key_map=acp.AUTHORS_KEY_MAPS[node])
+        """The authors' pickled `{"encoder": ..., "predictor": ...}` (keys prefixed
+        `module.backbone.`), read with `weights_only=True`; core's loader flattens it to
+        `encoder.module.backbone.*` and `predictor.module.backbone.*`."""
+        nothing = ((r".*", None),)  # the CEM nodes hold no weights
+        maps = {"video_encoder": AUTHORS_ENCODER_KEYS, **acp.WEIGHT_KEY_MAPS,
+                "cem_sample": nothing, "cem_score": nothing}
+        if node not in maps:
+            raise ValueError(f"unknown vjepa2_ac node {node!r}; nodes: {sorted(maps)}")
+        return WeightSpec(patterns=("*.pt", "*.pth"), format="torch", key_map=maps[node])
 
     # -- host side ------------------------------------------------------------------------
     def process_prompt(self, request: Mapping[str, Any]) -> RequestPlan:
         req = validate_request(VJepa2ACRequest, request, "vjepa2_ac")
-        enc = self.config.encoder
         param = "video" if req.video is not None else "frames"
         frames = _clip_frames(req)
         t = frames.shape[0]
-        pixels = _pixels(frames, enc, param)
-        params: dict[str, Any] = {"mode": req.mode, "num_frames": t, "last_frame": t - 1,
-                                  "prefix_frames": t - 1}
+        pixels = _pixels(frames, self.config.encoder, param, per_frame=True)
+        params: dict[str, Any] = {"mode": req.mode, "num_frames": t, "prefix_frames": t - 1,
+                                  "actions": [], "poses": []}
         first = WalkStep(req.mode if req.mode != "plan" else "plan_context",
                          inputs={"pixel_values": pixels})
         if req.mode == "rollout":
@@ -485,18 +575,28 @@ class VJepa2AC(_VJepa2Base):
         elif req.mode == "plan":
             params |= self._plan_params(req, t)
             first.inputs["goal_pixels"] = self._goal(req.goal)
+        per_frame = self.config.predictor.tokens_per_frame
         return RequestPlan(first_walks={"main": first}, params=params, seed=req.seed,
-                           prompt_tokens=t * (self.frame_tokens + 2))
+                           prompt_tokens=t * per_frame,
+                           prompt_detail=f", {per_frame} per frame ({t} context frames)")
+
+    def _frames_fit(self, t: int, steps: int, param: str) -> None:
+        """The predictor's sequence holds `max_frames` frames (the authors' mask)."""
+        most = self.config.predictor.max_frames
+        if t + steps - 1 > most:
+            raise RequestError(f"{param}: {t} context frames and {steps} predicted ones "
+                               f"pass the predictor's {most} frames (at most {most - t + 1} "
+                               f"steps from {t} frames)", param=param)
 
     def _poses(self, req: VJepa2ACRequest, t: int) -> torch.Tensor:
-        """The pose at each context frame [T, 7]: `states`, or `pose` for the last one
-        (then the context must be one frame)."""
+        """The pose at each context frame [T, 7]: `states`, or `pose` for a one-frame
+        context."""
         if req.states is not None:
             return _matrix(req.states, "states", t, "a pose per context frame")
         if req.pose is not None and t == 1:
             return _matrix(req.pose, "pose", 1, "the pose at the context frame")
-        raise RequestError(f"states: required, [T={t}, {ACTION_DIM}] (the end-effector pose "
-                           f"at each context frame)" + (", or `pose` [7]" if t == 1 else ""),
+        raise RequestError(f"states: required, [{t}, {ACTION_DIM}] (the end-effector pose at "
+                           f"each context frame)" + (", or `pose` [7]" if t == 1 else ""),
                            param="states")
 
     def _rollout_params(self, req: VJepa2ACRequest, t: int) -> dict[str, Any]:
@@ -509,20 +609,19 @@ class VJepa2AC(_VJepa2Base):
             else actions.shape[0] - (t - 1)
         if steps < 1 or actions.shape[0] != t - 1 + steps:
             raise RequestError(f"actions: {actions.shape[0]} rows; a rollout of {steps} steps "
-                               f"from {t} context frames needs {t - 1} + {steps} = "
-                               f"{t - 1 + steps} (one per context transition, one per step)",
-                               param="actions")
+                               f"from {t} context frames needs {t - 1 + steps} (one per "
+                               f"context transition, then one per step)", param="actions")
         if steps > MAX_ROLLOUT_STEPS:
             raise RequestError(f"rollout_steps: at most {MAX_ROLLOUT_STEPS}, got {steps}",
                                param="rollout_steps")
-        # the pose of every frame the predictor sees, and of each predicted one
-        pose = poses[-1:][None]
-        rolled = [poses[-1]]
+        self._frames_fit(t, steps, "rollout_steps")
+        # the pose of every frame: the context's, then each predicted frame's
+        pose, rolled = poses[-1:][None], []
         for k in range(steps):
             pose = compute_new_pose(pose, actions[t - 1 + k][None, None])
             rolled.append(pose[0, 0])
-        all_poses = torch.cat([poses[:-1], torch.stack(rolled)])
-        return {"actions": actions.tolist(), "poses": all_poses.tolist(),
+        return {"actions": actions.tolist(),
+                "poses": torch.cat([poses, torch.stack(rolled)]).tolist(),
                 "rollout_steps": steps}
 
     def _plan_params(self, req: VJepa2ACRequest, t: int) -> dict[str, Any]:
@@ -537,19 +636,22 @@ class VJepa2AC(_VJepa2Base):
         if req.goal is None:
             raise RequestError("goal: required for a plan (the goal frame: an image, a "
                                "video or frames)", param="goal")
+        self._frames_fit(t, req.horizon, "horizon")
         poses = self._poses(req, t)
+        if t > 1 and req.actions is None:
+            raise RequestError(f"actions: [{t - 1}, {ACTION_DIM}], the actions between the "
+                               f"{t} context frames", param="actions")
         actions = _matrix(req.actions, "actions", t - 1, "the actions between the context "
                           "frames") if t > 1 else torch.zeros(0, ACTION_DIM)
+        mean, std = initial_distribution(req.horizon, req.maxnorm)
         return {"actions": actions.tolist(), "poses": poses.tolist(), "samples": req.samples,
                 "iterations": req.iterations, "horizon": req.horizon, "topk": req.topk,
                 "momentum_mean": req.momentum_mean, "momentum_std": req.momentum_std,
-                "maxnorm": req.maxnorm}
+                "maxnorm": req.maxnorm, "cem_mean": mean.tolist(), "cem_std": std.tolist()}
 
     def _goal(self, goal: Any) -> torch.Tensor:
-        """The goal frame [1, 3, crop, crop]: an image, or a clip's last frame."""
+        """The goal frame [1, 3, crop, crop]: an image, or the last frame of a clip."""
         from PIL.Image import Image
-
-        from mstar.media import Video
 
         if isinstance(goal, Image):
             frames = torch.from_numpy(np.asarray(goal.convert("RGB")).copy())[None]
@@ -559,37 +661,43 @@ class VJepa2AC(_VJepa2Base):
             frames = torch.as_tensor(goal)
             if frames.dim() == 3:
                 frames = frames[None]
-        frames = _checked_frames(frames, "goal")
-        return _pixels(frames[-1:], self.config.encoder, "goal")
+        return _pixels(_checked_frames(frames, "goal")[-1:], self.config.encoder, "goal",
+                       per_frame=True)
 
     def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Done:
         if state.walk == "plan_context":
             p = state.params
-            forks = [Fork("ac_predictor", child=c, src_label="ctx")
-                     for c in range(p["samples"])] if p["prefix_frames"] else []
+            length = p["prefix_frames"] * self.config.predictor.tokens_per_frame
+            forks = [Fork("ac_predictor", length=length, child=c, src_label="ctx")
+                     for c in range(p["samples"])]
             return WalkStep("plan", inputs=dict(control), forks=forks, children=p["samples"])
         if state.walk in ("encode", "rollout", "plan"):
             return Done("stop")
         raise ValueError(f"vjepa2_ac has no walk {state.walk!r}")
 
     def postprocess(self, outputs: Mapping[str, Any], state: OutputState) -> list[Event]:
-        """`latents` [T, frame tokens, D] (encode); per rollout step `rollout` (index k)
-        and `poses` (the predicted frame's pose, index k); a plan's `actions` and
-        `plan_scores`."""
+        """`latents` [T, frame tokens, D] layer-normed (encode, once every frame is in);
+        per rollout step k `rollout` and the predicted frame's `poses` (index k); each
+        plan round's `plan_scores` (its best candidate's distance, index: the round), then
+        the plan `actions` [horizon, 7]."""
         p = state.params
-        if "latents" in outputs and p["mode"] == "encode":
+        if "latents" in outputs:
             frames = state.store.setdefault("frames", [])
-            frames.append(self._latents(torch.as_tensor(outputs["latents"]).float().cpu()))
+            frames.append(self._normed(torch.as_tensor(outputs["latents"]).float().cpu()))
             if len(frames) < p["num_frames"]:
                 return []
-            return [_latents_event("latents", torch.stack(frames))]
-        if "next_latents" in outputs and p["mode"] == "rollout":
+            return [_event("latents", torch.stack(frames))]
+        if "next_latents" in outputs:
             k = state.store.get("steps", 0)
             state.store["steps"] = k + 1
-            pose = torch.tensor(p["poses"][p["prefix_frames"] + k + 1])
-            return [_latents_event("rollout", outputs["next_latents"], index=k),
-                    _latents_event("poses", pose, index=k)]
+            latents = self._predicted(torch.as_tensor(outputs["next_latents"]).float().cpu())
+            return [_event("rollout", latents, index=k),
+                    _event("poses", torch.tensor(p["poses"][p["num_frames"] + k]), index=k)]
+        if "best_score" in outputs:
+            r = state.store.get("rounds", 0)
+            state.store["rounds"] = r + 1
+            return [_event("plan_scores", torch.as_tensor(outputs["best_score"]).reshape(1),
+                           index=r)]
         if "plan_actions" in outputs:
-            return [_latents_event("actions", outputs["plan_actions"]),
-                    _latents_event("plan_scores", outputs["plan_scores"])]
+            return [_event("actions", outputs["plan_actions"])]
         return []

@@ -39,21 +39,27 @@ def resized_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]
 
 def preprocess_video(video: Video | np.ndarray | torch.Tensor, cfg: VJepa2Config
                      ) -> torch.Tensor:
-    """Frames `[T, H, W, 3]` (a decoded `Video`, or an array/tensor: uint8, or float in
-    0..255) -> pixel_values `[T', 3, crop, crop]` float32, T' the largest multiple of
-    `tubelet_size` <= T. ValueError for fewer than `tubelet_size` frames or frames of
-    another shape."""
-    frames = video.frames if isinstance(video, Video) else video
-    frames = torch.as_tensor(frames)
-    if frames.dim() != 4 or frames.shape[-1] != 3 or 0 in frames.shape[1:3]:
-        raise ValueError(f"video frames must be [T, H, W, 3] RGB, got {list(frames.shape)}")
-    if frames.shape[0] < cfg.tubelet_size:
-        raise ValueError(f"the video has {frames.shape[0]} frame(s); V-JEPA 2 needs at least "
+    """Frames -> pixel_values `[T', 3, crop, crop]` float32, T' the largest multiple of
+    `tubelet_size` <= T. Frames are a decoded `Video` or an array/tensor `[T, H, W, 3]`
+    (uint8, or float in 0..255: the processor's input) or `[T, 3, H, W]` float in [0, 1]
+    (a tensor of images, as torchvision keeps them). ValueError for fewer than
+    `tubelet_size` frames or another shape."""
+    frames = torch.as_tensor(video.frames if isinstance(video, Video) else video)
+    if frames.dim() == 4 and frames.shape[-1] == 3:
+        pixels = frames.permute(0, 3, 1, 2)
+        if pixels.dtype != torch.uint8:
+            pixels = pixels.float()
+    elif frames.dim() == 4 and frames.shape[1] == 3 and frames.is_floating_point():
+        pixels = frames.float() * 255.0
+    else:
+        raise ValueError(f"video frames must be [T, H, W, 3] RGB (or [T, 3, H, W] float in "
+                         f"[0, 1]), got {list(frames.shape)} {frames.dtype}")
+    if 0 in pixels.shape[2:]:
+        raise ValueError(f"video frames are empty: {list(frames.shape)}")
+    if pixels.shape[0] < cfg.tubelet_size:
+        raise ValueError(f"the video has {pixels.shape[0]} frame(s); V-JEPA 2 needs at least "
                          f"{cfg.tubelet_size} (one tubelet)")
-    frames = frames[:frames.shape[0] // cfg.tubelet_size * cfg.tubelet_size]
-    pixels = frames.permute(0, 3, 1, 2)
-    if pixels.dtype != torch.uint8:
-        pixels = pixels.float()
+    pixels = pixels[:pixels.shape[0] // cfg.tubelet_size * cfg.tubelet_size]
     crop = cfg.crop_size
     h, w = resized_size(pixels.shape[2], pixels.shape[3], resize_shortest_edge(crop))
     pixels = F.interpolate(pixels, size=(h, w), mode="bilinear", antialias=True,
