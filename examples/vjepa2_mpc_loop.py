@@ -26,7 +26,8 @@ SIDE = 64
 class PointerWorld:
     """A gripper seen from above: its x, y move a disc, z sets its size, the gripper its
     colour. `step` applies an action as a pose delta, as the DROID actions of V-JEPA 2-AC
-    are (the server integrates them the same way in its rollouts)."""
+    are: positions and the gripper add (the gripper clipped to [0, 1]) as the server
+    integrates them in its rollouts; the planner leaves rotations at zero."""
 
     def __init__(self, pose: np.ndarray):
         self.pose = pose.astype(np.float32)
@@ -42,7 +43,7 @@ class PointerWorld:
 
     def step(self, action: np.ndarray) -> None:
         self.pose[:6] += action[:6]
-        self.pose[6] = np.clip(action[6], 0.0, 1.0)
+        self.pose[6] = np.clip(self.pose[6] + action[6], 0.0, 1.0)
 
 
 def main() -> None:
@@ -71,7 +72,7 @@ def main() -> None:
             world.step(planned[0])  # apply the first action only, then observe again
             latent_gap = np.abs(client.encode_video(world.render()[None]) - goal_latents)
             print(f"step {t}: planned {list(planned.shape)} in {took:.2f} s, applied "
-                  f"{np.round(planned[0], 3).tolist()}, pose error "
+                  f"{[round(float(a), 3) for a in planned[0]]}, pose error "
                   f"{np.abs(world.pose - goal_pose)[:3].sum():.3f}, latent L1 to goal "
                   f"{latent_gap.mean():.4f}")
         # the world model's own forecast of the next steps under the last plan
