@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import mstar
 from mstar import events
 from mstar_vjepa2.ac_predictor import PRESETS, ACPredictorConfig
-from mstar_vjepa2.checkpoint import write_checkpoint
+from mstar_vjepa2.checkpoint import AC_FILE, write_checkpoint
 from mstar_vjepa2.pose import compute_new_pose
 
 CONFIG = "vjepa2_ac_tiny"  # one CPU rank; the preset sets the sizes
@@ -85,11 +85,12 @@ def authors_predictor(cfg: ACPredictorConfig, checkpoint: Path) -> torch.nn.Modu
 
 def recompute_rollout(predictor: torch.nn.Module, context: torch.Tensor, pose: torch.Tensor,
                       actions: torch.Tensor) -> torch.Tensor:
-    """The authors' rollout: at step h the predictor reads every frame so far (context and
-    h predicted ones) with the actions and poses so far, the last frame's prediction is
-    layer-normed and appended, the pose integrated from the action."""
+    """The authors' rollout from a context frame's layer-normed latents [tokens, dim]: at
+    step h the predictor reads every frame so far (context and h predicted ones) with the
+    actions and poses so far, the last frame's prediction is layer-normed and appended,
+    the pose integrated from the action."""
     tokens, dim = context.shape
-    reps, poses = F.layer_norm(context, (dim,))[None], pose[None]
+    reps, poses = context[None], pose
     with torch.no_grad():
         for h in range(actions.shape[0]):
             out = predictor(reps.flatten(0, 1)[None], actions[None, :h + 1], poses[None])[0]
@@ -118,21 +119,26 @@ def rollouts(deployment, predictor, steps_list: list[int], repeat: int) -> list[
     pose = torch.tensor([[0.4, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0]])
     context_frame = frame(0)
     encoded = run(deployment, {"mode": "encode", "frames": context_frame})
-    context = tensor_of(encoded, "latents")
+    context = tensor_of(encoded, "latents")[-1]  # layer-normed, as the authors' `encode`
     encode_s = best_of(repeat, lambda: run(deployment, {"mode": "encode",
                                                         "frames": context_frame}))
-    rows = [f"{'steps':>5} {'mstar ms':>10} {'recompute ms':>13} {'ratio':>7}",
+    rows = [f"{'steps':>5} {'mstar ms':>10} {'recompute ms':>13} {'ratio':>7} {'max diff':>10}",
             f"(mstar's time includes encoding the context frame: {1000 * encode_s:.1f} ms)"]
     for steps in steps_list:
         actions = torch.from_numpy(np.random.default_rng(steps).uniform(
             -0.05, 0.05, (steps, 7)).astype(np.float32))
         request = {"mode": "rollout", "frames": context_frame, "actions": actions,
                    "states": pose, "rollout_steps": steps}
+        # the same computation both ways: the same latents (float32 rounding apart)
+        served = tensor_of(run(deployment, request), "rollout").view(steps, *context.shape)
+        gap = (served - recompute_rollout(predictor, context, pose, actions)).abs().max()
+        if gap > 1e-3:
+            raise RuntimeError(f"the rollouts differ by {gap:.2e} at {steps} steps")
         cached = best_of(repeat, partial(run, deployment, request))
         recomputed = best_of(repeat, partial(recompute_rollout, predictor, context, pose,
                                              actions))
         rows.append(f"{steps:>5} {1000 * cached:>10.1f} {1000 * recomputed:>13.1f} "
-                    f"{recomputed / cached:>6.2f}x")
+                    f"{recomputed / cached:>6.2f}x {gap:>10.1e}")
     return rows
 
 
@@ -168,10 +174,11 @@ def main() -> None:
     steps_list = [1, 4] if args.quick else [1, 4, 16]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = write_checkpoint(Path(tmp), preset, kind="ac")
-        deployment = mstar.load("vjepa2_ac", CONFIG, preset=preset, model_path=str(checkpoint))
+        directory = write_checkpoint(Path(tmp), preset, kind="ac")
+        deployment = mstar.load("vjepa2_ac", CONFIG, preset=preset, model_path=str(directory))
         try:
-            predictor = authors_predictor(ACPredictorConfig(**PRESETS[preset]), checkpoint)
+            predictor = authors_predictor(ACPredictorConfig(**PRESETS[preset]),
+                                          directory / AC_FILE)
             print(f"# V-JEPA 2-AC `{preset}` preset, torch {torch.__version__}, "
                   f"{torch.get_num_threads()} threads\n")
             print("\n".join(rollouts(deployment, predictor, steps_list, repeat)))
