@@ -175,7 +175,10 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         directory = write_checkpoint(Path(tmp), preset, kind="ac")
-        deployment = mstar.load("vjepa2_ac", CONFIG, preset=preset, model_path=str(directory))
+        # 16 steps of the small preset's 66-token frames pass the CPU layout's 1024 tokens;
+        # no encoder cache: every request encodes its context frame
+        deployment = mstar.load("vjepa2_ac", CONFIG, preset=preset, model_path=str(directory),
+                                max_seq_len=4096, encoder_cache_bytes=0)
         try:
             predictor = authors_predictor(ACPredictorConfig(**PRESETS[preset]),
                                           directory / AC_FILE)
