@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from mstar import events
 from mstar.client import _protocol as protocol
 from mstar.client import _tensors as tensors
+from mstar.client._media import _URL_SCHEMES
 from mstar.client.errors import MStarError
 from mstar.client.results import GenerateResponse
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
 #: The output holding one rollout step's predicted latents.
 ROLLOUT_OUTPUT = "rollout"
-_URL_SCHEMES = ("http://", "https://", "data:")
 
 
 def clip(value: object, name: str = "video") -> object:
