@@ -165,8 +165,8 @@ def test_gpus_without_cuda_fails_instead_of_running_on_the_cpu(capsys, monkeypat
 def test_a_devices_mapping_naming_a_missing_device_fails_before_starting(capsys, tmp_path):
     path = write(tmp_path, "model: testvla\nnode_groups:\n"
                            "  - {node_names: [vision_encoder], ranks: [1]}\n"
-                           "  - {node_names: [LLM, action_init, combine, consumer], "
-                           "ranks: [0]}\n"
+                           "  - {node_names: [LLM, action_init, combine, cem_sample, "
+                           "cem_refit, consumer], ranks: [0]}\n"
                            "devices: {0: cpu, 1: 'cuda:0'}\n")
     code, _, err = run(capsys, serve_main, ["--config", path, *TINY])
     assert code == 1

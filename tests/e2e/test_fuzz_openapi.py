@@ -6,7 +6,7 @@ Bounded for CI: schemathesis' fuzzing phase only (its coverage phase sends every
 case, hundreds per route), a fixed number of derandomized examples per route, and a short
 `max_seq_len` (a chat without `max_tokens` may fill it). The served document is used as is
 but for testvla's knobs that only cost time (its consumer's test delay, its denoising
-steps and frames), narrowed so no example runs for seconds."""
+steps, frames and CEM plans), narrowed so no example runs for seconds."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ KEY = "sk-test-fuzz"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 EXAMPLES = 25
 #: (schema property, largest value the fuzzer may send)
-_SLOW = {"consumer_delay_s": 0.01, "num_steps": 8, "num_frames": 4}
+_SLOW = {"consumer_delay_s": 0.01, "num_steps": 8, "num_frames": 4, "plan_samples": 4,
+         "plan_iters": 2, "plan_horizon": 2}
 
 
 @pytest.fixture(scope="module")

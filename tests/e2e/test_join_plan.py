@@ -79,18 +79,33 @@ def test_plan_equals_plain_torch_cem_and_joins_once_per_round(dep, tiny_ckpt):
     assert widest == SAMPLES
 
 
-def test_plan_is_independent_of_placement_and_batching(dep, tiny_ckpt):
-    """The candidates' noise is keyed by (seed, child, site, round): the same plan with the
-    CEM nodes on another rank (the join and the sampler called remotely), the context and
-    rollouts on rank 0, and beside another plan, equals the plan run alone."""
+@pytest.mark.parametrize("groups", [
+    [{"node_names": ["vision_encoder", "LLM", "action_init", "combine", "consumer"],
+      "ranks": [0]}, {"node_names": ["cem_sample", "cem_refit"], "ranks": [1]}],
+    [{"node_names": ["vision_encoder"], "ranks": [0]},
+     {"node_names": ["LLM"], "ranks": [0], "graph_walks": ["prefill", "prefill_act",
+                                                           "prefill_rollout", "prefill_plan"]},
+     {"node_names": ["LLM"], "ranks": [1],
+      "graph_walks": ["decode", "denoise", "rollout", "plan"]},
+     {"node_names": ["action_init", "combine", "cem_sample", "cem_refit", "consumer"],
+      "ranks": [1]}],
+], ids=["join-on-rank-1", "context-migrates-to-rank-1"])
+def test_plan_is_independent_of_placement_and_batching(dep, tiny_ckpt, groups):
+    """The candidates' noise is keyed by (seed, child, site, round): the same plan placed
+    otherwise (the sampler and the join called on another rank; or the context prefilled on
+    rank 0 and its KV moved to rank 1, where the candidates fork it), run beside another
+    plan, equals the plan run alone."""
     alone = tensors(collect(dep, PLAN), "plan")[0]
     other = {**PLAN, "seed": 10, "goal": frame(23)}
-    groups = [{"node_names": ["vision_encoder", "LLM", "action_init", "combine", "consumer"],
-               "ranks": [0]}, {"node_names": ["cem_sample", "cem_refit"], "ranks": [1]}]
     with mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=256,
                     kv_cache={"num_pages": 256, "page_size": 4}, node_groups=groups) as split:
         both = run_concurrently(split, [PLAN, other])
-        assert split.counters(rank=1)["cem_refit.node_invocations"] == 2 * ITERS
+        on_1 = split.counters(rank=1)
+        assert on_1["cem_refit.node_invocations"] == 2 * ITERS
+        if "LLM.kv_tokens_imported" in on_1:  # the kept context came over, once per plan
+            prompt = len(split.model.process_prompt(PLAN).params["prompt_ids"])
+            assert on_1["LLM.kv_tokens_imported"] == 2 * prompt
+            assert on_1["LLM.node_invocations"] == 2 * ITERS * SAMPLES * HORIZON
         settle(split)
     torch.testing.assert_close(tensors(both[0], "plan")[0], alone, atol=1e-5, rtol=0)
     assert not torch.allclose(tensors(both[1], "plan")[0], alone)

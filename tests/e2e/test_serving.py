@@ -33,7 +33,10 @@ SAMPLED = {"prompt": "tell me", "max_tokens": 8, "temperature": 1.0, "seed": 99,
 ACT = {"prompt": "<image>stack the cups", "image": image(22), "mode": "act", "num_steps": 3,
        "guidance_scale": 2.0, "cfg_interval": [0.5, 1.0], "seed": 5}
 ROLL = {"prompt": "go", "mode": "rollout", "num_frames": 2, "frame": frame(23)}
-REQUESTS = {"text": TEXT, "sampled": SAMPLED, "act": ACT, "rollout": ROLL}
+#: CEM candidates forked from a kept context, joined once per round (`Join`).
+PLAN = {"prompt": "reach", "mode": "plan", "frame": frame(24), "goal": frame(25),
+        "plan_samples": 3, "plan_topk": 1, "plan_iters": 2, "plan_horizon": 1, "seed": 6}
+REQUESTS = {"text": TEXT, "sampled": SAMPLED, "act": ACT, "rollout": ROLL, "plan": PLAN}
 
 
 def decoded(body: dict) -> list:
@@ -51,21 +54,22 @@ def summary(evs: list) -> dict:
     text_lp = [lp.logprob for e in evs if isinstance(e, mstar.events.TextDelta)
                for lp in (e.logprobs or [])]
     return {"tokens": tokens(evs), "audio": audio(evs), "actions": tensors(evs, "actions"),
-            "frames": tensors(evs, "frame"), "logprobs": torch.tensor(text_lp)}
+            "frames": tensors(evs, "frame"), "plan": tensors(evs, "plan"),
+            "logprobs": torch.tensor(text_lp)}
 
 
 def assert_same(got: dict, want: dict) -> None:
     assert got["tokens"] == want["tokens"]
     for key in ("audio", "logprobs"):
         torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4)
-    for key in ("actions", "frames"):
+    for key in ("actions", "frames", "plan"):
         assert len(got[key]) == len(want[key])
         for a, b in zip(got[key], want[key]):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 #: The walks that compute a testvla request's prompt (the others continue from its K/V).
-PREFILL_WALKS = {"prefill", "prefill_act", "prefill_rollout"}
+PREFILL_WALKS = {"prefill", "prefill_act", "prefill_rollout", "prefill_plan"}
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,12 @@ node runs as the engine runs it: frames appended as bidirectional chunks to a re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import sys
 import types
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -34,6 +36,9 @@ from mstar_vjepa2.ac_predictor import (
     kv_extras,
     next_frame,
 )
+from mstar_vjepa2.cem import CEMScore, initial_distribution, sample_actions
+from mstar_vjepa2.encoder import VideoEncoder
+from mstar_vjepa2.model import AC_PRESETS, VJepa2AC, VJepa2ACConfig, fused_qkv_encoder
 from mstar_vjepa2.pose import compute_new_pose
 
 
@@ -61,7 +66,9 @@ P, D = CFG.patches_per_frame, CFG.embed_dim
 
 
 def authors_predictor(cfg: ACPredictorConfig, seed: int) -> torch.nn.Module:
-    """The authors' predictor, every parameter random (biases and norms included)."""
+    """The authors' predictor, every parameter random (biases and norms included), at a
+    scale (0.1) five times the authors' init: float32 rounding stays near 1e-6 while a
+    wrong rotation, mask or position moves outputs by O(1)."""
     m = _authors_module().vit_ac_predictor(
         img_size=cfg.img_size, patch_size=cfg.patch_size, num_frames=cfg.num_frames,
         tubelet_size=cfg.tubelet_size, embed_dim=cfg.embed_dim,
@@ -69,12 +76,16 @@ def authors_predictor(cfg: ACPredictorConfig, seed: int) -> torch.nn.Module:
         num_heads=cfg.num_heads, action_embed_dim=cfg.action_embed_dim,
         use_extrinsics=cfg.use_extrinsics, use_rope=cfg.use_rope,
         is_frame_causal=cfg.is_frame_causal)
+    return randomize(m, seed).eval()
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=gen)
+        for name, p in module.named_parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen)
                     + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    return m.eval()
+    return module
 
 
 def save_authors_checkpoint(predictor: torch.nn.Module, path: Path) -> Path:
@@ -206,6 +217,74 @@ def test_rollout_with_the_persistent_cache_equals_the_authors_recompute(
     torch.testing.assert_close(pose, poses[-1])
 
 
+def test_candidates_forked_from_a_shared_history_match_the_authors(
+        oracle: torch.nn.Module, node: ACPredictor) -> None:
+    """A planner's round: two history frames (actions taken) prefilled once under their
+    own label; three candidates fork it, and in one batched step each appends the current
+    frame with its own action, then its predicted frame with its second action. Each equals
+    the authors' forward over its whole trajectory."""
+    z, a, s = clip(8, 3)
+    gen = torch.Generator().manual_seed(9)
+    first, second = torch.randn(3, 7, generator=gen), torch.randn(3, 7, generator=gen)
+    cache, ctx = new_cache(), SeqKey("r", "ac_predictor", "ctx")
+    step(node, cache, [(ctx, frames_of(z[:2], a[:2], s[:2]))])
+    kids = [SeqKey("r", "ac_predictor", "cand", c) for c in range(3)]
+    for kid in kids:
+        cache.fork(ctx, kid)
+    nxt = step(node, cache, [(kid, [frame_inputs(z[2], first[c], s[2], 2, CFG)])
+                             for c, kid in enumerate(kids)])
+    last = step(node, cache, [(kid, [frame_inputs(nxt[c][0], second[c], s[2], 3, CFG)])
+                              for c, kid in enumerate(kids)])
+    for c in range(3):
+        zs = torch.cat([z, nxt[c]])
+        acts = torch.stack([a[0], a[1], first[c], second[c]])
+        with torch.no_grad():
+            want = oracle(zs.flatten(0, 1)[None], acts[None],
+                          torch.cat([s, s[2:]])[None])[0].view(4, P, D)
+        torch.testing.assert_close(torch.cat([nxt[c], last[c]]), want[2:], atol=1e-5, rtol=0)
+    assert cache.length(ctx) == 2 * CFG.tokens_per_frame
+
+
+def test_plan_over_cached_rollouts_equals_the_authors_world_model(
+        authors_notebooks: ModuleType, oracle: torch.nn.Module, node: ACPredictor) -> None:
+    """The authors' planner end to end: `WorldModel.infer_next_action` (their `cem` over
+    their recompute-everything step_predictor, layer-normed latents, scipy poses) against
+    ours: each round every candidate appends the current frame with its first action,
+    then its prediction with its second (the candidates batched in one step per horizon
+    step), and `CEMScore` joins them. Same noise: torch's global generator, drawn in the
+    authors' order (per horizon step, before its rollout)."""
+    samples, topk, rounds, horizon, maxnorm = 12, 4, 3, 2, 0.05
+    wm = authors_notebooks.world_model_wrapper.WorldModel(
+        encoder=None, predictor=oracle, tokens_per_frame=P, transform=None, device="cpu",
+        mpc_args={"rollout": horizon, "samples": samples, "topk": topk, "cem_steps": rounds,
+                  "momentum_mean": 0.15, "momentum_std": 0.15, "maxnorm": maxnorm})
+    z, goal = F.layer_norm(clip(20, 1)[0], (D,)), F.layer_norm(clip(21, 1)[0], (D,))
+    pose = torch.rand(1, 7, generator=torch.Generator().manual_seed(22))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        want = wm.infer_next_action(z[None], pose[None], goal[None])
+    torch.manual_seed(5)
+    cache, mean, std = new_cache(), *initial_distribution(horizon, maxnorm)
+    kids = [SeqKey("p", "ac_predictor", "cand", c) for c in range(samples)]
+    for _ in range(rounds):
+        noise = torch.stack([torch.randn(samples, 4) for _ in range(horizon)], dim=1)
+        actions = sample_actions(mean, std, noise, maxnorm)
+        latents, poses = [z[0]] * samples, [pose[0]] * samples
+        for h in range(horizon):
+            out = step(node, cache, [(kid, [frame_inputs(latents[c], actions[c, h], poses[c],
+                                                         h, CFG)])
+                                     for c, kid in enumerate(kids)])
+            latents = [F.layer_norm(o[0], (D,)) for o in out]
+            poses = [compute_new_pose(p, a) for p, a in zip(poses, actions[:, h])]
+        joined = CEMScore()([{"final_latents": torch.stack(latents), "actions": actions,
+                              "goal_latents": goal[0], "topk": topk, "maxnorm": maxnorm,
+                              "cem_mean": mean, "cem_std": std}])[0]
+        mean, std = joined["cem_mean"], joined["cem_std"]
+        for kid in kids:  # the next round starts each candidate afresh
+            cache.free(kid)
+    torch.testing.assert_close(joined["plan_actions"], want, atol=1e-5, rtol=0)
+
+
 def test_extrinsics_token_and_square_vitg_rope_match_the_authors(tmp_path: Path) -> None:
     """The third conditioning token (extrinsics: 6 values) on a square grid."""
     cfg = dataclasses.replace(ACPredictorConfig(**PRESETS["tiny"]), use_extrinsics=True,
@@ -222,6 +301,44 @@ def test_extrinsics_token_and_square_vitg_rope_match_the_authors(tmp_path: Path)
     frames = [frame_inputs(z[t], a[t], s[t], t, cfg, extrinsics=e[t]) for t in range(2)]
     got = step(node, new_cache(cfg), [(SeqKey("r", "ac_predictor"), frames)])[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_the_released_layout_loads_both_nodes_and_its_encoder_is_the_authors_vit(
+        oracle: torch.nn.Module, tmp_path: Path) -> None:
+    """One authors' file ({"encoder", "predictor"}, `module.backbone.` keys) through
+    VJepa2AC's weight specs: the predictor as above, the encoder (the authors' RoPE ViT,
+    q/k/v fused in `attn.qkv`) into the fused-qkv VideoEncoder, whose latents of a frame
+    (a tubelet of it repeated, as the authors' WorldModel.encode) are the authors'."""
+    _authors_module()
+    from vjepa2.models.vision_transformer import VisionTransformer
+
+    model = VJepa2AC(VJepa2ACConfig(**AC_PRESETS["tiny"]))
+    enc_cfg = model.config.encoder
+    vit = VisionTransformer(
+        img_size=(enc_cfg.crop_size, enc_cfg.crop_size), patch_size=enc_cfg.patch_size,
+        num_frames=enc_cfg.frames_per_clip, tubelet_size=enc_cfg.tubelet_size,
+        embed_dim=enc_cfg.hidden_size, depth=enc_cfg.num_hidden_layers,
+        num_heads=enc_cfg.num_attention_heads, mlp_ratio=enc_cfg.mlp_ratio, qkv_bias=True,
+        norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), use_rope=True,
+        uniform_power=False, use_sdpa=True, use_SiLU=False, wide_SiLU=True).eval()
+    randomize(vit, seed=11)
+    path = tmp_path / "vjepa2-ac.pt"
+    torch.save({"encoder": {f"module.backbone.{k}": v.clone()
+                            for k, v in vit.state_dict().items()},
+                "predictor": {f"module.backbone.{k}": v.clone()
+                              for k, v in oracle.state_dict().items()}}, path)
+    encoder = fused_qkv_encoder(VideoEncoder(enc_cfg))
+    load_weights(encoder, iter_checkpoint([path]), model.weight_spec("video_encoder"))
+    predictor = ACPredictor(model.config.predictor)
+    load_weights(predictor, iter_checkpoint([path]), model.weight_spec("ac_predictor"))
+    frame = torch.randn(1, 3, enc_cfg.crop_size, enc_cfg.crop_size,
+                        generator=torch.Generator().manual_seed(12))
+    tubelet = frame.repeat(enc_cfg.tubelet_size, 1, 1, 1)
+    with torch.no_grad():
+        want = vit(tubelet.transpose(0, 1)[None])[0]
+        got = encoder.eval()([{"pixel_values": tubelet}])[0]["latents"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert all(torch.equal(predictor.state_dict()[k], v) for k, v in oracle.state_dict().items())
 
 
 def test_frame_inputs_refuse_what_the_predictor_cannot_read() -> None:

@@ -1,13 +1,10 @@
-"""The CEM pieces and the `cem_score` join node: against the authors' `cem`
-(notebooks/utils/mpc_utils.py, run from a checkout named by VJEPA2_REPO: the notebooks are
-not in the cc-vjepa2 package) with the same noise, and against the formulas always."""
+"""The CEM pieces and the `cem_score` join node, and the pose integration: against the
+authors' `cem` and `compute_new_pose` (notebooks/utils/mpc_utils.py, from a checkout named
+by VJEPA2_REPO: conftest.py) with the same noise, and against the formulas always."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -22,6 +19,7 @@ from mstar_vjepa2.cem import (
     refit,
     sample_actions,
 )
+from mstar_vjepa2.pose import compute_new_pose
 
 N, D = 4, 6  # tokens of a frame, latent width
 MAXNORM = 0.05
@@ -66,22 +64,20 @@ def plan(world: WorldModel, context: torch.Tensor, goal: torch.Tensor, *, horizo
     return out["plan_actions"]
 
 
-def _authors_cem() -> Any:
-    repo = os.environ.get("VJEPA2_REPO")
-    if not repo or not (Path(repo) / "notebooks/utils/mpc_utils.py").is_file():
-        pytest.skip("VJEPA2_REPO (a facebookresearch/vjepa2 checkout) is not set")
-    pytest.importorskip("scipy")
-    pytest.importorskip("tqdm")
-    sys.path.insert(0, repo)
-    try:
-        return importlib.import_module("notebooks.utils.mpc_utils").cem
-    finally:
-        sys.path.remove(repo)
+def test_pose_matches_the_authors_compute_new_pose(authors_notebooks: ModuleType) -> None:
+    authors = authors_notebooks.mpc_utils.compute_new_pose
+    gen = torch.Generator().manual_seed(2)
+    pose = torch.rand(32, 1, 7, generator=gen) * 2 - 1
+    pose[..., 3:6] *= torch.tensor([3.0, 1.4, 3.0])  # pitch away from gimbal lock
+    action = torch.rand(32, 1, 7, generator=gen) * 0.6 - 0.3
+    torch.testing.assert_close(compute_new_pose(pose, action), authors(pose, action),
+                               atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("close_gripper", [None, 1])
-def test_plan_matches_the_authors_cem_with_the_same_noise(close_gripper: int | None) -> None:
-    cem = _authors_cem()
+def test_plan_matches_the_authors_cem_with_the_same_noise(
+        authors_notebooks: ModuleType, close_gripper: int | None) -> None:
+    cem = authors_notebooks.mpc_utils.cem
     world = WorldModel(0)
     gen = torch.Generator().manual_seed(1)
     context, goal = torch.randn(1, 1, N, D, generator=gen), torch.randn(1, 1, N, D, generator=gen)
@@ -143,9 +139,10 @@ def test_cem_score_scores_by_l1_to_the_goal_and_refits() -> None:
     torch.testing.assert_close(out["cem_mean"], want_mean)
     torch.testing.assert_close(out["cem_std"], want_std)
     torch.testing.assert_close(out["plan_actions"], planned_actions(want_mean))
-    with pytest.raises(ValueError, match="topk=6"):
-        CEMScore()([{"final_latents": final, "actions": actions, "goal_latents": goal,
-                     "topk": 6, "maxnorm": MAXNORM}])
+    for topk in (1, 6):  # one candidate's std is NaN; there are five
+        with pytest.raises(ValueError, match=f"topk={topk} must be between 2 and the 5"):
+            CEMScore()([{"final_latents": final, "actions": actions, "goal_latents": goal,
+                         "topk": topk, "maxnorm": MAXNORM}])
 
 
 def test_planned_gripper_rounds_small_values_to_zero() -> None:

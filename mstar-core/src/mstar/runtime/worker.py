@@ -717,9 +717,15 @@ class Worker(Component):
             if len(group.finished) == len(group.children):
                 self._join(req, lane, group)
             return
-        if group is not None and not self._join_ends(group, lane.cursor.env):
-            self._next_round(req, lane, group)
-            return
+        if group is not None:
+            try:
+                ends = self._join_ends(group, lane.cursor.env)
+            except Exception as exc:  # the model's `until` failed: this request only
+                self._fail(req, exc)
+                return
+            if not ends:
+                self._next_round(req, lane, group)
+                return
         walk = self.programs[lane.walk].walk
         env = lane.cursor.env
         self._emit(req, lane.child, {n: env[n] for n in walk.emit if n in env})
@@ -743,11 +749,15 @@ class Worker(Component):
         env = dict(group.base)
         for name in join.stack:
             values = [e.get(name) for e in envs]
-            if any(v is None for v in values):
-                self._fail(req, RuntimeError(f"walk {walk!r}: a child ended without "
-                                             f"{name!r}, which its join stacks"))
+            try:
+                if any(v is None for v in values):
+                    raise ValueError("a child ended without it")
+                env[name] = (torch.stack(values) if isinstance(values[0], torch.Tensor)
+                             else values)
+            except (ValueError, RuntimeError, TypeError) as exc:  # this request only
+                self._fail(req, RuntimeError(f"walk {walk!r}: its join cannot stack the "
+                                             f"children's {name!r}: {exc}"))
                 return
-            env[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
         lane = Lane(last.partition, group.child, walk,
                     WalkCursor(self.join_programs[walk], env), remote=last.remote, group=group)
         group.join_lane = lane

@@ -7,11 +7,16 @@ appended to its sequence: with earlier frames cached that IS the block-causal ma
 rollout appends one frame per step instead of recomputing the clip (the paper's speedup).
 Predictions of a frame's patch rows are the next frame's latents.
 
-RoPE as the authors': the head dimension's first three slices of `2·((head_dim//3)//2)`
-dims rotate by frame, row and column (the rest stays unrotated), each slice with its
-frequencies repeated by halves while its pairs are interleaved (a quirk the released
-weights depend on). Action and state tokens rotate by their frame only, which is rotating
-them at row = column = 0: so every row carries 3 positions (frame, row, column).
+A frame's chunk holds the action taken *from* that frame (and the state there), and its
+patch rows attend to that action token: so the K/V of the current frame depend on the
+action being tried. A rollout's or planner's first step therefore appends the current
+frame with the first action; only the frames before it (with the actions already taken)
+are a context that candidates can share by forking. With the authors' one-frame context
+each CEM candidate's first chunk is the current frame itself.
+
+RoPE as the authors' (`rope.rope_3d`, shared with the encoder). Action and state tokens
+rotate by their frame only, which is rotating them at row = column = 0: so every row
+carries 3 positions (frame, row, column) and one rotation serves all rows.
 
 Parameter names are the authors' (`predictor_blocks.0.attn.qkv.weight`, ...), so the
 checkpoint key map only strips the `predictor.` / `module.` / `backbone.` prefixes.
@@ -23,11 +28,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mstar.model import ForwardBatch
 from mstar.model.forward import ExtraSpec, Segment
-from mstar.model.layers import PagedAttention
+from mstar.model.layers import MLP, PagedAttention
+from mstar_vjepa2.rope import rope_3d
 
 
 @dataclass(frozen=True)
@@ -136,16 +143,16 @@ def frame_inputs(latents: torch.Tensor, action: torch.Tensor, state: torch.Tenso
     if not 0 <= frame_index < cfg.max_frames:
         raise ValueError(f"frame {frame_index} is outside the predictor's "
                          f"{cfg.max_frames} frames")
-    conds = [action, state] + ([extrinsics] if cfg.use_extrinsics else [])
     if cfg.use_extrinsics and extrinsics is None:
         raise ValueError("this predictor is conditioned on extrinsics: give them")
+    conds = [action, state] + ([extrinsics] if cfg.use_extrinsics else [])
     rows = []
     for name, v in zip(("action", "state", "extrinsics"), conds):
         v = torch.as_tensor(v, dtype=torch.float32).reshape(-1)
         want = cfg.action_embed_dim - (name == "extrinsics")
         if v.numel() != want:
             raise ValueError(f"{name} must have {want} values, got {v.numel()}")
-        rows.append(torch.nn.functional.pad(v, (0, cfg.action_embed_dim - want)))
+        rows.append(F.pad(v, (0, cfg.action_embed_dim - want)))
     k, n = cfg.cond_tokens, cfg.tokens_per_frame
     gh, gw = cfg.grid
     positions = torch.zeros(POSITION_AXES, n, dtype=torch.long)
@@ -187,20 +194,6 @@ WEIGHT_KEY_MAPS: dict[str, tuple[tuple[str, str | None], ...]] = {
 # -- the module -----------------------------------------------------------------------------
 
 
-def rope_rotate(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The authors' rotation of x [..., T, H, n] by positions pos [T]: pairs (2i, 2i+1)
-    rotate together, but by frequency index (2i mod n/2, 2i+1 mod n/2) since the authors
-    repeat the n/2 frequencies by halves rather than per pair."""
-    n = x.shape[-1]
-    omega = torch.arange(n // 2, dtype=x.dtype, device=x.device) / (n / 2.0)
-    omega = 1.0 / 10000 ** omega
-    freq = pos.to(x.dtype)[:, None] * omega
-    freq = torch.cat([freq, freq], dim=-1)[:, None, :]  # [T, 1, n]
-    pairs = x.unflatten(-1, (-1, 2))
-    y = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return x * freq.cos() + y * freq.sin()
-
-
 class _Attention(nn.Module):
     """The authors' fused qkv and output projection."""
 
@@ -210,17 +203,6 @@ class _Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
 
-class _MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class _Block(nn.Module):
     def __init__(self, cfg: ACPredictorConfig):
         super().__init__()
@@ -228,7 +210,7 @@ class _Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.attn = _Attention(dim)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = _MLP(dim, int(dim * cfg.mlp_ratio))
+        self.mlp = MLP(dim, int(dim * cfg.mlp_ratio), act="gelu")
 
 
 class ACPredictor(nn.Module):
@@ -250,32 +232,24 @@ class ACPredictor(nn.Module):
             for i in range(cfg.depth))
         self.predictor_norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.predictor_proj = nn.Linear(dim, cfg.embed_dim)
-        self.rope_dim = 2 * ((cfg.head_dim // 3) // 2)
 
     def _embed(self, batch: ForwardBatch) -> torch.Tensor:
+        """Each row through its kind's input layer. Every layer runs on every row and
+        `where` picks (the conditioning layers are 7 wide: cheap), so no row selection
+        waits on the device."""
         ex = batch.extras
-        kind = ex["token_kind"].to(torch.long)
         w = self.predictor_embed.weight
-        x = torch.empty(batch.num_tokens, self.cfg.predictor_embed_dim, dtype=w.dtype,
-                        device=w.device)
+        kind = ex["token_kind"].to(device=w.device, dtype=torch.long)[:, None]
         cond = ex["cond"].to(w.dtype)
-        for k, layer, width in ((PATCH, self.predictor_embed, None),
-                                (ACTION, self.action_encoder, None),
-                                (STATE, self.state_encoder, None),
-                                (EXTRINSICS, self.extrinsics_encoder, -1)):
-            rows = kind == k
-            if bool(rows.any()):
-                src = ex["latents"].to(w.dtype)[rows] if k == PATCH else cond[rows, :width]
-                x[rows] = layer(src)
+        x = self.predictor_embed(ex["latents"].to(w.dtype))
+        x = torch.where(kind == ACTION, self.action_encoder(cond), x)
+        x = torch.where(kind == STATE, self.state_encoder(cond), x)
+        if self.cfg.use_extrinsics:
+            x = torch.where(kind == EXTRINSICS, self.extrinsics_encoder(cond[:, :-1]), x)
         return x
 
     def _rope(self, t: torch.Tensor, pos: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Rotate q or k [T, H, head_dim] by (frame, row, column) slices."""
-        if not self.cfg.use_rope:
-            return t
-        n = self.rope_dim
-        parts = [rope_rotate(t[..., i * n:(i + 1) * n], p) for i, p in enumerate(pos)]
-        return torch.cat([*parts, t[..., 3 * n:]], dim=-1)
+        return rope_3d(t, *pos) if self.cfg.use_rope else t
 
     def forward(self, batch: ForwardBatch) -> dict[str, torch.Tensor]:
         cfg = self.cfg

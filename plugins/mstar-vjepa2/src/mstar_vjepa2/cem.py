@@ -115,8 +115,8 @@ class CEMScore(nn.Module):
         final = torch.as_tensor(item["final_latents"]).to(actions.device)
         goal = torch.as_tensor(item["goal_latents"]).to(device=actions.device, dtype=final.dtype)
         topk = int(item["topk"])
-        if not 1 <= topk <= actions.shape[0]:
-            raise ValueError(f"topk={topk} must be between 1 and the {actions.shape[0]} "
+        if not 2 <= topk <= actions.shape[0]:  # one candidate has no std (NaN)
+            raise ValueError(f"topk={topk} must be between 2 and the {actions.shape[0]} "
                              "candidates")
         if item.get("cem_mean") is None:
             mean, std = initial_distribution(actions.shape[1], float(item["maxnorm"]),
