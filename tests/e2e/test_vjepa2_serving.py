@@ -1,6 +1,7 @@
 """V-JEPA 2 served (`mstar serve vjepa2 --preset tiny --load-format dummy` and `vjepa2_ac`,
 one server per module): latents over HTTP from an uploaded mp4 (written with PyAV), an http
-URL, a data URL and a frames tensor, which agree where the pixels are the same; the SDK's
+URL, a data URL and a frames tensor, which agree where the pixels are the same, and the
+masked predictor's predictions; the SDK's
 `encode_video`, `rollout` (streamed step by step over SSE, sync and async) and `plan`; bad
 input, each a 400 naming it while the server keeps serving; a client that leaves mid-plan
 stops its rollouts (cancelled) and one that leaves mid-rollout leaves no page behind;
@@ -161,6 +162,10 @@ def test_latents_from_an_upload_a_url_a_data_url_and_frames_agree(vjepa2, files_
         np.testing.assert_array_equal(output(response, "latents"), from_data_url)
     other = output(vjepa2.generate({**encode, "frames": tensor(clip(1))}), "latents")
     assert other.shape == from_data_url.shape and not np.allclose(other, from_data_url)
+    # the masked predictor: the second tubelet's tokens from the first's
+    predicted = output(vjepa2.generate({"mode": "predict", "video": data_url(MP4),
+                                        "target_frames": [1]}), "predictions")
+    assert predicted.shape == (tokens // 2, dim) and np.isfinite(predicted).all()
 
 
 def test_sdk_encode_video_takes_a_path_bytes_a_url_and_an_array(vjepa2, files_url, tmp_path):
