@@ -232,6 +232,19 @@ def test_plan_equals_the_authors_cem_over_their_predictor(ac, ac_checkpoint):
                                atol=1e-4, rtol=0)
 
 
+def test_the_authors_file_needs_no_config_json(ac, ac_checkpoint):
+    """The authors' release is a bare state dict: without a preset the model takes its
+    config's defaults (the released sizes), here overridden to the tiny ones by
+    `model_kwargs`, and serves as the preset does."""
+    assert not list(ac_checkpoint.glob("*.json"))
+    req = rollout_request(steps=2, seed=11)
+    with mstar.load("vjepa2_ac", "vjepa2_ac_tiny", model_path=str(ac_checkpoint),
+                    model_kwargs={"encoder": AC.encoder, "predictor": AC.predictor}) as d:
+        got = tensors(run(d, req), "rollout")
+    torch.testing.assert_close(torch.stack(got), torch.stack(tensors(run(ac, req), "rollout")),
+                               atol=0, rtol=0)
+
+
 def test_ac_config_matches_the_authors_predictor_sizes():
     assert isinstance(AC.predictor, ACPredictorConfig)
     assert AC.predictor.embed_dim == AC.encoder.hidden_size
@@ -307,6 +320,7 @@ def plan_req(**fields) -> dict:
     ({k: v for k, v in plan_req().items() if k != "goal"}, "goal", "required"),
     (plan_req(samples=10 ** 6), "samples", f"at most {MAX_SAMPLES}"),
     (plan_req(topk=13), "topk", "at most samples=12"),
+    (plan_req(topk=1), "topk", "greater than or equal to 2"),
     (plan_req(iterations=10 ** 4), "iterations", "at most"),
 ])
 def test_bad_ac_requests_are_400s_naming_the_field(ac, req, param, fragment):

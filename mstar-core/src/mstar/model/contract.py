@@ -208,6 +208,10 @@ class Model:
     #: config.json and handed to `config_from_checkpoint` in its dict, each under its file
     #: name (`checkpoint_config["llm_config.json"]`).
     config_files: ClassVar[tuple[str, ...]] = ()
+    #: False for checkpoints that ship no config.json (V-JEPA 2-AC's pickled release, built
+    #: by the authors' code with fixed sizes): without a preset the config is then the
+    #: class's defaults, updated with `model_kwargs`, and nothing is fetched for it.
+    checkpoint_has_config: ClassVar[bool] = True
     #: Preset name -> config field overrides. `tiny` (CPU tests) and `small` (CPU
     #: benchmarks) are expected of every model; real sizes may be presets too.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}

@@ -106,6 +106,8 @@ def _host_directory(source: str, patterns: Sequence[str], options: LoadOptions) 
 def _configured_model(spec: ModelSpec, model_kwargs: Mapping[str, Any] | None, *,
                       preset: str | None, options: LoadOptions) -> Model:
     cls = spec.load_class()
+    if preset is None and not cls.checkpoint_has_config:
+        return cls(cls.make_config(model_kwargs=model_kwargs))
     if preset is None:
         if options.load_format == "dummy" and not options.model_path:
             raise ValueError(f"load_format 'dummy' needs a preset (one of {list(spec.presets)}) "

@@ -137,7 +137,8 @@ class VJepa2ACRequest(_VideoRequest):
                             description=f"plan: CEM steps (at most {MAX_ITERATIONS}).")
     horizon: int = Field(PLAN_DEFAULTS["horizon"], ge=1,
                          description=f"plan: actions planned (at most {MAX_HORIZON}).")
-    topk: int = Field(PLAN_DEFAULTS["topk"], ge=1, description="plan: candidates refit to.")
+    topk: int = Field(PLAN_DEFAULTS["topk"], ge=2, description="plan: the best candidates the "
+                      "refit keeps (their std needs two).")
     momentum_mean: float = Field(PLAN_DEFAULTS["momentum_mean"], ge=0, le=1)
     momentum_std: float = Field(PLAN_DEFAULTS["momentum_std"], ge=0, le=1)
     maxnorm: float = Field(PLAN_DEFAULTS["maxnorm"], gt=0,
@@ -423,6 +424,8 @@ class VJepa2AC(_VJepa2Base):
 
     config_class = VJepa2ACConfig
     presets = AC_PRESETS
+    #: the authors' file is a bare state dict: their sizes are the defaults (`vitg`)
+    checkpoint_has_config = False
     preset_max_seq_len = {"tiny": 1024, "small": 4096}
     config: VJepa2ACConfig
 
