@@ -120,12 +120,15 @@ def files_url() -> Iterator[str]:
     httpd.shutdown()
 
 
+#: offline: the tiny preset's sizes, seeded random weights
+DUMMY = ("--preset", "tiny", "--load-format", "dummy")
+
+
 @contextlib.contextmanager
 def serve(directory: Path, model: str, *args: str) -> Iterator[Server]:
-    """`mstar serve <model> --preset tiny --load-format dummy ...`, healthy for the block,
-    then stopped: it must exit with status 0 and leave nothing behind."""
-    server = Server(directory, "serve", model, "--preset", "tiny", "--load-format", "dummy",
-                    *args, cli=MSTAR)
+    """`mstar serve <model> ...`, healthy for the block, then stopped: it must exit with
+    status 0 and leave nothing behind."""
+    server = Server(directory, "serve", model, *args, cli=MSTAR)
     try:
         server.wait_healthy()
         yield server
@@ -136,13 +139,14 @@ def serve(directory: Path, model: str, *args: str) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def vjepa2(tmp_path_factory):
-    with serve(tmp_path_factory.mktemp("vjepa2"), "vjepa2", "--allow-private-media-urls") as srv:
+    with serve(tmp_path_factory.mktemp("vjepa2"), "vjepa2", *DUMMY,
+               "--allow-private-media-urls") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def ac(tmp_path_factory):
-    with serve(tmp_path_factory.mktemp("vjepa2_ac"), "vjepa2_ac") as srv:
+    with serve(tmp_path_factory.mktemp("vjepa2_ac"), "vjepa2_ac", *DUMMY) as srv:
         yield srv
 
 
@@ -356,9 +360,43 @@ def test_bad_rollout_and_plan_input_is_a_400_naming_it(ac, body, param, says):
     assert len(rollout_of(ac.generate(rollout_body(1)))) == 1
 
 
+# -- checkpoints on disk ----------------------------------------------------------------------
+@pytest.mark.parametrize("model, kind, config", [("vjepa2", "hf", "vjepa2_tiny"),
+                                                 ("vjepa2_ac", "ac", "vjepa2_ac_tiny")])
+def test_a_checkpoint_directory_serves_its_own_weights(tmp_path, model, kind, config):
+    """`--model-path` to a checkpoint in the real layout (the hub's safetensors and
+    config.json; the authors' pickled `.pt`, which has no config: the preset's sizes): the
+    latents `mstar.load` gives from the same files, not those of random weights."""
+    import mstar
+    from mstar import events
+    from mstar_vjepa2.checkpoint import write_checkpoint
+
+    directory = write_checkpoint(tmp_path / "ckpt", "tiny", kind=kind)
+    preset = ("--preset", "tiny") if kind == "ac" else ()
+    body = {"mode": "encode", "frames": tensor(CLIP)}
+    with serve(tmp_path, model, "--config", config, "--model-path", str(directory),
+               *preset) as server:
+        served = output(server.generate(body), "latents")
+        if kind == "ac":
+            assert len(rollout_of(server.generate(rollout_body(2)))) == 2
+
+    def in_process(**load) -> np.ndarray:
+        deployment = mstar.load(model, config, **load)
+        try:
+            (latents,) = [e.tensor.to_tensor().numpy() for e in deployment.generate(
+                {"mode": "encode", "frames": CLIP}) if isinstance(e, events.NamedTensor)]
+        finally:
+            deployment.close()
+        return latents
+
+    np.testing.assert_array_equal(served, in_process(
+        model_path=str(directory), preset="tiny" if kind == "ac" else None))
+    assert not np.allclose(served, in_process(preset="tiny", load_format="dummy"))
+
+
 # -- another layout ---------------------------------------------------------------------------
 def test_vjepa2_ac_split_encodes_on_rank_1_and_predicts_on_rank_0(tmp_path):
-    with serve(tmp_path, "vjepa2_ac", "--config", "vjepa2_ac_split") as split:
+    with serve(tmp_path, "vjepa2_ac", *DUMMY, "--config", "vjepa2_ac_split") as split:
         assert len(rollout_of(split.generate(rollout_body(2)))) == 2
         split.wait_reported()
         ran = {(rank, node) for (rank, node, walk), count in by_rank(
