@@ -37,8 +37,7 @@ from mstar_vjepa2.ac_predictor import (
     next_frame,
 )
 from mstar_vjepa2.cem import CEMScore, initial_distribution, sample_actions
-from mstar_vjepa2.encoder import VideoEncoder
-from mstar_vjepa2.model import AC_PRESETS, VJepa2AC, VJepa2ACConfig, fused_qkv_encoder
+from mstar_vjepa2.model import AC_PRESETS, ACVideoEncoder, VJepa2AC, VJepa2ACConfig
 from mstar_vjepa2.pose import compute_new_pose
 
 
@@ -327,7 +326,7 @@ def test_the_released_layout_loads_both_nodes_and_its_encoder_is_the_authors_vit
                             for k, v in vit.state_dict().items()},
                 "predictor": {f"module.backbone.{k}": v.clone()
                               for k, v in oracle.state_dict().items()}}, path)
-    encoder = fused_qkv_encoder(VideoEncoder(enc_cfg))
+    encoder = ACVideoEncoder(enc_cfg, normalize=False)
     load_weights(encoder, iter_checkpoint([path]), model.weight_spec("video_encoder"))
     predictor = ACPredictor(model.config.predictor)
     load_weights(predictor, iter_checkpoint([path]), model.weight_spec("ac_predictor"))

@@ -177,7 +177,10 @@ def test_rollout_with_the_persistent_cache_equals_the_authors_recompute(ac, ac_c
     every step, each prediction layer-normed, poses integrated from the actions."""
     steps, req = 3, rollout_request(steps=3, seed=4)
     got = torch.stack(tensors(run(ac, req), "rollout"))
-    context = tensors(run(ac, {"frames": req["frames"]}), "latents")[0]  # layer-normed
+    context = tensors(run(ac, {"frames": req["frames"]}), "latents")[0]
+    # the authors' WorldModel.encode layer-norms the encoder's latents (normalize_reps)
+    torch.testing.assert_close(context, F.layer_norm(context, context.shape[-1:]), atol=1e-4,
+                               rtol=0)
     authors = authors_from(ac_checkpoint)
     reps, poses, actions = context, req["states"], req["actions"]
     with torch.no_grad():

@@ -11,23 +11,26 @@
 chunk [action_t, state_t, patches_t] (`ac_predictor.frame_inputs`), one bidirectional
 segment appended to the `ac_predictor` KV cache, so attention is block-causal over frames
 and earlier frames are never recomputed. Each context frame is encoded alone (a 2-frame
-tubelet of that frame, as the authors' `WorldModel.encode`) and layer-normed.
+tubelet of that frame) and layer-normed, as the authors' `WorldModel.encode`.
+- `encode`: a `Loop` over the frames, each frame's latents emitted.
 - `rollout`: context frames 0..T-2 encoded and appended, the last context frame encoded,
   then `Loop(ac_predictor, times="rollout_steps")`: step k appends frame T-1+k (the last
-  context frame, then the previous prediction) with action T-1+k and the pose integrated
-  from the states by `pose.compute_new_pose`; each step's layer-normed `next_latents` is
-  emitted as it is computed (`rollout`, index k) with its pose (`poses`).
+  context frame, then the previous prediction, layer-normed) with action T-1+k and its
+  pose; each step's prediction is emitted as it is computed (`rollout`, index k) with the
+  predicted frame's pose (`poses`).
 - `plan_context` then `plan` (MPC by the cross-entropy method, as the authors' `cem`):
-  the context frames 0..T-2 (their actions given) are appended under the KV label `ctx`,
-  the last context frame and the goal encoded, and `cem_score` draws the first round's
-  candidates. `plan` runs `samples` children: each forks `ctx` (a clean copy every round)
-  and rolls its candidate out `horizon` steps; the `Join` runs `cem_score` once over every
-  child's final latents (L1 to the goal, top-k, momentum refit, the next round's candidates)
-  and re-forks them, `iterations` rounds; the plan is the final mean [horizon, 7].
+  every context frame is appended under the KV label `ctx` and the goal encoded. `plan`
+  runs `samples` children, each forking `ctx` up to the last context frame (that frame's
+  K/V depend on its action, the candidate's own), drawing its trajectory (`cem_sample`)
+  and rolling it out `horizon` steps; the `Join` runs `cem_score` once over every child's
+  final latents (L1 to the goal's, top-k, momentum refit), feeds the new mean and std
+  back and re-forks the children, `iterations` rounds; the plan is the final mean
+  [horizon, 7].
 
 Actions and poses are 7-D end-effector deltas and poses (xyz, euler xyz, gripper), as the
-authors' DROID checkpoint. A pose depends only on the initial state and the actions, so
-rollout poses are integrated on the host when the request arrives.
+authors' DROID checkpoint. A pose depends only on the last context pose and the actions:
+a rollout's are integrated on the host when the request arrives, a candidate's in its
+prepare rule.
 """
 
 from __future__ import annotations
@@ -117,8 +120,8 @@ class VJepa2ACRequest(_VideoRequest):
 
     mode: Literal["encode", "rollout", "plan"] = "encode"
     states: list[list[float]] | TensorInput | None = Field(
-        None, description="The end-effector pose at each context frame [T, 7] (rollout, "
-                          "plan: at least the last frame's).")
+        None, description="rollout, plan: the end-effector pose at each context frame "
+                          "[T, 7].")
     pose: list[float] | TensorInput | None = Field(
         None, description="The pose at the last context frame [7] (instead of `states` "
                           "for a one-frame context).")
@@ -129,8 +132,9 @@ class VJepa2ACRequest(_VideoRequest):
                                       description="rollout: steps (default: the actions past "
                                                   "the context).")
     goal: VideoInput | ImageInput | TensorInput | None = Field(
-        None, description="plan: the goal frame (an image, a video whose last frame is "
-                          "taken, or frames).")
+        None, description="plan: the goal frame: a video (its last frame), or frames as "
+                          "a tensor ([H, W, 3] / [N, H, W, 3] uint8, [N, 3, H, W] float; the "
+                          "last one); in process also a PIL image.")
     samples: int = Field(PLAN_DEFAULTS["samples"], ge=1, description=f"plan: candidates "
                          f"per iteration (at most {MAX_SAMPLES}).")
     iterations: int = Field(PLAN_DEFAULTS["iterations"], ge=1,
@@ -218,20 +222,10 @@ def _event(name: str, value: Any, index: int = 0) -> NamedTensor:
 # -- the shared base ---------------------------------------------------------------------
 
 class _VJepa2Base(Model):
-    """What both models share: the per-frame encoder and the clip's host-side checks."""
+    """What both models share besides the clip's host-side checks (module functions)."""
 
     def cacheable_nodes(self) -> set[str]:
         return {"video_encoder"}
-
-    @property
-    def encoder_config(self) -> VJepa2Config:
-        raise NotImplementedError
-
-    def _encoded(self, env: Mapping[str, Any], name: str, index: int) -> dict[str, Any]:
-        """Frame `index` of clip `name` as the authors encode one frame: a tubelet of the
-        frame repeated `tubelet_size` times."""
-        frame = env[name][index:index + 1]
-        return {"pixel_values": frame.repeat(self.encoder_config.tubelet_size, 1, 1, 1)}
 
 
 class VJepa2(_VJepa2Base):
@@ -245,10 +239,6 @@ class VJepa2(_VJepa2Base):
     @classmethod
     def config_from_checkpoint(cls, checkpoint_config: dict[str, Any]) -> VJepa2Config:
         return from_hub(checkpoint_config)
-
-    @property
-    def encoder_config(self) -> VJepa2Config:
-        return self.config
 
     def node_engine_types(self) -> dict[str, Literal["kv_cache", "stateless"]]:
         return {"video_encoder": "stateless", "predictor": "stateless"}
@@ -390,17 +380,29 @@ class _QKVSlice(nn.Module):
         return F.linear(x, fused.weight[rows], bias)
 
 
-def fused_qkv_encoder(encoder: VideoEncoder) -> VideoEncoder:
-    """The encoder with each layer's q, k, v in one `attention.qkv` [3·d, d], the
-    authors' layout (`vision_transformer.py`), which core's loader cannot split: the AC
-    checkpoint's encoder loads as it is stored."""
-    for layer in encoder.layer:
-        attention = layer.attention
-        dim = attention.query.in_features
-        attention.qkv = nn.Linear(dim, 3 * dim, bias=attention.query.bias is not None)
-        for i, name in enumerate(("query", "key", "value")):
-            setattr(attention, name, _QKVSlice(attention.qkv, i))
-    return encoder
+class ACVideoEncoder(VideoEncoder):
+    """The encoder as the authors' `WorldModel.encode` runs it: each layer's q, k, v in
+    one `attention.qkv` [3·d, d], their checkpoint's layout (core's loader cannot split a
+    fused key), and with `normalize` the latents layer-normed (`normalize_reps`) once
+    per batch, so every candidate of a plan reads them as they are."""
+
+    def __init__(self, cfg: VJepa2Config, normalize: bool):
+        super().__init__(cfg)
+        self.normalize = normalize
+        for layer in self.layer:
+            attention = layer.attention
+            dim = attention.query.in_features
+            attention.qkv = nn.Linear(dim, 3 * dim, bias=attention.query.bias is not None)
+            for i, name in enumerate(("query", "key", "value")):
+                setattr(attention, name, _QKVSlice(attention.qkv, i))
+
+    def forward(self, items: list[dict[str, Any]], ctx: StepContext | None = None
+                ) -> list[dict[str, Any]]:
+        out = super().forward(items, ctx)
+        if self.normalize:
+            out = [{"latents": F.layer_norm(o["latents"], o["latents"].shape[-1:])}
+                   for o in out]
+        return out
 
 
 class CEMSample(nn.Module):
@@ -429,9 +431,11 @@ class VJepa2AC(_VJepa2Base):
     preset_max_seq_len = {"tiny": 1024, "small": 4096}
     config: VJepa2ACConfig
 
-    @property
-    def encoder_config(self) -> VJepa2Config:
-        return self.config.encoder
+    def _encoded(self, env: Mapping[str, Any], name: str, index: int) -> dict[str, Any]:
+        """Frame `index` of clip `name` as the authors encode one frame: a tubelet of the
+        frame repeated `tubelet_size` times."""
+        frame = env[name][index:index + 1]
+        return {"pixel_values": frame.repeat(self.config.encoder.tubelet_size, 1, 1, 1)}
 
     def node_engine_types(self) -> dict[str, Literal["kv_cache", "stateless"]]:
         return {"video_encoder": "stateless", "ac_predictor": "kv_cache",
@@ -511,7 +515,7 @@ class VJepa2AC(_VJepa2Base):
         i = int(env["frame"])
         actions = env["actions"]
         action = torch.tensor(actions[i]) if i < len(actions) else torch.zeros(ACTION_DIM)
-        return _chunk(acp.frame_inputs(self._normed(env["latents"]), action,
+        return _chunk(acp.frame_inputs(env["latents"], action,
                                        torch.tensor(env["poses"][i]), i,
                                        self.config.predictor))
 
@@ -520,8 +524,7 @@ class VJepa2AC(_VJepa2Base):
         with its action and pose: a rollout's from the request, a plan candidate's from its
         sampled trajectory, the pose integrated from the last context frame's."""
         k = int(iteration or 0)
-        latents = self._normed(env["latents"]) if k == 0 else \
-            self._predicted(env["next_latents"])
+        latents = env["latents"] if k == 0 else self._predicted(env["next_latents"])
         frame = int(env["prefix_frames"]) + k
         if "candidate" in env:
             plan = env["candidate"].float().cpu()
@@ -539,12 +542,12 @@ class VJepa2AC(_VJepa2Base):
         final = env["next_latents"]
         return {"actions": env["candidate"],
                 "final_latents": self._normed(final[:, self.config.predictor.cond_tokens:]),
-                "goal_latents": self._normed(env["goal_latents"])}
+                "goal_latents": env["goal_latents"]}
 
     # -- modules and weights --------------------------------------------------------------
     def build_submodule(self, node: str, ctx: BuildContext) -> nn.Module:
         c = self.config
-        builders = {"video_encoder": lambda: fused_qkv_encoder(VideoEncoder(c.encoder)),
+        builders = {"video_encoder": lambda: ACVideoEncoder(c.encoder, c.normalize_reps),
                     "ac_predictor": lambda: acp.ACPredictor(c.predictor),
                     "cem_sample": CEMSample, "cem_score": CEMScore}
         if node not in builders:
@@ -686,7 +689,7 @@ class VJepa2AC(_VJepa2Base):
         p = state.params
         if "latents" in outputs:
             frames = state.store.setdefault("frames", [])
-            frames.append(self._normed(torch.as_tensor(outputs["latents"]).float().cpu()))
+            frames.append(torch.as_tensor(outputs["latents"]).float().cpu())
             if len(frames) < p["num_frames"]:
                 return []
             return [_event("latents", torch.stack(frames))]
