@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from serving_harness import Server, running
+from serving_harness import MSTAR, Server, running
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,6 +73,24 @@ def test_curl_chat(server):
     assert '"object":"chat.completion.chunk"' in streamed
     assert streamed.rstrip().endswith("data: [DONE]") and '"usage":{' in streamed
     assert '"finish_reason":"length"' in native
+
+
+def test_vjepa2_mpc_loop(tmp_path):
+    """The MPC loop against `mstar serve vjepa2_ac` (its own server: another model)."""
+    world_model = Server(tmp_path, "serve", "vjepa2_ac", "--preset", "tiny", "--load-format",
+                         "dummy", "--api-key", KEY, cli=MSTAR)
+    try:
+        world_model.wait_healthy()
+        out = run(world_model, sys.executable, str(EXAMPLES / "vjepa2_mpc_loop.py"),
+                  "--steps", "2", "--samples", "8", "--iterations", "2")
+    finally:
+        assert world_model.stop() == 0, world_model.output()
+    world_model.assert_clean()
+    assert re.search(r"goal latents: shape \[1, \d+, \d+\]", out), out
+    for t in range(2):
+        assert re.search(rf"step {t}: planned \[2, 7\] in [\d.]+ s, applied \[.*\], pose "
+                         r"error [\d.]+, latent L1 to goal [\d.]+", out), out
+    assert re.search(r"forecast: 2 steps of \[\d+, \d+\] latents", out), out
 
 
 def readme_blocks(section: str) -> list[str]:

@@ -16,6 +16,7 @@ import httpx
 
 from mstar import events
 from mstar.client import _protocol as protocol
+from mstar.client import _world_model as world
 from mstar.client._base import ClientBase
 from mstar.client._payload import generate_payload
 from mstar.client.errors import MStarError
@@ -144,6 +145,36 @@ class AsyncMStarClient(ClientBase):
         await self._require("actions", "act")
         return protocol.actions(await self._request(protocol.GENERATE, generate_payload(
             request, fields, stream=False, binary=binary)))
+
+    async def encode_video(self, video: object, *, binary: bool = False,
+                           **fields: Any) -> np.ndarray:
+        """See `MStarClient.encode_video`."""
+        await self._require("latents", "encode_video")
+        return world.output(await self._request(protocol.GENERATE, generate_payload(
+            None, world.encode_fields(video, fields), stream=False, binary=binary)),
+            "latents")
+
+    async def rollout(self, *, video: object, actions: object, states: object = None,
+                      steps: int | None = None, stream: bool = False, **fields: Any,
+                      ) -> np.ndarray | AsyncStream[np.ndarray]:
+        """See `MStarClient.rollout`."""
+        await self._require("rollout", "rollout")
+        body = generate_payload(None, world.rollout_fields(video, actions, states, steps,
+                                                           fields), stream=stream)
+        if stream:
+            return await self._stream(world.ROLLOUT, body)
+        return world.rollout_steps(await self._request(protocol.GENERATE, body))
+
+    async def plan(self, *, video: object, goal: object, states: object = None,
+                   samples: int | None = None, iterations: int | None = None,
+                   horizon: int | None = None, topk: int | None = None, **fields: Any,
+                   ) -> np.ndarray:
+        """See `MStarClient.plan`."""
+        await self._require("planning", "plan")
+        return world.output(await self._request(protocol.GENERATE, generate_payload(
+            None, world.plan_fields(video, goal, states, fields, samples=samples,
+                                    iterations=iterations, horizon=horizon, topk=topk),
+            stream=False)), "actions")
 
     async def tts(self, text: str, *, voice: str | None = None, format: str = "wav",
                   model: str | None = None, stream: bool = False, **extra: Any,

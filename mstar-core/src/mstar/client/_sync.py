@@ -15,6 +15,7 @@ import httpx
 
 from mstar import events
 from mstar.client import _protocol as protocol
+from mstar.client import _world_model as world
 from mstar.client._base import ClientBase
 from mstar.client._payload import generate_payload
 from mstar.client.errors import MStarError
@@ -162,6 +163,52 @@ class MStarClient(ClientBase):
         self._require("actions", "act")
         return protocol.actions(self._request(protocol.GENERATE, generate_payload(
             request, fields, stream=False, binary=binary)))
+
+    def encode_video(self, video: object, *, binary: bool = False,
+                     **fields: Any) -> np.ndarray:
+        """A clip's latents (models with the "latents" capability), the model's `latents`
+        output (V-JEPA 2: [tokens, dim]; V-JEPA 2-AC, each frame alone: [frames, tokens,
+        dim]): `video` a file path, `pathlib.Path`, bytes, an http(s) or `data:` URL (the
+        server decodes and samples it), or frames as an array ([T, H, W, 3] uint8 or
+        [T, 3, H, W] float in [0, 1]); `fields` are the model's own."""
+        self._require("latents", "encode_video")
+        return world.output(self._request(protocol.GENERATE, generate_payload(
+            None, world.encode_fields(video, fields), stream=False, binary=binary)),
+            "latents")
+
+    def rollout(self, *, video: object, actions: object, states: object = None,
+                steps: int | None = None, stream: bool = False, **fields: Any,
+                ) -> np.ndarray | Stream[np.ndarray]:
+        """Predicted future latents (models with the "rollout" capability): from the
+        context clip `video` of T frames (as `encode_video` takes it), the end-effector
+        `states` [T, 7] at its frames and robot `actions` [T - 1 + steps, 7] (one between
+        each two context frames, then one per step), `steps` autoregressive steps (None:
+        the actions past the context). Returns [steps, tokens, dim]; streamed, a `Stream`
+        yielding each step's [tokens, dim] as the server computes it (leaving it early
+        ends the rollout on the server)."""
+        self._require("rollout", "rollout")
+        body = generate_payload(None, world.rollout_fields(video, actions, states, steps,
+                                                           fields), stream=stream)
+        if stream:
+            return self._stream(world.ROLLOUT, body)
+        return world.rollout_steps(self._request(protocol.GENERATE, body))
+
+    def plan(self, *, video: object, goal: object, states: object = None,
+             samples: int | None = None, iterations: int | None = None,
+             horizon: int | None = None, topk: int | None = None, **fields: Any,
+             ) -> np.ndarray:
+        """Actions toward a goal by model-predictive control (models with the "planning"
+        capability; the cross-entropy method): `video` the current observation and `goal`
+        the goal image or clip (each as `encode_video` takes it), `states` the
+        end-effector states; `samples` candidates per iteration, `iterations`, `horizon`
+        steps and `topk` elites (None: the server's defaults, the authors' planner's).
+        Returns the planned actions [horizon, 7]; `fields` are the model's own (e.g.
+        `seed`, `maxnorm`)."""
+        self._require("planning", "plan")
+        return world.output(self._request(protocol.GENERATE, generate_payload(
+            None, world.plan_fields(video, goal, states, fields, samples=samples,
+                                    iterations=iterations, horizon=horizon, topk=topk),
+            stream=False)), "actions")
 
     def tts(self, text: str, *, voice: str | None = None, format: str = "wav",
             model: str | None = None, stream: bool = False, **extra: Any,
