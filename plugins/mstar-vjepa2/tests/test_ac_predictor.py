@@ -13,7 +13,6 @@ import importlib
 import sys
 import types
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -245,30 +244,23 @@ def test_candidates_forked_from_a_shared_history_match_the_authors(
 
 
 def test_plan_over_cached_rollouts_equals_the_authors_world_model(
-        authors_notebooks: ModuleType, oracle: torch.nn.Module, node: ACPredictor) -> None:
+        authors: dict[str, torch.Tensor], authors_params: dict[str, Any],
+        node: ACPredictor) -> None:
     """The authors' planner end to end: `WorldModel.infer_next_action` (their `cem` over
-    their recompute-everything step_predictor, layer-normed latents, scipy poses) against
-    ours: each round every candidate appends the current frame with its first action,
-    then its prediction with its second (the candidates batched in one step per horizon
-    step), and `CEMScore` joins them. Same noise: torch's global generator, drawn in the
-    authors' order (per horizon step, before its rollout)."""
-    samples, topk, rounds, horizon, maxnorm = 12, 4, 3, 2, 0.05
-    wm = authors_notebooks.world_model_wrapper.WorldModel(
-        encoder=None, predictor=oracle, tokens_per_frame=P, transform=None, device="cpu",
-        mpc_args={"rollout": horizon, "samples": samples, "topk": topk, "cem_steps": rounds,
-                  "momentum_mean": 0.15, "momentum_std": 0.15, "maxnorm": maxnorm})
-    z, goal = F.layer_norm(clip(20, 1)[0], (D,)), F.layer_norm(clip(21, 1)[0], (D,))
-    pose = torch.rand(1, 7, generator=torch.Generator().manual_seed(22))
-    torch.manual_seed(5)
-    with torch.no_grad():
-        want = wm.infer_next_action(z[None], pose[None], goal[None])
-    torch.manual_seed(5)
+    their recompute-everything step_predictor on this predictor's weights, layer-normed
+    latents, scipy poses; a fixture, conftest.py) against ours: each round every candidate
+    appends the current frame with its first action, then its prediction with its second
+    (the candidates batched in one step per horizon step), and `CEMScore` joins them. Same
+    noise: what the authors' `cem` drew, per round."""
+    args = authors_params["world_model"]
+    samples, topk, horizon, maxnorm = (args[k] for k in ("samples", "topk", "rollout",
+                                                         "maxnorm"))
+    z, goal, pose = authors["world.latents"], authors["world.goal"], authors["world.pose"]
     cache, mean, std = new_cache(), *initial_distribution(horizon, maxnorm)
     kids = [SeqKey("p", "ac_predictor", "cand", c) for c in range(samples)]
-    for _ in range(rounds):
-        noise = torch.stack([torch.randn(samples, 4) for _ in range(horizon)], dim=1)
+    for noise in authors["world.noise"]:
         actions = sample_actions(mean, std, noise, maxnorm)
-        latents, poses = [z[0]] * samples, [pose[0]] * samples
+        latents, poses = [z] * samples, [pose] * samples
         for h in range(horizon):
             out = step(node, cache, [(kid, [frame_inputs(latents[c], actions[c, h], poses[c],
                                                          h, CFG)])
@@ -276,12 +268,12 @@ def test_plan_over_cached_rollouts_equals_the_authors_world_model(
             latents = [F.layer_norm(o[0], (D,)) for o in out]
             poses = [compute_new_pose(p, a) for p, a in zip(poses, actions[:, h])]
         joined = CEMScore()([{"final_latents": torch.stack(latents), "actions": actions,
-                              "goal_latents": goal[0], "topk": topk, "maxnorm": maxnorm,
+                              "goal_latents": goal, "topk": topk, "maxnorm": maxnorm,
                               "cem_mean": mean, "cem_std": std}])[0]
         mean, std = joined["cem_mean"], joined["cem_std"]
         for kid in kids:  # the next round starts each candidate afresh
             cache.free(kid)
-    torch.testing.assert_close(joined["plan_actions"], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(joined["plan_actions"], authors["world.plan"], atol=1e-5, rtol=0)
 
 
 def test_extrinsics_token_and_square_vitg_rope_match_the_authors(tmp_path: Path) -> None:

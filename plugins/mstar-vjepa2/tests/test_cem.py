@@ -1,10 +1,10 @@
 """The CEM pieces and the `cem_score` join node, and the pose integration: against the
-authors' `cem` and `compute_new_pose` (notebooks/utils/mpc_utils.py, from a checkout named
-by VJEPA2_REPO: conftest.py) with the same noise, and against the formulas always."""
+authors' `cem` and `compute_new_pose` (notebooks/utils/mpc_utils.py: their inputs, the noise
+`cem` drew and their outputs are fixtures, conftest.py) with the same noise, and against the
+formulas."""
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -39,20 +39,19 @@ class WorldModel:
         return frames[:, -1:] + step, poses[:, -1:]
 
 
-def plan(world: WorldModel, context: torch.Tensor, goal: torch.Tensor, *, horizon: int,
-         samples: int, topk: int, rounds: int, momenta: Momenta, close_gripper: int | None
-         ) -> torch.Tensor:
-    """Our planner as a served plan runs it: each round the children sample (noise drawn
-    per horizon step, as the authors draw it) and roll out; `CEMScore` joins them."""
+def plan(world: WorldModel, context: torch.Tensor, goal: torch.Tensor, noise: torch.Tensor, *,
+         topk: int, momenta: Momenta, close_gripper: int | None) -> torch.Tensor:
+    """Our planner as a served plan runs it: each round the children sample from that
+    round's `noise` [rounds, samples, horizon, 4] and roll out; `CEMScore` joins them."""
     score = CEMScore()
     env: dict[str, Any] = {"goal_latents": goal, "topk": topk, "maxnorm": MAXNORM,
                            "momentum_mean": momenta.mean, "momentum_std": momenta.std,
                            "momentum_mean_gripper": momenta.mean_gripper,
                            "momentum_std_gripper": momenta.std_gripper}
+    _, samples, horizon, _ = noise.shape
     mean, std = initial_distribution(horizon, MAXNORM)
-    for _ in range(rounds):
-        noise = torch.stack([torch.randn(samples, 4) for _ in range(horizon)], dim=1)
-        actions = sample_actions(mean, std, noise, MAXNORM, close_gripper)
+    for round_noise in noise:
+        actions = sample_actions(mean, std, round_noise, MAXNORM, close_gripper)
         frames = context.expand(samples, 1, N, D)
         poses = torch.zeros(samples, 1, 7)
         for h in range(horizon):
@@ -64,36 +63,22 @@ def plan(world: WorldModel, context: torch.Tensor, goal: torch.Tensor, *, horizo
     return out["plan_actions"]
 
 
-def test_pose_matches_the_authors_compute_new_pose(authors_notebooks: ModuleType) -> None:
-    authors = authors_notebooks.mpc_utils.compute_new_pose
-    gen = torch.Generator().manual_seed(2)
-    pose = torch.rand(32, 1, 7, generator=gen) * 2 - 1
-    pose[..., 3:6] *= torch.tensor([3.0, 1.4, 3.0])  # pitch away from gimbal lock
-    action = torch.rand(32, 1, 7, generator=gen) * 0.6 - 0.3
-    torch.testing.assert_close(compute_new_pose(pose, action), authors(pose, action),
-                               atol=1e-6, rtol=0)
+def test_pose_matches_the_authors_compute_new_pose(authors: dict[str, torch.Tensor]) -> None:
+    torch.testing.assert_close(compute_new_pose(authors["pose.pose"], authors["pose.action"]),
+                               authors["pose.new_pose"], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("close_gripper", [None, 1])
 def test_plan_matches_the_authors_cem_with_the_same_noise(
-        authors_notebooks: ModuleType, close_gripper: int | None) -> None:
-    cem = authors_notebooks.mpc_utils.cem
-    world = WorldModel(0)
-    gen = torch.Generator().manual_seed(1)
-    context, goal = torch.randn(1, 1, N, D, generator=gen), torch.randn(1, 1, N, D, generator=gen)
-    momenta = Momenta(mean=0.25, std=0.95, mean_gripper=0.1, std_gripper=0.3)
-    args = dict(horizon=3, samples=40, topk=5, rounds=4)
-    torch.manual_seed(7)
-    want = cem(context_frame=context, context_pose=torch.zeros(1, 1, 7), goal_frame=goal,
-               world_model=world, rollout=args["horizon"], cem_steps=args["rounds"],
-               momentum_mean=momenta.mean, momentum_std=momenta.std,
-               momentum_mean_gripper=momenta.mean_gripper,
-               momentum_std_gripper=momenta.std_gripper, samples=args["samples"],
-               topk=args["topk"], maxnorm=MAXNORM, close_gripper=close_gripper)[0]
-    torch.manual_seed(7)
-    got = plan(world, context[0], goal[0, 0], momenta=momenta, close_gripper=close_gripper,
-               **args)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        authors: dict[str, torch.Tensor], authors_params: dict[str, Any],
+        close_gripper: int | None) -> None:
+    args = authors_params["cem"]
+    assert close_gripper in args["close_gripper"]
+    got = plan(WorldModel(args["world_seed"]), authors["cem.context"][0],
+               authors["cem.goal"][0, 0], authors[f"cem.{close_gripper}.noise"],
+               topk=args["topk"], momenta=Momenta(**args["momenta"]),
+               close_gripper=close_gripper)
+    torch.testing.assert_close(got, authors[f"cem.{close_gripper}.plan"], atol=1e-6, rtol=0)
 
 
 def test_samples_are_clipped_with_zero_rotation() -> None:
