@@ -238,9 +238,15 @@ def sse_events(response: httpx.Response) -> Iterator[dict]:
 
 
 def test_a_rollout_streams_each_step_as_it_is_computed(ac):
-    whole = rollout_of(ac.generate(rollout_body(3)))
+    answer = ac.generate(rollout_body(3))
+    whole = rollout_of(answer)
     assert len(whole) == 3 and all(s.shape == whole[0].shape for s in whole)
     assert whole[0].ndim >= 2 and np.isfinite(np.stack(whole)).all()
+    # the answer's outputs join the steps' rows: one `rollout` [steps, tokens, dim]
+    joined = output(answer, "rollout")
+    assert joined.shape == (3, *whole[0].shape[-2:])
+    np.testing.assert_array_equal(joined, np.concatenate(whole))
+    assert output(answer, "poses").shape == (3, ACTION_DIM)
     with ac.client.stream("POST", "/generate", json={**rollout_body(3), "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith(
             "text/event-stream")

@@ -16,7 +16,7 @@ tubelet of that frame) and layer-normed, as the authors' `WorldModel.encode`.
 - `rollout`: context frames 0..T-2 encoded and appended, the last context frame encoded,
   then `Loop(ac_predictor, times="rollout_steps")`: step k appends frame T-1+k (the last
   context frame, then the previous prediction, layer-normed) with action T-1+k and its
-  pose; each step's prediction is emitted as it is computed (`rollout`, index k) with the
+  pose; each step's prediction is emitted as it is computed (a row of `rollout`) with the
   predicted frame's pose (`poses`).
 - `plan_context` then `plan` (MPC by the cross-entropy method, as the authors' `cem`):
   every context frame is appended under the KV label `ctx` and the goal encoded. `plan`
@@ -684,9 +684,9 @@ class VJepa2AC(_VJepa2Base):
 
     def postprocess(self, outputs: Mapping[str, Any], state: OutputState) -> list[Event]:
         """`latents` [T, frame tokens, D] layer-normed (encode, once every frame is in);
-        per rollout step k `rollout` and the predicted frame's `poses` (index k); each
-        plan round's `plan_scores` (its best candidate's distance, index: the round), then
-        the plan `actions` [horizon, 7]."""
+        per rollout step a row of `rollout` [1, tokens, D] and of the predicted frame's
+        `poses` [1, 7]; each plan round's row of `plan_scores` (its best candidate's
+        distance), then the plan `actions` [horizon, 7]."""
         p = state.params
         if "latents" in outputs:
             frames = state.store.setdefault("frames", [])
@@ -698,13 +698,12 @@ class VJepa2AC(_VJepa2Base):
             k = state.store.get("steps", 0)
             state.store["steps"] = k + 1
             latents = self._predicted(torch.as_tensor(outputs["next_latents"]).float().cpu())
-            return [_event("rollout", latents, index=k),
-                    _event("poses", torch.tensor(p["poses"][p["num_frames"] + k]), index=k)]
+            # one row per step (index is the completion, not the step): the answer's
+            # `outputs` join the rows into `rollout` [steps, tokens, D] and `poses` [steps, 7]
+            return [_event("rollout", latents[None]),
+                    _event("poses", torch.tensor(p["poses"][p["num_frames"] + k])[None])]
         if "best_score" in outputs:
-            r = state.store.get("rounds", 0)
-            state.store["rounds"] = r + 1
-            return [_event("plan_scores", torch.as_tensor(outputs["best_score"]).reshape(1),
-                           index=r)]
+            return [_event("plan_scores", torch.as_tensor(outputs["best_score"]).reshape(1))]
         if "plan_actions" in outputs:
             return [_event("actions", outputs["plan_actions"])]
         return []
