@@ -24,7 +24,6 @@ import argparse
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -39,6 +38,10 @@ from mstar import events
 from mstar_vjepa2.ac_predictor import PRESETS, ACPredictorConfig
 from mstar_vjepa2.checkpoint import AC_FILE, write_checkpoint
 from mstar_vjepa2.pose import compute_new_pose
+
+# the authors' module, as the plugin's tests load it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins/mstar-vjepa2/tests"))
+from authors_code import authors_ac_module  # noqa: E402
 
 CONFIG = "vjepa2_ac_tiny"  # one CPU rank; the preset sets the sizes
 SIDE = 64
@@ -55,20 +58,8 @@ def best_of(repeat: int, run: Callable[[], object]) -> float:
 
 
 def authors_predictor(cfg: ACPredictorConfig, checkpoint: Path) -> torch.nn.Module:
-    """The authors' AC predictor with the checkpoint's predictor weights. Their modules.py
-    imports timm for `drop_path` only (the identity at drop_path_rate 0): a stand-in when
-    timm is absent, since timm would pull torchvision."""
-    if "timm.models.layers" not in sys.modules:
-        try:
-            import timm.models.layers  # noqa: F401
-        except ImportError:
-            layers = types.ModuleType("timm.models.layers")
-            layers.drop_path = lambda x, drop_prob=0.0, training=False: x  # type: ignore[attr-defined]
-            for name, module in (("timm", types.ModuleType("timm")),
-                                 ("timm.models", types.ModuleType("timm.models")),
-                                 ("timm.models.layers", layers)):
-                sys.modules.setdefault(name, module)
-    from vjepa2.models.ac_predictor import vit_ac_predictor
+    """The authors' AC predictor with the checkpoint's predictor weights."""
+    vit_ac_predictor = authors_ac_module().vit_ac_predictor
 
     predictor = vit_ac_predictor(
         img_size=cfg.img_size, patch_size=cfg.patch_size, num_frames=cfg.num_frames,

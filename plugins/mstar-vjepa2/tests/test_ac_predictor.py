@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from authors_code import authors_ac_module
 
 from mstar.engine.attention_torch import forward_step
 from mstar.engine.kv_cache import KVCacheManager, PagePool
@@ -39,24 +37,6 @@ from mstar_vjepa2.cem import CEMScore, initial_distribution, sample_actions
 from mstar_vjepa2.model import AC_PRESETS, ACVideoEncoder, VJepa2AC, VJepa2ACConfig
 from mstar_vjepa2.pose import compute_new_pose
 
-
-def _authors_module() -> Any:
-    """vjepa2.models.ac_predictor; its modules.py imports timm only for `drop_path`
-    (stochastic depth, off at drop_path_rate 0 and in eval): give it the identity when timm
-    is absent (timm would pull torchvision). CI installs cc-vjepa2 (.ci/run): no skip."""
-    if "timm.models.layers" not in sys.modules:
-        try:
-            import timm.models.layers  # noqa: F401
-        except ImportError:
-            layers = types.ModuleType("timm.models.layers")
-            layers.drop_path = lambda x, drop_prob=0.0, training=False: x  # type: ignore[attr-defined]
-            for name, mod in (("timm", types.ModuleType("timm")),
-                              ("timm.models", types.ModuleType("timm.models")),
-                              ("timm.models.layers", layers)):
-                sys.modules.setdefault(name, mod)
-    return importlib.import_module("vjepa2.models.ac_predictor")
-
-
 # head_dim 16 (4 dims unrotated) and a non-square 3x4 grid (the authors' column snapping)
 CFG = dataclasses.replace(ACPredictorConfig(**PRESETS["tiny"]), img_size=(24, 32))
 GH, GW = CFG.grid
@@ -67,7 +47,7 @@ def authors_predictor(cfg: ACPredictorConfig, seed: int) -> torch.nn.Module:
     """The authors' predictor, every parameter random (biases and norms included), at a
     scale (0.1) five times the authors' init: float32 rounding stays near 1e-6 while a
     wrong rotation, mask or position moves outputs by O(1)."""
-    m = _authors_module().vit_ac_predictor(
+    m = authors_ac_module().vit_ac_predictor(
         img_size=cfg.img_size, patch_size=cfg.patch_size, num_frames=cfg.num_frames,
         tubelet_size=cfg.tubelet_size, embed_dim=cfg.embed_dim,
         predictor_embed_dim=cfg.predictor_embed_dim, depth=cfg.depth,
@@ -300,7 +280,7 @@ def test_the_released_layout_loads_both_nodes_and_its_encoder_is_the_authors_vit
     VJepa2AC's weight specs: the predictor as above, the encoder (the authors' RoPE ViT,
     q/k/v fused in `attn.qkv`) into the fused-qkv VideoEncoder, whose latents of a frame
     (a tubelet of it repeated, as the authors' WorldModel.encode) are the authors'."""
-    _authors_module()
+    authors_ac_module()
     from vjepa2.models.vision_transformer import VisionTransformer
 
     model = VJepa2AC(VJepa2ACConfig(**AC_PRESETS["tiny"]))
