@@ -41,7 +41,7 @@ from mstar_vjepa2.pose import compute_new_pose
 
 # the authors' module, as the plugin's tests load it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins/mstar-vjepa2/tests"))
-from authors_code import authors_ac_module  # noqa: E402
+from authors_code import authors_ac_predictor_from  # noqa: E402
 
 CONFIG = "vjepa2_ac_tiny"  # one CPU rank; the preset sets the sizes
 SIDE = 64
@@ -55,23 +55,6 @@ def best_of(repeat: int, run: Callable[[], object]) -> float:
         run()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def authors_predictor(cfg: ACPredictorConfig, checkpoint: Path) -> torch.nn.Module:
-    """The authors' AC predictor with the checkpoint's predictor weights."""
-    vit_ac_predictor = authors_ac_module().vit_ac_predictor
-
-    predictor = vit_ac_predictor(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, num_frames=cfg.num_frames,
-        tubelet_size=cfg.tubelet_size, embed_dim=cfg.embed_dim,
-        predictor_embed_dim=cfg.predictor_embed_dim, depth=cfg.depth,
-        num_heads=cfg.num_heads, action_embed_dim=cfg.action_embed_dim,
-        use_extrinsics=cfg.use_extrinsics, use_rope=cfg.use_rope,
-        is_frame_causal=cfg.is_frame_causal)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["predictor"]
-    prefix = "module.backbone."
-    predictor.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()})
-    return predictor.eval()
 
 
 def recompute_rollout(predictor: torch.nn.Module, context: torch.Tensor, pose: torch.Tensor,
@@ -171,7 +154,7 @@ def main() -> None:
         deployment = mstar.load("vjepa2_ac", CONFIG, preset=preset, model_path=str(directory),
                                 max_seq_len=4096, encoder_cache_bytes=0)
         try:
-            predictor = authors_predictor(ACPredictorConfig(**PRESETS[preset]),
+            predictor = authors_ac_predictor_from(ACPredictorConfig(**PRESETS[preset]),
                                           directory / AC_FILE)
             print(f"# V-JEPA 2-AC `{preset}` preset, torch {torch.__version__}, "
                   f"{torch.get_num_threads()} threads\n")

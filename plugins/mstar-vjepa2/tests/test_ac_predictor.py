@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from authors_code import authors_ac_module
+from authors_code import authors_ac_module, authors_ac_predictor
 
 from mstar.engine.attention_torch import forward_step
 from mstar.engine.kv_cache import KVCacheManager, PagePool
@@ -47,14 +47,7 @@ def authors_predictor(cfg: ACPredictorConfig, seed: int) -> torch.nn.Module:
     """The authors' predictor, every parameter random (biases and norms included), at a
     scale (0.1) five times the authors' init: float32 rounding stays near 1e-6 while a
     wrong rotation, mask or position moves outputs by O(1)."""
-    m = authors_ac_module().vit_ac_predictor(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, num_frames=cfg.num_frames,
-        tubelet_size=cfg.tubelet_size, embed_dim=cfg.embed_dim,
-        predictor_embed_dim=cfg.predictor_embed_dim, depth=cfg.depth,
-        num_heads=cfg.num_heads, action_embed_dim=cfg.action_embed_dim,
-        use_extrinsics=cfg.use_extrinsics, use_rope=cfg.use_rope,
-        is_frame_causal=cfg.is_frame_causal)
-    return randomize(m, seed).eval()
+    return randomize(authors_ac_predictor(cfg), seed).eval()
 
 
 def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ac_predictor import authors_predictor
+from authors_code import authors_ac_predictor_from
 
 import mstar
 from mstar import events
@@ -25,7 +25,7 @@ from mstar.plugins.manager import model_registry
 from mstar.weights import WeightSpec, iter_checkpoint, load_weights
 from mstar_vjepa2 import cem
 from mstar_vjepa2.ac_predictor import ACPredictorConfig
-from mstar_vjepa2.checkpoint import AC_FILE, AC_PREFIX, write_checkpoint
+from mstar_vjepa2.checkpoint import AC_FILE, write_checkpoint
 from mstar_vjepa2.config import PRESETS, VJepa2Config
 from mstar_vjepa2.encoder import WEIGHT_KEY_MAPS as ENCODER_KEYS
 from mstar_vjepa2.encoder import VideoEncoder
@@ -155,10 +155,7 @@ def test_predict_target_frames_and_a_seeded_mask(vjepa2, hf_checkpoint):
 
 def authors_from(checkpoint: Path) -> torch.nn.Module:
     """The authors' AC predictor holding the checkpoint's predictor weights."""
-    authors = authors_predictor(AC.predictor, seed=0)
-    stored = torch.load(checkpoint / AC_FILE, weights_only=True)["predictor"]
-    authors.load_state_dict({k.removeprefix(AC_PREFIX): v for k, v in stored.items()})
-    return authors.eval()
+    return authors_ac_predictor_from(AC.predictor, checkpoint / AC_FILE)
 
 
 def rollout_request(steps: int, seed: int = 2) -> dict:
