@@ -1,12 +1,15 @@
-"""The SHM and TCP tensor transports: byte-exact round trips of every dtype torch can
-create, in one process and across processes (the receiver a fresh interpreter that gets
-the handles as msgspec bytes), small tensors inline in their handles, nothing held after
-`free`/`free_request`, SHM segments reused only once their receiver is done, crash
-cleanup, errors that name the handle, and registration through the plugin hook."""
+"""The SHM, TCP and RDMA (Mooncake, over its TCP protocol here) tensor transports:
+byte-exact round trips of every dtype torch can create, in one process and across processes
+(the receiver a fresh interpreter that gets the handles as msgspec bytes), small tensors
+inline in their handles, nothing held after `free`/`free_request`, SHM segments and RDMA
+pool slices reused only once their receiver is done, crash cleanup, a sender that dies
+before or during a read, errors that name the handle, and registration through the plugin
+hook."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import math
 import signal
@@ -23,6 +26,7 @@ import pytest
 import torch
 
 from mstar.communication.messages import Handle
+from mstar.communication.mooncake import MooncakeTransport
 from mstar.communication.shm import (
     SHM_DIR,
     ShmTransport,
@@ -36,7 +40,16 @@ from mstar.communication.transport import LocalTransport
 from mstar.plugins import transport_registry
 from mstar.plugins.registry import import_string
 
-TRANSPORTS = {"SHM": ShmTransport, "TCP": TcpTransport}
+TRANSPORTS = {"SHM": ShmTransport, "TCP": TcpTransport, "RDMA": MooncakeTransport}
+HAS_MOONCAKE = importlib.util.find_spec("mooncake") is not None
+#: Every test over RDMA needs the Mooncake wheel (CI installs it).
+NEEDS_MOONCAKE = pytest.mark.skipif(not HAS_MOONCAKE, reason="Mooncake is not installed")
+
+
+def protocols(*names: str) -> list:
+    """`names` (all by default) as parameters, RDMA skipped without Mooncake."""
+    return [pytest.param(n, marks=NEEDS_MOONCAKE) if n == "RDMA" else n
+            for n in names or sorted(TRANSPORTS)]
 BIG = 64 << 20  # bytes
 STORED = INLINE_MAX // 4 + 1  # float32 elements: the smallest tensor not sent inline
 
@@ -152,9 +165,9 @@ def deployment() -> Iterator[str]:
     cleanup_deployment(deployment_id)  # a failed test leaves nothing behind
 
 
-@pytest.fixture(params=sorted(TRANSPORTS))
+@pytest.fixture(params=protocols())
 def pair(request: pytest.FixtureRequest,
-         deployment: str) -> Iterator[tuple[ShmTransport | TcpTransport, ...]]:
+         deployment: str) -> Iterator[tuple[ShmTransport | TcpTransport | MooncakeTransport, ...]]:
     """A sender (worker:0) and a receiver (worker:1) in this process."""
     cls = TRANSPORTS[request.param]
     sender = cls("worker:0", deployment_id=deployment)
@@ -179,7 +192,7 @@ def test_every_dtype_and_layout_round_trips_byte_exact_in_process(pair, deployme
     assert segments_in_use(deployment) == []
 
 
-@pytest.mark.parametrize("protocol", sorted(TRANSPORTS))
+@pytest.mark.parametrize("protocol", protocols())
 def test_every_dtype_round_trips_byte_exact_across_processes(protocol, deployment):
     sender = TRANSPORTS[protocol]("worker:0", deployment_id=deployment)
     cases = _cases()
@@ -309,9 +322,10 @@ def test_shm_get_of_a_freed_or_foreign_segment_is_refused(deployment):
             call(elsewhere)
 
 
-def test_tcp_errors_name_the_handle(deployment):
-    sender = TcpTransport("worker:0", deployment_id=deployment)
-    receiver = TcpTransport("worker:1", deployment_id=deployment)
+@pytest.mark.parametrize("protocol", protocols("TCP", "RDMA"))
+def test_tcp_and_rdma_errors_name_the_handle(protocol, deployment):
+    sender = TRANSPORTS[protocol]("worker:0", deployment_id=deployment)
+    receiver = TRANSPORTS[protocol]("worker:1", deployment_id=deployment)
     handle = sender.put(torch.randn(STORED), "r7", owner="worker:1")
     receiver.free(handle)
     with pytest.raises(KeyError, match=f"{handle.key} of request r7 is gone"):
@@ -324,14 +338,16 @@ def test_tcp_errors_name_the_handle(deployment):
     receiver.close()
 
 
-def test_tcp_binds_the_address_of_a_device_and_refuses_wildcards(deployment):
-    transport = TcpTransport("worker:0", deployment_id=deployment, device="lo")
+@pytest.mark.parametrize("protocol", protocols("TCP", "RDMA"))
+def test_tcp_and_rdma_bind_the_address_of_a_device_and_refuse_wildcards(protocol, deployment):
+    cls = TRANSPORTS[protocol]
+    transport = cls("worker:0", deployment_id=deployment, device="lo")
     assert transport.put(torch.ones(STORED), "r").key.startswith("127.0.0.1:")
     transport.close()
     with pytest.raises(ValueError, match="interface 'nosuchnic0'.*interfaces: .*lo"):
-        TcpTransport("worker:0", deployment_id=deployment, device="nosuchnic0")
+        cls("worker:0", deployment_id=deployment, device="nosuchnic0")
     with pytest.raises(ValueError, match="wildcard"):
-        TcpTransport("worker:0", deployment_id=deployment, host="0.0.0.0")
+        cls("worker:0", deployment_id=deployment, host="0.0.0.0")
 
 
 def test_handles_travel_as_msgspec_bytes(pair):
@@ -407,7 +423,7 @@ def test_core_transports_are_registered_by_protocol():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("protocol", sorted(TRANSPORTS))
+@pytest.mark.parametrize("protocol", protocols())
 def test_cuda_tensors_arrive_on_the_host(protocol, deployment):
     sender = TRANSPORTS[protocol]("worker:0", deployment_id=deployment)
     source = torch.randn(3, 5, device="cuda").t()

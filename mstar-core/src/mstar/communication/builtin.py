@@ -19,3 +19,7 @@ def mstar_register_transports(registry: TransportRegistry) -> None:
     registry.add(TransportSpec(
         "TCP", "mstar.communication.tcp:TcpTransport",
         "receivers pull from the sender's memory over TCP; any nodes"))
+    registry.add(TransportSpec(
+        "RDMA", "mstar.communication.mooncake:MooncakeTransport",
+        "receivers read the sender's registered memory through Mooncake's transfer engine "
+        "(RDMA, or Mooncake's TCP without RDMA devices); any nodes; needs mstar-core[rdma]"))
