@@ -12,7 +12,10 @@ import hashlib
 import importlib.util
 import inspect
 import math
+import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -412,6 +415,173 @@ def test_the_shm_pool_keeps_few_free_segments(deployment):
     sender.free(sender.put(torch.randn(STORED), "r"))
     assert len(_segments(deployment)) == 3  # at most IDLE_PER_CAPACITY + the one taken
     sender.close()
+
+
+@NEEDS_MOONCAKE
+def test_rdma_pool_slices_are_reused_once_their_receiver_is_done(deployment):
+    """The sender's registered pool hands out slices, takes them back when the receiver
+    marks them done, and reuses them; a stale handle of a reused slice is refused; a read
+    stages in the receiver's pool and gives the slice back."""
+    sender = MooncakeTransport("worker:0", deployment_id=deployment)
+    receiver = MooncakeTransport("worker:1", deployment_id=deployment)
+    first = sender.put(torch.full((STORED,), 1.0), "r", owner="worker:1")
+    second = sender.put(torch.full((STORED,), 2.0), "r", owner="worker:1")
+    used, registered = sender.pool_bytes()
+    assert used >= 2 * STORED * 4 and sender.live_handles() == 2
+    assert torch.equal(receiver.get(first), torch.full((STORED,), 1.0))
+    assert receiver.pool_bytes()[0] == 0  # the staging slice is back
+    receiver.free(first)
+    assert sender.live_handles() == 1 and sender.pool_bytes()[0] < used
+    third = sender.put(torch.full((STORED,), 3.0), "r", owner="worker:1")
+    assert third.key.rpartition("@")[2] == first.key.rpartition("@")[2]  # reused
+    assert sender.pool_bytes() == (used, registered)
+    with pytest.raises(KeyError, match="is gone"):
+        receiver.get(first)
+    big = sender.put(torch.ones(BIG // 4), "r", owner="worker:1")  # grows the pool
+    assert sender.pool_bytes()[1] > registered
+    for handle in (second, third, big):
+        receiver.get(handle)
+        receiver.free(handle)
+    assert sender.live_handles() == 0 and sender.pool_bytes()[0] == 0
+    assert sender.pool_bytes()[1] > registered  # registered once: kept at its peak
+    sender.close()
+    receiver.close()
+
+
+# Puts one stored tensor addressed to worker:1, writes its handle, waits to be killed.
+DOOMED_SENDER = '''
+import sys
+import time
+
+import msgspec
+import torch
+
+from mstar.plugins import transport_registry
+from mstar.plugins.registry import import_string
+
+transport = import_string(transport_registry().get(sys.argv[1]).transport_class)(
+    "worker:0", deployment_id=sys.argv[2])
+handle = transport.put(torch.ones(1 << 20), "r9", owner="worker:1")
+sys.stdout.buffer.write(msgspec.msgpack.encode(handle).hex().encode() + b"\\n")
+sys.stdout.flush()
+time.sleep(60)
+'''
+
+
+@pytest.mark.parametrize("protocol", protocols("TCP", "RDMA"))
+def test_a_read_from_a_killed_sender_fails_and_releases_the_receivers_buffers(protocol,
+                                                                              deployment):
+    child = subprocess.Popen([sys.executable, "-c", DOOMED_SENDER, protocol, deployment],
+                             stdout=subprocess.PIPE)
+    try:
+        handle = msgspec.msgpack.decode(bytes.fromhex(child.stdout.readline().decode()),
+                                        type=Handle)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    receiver = TRANSPORTS[protocol]("worker:1", deployment_id=deployment)
+    with pytest.raises(ConnectionError, match=f"for tensor {handle.key} of request r9"):
+        receiver.get(handle)
+    receiver.free(handle)  # the holder is gone, and its store with it: not an error
+    assert receiver.live_handles() == 0
+    if protocol == "RDMA":
+        assert receiver.pool_bytes()[0] == 0
+    receiver.close()
+
+
+def test_a_tcp_sender_that_hangs_up_mid_transfer_fails_the_read(deployment):
+    """A peer that announces 1 MiB, sends half and hangs up: the read fails naming the
+    handle, and the broken connection is not reused."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def half_a_reply() -> None:
+        with listener, listener.accept()[0] as peer:
+            peer.recv(9)  # op:u8 id:u64
+            peer.sendall(struct.pack("!BQ", 0, 1 << 20) + bytes(1 << 19))
+
+    server = threading.Thread(target=half_a_reply)
+    server.start()
+    receiver = TcpTransport("worker:1", deployment_id=deployment)
+    handle = Handle(key=f"127.0.0.1:{port}/0", owner="worker:1", request_id="r5",
+                    dtype="uint8", shape=[1 << 20])
+    with pytest.raises(ConnectionError, match=rf"for tensor {handle.key} of request r5: "
+                                              rf"connection closed after {1 << 19} of"):
+        receiver.get(handle)
+    server.join(timeout=30)
+    with pytest.raises(ConnectionError, match="Connection refused"):  # a new connection
+        receiver.get(handle)
+    receiver.close()
+
+
+# Not installed: `import mooncake` fails, as it does where the wheel is absent.
+WITHOUT_MOONCAKE = '''
+import sys
+
+sys.modules["mooncake"] = None
+from mstar.cli.serve import serve_main
+from mstar.communication.mooncake import MooncakeTransport
+
+try:
+    MooncakeTransport("worker:0", deployment_id="d")
+except RuntimeError as exc:
+    print(exc)
+sys.argv[1:] = ["--config", "testvla_single", "--preset", "tiny", "--load-format", "dummy",
+                "--tensor-comm-protocol", "RDMA", "--validate-config"]
+sys.exit(serve_main())
+'''
+
+
+def test_rdma_without_mooncake_is_a_clear_error():
+    child = subprocess.run([sys.executable, "-c", WITHOUT_MOONCAKE], capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 1, child.stderr
+    assert child.stdout.startswith("the RDMA tensor transport needs Mooncake")
+    assert "pip install 'mstar-core[rdma]'" in child.stdout
+    assert "--tensor-comm-protocol RDMA needs Mooncake" in child.stderr
+
+
+# Two transports on --mooncake-port P in one process: the first gets P or P+1; the second
+# finds both taken; another port is refused (Mooncake fixed its ports at import).
+ON_A_PORT = '''
+import sys
+
+from mstar.communication.mooncake import MooncakeTransport
+
+port = int(sys.argv[1])
+first = MooncakeTransport("worker:0", deployment_id="d", mooncake_port=port)
+print(first.session)
+for other in (port, port + 2):
+    try:
+        MooncakeTransport("worker:1", deployment_id="d", mooncake_port=other)
+    except (OSError, RuntimeError) as exc:
+        print(exc)
+'''
+
+
+@NEEDS_MOONCAKE
+def test_rdma_listens_on_the_mooncake_port():
+    # a free port whose successor is free too, where Mooncake takes ports (below 32768)
+    port = next(p for p in range(20000 + os.getpid() % 10000, 32766, 2)
+                if all(_port_free(q) for q in (p, p + 1)))
+    child = subprocess.run([sys.executable, "-c", ON_A_PORT, str(port)], capture_output=True,
+                           text=True, timeout=60)
+    assert child.returncode == 0, child.stderr
+    session, taken, other = child.stdout.splitlines()
+    assert session in (f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}")
+    assert taken.startswith(f"--mooncake-port {port}: port {port} on 127.0.0.1 is in use")
+    assert other.startswith(f"--mooncake-port {port + 2}: Mooncake reads its ports once")
+    with pytest.raises(ValueError, match="--mooncake-port 40000: Mooncake listens below 32768"):
+        MooncakeTransport("worker:0", deployment_id="d", mooncake_port=40000)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def test_core_transports_are_registered_by_protocol():

@@ -45,6 +45,8 @@ ALIGN = 64
 #: id (u64) and done (u64) ahead of every stored tensor's bytes.
 HEADER = 16
 RDMA_DEVICES = Path("/sys/class/infiniband")
+#: Mooncake's highest port: it ignores a range above it (and picks its own).
+MAX_PORT = 32767
 _PORT_ENV = ("MC_MIN_RPC_PORT", "MC_MAX_RPC_PORT")
 _import_lock = threading.Lock()
 #: The ports this process's Mooncake was told to use (None: its default range).
@@ -205,6 +207,9 @@ class MooncakeTransport:
         self._lock = threading.Lock()
 
     def _start(self, host: str, port: int, device: str | None):
+        if not 0 <= port < MAX_PORT:
+            raise ValueError(f"--mooncake-port {port}: Mooncake listens below {MAX_PORT + 1} "
+                             f"(it ignores higher ports); give 1..{MAX_PORT - 1}, or 0")
         engine = _engine_class(port)()
         if port and _ports != (port, port + 1):
             raise RuntimeError(f"--mooncake-port {port}: Mooncake reads its ports once per "
