@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.util
+import itertools
 import logging
 import os
 import shutil
@@ -30,7 +31,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,12 @@ def resolve_protocol(requested: str | None, *, node_count: int = 1) -> str:
                          "extra (pip install 'mstar-core[rdma]') or pass SHM or TCP")
     return requested.upper()
 
+
+def mooncake_ports(first: int) -> Iterator[int]:
+    """The Mooncake port of each child on this node with a tensor transport: `first`,
+    `first + 2`, ... (each RDMA transport listens on its port or the next one); all 0 (any
+    free port) when `first` is 0."""
+    return itertools.count(first, 2) if first else itertools.repeat(0)
 
 
 def worker_threads(cpu_threads: int | None, ranks: int, cpus: int | None = None) -> int:
@@ -120,13 +127,15 @@ class ProcessDeployment:
                     media_limits=dataclasses.asdict(settings.media_limits()))
         self.procs: dict[str, subprocess.Popen] = {
             "conductor": self._spawn(ProcessSpec(role="conductor", **base))}
+        ports = mooncake_ports(settings.mooncake_port)
         for k, address in enumerate(data_workers):
             # one torch thread each: data workers scale by their number, the ranks need cores
-            self.procs[address] = self._spawn(ProcessSpec(role="data_worker", rank=k, **base))
+            self.procs[address] = self._spawn(ProcessSpec(role="data_worker", rank=k,
+                                                          mooncake_port=next(ports), **base))
         for rank in self.ranks:
             self.procs[f"worker:{rank}"] = self._spawn(ProcessSpec(
                 role="worker", rank=rank, cpu_threads=threads,
-                tp_port=tp_port, **base))
+                tp_port=tp_port, mooncake_port=next(ports), **base))
         self._monitor = threading.Thread(target=self._watch, name="monitor", daemon=True)
         self._monitor.start()
 

@@ -39,6 +39,8 @@ class ProcessSpec(msgspec.Struct):
     rank: int = -1  # a worker's rank, a data worker's index
     host: str = "127.0.0.1"
     tcp_device: str | None = None
+    #: the RDMA transport's Mooncake port (it listens on it or the next one); 0: any
+    mooncake_port: int = 0
     log_level: str = "INFO"
     cpu_threads: int = 1
     tp_port: int = 0  # rendezvous port of the tensor-parallel group, 0: none
@@ -57,12 +59,13 @@ def die_with_parent() -> None:
 
 
 def make_transport(protocol: str, address: str, *, deployment_id: str, host: str,
-                   device: str | None):
+                   device: str | None, mooncake_port: int = 0):
     from mstar.plugins import transport_registry
     from mstar.plugins.registry import import_string
 
     cls = import_string(transport_registry().get(protocol).transport_class)
-    return cls(address, deployment_id=deployment_id, host=host, device=device)
+    options = {"mooncake_port": mooncake_port} if protocol == "RDMA" else {}
+    return cls(address, deployment_id=deployment_id, host=host, device=device, **options)
 
 
 def wiring(spec: ProcessSpec) -> Wiring:
@@ -97,7 +100,8 @@ def run(spec: ProcessSpec) -> None:
         address = f"frontend:{spec.rank}" if spec.role == "data_worker" else f"worker:{spec.rank}"
         channel = ZmqChannel(address, prefix=spec.socket_prefix)
         transport = make_transport(spec.protocol, address, deployment_id=spec.deployment_id,
-                                   host=spec.host, device=spec.tcp_device)
+                                   host=spec.host, device=spec.tcp_device,
+                                   mooncake_port=spec.mooncake_port)
         if spec.role == "data_worker":
             component = roles.frontend(channel, transport,
                                        media_limits=MediaLimits(**spec.media_limits))
