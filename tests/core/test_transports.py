@@ -569,7 +569,7 @@ def test_rdma_listens_on_the_mooncake_port():
     assert child.returncode == 0, child.stderr
     session, taken, other = child.stdout.splitlines()
     assert session in (f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}")
-    assert taken.startswith(f"--mooncake-port {port}: port {port} on 127.0.0.1 is in use")
+    assert taken.startswith(f"--mooncake-port {port}: port {port} is in use")
     assert other.startswith(f"--mooncake-port {port + 2}: Mooncake reads its ports once")
     with pytest.raises(ValueError, match="--mooncake-port 40000: Mooncake listens below 32768"):
         MooncakeTransport("worker:0", deployment_id="d", mooncake_port=40000)
@@ -578,7 +578,7 @@ def test_rdma_listens_on_the_mooncake_port():
 def _port_free(port: int) -> bool:
     with socket.socket() as probe:
         try:
-            probe.bind(("127.0.0.1", port))
+            probe.bind(("", port))  # every interface, as Mooncake binds
         except OSError:
             return False
     return True

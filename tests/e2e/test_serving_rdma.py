@@ -38,7 +38,7 @@ def summary(evs: list) -> tuple[list[int], torch.Tensor]:
 def bindable(port: int) -> bool:
     with socket.socket() as probe:
         try:
-            probe.bind(("127.0.0.1", port))
+            probe.bind(("", port))  # every interface, as Mooncake binds
         except OSError:
             return False
     return True

@@ -215,12 +215,13 @@ class MooncakeTransport:
             raise RuntimeError(f"--mooncake-port {port}: Mooncake reads its ports once per "
                                f"process, and this one has {_ports or 'its default range'}")
         if _ports is not None:
-            # Mooncake picks its ports in that range and crashes when both are taken:
-            # check first, so that a port in use is an error that names it
+            # Mooncake picks its ports in that range (its TCP data listener on every
+            # interface) and crashes when both are taken: check first, so that a port in
+            # use is an error that names it
             for taken in _ports:
-                if not _port_free(host, taken):
-                    raise OSError(f"--mooncake-port {_ports[0]}: port {taken} on {host} is "
-                                  "in use (pass 0 to let Mooncake pick)")
+                if not _port_free(taken):
+                    raise OSError(f"--mooncake-port {_ports[0]}: port {taken} is in use "
+                                  "(pass 0 to let Mooncake pick)")
         status = engine.initialize(host, "P2PHANDSHAKE", self.protocol, device or "")
         if status != 0:
             raise RuntimeError(f"Mooncake's transfer engine did not start on {host} "
@@ -347,12 +348,13 @@ def _parse(handle: Handle) -> tuple[str, int, int]:
     return session, int(item), int(remote)
 
 
-def _port_free(host: str, port: int) -> bool:
+def _port_free(port: int) -> bool:
+    """Whether `port` is free on every interface."""
     import socket
 
     with socket.socket() as probe:
         try:
-            probe.bind((host, port))
+            probe.bind(("", port))
         except OSError:
             return False
     return True
