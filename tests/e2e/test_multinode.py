@@ -104,7 +104,7 @@ def nodes(tmp_path_factory, tiny_ckpt):
 
 @pytest.mark.timeout(300)
 def test_two_nodes_give_the_single_node_outputs_each_running_its_ranks(
-        nodes, expected, single_rank_bytes):
+        nodes, expected, single_rank_bytes):  # noqa: F811 (the fixtures imported above)
     node0, node1, _, _ = nodes
     for name, req in REQUESTS.items():
         response = node0.generate(req)

@@ -88,7 +88,7 @@ def _join_and_run(settings: ServerSettings, config: DeploymentConfig, link: sock
     ident, digest = identity(config.model_dump(mode="json"), model=config.model,
                              preset=settings.preset, load_format=settings.load_format)
     send(link, Hello(k, settings.nnodes, host, ident, digest))
-    link.settimeout(None)  # node 0 answers once every node joined
+    link.settimeout(None)
     reader = link.makefile("rb")
     reply = _wait_reply(link, reader, settings.startup_timeout, stopping)
     if isinstance(reply, Refused):
@@ -121,10 +121,12 @@ def _join_and_run(settings: ServerSettings, config: DeploymentConfig, link: sock
 
 def _wait_reply(link: socket.socket, reader, timeout: float,
                 stopping: threading.Event) -> object:
+    """Node 0's answer (it welcomes once every node joined), with heartbeats meanwhile."""
     deadline = time.monotonic() + timeout
     while not stopping.is_set() and time.monotonic() < deadline:
-        if select.select([link], [], [], 0.2)[0]:
+        if select.select([link], [], [], HEARTBEAT_S)[0]:
             return receive(reader)
+        send(link, Heartbeat())
     return None
 
 

@@ -7,7 +7,8 @@ refused at once, with a message naming the difference, when it does not belong. 
 node has joined, node 0 knows each node's address and sends each a `Welcome` with the
 deployment's control endpoints (ZMQ `tcp://`) and its ranks. The link then stays open:
 the agent reports its children's deaths (`ChildDied`) and sends a `Heartbeat` every
-`HEARTBEAT_S`; a closed link or `HEARTBEAT_TIMEOUT_S` of silence is the node lost. Node 0
+`HEARTBEAT_S` (from its `Hello` on, so a node waiting for the others is watched too); a
+closed link or `HEARTBEAT_TIMEOUT_S` of silence is the node lost. Node 0
 ends the deployment with `Stop` (the exit status the agent should end with).
 
 A plain TCP socket rather than ZMQ: its end is an event (the agent's process exits, the
@@ -140,6 +141,7 @@ class NodeLinks:
         self._all_joined = threading.Event()
         self._stopping = False
         self._listener = socket.create_server((host, port))
+        self.port: int = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, name="node-links", daemon=True).start()
 
     def hosts(self) -> dict[int, str]:
@@ -159,7 +161,6 @@ class NodeLinks:
     def welcome(self, k: int, message: Welcome) -> None:
         with self._lock:
             link = self._joined[k][0]
-        link.settimeout(HEARTBEAT_TIMEOUT_S)  # from now on silence means the node is lost
         send(link, message)
 
     def stop(self, code: int) -> None:
@@ -170,6 +171,7 @@ class NodeLinks:
         for link in links:
             try:
                 send(link, Stop(code))
+                link.shutdown(socket.SHUT_RDWR)  # the link's reader may still hold it
             except OSError:
                 pass  # already gone
             link.close()
@@ -185,6 +187,7 @@ class NodeLinks:
                              name=f"node-link-{peer[0]}").start()
 
     def _serve(self, link: socket.socket) -> None:
+        link.settimeout(HEARTBEAT_TIMEOUT_S)  # silence means the node is lost
         reader = link.makefile("rb")
         k, why = None, "its link closed"
         try:
