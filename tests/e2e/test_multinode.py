@@ -1,7 +1,8 @@
 """Two nodes on one machine: node 0 (`mstar-serve --node-rank 0`: HTTP, conductor, rank 0)
-bound to 127.0.0.1 and node 1 (`--node-rank 1`: an agent and rank 1) bound to 127.0.0.2
-(Linux routes all of 127/8 to the loopback device), with testvla split by walk across
-them, control over ZMQ tcp:// and tensors over TCP. Outputs equal the in-process run, each
+bound to 127.0.0.1 and node 1 (`--node-rank 1 --host 127.0.0.2`: an agent and rank 1)
+bound to 127.0.0.2 (Linux routes all of 127/8 to the loopback device), with testvla split
+by walk across them (`testvla_pd_disaggregated`, `ranks_per_node: 1`: prefill on node 0,
+the rest on node 1), control over ZMQ tcp:// and tensors over TCP. Outputs equal the in-process run, each
 node runs its own rank's part, a node that does not belong is refused at the handshake
 naming the difference, and a node that disappears fails its requests with a message naming
 it and stops node 0 for a restart."""
@@ -34,11 +35,6 @@ from test_serving import (  # noqa: F401 (fixtures)
 
 from mstar.serving.launcher import EXIT_CHILD_DIED
 
-TWO_NODES = (Path(__file__).resolve().parents[2] / "configs" / "testvla_pd_disaggregated.yaml"
-             ).read_text() + """nodes:
-  - {host: 127.0.0.1, ranks: [0]}
-  - {host: 127.0.0.2, ranks: [1]}
-"""
 HOSTS = ("127.0.0.1", "127.0.0.2")
 
 
@@ -82,19 +78,19 @@ def nodes(tmp_path_factory, tiny_ckpt):
     """Node 0 and node 1 serving, after a node with another deployment config was refused
     (node 0 goes on waiting for the right one); yields (node 0, node 1, refused node)."""
     tmp = tmp_path_factory.mktemp("multinode")
-    config = tmp / "two_nodes.yaml"
-    config.write_text(TWO_NODES)
     port = free_ports(12)
-    common = ["--config", str(config), "--model-path", str(tiny_ckpt), "--nnodes", "2",
-              "--master-addr", "127.0.0.1", "--master-port", str(port),
-              "--tensor-comm-protocol", "TCP", "--socket-path-prefix", str(tmp / "sockets")]
-    node0 = Server(tmp, *common, "--node-rank", "0")
+    common = ["--config", "testvla_pd_disaggregated", "--set", "ranks_per_node=1",
+              "--model-path", str(tiny_ckpt), "--nnodes", "2", "--master-addr", "127.0.0.1",
+              "--master-port", str(port), "--tensor-comm-protocol", "TCP",
+              "--socket-path-prefix", str(tmp / "sockets"), "--host", "127.0.0.2"]
+    node0 = Server(tmp, *common, "--node-rank", "0")  # its own --host 127.0.0.1 comes last
     node1 = None
     try:
         refused = Agent(tmp, "refused", *common, "--node-rank", "1", "--set", "max_seq_len=256")
         assert refused.wait() == 1, refused.output()
         node1 = Agent(tmp, "node1", *common, "--node-rank", "1")
         node0.wait_healthy()
+        assert "mstar: node 1 (127.0.0.2) runs rank(s) 1 of testvla" in node1.output()
         yield node0, node1, refused, common
     finally:
         node0.stop(signal.SIGTERM)

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from mstar.config import DeploymentConfig
 from mstar.config.nodes import node_hosts
@@ -49,14 +47,25 @@ def _error(text: str) -> int:
     return 1
 
 
-def _connect(settings: ServerSettings, stopping: threading.Event) -> socket.socket | None:
-    """The link to node 0, which may start after this node: retried until
-    `startup_timeout`."""
+def node_address(settings: ServerSettings, config: DeploymentConfig) -> str | None:
+    """This node's address: the config's (`nodes`), else `--host` when it names one (a
+    node other than node 0 serves no HTTP, so its bind address is the node's), else None:
+    the address this node reaches node 0 from."""
+    named = node_hosts(config, settings.nnodes, settings.master_addr)[settings.node_rank]
+    wildcard = settings.host in ("", "0.0.0.0", "::")
+    return named or (None if wildcard else settings.host)
+
+
+def _connect(settings: ServerSettings, host: str | None,
+             stopping: threading.Event) -> socket.socket | None:
+    """The link to node 0 (from `host` when given), which may start after this node:
+    retried until `startup_timeout`."""
     deadline = time.monotonic() + settings.startup_timeout
     while not stopping.is_set() and time.monotonic() < deadline:
         try:
             return socket.create_connection((settings.master_addr, settings.master_port),
-                                            timeout=5)
+                                            timeout=5,
+                                            source_address=(host, 0) if host else None)
         except OSError:
             stopping.wait(0.5)
     return None
@@ -69,22 +78,22 @@ def run_agent(settings: ServerSettings, config: DeploymentConfig) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stopping.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        link = _connect(settings, stopping)
+        host = node_address(settings, config)
+        link = _connect(settings, host, stopping)
         if link is None:
             return _error(f"node {k}: node 0 did not answer at {settings.master_addr}:"
                           f"{settings.master_port} within {settings.startup_timeout:g} s")
         with link:
-            return _join_and_run(settings, config, link, stopping)
+            return _join_and_run(settings, config, link, host or link.getsockname()[0],
+                                 stopping)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 def _join_and_run(settings: ServerSettings, config: DeploymentConfig, link: socket.socket,
-                  stopping: threading.Event) -> int:
+                  host: str, stopping: threading.Event) -> int:
     k = settings.node_rank
-    host = node_hosts(config, settings.nnodes, settings.master_addr)[k] \
-        or link.getsockname()[0]  # the address node 0 is reached from
     ident, digest = identity(config.model_dump(mode="json"), model=config.model,
                              preset=settings.preset, load_format=settings.load_format)
     send(link, Hello(k, settings.nnodes, host, ident, digest))
@@ -95,8 +104,6 @@ def _join_and_run(settings: ServerSettings, config: DeploymentConfig, link: sock
         return _error(f"node 0 refused node {k}: {reply.reason}")
     if not isinstance(reply, Welcome):
         return _error(f"node {k}: node 0 sent no welcome (its link ended)")
-    socket_dir = Path(settings.socket_path_prefix) / f"d{reply.deployment_id}-node{k}"
-    socket_dir.mkdir(parents=True, exist_ok=True)
     spec = model_registry().get(config.model)
     options = LoadOptions.of(spec, load_format=settings.load_format,
                              model_path=settings.model_path, cache_dir=settings.cache_dir,
@@ -104,7 +111,7 @@ def _join_and_run(settings: ServerSettings, config: DeploymentConfig, link: sock
     threads = worker_threads(settings.cpu_threads, len(reply.ranks))
     procs = {f"worker:{rank}": spawn(ProcessSpec(
         role="worker", rank=rank, deployment_id=reply.deployment_id,
-        socket_prefix=str(socket_dir), protocol=reply.protocol, model=config.model,
+        socket_prefix=settings.socket_path_prefix, protocol=reply.protocol, model=config.model,
         config=config.model_dump(), preset=settings.preset, load=dataclasses.asdict(options),
         host=host, tcp_device=settings.tcp_transfer_device, log_level=settings.log_level,
         cpu_threads=threads, tp_port=reply.tp_port, tp_host=reply.tp_host,
@@ -116,7 +123,6 @@ def _join_and_run(settings: ServerSettings, config: DeploymentConfig, link: sock
         return _watch(link, reader, procs, f"node {k} ({host})", stopping)
     finally:
         _stop(procs)
-        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def _wait_reply(link: socket.socket, reader, timeout: float,
