@@ -13,6 +13,11 @@ with Retry-After. SIGINT/SIGTERM drain (uvicorn's graceful shutdown): requests s
 after `shutdown_grace` end with a 503 error event, then every child is stopped and sockets
 and SHM segments are removed. What a killed server left is swept at the next start
 (`mstar.serving.leftovers`).
+
+With `--nnodes` N > 1 this is node 0: it first waits for the other nodes to join
+(`mstar.serving.nodes`), then runs only its own ranks' workers, every component on a ZMQ
+`tcp://` endpoint; a node lost counts as a dead child. Nodes 1..N-1 run
+`mstar.serving.agent` instead (`run_server` picks it by `--node-rank`).
 """
 
 from __future__ import annotations
