@@ -74,8 +74,8 @@ class DeploymentConfig(BaseModel):
     #: Two ranks mapped to one device share it (and split its KV budget).
     devices: dict[int, str] | None = None
     #: Multi-node: each node's host and ranks (`mstar.config.nodes`), or `ranks_per_node`
-    #: (ranks [k*R, (k+1)*R) on node k; hosts from `--master-addr` and each node's
-    #: connection). At most one of the two; neither: every rank on one node.
+    #: (ranks [k*R, (k+1)*R) on node k; node 0 at `--master-addr`, node k at its `--host`
+    #: or where it connects from). At most one of the two; neither: every rank on one node.
     nodes: list[NodeHosts] | None = None
     ranks_per_node: int | None = Field(default=None, ge=1)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)

@@ -137,7 +137,7 @@ class ProcessDeployment:
                                           endpoints=endpoints), data_workers,
                                [f"worker:{r}" for r in self.ranks])
         self.gateway.start()
-        threads = worker_threads(settings.cpu_threads, len(self.ranks))
+        threads = worker_threads(settings.cpu_threads, len(self.node_ranks[0]))
         base = dict(deployment_id=self.id, socket_prefix=str(self.socket_dir),
                     protocol=self.protocol, model=config.model, config=config.model_dump(),
                     preset=settings.preset, load=dataclasses.asdict(options),
@@ -197,8 +197,8 @@ class ProcessDeployment:
         if self.failure is None:
             self.failure = message
         gateway = getattr(self, "gateway", None)  # none yet while the nodes join
-        for address in addresses:
-            if gateway is not None:
+        if gateway is not None:
+            for address in addresses:
                 gateway.channel.send("conductor", msg.WorkerDied(address, message))
         if self.on_child_death is not None:
             self.on_child_death(message)
@@ -357,6 +357,8 @@ def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
         deployment = ProcessDeployment(settings, config, cancelled=lambda: stop.seen)
     except NodesMissing as exc:
         _restore(previous)
+        if stop.seen:  # stopped while waiting: a clean stop, as during any start-up
+            return 0
         print(f"error: start-up failed: {exc}", file=sys.stderr, flush=True)
         return 1
     except BaseException:
