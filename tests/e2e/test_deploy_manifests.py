@@ -125,18 +125,18 @@ def test_pod_command_is_mstar_serve_with_its_node_flags(pod_index, tmp_path, cap
                   if v.get("configMap", {}).get("name") == config_map["metadata"]["name"])
     directory, key = args.config.rsplit("/", 1)
     assert directory == mounts[volume["name"]] and key in config_map["data"]
-    deployment = yaml.safe_load(config_map["data"][key])
-    ranks = {r for group in deployment["node_groups"] for r in group["ranks"]}
-    assert ranks == set(range(replicas * deployment["ranks_per_node"]))
 
-    # ... and `mstar serve` accepts it, flags and config, for the model it names (tiny).
+    # `mstar serve` accepts it, flags and config, for the model it names (tiny, dummy) ...
     path = tmp_path / key
     path.write_text(config_map["data"][key])
     status = main([*command[1:], "--config", str(path), "--preset", "tiny",
                    "--load-format", "dummy", "--validate-config"])
     assert status == 0, capsys.readouterr().err
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"] == deployment["model"] == args.model
+    deployment = yaml.safe_load(capsys.readouterr().out)
+    assert deployment["model"] == args.model
+    # ... and its ranks fill exactly the pods' nodes.
+    ranks = {r for group in deployment["node_groups"] for r in group["ranks"]}
+    assert ranks == set(range(replicas * deployment["ranks_per_node"]))
 
 
 def test_http_service_reaches_node_0_only_and_probes_ask_node_0():
