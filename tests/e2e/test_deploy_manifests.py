@@ -74,6 +74,12 @@ def _parse(command: list[str]) -> Any:
         pytest.fail(f"not a valid mstar command (argparse's message above): {command}")
 
 
+def _node0_host() -> str:
+    """Pod 0's name through the headless Service: how node k > 0 reaches node 0."""
+    statefulset = _one("StatefulSet")
+    return f"{statefulset['metadata']['name']}-0.{statefulset['spec']['serviceName']}"
+
+
 def _port(name: str) -> int:
     (port,) = [p["containerPort"] for p in _container()["ports"] if p["name"] == name]
     return port
@@ -114,7 +120,7 @@ def test_pod_command_is_mstar_serve_with_its_node_flags(pod_index, tmp_path, cap
     replicas = statefulset["spec"]["replicas"]
     assert (args.nnodes, args.node_rank) == (replicas, pod_index)
     host, port = args.dist_init_addr.rsplit(":", 1)
-    assert host == f"{statefulset['metadata']['name']}-0.{statefulset['spec']['serviceName']}"
+    assert host == _node0_host()
     assert int(port) == _port("dist-init")
     assert args.port == _port("http")
 
@@ -156,11 +162,10 @@ def test_http_service_reaches_node_0_only_and_probes_ask_node_0():
     assert nodes_service["spec"]["selector"].items() <= labels.items()
     assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
 
-    args = _parse(_command(1))
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         _python, script, port, node0 = _container()[probe]["exec"]["command"]
         assert script.rsplit("/", 1)[1] in _one("ConfigMap")["data"]
-        assert (int(port), node0) == (args.port, args.dist_init_addr.rsplit(":", 1)[0])
+        assert (int(port), node0) == (_port("http"), _node0_host())
 
 
 @contextlib.contextmanager
