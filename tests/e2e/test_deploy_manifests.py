@@ -7,6 +7,7 @@ ports the files must agree on (a typo there deploys fine and never serves)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.server
 import re
@@ -66,7 +67,7 @@ def _command(pod_index: int) -> list[str]:
     return [re.sub(r"\$\((\w+)\)", expand, arg) for arg in _container()["command"]]
 
 
-def _parse(command: list[str]) -> Any:
+def _parse(command: list[str]) -> argparse.Namespace:
     """`mstar ...` parsed by our own CLI; a flag it does not know fails the test."""
     try:
         return build_parser().parse_args(command[1:])
