@@ -169,6 +169,22 @@ def test_http_service_reaches_node_0_only_and_probes_ask_node_0():
         assert (int(port), node0) == (_port("http"), _node0_host())
 
 
+def _readme_commands() -> list[str]:
+    """The `mstar serve` commands of the README's Deployments section (continuations
+    joined, comments dropped)."""
+    text = (ROOT.parents[1] / "README.md").read_text()
+    section = text.split("\n## Deployments\n", 1)[1].split("\n## ", 1)[0]
+    lines = section.replace("\\\n", " ").splitlines()
+    return [line.split("#", 1)[0].strip() for line in lines if line.startswith("mstar serve")]
+
+
+def test_readme_deployment_commands_are_mstar_commands():
+    commands = _readme_commands()
+    assert len(commands) >= 5, commands  # one layout per subsection at least
+    for command in commands:
+        _parse(command.split())
+
+
 @contextlib.contextmanager
 def _health_server(status: list[int]) -> Iterator[int]:
     """A server on 127.0.0.1 whose /health answers `status[0]`; yields its port."""
