@@ -23,6 +23,10 @@ import pytest
 import yaml
 
 from mstar.cli.main import build_parser, main
+from mstar.cli.serve import model_for
+from mstar.config import ConfigError, loader, placement
+from mstar.config.devices import device_plan
+from mstar.config.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 #: The oldest Kubernetes the manifests support: the pod-index label that becomes
@@ -144,6 +148,19 @@ def test_pod_command_is_mstar_serve_with_its_node_flags(pod_index, tmp_path, cap
     # ... and its ranks fill exactly the pods' nodes.
     ranks = {r for group in deployment["node_groups"] for r in group["ranks"]}
     assert ranks == set(range(replicas * deployment["ranks_per_node"]))
+
+
+@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
+    "devices are planned over the global ranks (rank r on cuda:r), so node 1's rank 1 asks "
+    "for cuda:1 in a pod with one GPU; multi-node needs a per-node device plan"))
+def test_each_pod_has_the_gpus_its_ranks_need():
+    """A pod sees its `nvidia.com/gpu` limit of CUDA devices; its node's ranks must be
+    placed on them."""
+    gpus = int(_container()["resources"]["limits"]["nvidia.com/gpu"])
+    data = yaml.safe_load(_one("ConfigMap")["data"]["deployment.yaml"])
+    config = loader.config_from_data(data, "deployment.yaml")
+    model = model_for(config, ServerSettings(preset="tiny", load_format="dummy"))
+    device_plan(config, placement(config, model), cuda_devices=gpus)
 
 
 def test_http_service_reaches_node_0_only_and_probes_ask_node_0():
