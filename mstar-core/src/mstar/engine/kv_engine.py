@@ -243,7 +243,7 @@ class KVEngine:
         if state.needs_recompute:
             return SeqMigration(state, None)
         exported = self.cache.export(key)
-        if self.mirror is not None:
+        if self.mirror is not None and exported.length:  # (a follower may lack an empty one)
             self._mirror_op("export", key.request_id, key.label, key.child)
             exported.kv = gather_heads(exported.kv, self.tp_group, self.tp_size)
         return SeqMigration(state, exported)
@@ -263,7 +263,7 @@ class KVEngine:
                 else:
                     shards = split_heads(m.kv.kv, self.tp_size)
                     self.cache.import_sequence(key, SeqExport(m.kv.length, shards[0]))
-                    if self.mirror is not None:
+                    if self.mirror is not None and m.kv.length:
                         self._mirror_op("import", key.request_id, key.label, key.child,
                                         pages=self.cache.page_table(key), length=m.kv.length)
                         scatter_heads(shards, shards[0], self.tp_group)
