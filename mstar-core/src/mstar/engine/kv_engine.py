@@ -261,7 +261,7 @@ class KVEngine:
                     state = dataclasses.replace(m.state, needs_recompute=bool(m.state.history),
                                                 admitted=-1)
                 else:
-                    shards = split_heads(m.kv.kv, self.tp_size)
+                    shards = split_heads(m.kv.kv.to(self.device), self.tp_size)  # (NCCL)
                     self.cache.import_sequence(key, SeqExport(m.kv.length, shards[0]))
                     if self.mirror is not None and m.kv.length:
                         self._mirror_op("import", key.request_id, key.label, key.child,
