@@ -1,20 +1,23 @@
-"""A disaggregated deployment over the RDMA transport (Mooncake, over its TCP protocol
-here): the prefill rank's K/V pages and the frontend's image reach their readers through
-Mooncake, the outputs equal the in-process run's (as SHM's do, test_serving.py), and each
-child's transfer engine listens on the port `--mooncake-port` gave it."""
+"""Two nodes over the RDMA transport (Mooncake, over its TCP protocol here): testvla split by
+walk (`testvla_pd_disaggregated`, `ranks_per_node: 1`) with node 0 on 127.0.0.1 and node 1
+on 127.0.0.2, as in test_multinode.py. The prefill rank's K/V pages and the frontend's image
+reach their readers through Mooncake, the outputs equal the in-process run's (as SHM's do,
+test_serving.py), and each child's transfer engine listens on the port its node's
+`--mooncake-port` gave it."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
+import signal
 import socket
 
-import msgspec
 import pytest
 import torch
 from conftest import collect, image, tokens
-from serving_harness import running
+from serving_harness import Server
+from test_multinode import Agent, free_ports
+from test_serving import decoded
 
 import mstar
 
@@ -44,30 +47,40 @@ def bindable(port: int) -> bool:
     return True
 
 
-def listening(port: int) -> bool:
+def listening(host: str, port: int) -> bool:
     with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+        return probe.connect_ex((host, port)) == 0
 
 
-@pytest.mark.timeout(180)
-def test_a_disaggregated_deployment_over_rdma_gives_the_in_process_outputs(tmp_path,
-                                                                         tiny_ckpt):
+@pytest.mark.timeout(240)
+def test_two_nodes_over_rdma_give_the_in_process_outputs(tmp_path, tiny_ckpt):
     with mstar.load("testvla", model_path=str(tiny_ckpt), max_seq_len=512) as deployment:
         expected = {name: summary(collect(deployment, req))
                     for name, req in (("big", BIG), ("small", SMALL))}
-    # six free ports below 32768 (Mooncake's limit): a data worker and two ranks, two each
+    # six free ports below 32768 (Mooncake's limit): node 0's data worker and rank, then
+    # node 1's rank, two each
     first = next(p for p in range(20000 + os.getpid() % 10000, 32760)
                  if all(bindable(q) for q in range(p, p + 6)))
-    with running(tmp_path, "--config", "testvla_pd_disaggregated", "--model-path",
-                 str(tiny_ckpt), "--tensor-comm-protocol", "RDMA",
-                 "--mooncake-port", str(first)) as server:
+    common = ["--config", "testvla_pd_disaggregated", "--set", "ranks_per_node=1",
+              "--model-path", str(tiny_ckpt), "--nnodes", "2", "--master-addr", "127.0.0.1",
+              "--master-port", str(free_ports(12)), "--tensor-comm-protocol", "RDMA",
+              "--socket-path-prefix", str(tmp_path / "sockets"), "--host", "127.0.0.2"]
+    node0 = Server(tmp_path, *common, "--node-rank", "0", "--mooncake-port", str(first))
+    node1 = Agent(tmp_path, "node1", *common, "--node-rank", "1",
+                  "--mooncake-port", str(first + 4))
+    try:
+        node0.wait_healthy()
         for name, req in (("big", BIG), ("small", SMALL)):
-            response = server.generate(req)
+            response = node0.generate(req)
             assert response.status_code == 200, response.text
-            got = summary([msgspec.json.decode(json.dumps(e).encode(), type=mstar.events.Event)
-                           for e in response.json()["events"]])
+            got = summary(decoded(response.json()))
             assert got[0] == expected[name][0]
             torch.testing.assert_close(got[1], expected[name][1], atol=1e-4, rtol=1e-4)
         # each child listens on its port (handshake) or the next one (Mooncake TCP data)
-        for child_first in (first, first + 2, first + 4):
-            assert listening(child_first) or listening(child_first + 1)
+        for host, port in (("127.0.0.1", first), ("127.0.0.1", first + 2),
+                           ("127.0.0.2", first + 4)):
+            assert listening(host, port) or listening(host, port + 1), (host, port)
+    finally:
+        assert node0.stop(signal.SIGTERM) == 0, node0.output()
+        assert node1.wait(timeout=60) == 0, node1.output()
+    node0.assert_clean()
