@@ -18,6 +18,7 @@ inside the handle instead.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -239,10 +240,12 @@ class MooncakeTransport:
             self._reclaim()
             piece = self._pool.take(HEADER + nbytes)
             item, self._next_id = self._next_id, self._next_id + 1
-            self._items[item] = _Item(request_id, owner, piece)
             region = piece.view(self._pool)
+            # the header before the item is listed: `_reclaim` must never see a done word
+            # left by the slice's previous bytes
+            region[:HEADER].view(torch.int64).copy_(torch.tensor([item, 0]))
+            self._items[item] = _Item(request_id, owner, piece)
         region[HEADER:HEADER + nbytes].copy_(host_bytes(tensor))
-        region[:HEADER].view(torch.int64).copy_(torch.tensor([item, 0]))
         return make_handle(tensor, f"{self.session}/{item}@{self._pool.address(piece)}",
                            owner, request_id)
 
@@ -289,8 +292,8 @@ class MooncakeTransport:
             piece = self._pool.take(HEADER + nbytes)
             region = piece.view(self._pool)
         try:
-            status = engine.transfer_sync_read(session, self._pool.address(piece),
-                                                     remote, HEADER + nbytes)
+            status = engine.transfer_sync_read(session, self._pool.address(piece), remote,
+                                               HEADER + nbytes)
             if status != 0:
                 raise ConnectionError(f"cannot reach {session} for tensor {handle.key} of "
                                       f"request {handle.request_id} (Mooncake {self.protocol} "
@@ -350,8 +353,6 @@ def _parse(handle: Handle) -> tuple[str, int, int]:
 
 def _port_free(port: int) -> bool:
     """Whether `port` is free on every interface."""
-    import socket
-
     with socket.socket() as probe:
         try:
             probe.bind(("", port))
