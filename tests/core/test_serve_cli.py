@@ -100,7 +100,8 @@ def test_mstar_serve_defaults_are_seed_000s(capsys):
         "tcp_transfer_device": None, "enable_nvtx": False, "log_level": "INFO",
         "model_path": None, "revision": None, "load_format": "dummy", "preset": "tiny",
         "policy_ws_port": None, "max_body_bytes": 64 * 1024 * 1024, "startup_timeout": 600.0, "shutdown_grace": 30.0,
-        "data_workers": 1, "cpu_threads": None, "allow_private_media_urls": False, "media_max_bytes": 20971520,
+        "data_workers": 1, "data_parallel_size": None,
+        "cpu_threads": None, "allow_private_media_urls": False, "media_max_bytes": 20971520,
         "media_max_image_pixels": 16777216, "media_max_audio_seconds": 600.0,
         "media_max_video_seconds": 600.0, "media_fetch_timeout": 10.0}
     expected = load_config("testvla_single").model_copy(update={"request_timeout": 600.0})
