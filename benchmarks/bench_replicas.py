@@ -92,13 +92,15 @@ def options(args: argparse.Namespace, replicas: int) -> list[str]:
     return ["--config", args.config, "--preset", args.preset, "--load-format", "dummy",
             "--tensor-comm-protocol", "SHM", "--dp-size", str(replicas),
             "--log-level", "WARNING",
+            *(["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else []),
             *cache_overrides(args.streams, args.prompt_tokens, args.new_tokens)]
 
 
 def print_results(best: dict[str, Result], args: argparse.Namespace) -> None:
     print(f"\n{args.streams} concurrent streams x {args.requests_per_client} requests, "
           f"{args.new_tokens} new tokens, prompts ~{args.prompt_tokens} tokens; "
-          f"{args.config}, preset {args.preset}; best of {args.repeat} round(s)")
+          f"{args.config}, preset {args.preset}; torch threads per rank: "
+          f"{args.cpu_threads or 'cores / ranks'}; best of {args.repeat} round(s)")
     print(f"{'deployment':<14}{'requests':>9}{'tokens':>8}{'seconds':>9}{'tok/s':>9}"
           f"{'p50 ms':>9}{'p90 ms':>9}{'TTFT p50':>10}")
     for side, r in best.items():
@@ -121,6 +123,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--stagger-ms", type=float, default=50.0)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cpu-threads", type=int,
+                        help="torch threads of every rank's worker on both sides (default: "
+                             "the server's, the cores divided among its ranks: 2 replicas "
+                             "get half as many threads per rank)")
     parser.add_argument("--quick", action="store_true",
                         help="one round, 2 requests per client, 32 new tokens")
     args = parser.parse_args(argv)

@@ -153,17 +153,16 @@ class ProcessDeployment:
                 gone.add(name)
                 message = f"{name} exited with code {code}"
                 log.error("%s", message)
+                serving_on = name in self.replica_of and self._replica_lost(name, message)
+                if self.failure is None and not serving_on:
+                    self.failure = message
                 if name == "conductor":
                     self.gateway.fail_all(message, 503)
                 elif name in self.gateway.data_workers:
                     self.gateway.data_worker_died(name, message)
                 else:
                     self.gateway.channel.send("conductor", msg.WorkerDied(name, message))
-                    if self._replica_lost(name, message):
-                        continue
-                if self.failure is None:
-                    self.failure = message
-                if self.on_child_death is not None:
+                if self.on_child_death is not None and not serving_on:
                     self.on_child_death(message)
             time.sleep(0.1)
 
