@@ -6,7 +6,8 @@ requests whose prompts share a first KV page go to one replica (its prefix cache
 a replica whose worker dies fails only its own requests while the other serves on and
 `/health` says which replica is down. Per-rank counters (`/metrics`) prove where work ran.
 
-One server for the module; the last test kills one of its workers."""
+`mstar.load(..., replicas=2)` runs the same routing in one process. One server for the
+module; the last test kills one of its workers."""
 
 from __future__ import annotations
 
@@ -41,6 +42,18 @@ def expected():
     """The single-replica deployment's tokens for `SHORT`, in one process."""
     with mstar.load("testvla", CONFIG, preset="tiny", load_format="dummy") as d:
         return [tokens(collect(d, req)) for req in SHORT]
+
+
+def test_in_process_replicas_take_turns_and_keep_each_request_inside(expected):
+    """`mstar.load(..., replicas=2)`: requests sent one after another alternate between the
+    replicas (ties take turns) with the single replica's outputs, and each one's K/V
+    migrates from its replica's prefill rank to the same replica's decode rank."""
+    with mstar.load("testvla", CONFIG, preset="tiny", load_format="dummy", replicas=2) as d:
+        assert [tokens(collect(d, req)) for req in SHORT] == expected
+        computed = [d.counters(r).get("LLM.prompt_tokens_computed", 0) for r in range(4)]
+        imported = [d.counters(r).get("LLM.kv_tokens_imported", 0) for r in range(4)]
+    assert computed == [3 + 9, 0, 5 + 15, 0]
+    assert imported == [0, 3 + 9, 0, 5 + 15]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ agree on tensor-parallel ranks and dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ class Placement:
     nodes: Mapping[tuple[str, str], NodePlacement]
     replicas: int = 1
 
-    @property
+    @functools.cached_property
     def ranks_per_replica(self) -> int:
         return max(rank for p in self.nodes.values() for rank in p.ranks) + 1
 
