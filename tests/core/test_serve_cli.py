@@ -103,7 +103,9 @@ def test_mstar_serve_defaults_are_seed_000s(capsys):
         "data_workers": 1, "data_parallel_size": None,
         "cpu_threads": None, "allow_private_media_urls": False, "media_max_bytes": 20971520,
         "media_max_image_pixels": 16777216, "media_max_audio_seconds": 600.0,
-        "media_max_video_seconds": 600.0, "media_fetch_timeout": 10.0}
+        "media_max_video_seconds": 600.0, "media_fetch_timeout": 10.0, "nnodes": 1,
+        "node_rank": 0, "master_addr": "127.0.0.1", "master_port": 29600,
+        "dist_init_addr": None}
     expected = load_config("testvla_single").model_copy(update={"request_timeout": 600.0})
     assert DeploymentConfig.model_validate(data) == expected
 
@@ -311,6 +313,24 @@ INVALID = {
                      "'default'"]),
     "no-preset-for-dummy": ("model: testvla\n", ["--load-format", "dummy"], {},
                             ["--preset: load_format 'dummy' needs a preset"]),
+    "ranks-exceed-nodes": (
+        "model: testvla\nranks_per_node: 1\nnode_groups:\n"
+        "  - {node_names: [LLM, vision_encoder, action_init, combine, cem_sample, cem_refit],"
+        " ranks: [0]}\n  - {node_names: [consumer], ranks: [1]}\n",
+        ["--preset", "tiny", "--load-format", "dummy"], {},
+        ["ranks_per_node: 1 rank(s) per node on 1 node(s) (--nnodes) hold ranks 0..0, but "
+         "the placement uses 2 rank(s) (0, 1): it needs 2 nodes"]),
+    "nodes-list": (
+        "model: testvla\nnodes: [{host: a, ranks: [0]}, {host: b, ranks: [0, 5]}]\n",
+        ["--preset", "tiny", "--load-format", "dummy", "--nnodes", "2",
+         "--tensor-comm-protocol", "TCP"], {},
+        ["nodes[1].ranks: rank 0 is on node 0 too",
+         "nodes[1].ranks: 1 rank(s) (5) that no node group uses"]),
+    "nodes-and-nnodes": (
+        "model: testvla\nnodes: [{host: a, ranks: [0]}]\nranks_per_node: 2\n",
+        ["--nnodes", "2", "--node-rank", "2", "--tensor-comm-protocol", "SHM"], {},
+        ["nodes and ranks_per_node both map ranks to nodes: set one",
+         "--node-rank 2 is not a node of --nnodes 2 (0..1)"]),
     "unknown-preset": ("model: testvla\n", ["--preset", "huge"], {},
                        ["--preset: unknown preset 'huge' for model 'testvla'; allowed: "
                         "small, tiny"]),
@@ -328,6 +348,34 @@ def test_invalid_configs_print_every_error(case, capsys, monkeypatch, tmp_path):
     assert err.startswith("error: invalid config") and "Traceback" not in err
     for fragment in expected:
         assert fragment in err
+
+
+def test_node_flags_and_the_sglang_form(capsys, tmp_path):
+    """--dist-init-addr sets the master address and port; across nodes the default tensor
+    transport is TCP (without Mooncake) and SHM is refused; nodes but no map is an error."""
+    nodes = ("model: testvla\nnodes: [{host: 127.0.0.1, ranks: [0]}, "
+             "{host: 127.0.0.2, ranks: [1]}]\nnode_groups:\n"
+             "  - {node_names: [vision_encoder, LLM], ranks: [0]}\n"
+             "  - {node_names: [action_init, combine, cem_sample, cem_refit, consumer],"
+             " ranks: [1]}\n")
+    config = write(tmp_path, nodes)
+    data = merged(capsys, serve_main, ["--config", config, *TINY, "--nnodes", "2",
+                                       "--node-rank", "1", "--dist-init-addr", "10.1.2.3:7000"])
+    server = data.pop("server")
+    assert (server["master_addr"], server["master_port"], server["node_rank"]) == (
+        "10.1.2.3", 7000, 1)
+    assert server["tensor_comm_protocol"] == ("RDMA" if HAS_MOONCAKE else "TCP")
+    assert data["nodes"] == [{"host": "127.0.0.1", "ranks": [0]},
+                             {"host": "127.0.0.2", "ranks": [1]}]
+    code, _, err = run(capsys, serve_main, ["--config", config, *TINY, "--nnodes", "2",
+                                            "--tensor-comm-protocol", "SHM"])
+    assert code == 1 and "SHM moves tensors within one node" in err
+    code, _, err = run(capsys, serve_main, ["--config", "testvla_pd_disaggregated", *TINY,
+                                            "--nnodes", "2", "--tensor-comm-protocol", "TCP"])
+    assert code == 1 and "--nnodes 2: the config maps no rank to a node" in err
+    code, _, err = run(capsys, main, ["serve", "testvla", "--config", config, *TINY,
+                                      "--nnodes", "2"])  # `mstar serve`'s SHM is per node
+    assert code == 0, err
 
 
 def test_missing_config_names_the_packaged_ones(capsys):
@@ -351,7 +399,7 @@ def test_model_config_comes_from_the_checkpoint_config_json(capsys, tmp_path):
     base = ["--model-path", str(checkpoint), "--load-format", "dummy", "--validate-config"]
     assert run(capsys, serve_main, ["--config", "testvla_single", *base])[0] == 0
     code, _, err = run(capsys, serve_main, ["--config", "testvla_tp2", *base])
-    assert code == 1 and "does not divide node 'LLM''s 1 KV heads" in err
+    assert code == 1 and "query heads and 1 KV heads" in err
     code, _, err = run(capsys, serve_main, ["--config", "testvla_single", "--model-path",
                                             str(tmp_path / "absent"), "--validate-config"])
     assert code == 1 and "--model-path: weight path" in err

@@ -85,3 +85,34 @@ def test_tensor_parallel_ranks_are_wired_alike_and_load_says_it_needs_processes(
         assert build.keywords["device"] == torch.device(wiring.devices.device(rank))
     with pytest.raises(ValueError, match="one process per rank"):
         mstar.load("testvla", "testvla_tp2", preset="tiny", load_format="dummy")
+
+
+def test_each_tensor_parallel_group_meets_at_its_own_port_of_the_master(monkeypatch):
+    """Two disjoint groups (the LLM's prefill on ranks 0-1, its decode on 2-3): group g,
+    ordered by leader rank, rendezvous at `tp_host:(tp_port + g)` (`torch.distributed`'s
+    init is recorded, not run: a real rendezvous needs a process per rank)."""
+    import torch.distributed as dist
+
+    from mstar.config import DeploymentConfig
+    from mstar.runtime.builder import make_model
+    from mstar.runtime.wiring import Wiring
+
+    config = DeploymentConfig.model_validate({
+        "model": "testvla", "max_seq_len": 128, "node_groups": [
+            {"node_names": ["LLM"], "ranks": [2, 3], "tp_size": 2,
+             "graph_walks": ["decode", "denoise", "rollout", "plan"]},
+            {"node_names": ["LLM"], "ranks": [0, 1], "tp_size": 2,
+             "graph_walks": ["prefill", "prefill_act", "prefill_rollout", "prefill_plan"]},
+            {"node_names": ["vision_encoder", "action_init", "combine", "cem_sample",
+                            "cem_refit", "consumer"], "ranks": [0]}]})
+    options = LoadOptions(load_format="dummy")
+    model = make_model(model_registry().get("testvla"), {}, preset="tiny", options=options)
+    wiring = Wiring(model, config, options)
+    assert wiring.tp_groups() == [(0, 1), (2, 3)]
+    joined = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append(
+        (kw["init_method"], kw["rank"], kw["world_size"])))
+    for rank in range(4):
+        wiring.join_tp_group(rank, 7000, "10.0.0.1")
+    assert joined == [("tcp://10.0.0.1:7000", 0, 2), ("tcp://10.0.0.1:7000", 1, 2),
+                      ("tcp://10.0.0.1:7001", 0, 2), ("tcp://10.0.0.1:7001", 1, 2)]

@@ -42,6 +42,23 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def worker_pids(parent: int) -> dict[str, int]:
+    """'conductor' / 'worker:<rank>' -> pid of `parent`'s children, from their command
+    lines."""
+    found = {}
+    for pid in children(parent):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if '"role":"conductor"' in cmd:
+            found["conductor"] = pid
+        elif '"role":"worker"' in cmd:
+            rank = cmd.split('"rank":', 1)[1].split(",", 1)[0]
+            found[f"worker:{rank}"] = pid
+    return found
+
+
 def shm_segments(deployment_id: str = "") -> list[str]:
     """Shared-memory segments of one deployment (all of mstar's when no id is given)."""
     return sorted(p.name for p in Path("/dev/shm").glob(f"mstar_{deployment_id}*"))
@@ -142,18 +159,7 @@ class Server:
 
     def worker_pids(self) -> dict[str, int]:
         """'conductor' / 'worker:<rank>' -> pid, from the children's command lines."""
-        found = {}
-        for pid in children(self.proc.pid):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if '"role":"conductor"' in cmd:
-                found["conductor"] = pid
-            elif '"role":"worker"' in cmd:
-                rank = cmd.split('"rank":', 1)[1].split(",", 1)[0]
-                found[f"worker:{rank}"] = pid
-        return found
+        return worker_pids(self.proc.pid)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         self.client.close()

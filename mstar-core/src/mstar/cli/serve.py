@@ -33,6 +33,7 @@ from mstar.config import (
     with_preset_cap,
 )
 from mstar.config.devices import device_plan, gpus_problem, visible_cuda_devices
+from mstar.config.nodes import node_ranks
 from mstar.config.settings import ServerSettings, layered_settings
 from mstar.plugins import load_model_class, model_registry
 from mstar.plugins.registry import DuplicateNameError
@@ -106,6 +107,18 @@ def _add_options(parser: argparse.ArgumentParser, shown_defaults: Mapping[str, s
     server.add_argument("--data-workers", type=int,
                         help="processes that run the model's request preprocessing and "
                              f"output postprocessing, off the API server {d('data_workers')}")
+    nodes = parser.add_argument_group("multi-node (one server per node; the config's "
+                                      "`nodes` or `ranks_per_node` places the ranks)")
+    nodes.add_argument("--nnodes", type=int, help=f"nodes of the deployment {d('nnodes')}")
+    nodes.add_argument("--node-rank", type=int,
+                       help=f"this node (0 serves HTTP, the others run their ranks) "
+                            f"{d('node_rank')}")
+    nodes.add_argument("--master-addr", help=f"node 0's address {d('master_addr')}")
+    nodes.add_argument("--master-port", type=int,
+                       help=f"node 0's join port; the ports after it carry the control "
+                            f"messages {d('master_port')}")
+    nodes.add_argument("--dist-init-addr", metavar="HOST:PORT",
+                       help="--master-addr and --master-port in one (SGLang's form)")
     media = parser.add_argument_group("media (chat images, audio, video)")
     media.add_argument("--allow-private-media-urls", action="store_true", default=None,
                        help="let media URLs reach private, loopback and link-local "
@@ -180,12 +193,13 @@ def _deployment(data: dict[str, Any], source: str,
 
 def _with_protocol(settings: ServerSettings) -> ServerSettings:
     """The settings with the tensor protocol resolved by the launcher's own rule (RDMA
-    needs Mooncake; without it the default is SHM on one node, logged), so an explicit RDMA
-    without Mooncake fails here and `--validate-config` prints what will run."""
+    needs Mooncake; without it the default is SHM on one node, TCP across nodes, logged),
+    so an explicit RDMA without Mooncake fails here and `--validate-config` prints what will
+    run."""
     from mstar.serving.launcher import resolve_protocol
 
     try:
-        protocol = resolve_protocol(settings.tensor_comm_protocol)
+        protocol = resolve_protocol(settings.tensor_comm_protocol, node_count=settings.nnodes)
     except ValueError as exc:
         raise ConfigError([str(exc)]) from None
     return settings.model_copy(update={"tensor_comm_protocol": protocol})
@@ -293,7 +307,9 @@ def prepare(path_or_name: str | None, cli: Mapping[str, Any], overrides: Sequenc
         config = with_preset_cap(config, model_instance, settings.preset,
                                  explicit=explicit_len)
         validate_for_model(config, model_instance)
-        device_plan(config, placement(config, model_instance))  # devices exist, TP on one kind
+        where = placement(config, model_instance)
+        device_plan(config, where)  # devices exist, TP on one kind
+        node_ranks(config, where.ranks(), settings.nnodes)  # every rank on a node given
     except ConfigError as exc:
         raise ConfigError(exc.problems, source) from None
     return settings, config
@@ -405,8 +421,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return EXIT_INVALID
+    defaults = serve_defaults()
+    if (args.nnodes or 1) > 1:
+        del defaults["tensor_comm_protocol"]  # SHM is per node: the default rule picks
     return serve(args, config=args.config or spec.default_config, model=spec.name,
-                 defaults=serve_defaults())
+                 defaults=defaults)
 
 
 def add_serve_command(commands: argparse._SubParsersAction) -> None:

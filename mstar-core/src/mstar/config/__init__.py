@@ -7,6 +7,7 @@ from mstar.config.deployment import (
     DeploymentConfig,
     KVCacheConfig,
     NodeGroup,
+    NodeHosts,
     SchedulerConfig,
     with_preset_cap,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "DeploymentConfig",
     "KVCacheConfig",
     "NodeGroup",
+    "NodeHosts",
     "NodePlacement",
     "Placement",
     "SchedulerConfig",

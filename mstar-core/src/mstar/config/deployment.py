@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from mstar.model.contract import Model
@@ -27,6 +27,16 @@ class NodeGroup(BaseModel):
     graph_walks: list[str] | None = None
     tp_size: int = Field(default=1, ge=1)
     dtype: str | None = None
+
+
+class NodeHosts(BaseModel):
+    """One machine of a multi-node deployment (node k = the k-th entry of `nodes`): the
+    address its processes listen on and peers reach, and the ranks it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(min_length=1)
+    ranks: list[int] = Field(min_length=1)
 
 
 class KVCacheConfig(BaseModel):
@@ -63,6 +73,11 @@ class DeploymentConfig(BaseModel):
     #: None: rank r on cuda:r when CUDA is visible, else the CPU (`mstar.config.devices`).
     #: Two ranks mapped to one device share it (and split its KV budget).
     devices: dict[int, str] | None = None
+    #: Multi-node: each node's host and ranks (`mstar.config.nodes`), or `ranks_per_node`
+    #: (ranks [k*R, (k+1)*R) on node k; node 0 at `--master-addr`, node k at its `--host`
+    #: or where it connects from). At most one of the two; neither: every rank on one node.
+    nodes: list[NodeHosts] | None = None
+    ranks_per_node: int | None = Field(default=None, ge=1)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
@@ -78,6 +93,12 @@ class DeploymentConfig(BaseModel):
     #: replica k runs it on the ranks shifted by k x (the highest rank + 1); the conductor
     #: sends each request to one replica (`mstar.runtime.routing`).
     replicas: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_node_map(self) -> DeploymentConfig:
+        if self.nodes is not None and self.ranks_per_node is not None:
+            raise ValueError("nodes and ranks_per_node both map ranks to nodes: set one")
+        return self
 
 
 def with_preset_cap(config: DeploymentConfig, model: Model, preset: str | None, *,

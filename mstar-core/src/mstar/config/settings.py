@@ -9,7 +9,7 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mstar.config.validate import ConfigError
@@ -98,6 +98,28 @@ class ServerSettings(BaseSettings):
     media_max_video_seconds: float = Field(600.0, gt=0)
     media_fetch_timeout: float = Field(10.0, gt=0, description="Seconds for a whole media "
                                        "URL fetch, redirects included.")
+    nnodes: int = Field(1, ge=1, description="Machines the deployment spans (one "
+                        "mstar-serve each; the config maps ranks to them).")
+    node_rank: int = Field(0, ge=0, description="This machine's node: 0 serves HTTP and "
+                           "runs the conductor; the others only run their ranks.")
+    master_addr: str = Field("127.0.0.1", min_length=1, description="Node 0's address, "
+                             "reachable from every node.")
+    master_port: int = Field(29600, ge=1, le=65535, description="Node 0's port where the "
+                             "other nodes join; the deployment's control endpoints and "
+                             "tensor-parallel rendezvous take the ports after it.")
+    dist_init_addr: str | None = Field(None, pattern=r"^\[?[^\s\]]+\]?:\d+$",
+                                       description="HOST:PORT, the same as --master-addr "
+                                       "HOST --master-port PORT (SGLang's name).")
+
+    @model_validator(mode="after")
+    def _nodes(self) -> ServerSettings:
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            self.master_addr, self.master_port = host.strip("[]"), int(port)
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} is not a node of --nnodes "
+                             f"{self.nnodes} (0..{self.nnodes - 1})")
+        return self
 
     def media_limits(self) -> MediaLimits:
         """The `MediaLimits` these settings give every media fetch, decode and upload."""
@@ -173,4 +195,8 @@ def layered_settings(cli: Mapping[str, Any], yaml_section: Any = None,
     }
     if problems:
         raise ConfigError(problems, source="(server settings)")
-    return ServerSettings(**merged)
+    try:
+        return ServerSettings(**merged)
+    except ValidationError as exc:  # the settings' checks across fields (node rank)
+        raise ConfigError([str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()],
+                          source="(server settings)") from None

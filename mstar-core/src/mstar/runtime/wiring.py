@@ -104,14 +104,22 @@ class Wiring:
             eos_token_ids=self.eos_token_ids, tp_group=tp_group, enable_nvtx=self.enable_nvtx)
 
     def worker(self, rank: int, channel: Channel, transport: Transport, *,
-               tp_port: int = 0) -> Worker:
+               tp_port: int = 0, tp_host: str = "127.0.0.1") -> Worker:
         """Worker `rank`; a rank in a tensor-parallel group joins it first (over the
-        backend of its device, rendezvous at `tp_port`), which needs a process per rank."""
-        device, build = self.worker_engines(rank, tp_group=self.join_tp_group(rank, tp_port))
+        backend of its device, rendezvous at `tp_host`), which needs a process per rank."""
+        group = self.join_tp_group(rank, tp_port, tp_host)
+        device, build = self.worker_engines(rank, tp_group=group)
         return Worker(rank, self.model, channel, transport, build_engines=build,
                       status_address=self.status_address, device=device)
 
-    def join_tp_group(self, rank: int, tp_port: int) -> Any:
+    def tp_groups(self) -> list[tuple[int, ...]]:
+        """The deployment's tensor-parallel groups, ordered by their leader (first) rank."""
+        groups = {tp_group_ranks(self.placement.nodes_on(r)) for r in self.placement.ranks()}
+        return sorted((g for g in groups if g), key=lambda g: g[0])
+
+    def join_tp_group(self, rank: int, tp_port: int, host: str = "127.0.0.1") -> Any:
+        """Join `rank`'s group: group g (`tp_groups` order) meets at `host:(tp_port + g)`,
+        so disjoint groups never share a rendezvous, on one node or several."""
         group = tp_group_ranks(self.placement.nodes_on(rank))
         device = torch.device(self.devices.device(rank))
         if device.type == "cuda":
@@ -123,8 +131,9 @@ class Wiring:
                              "`mstar-serve` (the in-process API runs tp_size 1 only)")
         import torch.distributed as dist
 
+        port = tp_port + self.tp_groups().index(group)
         dist.init_process_group(tp_backend(str(device)),
-                                init_method=f"tcp://127.0.0.1:{tp_port}",
+                                init_method=f"tcp://{host}:{port}",
                                 rank=group.index(rank), world_size=len(group),
                                 timeout=datetime.timedelta(seconds=120))
         return dist.group.WORLD

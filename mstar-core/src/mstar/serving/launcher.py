@@ -16,6 +16,11 @@ SIGINT/SIGTERM drain (uvicorn's graceful shutdown): requests still running
 after `shutdown_grace` end with a 503 error event, then every child is stopped and sockets
 and SHM segments are removed. What a killed server left is swept at the next start
 (`mstar.serving.leftovers`).
+
+With `--nnodes` N > 1 this is node 0: it first waits for the other nodes to join
+(`mstar.serving.nodes`), then runs only its own ranks' workers, every component on a ZMQ
+`tcp://` endpoint; a node lost counts as a dead child. Nodes 1..N-1 run
+`mstar.serving.agent` instead (`run_server` picks it by `--node-rank`).
 """
 
 from __future__ import annotations
@@ -42,11 +47,13 @@ import msgspec
 from mstar.communication import messages as msg
 from mstar.communication.zmq_channel import ZmqChannel
 from mstar.config import DeploymentConfig, placement, validate_for_model
+from mstar.config.nodes import node_hosts, node_ranks
 from mstar.config.settings import ServerSettings
 from mstar.plugins import model_registry
 from mstar.runtime.builder import LoadOptions, make_model, tp_group_ranks
 from mstar.serving import leftovers
 from mstar.serving.gateway import Gateway
+from mstar.serving.nodes import NodeLinks, Welcome, control_endpoints, identity
 from mstar.serving.proc import ProcessSpec
 
 log = logging.getLogger("mstar.serving")
@@ -68,6 +75,9 @@ def resolve_protocol(requested: str | None, *, node_count: int = 1) -> str:
         log.info("Mooncake is not installed: using the SHM tensor transport on this node "
                  "(install mstar-core[rdma] for RDMA, or pass --tensor-comm-protocol TCP)")
         return "SHM" if node_count == 1 else "TCP"
+    if requested.upper() == "SHM" and node_count > 1:
+        raise ValueError(f"--tensor-comm-protocol SHM moves tensors within one node: across "
+                         f"{node_count} nodes (--nnodes) pass TCP or RDMA")
     if requested.upper() == "RDMA" and not has_mooncake:
         raise ValueError("--tensor-comm-protocol RDMA needs Mooncake: install the `rdma` "
                          "extra (pip install 'mstar-core[rdma]') or pass SHM or TCP")
@@ -84,10 +94,14 @@ class ProcessDeployment:
     """The data workers, the conductor and the workers as child processes; the gateway in
     this process."""
 
-    def __init__(self, settings: ServerSettings, config: DeploymentConfig):
+    def __init__(self, settings: ServerSettings, config: DeploymentConfig, *,
+                 cancelled: Callable[[], bool] = lambda: False):
+        """`cancelled`: polled while node 0 waits for the other nodes to join (a signal
+        that came meanwhile ends the wait)."""
         self.settings, self.config = settings, config
         self.id = uuid.uuid4().hex[:8]
-        self.protocol = resolve_protocol(settings.tensor_comm_protocol)
+        self.protocol = resolve_protocol(settings.tensor_comm_protocol,
+                                         node_count=settings.nnodes)
         self.spec = model_registry().get(config.model)
         options = LoadOptions.of(self.spec, load_format=settings.load_format,
                                  model_path=settings.model_path, cache_dir=settings.cache_dir,
@@ -105,40 +119,95 @@ class ProcessDeployment:
             for rank in self.ranks:
                 tp_group_ranks(where.nodes_on(rank))  # one tensor-parallel group per rank
             tp_port = free_port()
-        self.socket_dir = Path(settings.socket_path_prefix) / f"d{self.id}"
-        self.socket_dir.mkdir(parents=True, exist_ok=True)
-        leftovers.claim(self.socket_dir)
-        data_workers = [f"frontend:{k}" for k in range(settings.data_workers)]
-        self.gateway = Gateway(ZmqChannel("api", prefix=str(self.socket_dir)), data_workers,
-                               [f"worker:{r}" for r in self.ranks])
         self.failure: str | None = None
         #: called (from the monitor thread) when a child dies: the server stops
         self.on_child_death: Callable[[str], None] | None = None
         self._closing = False
+        #: each node's ranks (node 0: this one); the other nodes' links (multi-node)
+        self.node_ranks = node_ranks(config, self.ranks, settings.nnodes)
+        self.links: NodeLinks | None = None
+        data_workers = [f"frontend:{k}" for k in range(settings.data_workers)]
+        host, endpoints, tp_host = "127.0.0.1", {}, "127.0.0.1"
+        if settings.nnodes > 1:
+            hosts = self._join_nodes(settings, config, cancelled)
+            host, tp_host = hosts[0], settings.master_addr
+            placed = {"api": host, "conductor": host, **dict.fromkeys(data_workers, host)}
+            placed |= {f"worker:{r}": hosts[k] for k, ranks in enumerate(self.node_ranks)
+                       for r in ranks}
+            endpoints = control_endpoints(placed, settings.master_port + 1)
+            tp_port = settings.master_port + 1 + len(endpoints)
+        self.socket_dir = Path(settings.socket_path_prefix) / f"d{self.id}"
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        leftovers.claim(self.socket_dir)
+        self.gateway = Gateway(ZmqChannel("api", prefix=str(self.socket_dir),
+                                          endpoints=endpoints), data_workers,
+                               [f"worker:{r}" for r in self.ranks])
         self.gateway.start()
-        threads = worker_threads(settings.cpu_threads, len(self.ranks))
+        threads = worker_threads(settings.cpu_threads, len(self.node_ranks[0]))
         base = dict(deployment_id=self.id, socket_prefix=str(self.socket_dir),
                     protocol=self.protocol, model=config.model, config=config.model_dump(),
                     preset=settings.preset, load=dataclasses.asdict(options),
                     tcp_device=settings.tcp_transfer_device,
                     log_level=settings.log_level, gateway_address=self.gateway.channel.address,
                     enable_nvtx=settings.enable_nvtx,
-                    media_limits=dataclasses.asdict(settings.media_limits()))
+                    media_limits=dataclasses.asdict(settings.media_limits()),
+                    host=host, endpoints=endpoints, tp_host=tp_host)
         self.procs: dict[str, subprocess.Popen] = {
             "conductor": self._spawn(ProcessSpec(role="conductor", **base))}
         for k, address in enumerate(data_workers):
             # one torch thread each: data workers scale by their number, the ranks need cores
             self.procs[address] = self._spawn(ProcessSpec(role="data_worker", rank=k, **base))
-        for rank in self.ranks:
+        for rank in self.node_ranks[0]:
             self.procs[f"worker:{rank}"] = self._spawn(ProcessSpec(
                 role="worker", rank=rank, cpu_threads=threads,
                 tp_port=tp_port, **base))
+        if self.links is not None:
+            for k in range(1, settings.nnodes):
+                self.links.welcome(k, Welcome(self.id, self.protocol, self.node_ranks[k],
+                                              endpoints, tp_port, tp_host))
         self._monitor = threading.Thread(target=self._watch, name="monitor", daemon=True)
         self._monitor.start()
 
     def _spawn(self, spec: ProcessSpec) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "mstar.serving.proc",
-                                 msgspec.json.encode(spec).decode()])
+        return spawn(spec)
+
+    def _join_nodes(self, settings: ServerSettings, config: DeploymentConfig,
+                    cancelled: Callable[[], bool]) -> list[str]:
+        """Listen for the other nodes and wait until all joined; each node's address."""
+        ident, digest = identity(config.model_dump(mode="json"), model=config.model,
+                                 preset=settings.preset, load_format=settings.load_format)
+        self.links = NodeLinks(settings.master_addr, settings.master_port,
+                               nnodes=settings.nnodes, identity=ident, digest=digest,
+                               on_lost=self._node_lost, on_child_died=self._remote_died)
+        log.info("node 0: waiting for %d more node(s) at %s:%d", settings.nnodes - 1,
+                 settings.master_addr, settings.master_port)
+        missing = self.links.wait_joined(settings.startup_timeout, cancelled)
+        if missing:
+            self.links.stop(1)
+            raise NodesMissing(f"node(s) {', '.join(map(str, missing))} of {settings.nnodes} "
+                               f"did not join at {settings.master_addr}:"
+                               f"{settings.master_port} within {settings.startup_timeout:g} s")
+        joined = self.links.hosts()
+        named = node_hosts(config, settings.nnodes, settings.master_addr)
+        return [named[k] or joined[k] for k in range(settings.nnodes)]
+
+    def _node_lost(self, k: int, message: str) -> None:
+        """Node k is gone with every rank on it: as if each of its workers died."""
+        self._remote_died(*[f"worker:{r}" for r in self.node_ranks[k]], message=message)
+
+    def _remote_died(self, *addresses: str, message: str) -> None:
+        """Workers of another node are gone: their requests fail, the server stops."""
+        if self._closing:
+            return
+        log.error("%s", message)
+        if self.failure is None:
+            self.failure = message
+        gateway = getattr(self, "gateway", None)  # none yet while the nodes join
+        if gateway is not None:
+            for address in addresses:
+                gateway.channel.send("conductor", msg.WorkerDied(address, message))
+        if self.on_child_death is not None:
+            self.on_child_death(message)
 
     def _watch(self) -> None:
         """Every child that exits while serving fails what it was running; the first one
@@ -212,6 +281,8 @@ class ProcessDeployment:
         if self._closing:
             return
         self._closing = True
+        if self.links is not None:  # the other nodes stop their ranks themselves
+            self.links.stop(EXIT_CHILD_DIED if self.failure else 0)
         starting = self.gateway.expected_workers - self.gateway.ready_workers
         for name, proc in self.procs.items():
             if proc.poll() is not None:
@@ -242,6 +313,16 @@ class ProcessDeployment:
             from mstar.communication.shm import cleanup_deployment
 
             cleanup_deployment(self.id)
+
+
+class NodesMissing(RuntimeError):
+    """Node 0 gave up waiting for the other nodes to join."""
+
+
+def spawn(spec: ProcessSpec) -> subprocess.Popen:
+    """Start one child (`mstar.serving.proc`)."""
+    return subprocess.Popen([sys.executable, "-m", "mstar.serving.proc",
+                             msgspec.json.encode(spec).decode()])
 
 
 def free_port() -> int:
@@ -280,7 +361,12 @@ def draining_server(config: Any, grace: float, fail: Callable[[], None]) -> Any:
 
 def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
     """Serve until SIGINT/SIGTERM, or until a child dies; the exit code (0 after a clean
-    shutdown, 1 when start-up failed, `EXIT_CHILD_DIED`)."""
+    shutdown, 1 when start-up failed, `EXIT_CHILD_DIED`). On a node other than node 0 this
+    runs the node's agent (`mstar.serving.agent`) instead: no HTTP."""
+    if settings.node_rank > 0:
+        from mstar.serving.agent import run_agent
+
+        return run_agent(settings, config)
     for port, what in ((settings.port, ""), (settings.policy_ws_port, " (--policy-ws-port)")):
         busy = None if port is None else port_is_free(settings.host, port)
         if busy is not None:
@@ -296,7 +382,13 @@ def run_server(settings: ServerSettings, config: DeploymentConfig) -> int:
     stop = _StopSignal()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        deployment = ProcessDeployment(settings, config)
+        deployment = ProcessDeployment(settings, config, cancelled=lambda: stop.seen)
+    except NodesMissing as exc:
+        _restore(previous)
+        if stop.seen:  # stopped while waiting: a clean stop, as during any start-up
+            return 0
+        print(f"error: start-up failed: {exc}", file=sys.stderr, flush=True)
+        return 1
     except BaseException:
         _restore(previous)
         raise

@@ -41,7 +41,10 @@ class ProcessSpec(msgspec.Struct):
     tcp_device: str | None = None
     log_level: str = "INFO"
     cpu_threads: int = 1
-    tp_port: int = 0  # rendezvous port of the tensor-parallel group, 0: none
+    tp_port: int = 0  # rendezvous port of the first tensor-parallel group, 0: none
+    tp_host: str = "127.0.0.1"  # where the tensor-parallel groups meet (node 0's address)
+    #: address -> `tcp://host:port` of every component (multi-node); empty: IPC sockets
+    endpoints: dict[str, str] = {}
     enable_nvtx: bool = False
     media_limits: dict = {}  # a data worker's `MediaLimits` fields (decoding chat media)
     #: the API server's gateway: readiness, worker stats and client events go there
@@ -90,12 +93,12 @@ def run(spec: ProcessSpec) -> None:
 
     roles = wiring(spec)
     if spec.role == "conductor":
-        channel = ZmqChannel("conductor", prefix=spec.socket_prefix)
+        channel = ZmqChannel("conductor", prefix=spec.socket_prefix, endpoints=spec.endpoints)
         component = roles.conductor(channel)
     else:
         torch.set_num_threads(spec.cpu_threads)
         address = f"frontend:{spec.rank}" if spec.role == "data_worker" else f"worker:{spec.rank}"
-        channel = ZmqChannel(address, prefix=spec.socket_prefix)
+        channel = ZmqChannel(address, prefix=spec.socket_prefix, endpoints=spec.endpoints)
         transport = make_transport(spec.protocol, address, deployment_id=spec.deployment_id,
                                    host=spec.host, device=spec.tcp_device)
         if spec.role == "data_worker":
@@ -103,7 +106,8 @@ def run(spec: ProcessSpec) -> None:
                                        media_limits=MediaLimits(**spec.media_limits))
             channel.send(spec.gateway_address, msg.WorkerReady(address, []))
         else:
-            component = roles.worker(spec.rank, channel, transport, tp_port=spec.tp_port)
+            component = roles.worker(spec.rank, channel, transport, tp_port=spec.tp_port,
+                                     tp_host=spec.tp_host)
     signal.signal(signal.SIGTERM, lambda *_: component.stop_soon())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we stop
     try:
