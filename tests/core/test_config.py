@@ -263,8 +263,8 @@ def _write(tmp_path, text: str) -> str:
     ("max_seq_len: 10\n", ["model: required"]),
     ("model: tiny\nnode_group: []\n",
      ["node_group: unknown key; allowed: model, max_seq_len, node_groups, devices, "
-      "model_kwargs, kv_cache, scheduler, max_concurrent_requests, max_children, "
-      "encoder_cache_bytes, request_timeout"]),
+      "nodes, ranks_per_node, model_kwargs, kv_cache, scheduler, max_concurrent_requests, max_children, "
+      "encoder_cache_bytes, request_timeout, replicas"]),
     ("model: tiny\nnode_groups:\n  - {node_names: [LLM], ranks: [0]}\n"
      "  - {node_names: [vit_encoder], rank: [0], tp_size: 0}\n"
      "kv_cache: {page_sise: 8, memory_fraction: 2}\n",

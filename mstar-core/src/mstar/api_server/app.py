@@ -260,6 +260,9 @@ def create_app(backend: Backend, settings: ServerSettings) -> FastAPI:
                                 headers=RETRY_HEADERS)
         if not backend.ready():
             return JSONResponse({"status": "starting"}, status_code=503, headers=RETRY_HEADERS)
+        down = backend.degraded()  # a replica is out of rotation; the others serve
+        if down is not None:
+            return JSONResponse({"status": "degraded", "detail": down})
         return JSONResponse({"status": "ok"})
 
     @guarded.get("/v1/models")

@@ -80,6 +80,10 @@ class Backend(Protocol):
     def failed(self) -> str | None:
         """Why the deployment cannot serve (a worker failed to start or died), else None."""
 
+    def degraded(self) -> str | None:
+        """What is down while the deployment still serves (a data-parallel replica whose
+        worker died), else None."""
+
     def live_requests(self) -> int:
         """Requests submitted and not yet finished (admission compares it to the limit)."""
 

@@ -96,6 +96,11 @@ def _add_options(parser: argparse.ArgumentParser, shown_defaults: Mapping[str, s
     server.add_argument("--policy-ws-port", type=int,
                         help="serve a policy model's websocket protocol (e.g. Pi0.5's openpi "
                              "protocol) on this port too")
+    server.add_argument("--data-parallel-size", "--dp-size", type=int,
+                        dest="data_parallel_size", metavar="N",
+                        help="run N copies (replicas) of the layout behind this server, "
+                             "replica k on the config's ranks shifted by k x its rank count; "
+                             "each request runs on one (default: the config's replicas, 1)")
     server.add_argument("--cpu-threads", type=int,
                         help="torch threads of each rank's worker process on CPU (default: "
                              "the cores divided among the ranks)")
@@ -295,6 +300,8 @@ def prepare(path_or_name: str | None, cli: Mapping[str, Any], overrides: Sequenc
     assert settings is not None and config is not None
     if config.request_timeout is None:
         config = config.model_copy(update={"request_timeout": settings.timeout})
+    if settings.data_parallel_size is not None:  # over the YAML's replicas
+        config = config.model_copy(update={"replicas": settings.data_parallel_size})
     try:
         model_instance = model_for(config, settings)
         config = with_preset_cap(config, model_instance, settings.preset,

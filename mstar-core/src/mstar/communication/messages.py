@@ -99,6 +99,9 @@ class Submit(msgspec.Struct, tag=True):
     first_walks: dict[str, WalkStepMsg]
     prompt_tokens: int = 0
     timeout: float | None = None
+    #: a hash of the prompt's first KV page (`routing.prefix_key`): requests alike there
+    #: go to one data-parallel replica; None: routed by load only
+    prefix: str | None = None
 
 
 class CancelRequest(msgspec.Struct, tag=True):

@@ -89,6 +89,10 @@ class DeploymentConfig(BaseModel):
     #: rank (an encoder-output cache keyed by the inputs' hash; 0: off).
     encoder_cache_bytes: int = Field(default=256 * 2**20, ge=0)
     request_timeout: float | None = Field(default=None, gt=0)
+    #: Data-parallel copies of this layout behind one API server (`--data-parallel-size`):
+    #: replica k runs it on the ranks shifted by k x (the highest rank + 1); the conductor
+    #: sends each request to one replica (`mstar.runtime.routing`).
+    replicas: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _one_node_map(self) -> DeploymentConfig:

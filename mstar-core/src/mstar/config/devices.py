@@ -11,6 +11,9 @@ the device of every rank and is the only way to put several ranks on one device:
 the sharing rule, and those ranks split the device's KV budget. A mapping naming a device
 that is not visible, or a tensor-parallel group spanning CPU and CUDA (or two of its ranks
 on one CUDA device, which NCCL refuses) is an error at start, naming `devices`.
+With data-parallel `replicas`, every rule applies to the global ranks (rank r on `cuda:r`);
+a mapping names one replica's ranks and each further replica takes the next GPUs
+(`replica_devices`), or it names every replica's ranks.
 
 Importing this module imports no torch (`visible_cuda_devices` imports it when called).
 """
@@ -79,6 +82,33 @@ def mapping_problems(mapping: dict[int, str] | None, ranks: list[int]) -> list[s
     return problems
 
 
+def mapped_ranks(mapping: dict[int, str] | None, base: list[int], replicas: int) -> list[int]:
+    """The ranks a `devices` mapping must name: one replica's (`base`, the config's own
+    ranks; `replica_devices` gives the other replicas theirs), or every replica's ranks
+    when it names any rank beyond them (then it is taken as written)."""
+    if mapping is None or replicas == 1 or set(mapping) <= set(base):
+        return base
+    per = max(base) + 1
+    return [r + k * per for k in range(replicas) for r in base]
+
+
+def replica_devices(mapping: dict[int, str], base: list[int], replicas: int
+                    ) -> dict[int, str]:
+    """A mapping of one replica's ranks (`base`: 0..R-1) extended to every replica: rank
+    `r + k * R` of replica k takes the device of `r`, its CUDA index shifted by
+    `k * D` (D: the highest CUDA index the mapping names, plus one), so each replica runs on
+    GPUs of its own and shares them as replica 0 does; "cpu" stays the CPU. A mapping
+    naming every replica's ranks is returned as it is."""
+    if replicas == 1 or set(mapping) != set(base):
+        return mapping
+    index = {r: m.group(1) for r, d in mapping.items()
+             if (m := DEVICE_PATTERN.fullmatch(d)) is not None}
+    span = max((int(i) for i in index.values() if i is not None), default=-1) + 1
+    per = max(base) + 1
+    return {r + k * per: d if index.get(r) is None else f"cuda:{int(index[r]) + k * span}"
+            for k in range(replicas) for r, d in mapping.items()}
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     """The device of every rank (`"cpu"` or `"cuda:<index>"`)."""
@@ -94,7 +124,8 @@ class DevicePlan:
 
 
 def _tp_groups(where: Placement) -> set[tuple[int, ...]]:
-    return {p.ranks for p in where.nodes.values() if p.tp_size > 1}
+    return {p.ranks for rank in where.ranks() for p in where.nodes_on(rank).values()
+            if p.tp_size > 1}
 
 
 def device_plan(config: DeploymentConfig, where: Placement, *,
@@ -103,11 +134,14 @@ def device_plan(config: DeploymentConfig, where: Placement, *,
     devices (default: counted now). Raises `ConfigError` naming `devices`."""
     count = visible_cuda_devices() if cuda_devices is None else cuda_devices
     ranks = where.ranks()
-    problems = mapping_problems(config.devices, ranks)
+    base = ranks[:where.ranks_per_replica]
+    problems = mapping_problems(config.devices,
+                                mapped_ranks(config.devices, base, where.replicas))
     if problems:
         raise ConfigError(problems)
     if config.devices is not None:
-        devices = {r: config.devices[r] for r in ranks}
+        mapping = replica_devices(config.devices, base, where.replicas)
+        devices = {r: mapping[r] for r in ranks}
         for rank, device in sorted(devices.items()):
             index = DEVICE_PATTERN.fullmatch(device).group(1)  # type: ignore[union-attr]
             if index is not None and int(index) >= count:

@@ -82,6 +82,9 @@ class ServerSettings(BaseSettings):
     shutdown_grace: float = Field(30.0, ge=0)
     data_workers: int = Field(1, ge=1, description="Processes running the model's "
                               "process_prompt and postprocess, off the API server.")
+    data_parallel_size: int | None = Field(None, ge=1, description="Data-parallel "
+                                           "replicas of the layout (sets the deployment's "
+                                           "`replicas`); None: the YAML's.")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads of each rank's "
                                     "worker process (CPU); None: the machine's cores "
                                     "divided among the ranks.")

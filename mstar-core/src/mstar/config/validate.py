@@ -16,6 +16,7 @@ agree on tensor-parallel ranks and dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Mapping
@@ -57,23 +58,47 @@ class NodePlacement:
 @dataclass(frozen=True)
 class Placement:
     """The resolved placement: (walk, node) -> `NodePlacement` for every node each walk
-    runs, branch nodes included under their own names."""
+    runs, branch nodes included under their own names, on the config's own ranks.
+
+    `replicas` (data parallelism, `DeploymentConfig.replicas`) copies that layout: replica
+    k runs it on the ranks shifted by `k * ranks_per_replica`. The expansion is made here,
+    once, so every role sees the same global ranks: `ranks()` and `nodes_on(rank)` (what a
+    worker builds, its TP group included) are global, and only the conductor, which picks
+    a request's replica, asks for one (`get(walk, node, replica)`)."""
 
     nodes: Mapping[tuple[str, str], NodePlacement]
+    replicas: int = 1
 
-    def get(self, walk: str, node: str) -> NodePlacement:
+    @functools.cached_property
+    def ranks_per_replica(self) -> int:
+        return max(rank for p in self.nodes.values() for rank in p.ranks) + 1
+
+    def get(self, walk: str, node: str, replica: int = 0) -> NodePlacement:
         try:
-            return self.nodes[(walk, node)]
+            placed = self.nodes[(walk, node)]
         except KeyError:
             raise KeyError(f"walk {walk!r} does not run node {node!r}") from None
+        return self._shifted(placed, replica)
 
     def ranks(self) -> list[int]:
-        return sorted({rank for p in self.nodes.values() for rank in p.ranks})
+        base = sorted({rank for p in self.nodes.values() for rank in p.ranks})
+        return [r + k * self.ranks_per_replica for k in range(self.replicas) for r in base]
+
+    def replica_of(self, rank: int) -> int:
+        return rank // self.ranks_per_replica
 
     def nodes_on(self, rank: int) -> dict[str, NodePlacement]:
         """The nodes whose weights `rank` holds (modules, not branch names), each with its
         placement: what the rank's worker builds and how it shards it."""
-        return {p.module: p for p in self.nodes.values() if rank in p.ranks}
+        replica, base = divmod(rank, self.ranks_per_replica)
+        return {p.module: self._shifted(p, replica) for p in self.nodes.values()
+                if base in p.ranks}
+
+    def _shifted(self, p: NodePlacement, replica: int) -> NodePlacement:
+        if not 0 <= replica < self.replicas:
+            raise KeyError(f"replica {replica} does not exist (replicas: {self.replicas})")
+        shift = replica * self.ranks_per_replica
+        return dataclasses.replace(p, ranks=tuple(r + shift for r in p.ranks)) if shift else p
 
 
 @dataclass(frozen=True)
@@ -240,9 +265,11 @@ def _check(config: DeploymentConfig, model: Model) -> dict[tuple[str, str], Node
     if missing:
         problems.append(f"node_groups.*.ranks: ranks must be numbered 0..{max(used)} without "
                         f"gaps; unused: {_join(missing)}")
-    from mstar.config.devices import mapping_problems  # it imports this module
+    from mstar.config.devices import mapped_ranks, mapping_problems  # it imports this module
 
-    problems += mapping_problems(config.devices, sorted(used) or [0])
+    problems += mapping_problems(config.devices,
+                                 mapped_ranks(config.devices, sorted(used) or [0],
+                                              config.replicas))
     resolve_problems, placed = _resolve(config, model, view)
     problems += resolve_problems
     if problems:
@@ -257,4 +284,4 @@ def validate_for_model(config: DeploymentConfig, model: Model) -> None:
 
 def placement(config: DeploymentConfig, model: Model) -> Placement:
     """The resolved placement of a valid config (raises `ConfigError` otherwise)."""
-    return Placement(_check(config, model))
+    return Placement(_check(config, model), config.replicas)

@@ -10,7 +10,7 @@ client events).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
@@ -135,6 +135,9 @@ class RequestPlan:
     seed: int | None = None
     prompt_tokens: int = 0
     prompt_detail: str = ""
+    #: The prompt's token ids where the model has them: requests whose first KV page of
+    #: them is alike go to one data-parallel replica (its prefix cache); None: by load.
+    prompt_ids: Sequence[int] | None = None
 
 
 @dataclass

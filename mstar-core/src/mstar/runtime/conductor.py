@@ -15,6 +15,11 @@ made only while a worker has nothing of the request to run, and only a message c
 that, so the counts cannot balance while anything could still move. Such a request fails
 at once with a 500 that names what it waits on, instead of waiting for its timeout; a
 request that waits on client input (none does yet) is never stalled.
+
+With data-parallel replicas each request runs on one replica, picked at `Submit` by the
+`ReplicaRouter` (least loaded; prefix affinity), and every walk of it stays there
+(`owner_of(walk, replica)`). A worker's death takes its replica out of rotation and fails
+that replica's requests with a 503 naming the worker; the others go on.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from mstar.communication.component import Component
 from mstar.config.validate import Placement
 from mstar.graph.primitives import walk_nodes
 from mstar.model.contract import Done, Model, RequestState, WalkStep
+from mstar.runtime.routing import ReplicaRouter
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ class ConductorRequest:
     info: msg.RequestInfo
     prompt_tokens: int
     deadline: float | None
+    replica: int = 0  # the data-parallel replica every walk of it runs on
     lanes: set[tuple[str, int]] = field(default_factory=set)
     workers: set[str] = field(default_factory=set)
     outputs_sent: dict[str, int] = field(default_factory=dict)
@@ -86,6 +93,9 @@ class Conductor(Component):
         self.ready_workers: set[str] = set()
         self.dead_workers: dict[str, str] = {}
         self.load: dict[str, int] = {}
+        self.router = ReplicaRouter(placement.replicas)
+        self.replica_of_worker = {rank_addresses(r): placement.replica_of(r)
+                                  for r in placement.ranks()}
 
     # -- lifecycle --------------------------------------------------------------------------
     def tick(self) -> None:
@@ -101,16 +111,16 @@ class Conductor(Component):
         return sorted({n.module for n in walk_nodes(self.walks[walk])
                        if types.get(n.module) == "kv_cache"})
 
-    def owner_of(self, walk: str) -> str:
-        """The worker that runs `walk`: one holding its KV node (else its first node). A
-        branch (`alias_of`, its own KV label) is no anchor even when it comes first (an
-        image-free guidance context prefilled at the start of the walk): the request's
+    def owner_of(self, walk: str, replica: int = 0) -> str:
+        """The worker that runs `walk` in `replica`: one holding its KV node (else its first
+        node). A branch (`alias_of`, its own KV label) is no anchor even when it comes first
+        (an image-free guidance context prefilled at the start of the walk): the request's
         main sequence lives with the node itself."""
         nodes = walk_nodes(self.walks[walk])
         types = self.model.node_engine_types()
         kv = [n for n in nodes if types.get(n.module) == "kv_cache"]
         anchor = next((n for n in kv if n.alias_of is None), kv[0] if kv else nodes[0])
-        ranks = self.placement.get(walk, anchor.name).ranks
+        ranks = self.placement.get(walk, anchor.name, replica).ranks
         return select_worker([self.address_of(ranks[0])], self.load)
 
     # -- messages ---------------------------------------------------------------------------
@@ -139,9 +149,13 @@ class Conductor(Component):
             self.channel.send(self.status_address, m)
         elif isinstance(m, msg.WorkerDied):
             self.dead_workers[m.address] = m.message
+            error = f"{m.address} died: {m.message}"
+            replica = self.replica_of_worker.get(m.address)
+            if replica is not None:
+                self.router.kill(replica, error)
             for rid, req in list(self.requests.items()):
-                if m.address in req.workers:
-                    self._end(rid, "error", error=f"{m.address} died: {m.message}", code=503)
+                if m.address in req.workers or req.replica == replica:
+                    self._end(rid, "error", error=error, code=503)
         elif isinstance(m, msg.Shutdown):
             self.stop_soon()
 
@@ -163,14 +177,15 @@ class Conductor(Component):
         if too_many:
             self.channel.send(m.info.frontend, msg.Rejected(rid, too_many, 400))
             return
-        owners = {p: self.owner_of(step.walk) for p, step in m.first_walks.items()}
-        dead = sorted(set(owners.values()) & set(self.dead_workers))
-        if dead:
+        replica = self.router.pick(m.prefix)
+        if replica is None:
             self.channel.send(m.info.frontend, msg.Rejected(
-                rid, f"{dead[0]} is down: {self.dead_workers[dead[0]]}", 503))
+                rid, "; ".join(self.router.dead.values()), 503))
             return
+        owners = {p: self.owner_of(step.walk, replica) for p, step in m.first_walks.items()}
         deadline = time.monotonic() + m.timeout if m.timeout else None
-        req = self.requests[rid] = ConductorRequest(m.info, m.prompt_tokens, deadline)
+        req = self.requests[rid] = ConductorRequest(m.info, m.prompt_tokens, deadline,
+                                                    replica)
         for idx, edge in enumerate(self.edges):
             src, dst = self.partition_of.get(edge.src), self.partition_of.get(edge.dst)
             if src in owners and dst in owners:
@@ -196,7 +211,8 @@ class Conductor(Component):
         nodes = walk_nodes(self.walks[step.walk])
         remote = {}
         for n in nodes:  # nodes of this walk placed elsewhere run by NodeCall
-            where = self.address_of(self.placement.get(step.walk, n.name).ranks[0])
+            where = self.address_of(self.placement.get(step.walk, n.name,
+                                                       req.replica).ranks[0])
             if where != owner:
                 remote[n.name] = where
                 req.workers.add(where)
@@ -249,7 +265,8 @@ class Conductor(Component):
             if too_many:
                 self._end(m.request_id, "error", code=400, error=too_many)
                 return
-            self._dispatch(req, m.partition, m.child, step, self.owner_of(nxt.walk))
+            self._dispatch(req, m.partition, m.child, step,
+                           self.owner_of(nxt.walk, req.replica))
             self._fail_if_stalled(req)
             return
         if isinstance(nxt, Done) and nxt.reason != "stop":
@@ -305,6 +322,7 @@ class Conductor(Component):
 
     def _end(self, rid: str, reason: str, *, error: str | None = None, code: int = 500) -> None:
         req = self.requests.pop(rid)
+        self.router.finished(req.replica)
         for worker in req.workers - set(self.dead_workers):
             self.channel.send(worker, msg.Cancel(rid, reason) if error or reason != "stop"
                               else msg.Release(rid))

@@ -38,6 +38,7 @@ from mstar.model.contract import Model, OutputState, RequestPlan, token_list
 from mstar.model.fields import decode_inputs, input_fields
 from mstar.model.sampling import SamplingParams
 from mstar.runtime.entry import Entry
+from mstar.runtime.routing import prefix_key
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -249,8 +250,17 @@ class Frontend(Entry):
             self._live[rid] = _Live(sink, dict(plan.params), plan.prompt_tokens, completions,
                                     stops)
         self.channel.send("conductor", msg.Submit(info, first, plan.prompt_tokens,
-                                                  self.config.request_timeout))
+                                                  self.config.request_timeout,
+                                                  self._prefix(plan)))
         return rid
+
+    def _prefix(self, plan: RequestPlan) -> str | None:
+        """The plan's prefix-affinity key for the conductor's replica choice (only where
+        prefix caching could reuse the prompt's pages)."""
+        kv = self.config.kv_cache
+        if plan.prompt_ids is None or self.config.replicas == 1 or not kv.enable_prefix_caching:
+            return None
+        return prefix_key(plan.prompt_ids, kv.page_size)
 
     def cancel(self, request_id: str, reason: str = "abort") -> None:
         with self._lock:

@@ -84,6 +84,9 @@ class EntryBackend:
         """Which part of the deployment stopped, if one did."""
         return None
 
+    def degraded(self) -> str | None:
+        return None
+
     def use_media_limits(self, limits: MediaLimits) -> None:
         """Decode chat media within the server's limits. Served, the launcher gave the data
         workers the same settings when it started them: nothing to do here."""
@@ -126,6 +129,9 @@ class GatewayBackend(EntryBackend):
 
     def dead(self) -> str | None:
         return self.deployment.failure
+
+    def degraded(self) -> str | None:
+        return self.deployment.degraded()
 
 
 __all__ = ["EntryBackend", "GatewayBackend", "LocalBackend", "entry_stats"]

@@ -9,7 +9,10 @@ requests with 503 (a worker's through the conductor, a data worker's through the
 turns `/health` unhealthy and stops the server with `EXIT_CHILD_DIED`, so that a supervisor
 starts it again (a dead rank cannot rejoin in place: its peers, its tensor-parallel group
 and the KV pages of its requests are gone with it); until it has stopped, requests get 503
-with Retry-After. SIGINT/SIGTERM drain (uvicorn's graceful shutdown): requests still running
+with Retry-After. With data-parallel replicas, a worker that dies
+after start-up takes only its replica out of rotation (its requests fail with 503, `/health`
+reports the deployment degraded) and the server stops only when no replica is left.
+SIGINT/SIGTERM drain (uvicorn's graceful shutdown): requests still running
 after `shutdown_grace` end with a 503 error event, then every child is stopped and sockets
 and SHM segments are removed. What a killed server left is swept at the next start
 (`mstar.serving.leftovers`).
@@ -115,6 +118,9 @@ class ProcessDeployment:
         validate_for_model(config, self.model)
         where = placement(config, self.model)
         self.ranks = where.ranks()
+        self.replica_of = {f"worker:{r}": where.replica_of(r) for r in self.ranks}
+        #: replicas out of rotation (a worker of theirs died while serving) -> why
+        self.dead_replicas: dict[int, str] = {}
         tp_port = 0
         if any(p.tp_size > 1 for p in where.nodes.values()):
             for rank in self.ranks:
@@ -215,7 +221,7 @@ class ProcessDeployment:
     def _watch(self) -> None:
         """Every child that exits while serving fails what it was running; the first one
         to go is the deployment's failure (`/health` turns unhealthy) and stops the server
-        (`on_child_death`)."""
+        (`on_child_death`), unless it is a worker of a replica while others still serve."""
         gone: set[str] = set()
         while not self._closing:
             for name, proc in self.procs.items():
@@ -225,7 +231,8 @@ class ProcessDeployment:
                 gone.add(name)
                 message = f"{name} exited with code {code}"
                 log.error("%s", message)
-                if self.failure is None:
+                serving_on = name in self.replica_of and self._replica_lost(name, message)
+                if self.failure is None and not serving_on:
                     self.failure = message
                 if name == "conductor":
                     self.gateway.fail_all(message, 503)
@@ -233,9 +240,30 @@ class ProcessDeployment:
                     self.gateway.data_worker_died(name, message)
                 else:
                     self.gateway.channel.send("conductor", msg.WorkerDied(name, message))
-                if self.on_child_death is not None:
+                if self.on_child_death is not None and not serving_on:
                     self.on_child_death(message)
             time.sleep(0.1)
+
+    def _replica_lost(self, worker: str, message: str) -> bool:
+        """Take `worker`'s replica out of rotation; True while another replica serves (a
+        death during start-up fails the start as before)."""
+        replicas = len(set(self.replica_of.values()))
+        if replicas == 1 or not self.gateway.ready.is_set():
+            return False
+        replica = self.replica_of[worker]
+        self.dead_replicas.setdefault(replica, message)
+        if len(self.dead_replicas) == replicas:
+            return False
+        log.error("replica %d is out of rotation (%s); %d of %d replica(s) serve on",
+                  replica, message, replicas - len(self.dead_replicas), replicas)
+        return True
+
+    def degraded(self) -> str | None:
+        """Which replicas are down while the others serve, else None."""
+        if not self.dead_replicas or self.failure is not None:
+            return None
+        return "; ".join(f"replica {k} is down ({why})"
+                         for k, why in sorted(self.dead_replicas.items()))
 
     def wait_ready(self, timeout: float) -> bool:
         """True once every worker and data worker reported ready; False on a start-up

@@ -320,7 +320,7 @@ class Orpheus(Model):
                 "input_ids": torch.tensor(ids, dtype=torch.long)}),
                 "codec": WalkStep("snac_chunk")},
             params={"max_tokens": req.max_tokens}, sampling={"default": sampling},
-            seed=req.seed, prompt_tokens=len(ids))
+            seed=req.seed, prompt_tokens=len(ids), prompt_ids=ids)
 
     def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Done:
         if state.partition == "codec" or state.walk == "decode":

@@ -590,7 +590,7 @@ class Qwen3Omni(Model):
             sampling.update(self._speech_sampling(req))
         return RequestPlan(first_walks=first_walks, params=params, sampling=sampling,
                            seed=req.seed, prompt_tokens=len(prompt.ids),
-                           prompt_detail=_media_detail(prompt))
+                           prompt_detail=_media_detail(prompt), prompt_ids=prompt.ids)
 
     def _speech_sampling(self, req: Qwen3OmniRequest) -> dict[str, SamplingParams]:
         c = self.config

@@ -648,7 +648,7 @@ class TestVLA(Model):
         if req.stream_consumer:
             first["stream"] = WalkStep("stream")
         return RequestPlan(first_walks=first, params=params, sampling={"default": sampling},
-                           seed=req.seed, prompt_tokens=len(ids))
+                           seed=req.seed, prompt_tokens=len(ids), prompt_ids=ids)
 
     def next_walk(self, state: RequestState, control: Mapping[str, Any]) -> WalkStep | Done:
         p = state.params
