@@ -62,6 +62,21 @@ def test_rank_r_uses_cuda_r_when_cuda_is_visible(testvla):
     assert [p.ranks_sharing(r) for r in (0, 1)] == [1, 1]
 
 
+def test_each_node_numbers_its_own_gpus(testvla):
+    """Across machines rank r is the i-th rank of its node, on that node's cuda:i: one GPU
+    per node serves a rank per node, a TP group may span nodes on cuda:0 each, and ranks
+    of two nodes never count as sharing a device."""
+    for layout in ("testvla_node_split", "testvla_tp2"):
+        config = load_config(layout).model_copy(update={"ranks_per_node": 1})
+        p = device_plan(config, placement(config, testvla), cuda_devices=1)
+        assert p.devices == {0: "cuda:0", 1: "cuda:0"}
+        assert [p.ranks_sharing(r) for r in (0, 1)] == [1, 1]
+    config = load_config("testvla_tp2").model_copy(update={"ranks_per_node": 2})
+    with pytest.raises(ConfigError) as info:  # both ranks on the one node's single GPU
+        device_plan(config, placement(config, testvla), cuda_devices=1)
+    assert "2 ranks but 1 visible CUDA device" in info.value.problems[0]
+
+
 def test_without_cuda_every_rank_is_on_the_cpu_said_once(testvla, caplog, monkeypatch):
     monkeypatch.setattr(devices_module, "_cpu_logged", False)
     with caplog.at_level(logging.INFO, logger="mstar.config.devices"):

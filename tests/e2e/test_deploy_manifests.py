@@ -24,7 +24,7 @@ import yaml
 
 from mstar.cli.main import build_parser, main
 from mstar.cli.serve import model_for
-from mstar.config import ConfigError, loader, placement
+from mstar.config import loader, placement
 from mstar.config.devices import device_plan
 from mstar.config.settings import ServerSettings
 
@@ -150,9 +150,6 @@ def test_pod_command_is_mstar_serve_with_its_node_flags(pod_index, tmp_path, cap
     assert ranks == set(range(replicas * deployment["ranks_per_node"]))
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    "devices are planned over the global ranks (rank r on cuda:r), so node 1's rank 1 asks "
-    "for cuda:1 in a pod with one GPU; multi-node needs a per-node device plan"))
 def test_each_pod_has_the_gpus_its_ranks_need():
     """A pod sees its `nvidia.com/gpu` limit of CUDA devices; its node's ranks must be
     placed on them."""
@@ -160,7 +157,10 @@ def test_each_pod_has_the_gpus_its_ranks_need():
     data = yaml.safe_load(_one("ConfigMap")["data"]["deployment.yaml"])
     config = loader.config_from_data(data, "deployment.yaml")
     model = model_for(config, ServerSettings(preset="tiny", load_format="dummy"))
-    device_plan(config, placement(config, model), cuda_devices=gpus)
+    plan = device_plan(config, placement(config, model), cuda_devices=gpus)
+    # each node numbers its own GPUs: every rank on its pod's GPU, none sharing it
+    assert set(plan.devices.values()) == {"cuda:0"}
+    assert {plan.ranks_sharing(r) for r in plan.devices} == {1}
 
 
 def test_http_service_reaches_node_0_only_and_probes_ask_node_0():

@@ -6,7 +6,9 @@ served workers both call `device_plan`, so a rank lands on the same device eithe
 
 Rules. Without a `devices` mapping in the YAML, rank r uses `cuda:r` when CUDA is
 visible (an error when there are more ranks than visible devices), and every rank uses the
-CPU when it is not (logged once). A `devices` mapping (`{0: "cuda:0", 1: "cuda:0"}`) names
+CPU when it is not (logged once). Across machines (the config's `nodes` or
+`ranks_per_node`) each node numbers its own: its i-th rank uses its `cuda:i`, and a
+mapping's devices are those of the rank's node. A `devices` mapping (`{0: "cuda:0", 1: "cuda:0"}`) names
 the device of every rank and is the only way to put several ranks on one device: that is
 the sharing rule, and those ranks split the device's KV budget. A mapping naming a device
 that is not visible, or a tensor-parallel group spanning CPU and CUDA (or two of its ranks
@@ -111,16 +113,30 @@ def replica_devices(mapping: dict[int, str], base: list[int], replicas: int
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """The device of every rank (`"cpu"` or `"cuda:<index>"`)."""
+    """The device of every rank (`"cpu"` or `"cuda:<index>"`) on its node, and each rank's
+    node (`node_of`; all 0 on one machine): `cuda:0` of node 0 and of node 1 are two GPUs."""
 
     devices: dict[int, str]
+    node_of: dict[int, int] | None = None
 
     def device(self, rank: int) -> str:
         return self.devices[rank]
 
+    def _where(self, rank: int) -> tuple[int, str]:
+        return (self.node_of or {}).get(rank, 0), self.devices[rank]
+
     def ranks_sharing(self, rank: int) -> int:
-        """Ranks on `rank`'s device, itself included: they split its KV budget."""
-        return sum(d == self.devices[rank] for d in self.devices.values())
+        """Ranks on `rank`'s device of its node, itself included: they split its KV budget."""
+        return sum(self._where(r) == self._where(rank) for r in self.devices)
+
+
+def rank_nodes(config: DeploymentConfig, ranks: list[int]) -> dict[int, int]:
+    """The node (machine) of each rank by the config's `nodes` or `ranks_per_node` (all 0
+    without them): each node numbers its own GPUs from cuda:0, as CUDA does."""
+    if config.nodes is not None:
+        return {r: k for k, node in enumerate(config.nodes) for r in node.ranks}
+    per = config.ranks_per_node
+    return {r: (r // per if per else 0) for r in ranks}
 
 
 def _tp_groups(where: Placement) -> set[tuple[int, ...]]:
@@ -134,6 +150,7 @@ def device_plan(config: DeploymentConfig, where: Placement, *,
     devices (default: counted now). Raises `ConfigError` naming `devices`."""
     count = visible_cuda_devices() if cuda_devices is None else cuda_devices
     ranks = where.ranks()
+    node_of = rank_nodes(config, ranks)
     base = ranks[:where.ranks_per_replica]
     problems = mapping_problems(config.devices,
                                 mapped_ranks(config.devices, base, where.replicas))
@@ -154,26 +171,32 @@ def device_plan(config: DeploymentConfig, where: Placement, *,
         if not _cpu_logged:
             _cpu_logged = True
             log.info("no CUDA device visible: every rank runs on the CPU")
-    elif len(ranks) > count:
-        raise ConfigError([
-            f"devices: {len(ranks)} ranks but {count} visible CUDA device(s); make more "
-            "devices visible (--gpus), or add a devices mapping (e.g. {0: 'cuda:0', "
-            "1: 'cuda:0'}) to put several ranks on one device"])
     else:
-        devices = {r: f"cuda:{r}" for r in ranks}
+        devices = {}
+        for node in sorted(set(node_of.values())):  # rank r on cuda:r on one node
+            local = [r for r in ranks if node_of.get(r, 0) == node]
+            if len(local) > count:
+                where_ = f" on node {node}" if len(set(node_of.values())) > 1 else ""
+                raise ConfigError([
+                    f"devices: {len(local)} ranks{where_} but {count} visible CUDA "
+                    "device(s); make more devices visible (--gpus), or add a devices "
+                    "mapping (e.g. {0: 'cuda:0', 1: 'cuda:0'}) to put several ranks on one "
+                    "device"])
+            devices.update({r: f"cuda:{i}" for i, r in enumerate(local)})
     for group in sorted(_tp_groups(where)):
         on = [devices[r] for r in group]
+        spots = {(node_of.get(r, 0), devices[r]) for r in group}
         if len({device_kind(d) for d in on}) > 1:
             problems.append(f"devices: tensor-parallel group of ranks {list(group)} spans "
                             f"devices of different kinds ({', '.join(on)}); put the whole "
                             "group on CUDA or on the CPU")
-        elif device_kind(on[0]) == "cuda" and len(set(on)) < len(on):
+        elif device_kind(on[0]) == "cuda" and len(spots) < len(on):
             problems.append(f"devices: tensor-parallel group of ranks {list(group)} puts two "
                             f"ranks on one CUDA device ({', '.join(on)}); NCCL needs one "
                             "device per rank")
     if problems:
         raise ConfigError(problems)
-    return DevicePlan(devices)
+    return DevicePlan(devices, node_of)
 
 
 def gpus_problem(gpus: str, visible: int) -> str | None:
