@@ -1,0 +1,84 @@
+"""Qwen3-Omni with its Thinker tensor-parallel over two ranks (`qwen3omni_thinker_tp2`),
+served as real processes on a seeded tiny checkpoint (`mstar_qwen3omni.checkpoint`, loaded
+by the real loader: each rank reads its half of the heads and of every expert): a greedy
+spoken reply gives the single-rank deployment's tokens, log-probs within 1e-4 (log-softmax
+of the Thinker's logits) and audio (the Talker reads the Thinker's hidden rows), and both
+ranks ran every Thinker step while only rank 0 ran the rest."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import numpy as np
+import pytest
+from placement_check import by_rank, check_placement
+from serving_harness import running
+
+import mstar
+from mstar import events
+
+pytestmark = pytest.mark.timeout(240)
+
+CONFIG = "qwen3omni_thinker_tp2"
+#: A short spoken reply (the Talker stops after 12 codec frames).
+SPEAK = {"prompt": "Hello there", "max_tokens": 6, "modalities": ["text", "audio"],
+         "temperature": 0, "logprobs": 2, "seed": 7, "talker_max_tokens": 12}
+#: The walks SPEAK takes; the Thinker's prompt is computed in its first.
+WALKS = {"prefill_last_speech", "decode_speech", "talker", "code2wav"}
+OPTIONS = {"max_seq_len": 1024, "kv_cache": {"num_pages": 128}}
+
+
+def summary(evs: list) -> dict:
+    """Tokens, each one's log-prob and its top 2, and the audio of a request's events."""
+    deltas = [e for e in evs if isinstance(e, events.TextDelta)]
+    audio = [e.samples.to_tensor().numpy() for e in evs if isinstance(e, events.AudioChunk)]
+    return {"tokens": [t for e in deltas for t in e.token_ids],
+            "logprobs": np.array([[lp.logprob, *(v for _, v in lp.top)] for e in deltas
+                                  for lp in e.logprobs]),
+            "audio": np.concatenate(audio) if audio else np.zeros(0, np.float32)}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from mstar_qwen3omni.checkpoint import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("qwen3omni-tp") / "tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def single_rank(ckpt) -> tuple[dict, dict[str, tuple[int, int]]]:
+    """SPEAK on one rank (in process), and each node's (all, split) parameter bytes."""
+    with mstar.load("qwen3_omni", "qwen3omni_colocated", model_path=str(ckpt),
+                    **OPTIONS) as deployment:
+        return summary(list(deployment.generate(SPEAK))), dict(
+            deployment.workers[0].parameter_bytes)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, ckpt):
+    with running(tmp_path_factory.mktemp("qwen3omni-tp-server"), "--config", CONFIG,
+                 "--model-path", str(ckpt), "--set", "max_seq_len=1024",
+                 "--set", "kv_cache.num_pages=128") as srv:
+        yield srv
+
+
+def test_thinker_tp2_speaks_as_one_rank(server, single_rank):
+    want, parameter_bytes = single_rank
+    response = server.generate(SPEAK)
+    assert response.status_code == 200, response.text
+    got = summary([msgspec.json.decode(json.dumps(e), type=events.Event)
+                   for e in response.json()["events"]])
+    assert len(want["tokens"]) == SPEAK["max_tokens"] and got["tokens"] == want["tokens"]
+    np.testing.assert_allclose(got["logprobs"], want["logprobs"], rtol=0, atol=1e-4)
+    assert want["audio"].size > 0
+    np.testing.assert_allclose(got["audio"], want["audio"], rtol=0, atol=1e-4)
+    check_placement(server, CONFIG, prefill_walks={"prefill_last_speech", "talker"},
+                    single_rank_bytes=parameter_bytes, walks=WALKS)
+    # the follower replayed every one of the leader's Thinker steps, no more
+    steps = by_rank(server, "mstar_node_invocations_total", "node", "walk")
+    thinker = {(rank, walk): n for (rank, node, walk), n in steps.items() if node == "Thinker"}
+    for walk in WALKS & {w for _, w in thinker}:
+        assert thinker[(0, walk)] == thinker[(1, walk)] > 0, (walk, thinker)
+    server.wait_idle()
+
