@@ -25,6 +25,7 @@ from mstar.model.contract import KVSpec, Model
 class TinyConfig:
     hidden_size: int = 16
     num_kv_heads: int = 4
+    num_heads: int = 8
     action_horizon: int = 8
 
 
@@ -43,7 +44,7 @@ class Tiny(Model):
     def kv_spec(self, node):
         assert node == "LLM"
         return KVSpec(num_layers=2, num_kv_heads=self.config.num_kv_heads, head_dim=4,
-                      labels=("main", "cfg_text"))
+                      num_heads=self.config.num_heads, labels=("main", "cfg_text"))
 
     def graph_walks(self):
         llm = GraphNode("LLM", inputs=("embeds",), outputs=("logits",))
@@ -183,12 +184,13 @@ LLM = "node_groups.2"
      "node_groups.0.tp_size: node 'vit_encoder' cannot be sharded (tp_size 2); nodes "
      "allowing tp_size > 1: LLM"),
     ({"group2": {"node_names": ["LLM"], "ranks": [0, 1, 2], "tp_size": 3}},
-     f"{LLM}.tp_size: 3 does not divide node 'LLM''s 4 KV heads; allowed: 1, 2, 4"),
+     f"{LLM}.tp_size: 3 does not divide node 'LLM''s 8 query heads and 4 KV heads (each "
+     "rank holds whole heads of both); allowed: 1, 2, 4"),
     ({"group2": {"node_names": ["LLM"], "ranks": [0], "dtype": "fp8"}},
      f"{LLM}.dtype: unknown dtype 'fp8'; allowed: float32, float16, bfloat16"),
     ({"model_kwargs": {"horizon": 3}},
      "model_kwargs.horizon: not a field of TinyConfig; allowed: action_horizon, hidden_size, "
-     "num_kv_heads"),
+     "num_heads, num_kv_heads"),
     ({"kv_cache": {"shares": {"vit_encoder": 1.0}}},
      "kv_cache.shares.vit_encoder: not a KV-cache node; allowed: LLM"),
     ({"max_seq_len": 512, "kv_cache": {"num_pages": 24}},
@@ -204,6 +206,32 @@ def test_each_invalid_field_is_named_with_what_is_allowed(model, changes, expect
     problems = _problems(_config(**changes), model)
     assert len(problems) == 1, problems
     assert expected in problems[0]
+
+
+def test_tp_size_must_divide_the_query_heads_too():
+    """Query heads are checked with the KV heads, before anything is built: 6 query heads
+    over 4 ranks fail although the 4 KV heads would split."""
+    model = Tiny(Tiny.make_config(preset="tiny", model_kwargs={"num_heads": 12}))
+    config = _config(group2={"node_names": ["LLM"], "ranks": [0, 1, 2, 3], "tp_size": 4})
+    validate_for_model(config, model)
+    model = Tiny(Tiny.make_config(preset="tiny", model_kwargs={"num_heads": 6}))
+    assert _problems(config, model) == [
+        "node_groups.2.tp_size: 4 does not divide node 'LLM''s 6 query heads and 4 KV heads "
+        "(each rank holds whole heads of both); allowed: 1, 2"]
+
+
+def test_pi05_refuses_tp_size_2_for_its_single_kv_head():
+    from mstar.plugins import load_model_class
+
+    pi05 = load_model_class("pi05")
+    model = pi05(pi05.make_config(preset="tiny"))
+    others = [n for n in model.node_engine_types() if n != "LLM"]
+    config = DeploymentConfig.model_validate({"model": "pi05", "node_groups": [
+        {"node_names": ["LLM"], "ranks": [0, 1], "tp_size": 2},
+        {"node_names": others, "ranks": [0]}]})
+    assert _problems(config, model) == [
+        "node_groups.0.tp_size: 2 does not divide node 'LLM''s 8 query heads and 1 KV heads "
+        "(each rank holds whole heads of both); allowed: 1"]
 
 
 def test_every_problem_is_reported_at_once(model):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mstar.communication import messages as msg
 from mstar.config.deployment import DeploymentConfig, SchedulerConfig
-from mstar.config.validate import NodePlacement
 from mstar.engine.kv_cache import KVCacheManager, OutOfPages, PagePool
 from mstar.engine.kv_engine import KVEngine
 from mstar.engine.prefix_cache import page_hashes, reusable_length
@@ -16,7 +16,6 @@ from mstar.graph.primitives import GraphNode
 from mstar.model.contract import KVSpec
 from mstar.model.forward import Segment, SeqKey
 from mstar.model.sampling import SamplingParams
-from mstar.runtime.builder import prefix_caching
 
 PAGE = 4
 N = 12  # three full pages
@@ -304,11 +303,65 @@ def test_a_later_chunk_of_a_prompt_continues_on_cached_pages(llm) -> None:
     assert cached.counters["prompt_tokens_computed"] == 17 + 1
     assert cached.pages_in_use() == 0
 
-def test_prefix_caching_is_configurable_and_off_for_tensor_parallel_nodes() -> None:
+def test_prefix_caching_is_on_by_default() -> None:
     on = DeploymentConfig(model="testvla")
     off = DeploymentConfig(model="testvla", kv_cache={"enable_prefix_caching": False})
     assert on.kv_cache.enable_prefix_caching and on.encoder_cache_bytes == 256 * 2**20
-    assert prefix_caching(on, "LLM", NodePlacement("LLM", (0,)), 0)
-    assert not prefix_caching(off, "LLM", NodePlacement("LLM", (0,)), 0)
-    for rank in (0, 1):  # the followers replay page operations: no lookups on any rank
-        assert not prefix_caching(on, "LLM", NodePlacement("LLM", (0, 1), tp_size=2), rank)
+    assert not off.kv_cache.enable_prefix_caching
+
+
+def test_a_tensor_parallel_follower_adopts_allocates_and_evicts_as_its_leader(llm) -> None:
+    """A leader's every step and cache operation replayed by a follower (the same module
+    here, so its K/V must come out bitwise equal): with prefix hits, preemption in a pool
+    too small for the three prompts at once, and evictions of cached pages (in an order the
+    follower's own allocator would not choose: it takes the leader's pages), the follower's
+    page tables, reference counts, cached pages and K/V stay the leader's, and it counts
+    the same hits."""
+    model, module = llm
+    spec = model.kv_spec("LLM")
+    leader, follower = (KVEngine("LLM", module, spec, KVCacheManager(PagePool(spec, 12, PAGE)),
+                                 max_seq_len=64, scheduler=SchedulerConfig())
+                        for _ in range(2))
+    leader.tp_ranks = (0, 1)
+    leader.mirror = lambda m: (follower.follow(m) if isinstance(m, msg.TPStep)
+                               else follower.apply(m))
+
+    def same_state() -> None:
+        a, b = leader.cache, follower.cache
+        tables = [{k: m.page_table(k) for k in m.keys() if m.page_table(k)} for m in (a, b)]
+        assert tables[0] == tables[1]  # (a sequence gets its first pages at its first step)
+        pages = range(a.pool.num_pages)
+        assert [a.pool.refcount(p) for p in pages] == [b.pool.refcount(p) for p in pages]
+        assert [a.pool.prefix.is_hashed(p) for p in pages] == [
+            b.pool.prefix.is_hashed(p) for p in pages]
+        assert torch.equal(a.pool.kv, b.pool.kv)
+
+    # Each request: a 17-token prompt (5 pages), then two chunks of 4 tokens that need a
+    # page each; the media seed picks the prompt (equal seeds: prefix hits).
+    rounds = [{"a": 1, "b": 2, "c": 3}, {"a2": 1, "b2": 2}, {"d": 4, "a3": 1},
+              {"e": 3, "f": 4, "a4": 1}]
+    node = GraphNode("LLM", inputs=("input_ids",), outputs=("logits",))
+
+    def submit(rid: str, inputs: dict) -> None:
+        leader.submit(NodeWork(rid, 0, node, inputs, seed=0, sampling=SamplingParams()))
+
+    for seeds in rounds:
+        chunks = {rid: [{"input_ids": torch.arange(60, 64)}, {"input_ids": torch.arange(64, 68)}]
+                  for rid in seeds}
+        for rid, seed in seeds.items():
+            submit(rid, prompt(llm, seed))
+        while chunks:
+            for result in leader.step():
+                assert result.error is None, result.error
+                rid = result.work.request_id
+                if chunks[rid]:
+                    submit(rid, chunks[rid].pop(0))
+                else:
+                    del chunks[rid]
+                    leader.release(rid)
+            same_state()
+    assert leader.counters["preemptions"] > 0 and leader.counters["prefix_cache_hit_tokens"] > 0
+    assert follower.counters["prefix_cache_hit_tokens"] == leader.counters[
+        "prefix_cache_hit_tokens"]
+    assert follower.counters["prompt_tokens_computed"] == leader.counters[
+        "prompt_tokens_computed"]

@@ -350,7 +350,7 @@ def test_model_config_comes_from_the_checkpoint_config_json(capsys, tmp_path):
     base = ["--model-path", str(checkpoint), "--load-format", "dummy", "--validate-config"]
     assert run(capsys, serve_main, ["--config", "testvla_single", *base])[0] == 0
     code, _, err = run(capsys, serve_main, ["--config", "testvla_tp2", *base])
-    assert code == 1 and "does not divide node 'LLM''s 1 KV heads" in err
+    assert code == 1 and "query heads and 1 KV heads" in err
     code, _, err = run(capsys, serve_main, ["--config", "testvla_single", "--model-path",
                                             str(tmp_path / "absent"), "--validate-config"])
     assert code == 1 and "--model-path: weight path" in err

@@ -33,6 +33,7 @@ def by_rank(server: Server, metric: str, *labels: str) -> dict[tuple, float]:
 def check_placement(server: Server, config_name: str, *, prefill_walks: set[str],
                     single_rank_bytes: dict[str, tuple[int, int]],
                     own_context: frozenset[str] = frozenset(),
+                    importing: frozenset[int] | None = None,
                     walks: set[str] | None = None) -> None:
     """Call once requests that ran every node of every walk have ended (of `walks` only,
     when given: the walks the requests took, where a model has more than a test runs).
@@ -43,7 +44,8 @@ def check_placement(server: Server, config_name: str, *, prefill_walks: set[str]
       `prefill_walks` or running an `own_context` branch (graph nodes that prefill a context
       of their own inside a later walk, as BAGEL's image-free `LLM_cfg_img`); a rank that
       runs any other of its graph nodes, and none of the prefill walks, imported K/V (a
-      migrated request, a branch's forked prefix), and no other rank did.
+      migrated request, a branch's forked prefix), and no other rank did (`importing`: the
+      ranks that import instead, where a rank both prefills and receives a branch's fork).
     - Each rank holds exactly the nodes placed on it; of a node at tp_size t it holds
       1/t of the parameters tensor parallelism splits (`single_rank_bytes`: (all, split)
       bytes of each node built whole on one rank) and all of the others.
@@ -84,5 +86,6 @@ def check_placement(server: Server, config_name: str, *, prefill_walks: set[str]
         assert prefill, node
         for rank in {r for r, n in held if n == node}:
             got = (computed[(rank, node)] > 0, imported[(rank, node)] > 0)
-            want = (rank in prefill | own, rank in other - prefill)
+            want = (rank in prefill | own,
+                    rank in (other - prefill if importing is None else importing))
             assert got == want, (rank, node, computed, imported)

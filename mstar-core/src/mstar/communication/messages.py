@@ -321,6 +321,16 @@ class TPSeq(msgspec.Struct):
     first: bool = False  # the chunk starts its sequence (counted as prompt tokens computed)
     outer: tuple[int, ...] = ()  # the noise key's other parts (`NodeWork`)
     join_round: int | None = None
+    #: Cached pages the leader's prefix cache gave the sequence before this chunk (the
+    #: follower adopts the same ones: it holds the same K/V shard under the same ids).
+    adopted: list[int] = []
+    #: The sequence's page table from page `context_len // page_size` on, after the
+    #: leader's reservation: the follower takes exactly these (new and copy-on-write).
+    pages: list[int] = []
+    #: Prefix-cache hashes of the sequence's full pages: after the step the follower
+    #: registers pages `register_from`.. under them, as the leader does.
+    hashes: list[bytes] = []
+    register_from: int = 0
 
 
 class TPStep(msgspec.Struct, tag=True):
@@ -336,7 +346,10 @@ class TPStep(msgspec.Struct, tag=True):
 
 class TPOp(msgspec.Struct, tag=True):
     """Leader -> followers: a cache operation outside a step, so page tables stay equal.
-    kind: "fork" (with `fork`), "reset" (a preempted sequence), "free", "release"."""
+    kind: "fork" (with `fork`), "reset" (a preempted sequence), "free", "release",
+    "export" (the sequence's K/V shard to the leader, a collective: it leaves the group)
+    and "import" (`length` tokens of K/V arrive into the leader's `pages`, the follower's
+    shard by a collective from the leader)."""
 
     node: str
     kind: str
@@ -344,6 +357,8 @@ class TPOp(msgspec.Struct, tag=True):
     label: str = "main"
     child: int = 0
     fork: Fork | None = None
+    pages: list[int] = []
+    length: int = 0
 
 
 class ChunkMsg(msgspec.Struct):

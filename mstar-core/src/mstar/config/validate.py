@@ -16,6 +16,7 @@ agree on tensor-parallel ranks and dtype.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -138,11 +139,15 @@ def _group_problems(index: int, group: NodeGroup, model: Model, view: _ModelView
                                 f"(tp_size {group.tp_size}); nodes allowing tp_size > 1: "
                                 f"{_join(view.tp_nodes)}")
             elif view.engines[module] == "kv_cache":
-                heads = model.kv_spec(module).num_kv_heads
-                if heads % group.tp_size:
-                    allowed = [d for d in range(1, heads + 1) if heads % d == 0]
+                spec = model.kv_spec(module)
+                heads, kv_heads = spec.query_heads, spec.num_kv_heads
+                if heads % group.tp_size or kv_heads % group.tp_size:
+                    both = math.gcd(heads, kv_heads)
+                    allowed = [d for d in range(1, both + 1) if both % d == 0]
                     problems.append(f"{at}.tp_size: {group.tp_size} does not divide node "
-                                    f"{node!r}'s {heads} KV heads; allowed: {_join(allowed)}")
+                                    f"{node!r}'s {heads} query heads and {kv_heads} KV "
+                                    f"heads (each rank holds whole heads of both); allowed: "
+                                    f"{_join(allowed)}")
     if group.dtype is not None and group.dtype not in DTYPES:
         problems.append(f"{at}.dtype: unknown dtype {group.dtype!r}; allowed: "
                         f"{', '.join(DTYPES)}")

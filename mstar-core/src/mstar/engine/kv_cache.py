@@ -116,6 +116,21 @@ class PagePool:
             self._refs[p] = 1
         return pages
 
+    def take(self, pages: list[int]) -> None:
+        """Allocate exactly `pages` (a tensor-parallel follower takes the pages its leader
+        allocated): each must be free here; a cached idle one is evicted, as the leader's
+        allocation evicted it. Then the follower's page ids, and so its page tables and its
+        prefix cache, stay the leader's whatever the order it frees pages in."""
+        for p in pages:
+            if self._refs[p] != 0:
+                raise RuntimeError(f"page {p} is in use here; the leader allocated it")
+        for p in pages:
+            if self.prefix.is_idle(p):
+                self.prefix.evict(p)
+            else:
+                self._free.remove(p)
+            self._refs[p] = 1
+
     def incref(self, page: int) -> None:
         if self._refs[page] <= 0:
             raise RuntimeError(f"page {page} is free; cannot share it")
@@ -233,6 +248,22 @@ class KVCacheManager:
             self.pool.decref(seq.pages[i])
             seq.pages[i] = page
         seq.pages.extend(fresh[len(cow):])
+
+    def reserve_as(self, key: SeqKey, pages: list[int]) -> None:
+        """A tensor-parallel follower's `reserve`: make the sequence's page table from page
+        `length // page_size` on equal `pages`, the leader's after its reserve (its new
+        pages and copy-on-write copies, taken by id with `PagePool.take`)."""
+        seq = self._get(key)
+        fresh = [(i, p) for i, p in enumerate(pages, seq.length // self.pool.page_size)
+                 if i >= len(seq.pages) or seq.pages[i] != p]
+        self.pool.take([p for _, p in fresh])
+        for i, page in fresh:
+            if i < len(seq.pages):
+                self.pool.copy_page(seq.pages[i], page)
+                self.pool.decref(seq.pages[i])
+                seq.pages[i] = page
+            else:
+                seq.pages.append(page)
 
     def slots(self, key: SeqKey, start: int, n: int, *, write: bool = True) -> torch.Tensor:
         """Flat slot indices (`page * page_size + offset`) of positions `start..start+n-1`,
@@ -412,8 +443,10 @@ class KVCacheManager:
         kv = kv.flatten(2, 3)[:, :, :seq.length].contiguous()
         return SeqExport(length=seq.length, kv=kv)
 
-    def import_sequence(self, key: SeqKey, exported: SeqExport) -> None:
-        """Create `key` holding `exported`'s K/V. Raises `OutOfPages` leaving no trace."""
+    def import_sequence(self, key: SeqKey, exported: SeqExport,
+                        pages: list[int] | None = None) -> None:
+        """Create `key` holding `exported`'s K/V (in the leader's `pages` on a
+        tensor-parallel follower). Raises `OutOfPages` leaving no trace."""
         spec = self.pool.spec
         want = (spec.num_layers, 2, exported.length, spec.num_kv_heads, spec.head_dim)
         if tuple(exported.kv.shape) != want:
@@ -421,7 +454,10 @@ class KVCacheManager:
                              f"expects {want}")
         self.create(key)
         try:
-            self.reserve(key, exported.length)
+            if pages is None:
+                self.reserve(key, exported.length)
+            else:
+                self.reserve_as(key, pages)
         except OutOfPages:
             del self._seqs[key]
             raise

@@ -18,9 +18,13 @@ pages are registered once the step that wrote them is done. `counters` counts th
 such first chunks that were run (`prompt_tokens_computed`) and reused
 (`prefix_cache_hit_tokens`), and the tokens whose K/V arrived from another rank instead
 (`kv_tokens_imported`: migrated sequences, a CFG branch's forked prefix); `invocations`
-counts the finished invocations by (graph node, walk). Off for tensor-parallel nodes (their
-followers replay the leader's page operations and cannot see its cache); a follower counts
-what it replays.
+counts the finished invocations by (graph node, walk). Under tensor parallelism the
+leader's adoption is part of the step it mirrors (the follower adopts the same pages and
+registers the same hashes; it takes the very pages the leader allocated, so evictions are
+the leader's); a follower counts what it replays, cache hits included.
+
+Migration under tensor parallelism moves whole K/V (`kv_shards`): the leader gathers every
+rank's shard of an exported sequence, and splits an imported one over its group.
 
 Per-invocation inputs read from the environment: `input_ids` [n] (required), `positions`
 ([n] or [A, n], or an int: the first of n consecutive positions on every axis, as text runs
@@ -45,6 +49,7 @@ from mstar.config.deployment import SchedulerConfig
 from mstar.engine.kv_cache import KVCacheManager, OutOfPages, SeqExport
 from mstar.engine.kv_runner import KVRunner, StepRecord
 from mstar.engine.kv_scheduler import KVScheduler, Task
+from mstar.engine.kv_shards import gather_heads, scatter_heads, split_heads
 from mstar.engine.sequence import Chunk, SeqState
 from mstar.engine.structured import GrammarStates
 from mstar.engine.work import NodeWork, WorkResult
@@ -109,6 +114,9 @@ class KVEngine:
                          "kv_tokens_imported": 0, "preemptions": 0, "batched_prompts": 0,
                          "batched_scratch_chunks": 0}
         self.invocations: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: The torch.distributed group of a tensor-parallel node's ranks (set with
+        #: `tp_ranks` by the builder): whole K/V in and out of it (`kv_shards`).
+        self.tp_group: Any = None
         #: Cumulative host time of the steps that ran a forward (seconds): planning them
         #: (`schedule`: the scheduler), building the batch, committing and sampling
         #: (`runner`: the runner outside the forward), and the node's forward itself
@@ -150,6 +158,10 @@ class KVEngine:
     @tp_ranks.setter
     def tp_ranks(self, ranks: tuple[int, ...]) -> None:
         self.kv_scheduler.tp_ranks = ranks
+
+    @property
+    def tp_size(self) -> int:
+        return max(1, len(self.tp_ranks))
 
     @property
     def mirror(self) -> Callable[[Any], None] | None:
@@ -225,14 +237,21 @@ class KVEngine:
         return [self.export_seq(key) for key in self.seqs if key.request_id == request_id]
 
     def export_seq(self, key: SeqKey) -> SeqMigration:
+        """One sequence with its whole K/V: a tensor-parallel leader gathers its
+        followers' shards (they join when they handle the mirrored "export")."""
         state = self.seqs[key]
-        return SeqMigration(state, None if state.needs_recompute else self.cache.export(key))
+        if state.needs_recompute:
+            return SeqMigration(state, None)
+        exported = self.cache.export(key)
+        if self.mirror is not None and exported.length:  # (a follower may lack an empty one)
+            self._mirror_op("export", key.request_id, key.label, key.child)
+            exported.kv = gather_heads(exported.kv, self.tp_group, self.tp_size)
+        return SeqMigration(state, exported)
 
     def import_request(self, migrations: list[SeqMigration]) -> None:
-        """Adopt exported sequences (raises OutOfPages, leaving nothing behind)."""
-        if self.mirror is not None:
-            raise RequestError(f"{self.node} is tensor parallel: its sequences cannot "
-                               "migrate (place its walks on the same ranks)")
+        """Adopt exported sequences, each with its whole K/V (raises OutOfPages, leaving
+        nothing behind). A tensor-parallel leader keeps its heads and hands each follower
+        its own, into the same pages."""
         done: list[SeqKey] = []
         try:
             for m in migrations:
@@ -242,7 +261,12 @@ class KVEngine:
                     state = dataclasses.replace(m.state, needs_recompute=bool(m.state.history),
                                                 admitted=-1)
                 else:
-                    self.cache.import_sequence(key, m.kv)
+                    shards = split_heads(m.kv.kv.to(self.device), self.tp_size)  # (NCCL)
+                    self.cache.import_sequence(key, SeqExport(m.kv.length, shards[0]))
+                    if self.mirror is not None and m.kv.length:
+                        self._mirror_op("import", key.request_id, key.label, key.child,
+                                        pages=self.cache.page_table(key), length=m.kv.length)
+                        scatter_heads(shards, shards[0], self.tp_group)
                     state = dataclasses.replace(m.state,
                                                 admitted=self.kv_scheduler.next_admission())
                 self.seqs[key] = state
@@ -256,14 +280,25 @@ class KVEngine:
 
     # -- tensor-parallel followers replay the leader ----------------------------------------
     def _mirror_op(self, kind: str, request_id: str, label: str = "main", child: int = 0,
-                   fork: Fork | None = None) -> None:
+                   fork: Fork | None = None, pages: list[int] | None = None,
+                   length: int = 0) -> None:
         if self.mirror is not None:
-            self.mirror(msg.TPOp(self.node, kind, request_id, label, child, fork))
+            self.mirror(msg.TPOp(self.node, kind, request_id, label, child, fork,
+                                 pages or [], length))
 
     def apply(self, op: msg.TPOp) -> None:
         """A follower: the leader's cache operation."""
         key = SeqKey(op.request_id, self.node, op.label, op.child)
-        if op.kind == "fork" and op.fork is not None:
+        if op.kind == "export":
+            gather_heads(self.cache.export(key).kv, self.tp_group, self.tp_size)
+        elif op.kind == "import":
+            spec = self.cache.pool.spec
+            like = torch.empty(spec.num_layers, 2, op.length, spec.num_kv_heads,
+                               spec.head_dim, dtype=spec.dtype, device=self.device)
+            shard = scatter_heads(None, like, self.tp_group)
+            self.cache.import_sequence(key, SeqExport(op.length, shard), pages=op.pages)
+            self.counters["kv_tokens_imported"] += op.length
+        elif op.kind == "fork" and op.fork is not None:
             f = op.fork
             self.cache.fork(SeqKey(op.request_id, self.node, f.src_label, f.src_child),
                             SeqKey(op.request_id, self.node, f.label, f.child), f.length)
@@ -276,7 +311,7 @@ class KVEngine:
 
     def follow(self, step: msg.TPStep) -> None:
         """A follower: run the leader's batch on this shard, with the same cache ops."""
-        self.runner.replay(step)
+        self.counters["prefix_cache_hit_tokens"] += self.runner.replay(step)
         self.counters["prompt_tokens_computed"] += sum(s.take for s in step.seqs if s.first)
 
     # -- submission -------------------------------------------------------------------------

@@ -51,15 +51,25 @@ class StepRecord:
     seconds: float = 0.0  # wall time of the node's forward
 
 
-def tp_step(node: str, fb: ForwardBatch, tasks: list[Task]) -> msg.TPStep:
-    """A leader's batch as the message its tensor-parallel followers replay."""
-    seqs = [msg.TPSeq(c.key.request_id, c.key.label, c.key.child, c.length, c.context_len,
-                      [(g.length, g.kind) for g in c.segments], c.mode, c.is_last_chunk,
-                      dict(c.outputs), w.seed if w else 0, w.iteration if w else None,
-                      ends=(w.node.name, w.walk) if w and c.is_last_chunk else None,
-                      first=t.first, outer=w.outer if w else (),
-                      join_round=w.join_round if w else None)
-            for c, t, w in ((c, t, t.work) for c, t in zip(fb.seqs, tasks))]
+def tp_step(node: str, fb: ForwardBatch, entries: list[PlanEntry],
+            cache: KVCacheManager) -> msg.TPStep:
+    """A leader's batch as the message its tensor-parallel followers replay, with its cache
+    decisions: pages adopted from the prefix cache, the pages it reserved, the hashes it
+    will register."""
+    ps = cache.pool.page_size
+    seqs = []
+    for c, e in zip(fb.seqs, entries):
+        t, w = e.task, e.task.work
+        append = c.mode == "append"
+        seqs.append(msg.TPSeq(
+            c.key.request_id, c.key.label, c.key.child, c.length, c.context_len,
+            [(g.length, g.kind) for g in c.segments], c.mode, c.is_last_chunk,
+            dict(c.outputs), w.seed if w else 0, w.iteration if w else None,
+            ends=(w.node.name, w.walk) if w and c.is_last_chunk else None,
+            first=t.first, outer=w.outer if w else (), join_round=w.join_round if w else None,
+            adopted=list(e.adopted),
+            pages=cache.page_table(c.key)[c.context_len // ps:] if append else [],
+            hashes=list(t.hashes or []) if append else [], register_from=t.registered))
     return msg.TPStep(node, seqs, TensorData.from_tensor(fb.input_ids),
                       TensorData.from_tensor(fb.positions),
                       {k: TensorData.from_tensor(v) for k, v in fb.extras.items()})
@@ -206,7 +216,7 @@ class KVRunner:
         if self.spec.position_axes == 1:
             fb.positions = fb.positions[0]
         if self.mirror is not None:
-            self.mirror(tp_step(self.node, fb, [e.task for e in batch]))
+            self.mirror(tp_step(self.node, fb, batch, self.cache))
         attention = self.backend(seq_chunks, self.cache)
         started = time.perf_counter()
         with torch.inference_mode(), step_range(f"{self.node} step", self.nvtx), \
@@ -217,16 +227,25 @@ class KVRunner:
         self._log(batch, seq_chunks, seconds)
         return seq_chunks, pieces, fb, out
 
-    def replay(self, step: msg.TPStep) -> None:
+    def replay(self, step: msg.TPStep) -> int:
         """A tensor-parallel follower: the leader's batch (`tp_step`) on this shard, under
-        the same backend, with the leader's page reservations and commits."""
-        chunks, works, start = [], [], 0
+        the same backend, with the leader's adoptions of cached pages, page reservations
+        (the very pages), commits and prefix-cache registrations. Returns the tokens the
+        adoptions reused."""
+        chunks, works, start, reused = [], [], 0, 0
         for s in step.seqs:
             key = SeqKey(s.request_id, self.node, s.label, s.child)
             if not self.cache.has(key):
                 self.cache.create(key)
+            detached = None
+            if s.adopted and self.cache.length(key) != s.context_len:  # not yet (a retry)
+                before = self.cache.length(key)
+                detached = self.cache.adopt(key, s.adopted)
+                reused += self.cache.length(key) - before
             if s.mode == "append":
-                self.cache.reserve(key, s.take)
+                self.cache.reserve_as(key, s.pages)
+            if detached is not None:
+                self.cache.pool.decref(detached)
             chunks.append(SeqChunk(key=key, start=start, length=s.take,
                                    context_len=s.context_len,
                                    segments=[Segment(n, kind) for n, kind in s.segments],
@@ -246,8 +265,11 @@ class KVRunner:
         for c, s in zip(chunks, step.seqs):
             if c.mode == "append":
                 self.cache.commit(c.key, c.length)
+                if s.hashes:
+                    self.cache.register(c.key, s.hashes, s.register_from)
             if s.ends is not None:
                 self.invocations[s.ends] += 1
+        return reused
 
     def _commit(self, batch: list[PlanEntry], seq_chunks: list[SeqChunk],
                 pieces: list[Chunk], fb: ForwardBatch,

@@ -55,11 +55,13 @@ class Task:
 
 @dataclass(frozen=True)
 class PlanEntry:
-    """Tokens [start, start + take) of a task's chunk run in this step (pages reserved)."""
+    """Tokens [start, start + take) of a task's chunk run in this step (pages reserved;
+    `adopted`: the cached pages its sequence took from the prefix cache for it)."""
 
     task: Task
     start: int
     take: int
+    adopted: tuple[int, ...] = ()
 
     @property
     def key(self) -> SeqKey:
@@ -203,13 +205,13 @@ class KVScheduler:
             if is_new and not admitting_new:
                 continue
             base = self.cache.length(task.key)
-            reused, detached = 0, None
+            reused, detached, adopted = 0, None, ()
             if task.done == 0 and task.mode == "append":
                 task.first = base == 0
                 # A later chunk of several tokens: the next item of a prompt prefilled item
                 # by item (BAGEL: an image, then its text), or a frame appended.
                 if task.first or (task.work is not None and task.n > 1):
-                    reused, detached = self._reuse_prefix(task, base)
+                    reused, detached, adopted = self._reuse_prefix(task, base)
             take = self._chunk_len(task, budget, not batch)
             if take == 0:
                 self._undo_reuse(task, reused, base, detached)
@@ -247,7 +249,7 @@ class KVScheduler:
             self.counters["prefix_cache_hit_tokens"] += reused
             if task.first:  # what prefilling a new sequence computed
                 self.counters["prompt_tokens_computed"] += take
-            batch.append(PlanEntry(task, task.done, take))
+            batch.append(PlanEntry(task, task.done, take, adopted))
             in_batch.add(task.request_id)
             budget -= take
         return StepPlan(tuple(batch), tuple(failed), tuple(preempted))
@@ -306,14 +308,15 @@ class KVScheduler:
         self.waiting.insert(0, task)
 
     # -- prefix caching ---------------------------------------------------------------------
-    def _reuse_prefix(self, task: Task, base: int) -> tuple[int, int | None]:
+    def _reuse_prefix(self, task: Task, base: int) -> tuple[int, int | None, tuple[int, ...]]:
         """Start the prompt chunk of `task` from cached pages: those of the longest cached
         prefix of the sequence's `base` tokens followed by the chunk. Returns the chunk's
-        tokens reused (0 when off) and the partly filled page the sequence let go for them
-        (`KVCacheManager.adopt`). Stops before the first token whose outputs are wanted (at
-        least the last token runs) and never inside a bidirectional segment."""
-        if not self.prefix_caching or self.tp_ranks:
-            return 0, None
+        tokens reused (0 when off), the partly filled page the sequence let go for them
+        (`KVCacheManager.adopt`) and the pages adopted. Stops before the first token whose
+        outputs are wanted (at least the last token runs) and never inside a bidirectional
+        segment."""
+        if not self.prefix_caching:
+            return 0, None, ()
         ps = self.cache.pool.page_size
         chunk = task.chunk
         if task.hashes is None:
@@ -321,7 +324,7 @@ class KVScheduler:
             task.registered = base // ps
         pages = self.cache.match_prefix(task.hashes)
         if len(pages) * ps <= base:
-            return 0, None
+            return 0, None, ()
         limit = task.n - 1
         for at in task.wanted.values():
             if at == "all":
@@ -332,10 +335,11 @@ class KVScheduler:
         segments = [Segment(base), *chunk.segments] if base else chunk.segments
         end = reusable_length(len(pages) * ps, segments, base + limit, ps)
         if end <= base:
-            return 0, None
-        detached = self.cache.adopt(task.key, pages[base // ps:end // ps])
+            return 0, None, ()
+        adopted = tuple(pages[base // ps:end // ps])
+        detached = self.cache.adopt(task.key, list(adopted))
         task.done = end - base
-        return task.done, detached
+        return task.done, detached, adopted
 
     def _page_hashes(self, task: Task, base: int) -> list[bytes]:
         """Prefix-cache hashes of the sequence with `task`'s chunk appended, hashed as one

@@ -157,8 +157,11 @@ class PrefixTable:
         """An idle cached page is held again."""
         del self._idle[page]
 
-    def evict(self) -> int:
-        """The least recently released idle page, its hash dropped."""
-        page, _ = self._idle.popitem(last=False)
+    def evict(self, page: int | None = None) -> int:
+        """The least recently released idle page (or the idle `page` given: a
+        tensor-parallel follower evicts what its leader evicted), its hash dropped."""
+        if page is None:
+            page = next(iter(self._idle))
+        del self._idle[page]
         del self._page_of[self._hash_of.pop(page)]
         return page

@@ -43,7 +43,9 @@ class KVSpec:
     inputs the node's forward reads from `ForwardBatch.extras`; `outputs` maps each named
     output to where it is taken (`"last"`, `"all"`, `"segment:k"`, k may be negative:
     `"segment:-1"` is the chunk's last segment). An output named
-    `logits` is sampled by the core sampler into `token_ids`.
+    `logits` is sampled by the core sampler into `token_ids`. `num_heads` is the query
+    heads (None: as many as `num_kv_heads`): not for the cache, but so that config
+    validation refuses a `tp_size` that does not divide them before anything is built.
     """
 
     num_layers: int
@@ -54,6 +56,12 @@ class KVSpec:
     position_axes: int = 1
     extras: tuple[ExtraSpec, ...] = ()
     outputs: Mapping[str, OutputAt] = field(default_factory=lambda: {"logits": "last"})
+    num_heads: int | None = None
+
+    @property
+    def query_heads(self) -> int:
+        """The query heads (`num_heads`, else `num_kv_heads`)."""
+        return self.num_kv_heads if self.num_heads is None else self.num_heads
 
     def bytes_per_token(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()

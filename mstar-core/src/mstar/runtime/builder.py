@@ -193,19 +193,19 @@ def tp_group_ranks(nodes: dict[str, NodePlacement]) -> tuple[int, ...]:
     return next(iter(groups), ())
 
 
-def prefix_caching(config: DeploymentConfig, node: str, placement: NodePlacement,
-                   rank: int) -> bool:
-    """Whether `node`'s KV engine caches prefixes: as configured, except for tensor-parallel
-    nodes, whose followers replay the leader's page operations and could not follow a
-    lookup in the leader's cache (said once, by the leader)."""
-    if not config.kv_cache.enable_prefix_caching:
-        return False
-    if placement.tp_size > 1:
-        if placement.ranks[0] == rank:
-            log.info("prefix caching is off for %s: it is tensor parallel (tp_size %d)",
-                     node, placement.tp_size)
-        return False
-    return True
+def same_pages_in_group(pages: dict[str, int], nodes: dict[str, NodePlacement],
+                        tp_group: Any, device: torch.device) -> dict[str, int]:
+    """`pages` with each tensor-parallel node's count the smallest over its group: its
+    followers take the very pages their leader allocates, so every rank needs them all (a
+    budget planned from memory may differ between ranks)."""
+    tp = sorted(n for n in pages if nodes[n].tp_size > 1)
+    if not tp or tp_group is None:
+        return pages
+    import torch.distributed as dist
+
+    counts = torch.tensor([pages[n] for n in tp], dtype=torch.long, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.MIN, group=tp_group)
+    return {**pages, **dict(zip(tp, counts.tolist()))}
 
 
 def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodePlacement],
@@ -252,6 +252,8 @@ def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodeP
                           shares=config.kv_cache.shares, device=device,
                           max_num_seqs=config.scheduler.max_num_seqs,
                           budget_bytes=budget) if kv_nodes else {}
+    if config.kv_cache.num_pages is None:
+        pages = same_pages_in_group(pages, nodes, tp_group, device)
     engines: dict[str, KVEngine | StatelessEngine] = {}
     cacheable = model.cacheable_nodes()
     for node, placement in nodes.items():
@@ -263,9 +265,11 @@ def build_engines(model: Model, config: DeploymentConfig, nodes: dict[str, NodeP
                                      max_seq_len=config.max_seq_len,
                                      scheduler=config.scheduler, eos_token_ids=eos_token_ids,
                                      device=device, tokenizer=model.tokenizer,
-                                     prefix_caching=prefix_caching(config, node, placement,
-                                                                   rank))
-            engines[node].tp_ranks = placement.ranks if placement.tp_size > 1 else ()
+                                     # tensor-parallel nodes too: their followers adopt
+                                     # what the leader's step says (`kv_runner.tp_step`)
+                                     prefix_caching=config.kv_cache.enable_prefix_caching)
+            if placement.tp_size > 1:
+                engines[node].tp_ranks, engines[node].tp_group = placement.ranks, tp_group
         else:
             engines[node] = StatelessEngine(
                 node, module, max_batch=config.scheduler.max_num_seqs,

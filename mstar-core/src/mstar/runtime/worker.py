@@ -32,7 +32,6 @@ from mstar.communication import messages as msg
 from mstar.communication.channel import Channel
 from mstar.communication.component import Component
 from mstar.communication.transport import Transport
-from mstar.engine.kv_cache import OutOfPages
 from mstar.engine.kv_engine import KVEngine
 from mstar.engine.stateless_engine import StatelessEngine
 from mstar.engine.work import NodeWork, WorkResult
@@ -393,7 +392,7 @@ class Worker(Component):
                 raise RequestError(f"cannot import {m.node!r}: not a KV node on "
                                    f"{self.address}")
             import_sequences(engine, m.request_id, m.seqs, self.transport)
-        except (RequestError, OutOfPages, KeyError) as exc:
+        except (RequestError, KeyError, ValueError, RuntimeError) as exc:  # OutOfPages too
             self._fail(req, exc)
             return
         req.imported.add(m.node)

@@ -192,6 +192,7 @@ class Bagel(Model):
 
         llm = self.config.llm
         return KVSpec(num_layers=llm.num_hidden_layers, num_kv_heads=llm.num_key_value_heads,
+                      num_heads=llm.num_attention_heads,
                       head_dim=llm.head_dim, labels=("main", "cfg_text", "cfg_img"),
                       extras=kv_extras(llm, self.config.latent_dim),
                       outputs={"logits": "last", "velocity": "all"})

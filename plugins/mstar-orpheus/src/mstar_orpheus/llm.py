@@ -127,4 +127,5 @@ def kv_spec(config: OrpheusConfig, *, dtype: torch.dtype = torch.float32) -> KVS
     """One KV layer per decoder layer, every KV head (the engine divides them under TP),
     1-D positions, and the logits of each sequence's last new token."""
     return KVSpec(num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
+                  num_heads=config.num_attention_heads,
                   head_dim=config.head_dim, dtype=dtype, outputs={"logits": "last"})

@@ -148,6 +148,7 @@ class Pi05(Model):
         c = self.config
         return KVSpec(
             num_layers=c.paligemma.depth, num_kv_heads=c.paligemma.num_kv_heads,
+            num_heads=c.paligemma.num_heads,
             head_dim=c.paligemma.head_dim, position_axes=1,
             extras=(ExtraSpec("expert_ids", "token", (), torch.long, 0),
                     ExtraSpec("is_image", "token", (), torch.long, 0),

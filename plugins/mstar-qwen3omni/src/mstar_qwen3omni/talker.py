@@ -471,6 +471,7 @@ def talker_kv_spec(cfg: TalkerConfig, *, dtype: torch.dtype = torch.float32) -> 
     output at each sequence's last row."""
     text = cfg.text_config
     return KVSpec(num_layers=text.num_hidden_layers, num_kv_heads=text.num_key_value_heads,
+                  num_heads=text.num_attention_heads,
                   head_dim=text.attn_head_dim, dtype=dtype, position_axes=3,
                   extras=talker_extras(cfg),
                   outputs={"logits": "last", "talker_hidden": "last", "codes": "last",

@@ -249,6 +249,7 @@ def thinker_kv_spec(cfg: ThinkerTextConfig, *, deepstack_layers: int = DEEPSTACK
     """One KV layer per decoder layer, 3 position axes, the media extras, and the outputs:
     the last row's logits, the Talker's two streams on every row."""
     return KVSpec(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+                  num_heads=cfg.num_attention_heads,
                   head_dim=cfg.head_dim, dtype=dtype, position_axes=3,
                   extras=thinker_extras(cfg, deepstack_layers),
                   outputs={"logits": "last", "thinker_embeds": "all", "thinker_hidden": "all"})

@@ -446,7 +446,8 @@ class VJepa2AC(_VJepa2Base):
         if node != "ac_predictor":
             raise ValueError(f"vjepa2_ac node {node!r} has no KV cache (only 'ac_predictor')")
         p = self.config.predictor
-        return KVSpec(num_layers=p.depth, num_kv_heads=p.num_heads, head_dim=p.head_dim,
+        return KVSpec(num_layers=p.depth, num_kv_heads=p.num_heads, num_heads=p.num_heads,
+                      head_dim=p.head_dim,
                       labels=("main", "ctx"), position_axes=acp.POSITION_AXES,
                       extras=acp.kv_extras(p), outputs=dict(acp.KV_OUTPUTS))
 

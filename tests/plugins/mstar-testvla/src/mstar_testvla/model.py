@@ -365,6 +365,7 @@ class TestVLA(Model):
         c = self.config
         return KVSpec(
             num_layers=c.num_hidden_layers, num_kv_heads=c.num_key_value_heads,
+            num_heads=c.num_attention_heads,
             head_dim=c.head_dim, labels=("main", "uncond", "ctx"), position_axes=3,
             extras=(ExtraSpec("expert_ids", "token", (), torch.long, 0),
                     ExtraSpec("media_embeds", "token", (c.expert_hidden,)),
