@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import tempfile
@@ -72,22 +73,27 @@ def forward_ms(url: str) -> dict[int, float]:
             if s.name == "mstar_step_seconds" and s.labels.get("node") == "LLM"}
 
 
-def measure(config: str, args: argparse.Namespace, tmp: Path) -> Figures:
-    options = ["--config", config, "--preset", args.preset, "--load-format", "dummy",
-               "--log-level", "WARNING", "--tensor-comm-protocol", "SHM",
-               "--set", "max_seq_len=2048", "--set", "kv_cache.num_pages=512"]
-    with launch(options, tmp) as server:
-        asyncio.run(level(server.url, 1, 8))  # warm-up
-        tpot, forward = {}, {}
-        for streams in (1, args.streams):
-            rounds = []
-            for _ in range(args.repeat):
-                rounds.append(asyncio.run(level(server.url, streams, args.tokens)))
-                if streams == 1:  # the report of the steps just run (a node idle since
-                    for rank, ms in forward_ms(server.url).items():  # keeps its last one)
-                        forward[rank] = min(ms, forward.get(rank, ms))
-            tpot[streams] = min(rounds)
-        return Figures(tpot, forward)
+def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Figures]:
+    """Both layouts served at once, their rounds alternating (TP1, TP2, TP1, ...) so that
+    the machine's load hits both alike; each figure keeps its best round."""
+    options = ["--preset", args.preset, "--load-format", "dummy", "--log-level", "WARNING",
+               "--tensor-comm-protocol", "SHM", "--set", "max_seq_len=2048",
+               "--set", "kv_cache.num_pages=512"]
+    figures = {name: Figures({}, {}) for name in LAYOUTS}
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(launch(["--config", config, *options], tmp)).url
+                for name, config in LAYOUTS.items()}
+        for url in urls.values():
+            asyncio.run(level(url, 1, 8))  # warm-up
+        for _ in range(args.repeat):
+            for streams in (1, args.streams):
+                for name, url in urls.items():
+                    got, ms = figures[name], asyncio.run(level(url, streams, args.tokens))
+                    got.tpot[streams] = min(ms, got.tpot.get(streams, ms))
+                    if streams == 1:  # the report of the steps just run (a node idle
+                        for rank, ms in forward_ms(url).items():  # since keeps its last)
+                            got.forward[rank] = min(ms, got.forward.get(rank, ms))
+    return figures
 
 
 def main() -> None:
@@ -106,7 +112,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        figures = {name: measure(config, args, Path(tmp)) for name, config in LAYOUTS.items()}
+        figures = measure(args, Path(tmp))
     one, two = figures["TP1"], figures["TP2"]
     print(f"{'decode step (ms)':<34}{'TP1':>10}{'TP2':>10}{'TP2/TP1':>10}")
     for streams in one.tpot:
