@@ -3,7 +3,8 @@ served as real processes on a seeded tiny checkpoint (`mstar_qwen3omni.checkpoin
 by the real loader: each rank reads its half of the heads and of every expert): a greedy
 spoken reply gives the single-rank deployment's tokens, log-probs within 1e-4 (log-softmax
 of the Thinker's logits) and audio (the Talker reads the Thinker's hidden rows), and both
-ranks ran every Thinker step while only rank 0 ran the rest."""
+ranks ran every Thinker step while only rank 0 ran the rest; a text request asked again
+reuses the Thinker's cached prompt pages on both ranks."""
 
 from __future__ import annotations
 
@@ -24,8 +25,13 @@ CONFIG = "qwen3omni_thinker_tp2"
 #: A short spoken reply (the Talker stops after 12 codec frames).
 SPEAK = {"prompt": "Hello there", "max_tokens": 6, "modalities": ["text", "audio"],
          "temperature": 0, "logprobs": 2, "seed": 7, "talker_max_tokens": 12}
-#: The walks SPEAK takes; the Thinker's prompt is computed in its first.
-WALKS = {"prefill_last_speech", "decode_speech", "talker", "code2wav"}
+#: A text reply, asked twice: the second time the Thinker's prompt pages come from the
+#: prefix cache (a spoken reply streams every prompt row to the Talker, so it reuses none).
+TEXT = {"prompt": "Hello there, how are you?", "max_tokens": 4, "temperature": 0,
+        "logprobs": 2}
+#: The walks the two take; the Thinker's prompt is computed in their first.
+WALKS = {"prefill_last_speech", "decode_speech", "talker", "code2wav", "prefill_last",
+         "decode"}
 OPTIONS = {"max_seq_len": 1024, "kv_cache": {"num_pages": 128}}
 
 
@@ -47,12 +53,14 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single_rank(ckpt) -> tuple[dict, dict[str, tuple[int, int]]]:
-    """SPEAK on one rank (in process), and each node's (all, split) parameter bytes."""
+def single_rank(ckpt) -> tuple[dict[str, dict], dict[str, tuple[int, int]]]:
+    """SPEAK and TEXT on one rank (in process), and each node's (all, split) parameter
+    bytes."""
     with mstar.load("qwen3_omni", "qwen3omni_colocated", model_path=str(ckpt),
                     **OPTIONS) as deployment:
-        return summary(list(deployment.generate(SPEAK))), dict(
-            deployment.workers[0].parameter_bytes)
+        return ({"speak": summary(list(deployment.generate(SPEAK))),
+                 "text": summary(list(deployment.generate(TEXT)))},
+                dict(deployment.workers[0].parameter_bytes))
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +72,19 @@ def server(tmp_path_factory, ckpt):
 
 
 def test_thinker_tp2_speaks_as_one_rank(server, single_rank):
+    """The spoken reply, then the text one twice: the second time the Thinker reuses its
+    cached prompt pages, on the follower as on the leader."""
     want, parameter_bytes = single_rank
-    response = server.generate(SPEAK)
-    assert response.status_code == 200, response.text
-    got = summary([msgspec.json.decode(json.dumps(e), type=events.Event)
-                   for e in response.json()["events"]])
-    assert len(want["tokens"]) == SPEAK["max_tokens"] and got["tokens"] == want["tokens"]
-    np.testing.assert_allclose(got["logprobs"], want["logprobs"], rtol=0, atol=1e-4)
-    assert want["audio"].size > 0
-    np.testing.assert_allclose(got["audio"], want["audio"], rtol=0, atol=1e-4)
+    assert len(want["speak"]["tokens"]) == SPEAK["max_tokens"]
+    assert want["speak"]["audio"].size > 0
+    for name, body in (("speak", SPEAK), ("text", TEXT), ("text", TEXT)):
+        response = server.generate(body)
+        assert response.status_code == 200, response.text
+        got = summary([msgspec.json.decode(json.dumps(e), type=events.Event)
+                       for e in response.json()["events"]])
+        assert got["tokens"] == want[name]["tokens"], name
+        np.testing.assert_allclose(got["logprobs"], want[name]["logprobs"], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got["audio"], want[name]["audio"], rtol=0, atol=1e-4)
     check_placement(server, CONFIG, prefill_walks={"prefill_last_speech", "talker"},
                     single_rank_bytes=parameter_bytes, walks=WALKS)
     # the follower replayed every one of the leader's Thinker steps, no more
@@ -80,5 +92,7 @@ def test_thinker_tp2_speaks_as_one_rank(server, single_rank):
     thinker = {(rank, walk): n for (rank, node, walk), n in steps.items() if node == "Thinker"}
     for walk in WALKS & {w for _, w in thinker}:
         assert thinker[(0, walk)] == thinker[(1, walk)] > 0, (walk, thinker)
+    hits = by_rank(server, "mstar_prefix_cache_hit_tokens_total", "node")
+    assert hits[(0, "Thinker")] == hits[(1, "Thinker")] > 0, hits
     server.wait_idle()
 
