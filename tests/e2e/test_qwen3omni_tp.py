@@ -1,9 +1,10 @@
-"""Qwen3-Omni with its Thinker tensor-parallel over two ranks (`qwen3omni_thinker_tp2`),
-served as real processes on a seeded tiny checkpoint (`mstar_qwen3omni.checkpoint`, loaded
-by the real loader: each rank reads its half of the heads and of every expert): a greedy
-spoken reply gives the single-rank deployment's tokens, log-probs within 1e-4 (log-softmax
-of the Thinker's logits) and audio (the Talker reads the Thinker's hidden rows), and both
-ranks ran every Thinker step while only rank 0 ran the rest; a text request asked again
+"""Qwen3-Omni with its Thinker tensor-parallel over two ranks (`qwen3omni_thinker_tp2`, and
+a layout sharding the Talker too), served as real processes on a seeded tiny checkpoint
+(`mstar_qwen3omni.checkpoint`, loaded by the real loader: each rank reads its half of the
+heads and of every expert): a greedy spoken reply gives the single-rank deployment's
+tokens, log-probs within 1e-4 (log-softmax of the Thinker's logits) and audio (the Talker
+reads the Thinker's hidden rows and samples its codes inside the node), both ranks ran
+every step of a TP node while only rank 0 ran the rest, and a text request asked again
 reuses the Thinker's cached prompt pages on both ranks."""
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from mstar import events
 
 pytestmark = pytest.mark.timeout(240)
 
-CONFIG = "qwen3omni_thinker_tp2"
+#: The packaged layout, and one that also shards the Talker, whose code predictor samples
+#: inside the node (`ctx.sample`): the followers must take the leader's draws.
+LAYOUTS = {"qwen3omni_thinker_tp2": "qwen3omni_thinker_tp2", "talker_tp2_too": """
+model: qwen3_omni
+max_seq_len: 32768
+node_groups:
+  - {node_names: [audio_encoder, vision_encoder, Code2Wav], ranks: [0]}
+  - {node_names: [Thinker], ranks: [0, 1], tp_size: 2}
+  - {node_names: [Talker], ranks: [0, 1], tp_size: 2}
+"""}
 #: A short spoken reply (the Talker stops after 12 codec frames).
 SPEAK = {"prompt": "Hello there", "max_tokens": 6, "modalities": ["text", "audio"],
          "temperature": 0, "logprobs": 2, "seed": 7, "talker_max_tokens": 12}
@@ -63,17 +73,23 @@ def single_rank(ckpt) -> tuple[dict[str, dict], dict[str, tuple[int, int]]]:
                 dict(deployment.workers[0].parameter_bytes))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, ckpt):
-    with running(tmp_path_factory.mktemp("qwen3omni-tp-server"), "--config", CONFIG,
-                 "--model-path", str(ckpt), "--set", "max_seq_len=1024",
-                 "--set", "kv_cache.num_pages=128") as srv:
-        yield srv
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def server(request, tmp_path_factory, ckpt):
+    """(the served layout, its config: a packaged name or a YAML file)."""
+    tmp = tmp_path_factory.mktemp("qwen3omni-tp-server")
+    config = LAYOUTS[request.param]
+    if "\n" in config:
+        (tmp / "layout.yaml").write_text(config)
+        config = str(tmp / "layout.yaml")
+    with running(tmp, "--config", config, "--model-path", str(ckpt), "--set",
+                 "max_seq_len=1024", "--set", "kv_cache.num_pages=128") as srv:
+        yield srv, config
 
 
-def test_thinker_tp2_speaks_as_one_rank(server, single_rank):
+def test_tp_layout_speaks_and_writes_as_one_rank(server, single_rank):
     """The spoken reply, then the text one twice: the second time the Thinker reuses its
     cached prompt pages, on the follower as on the leader."""
+    server, config = server
     want, parameter_bytes = single_rank
     assert len(want["speak"]["tokens"]) == SPEAK["max_tokens"]
     assert want["speak"]["audio"].size > 0
@@ -85,13 +101,16 @@ def test_thinker_tp2_speaks_as_one_rank(server, single_rank):
         assert got["tokens"] == want[name]["tokens"], name
         np.testing.assert_allclose(got["logprobs"], want[name]["logprobs"], rtol=0, atol=1e-4)
         np.testing.assert_allclose(got["audio"], want[name]["audio"], rtol=0, atol=1e-4)
-    check_placement(server, CONFIG, prefill_walks={"prefill_last_speech", "talker"},
+    check_placement(server, config, prefill_walks={"prefill_last_speech", "prefill_last",
+                                                   "talker"},
                     single_rank_bytes=parameter_bytes, walks=WALKS)
-    # the follower replayed every one of the leader's Thinker steps, no more
+    # the follower replayed every one of the leader's steps of a TP node, no more
     steps = by_rank(server, "mstar_node_invocations_total", "node", "walk")
-    thinker = {(rank, walk): n for (rank, node, walk), n in steps.items() if node == "Thinker"}
-    for walk in WALKS & {w for _, w in thinker}:
-        assert thinker[(0, walk)] == thinker[(1, walk)] > 0, (walk, thinker)
+    for node in ("Thinker", "Talker"):
+        ranks = {r for r, n, _ in steps if n == node}
+        for walk in {w for _, n, w in steps if n == node}:
+            counts = {steps.get((r, node, walk), 0) for r in ranks}
+            assert len(counts) == 1 and counts != {0}, (node, walk, steps)
     hits = by_rank(server, "mstar_prefix_cache_hit_tokens_total", "node")
     assert hits[(0, "Thinker")] == hits[(1, "Thinker")] > 0, hits
     server.wait_idle()
