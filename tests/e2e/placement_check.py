@@ -33,8 +33,10 @@ def by_rank(server: Server, metric: str, *labels: str) -> dict[tuple, float]:
 def check_placement(server: Server, config_name: str, *, prefill_walks: set[str],
                     single_rank_bytes: dict[str, tuple[int, int]],
                     own_context: frozenset[str] = frozenset(),
-                    importing: frozenset[int] | None = None) -> None:
-    """Call once requests that ran every node of every walk have ended.
+                    importing: frozenset[int] | None = None,
+                    walks: set[str] | None = None) -> None:
+    """Call once requests that ran every node of every walk have ended (of `walks` only,
+    when given: the walks the requests took, where a model has more than a test runs).
 
     - Each (walk, node) ran on exactly the ranks the YAML places it on (a tensor-parallel
       node on every rank of its group, a CFG branch only on its own rank).
@@ -55,7 +57,8 @@ def check_placement(server: Server, config_name: str, *, prefill_walks: set[str]
                                              "node", "walk").items():
         if count > 0:
             ran[(walk, node)].add(rank)
-    want = {key: set(p.ranks) for key, p in placed.nodes.items()}
+    want = {key: set(p.ranks) for key, p in placed.nodes.items()
+            if walks is None or key[0] in walks}
     assert dict(ran) == want, f"(walk, node) -> ranks that ran it: {dict(ran)}; placed: {want}"
 
     held = by_rank(server, "mstar_node_parameters_bytes", "node")

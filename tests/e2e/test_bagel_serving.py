@@ -42,6 +42,7 @@ LAYOUTS = {
     "bagel_cfg_parallel": (MSTAR, ("serve", "bagel_cfg_parallel"), "bagel_cfg_parallel"),
     "bagel_pd_disaggregated": (SERVE, ("--config", "bagel_pd_disaggregated"), "bagel"),
     "bagel_img_disaggregated": (SERVE, ("--config", "bagel_img_disaggregated"), "bagel"),
+    "bagel_tp2": (SERVE, ("--config", "bagel_tp2"), "bagel"),
 }
 #: The walks that compute a request's prompt; the image-free guidance context (LLM_cfg_img)
 #: prefills its own inside image_gen.
@@ -159,8 +160,9 @@ def test_every_layout_gives_the_same_answer_and_images(servers, reference, layou
     """Same tokens, same pixels (within PIXEL_TOLERANCE), and per rank (from /metrics): each
     (walk, node) ran exactly where the YAML places it (cfg_parallel: `LLM_cfg_text` only on
     rank 1, `LLM_cfg_img` only on rank 2; img_disaggregated: image_gen's LLM steps on rank
-    2), prompts computed only by the prefill ranks and the image-free context, K/V imported
-    by the ranks that continue a request, weights held where placed."""
+    2; tp2: every LLM step, guidance contexts included, on both ranks), prompts computed only
+    by the prefill ranks and the image-free context, K/V imported by the ranks that continue
+    a request, weights held where placed (of the LLM's split ones, half on each TP rank)."""
     server = servers[layout]
     assert len(reference["answer"]["tokens"]) == 6 == len(reference["answer"]["logprobs"])
     assert [png(i).size for i in reference["generate"]["images"]] == [(48, 32)]

@@ -1,7 +1,8 @@
 """Orpheus through real `mstar-serve` processes in each packaged layout (co-located,
-prefill/decode on two ranks, the codec on its own rank): the same seeded request gives
-the same audio as in one process, 2048 samples per frame, and the first audio arrives
-while the LM is still generating. The checkpoint is tiny and made to speak
+prefill/decode on two ranks, the codec on its own rank, the LM tensor-parallel over two
+ranks): the same seeded request gives the same audio as in one process, 2048 samples per
+frame, a greedy one the same tokens and log-probs (within 1e-4: they are log-softmax of the
+LM's logits), and the first audio arrives while the LM is still generating. The checkpoint is tiny and made to speak
 (`make_it_speak`: every sampled token is an audio code), so the codec really decodes."""
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ pytestmark = pytest.mark.timeout(120)
 FRAMES = 12
 REQUEST = {"input": "hello there", "voice": "zoe", "max_tokens": 7 * FRAMES,
            "ignore_eos": True, "seed": 11}
+#: Greedy, with the LM's tokens and log-probs (`logprobs` makes them text deltas).
+GREEDY = {"input": "hello there", "voice": "tara", "max_tokens": 16, "ignore_eos": True,
+          "temperature": 0, "logprobs": 2}
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +42,12 @@ def speaking_ckpt(tmp_path_factory):
 
 @dataclass(frozen=True)
 class Reference:
-    """The in-process co-located run: its audio, and each node's (all, tensor-parallel
-    split) parameter bytes built whole on one rank."""
+    """The in-process co-located run: its audio, the greedy request's tokens and
+    log-probs, and each node's (all, tensor-parallel split) parameter bytes built whole on
+    one rank."""
 
     audio: np.ndarray
+    greedy: tuple[list[int], np.ndarray]
     parameter_bytes: dict[str, tuple[int, int]]
 
 
@@ -50,11 +56,15 @@ def expected(speaking_ckpt) -> Reference:
     dep = mstar.load("orpheus", model_path=str(speaking_ckpt), max_seq_len=1024)
     try:
         evs = list(dep.generate(REQUEST))
+        deltas = [e for e in dep.generate(GREEDY) if isinstance(e, events.TextDelta)]
         held = dict(dep.workers[0].parameter_bytes)
     finally:
         dep.close()
     audio = [e.samples.to_tensor().numpy() for e in evs if isinstance(e, events.AudioChunk)]
-    return Reference(np.concatenate(audio), held)
+    greedy = ([t for e in deltas for t in e.token_ids],
+              np.array([[lp.logprob, *(v for _, v in lp.top)] for e in deltas
+                        for lp in e.logprobs]))
+    return Reference(np.concatenate(audio), greedy, held)
 
 
 def served_audio(body: dict) -> tuple[np.ndarray, int]:
@@ -64,14 +74,29 @@ def served_audio(body: dict) -> tuple[np.ndarray, int]:
     return np.concatenate(audio), len(chunks)
 
 
+def served_greedy(server: Server) -> tuple[list[int], np.ndarray]:
+    """The greedy request's tokens, and each one's log-prob and its top 2 log-probs."""
+    response = server.generate(GREEDY)
+    assert response.status_code == 200, response.text
+    deltas = [e for e in response.json()["events"] if e["event"] == "text_delta"]
+    return ([t for e in deltas for t in e["token_ids"]],
+            np.array([[lp["logprob"], *(v for _, v in lp["top"])] for e in deltas
+                      for lp in e["logprobs"]]))
+
+
 def check_layout(server: Server, config: str, expected: Reference) -> None:
-    """The same audio, with each rank running and holding what the YAML places on it: no
-    prefill on the decode rank (its K/V arrives), the codec only on its rank."""
+    """The same audio, greedy tokens and log-probs, with each rank running and holding
+    what the YAML places on it: no prefill on the decode rank (its K/V arrives), the codec
+    only on its rank, the LM's steps on both ranks of its TP group with half its weights
+    on each."""
     response = server.generate(REQUEST)
     assert response.status_code == 200, response.text
     audio, chunks = served_audio(response.json())
     assert audio.size == FRAMES * 2048 and chunks == FRAMES - 1  # frames 0-1 together
     np.testing.assert_allclose(audio, expected.audio, atol=1e-5)
+    tokens, logprobs = served_greedy(server)
+    assert len(tokens) == GREEDY["max_tokens"] and tokens == expected.greedy[0]
+    np.testing.assert_allclose(logprobs, expected.greedy[1], rtol=0, atol=1e-4)
     check_placement(server, config, prefill_walks={"prefill"},
                     single_rank_bytes=expected.parameter_bytes)
     server.wait_idle()
@@ -89,7 +114,8 @@ def test_the_colocated_layout_speaks_the_in_process_audio(colocated, expected):
     check_layout(colocated, "orpheus_colocated", expected)
 
 
-@pytest.mark.parametrize("config", ["orpheus_pd_disaggregated", "orpheus_codec_split"])
+@pytest.mark.parametrize("config", ["orpheus_pd_disaggregated", "orpheus_codec_split",
+                                    "orpheus_tp2"])
 def test_every_split_layout_speaks_the_same_audio(tmp_path, speaking_ckpt, expected, config):
     server = Server(tmp_path, "--config", config, "--model-path", str(speaking_ckpt),
                     "--set", "max_seq_len=1024")

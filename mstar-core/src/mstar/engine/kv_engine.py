@@ -114,9 +114,6 @@ class KVEngine:
                          "kv_tokens_imported": 0, "preemptions": 0, "batched_prompts": 0,
                          "batched_scratch_chunks": 0}
         self.invocations: collections.Counter[tuple[str, str]] = collections.Counter()
-        #: The torch.distributed group of a tensor-parallel node's ranks (set with
-        #: `tp_ranks` by the builder): whole K/V in and out of it (`kv_shards`).
-        self.tp_group: Any = None
         #: Cumulative host time of the steps that ran a forward (seconds): planning them
         #: (`schedule`: the scheduler), building the batch, committing and sampling
         #: (`runner`: the runner outside the forward), and the node's forward itself
@@ -158,6 +155,17 @@ class KVEngine:
     @tp_ranks.setter
     def tp_ranks(self, ranks: tuple[int, ...]) -> None:
         self.kv_scheduler.tp_ranks = ranks
+
+    @property
+    def tp_group(self) -> Any:
+        """The torch.distributed group of a tensor-parallel node's ranks (set with
+        `tp_ranks` by the builder): whole K/V in and out of it (`kv_shards`), the leader's
+        in-node draws to its followers (`KeyedStepContext`)."""
+        return self.runner.tp_group
+
+    @tp_group.setter
+    def tp_group(self, group: Any) -> None:
+        self.runner.tp_group = group
 
     @property
     def tp_size(self) -> int:

@@ -116,6 +116,8 @@ class KVRunner:
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=log_size)
         #: Tensor-parallel leader: sends every step to the followers (set by the worker).
         self.mirror: Callable[[Any], None] | None = None
+        #: A tensor-parallel node's torch.distributed group (set through the engine).
+        self.tp_group: Any = None
         #: Emit an NVTX range around each forward (CUDA only; `--enable-nvtx`).
         self.nvtx = False
         self._extras = {e.name: e for e in spec.extras}
@@ -212,7 +214,8 @@ class KVRunner:
         extras = self.batch_extras(pieces)
         fb = ForwardBatch(input_ids=torch.cat([p.input_ids for p in pieces]),
                           positions=torch.cat([p.positions for p in pieces], dim=1),
-                          seqs=seq_chunks, extras=extras, ctx=KeyedStepContext(works, self.device))
+                          seqs=seq_chunks, extras=extras,
+                          ctx=KeyedStepContext(works, self.device, self.tp_group))
         if self.spec.position_axes == 1:
             fb.positions = fb.positions[0]
         if self.mirror is not None:
@@ -259,7 +262,7 @@ class KVRunner:
                           positions=step.positions.to_tensor().to(self.device), seqs=chunks,
                           extras={k: v.to_tensor().to(self.device)
                                   for k, v in step.extras.items()},
-                          ctx=KeyedStepContext(works, self.device))
+                          ctx=KeyedStepContext(works, self.device, self.tp_group))
         with torch.inference_mode(), attention_context(self.backend(chunks, self.cache)):
             self.module(fb)
         for c, s in zip(chunks, step.seqs):

@@ -57,11 +57,18 @@ class KeyedStepContext:
     A KV sequence rebuilt after preemption runs without an invocation (its entry is None):
     it has no key to draw with, so a node must compute such rows from its recorded inputs
     (a rebuild has no outputs wanted: `SeqChunk.outputs` is empty). Noise is drawn on CPU
-    (placement-independent) and lands on the engine's `device`, beside the node's tensors."""
+    (placement-independent) and lands on the engine's `device`, beside the node's tensors.
 
-    def __init__(self, works: list[NodeWork | None], device: torch.device = CPU):
+    `tp_group`: a tensor-parallel node's group. Its follower replays the step without the
+    request's sampling parameters or history, so in-node draws are the leader's: each
+    `sample` broadcasts the leader's ids (every rank of the group calls it at the same point
+    of the forward), and the ranks feed the same ids on."""
+
+    def __init__(self, works: list[NodeWork | None], device: torch.device = CPU,
+                 tp_group: Any = None):
         self._works = works
         self.device = device  # as given: this runs once per engine step
+        self.tp_group = tp_group
 
     def _work(self, seq_index: int) -> NodeWork:
         w = self._works[seq_index]
@@ -91,6 +98,11 @@ class KeyedStepContext:
         rows = [SampleRequest(params=params, seed=w.seed, child=w.child, site=key, step=step,
                               history=w.site_history.get(key, ())) for key in sites]
         token_ids = sample(logits, rows).token_ids
+        if self.tp_group is not None:
+            import torch.distributed as dist
+
+            dist.broadcast(token_ids, src=dist.get_global_rank(self.tp_group, 0),
+                           group=self.tp_group)
         if _uses_history(params):
             for key, token in zip(sites, token_ids.tolist()):
                 w.site_history.setdefault(key, []).append(token)

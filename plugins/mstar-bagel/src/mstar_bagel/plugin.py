@@ -8,7 +8,7 @@ from mstar.plugins.hookspecs import hookimpl
 from mstar.plugins.registry import ModelRegistry, ModelSpec
 
 CONFIGS = ("bagel_single_gpu", "bagel_cfg_parallel", "bagel_pd_disaggregated",
-           "bagel_img_disaggregated")
+           "bagel_img_disaggregated", "bagel_tp2")
 CAPABILITIES = ("generate", "chat", "image_input", "images", "image_edits")
 
 

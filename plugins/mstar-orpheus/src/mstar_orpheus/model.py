@@ -51,6 +51,7 @@ from mstar.model import (
     SamplingFields,
     WalkStep,
     config_from_fields,
+    text_delta,
     validate_request,
 )
 from mstar.weights import WeightSpec
@@ -332,11 +333,13 @@ class Orpheus(Model):
         raise ValueError(f"orpheus has no walk {state.walk!r}")
 
     def postprocess(self, outputs: Mapping[str, Any], state: OutputState) -> list[Event]:
-        """Audio chunks as they are decoded (the LM's tokens only count for usage)."""
-        if "audio" not in outputs:
-            return []
-        audio = torch.as_tensor(outputs["audio"]).float().reshape(-1)
-        if audio.numel() == 0:
-            return []
-        return [AudioChunk(samples=TensorData.from_tensor(audio),
-                           sample_rate=self.config.snac.sampling_rate, index=state.child)]
+        """Audio chunks as they are decoded. The LM's tokens only count for usage, unless
+        the request asked for `logprobs`: then they come as text deltas with their
+        log-probs (what a check of the LM's logits, e.g. across placements, reads)."""
+        out: list[Event] = [text_delta(outputs, state)] if "logprobs" in outputs else []
+        audio = torch.as_tensor(outputs.get("audio", ())).float().reshape(-1)
+        if audio.numel():
+            out.append(AudioChunk(samples=TensorData.from_tensor(audio),
+                                  sample_rate=self.config.snac.sampling_rate,
+                                  index=state.child))
+        return out

@@ -6,7 +6,8 @@ from __future__ import annotations
 from mstar.plugins.hookspecs import hookimpl
 from mstar.plugins.registry import ModelRegistry, ModelSpec
 
-CONFIGS = ("orpheus_colocated", "orpheus_pd_disaggregated", "orpheus_codec_split")
+CONFIGS = ("orpheus_colocated", "orpheus_pd_disaggregated", "orpheus_codec_split",
+           "orpheus_tp2")
 
 
 @hookimpl

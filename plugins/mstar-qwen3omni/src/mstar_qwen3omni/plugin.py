@@ -7,7 +7,7 @@ from mstar.plugins.hookspecs import hookimpl
 from mstar.plugins.registry import ModelRegistry, ModelSpec
 
 CONFIGS = ("qwen3omni_2gpu", "qwen3omni_colocated", "qwen3omni_pd_disaggregated",
-           "qwen3omni_text_only")
+           "qwen3omni_text_only", "qwen3omni_thinker_tp2")
 CAPABILITIES = ("chat", "generate", "image_input", "audio_input", "video_input",
                 "audio_output", "transcription")
 
