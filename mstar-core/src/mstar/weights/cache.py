@@ -233,12 +233,13 @@ class WeightCache:
             raise _pull_error(err, repo, revision or "main", self.cache_dir) from err
 
     def _size_problems(self, repo: str, commit: str, snapshot: Path,
-                       allow_patterns: Sequence[str] | str | None) -> list[str]:
+                       allow_patterns: Sequence[str] | str | None) -> list[str] | None:
         """Files the pull asked for that are missing from the snapshot or not at the size
-        the hub listed (huggingface_hub's tree listing of the commit, recorded at pull)."""
+        the hub listed (huggingface_hub's tree listing of the commit, recorded at pull);
+        None without a listing."""
         files = self._hub_files(repo, commit)
         if files is None:
-            return []
+            return None
         from huggingface_hub.utils import filter_repo_objects
 
         problems = []
@@ -290,8 +291,9 @@ class WeightCache:
                 raise
             except Exception as err:
                 raise _pull_error(err, repo, revision or "main", self.cache_dir) from err
-            self._check(repo, commit, snapshot, at, allow_patterns)
-            index.finish_pull(repo, commit, time.time())
+            listed = self._check(repo, commit, snapshot, at, allow_patterns)
+            if listed or not offline:  # offline, unlisted: huggingface_hub cannot tell either
+                index.finish_pull(repo, commit, time.time())
         return snapshot
 
     def _download(self, repo: str, commit: str, allow_patterns: Sequence[str] | str | None,
@@ -305,11 +307,16 @@ class WeightCache:
             tqdm_class=None if progress else _quiet_tqdm()))
 
     def _check(self, repo: str, commit: str, snapshot: Path, at: str,
-               allow_patterns: Sequence[str] | str | None) -> None:
+               allow_patterns: Sequence[str] | str | None) -> bool:
+        """Refuse a snapshot missing a file or holding one at another size than the hub
+        listed; False when no listing was recorded (nothing to check against)."""
         problems = self._size_problems(repo, commit, snapshot, allow_patterns)
+        if problems is None:
+            return False
         if problems:
             raise WeightsError(f"{at} in {snapshot}: {'; '.join(problems)}. Remove it "
                                f"(`mstar weights rm {repo}`) and pull again")
+        return True
 
     def _read_only_snapshot(self, repo: str, commit: str, at: str,
                             allow_patterns: Sequence[str] | str | None) -> Path:
