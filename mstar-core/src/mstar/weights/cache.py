@@ -335,6 +335,9 @@ class WeightCache:
     def entries(self) -> list[CacheEntry]:
         """Every complete snapshot of a model in the cache (pulled by mstar or not),
         sorted by repo; a pull that has not finished is not listed."""
+        return self._scan(complete_only=True)
+
+    def _scan(self, *, complete_only: bool) -> list[CacheEntry]:
         from huggingface_hub import scan_cache_dir
         from huggingface_hub.errors import CacheNotFound
 
@@ -350,7 +353,7 @@ class WeightCache:
                 continue
             for rev in cached.revisions:
                 row = rows.get((cached.repo_id, rev.commit_hash))
-                if row is not None and not row.complete:
+                if complete_only and row is not None and not row.complete:
                     continue
                 names = {rev.commit_hash, *rev.refs}
                 held = tuple(r.lease for r in leases
@@ -361,9 +364,10 @@ class WeightCache:
                     pinned=bool(row and row.pinned), leases=held, path=rev.snapshot_path))
         return sorted(found, key=lambda e: (e.repo, e.revision))
 
-    def _entry(self, repo: str, revision: str | None) -> CacheEntry:
+    def _entry(self, repo: str, revision: str | None, *,
+               complete_only: bool = True) -> CacheEntry:
         commit = self._commit(repo, revision)
-        for entry in self.entries():
+        for entry in self._scan(complete_only=complete_only):
             if entry.repo == repo and entry.revision == commit:
                 return entry
         raise WeightsError(f"{repo}@{revision or 'main'} ({commit}) is not in the cache "
@@ -411,8 +415,9 @@ class WeightCache:
 
     def remove(self, repo: str, revision: str | None = None) -> int:
         """Delete the snapshot (and the blobs no other revision uses); the bytes freed.
-        `WeightsInUse` when a running server holds a lease on it."""
-        entry = self._entry(repo, revision)
+        `WeightsInUse` when a running server holds a lease on it. A snapshot a failed pull
+        left half-done is removed too."""
+        entry = self._entry(repo, revision, complete_only=False)
         if entry.leases:
             lease = entry.leases[0]
             raise WeightsInUse(f"{repo}@{entry.revision} is in use by server {lease.server} "
