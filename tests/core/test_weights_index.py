@@ -120,3 +120,15 @@ def test_a_lease_expires_without_heartbeats_and_a_heartbeat_renews_it(tmp_path: 
     assert [r.lease.server for r in index.live_leases(now=140.0)] == ["here"]
     assert index.live_leases(now=156.0) == []
     assert index.heartbeat([mine], now=157.0) == 0  # gone for good: the server is told
+
+
+def test_what_a_lease_holds_is_in_use_until_released(tmp_path: Path) -> None:
+    index = CacheIndex(tmp_path / "index.sqlite")
+    index.finish_pull("owner/model", "a" * 40, now=10.0)
+    index.finish_pull("owner/other", "b" * 40, now=10.0)
+    ids = index.add_leases("server", [("owner/model", "a" * 40)], ttl=30.0, now=10.0)
+    index.heartbeat(ids, now=20.0)
+    index.release(ids, now=30.0)
+    rows = index.rows()
+    assert rows[("owner/model", "a" * 40)].last_used == 30.0
+    assert rows[("owner/other", "b" * 40)].last_used == 10.0

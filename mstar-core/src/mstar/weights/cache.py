@@ -88,7 +88,8 @@ class CacheEntry:
 
 class LeaseHandle:
     """A server's leases, renewed by `heartbeat` (at least every `check_interval`),
-    dropped by `release` (also on leaving a `with` block)."""
+    dropped by `release` (also on leaving a `with` block); both mark what they hold used
+    now, so a model served for long is not the least recently used once it stops."""
 
     def __init__(self, index: CacheIndex, ids: list[int]):
         self._index, self.ids = index, ids
@@ -99,8 +100,9 @@ class LeaseHandle:
         return not self.ids or self._index.heartbeat(self.ids, time.time()) == len(self.ids)
 
     def release(self) -> None:
+        """Drop the leases; what they held was last used now."""
         if self.ids:
-            self._index.release(self.ids)
+            self._index.release(self.ids, time.time())
             self.ids = []
 
     def __enter__(self) -> LeaseHandle:
