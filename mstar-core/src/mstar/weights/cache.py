@@ -29,7 +29,7 @@ from typing import Any
 from filelock import FileLock
 
 from mstar.weights.eviction import EvictionPolicy, plan_eviction
-from mstar.weights.index import CacheIndex, Lease, LeaseRow
+from mstar.weights.index import CacheIndex, Lease
 
 _TRUE = ("1", "true", "yes", "on")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -123,6 +123,11 @@ def _quiet_tqdm() -> type:
     return Quiet
 
 
+def _disk_full(err: BaseException) -> bool:
+    return (getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or (isinstance(err, OSError) and err.errno == errno.ENOSPC))
+
+
 def _pull_error(err: BaseException, repo: str, revision: str, cache_dir: Path) -> WeightsError:
     """What a failed hub call or download means, in words that name what to fix."""
     from huggingface_hub.errors import (
@@ -136,7 +141,7 @@ def _pull_error(err: BaseException, repo: str, revision: str, cache_dir: Path) -
     if isinstance(err, RepositoryNotFoundError):
         return WeightsError(f"unknown repo {repo!r}: the hub has no such model (or it is "
                             "private or gated: set HF_TOKEN)")
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+    if _disk_full(err):
         return WeightsError(f"no space left in the cache directory {cache_dir} while pulling "
                             f"{at}; nothing was recorded as complete (free space, or evict "
                             "with `mstar weights gc`)")
@@ -174,8 +179,9 @@ class WeightCache:
             try:
                 self._index = CacheIndex(self._mstar / "index.sqlite")
             except (OSError, sqlite3.Error) as err:
+                why = "no space left on its disk" if _disk_full(err) else "is it writable?"
                 raise WeightsError(f"cannot open the cache index in {self.cache_dir} "
-                                   f"({err}): is the directory writable?") from err
+                                   f"({err}): {why}") from err
         return self._index
 
     @contextmanager
@@ -266,9 +272,6 @@ class WeightCache:
             return None
         return {f.path: f for f in tree}
 
-    def _leases(self, now: float | None = None) -> list[LeaseRow]:
-        return self.index.live_leases(now)
-
     # -- the API ----------------------------------------------------------------------
 
     def pull(self, repo: str, revision: str | None = None, *,
@@ -348,7 +351,7 @@ class WeightCache:
         except CacheNotFound:
             return []
         rows = self.index.rows()
-        leases = self._leases()
+        leases = self.index.live_leases()
         found = []
         for cached in scanned.repos:
             if cached.repo_type != "model":
