@@ -94,7 +94,9 @@ def test_mstar_serve_defaults_are_seed_000s(capsys):
     server = data.pop("server")
     assert server == {
         "host": "0.0.0.0", "port": 8000, "tensor_comm_protocol": "RDMA" if HAS_MOONCAKE
-        else "SHM", "cache_dir": None, "socket_path_prefix": "/tmp/mstar",
+        else "SHM", "cache_dir": None, "cache_max_size": None, "cache_min_free_space": None,
+        "cache_unused_threshold": None, "cache_max_models": None,
+        "cache_check_interval": 3600.0, "cache_gc": False, "socket_path_prefix": "/tmp/mstar",
         "upload_dir": "/tmp/mstar_uploads", "image_url_ttl": 3600.0, "timeout": 600.0,
         "mooncake_port": 8080,
         "tcp_transfer_device": None, "enable_nvtx": False, "log_level": "INFO",

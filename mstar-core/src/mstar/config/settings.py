@@ -75,15 +75,15 @@ class ServerSettings(BaseSettings):
                                   "~/.cache/huggingface/hub.")
     cache_max_size: Size = Field(None, ge=0, description="Evict least recently used "
                                  "models while the cache holds more (e.g. 50GB, 512GiB); "
-                                 "None: no limit.")
+                                 "null: no limit.")
     cache_min_free_space: Size = Field(None, ge=0, description="Evict least recently "
                                        "used models while the cache's disk has less free "
-                                       "(e.g. 20GB); None: no limit.")
+                                       "(e.g. 20GB); null: no limit.")
     cache_unused_threshold: Duration = Field(None, ge=0, description="Evict models unused "
-                                             "for longer (e.g. 7d, 12h); None: never for "
+                                             "for longer (e.g. 7d, 12h); null: never for "
                                              "age.")
     cache_max_models: int | None = Field(None, ge=1, description="Evict least recently "
-                                         "used models beyond this many; None: no limit.")
+                                         "used models beyond this many; null: no limit.")
     cache_check_interval: Annotated[float, BeforeValidator(parse_duration)] = Field(
         3600.0, gt=0, description="How often a server with cache_gc applies the limits "
                                   "(e.g. 1h, 30m); leases expire after three of these.")

@@ -49,3 +49,11 @@ def parse_duration(value: str | int | float) -> float:
     accepted forms."""
     number, scale = _number_and_unit(value, _DURATION_UNITS, DURATION_FORMS, "duration")
     return number * scale
+
+
+def format_size(count: int) -> str:
+    """`count` bytes for people, in the decimal units `parse_size` reads back (`1.5GB`)."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return f"{count}B"
