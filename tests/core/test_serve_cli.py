@@ -333,6 +333,13 @@ INVALID = {
         ["--nnodes", "2", "--node-rank", "2", "--tensor-comm-protocol", "SHM"], {},
         ["nodes and ranks_per_node both map ranks to nodes: set one",
          "--node-rank 2 is not a node of --nnodes 2 (0..1)"]),
+    "cache-settings": (
+        "model: testvla\nserver: {cache_unused_threshold: soon}\n",
+        ["--preset", "tiny", "--load-format", "dummy", "--cache-check-interval", "hourly"],
+        {"MSTAR_CACHE_MAX_SIZE": "lots"},
+        ["server.cache_unused_threshold: Value error, 'soon' is not a duration",
+         "MSTAR_CACHE_MAX_SIZE: Value error, 'lots' is not a size",
+         "--cache-check-interval: Value error, 'hourly' is not a duration"]),
     "unknown-preset": ("model: testvla\n", ["--preset", "huge"], {},
                        ["--preset: unknown preset 'huge' for model 'testvla'; allowed: "
                         "small, tiny"]),
