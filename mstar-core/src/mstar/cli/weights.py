@@ -77,7 +77,7 @@ def targets(name: str, revision: Sequence[str] | None) -> list[Target]:
     unknown = set(revisions) - set(sources)
     if unknown:
         raise TargetError(f"model {name!r} has no weight source "
-                          f"{', '.join(sorted(unknown))}; its sources: "
+                          f"{', '.join(map(repr, sorted(unknown)))}; its sources: "
                           f"{', '.join(sources)}")
     found = []
     for source, location in sources.items():
@@ -187,8 +187,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for target in checked:
         problems = cache.verify(target.repo, target.revision)
         bad += len(problems)
-        for problem in problems:
-            print(f"{target}: {problem}")
+        for problem in problems:  # each names the repo, revision and file
+            print(problem)
         if not problems:
             print(f"{target}: ok")
     return EXIT_ERROR if bad else 0
