@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from mstar.cli.main import main
+from mstar.plugins import model_registry
 from mstar.weights.cache import WeightCache
+from mstar.weights.download import cached_path
 
 LM, SNAC = "canopylabs/orpheus-3b-0.1-ft", "hubertsiuzdak/snac_24khz"  # Orpheus' sources
 LM_FILES = {"config.json": b'{"hidden_size": 8}', "model.safetensors": b"L" * 3000}
@@ -47,7 +49,7 @@ def weights(capsys, cache: Path, *argv: str) -> tuple[int, str, str]:
 def listed(capsys, cache: Path) -> dict[str, dict]:
     code, out, _ = weights(capsys, cache, "list", "--json")
     assert code == 0
-    return {entry["repo"]: entry for entry in json.loads(out)}
+    return {entry["repo"]: entry for entry in json.loads(out)["repos"]}
 
 
 def test_pulling_a_model_name_pulls_every_hub_repo_of_its_weight_sources(
@@ -69,7 +71,7 @@ def test_pulling_a_model_name_pulls_every_hub_repo_of_its_weight_sources(
     assert header.split() == ["REPO", "REVISION", "SIZE", "LAST", "USED", "IN", "USE", "BY",
                               "PINNED"]
     assert rows[0].startswith(LM) and orpheus[LM][:12] in rows[0]
-    assert rows[1].startswith(SNAC) and rows[2].startswith("2 revision(s)")
+    assert rows[1].startswith(SNAC) and rows[2].startswith("2 revision(s), 0 URL file(s)")
     code, out, _ = weights(capsys, cache, "path", "orpheus")
     assert code == 0 and [Path(line) for line in out.splitlines()] == paths
 
@@ -153,3 +155,23 @@ def test_gc_takes_its_limits_from_the_layers_and_spares_pinned_revisions(
 def test_bad_input_is_one_message_and_exit_1(argv, message, hub, orpheus, cache, capsys):
     code, out, err = weights(capsys, cache, *argv)
     assert code == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_a_url_source_is_listed_located_and_removed(cache, capsys):
+    (url,) = model_registry().get("vjepa2_ac").weight_sources.values()  # one .pt file
+    file = cached_path(url, cache)
+    file.parent.mkdir(parents=True)
+    file.write_bytes(b"P" * 2500)
+    code, out, _ = weights(capsys, cache, "list", "--json")
+    assert json.loads(out) == {"repos": [], "url_files": [{"path": str(file),
+                                                           "size_bytes": 2500}]}
+    code, out, _ = weights(capsys, cache, "list")
+    assert "mstar-urls/" in out and "0 revision(s), 1 URL file(s), 2.5KB" in out
+    code, out, _ = weights(capsys, cache, "path", "vjepa2_ac")
+    assert code == 0 and out == f"{file}\n"
+    code, _, err = weights(capsys, cache, "pin", "vjepa2_ac")
+    assert code == 1 and "a URL file, not a hub repo" in err
+    code, out, _ = weights(capsys, cache, "rm", "vjepa2_ac")
+    assert code == 0 and out.startswith(f"removed {url}") and not file.exists()
+    code, _, err = weights(capsys, cache, "path", "vjepa2_ac")
+    assert code == 1 and "is not in the cache" in err

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mstar.cli.serve import _cli_layer, add_cache_limit_options
@@ -136,10 +137,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     cache = _cache(args)
     entries = sorted(cache.entries(), key=lambda e: (e.repo, e.revision))
+    files = _url_files(cache.cache_dir)
     if args.json:
-        print(json.dumps([_entry_json(e) for e in entries], indent=2))
+        print(json.dumps({"repos": [_entry_json(e) for e in entries],
+                          "url_files": [{"path": str(f), "size_bytes": f.stat().st_size}
+                                        for f in files]}, indent=2))
         return 0
-    if not entries:
+    if not entries and not files:
         print(f"no weights cached in {cache.cache_dir}")
         return 0
     now = time.time()
@@ -147,10 +151,20 @@ def cmd_list(args: argparse.Namespace) -> int:
              format_size(e.size_bytes), _ago(e.last_used, now),
              ", ".join(sorted({lease.server for lease in e.leases})) or "-",
              "yes" if e.pinned else "-"] for e in entries]
+    rows += [[str(f.relative_to(cache.cache_dir)), "-", format_size(f.stat().st_size),
+              "-", "-", "-"] for f in files]
     print(_table(["REPO", "REVISION", "SIZE", "LAST USED", "IN USE BY", "PINNED"], rows))
-    print(f"{len(entries)} revision(s), {format_size(sum(e.size_bytes for e in entries))} "
+    total = sum(e.size_bytes for e in entries) + sum(f.stat().st_size for f in files)
+    print(f"{len(entries)} revision(s), {len(files)} URL file(s), {format_size(total)} "
           f"in {cache.cache_dir}")
     return 0
+
+
+def _url_files(cache_dir: Path) -> list[Path]:
+    """The complete files of URL sources (`mstar.weights.download`'s
+    `<cache>/mstar-urls/<key>/<name>`; a download in progress is a hidden `.part`)."""
+    return sorted(f for f in (cache_dir / "mstar-urls").glob("*/*")
+                  if f.is_file() and not f.name.startswith("."))
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -169,8 +183,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     """Remove a model's (or repo's) cached revision; refused while a server uses it."""
     cache = _cache(args)
-    for target in _hub(targets(args.target, args.revisions)):
-        freed = cache.remove(target.repo, target.revision)
+    for target in targets(args.target, args.revisions):
+        if target.url:
+            file = _url_file(target, cache.cache_dir)
+            freed = file.stat().st_size
+            file.unlink()
+        else:
+            freed = cache.remove(target.repo, target.revision)
         print(f"removed {target} ({format_size(freed)} freed)")
     return 0
 
@@ -238,14 +257,32 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_path(args: argparse.Namespace) -> int:
     """Print the local snapshot directory of each of a model's repos (or of one repo)."""
     cache = _cache(args)
-    for target in _hub(targets(args.target, args.revisions)):
-        print(cache.path(target.repo, target.revision))
+    for target in targets(args.target, args.revisions):
+        print(_url_file(target, cache.cache_dir) if target.url
+              else cache.path(target.repo, target.revision))
     return 0
 
 
+def _url_file(target: Target, cache_dir: Path) -> Path:
+    """The cached file of a URL source; `WeightsError` when it is not cached."""
+    from mstar.weights.cache import WeightsError
+    from mstar.weights.download import cached_path
+
+    file = cached_path(target.repo, cache_dir)
+    if not file.is_file():
+        raise WeightsError(f"{target.repo} is not in the cache {cache_dir} (`mstar weights "
+                           "pull` downloads it)")
+    return file
+
+
 def _hub(found: list[Target]) -> list[Target]:
-    """The hub repos of `found` (URL sources are single files: pulled, not managed)."""
-    return [target for target in found if not target.url]
+    """The hub repos of `found` (a URL source's file has no revision, pin or hashes to
+    check: it is pulled, listed, removed and located only)."""
+    repos = [target for target in found if not target.url]
+    if not repos:
+        raise TargetError(f"{', '.join(map(str, found))}: a URL file, not a hub repo (only "
+                          "pull, list, rm and path apply)")
+    return repos
 
 
 # ------------------------------------------------------------------------------------------
