@@ -172,9 +172,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     cache = _cache(args)
     for target in targets(args.target, args.revisions):
         if target.url:
+            from mstar.weights.cache import hub_offline
             from mstar.weights.download import download
 
-            print(download(target.repo, cache.cache_dir))
+            print(download(target.repo, cache.cache_dir, offline=hub_offline()))
         else:
             print(cache.pull(target.repo, target.revision, progress=not args.quiet))
     return 0
