@@ -23,10 +23,18 @@ import http.server
 import json
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".npz")
 HOLD_TIMEOUT = 60.0  # a held transfer never outlives a failed test by long
+
+
+def read_tree(directory: str | Path) -> dict[str, bytes]:
+    """Every file under `directory` by its path inside it: what to commit to upload it."""
+    root = Path(directory)
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def git_blob_sha1(data: bytes) -> str:
