@@ -32,7 +32,7 @@ from mstar.weights import (
     read_checkpoint_config,
     resolve_source,
 )
-from mstar.weights.cache import resolve_cache_dir
+from mstar.weights.cache import WeightCache, resolve_cache_dir
 from mstar.weights.download import is_url
 from mstar.weights.sources import is_hub_repo
 
@@ -88,6 +88,15 @@ class LoadOptions:
             if is_hub_repo(location):
                 found[name] = (location, self.revisions.get(name))
         return found
+
+    def at_commits(self) -> LoadOptions:
+        """These options with each hub source's revision resolved to its commit, so that
+        every process started with them loads the same snapshot (and a server leases
+        exactly that one)."""
+        cache = WeightCache(self.cache_dir)
+        commits = {name: cache.resolve(repo, revision, token=self.token)
+                   for name, (repo, revision) in self.hub_repos().items()}
+        return dataclasses.replace(self, revisions={**self.revisions, **commits})
 
     def fetch(self, source: str, patterns: Sequence[str], subfolder: str | None = None) -> Path:
         """The local directory (or file) of weight source `source` (a name, a hub repo id,

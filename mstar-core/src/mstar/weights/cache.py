@@ -211,9 +211,15 @@ class WeightCache:
                                f"(pull it: `mstar weights pull {repo}`)")
         return ref.read_text().strip()
 
+    def resolve(self, repo: str, revision: str | None = None, *,
+                token: str | None = None) -> str:
+        """The commit `revision` (default: main) names on the hub now (in the cache's refs
+        when offline): what every process of a deployment then loads, whatever the
+        branch does meanwhile."""
+        return self._resolve(repo, revision, token, hub_offline())
+
     def _resolve(self, repo: str, revision: str | None, token: str | None,
                  offline: bool) -> str:
-        """The commit of `revision` on the hub (in the cache's refs when offline)."""
         from huggingface_hub import HfApi
         from huggingface_hub.errors import HFValidationError
 
