@@ -95,6 +95,7 @@ class CacheIndex:
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, timeout=self.timeout)
+        db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: durable but for power loss
         try:
             with db:  # commits, or rolls back on an exception
                 yield db
