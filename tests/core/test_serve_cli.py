@@ -94,7 +94,9 @@ def test_mstar_serve_defaults_are_seed_000s(capsys):
     server = data.pop("server")
     assert server == {
         "host": "0.0.0.0", "port": 8000, "tensor_comm_protocol": "RDMA" if HAS_MOONCAKE
-        else "SHM", "cache_dir": None, "socket_path_prefix": "/tmp/mstar",
+        else "SHM", "cache_dir": None, "cache_max_size": None, "cache_min_free_space": None,
+        "cache_unused_threshold": None, "cache_max_models": None,
+        "cache_check_interval": 3600.0, "cache_gc": False, "socket_path_prefix": "/tmp/mstar",
         "upload_dir": "/tmp/mstar_uploads", "image_url_ttl": 3600.0, "timeout": 600.0,
         "mooncake_port": 8080,
         "tcp_transfer_device": None, "enable_nvtx": False, "log_level": "INFO",
@@ -331,6 +333,13 @@ INVALID = {
         ["--nnodes", "2", "--node-rank", "2", "--tensor-comm-protocol", "SHM"], {},
         ["nodes and ranks_per_node both map ranks to nodes: set one",
          "--node-rank 2 is not a node of --nnodes 2 (0..1)"]),
+    "cache-settings": (
+        "model: testvla\nserver: {cache_unused_threshold: soon}\n",
+        ["--preset", "tiny", "--load-format", "dummy", "--cache-check-interval", "hourly"],
+        {"MSTAR_CACHE_MAX_SIZE": "lots"},
+        ["server.cache_unused_threshold: Value error, 'soon' is not a duration",
+         "MSTAR_CACHE_MAX_SIZE: Value error, 'lots' is not a size",
+         "--cache-check-interval: Value error, 'hourly' is not a duration"]),
     "unknown-preset": ("model: testvla\n", ["--preset", "huge"], {},
                        ["--preset: unknown preset 'huge' for model 'testvla'; allowed: "
                         "small, tiny"]),

@@ -1,4 +1,5 @@
-"""The `mstar` command: one subcommand per task (`plugins`, `models`, `serve`).
+"""The `mstar` command: one subcommand per task (`plugins`, `models`, `serve`, `weights`,
+`config gen`).
 
 Listing commands read the registries only, so they import no torch and start fast. They
 print what they can even when two plugins claim one name, then report the conflict and
@@ -11,7 +12,9 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 
+from mstar.cli.config_gen import add_config_command
 from mstar.cli.serve import add_serve_command
+from mstar.cli.weights import add_weights_command
 from mstar.plugins.manager import get_plugins, model_registry, transport_registry
 from mstar.plugins.registry import DuplicateNameError
 
@@ -97,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("models", help="list installed models",
                         description=cmd_models.__doc__).set_defaults(func=cmd_models)
     add_serve_command(commands)
+    add_weights_command(commands)
+    add_config_command(commands)
     # Further subcommands register here: add_parser(...).set_defaults(func=...).
     return parser
 

@@ -58,6 +58,30 @@ def _shown(name: str, shown_defaults: Mapping[str, str]) -> str:
     return "off" if default is False else "none" if default is None else str(default)
 
 
+def add_cache_limit_options(parser: argparse.ArgumentParser, *, background: bool = True) -> None:
+    """The weight cache's eviction options (serving and `mstar weights gc`); `background`:
+    with the server's own `--cache-gc` and `--cache-check-interval`."""
+    cache = parser.add_argument_group("weight cache (sizes: 50GB, 512MiB; durations: 7d, "
+                                      "1h; see `mstar weights`)")
+    cache.add_argument("--cache-max-size", metavar="SIZE",
+                       help="evict least recently used models while the cache holds more "
+                            "(default: no limit)")
+    cache.add_argument("--cache-min-free-space", metavar="SIZE",
+                       help="evict least recently used models while the disk has less free "
+                            "(default: no limit)")
+    cache.add_argument("--cache-unused-threshold", metavar="DURATION",
+                       help="evict models unused for longer (default: never for age)")
+    cache.add_argument("--cache-max-models", type=int, metavar="N",
+                       help="evict least recently used models beyond N (default: no limit)")
+    if not background:
+        return
+    cache.add_argument("--cache-check-interval", metavar="DURATION",
+                       help="how often --cache-gc applies the limits (default: 1h)")
+    cache.add_argument("--cache-gc", action="store_true", default=None,
+                       help="evict by these limits in the background while serving "
+                            "(default: off; `mstar weights gc` evicts on demand)")
+
+
 def _add_options(parser: argparse.ArgumentParser, shown_defaults: Mapping[str, str]) -> None:
     """The options both commands share. Each server option defaults to None ("not given"),
     so that only options given on the command line outrank the other layers; the help
@@ -145,6 +169,7 @@ def _add_options(parser: argparse.ArgumentParser, shown_defaults: Mapping[str, s
                             f"real shapes {d('load_format')}")
     model.add_argument("--preset", help="model size preset (tiny, small, ...) instead of "
                                         "the checkpoint's config.json")
+    add_cache_limit_options(parser)
     config = parser.add_argument_group("deployment config")
     config.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE",

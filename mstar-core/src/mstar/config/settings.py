@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from mstar.config.units import parse_duration, parse_size
 from mstar.config.validate import ConfigError
 
 if TYPE_CHECKING:
     from mstar.media.limits import MediaLimits
+    from mstar.weights.eviction import EvictionPolicy
 
 Protocol = Literal["SHM", "TCP", "RDMA"]
 
@@ -44,6 +46,17 @@ def parse_revisions(value: Any) -> dict[str, str] | None:
 Revisions = Annotated[dict[str, str] | None, NoDecode, BeforeValidator(parse_revisions)]
 
 
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`parse`, letting None (no limit) through."""
+    return lambda value: None if value is None else parse(value)
+
+
+#: Bytes, given as `50GB`, `512MiB` or a plain count in every layer.
+Size = Annotated[int | None, BeforeValidator(_optional(parse_size))]
+#: Seconds, given as `7d`, `1h` or a plain number in every layer.
+Duration = Annotated[float | None, BeforeValidator(_optional(parse_duration))]
+
+
 class ServerSettings(BaseSettings):
     """Every option of `mstar-serve` (the original M* server's, same names and defaults) plus
     the offline/weights options.
@@ -57,7 +70,26 @@ class ServerSettings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     tensor_comm_protocol: Protocol | None = None
-    cache_dir: str | None = None
+    cache_dir: str | None = Field(None, description="Weight cache: --cache-dir, else "
+                                  "MSTAR_CACHE_DIR, HF_HUB_CACHE, HF_HOME/hub, "
+                                  "~/.cache/huggingface/hub.")
+    cache_max_size: Size = Field(None, ge=0, description="Evict least recently used "
+                                 "models while the cache holds more (e.g. 50GB, 512GiB); "
+                                 "null: no limit.")
+    cache_min_free_space: Size = Field(None, ge=0, description="Evict least recently "
+                                       "used models while the cache's disk has less free "
+                                       "(e.g. 20GB); null: no limit.")
+    cache_unused_threshold: Duration = Field(None, ge=0, description="Evict models unused "
+                                             "for longer (e.g. 7d, 12h); null: never for "
+                                             "age.")
+    cache_max_models: int | None = Field(None, ge=1, description="Evict least recently "
+                                         "used models beyond this many; null: no limit.")
+    cache_check_interval: Annotated[float, BeforeValidator(parse_duration)] = Field(
+        3600.0, gt=0, description="How often a server with cache_gc applies the limits "
+                                  "(e.g. 1h, 30m); leases expire after three of these.")
+    cache_gc: bool = Field(False, description="The server evicts by the cache limits in "
+                                              "the background (`mstar weights gc` does it "
+                                              "on demand).")
     socket_path_prefix: str = "/tmp/mstar"
     upload_dir: str = "/tmp/mstar_uploads"
     image_url_ttl: float = Field(3600.0, ge=0, description="Seconds a generated image "
@@ -120,6 +152,17 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"--node-rank {self.node_rank} is not a node of --nnodes "
                              f"{self.nnodes} (0..{self.nnodes - 1})")
         return self
+
+    def eviction_policy(self) -> EvictionPolicy:
+        """The cache limits of these settings, for `WeightCache.gc` (a server's background
+        eviction and `mstar weights gc` alike)."""
+        from mstar.weights.eviction import EvictionPolicy  # weights import torch
+
+        return EvictionPolicy(max_size_bytes=self.cache_max_size,
+                              min_free_space_bytes=self.cache_min_free_space,
+                              unused_threshold=self.cache_unused_threshold,
+                              max_models=self.cache_max_models,
+                              check_interval=self.cache_check_interval)
 
     def media_limits(self) -> MediaLimits:
         """The `MediaLimits` these settings give every media fetch, decode and upload."""
