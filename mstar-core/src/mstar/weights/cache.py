@@ -398,8 +398,8 @@ class WeightCache:
     def verify(self, repo: str, revision: str | None = None) -> list[str]:
         """Every problem of the snapshot's files, each naming the file: a missing blob, a
         size other than the hub's, a sha256 (LFS files) or git sha1 (others) other than the
-        hub's. Without the hub's listing the blob's name is the expected hash, as
-        huggingface_hub names blobs by it."""
+        hub's. Where the listing lacks an LFS file's sha256, or there is no listing, the
+        blob's name is the expected hash, as huggingface_hub names blobs by it."""
         entry = self._entry(repo, revision)
         listed = self._hub_files(repo, entry.revision) or {}
         problems = []
@@ -414,11 +414,14 @@ class WeightCache:
             if hub is not None and size != hub.size:
                 problems.append(f"{name}: {size} bytes, the hub lists {hub.size}")
                 continue
-            if hub is not None:
-                lfs = hub.lfs.sha256 if hub.lfs is not None else None
-                expected, algorithm = (lfs, "sha256") if lfs else (hub.blob_id, "sha1")
+            if hub is not None and hub.lfs is not None:
+                expected, algorithm = hub.lfs.sha256, "sha256"
             elif _SHA256.fullmatch(blob.name):
+                # an LFS file (huggingface_hub names its blob by the sha256; its cached
+                # listing may drop the LFS part, leaving only the pointer's git sha1)
                 expected, algorithm = blob.name, "sha256"
+            elif hub is not None:
+                expected, algorithm = hub.blob_id, "sha1"
             elif _COMMIT.fullmatch(blob.name):
                 expected, algorithm = blob.name, "sha1"
             else:
