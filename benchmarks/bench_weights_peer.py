@@ -11,7 +11,9 @@ first one's start left in the page cache, so this is the fast case of a disk) an
 (the flag: the weights come from the first deployment's workers over the tensor
 transport, checksums verified). Time to ready is from spawning `mstar-serve` to `/health`
 answering 200 (process start, imports, model build, weights, KV allocation); the peer
-side also reports the bytes and seconds its workers logged for the streams.
+side also reports the bytes and seconds its workers logged for the streams. Last, with
+the peer still up, this process builds the LLM node (most of the weights) both ways,
+`build_module` alone, to show the load itself without the process start around it.
 
     python benchmarks/bench_weights_peer.py                  # ~1 minute on 2 cores
     python benchmarks/bench_weights_peer.py --protocol TCP --rounds 1
@@ -46,6 +48,21 @@ def ready_seconds(options: Sequence[str], tmp: Path) -> tuple[float, list[tuple[
         port = server.url.rsplit(":", 1)[1]
     log = (tmp / f"server-{port}.log").read_text()
     return ready, [(n, int(b), float(s)) for n, b, s in STREAM.findall(log)]
+
+
+def llm_load_seconds(ckpt: Path, cache: Path, preset: str, peers: bool) -> float:
+    """Seconds `build_module` takes for the LLM node, from disk or from the peer."""
+    from mstar.config.validate import NodePlacement
+    from mstar.plugins import model_registry
+    from mstar.runtime.builder import LoadOptions, build_module, make_model
+
+    spec = model_registry().get("testvla")
+    options = LoadOptions.of(spec, model_path=str(ckpt), cache_dir=str(cache),
+                             weights_from_peers=peers)
+    model = make_model(spec, None, preset=preset, options=options)
+    started = time.perf_counter()
+    build_module(model, "LLM", NodePlacement("LLM", (0,)), 0, options, torch.device("cpu"))
+    return time.perf_counter() - started
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -83,9 +100,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                             raise SystemExit("the peer side loaded nothing from the peer")
                         streams += streamed
                     print(f"  round {round_ + 1} {side}: ready in {ready:.2f} s", flush=True)
+            loads = {side: min(llm_load_seconds(ckpt, tmp / "cache", args.preset,
+                                                side == "peer") for _ in range(args.rounds))
+                     for side in sides}
     print(f"\n{'side':<6} {'median s':>9} {'best s':>7}")
     for side, values in times.items():
         print(f"{side:<6} {statistics.median(values):>9.2f} {min(values):>7.2f}")
+    print(f"\nLLM node load alone (best of {args.rounds}): disk {loads['disk']:.2f} s, "
+          f"peer {loads['peer']:.2f} s")
     per_round = sum(b for _, b, _ in streams) / args.rounds
     seconds = sum(s for _, _, s in streams) / args.rounds
     print(f"\npeer streams per start: {per_round / 2**20:.1f} MiB in {seconds:.2f} s "

@@ -99,9 +99,14 @@ def test_a_peer_of_other_shapes_falls_back(peer, ckpt, tmp_path, caplog):
     assert same(received, module_of(ckpt, cache, peers=False, preset="small"))
 
 
-def test_no_peer_reads_the_checkpoint(ckpt, tmp_path):
+def test_no_peer_reads_the_checkpoint(ckpt, tmp_path, caplog):
     cache = tmp_path / "cache"
     assert same(module_of(ckpt, cache, peers=True), module_of(ckpt, cache, peers=False))
+    unusable = tmp_path / "a-file"
+    unusable.write_text("")  # no registry can live under it
+    with caplog.at_level(logging.WARNING, "mstar.weights.peer"):
+        assert same(module_of(ckpt, unusable, peers=True), module_of(ckpt, cache, peers=False))
+    assert "the peer registry under" in caplog.text
     ckpt.rename(ckpt.with_name("moved"))
     with pytest.raises(WeightSourceError, match="does not exist"):
         module_of(ckpt, cache, peers=True)

@@ -33,13 +33,7 @@ from mstar.weights import (
     resolve_source,
 )
 from mstar.weights.download import is_url
-from mstar.weights.peer import (
-    PeerRegistry,
-    WeightKey,
-    load_from_peer,
-    registry_dir,
-    source_revision,
-)
+from mstar.weights.peer import WeightKey, load_from_peer, source_revision
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +183,7 @@ def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
 
         def load(module: torch.nn.Module) -> list[str]:
             if options.weights_from_peers:  # a running peer's, else the checkpoint's
-                peers = PeerRegistry(registry_dir(options.cache_dir))
-                loaded = load_from_peer(module, key, peers)
+                loaded = load_from_peer(module, key, options.cache_dir)
                 if loaded is not None:
                     return loaded
             files = checkpoint_files(options.fetch(ws.source, ws.patterns, ws.subfolder),

@@ -72,14 +72,25 @@ def make_transport(protocol: str, address: str, *, deployment_id: str, host: str
     return cls(address, deployment_id=deployment_id, host=host, device=device, **options)
 
 
-def peer_weights(spec: ProcessSpec, transport) -> WeightService:
+def peer_weights(spec: ProcessSpec, transport) -> WeightService | None:
     """A worker's service of its weights to peers, on its node's address, over its own
-    transport (`mstar.weights.peer`)."""
+    transport (`mstar.weights.peer`); None (logged) when it cannot start: the rank serves
+    requests all the same."""
+    import sqlite3
+
+    import zmq
+
     from mstar.weights.peer import PeerRegistry, WeightService, registry_dir
 
-    return WeightService(transport, protocol=spec.protocol, deployment_id=spec.deployment_id,
-                         host=spec.host,
-                         registry=PeerRegistry(registry_dir(spec.load.get("cache_dir"))))
+    where = registry_dir(spec.load.get("cache_dir"))
+    try:
+        return WeightService(transport, protocol=spec.protocol,
+                             deployment_id=spec.deployment_id, host=spec.host,
+                             registry=PeerRegistry(where))
+    except (OSError, sqlite3.Error, zmq.ZMQError) as exc:
+        log.warning("worker:%d does not offer its weights to peers (registry %s): %s",
+                    spec.rank, where, exc)
+        return None
 
 
 def wiring(spec: ProcessSpec) -> Wiring:

@@ -243,7 +243,10 @@ class WeightService:
         """Serve `module`'s weights under `key` from now on."""
         with self._lock:
             self._nodes[key] = served_tensors(module)
-        self.registry.add(key, self.endpoint)
+        try:
+            self.registry.add(key, self.endpoint)
+        except sqlite3.Error as exc:  # the rank serves requests all the same
+            log.warning("weights of node %s not offered to peers: %s", key.node, exc)
 
     def _serve(self) -> None:
         import zmq
@@ -413,11 +416,18 @@ def _batches(want: dict[str, tuple[str, list[int]]], batch_bytes: int) -> Iterat
         yield batch
 
 
-def load_from_peer(module: nn.Module, key: WeightKey, registry: PeerRegistry, *,
+def load_from_peer(module: nn.Module, key: WeightKey, cache_dir: str | None, *,
                    timeout: float = PEER_TIMEOUT) -> list[str] | None:
-    """Load `module` (allocated, not yet filled) from the first live peer of `key` that
-    delivers: the names it filled, or None (logged) when no peer did."""
-    for endpoint, host, pid in registry.find(key):
+    """Load `module` (allocated, not yet filled) from the first live peer of `key` in the
+    registry of `cache_dir` that delivers: the names it filled, or None (logged) when no
+    peer did."""
+    try:
+        peers = PeerRegistry(registry_dir(cache_dir)).find(key)
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("no weights from peers for node %s: the peer registry under %s: %s",
+                    key.node, registry_dir(cache_dir), exc)
+        return None
+    for endpoint, host, pid in peers:
         started, received = time.perf_counter(), 0
 
         def counted(stream: Iterator[tuple[str, torch.Tensor]]):
