@@ -101,7 +101,7 @@ def test_mstar_serve_defaults_are_seed_000s(capsys):
         "mooncake_port": 8080,
         "tcp_transfer_device": None, "enable_nvtx": False, "log_level": "INFO",
         "model_path": None, "revision": None, "load_format": "dummy", "preset": "tiny",
-        "policy_ws_port": None, "max_body_bytes": 64 * 1024 * 1024, "startup_timeout": 600.0, "shutdown_grace": 30.0,
+        "weights_from_peers": False, "policy_ws_port": None, "max_body_bytes": 64 * 1024 * 1024, "startup_timeout": 600.0, "shutdown_grace": 30.0,
         "data_workers": 1, "data_parallel_size": None,
         "cpu_threads": None, "allow_private_media_urls": False, "media_max_bytes": 20971520,
         "media_max_image_pixels": 16777216, "media_max_audio_seconds": 600.0,

@@ -111,6 +111,10 @@ def _add_options(parser: argparse.ArgumentParser, shown_defaults: Mapping[str, s
                         help=f"port of the Mooncake RDMA transfer engine {d('mooncake_port')}")
     server.add_argument("--tcp-transfer-device",
                         help="network device for TCP tensor transport (default: auto)")
+    server.add_argument("--weights-from-peers", action="store_true", default=None,
+                        help="serve each worker's weights to peers, and load a node's "
+                             "weights from a running peer (same checkpoint, revision and "
+                             "sharding) before disk or the hub")
     server.add_argument("--enable-nvtx", action="store_true", default=None,
                         help="emit NVTX markers for profiling (a no-op on CPU)")
     server.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
@@ -251,7 +255,8 @@ def model_for(config: DeploymentConfig, settings: ServerSettings) -> Model:
     try:
         options = LoadOptions.of(spec, load_format=settings.load_format,
                                  model_path=settings.model_path, cache_dir=settings.cache_dir,
-                                 revisions=settings.revision or {})
+                                 revisions=settings.revision or {},
+                                 weights_from_peers=settings.weights_from_peers)
     except ValueError as exc:
         raise ConfigError([str(exc)]) from None
     needs_preset = (settings.preset is None and settings.load_format == "dummy"

@@ -1,8 +1,10 @@
 """Tensor transports: tensors move worker to worker by handle, never through the conductor.
 
 A transport stores a tensor under a key and hands out a `Handle`; the receiver fetches it
-with `get`. Every handle belongs to a request, so `free_request` releases whatever a
-finished, cancelled or failed request left behind. `LocalTransport` serves components in
+with `get`. Every handle belongs to a scope, its `request_id`: a request's id, so
+`free_request` releases whatever a finished, cancelled or failed request left behind, or a
+weights scope (`weights_scope`: a node's weights streamed to a peer, `mstar.weights.peer`),
+which no request's end ever names and which the weights service frees by itself. `LocalTransport` serves components in
 one process (no copy); SHM/TCP/RDMA transports implement the same interface across
 processes and register through the `mstar_register_transports` hook.
 """
@@ -16,6 +18,14 @@ from typing import Protocol
 import torch
 
 from mstar.communication.messages import Handle
+
+#: The prefix of a weights scope; request ids never start with it.
+WEIGHTS_SCOPE = "weights:"
+
+
+def weights_scope(name: str) -> str:
+    """The scope of weight tensors served to a peer, e.g. `weights:<model>@<rev>/<node>/..`."""
+    return WEIGHTS_SCOPE + name
 
 
 class Transport(Protocol):

@@ -103,6 +103,10 @@ class ServerSettings(BaseSettings):
     model_path: str | None = None
     revision: Revisions = None
     load_format: Literal["auto", "dummy"] = "auto"
+    weights_from_peers: bool = Field(False, description="Workers serve their weights to "
+                                     "peers and a starting worker takes them from a running "
+                                     "peer before reading the checkpoint (off: the service "
+                                     "hands weights to anyone reaching the worker).")
     preset: str | None = None
     api_key: str | None = None
     policy_ws_port: int | None = Field(None, ge=1, le=65535, description="Also serve a "

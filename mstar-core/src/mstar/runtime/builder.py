@@ -35,6 +35,7 @@ from mstar.weights import (
 from mstar.weights.cache import WeightCache, resolve_cache_dir
 from mstar.weights.download import is_url
 from mstar.weights.sources import is_hub_repo
+from mstar.weights.peer import WeightKey, load_from_peer, source_revision
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ class LoadOptions:
     real shapes (no files needed); `"auto"` reads the checkpoint (`model_path`, else each
     weight source's hub repo through huggingface_hub, or its URL). `revisions`: the hub
     revision per weight source name (`--revision`); a name the model does not have is an
-    error here, at start."""
+    error here, at start. `weights_from_peers`: a served rank serves its weights to peers
+    and takes them from a running peer before reading the checkpoint
+    (`mstar.weights.peer`)."""
 
     load_format: str = "auto"
     model_path: str | None = None
@@ -56,6 +59,7 @@ class LoadOptions:
     revisions: dict[str, str] = field(default_factory=dict)
     token: str | None = None
     seed: int = 0
+    weights_from_peers: bool = False
 
     def __post_init__(self) -> None:
         names = sorted({"default", *self.weight_sources})
@@ -168,6 +172,25 @@ def checkpoint_location(source: str, options: LoadOptions) -> str:
     return options.weight_sources.get(source, source)
 
 
+def weight_key(model: Model, node: str, placement: NodePlacement, rank: int,
+               options: LoadOptions, device: torch.device) -> WeightKey | None:
+    """What names `node`'s weights on `rank` among peers; None for dummy weights."""
+    if options.load_format != "auto":
+        return None
+    ws = model.weight_spec(node)
+    location = checkpoint_location(ws.source, options)
+    local = Path(location).expanduser()
+    if not is_url(location) and (local.is_absolute() or local.exists()):
+        location = os.path.abspath(local)  # the same string once the path is gone
+    dtype = ws.dtype or DTYPES[node_dtype(placement.dtype, str(device))]
+    return WeightKey(model=f"{type(model).__module__}.{type(model).__qualname__}",
+                     source=location + (f"/{ws.subfolder}" if ws.subfolder else ""),
+                     revision=source_revision(location, options.revisions.get(ws.source),
+                                              options.cache_dir),
+                     node=node, tp_rank=placement.ranks.index(rank),
+                     tp_size=placement.tp_size, dtype=str(dtype).removeprefix("torch."))
+
+
 def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
                  options: LoadOptions, device: torch.device,
                  tp_group: Any = None) -> torch.nn.Module:
@@ -182,10 +205,15 @@ def build_module(model: Model, node: str, placement: NodePlacement, rank: int,
                                       adjust=functools.partial(model.adjust_dummy_weight, node))
     elif options.load_format == "auto":
         ws = model.weight_spec(node)
-        files = checkpoint_files(options.fetch(ws.source, ws.patterns, ws.subfolder),
-                                 ws.patterns)
+        key = weight_key(model, node, placement, rank, options, device)
 
         def load(module: torch.nn.Module) -> list[str]:
+            if options.weights_from_peers:  # a running peer's, else the checkpoint's
+                loaded = load_from_peer(module, key, options.cache_dir)
+                if loaded is not None:
+                    return loaded
+            files = checkpoint_files(options.fetch(ws.source, ws.patterns, ws.subfolder),
+                                     ws.patterns)
             tensors = iter_checkpoint(files, ws.format, device, safe_globals=ws.safe_globals)
             return load_weights(module, tensors, ws, tp_rank=tp_rank, tp_size=tp_size,
                                 dtype=ws.dtype or dtype).loaded

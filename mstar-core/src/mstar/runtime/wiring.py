@@ -27,10 +27,11 @@ from mstar.config.devices import DevicePlan, device_plan, tp_backend
 from mstar.media import MediaLimits
 from mstar.model.contract import Model
 from mstar.plugins.registry import import_string
-from mstar.runtime.builder import LoadOptions, build_engines, tp_group_ranks
+from mstar.runtime.builder import LoadOptions, build_engines, tp_group_ranks, weight_key
 from mstar.runtime.conductor import Conductor
 from mstar.runtime.frontend import Frontend
 from mstar.runtime.worker import Worker
+from mstar.weights.peer import WeightService
 
 
 def eos_token_ids(model: Model) -> tuple[int, ...]:
@@ -104,13 +105,27 @@ class Wiring:
             eos_token_ids=self.eos_token_ids, tp_group=tp_group, enable_nvtx=self.enable_nvtx)
 
     def worker(self, rank: int, channel: Channel, transport: Transport, *,
-               tp_port: int = 0, tp_host: str = "127.0.0.1") -> Worker:
+               tp_port: int = 0, tp_host: str = "127.0.0.1",
+               weights: WeightService | None = None) -> Worker:
         """Worker `rank`; a rank in a tensor-parallel group joins it first (over the
-        backend of its device, rendezvous at `tp_host`), which needs a process per rank."""
+        backend of its device, rendezvous at `tp_host`), which needs a process per rank.
+        `weights`: the service that hands the rank's weights to peers once loaded."""
         group = self.join_tp_group(rank, tp_port, tp_host)
         device, build = self.worker_engines(rank, tp_group=group)
+        if weights is not None:
+            build = functools.partial(self._publishing, build, rank, device, weights)
         return Worker(rank, self.model, channel, transport, build_engines=build,
                       status_address=self.status_address, device=device)
+
+    def _publishing(self, build: Callable[[], dict[str, Any]], rank: int,
+                    device: torch.device, weights: WeightService) -> dict[str, Any]:
+        """`build()`, then every node's weights published under its key."""
+        engines = build()
+        for node, where in self.placement.nodes_on(rank).items():
+            key = weight_key(self.model, node, where, rank, self.options, device)
+            if key is not None:
+                weights.publish(key, engines[node].module)
+        return engines
 
     def tp_groups(self) -> list[tuple[int, ...]]:
         """The deployment's tensor-parallel groups, ordered by their leader (first) rank."""

@@ -108,7 +108,8 @@ def _join_and_run(settings: ServerSettings, config: DeploymentConfig, link: sock
     spec = model_registry().get(config.model)
     options = LoadOptions.of(spec, load_format=settings.load_format,
                              model_path=settings.model_path, cache_dir=settings.cache_dir,
-                             revisions=settings.revision or {}).at_commits()
+                             revisions=settings.revision or {},
+                             weights_from_peers=settings.weights_from_peers).at_commits()
     upkeep = start_upkeep(settings, options, f"{config.model} node {k} ({host})")
     threads = worker_threads(settings.cpu_threads, len(reply.ranks))
     ports = mooncake_ports(settings.mooncake_port)  # this node's

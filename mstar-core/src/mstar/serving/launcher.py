@@ -113,7 +113,8 @@ class ProcessDeployment:
         self.spec = model_registry().get(config.model)
         options = LoadOptions.of(self.spec, load_format=settings.load_format,
                                  model_path=settings.model_path, cache_dir=settings.cache_dir,
-                                 revisions=settings.revision or {}).at_commits()
+                                 revisions=settings.revision or {},
+                                 weights_from_peers=settings.weights_from_peers).at_commits()
         self.model = make_model(self.spec, config.model_kwargs, preset=settings.preset,
                                 options=options)
         validate_for_model(config, self.model)

@@ -21,6 +21,7 @@ import msgspec
 
 if TYPE_CHECKING:
     from mstar.runtime.wiring import Wiring
+    from mstar.weights.peer import WeightService
 
 log = logging.getLogger("mstar.serving")
 
@@ -71,6 +72,27 @@ def make_transport(protocol: str, address: str, *, deployment_id: str, host: str
     return cls(address, deployment_id=deployment_id, host=host, device=device, **options)
 
 
+def peer_weights(spec: ProcessSpec, transport) -> WeightService | None:
+    """A worker's service of its weights to peers, on its node's address, over its own
+    transport (`mstar.weights.peer`); None (logged) when it cannot start: the rank serves
+    requests all the same."""
+    import sqlite3
+
+    import zmq
+
+    from mstar.weights.peer import PeerRegistry, WeightService, registry_dir
+
+    where = registry_dir(spec.load.get("cache_dir"))
+    try:
+        return WeightService(transport, protocol=spec.protocol,
+                             deployment_id=spec.deployment_id, host=spec.host,
+                             registry=PeerRegistry(where))
+    except (OSError, sqlite3.Error, zmq.ZMQError) as exc:
+        log.warning("worker:%d does not offer its weights to peers (registry %s): %s",
+                    spec.rank, where, exc)
+        return None
+
+
 def wiring(spec: ProcessSpec) -> Wiring:
     """The deployment's wiring as `spec` describes it (the same one `mstar.load` makes)."""
     from mstar.config import DeploymentConfig
@@ -95,6 +117,7 @@ def run(spec: ProcessSpec) -> None:
     from mstar.media import MediaLimits
 
     roles = wiring(spec)
+    weights = None
     if spec.role == "conductor":
         channel = ZmqChannel("conductor", prefix=spec.socket_prefix, endpoints=spec.endpoints)
         component = roles.conductor(channel)
@@ -110,13 +133,17 @@ def run(spec: ProcessSpec) -> None:
                                        media_limits=MediaLimits(**spec.media_limits))
             channel.send(spec.gateway_address, msg.WorkerReady(address, []))
         else:
+            weights = peer_weights(spec, transport) if roles.options.weights_from_peers \
+                else None
             component = roles.worker(spec.rank, channel, transport, tp_port=spec.tp_port,
-                                     tp_host=spec.tp_host)
+                                     tp_host=spec.tp_host, weights=weights)
     signal.signal(signal.SIGTERM, lambda *_: component.stop_soon())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we stop
     try:
         component.run()
     finally:
+        if weights is not None:
+            weights.close()
         channel.close()
         close = getattr(component, "transport", None)
         if close is not None and hasattr(close, "close"):
