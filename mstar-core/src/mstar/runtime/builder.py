@@ -34,8 +34,8 @@ from mstar.weights import (
 )
 from mstar.weights.cache import WeightCache, resolve_cache_dir
 from mstar.weights.download import is_url
-from mstar.weights.sources import is_hub_repo
 from mstar.weights.peer import WeightKey, load_from_peer, source_revision
+from mstar.weights.sources import is_hub_repo
 
 log = logging.getLogger(__name__)
 
