@@ -11,8 +11,8 @@ hub's 404s (`X-Error-Code` RepoNotFound / RevisionNotFound / EntryNotFound).
 
 Repos are written by the test (`HubRepo`: commits, branches, tags). Fault knobs: `cut`
 (the next transfer of a file stops after N bytes), `hold` (a file's transfer waits on an
-event, so concurrent pullers overlap), and counters of what was transferred (`gets`,
-`ranges`).
+event, so concurrent pullers overlap); counters of what was asked (`api_calls`, `heads`)
+and transferred (`gets`, `ranges`), and `wait_until` one of them moves.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import hashlib
 import http.server
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -115,12 +116,13 @@ class HubServer:
     def __init__(self) -> None:
         self.repos: dict[str, HubRepo] = {}
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # notified when a counter moves
         self.gets: collections.Counter[str] = collections.Counter()  # transfers per "repo/path"
+        self.heads: collections.Counter[str] = collections.Counter()  # metadata asks per file
         self.ranges: list[tuple[str, int]] = []                      # ("repo/path", first byte)
         self.api_calls: collections.Counter[str] = collections.Counter()  # "info"/"tree" per repo
         self.cut: dict[str, int] = {}                # "repo/path" -> bytes sent before the cut
         self.hold: dict[str, threading.Event] = {}   # "repo/path" -> transfer waits on it
-        self.transferring: dict[str, threading.Event] = collections.defaultdict(threading.Event)
         self._blobs: dict[str, tuple[str, HubFile]] = {}  # sha256 -> ("repo/path", file)
         self.hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler(cdn=False))
         self.cdn = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler(cdn=True))
@@ -131,6 +133,11 @@ class HubServer:
                          for s in (self.hub, self.cdn)]
         for thread in self._threads:
             thread.start()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = HOLD_TIMEOUT) -> bool:
+        """Wait until `predicate` (of the counters) holds; False if it did not in time."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
 
     def repo(self, name: str) -> HubRepo:
         """The repo `name`, created empty on first use."""
@@ -198,8 +205,9 @@ class HubServer:
         return sha, repo.commits[sha]
 
     def _info(self, req: http.server.BaseHTTPRequestHandler, repo_id: str, revision: str) -> None:
-        with self.lock:
+        with self.changed:
             self.api_calls[f"info {repo_id}"] += 1
+            self.changed.notify_all()
         found = self._commit(req, repo_id, revision)
         if found is not None:
             sha, tree = found
@@ -208,8 +216,9 @@ class HubServer:
 
     def _tree(self, req: http.server.BaseHTTPRequestHandler, repo_id: str, revision: str,
               under: str, recursive: bool) -> None:
-        with self.lock:
+        with self.changed:
             self.api_calls[f"tree {repo_id}"] += 1
+            self.changed.notify_all()
         found = self._commit(req, repo_id, revision)
         if found is None:
             return
@@ -225,6 +234,10 @@ class HubServer:
             return
         sha, tree = found
         file = tree.get(path)
+        if not body:
+            with self.changed:
+                self.heads[f"{repo_id}/{path}"] += 1
+                self.changed.notify_all()
         if file is None:
             _reply(req, 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}, b"")
             return
@@ -256,13 +269,13 @@ class HubServer:
         if not body:
             _reply(req, 200, {**headers, "Content-Length": str(len(data))}, b"", body=False)
             return
-        with self.lock:
+        with self.changed:
             self.gets[key] += 1
             if start:
                 self.ranges.append((key, start))
             cut = self.cut.pop(key, None)
             hold = self.hold.get(key)
-        self.transferring[key].set()
+            self.changed.notify_all()
         if hold is not None:
             hold.wait(HOLD_TIMEOUT)
         status = 206 if start else 200

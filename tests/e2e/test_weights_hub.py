@@ -101,7 +101,6 @@ def test_an_unknown_repo_stops_a_load_naming_it(hub, tmp_path):
 BIG = bytes(range(251)) * (46 * 1024)
 PULL = ("import sys\n"
         "from mstar.weights.cache import WeightCache\n"
-        "print('ready', flush=True)\n"
         "print(WeightCache(sys.argv[1]).pull(sys.argv[2], progress=False), flush=True)\n")
 LEASE = ("import sys\n"
          "from mstar.weights.cache import WeightCache\n"
@@ -175,7 +174,7 @@ def test_a_pull_killed_midway_is_not_listed_and_the_next_pull_completes_it(hub, 
     key = "mstar-tests/big/model.safetensors"
     hub.hold[key] = threading.Event()
     puller = python(hub, PULL, str(tmp_path), "mstar-tests/big")
-    assert hub.transferring[key].wait(60)
+    assert hub.wait_until(lambda: hub.gets[key] == 1)
     puller.kill()
     puller.wait()
     cache = WeightCache(tmp_path)
@@ -190,16 +189,19 @@ def test_a_pull_killed_midway_is_not_listed_and_the_next_pull_completes_it(hub, 
 def test_concurrent_pullers_download_each_file_once(hub, tmp_path):
     model_repo(hub, "mstar-tests/lm", BIG)
     key = "mstar-tests/lm/model.safetensors"
-    hub.hold[key] = threading.Event()  # the first transfer waits until every puller runs
+    # the first transfer waits until every puller has resolved the revision (the claim is
+    # per commit): then all of them are at the claim while one downloads
+    hub.hold[key] = threading.Event()
     pullers = [python(hub, PULL, str(tmp_path), "mstar-tests/lm") for _ in range(3)]
-    for puller in pullers:
-        assert puller.stdout.readline() == "ready\n"
-    assert hub.transferring[key].wait(60)
+    assert hub.wait_until(lambda: hub.gets[key] == 1
+                          and hub.api_calls["info mstar-tests/lm"] == 3)
     hub.hold[key].set()
     paths = {puller.communicate()[0].strip() for puller in pullers}
     assert [p.returncode for p in pullers] == [0, 0, 0]
     assert len(paths) == 1 and (Path(paths.pop()) / "model.safetensors").read_bytes() == BIG
     assert hub.gets[key] == 1 and hub.gets["mstar-tests/lm/config.json"] == 1
+    # the others waited for the first and reused its snapshot: no listing, no metadata
+    assert hub.api_calls["tree mstar-tests/lm"] == 1 and hub.heads[key] == 1
 
 
 def test_verify_names_a_corrupt_and_a_truncated_file(hub, tmp_path):
