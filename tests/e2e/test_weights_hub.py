@@ -295,8 +295,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_a_full_disk_fails_the_pull_clearly_and_leaves_nothing_complete(hub, small_disk):
     model_repo(hub, "mstar-tests/big", BIG)
     cache = WeightCache(small_disk)
-    with pytest.raises(WeightsError, match="(?i)space"):
+    with pytest.raises(WeightsError, match="(?i)space") as refused:
         cache.pull("mstar-tests/big", progress=False)
+    assert str(small_disk) in str(refused.value)  # says which directory is full
     assert cache.entries() == []
     blobs = small_disk / "models--mstar-tests--big" / "blobs"
     assert not (blobs / hashlib.sha256(BIG).hexdigest()).exists()
