@@ -62,17 +62,21 @@ class HubFile:
                 f"size {len(self.data)}\n").encode()
 
     @property
+    def git_oid(self) -> str:
+        """The id of what git stores: the file, or for LFS its pointer."""
+        return git_blob_sha1(self.pointer if self.lfs else self.data)
+
+    @property
     def etag(self) -> str:
-        return self.sha256 if self.lfs else git_blob_sha1(self.data)
+        """What the client names the blob by: sha256 for LFS, else the git id."""
+        return self.sha256 if self.lfs else self.git_oid
 
     def tree_entry(self) -> dict:
-        if not self.lfs:
-            return {"type": "file", "path": self.path, "size": len(self.data),
-                    "oid": git_blob_sha1(self.data)}
-        return {"type": "file", "path": self.path, "size": len(self.data),
-                "oid": git_blob_sha1(self.pointer),
-                "lfs": {"oid": self.sha256, "size": len(self.data),
-                        "pointerSize": len(self.pointer)}}
+        entry = {"type": "file", "path": self.path, "size": len(self.data), "oid": self.git_oid}
+        if self.lfs:
+            entry["lfs"] = {"oid": self.sha256, "size": len(self.data),
+                            "pointerSize": len(self.pointer)}
+        return entry
 
 
 @dataclass
@@ -241,12 +245,11 @@ class HubServer:
         if file is None:
             _reply(req, 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}, b"")
             return
-        stored = file.pointer if file.lfs else file.data  # what git holds: its id is the ETag
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(stored)}"'}
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{file.git_oid}"'}
         if file.lfs:
             with self.lock:
                 self._blobs[file.sha256] = (f"{repo_id}/{path}", file)
-            headers.update({"X-Linked-Etag": f'"{file.sha256}"',
+            headers.update({"X-Linked-Etag": f'"{file.etag}"',
                             "X-Linked-Size": str(len(file.data)),
                             "Location": f"{self.cdn_url}/blobs/{file.sha256}"})
             _reply(req, 302, headers, b"")
