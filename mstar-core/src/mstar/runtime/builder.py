@@ -32,7 +32,9 @@ from mstar.weights import (
     read_checkpoint_config,
     resolve_source,
 )
+from mstar.weights.cache import WeightCache, resolve_cache_dir
 from mstar.weights.download import is_url
+from mstar.weights.sources import is_hub_repo
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +69,34 @@ class LoadOptions:
 
     @classmethod
     def of(cls, spec: ModelSpec, **fields: Any) -> LoadOptions:
-        """The options for `spec` (its weight sources, `HF_TOKEN` from the environment),
-        as `mstar.load` and `mstar serve` both make them."""
+        """The options for `spec` (its weight sources, `HF_TOKEN` from the environment, the
+        cache directory resolved once: `resolve_cache_dir`), as `mstar.load` and `mstar
+        serve` both make them; a server's children get these, so all use one cache."""
+        fields["cache_dir"] = str(resolve_cache_dir(fields.get("cache_dir")))
         return cls(weight_sources=dict(spec.weight_sources),
                    token=os.environ.get("HF_TOKEN"), **fields)
+
+    def hub_repos(self) -> dict[str, tuple[str, str | None]]:
+        """The weight sources read from the hub, by name: (repo, revision asked for)."""
+        if self.load_format == "dummy":
+            return {}
+        found = {}
+        for name in sorted({"default", *self.weight_sources}):
+            if name == "default" and "default" not in self.weight_sources:
+                continue
+            location = checkpoint_location(name, self)
+            if is_hub_repo(location):
+                found[name] = (location, self.revisions.get(name))
+        return found
+
+    def at_commits(self) -> LoadOptions:
+        """These options with each hub source's revision resolved to its commit, so that
+        every process started with them loads the same snapshot (and a server leases
+        exactly that one)."""
+        cache = WeightCache(self.cache_dir)
+        commits = {name: cache.resolve(repo, revision, token=self.token)
+                   for name, (repo, revision) in self.hub_repos().items()}
+        return dataclasses.replace(self, revisions={**self.revisions, **commits})
 
     def fetch(self, source: str, patterns: Sequence[str], subfolder: str | None = None) -> Path:
         """The local directory (or file) of weight source `source` (a name, a hub repo id,

@@ -26,6 +26,7 @@ from mstar.config.nodes import node_hosts
 from mstar.config.settings import ServerSettings
 from mstar.plugins import model_registry
 from mstar.runtime.builder import LoadOptions
+from mstar.serving.cache_upkeep import start_upkeep
 from mstar.serving.launcher import EXIT_CHILD_DIED, mooncake_ports, spawn, worker_threads
 from mstar.serving.nodes import (
     HEARTBEAT_S,
@@ -107,7 +108,8 @@ def _join_and_run(settings: ServerSettings, config: DeploymentConfig, link: sock
     spec = model_registry().get(config.model)
     options = LoadOptions.of(spec, load_format=settings.load_format,
                              model_path=settings.model_path, cache_dir=settings.cache_dir,
-                             revisions=settings.revision or {})
+                             revisions=settings.revision or {}).at_commits()
+    upkeep = start_upkeep(settings, options, f"{config.model} node {k} ({host})")
     threads = worker_threads(settings.cpu_threads, len(reply.ranks))
     ports = mooncake_ports(settings.mooncake_port)  # this node's
     procs = {f"worker:{rank}": spawn(ProcessSpec(
@@ -125,6 +127,7 @@ def _join_and_run(settings: ServerSettings, config: DeploymentConfig, link: sock
         return _watch(link, reader, procs, f"node {k} ({host})", stopping)
     finally:
         _stop(procs)
+        upkeep.stop()
 
 
 def _wait_reply(link: socket.socket, reader, timeout: float,

@@ -53,6 +53,7 @@ from mstar.config.settings import ServerSettings
 from mstar.plugins import model_registry
 from mstar.runtime.builder import LoadOptions, make_model, tp_group_ranks
 from mstar.serving import leftovers
+from mstar.serving.cache_upkeep import start_upkeep
 from mstar.serving.gateway import Gateway
 from mstar.serving.nodes import NodeLinks, Welcome, control_endpoints, identity
 from mstar.serving.proc import ProcessSpec
@@ -112,7 +113,7 @@ class ProcessDeployment:
         self.spec = model_registry().get(config.model)
         options = LoadOptions.of(self.spec, load_format=settings.load_format,
                                  model_path=settings.model_path, cache_dir=settings.cache_dir,
-                                 revisions=settings.revision or {})
+                                 revisions=settings.revision or {}).at_commits()
         self.model = make_model(self.spec, config.model_kwargs, preset=settings.preset,
                                 options=options)
         validate_for_model(config, self.model)
@@ -143,6 +144,9 @@ class ProcessDeployment:
                        for r in ranks}
             endpoints = control_endpoints(placed, settings.master_port + 1)
             tp_port = settings.master_port + 1 + len(endpoints)
+        #: the lease on the weights served (and background eviction), until `close`
+        self.upkeep = start_upkeep(settings, options, f"{config.model} at {settings.host}:"
+                                                      f"{settings.port}")
         self.socket_dir = Path(settings.socket_path_prefix) / f"d{self.id}"
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         leftovers.claim(self.socket_dir)
@@ -322,6 +326,7 @@ class ProcessDeployment:
             from mstar.communication.shm import cleanup_deployment
 
             cleanup_deployment(self.id)
+        self.upkeep.stop()
 
 
 class NodesMissing(RuntimeError):

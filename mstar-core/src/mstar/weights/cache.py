@@ -57,10 +57,9 @@ def resolve_cache_dir(cli: str | os.PathLike[str] | None = None) -> Path:
 
 
 def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, at import)."""
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE or constants.HF_HUB_OFFLINE
+    """HF_HUB_OFFLINE as set now: huggingface_hub reads it only once, at import, so a
+    process that imported it while the variable was set would stay offline for good."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
 
 
 class WeightsError(RuntimeError):
@@ -212,9 +211,15 @@ class WeightCache:
                                f"(pull it: `mstar weights pull {repo}`)")
         return ref.read_text().strip()
 
+    def resolve(self, repo: str, revision: str | None = None, *,
+                token: str | None = None) -> str:
+        """The commit `revision` (default: main) names on the hub now (in the cache's refs
+        when offline): what every process of a deployment then loads, whatever the
+        branch does meanwhile."""
+        return self._resolve(repo, revision, token, hub_offline())
+
     def _resolve(self, repo: str, revision: str | None, token: str | None,
                  offline: bool) -> str:
-        """The commit of `revision` on the hub (in the cache's refs when offline)."""
         from huggingface_hub import HfApi
         from huggingface_hub.errors import HFValidationError
 
@@ -270,29 +275,54 @@ class WeightCache:
         `allow_patterns` (default: every file), downloaded unless the cache has it. Raises
         `WeightsError` for an unknown repo or revision, an unwritable or full cache
         directory, or a file that is not at the size the hub lists (named)."""
-        from huggingface_hub import snapshot_download
-
         offline = hub_offline()
         commit = self._resolve(repo, revision, token, offline)
         at = f"{repo}@{revision or 'main'}" + (f" ({commit})" if revision != commit else "")
+        if self.cache_dir.is_dir() and not os.access(self.cache_dir, os.W_OK):
+            return self._read_only_snapshot(repo, commit, at, allow_patterns)
         with self._claim(repo, commit):
             index = self.index
             try:
                 index.start_pull(repo, commit)
-                snapshot = Path(snapshot_download(
-                    repo, revision=commit, cache_dir=self.cache_dir,
-                    allow_patterns=allow_patterns if isinstance(allow_patterns, str | None)
-                    else list(allow_patterns), token=token, local_files_only=offline,
-                    tqdm_class=None if progress else _quiet_tqdm()))
+                snapshot = self._download(repo, commit, allow_patterns, token=token,
+                                          offline=offline, progress=progress)
             except WeightsError:
                 raise
             except Exception as err:
                 raise _pull_error(err, repo, revision or "main", self.cache_dir) from err
-            problems = self._size_problems(repo, commit, snapshot, allow_patterns)
-            if problems:
-                raise WeightsError(f"{at} in {snapshot}: {'; '.join(problems)}. Remove it "
-                                   f"(`mstar weights rm {repo}`) and pull again")
+            self._check(repo, commit, snapshot, at, allow_patterns)
             index.finish_pull(repo, commit, time.time())
+        return snapshot
+
+    def _download(self, repo: str, commit: str, allow_patterns: Sequence[str] | str | None,
+                  *, token: str | None, offline: bool, progress: bool) -> Path:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(
+            repo, revision=commit, cache_dir=self.cache_dir,
+            allow_patterns=allow_patterns if isinstance(allow_patterns, str | None)
+            else list(allow_patterns), token=token, local_files_only=offline,
+            tqdm_class=None if progress else _quiet_tqdm()))
+
+    def _check(self, repo: str, commit: str, snapshot: Path, at: str,
+               allow_patterns: Sequence[str] | str | None) -> None:
+        problems = self._size_problems(repo, commit, snapshot, allow_patterns)
+        if problems:
+            raise WeightsError(f"{at} in {snapshot}: {'; '.join(problems)}. Remove it "
+                               f"(`mstar weights rm {repo}`) and pull again")
+
+    def _read_only_snapshot(self, repo: str, commit: str, at: str,
+                            allow_patterns: Sequence[str] | str | None) -> Path:
+        """A read-only cache (one filled beforehand and shared) serves what it holds
+        complete, without a claim or the index, which it cannot write."""
+        try:
+            snapshot = self._download(repo, commit, allow_patterns, token=None, offline=True,
+                                      progress=False)
+        except Exception as err:
+            raise WeightsError(f"the cache directory {self.cache_dir} is not writable and "
+                               f"does not hold {at} complete ({type(err).__name__}); pull "
+                               "it into a writable --cache-dir") from err
+        self._check(repo, commit, snapshot, at, allow_patterns)
         return snapshot
 
     def entries(self) -> list[CacheEntry]:

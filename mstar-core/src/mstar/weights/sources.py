@@ -16,20 +16,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mstar.weights.cache import WeightCache, WeightsError, hub_offline, resolve_cache_dir
 from mstar.weights.download import DownloadError, download, is_url
-
-_TRUE = ("1", "true", "yes", "on")
 
 
 class WeightSourceError(RuntimeError):
     """The weights could not be located or fetched; the message says what to do instead."""
 
 
-def _offline() -> bool:
-    """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, at import)."""
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE or constants.HF_HUB_OFFLINE
+def is_hub_repo(source: str) -> bool:
+    """Whether a weight source names a hub repo: not a URL, not an existing path."""
+    return not (is_url(source) or _looks_local(source) or Path(source).expanduser().exists())
 
 
 def _looks_local(source: str) -> bool:
@@ -41,16 +38,16 @@ def resolve_source(source: str, *, patterns: Sequence[str], subfolder: str | Non
                    cache_dir: str | os.PathLike[str] | None = None, revision: str | None = None,
                    token: str | None = None) -> Path:
     """The local directory (or file) holding the checkpoint named by `source`: an existing
-    path; a URL's file, downloaded once into the cache (`cache_dir`, else the hub's);
-    else a hub repo id downloaded (only `patterns` and config.json) into the cache."""
+    path; a URL's file, downloaded once into the cache (`resolve_cache_dir(cache_dir)`);
+    else a hub repo id pulled (only `patterns` and config.json) into that cache
+    (`WeightCache.pull`: one download however many processes ask at once; a snapshot
+    missing a file or holding one at a size other than the hub's is refused, naming it)."""
     if is_url(source):
         if revision is not None or subfolder is not None:
             raise WeightSourceError(f"weight source {source!r} is a URL to one file: a "
                                     "revision or subfolder applies to hub repos only")
-        from huggingface_hub import constants
-
         try:
-            return download(source, cache_dir or constants.HF_HUB_CACHE, offline=_offline())
+            return download(source, resolve_cache_dir(cache_dir), offline=hub_offline())
         except DownloadError as err:
             raise WeightSourceError(f"{err}. Pass a local checkpoint with --model-path, or "
                                     "use --load-format dummy for random weights.") from err
@@ -63,25 +60,21 @@ def resolve_source(source: str, *, patterns: Sequence[str], subfolder: str | Non
     if _looks_local(source):
         raise WeightSourceError(f"weight path {source!r} does not exist")
 
-    from huggingface_hub import snapshot_download
-
     prefix = f"{subfolder}/" if subfolder else ""
     allow = [prefix + p for p in patterns] + ["config.json"]
     if subfolder:
         allow.append(prefix + "config.json")
-    offline = _offline()
     try:
-        snapshot = snapshot_download(
-            source, allow_patterns=allow, cache_dir=cache_dir, revision=revision,
-            token=token or os.environ.get("HF_TOKEN"), local_files_only=offline)
-    except (OSError, ValueError) as err:
-        why = ("HF_HUB_OFFLINE is set and it is not in the cache" if offline
-               else f"{type(err).__name__}: {err}")
+        snapshot = WeightCache(cache_dir).pull(source, revision, allow_patterns=allow,
+                                               token=token or os.environ.get("HF_TOKEN"))
+    except WeightsError as err:
+        why = (" (HF_HUB_OFFLINE is set: only the cache is looked at)" if hub_offline()
+               else "")
         raise WeightSourceError(
-            f"could not fetch weights of hub repo {source!r}"
-            f"{f' (revision {revision})' if revision else ''}: {why}. Pass a local checkpoint "
-            "with --model-path, download it into the cache beforehand (--cache-dir / "
-            "HF_HUB_CACHE), or use --load-format dummy for random weights.") from err
+            f"could not fetch weights of hub repo {source!r}{why}: {err}. Pass a local "
+            "checkpoint with --model-path, download it into the cache beforehand (`mstar "
+            "weights pull`, --cache-dir / MSTAR_CACHE_DIR), or use --load-format dummy for "
+            "random weights.") from err
     return Path(snapshot) / subfolder if subfolder else Path(snapshot)
 
 
