@@ -58,8 +58,9 @@ def _shown(name: str, shown_defaults: Mapping[str, str]) -> str:
     return "off" if default is False else "none" if default is None else str(default)
 
 
-def add_cache_limit_options(parser: argparse.ArgumentParser) -> None:
-    """The weight cache's eviction options (serving and `mstar weights gc`)."""
+def add_cache_limit_options(parser: argparse.ArgumentParser, *, background: bool = True) -> None:
+    """The weight cache's eviction options (serving and `mstar weights gc`); `background`:
+    with the server's own `--cache-gc` and `--cache-check-interval`."""
     cache = parser.add_argument_group("weight cache (sizes: 50GB, 512MiB; durations: 7d, "
                                       "1h; see `mstar weights`)")
     cache.add_argument("--cache-max-size", metavar="SIZE",
@@ -72,6 +73,8 @@ def add_cache_limit_options(parser: argparse.ArgumentParser) -> None:
                        help="evict models unused for longer (default: never for age)")
     cache.add_argument("--cache-max-models", type=int, metavar="N",
                        help="evict least recently used models beyond N (default: no limit)")
+    if not background:
+        return
     cache.add_argument("--cache-check-interval", metavar="DURATION",
                        help="how often --cache-gc applies the limits (default: 1h)")
     cache.add_argument("--cache-gc", action="store_true", default=None,

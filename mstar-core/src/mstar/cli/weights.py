@@ -344,5 +344,5 @@ def add_weights_command(commands: argparse._SubParsersAction) -> None:
     gc = add("gc", cmd_gc, "evict by the cache limits", target=None, revision=False)
     gc.add_argument("--dry-run", action="store_true",
                     help="list what would be removed, remove nothing")
-    add_cache_limit_options(gc)
+    add_cache_limit_options(gc, background=False)
     add("path", cmd_path, "print the local snapshot directory")
