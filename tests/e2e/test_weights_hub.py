@@ -1,13 +1,21 @@
-"""The real download code against a local hub (`tests/hub_server.py`), offline: a model
-whose weight sources are hub repos (Orpheus: its LM and its SNAC codec, two repos) loads
-through the hub path and speaks as it does from the same files on disk; hub sources
-resolve at a branch, a tag or a commit, fetch only the files their patterns name, and an
-unknown repo or revision is refused naming it."""
+"""The real download code against a local hub (`tests/hub_server.py`), offline.
+
+A model whose weight sources are hub repos (Orpheus: its LM and its SNAC codec, two repos)
+loads through the hub path and speaks as it does from the same files on disk; hub sources
+resolve at a branch, a tag or a commit and fetch only the files their patterns name. The
+weight cache (`mstar.weights.cache`) pulls at any revision, resumes a cut transfer, never
+lists a pull killed midway, lets N concurrent pullers download once, names a corrupt or
+truncated file (and serving refuses the truncated one), evicts by each limit but never a
+pinned or leased snapshot, holds a running server's lease until the server dies, and
+fails clearly on a full or read-only disk. Unknown repos and revisions are refused by
+name."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import select
 import subprocess
 import sys
 import threading
@@ -17,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from hub_server import HubServer, hub_env, read_tree
+from serving_harness import Server, children, shm_segments
 
 import mstar
 from mstar import events
@@ -102,13 +111,6 @@ BIG = bytes(range(251)) * (46 * 1024)
 PULL = ("import sys\n"
         "from mstar.weights.cache import WeightCache\n"
         "print(WeightCache(sys.argv[1]).pull(sys.argv[2], progress=False), flush=True)\n")
-LEASE = ("import sys\n"
-         "from mstar.weights.cache import WeightCache\n"
-         "handle = WeightCache(sys.argv[1]).lease([(sys.argv[2], None)], sys.argv[3])\n"
-         "print('leased', flush=True)\n"
-         "sys.stdin.read()\n")
-
-
 def python(hub: HubServer, script: str, *args: str) -> subprocess.Popen[str]:
     """A process running `script` with `args`, its hub the local one."""
     return subprocess.Popen([sys.executable, "-c", script, *args], text=True,
@@ -262,22 +264,44 @@ def test_gc_evicts_least_recently_used_by_each_knob_never_pinned_or_leased(hub, 
     assert kept == set(names) - {e.repo for e in planned}
 
 
-def test_a_servers_lease_blocks_rm_naming_it_until_the_server_is_killed(hub, tmp_path):
-    model_repo(hub, "mstar-tests/lm")
-    cache = WeightCache(tmp_path)
-    cache.pull("mstar-tests/lm", progress=False)
-    server = python(hub, LEASE, str(tmp_path), "mstar-tests/lm", "srv-7")
-    assert server.stdout.readline() == "leased\n"
-    [entry] = cache.entries()
-    assert [(lease.server, lease.pid) for lease in entry.leases] == [("srv-7", server.pid)]
-    with pytest.raises(WeightsInUse, match="srv-7"):
-        cache.remove("mstar-tests/lm")
-    assert cache.gc(EvictionPolicy(max_models=0)) == []
-    server.kill()
-    server.wait()
-    [entry] = cache.entries()
-    assert entry.leases == ()
-    assert cache.remove("mstar-tests/lm") > 0 and cache.entries() == []
+def test_a_running_server_leases_what_it_serves_until_it_is_killed(hub, orpheus_ckpt,
+                                                                   tmp_path):
+    upload_orpheus(hub, orpheus_ckpt)
+    cache = WeightCache(tmp_path / "cache")
+    server = Server(tmp_path, "--config", "orpheus_colocated", "--preset", "tiny",
+                    "--cache-dir", str(cache.cache_dir), "--set", "max_seq_len=256",
+                    env=hub_env(hub))
+    try:
+        server.wait_healthy()
+        name = f"orpheus at 127.0.0.1:{server.port}"
+        leases = {e.repo: [(lease.server, lease.pid) for lease in e.leases]
+                  for e in cache.entries()}
+        assert leases == {LM_REPO: [(name, server.proc.pid)],
+                          SNAC_REPO: [(name, server.proc.pid)]}
+        with pytest.raises(WeightsInUse, match=re.escape(name)):
+            cache.remove(SNAC_REPO)
+        assert cache.gc(EvictionPolicy(max_models=0)) == []
+        workers = children(server.proc.pid)
+    finally:
+        server.proc.kill()  # no release: the lease must expire with the process
+        server.proc.wait()
+    assert all(e.leases == () for e in cache.entries())
+    for pid in workers:  # they die with their parent (PR_SET_PDEATHSIG): wait for it
+        assert wait_exit(pid)
+    assert shm_segments(server.deployment_id + "_") == []
+    assert cache.remove(SNAC_REPO) > 0
+
+
+def wait_exit(pid: int, timeout: float = 60) -> bool:
+    """Wait for a process that is not our child to exit (a pidfd turns readable)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
@@ -303,10 +327,18 @@ def test_a_full_disk_fails_the_pull_clearly_and_leaves_nothing_complete(hub, sma
     assert not (blobs / hashlib.sha256(BIG).hexdigest()).exists()
 
 
-def test_a_read_only_cache_dir_fails_the_pull_naming_it(hub, small_disk):
-    model_repo(hub, "mstar-tests/lm")
+def test_a_read_only_cache_dir_refuses_a_pull_naming_it_and_serves_what_it_holds(
+        hub, small_disk):
+    held = model_repo(hub, "mstar-tests/held")
+    model_repo(hub, "mstar-tests/new")
+    WeightCache(small_disk).pull("mstar-tests/held", progress=False)
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    with pytest.raises(WeightsError, match=str(small_disk)):
-        WeightCache(small_disk).pull("mstar-tests/lm", progress=False)
-    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
-    assert WeightCache(small_disk).entries() == []
+    try:
+        cache = WeightCache(small_disk)
+        with pytest.raises(WeightsError, match=re.escape(str(small_disk))):
+            cache.pull("mstar-tests/new", progress=False)
+        path = resolve_source("mstar-tests/held", patterns=["*.safetensors"],
+                              cache_dir=small_disk)
+        assert path.name == held and (path / "model.safetensors").is_file()
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
