@@ -285,12 +285,15 @@ class HubServer:
         if start:
             headers = {**headers, "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
         part = data[start:]
-        req.send_response(status)
-        for name, value in {**headers, "Content-Length": str(len(part))}.items():
-            req.send_header(name, value)
-        req.end_headers()
-        req.wfile.write(part if cut is None else part[:cut])
-        req.wfile.flush()
+        try:
+            req.send_response(status)
+            for name, value in {**headers, "Content-Length": str(len(part))}.items():
+                req.send_header(name, value)
+            req.end_headers()
+            req.wfile.write(part if cut is None else part[:cut])
+            req.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the puller was killed meanwhile
+            req.close_connection = True
         if cut is not None:
             req.close_connection = True
 
