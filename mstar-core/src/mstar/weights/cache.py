@@ -88,7 +88,8 @@ class CacheEntry:
 
 class LeaseHandle:
     """A server's leases, renewed by `heartbeat` (at least every `check_interval`),
-    dropped by `release` (also on leaving a `with` block)."""
+    dropped by `release` (also on leaving a `with` block); both mark what they hold used
+    now, so a model served for long is not the least recently used once it stops."""
 
     def __init__(self, index: CacheIndex, ids: list[int]):
         self._index, self.ids = index, ids
@@ -99,8 +100,9 @@ class LeaseHandle:
         return not self.ids or self._index.heartbeat(self.ids, time.time()) == len(self.ids)
 
     def release(self) -> None:
+        """Drop the leases; what they held was last used now."""
         if self.ids:
-            self._index.release(self.ids)
+            self._index.release(self.ids, time.time())
             self.ids = []
 
     def __enter__(self) -> LeaseHandle:
@@ -233,12 +235,13 @@ class WeightCache:
             raise _pull_error(err, repo, revision or "main", self.cache_dir) from err
 
     def _size_problems(self, repo: str, commit: str, snapshot: Path,
-                       allow_patterns: Sequence[str] | str | None) -> list[str]:
+                       allow_patterns: Sequence[str] | str | None) -> list[str] | None:
         """Files the pull asked for that are missing from the snapshot or not at the size
-        the hub listed (huggingface_hub's tree listing of the commit, recorded at pull)."""
+        the hub listed (huggingface_hub's tree listing of the commit, recorded at pull);
+        None without a listing."""
         files = self._hub_files(repo, commit)
         if files is None:
-            return []
+            return None
         from huggingface_hub.utils import filter_repo_objects
 
         problems = []
@@ -290,8 +293,9 @@ class WeightCache:
                 raise
             except Exception as err:
                 raise _pull_error(err, repo, revision or "main", self.cache_dir) from err
-            self._check(repo, commit, snapshot, at, allow_patterns)
-            index.finish_pull(repo, commit, time.time())
+            listed = self._check(repo, commit, snapshot, at, allow_patterns)
+            if listed or not offline:  # offline, unlisted: huggingface_hub cannot tell either
+                index.finish_pull(repo, commit, time.time())
         return snapshot
 
     def _download(self, repo: str, commit: str, allow_patterns: Sequence[str] | str | None,
@@ -305,11 +309,16 @@ class WeightCache:
             tqdm_class=None if progress else _quiet_tqdm()))
 
     def _check(self, repo: str, commit: str, snapshot: Path, at: str,
-               allow_patterns: Sequence[str] | str | None) -> None:
+               allow_patterns: Sequence[str] | str | None) -> bool:
+        """Refuse a snapshot missing a file or holding one at another size than the hub
+        listed; False when no listing was recorded (nothing to check against)."""
         problems = self._size_problems(repo, commit, snapshot, allow_patterns)
+        if problems is None:
+            return False
         if problems:
             raise WeightsError(f"{at} in {snapshot}: {'; '.join(problems)}. Remove it "
                                f"(`mstar weights rm {repo}`) and pull again")
+        return True
 
     def _read_only_snapshot(self, repo: str, commit: str, at: str,
                             allow_patterns: Sequence[str] | str | None) -> Path:
@@ -328,6 +337,9 @@ class WeightCache:
     def entries(self) -> list[CacheEntry]:
         """Every complete snapshot of a model in the cache (pulled by mstar or not),
         sorted by repo; a pull that has not finished is not listed."""
+        return self._scan(complete_only=True)
+
+    def _scan(self, *, complete_only: bool) -> list[CacheEntry]:
         from huggingface_hub import scan_cache_dir
         from huggingface_hub.errors import CacheNotFound
 
@@ -343,7 +355,7 @@ class WeightCache:
                 continue
             for rev in cached.revisions:
                 row = rows.get((cached.repo_id, rev.commit_hash))
-                if row is not None and not row.complete:
+                if complete_only and row is not None and not row.complete:
                     continue
                 names = {rev.commit_hash, *rev.refs}
                 held = tuple(r.lease for r in leases
@@ -354,9 +366,10 @@ class WeightCache:
                     pinned=bool(row and row.pinned), leases=held, path=rev.snapshot_path))
         return sorted(found, key=lambda e: (e.repo, e.revision))
 
-    def _entry(self, repo: str, revision: str | None) -> CacheEntry:
+    def _entry(self, repo: str, revision: str | None, *,
+               complete_only: bool = True) -> CacheEntry:
         commit = self._commit(repo, revision)
-        for entry in self.entries():
+        for entry in self._scan(complete_only=complete_only):
             if entry.repo == repo and entry.revision == commit:
                 return entry
         raise WeightsError(f"{repo}@{revision or 'main'} ({commit}) is not in the cache "
@@ -404,8 +417,9 @@ class WeightCache:
 
     def remove(self, repo: str, revision: str | None = None) -> int:
         """Delete the snapshot (and the blobs no other revision uses); the bytes freed.
-        `WeightsInUse` when a running server holds a lease on it."""
-        entry = self._entry(repo, revision)
+        `WeightsInUse` when a running server holds a lease on it. A snapshot a failed pull
+        left half-done is removed too."""
+        entry = self._entry(repo, revision, complete_only=False)
         if entry.leases:
             lease = entry.leases[0]
             raise WeightsInUse(f"{repo}@{entry.revision} is in use by server {lease.server} "

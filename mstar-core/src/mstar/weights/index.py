@@ -66,6 +66,13 @@ class LeaseRow:
     lease: Lease
 
 
+def _used(db: sqlite3.Connection, lease_ids: Sequence[int], now: float) -> None:
+    """The snapshots the leases `lease_ids` hold were last used `now`."""
+    db.execute(f"UPDATE entries SET last_used = ? WHERE (repo, revision) IN (SELECT repo, "
+               f"revision FROM leases WHERE id IN ({','.join('?' * len(lease_ids))}))",
+               (now, *lease_ids))
+
+
 def this_host() -> str:
     return socket.gethostname()
 
@@ -95,6 +102,7 @@ class CacheIndex:
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, timeout=self.timeout)
+        db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: durable but for power loss
         try:
             with db:  # commits, or rolls back on an exception
                 yield db
@@ -151,14 +159,19 @@ class CacheIndex:
                     for repo, rev in repos]
 
     def heartbeat(self, ids: Sequence[int], now: float) -> int:
-        """Renew the leases `ids`; how many still existed (a lease taken for dead while
-        its server was stalled is gone for good)."""
+        """Renew the leases `ids` (what they hold is in use: last used now); how many
+        still existed (a lease taken for dead while its server was stalled is gone for
+        good)."""
         with self._connect() as db:
+            _used(db, ids, now)
             return db.execute(f"UPDATE leases SET heartbeat = ? WHERE id IN "
                               f"({','.join('?' * len(ids))})", (now, *ids)).rowcount
 
-    def release(self, ids: Sequence[int]) -> None:
+    def release(self, ids: Sequence[int], now: float | None = None) -> None:
+        """Drop the leases `ids`; with `now`, what they held was last used then."""
         with self._connect() as db:
+            if now is not None:
+                _used(db, ids, now)
             db.execute(f"DELETE FROM leases WHERE id IN ({','.join('?' * len(ids))})",
                        tuple(ids))
 
