@@ -1,7 +1,8 @@
 """Model weights: where they come from (`sources`), how keys map (`spec`), reading and
 loading them sharded (`loader`), seeded random weights (`dummy`), and materialising a
 module built on the meta device on its own device (`materialize`); a URL source's file is
-downloaded by `download`."""
+downloaded by `download`; hub snapshots live in the shared cache (`cache`: pulls, leases,
+verification) with its SQLite index (`index`) and eviction plan (`eviction`)."""
 
 from mstar.weights.dummy import init_dummy_weights
 from mstar.weights.loader import (

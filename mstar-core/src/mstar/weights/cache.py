@@ -29,7 +29,7 @@ from typing import Any
 from filelock import FileLock
 
 from mstar.weights.eviction import EvictionPolicy, plan_eviction
-from mstar.weights.index import CacheIndex, Lease, LeaseRow
+from mstar.weights.index import CacheIndex, Lease
 
 _TRUE = ("1", "true", "yes", "on")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -123,6 +123,11 @@ def _quiet_tqdm() -> type:
     return Quiet
 
 
+def _disk_full(err: BaseException) -> bool:
+    return (getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or (isinstance(err, OSError) and err.errno == errno.ENOSPC))
+
+
 def _pull_error(err: BaseException, repo: str, revision: str, cache_dir: Path) -> WeightsError:
     """What a failed hub call or download means, in words that name what to fix."""
     from huggingface_hub.errors import (
@@ -136,7 +141,7 @@ def _pull_error(err: BaseException, repo: str, revision: str, cache_dir: Path) -
     if isinstance(err, RepositoryNotFoundError):
         return WeightsError(f"unknown repo {repo!r}: the hub has no such model (or it is "
                             "private or gated: set HF_TOKEN)")
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+    if _disk_full(err):
         return WeightsError(f"no space left in the cache directory {cache_dir} while pulling "
                             f"{at}; nothing was recorded as complete (free space, or evict "
                             "with `mstar weights gc`)")
@@ -169,14 +174,25 @@ class WeightCache:
 
     @property
     def index(self) -> CacheIndex:
-        """The index, created on first use (a read-only directory: `WeightsError`)."""
+        """The index, created on first use (one that cannot be: `WeightsError`); on a
+        read-only cache, the index it holds, read only."""
         if self._index is None:
             try:
-                self._index = CacheIndex(self._mstar / "index.sqlite")
+                self._index = CacheIndex(self._mstar / "index.sqlite",
+                                         read_only=self._read_only())
             except (OSError, sqlite3.Error) as err:
+                why = "no space left on its disk" if _disk_full(err) else "is it writable?"
                 raise WeightsError(f"cannot open the cache index in {self.cache_dir} "
-                                   f"({err}): is the directory writable?") from err
+                                   f"({err}): {why}") from err
         return self._index
+
+    def _read_only(self) -> bool:
+        return self.cache_dir.is_dir() and not os.access(self.cache_dir, os.W_OK)
+
+    def _writable(self, what: str) -> None:
+        if self._read_only():
+            raise WeightsError(f"the cache directory {self.cache_dir} is read-only: cannot "
+                               f"{what}")
 
     @contextmanager
     def _claim(self, repo: str, revision: str) -> Iterator[None]:
@@ -266,9 +282,6 @@ class WeightCache:
             return None
         return {f.path: f for f in tree}
 
-    def _leases(self, now: float | None = None) -> list[LeaseRow]:
-        return self.index.live_leases(now)
-
     # -- the API ----------------------------------------------------------------------
 
     def pull(self, repo: str, revision: str | None = None, *,
@@ -281,7 +294,7 @@ class WeightCache:
         offline = hub_offline()
         commit = self._resolve(repo, revision, token, offline)
         at = f"{repo}@{revision or 'main'}" + (f" ({commit})" if revision != commit else "")
-        if self.cache_dir.is_dir() and not os.access(self.cache_dir, os.W_OK):
+        if self._read_only():
             return self._read_only_snapshot(repo, commit, at, allow_patterns)
         with self._claim(repo, commit):
             index = self.index
@@ -347,8 +360,10 @@ class WeightCache:
             scanned = scan_cache_dir(self.cache_dir)
         except CacheNotFound:
             return []
-        rows = self.index.rows()
-        leases = self._leases()
+        if self._read_only() and not (self._mstar / "index.sqlite").is_file():
+            rows, leases = {}, []  # filled outside mstar: nothing recorded
+        else:
+            rows, leases = self.index.rows(), self.index.live_leases()
         found = []
         for cached in scanned.repos:
             if cached.repo_type != "model":
@@ -419,6 +434,7 @@ class WeightCache:
         """Delete the snapshot (and the blobs no other revision uses); the bytes freed.
         `WeightsInUse` when a running server holds a lease on it. A snapshot a failed pull
         left half-done is removed too."""
+        self._writable(f"remove {repo}")
         entry = self._entry(repo, revision, complete_only=False)
         if entry.leases:
             lease = entry.leases[0]
@@ -438,26 +454,28 @@ class WeightCache:
 
     def pin(self, repo: str, revision: str | None = None) -> None:
         """Never evict this snapshot (`rm` still removes it)."""
+        self._writable(f"pin {repo}")
         self.index.set_pinned(repo, self._entry(repo, revision).revision, True)
 
     def unpin(self, repo: str, revision: str | None = None) -> None:
+        self._writable(f"unpin {repo}")
         self.index.set_pinned(repo, self._entry(repo, revision).revision, False)
 
     def touch(self, repo: str, revision: str) -> None:
         """Mark the snapshot used now (eviction goes least recently used first)."""
+        self._writable(f"mark {repo} used")
         self.index.touch(repo, self._entry(repo, revision).revision, time.time())
 
     def gc(self, policy: EvictionPolicy, *, dry_run: bool = False) -> list[CacheEntry]:
         """Evict by `policy` (`plan_eviction`); the entries evicted (`dry_run`: that would
         be). One gc at a time per cache; an entry leased meanwhile is skipped."""
+        if dry_run:
+            return self._plan(policy)
+        self._writable("evict")
         self._mstar.mkdir(parents=True, exist_ok=True)
         with FileLock(self._mstar / "gc.lock"):
-            free = shutil.disk_usage(self.cache_dir).free
-            plan = plan_eviction(self.entries(), policy, free, time.time())
-            if dry_run:
-                return plan
             evicted = []
-            for entry in plan:
+            for entry in self._plan(policy):
                 try:
                     self.remove(entry.repo, entry.revision)
                 except WeightsError:  # leased or removed since the plan
@@ -465,12 +483,17 @@ class WeightCache:
                 evicted.append(entry)
             return evicted
 
+    def _plan(self, policy: EvictionPolicy) -> list[CacheEntry]:
+        return plan_eviction(self.entries(), policy, shutil.disk_usage(self.cache_dir).free,
+                             time.time())
+
     def lease(self, repos: Sequence[tuple[str, str | None]], server: str, *,
               check_interval: float = 3600.0) -> LeaseHandle:
         """Lease `repos` ((repo, revision) pairs) for `server`, this process: they are not
         evicted or removed until released, or until the lease expires (this process gone,
         or no heartbeat for 3 x `check_interval`). A branch or tag is leased as the commit
         the cache has for it, else by its name."""
+        self._writable("lease the weights served")
         pinned = []
         for repo, revision in repos:
             try:

@@ -90,10 +90,15 @@ def pid_alive(pid: int) -> bool:
 
 class CacheIndex:
     """The index of one cache directory. Opening it creates the file and tables; a
-    directory that cannot hold it raises `sqlite3.Error` (the cache says which)."""
+    directory that cannot hold it raises `sqlite3.Error` (the cache says which).
+    `read_only`: an existing index on read-only storage (a cache filled beforehand and
+    shared), read as immutable."""
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 60.0):
-        self.path, self.timeout = Path(path), timeout
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 60.0,
+                 read_only: bool = False):
+        self.path, self.timeout, self.read_only = Path(path), timeout, read_only
+        if read_only:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
@@ -101,8 +106,11 @@ class CacheIndex:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=self.timeout)
-        db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: durable but for power loss
+        if self.read_only:
+            db = sqlite3.connect(f"{self.path.absolute().as_uri()}?immutable=1", uri=True)
+        else:
+            db = sqlite3.connect(self.path, timeout=self.timeout)
+            db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode: durable but for power loss
         try:
             with db:  # commits, or rolls back on an exception
                 yield db
@@ -189,6 +197,6 @@ class CacheIndex:
                 dead.append(id_)
             else:
                 live.append(LeaseRow(id_, repo, rev, Lease(server, pid, on, started, beat)))
-        if dead:
+        if dead and not self.read_only:
             self.release(dead)
         return live
