@@ -168,7 +168,7 @@ def test_a_cut_transfer_is_resumed_with_a_range_request(hub, tmp_path):
     [(key, start)] = hub.ranges
     assert key == "mstar-tests/big/model.safetensors" and 0 < start < len(BIG) - 1000
     assert (snapshot / "model.safetensors").read_bytes() == BIG
-    assert cache.verify("mstar-tests/big") == []
+    assert [e.repo for e in cache.entries()] == ["mstar-tests/big"]
 
 
 def test_a_pull_killed_midway_is_not_listed_and_the_next_pull_completes_it(hub, tmp_path):
@@ -327,7 +327,7 @@ def test_a_full_disk_fails_the_pull_clearly_and_leaves_nothing_complete(hub, sma
     assert not (blobs / hashlib.sha256(BIG).hexdigest()).exists()
 
 
-def test_a_read_only_cache_dir_refuses_a_pull_naming_it_and_serves_what_it_holds(
+def test_a_read_only_cache_dir_refuses_a_pull_naming_it_and_lists_and_serves_its_own(
         hub, small_disk):
     held = model_repo(hub, "mstar-tests/held")
     model_repo(hub, "mstar-tests/new")
@@ -337,8 +337,9 @@ def test_a_read_only_cache_dir_refuses_a_pull_naming_it_and_serves_what_it_holds
         cache = WeightCache(small_disk)
         with pytest.raises(WeightsError, match=re.escape(str(small_disk))):
             cache.pull("mstar-tests/new", progress=False)
+        assert [e.repo for e in cache.entries()] == ["mstar-tests/held"]
         path = resolve_source("mstar-tests/held", patterns=["*.safetensors"],
                               cache_dir=small_disk)
-        assert path.name == held and (path / "model.safetensors").is_file()
+        assert path == cache.path("mstar-tests/held") and path.name == held
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
