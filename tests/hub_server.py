@@ -11,8 +11,8 @@ hub's 404s (`X-Error-Code` RepoNotFound / RevisionNotFound / EntryNotFound).
 
 Repos are written by the test (`HubRepo`: commits, branches, tags). Fault knobs: `cut`
 (the next transfer of a file stops after N bytes), `hold` (a file's transfer waits on an
-event, so concurrent pullers overlap), and counters of what was transferred (`gets`,
-`ranges`).
+event, so concurrent pullers overlap); counters of what was asked (`api_calls`, `heads`)
+and transferred (`gets`, `ranges`), and `wait_until` one of them moves.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import hashlib
 import http.server
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -61,17 +62,21 @@ class HubFile:
                 f"size {len(self.data)}\n").encode()
 
     @property
+    def git_oid(self) -> str:
+        """The id of what git stores: the file, or for LFS its pointer."""
+        return git_blob_sha1(self.pointer if self.lfs else self.data)
+
+    @property
     def etag(self) -> str:
-        return self.sha256 if self.lfs else git_blob_sha1(self.data)
+        """What the client names the blob by: sha256 for LFS, else the git id."""
+        return self.sha256 if self.lfs else self.git_oid
 
     def tree_entry(self) -> dict:
-        if not self.lfs:
-            return {"type": "file", "path": self.path, "size": len(self.data),
-                    "oid": git_blob_sha1(self.data)}
-        return {"type": "file", "path": self.path, "size": len(self.data),
-                "oid": git_blob_sha1(self.pointer),
-                "lfs": {"oid": self.sha256, "size": len(self.data),
-                        "pointerSize": len(self.pointer)}}
+        entry = {"type": "file", "path": self.path, "size": len(self.data), "oid": self.git_oid}
+        if self.lfs:
+            entry["lfs"] = {"oid": self.sha256, "size": len(self.data),
+                            "pointerSize": len(self.pointer)}
+        return entry
 
 
 @dataclass
@@ -115,12 +120,13 @@ class HubServer:
     def __init__(self) -> None:
         self.repos: dict[str, HubRepo] = {}
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # notified when a counter moves
         self.gets: collections.Counter[str] = collections.Counter()  # transfers per "repo/path"
+        self.heads: collections.Counter[str] = collections.Counter()  # metadata asks per file
         self.ranges: list[tuple[str, int]] = []                      # ("repo/path", first byte)
         self.api_calls: collections.Counter[str] = collections.Counter()  # "info"/"tree" per repo
         self.cut: dict[str, int] = {}                # "repo/path" -> bytes sent before the cut
         self.hold: dict[str, threading.Event] = {}   # "repo/path" -> transfer waits on it
-        self.transferring: dict[str, threading.Event] = collections.defaultdict(threading.Event)
         self._blobs: dict[str, tuple[str, HubFile]] = {}  # sha256 -> ("repo/path", file)
         self.hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler(cdn=False))
         self.cdn = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler(cdn=True))
@@ -131,6 +137,11 @@ class HubServer:
                          for s in (self.hub, self.cdn)]
         for thread in self._threads:
             thread.start()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = HOLD_TIMEOUT) -> bool:
+        """Wait until `predicate` (of the counters) holds; False if it did not in time."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
 
     def repo(self, name: str) -> HubRepo:
         """The repo `name`, created empty on first use."""
@@ -198,8 +209,9 @@ class HubServer:
         return sha, repo.commits[sha]
 
     def _info(self, req: http.server.BaseHTTPRequestHandler, repo_id: str, revision: str) -> None:
-        with self.lock:
+        with self.changed:
             self.api_calls[f"info {repo_id}"] += 1
+            self.changed.notify_all()
         found = self._commit(req, repo_id, revision)
         if found is not None:
             sha, tree = found
@@ -208,8 +220,9 @@ class HubServer:
 
     def _tree(self, req: http.server.BaseHTTPRequestHandler, repo_id: str, revision: str,
               under: str, recursive: bool) -> None:
-        with self.lock:
+        with self.changed:
             self.api_calls[f"tree {repo_id}"] += 1
+            self.changed.notify_all()
         found = self._commit(req, repo_id, revision)
         if found is None:
             return
@@ -225,15 +238,18 @@ class HubServer:
             return
         sha, tree = found
         file = tree.get(path)
+        if not body:
+            with self.changed:
+                self.heads[f"{repo_id}/{path}"] += 1
+                self.changed.notify_all()
         if file is None:
             _reply(req, 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}, b"")
             return
-        stored = file.pointer if file.lfs else file.data  # what git holds: its id is the ETag
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(stored)}"'}
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{file.git_oid}"'}
         if file.lfs:
             with self.lock:
                 self._blobs[file.sha256] = (f"{repo_id}/{path}", file)
-            headers.update({"X-Linked-Etag": f'"{file.sha256}"',
+            headers.update({"X-Linked-Etag": f'"{file.etag}"',
                             "X-Linked-Size": str(len(file.data)),
                             "Location": f"{self.cdn_url}/blobs/{file.sha256}"})
             _reply(req, 302, headers, b"")
@@ -256,25 +272,28 @@ class HubServer:
         if not body:
             _reply(req, 200, {**headers, "Content-Length": str(len(data))}, b"", body=False)
             return
-        with self.lock:
+        with self.changed:
             self.gets[key] += 1
             if start:
                 self.ranges.append((key, start))
             cut = self.cut.pop(key, None)
             hold = self.hold.get(key)
-        self.transferring[key].set()
+            self.changed.notify_all()
         if hold is not None:
             hold.wait(HOLD_TIMEOUT)
         status = 206 if start else 200
         if start:
             headers = {**headers, "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
         part = data[start:]
-        req.send_response(status)
-        for name, value in {**headers, "Content-Length": str(len(part))}.items():
-            req.send_header(name, value)
-        req.end_headers()
-        req.wfile.write(part if cut is None else part[:cut])
-        req.wfile.flush()
+        try:
+            req.send_response(status)
+            for name, value in {**headers, "Content-Length": str(len(part))}.items():
+                req.send_header(name, value)
+            req.end_headers()
+            req.wfile.write(part if cut is None else part[:cut])
+            req.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the puller was killed meanwhile
+            req.close_connection = True
         if cut is not None:
             req.close_connection = True
 

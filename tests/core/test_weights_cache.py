@@ -1,8 +1,7 @@
-"""Which cached models go and where the cache is, decided without a hub: `plan_eviction`
-evicts least recently used first, by each limit of the policy alone, and never a pinned,
-leased or never-used snapshot (though they count towards the limits); the cache directory
-is `--cache-dir`, else MSTAR_CACHE_DIR, HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub,
-read from the environment at call time."""
+"""Which cached models go, decided without a hub: `plan_eviction` evicts least recently
+used first, by each limit of the policy alone and only as much as it needs, and never a
+pinned, leased or never-used snapshot (though they count towards the limits). (Where the
+cache is: `test_weights_index.py`; eviction of a real cache: `e2e/test_weights_hub.py`.)"""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mstar.weights.cache import CacheEntry, Lease, resolve_cache_dir
+from mstar.weights.cache import CacheEntry, Lease
 from mstar.weights.eviction import EvictionPolicy, plan_eviction
 
 NOW = 1_000_000.0
@@ -54,17 +53,3 @@ def test_limits_combine_and_the_plan_is_pure():
     assert [e.repo for e in plan_eviction(CACHE, policy, 0, NOW + 7 * DAY)] == ["a", "b", "c",
                                                                                 "d"]
     assert [e.repo for e in CACHE][:2] == ["c", "a"]  # the input is not reordered
-
-
-def test_the_cache_dir_is_the_flag_then_each_variable_in_turn(monkeypatch, tmp_path):
-    for name in ("MSTAR_CACHE_DIR", "HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert resolve_cache_dir() == tmp_path / ".cache" / "huggingface" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert resolve_cache_dir() == tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert resolve_cache_dir() == tmp_path / "hub"
-    monkeypatch.setenv("MSTAR_CACHE_DIR", str(tmp_path / "mstar"))
-    assert resolve_cache_dir() == tmp_path / "mstar"
-    assert resolve_cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"

@@ -1,13 +1,21 @@
-"""The real download code against a local hub (`tests/hub_server.py`), offline: a model
-whose weight sources are hub repos (Orpheus: its LM and its SNAC codec, two repos) loads
-through the hub path and speaks as it does from the same files on disk; hub sources
-resolve at a branch, a tag or a commit, fetch only the files their patterns name, and an
-unknown repo or revision is refused naming it."""
+"""The real download code against a local hub (`tests/hub_server.py`), offline.
+
+A model whose weight sources are hub repos (Orpheus: its LM and its SNAC codec, two repos)
+loads through the hub path and speaks as it does from the same files on disk; hub sources
+resolve at a branch, a tag or a commit and fetch only the files their patterns name. The
+weight cache (`mstar.weights.cache`) pulls at any revision, resumes a cut transfer, never
+lists a pull killed midway, lets N concurrent pullers download once, names a corrupt or
+truncated file (and serving refuses the truncated one), evicts by each limit but never a
+pinned or leased snapshot, holds a running server's lease until the server dies, and
+fails clearly on a full or read-only disk. Unknown repos and revisions are refused by
+name."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import select
 import subprocess
 import sys
 import threading
@@ -17,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from hub_server import HubServer, hub_env, read_tree
+from serving_harness import Server, children, shm_segments
 
 import mstar
 from mstar import events
@@ -81,7 +90,7 @@ def test_a_hub_source_resolves_at_a_branch_a_tag_or_a_commit(hub, tmp_path):
 
 @pytest.mark.parametrize("repo, revision, named", [
     ("mstar-tests/absent", None, "mstar-tests/absent"),
-    ("mstar-tests/lm", "v9", "revision v9"),
+    ("mstar-tests/lm", "v9", "mstar-tests/lm.*v9"),
 ])
 def test_an_unknown_repo_or_revision_is_refused_naming_it(hub, tmp_path, repo, revision, named):
     hub.repo("mstar-tests/lm").commit({"config.json": b"{}"})
@@ -101,15 +110,7 @@ def test_an_unknown_repo_stops_a_load_naming_it(hub, tmp_path):
 BIG = bytes(range(251)) * (46 * 1024)
 PULL = ("import sys\n"
         "from mstar.weights.cache import WeightCache\n"
-        "print('ready', flush=True)\n"
         "print(WeightCache(sys.argv[1]).pull(sys.argv[2], progress=False), flush=True)\n")
-LEASE = ("import sys\n"
-         "from mstar.weights.cache import WeightCache\n"
-         "handle = WeightCache(sys.argv[1]).lease([(sys.argv[2], None)], sys.argv[3])\n"
-         "print('leased', flush=True)\n"
-         "sys.stdin.read()\n")
-
-
 def python(hub: HubServer, script: str, *args: str) -> subprocess.Popen[str]:
     """A process running `script` with `args`, its hub the local one."""
     return subprocess.Popen([sys.executable, "-c", script, *args], text=True,
@@ -167,7 +168,7 @@ def test_a_cut_transfer_is_resumed_with_a_range_request(hub, tmp_path):
     [(key, start)] = hub.ranges
     assert key == "mstar-tests/big/model.safetensors" and 0 < start < len(BIG) - 1000
     assert (snapshot / "model.safetensors").read_bytes() == BIG
-    assert cache.verify("mstar-tests/big") == []
+    assert [e.repo for e in cache.entries()] == ["mstar-tests/big"]
 
 
 def test_a_pull_killed_midway_is_not_listed_and_the_next_pull_completes_it(hub, tmp_path):
@@ -175,7 +176,7 @@ def test_a_pull_killed_midway_is_not_listed_and_the_next_pull_completes_it(hub, 
     key = "mstar-tests/big/model.safetensors"
     hub.hold[key] = threading.Event()
     puller = python(hub, PULL, str(tmp_path), "mstar-tests/big")
-    assert hub.transferring[key].wait(60)
+    assert hub.wait_until(lambda: hub.gets[key] == 1)
     puller.kill()
     puller.wait()
     cache = WeightCache(tmp_path)
@@ -190,16 +191,19 @@ def test_a_pull_killed_midway_is_not_listed_and_the_next_pull_completes_it(hub, 
 def test_concurrent_pullers_download_each_file_once(hub, tmp_path):
     model_repo(hub, "mstar-tests/lm", BIG)
     key = "mstar-tests/lm/model.safetensors"
-    hub.hold[key] = threading.Event()  # the first transfer waits until every puller runs
+    # the first transfer waits until every puller has resolved the revision (the claim is
+    # per commit): then all of them are at the claim while one downloads
+    hub.hold[key] = threading.Event()
     pullers = [python(hub, PULL, str(tmp_path), "mstar-tests/lm") for _ in range(3)]
-    for puller in pullers:
-        assert puller.stdout.readline() == "ready\n"
-    assert hub.transferring[key].wait(60)
+    assert hub.wait_until(lambda: hub.gets[key] == 1
+                          and hub.api_calls["info mstar-tests/lm"] == 3)
     hub.hold[key].set()
     paths = {puller.communicate()[0].strip() for puller in pullers}
     assert [p.returncode for p in pullers] == [0, 0, 0]
     assert len(paths) == 1 and (Path(paths.pop()) / "model.safetensors").read_bytes() == BIG
     assert hub.gets[key] == 1 and hub.gets["mstar-tests/lm/config.json"] == 1
+    # the others waited for the first and reused its snapshot: no listing, no metadata
+    assert hub.api_calls["tree mstar-tests/lm"] == 1 and hub.heads[key] == 1
 
 
 def test_verify_names_a_corrupt_and_a_truncated_file(hub, tmp_path):
@@ -260,22 +264,44 @@ def test_gc_evicts_least_recently_used_by_each_knob_never_pinned_or_leased(hub, 
     assert kept == set(names) - {e.repo for e in planned}
 
 
-def test_a_servers_lease_blocks_rm_naming_it_until_the_server_is_killed(hub, tmp_path):
-    model_repo(hub, "mstar-tests/lm")
-    cache = WeightCache(tmp_path)
-    cache.pull("mstar-tests/lm", progress=False)
-    server = python(hub, LEASE, str(tmp_path), "mstar-tests/lm", "srv-7")
-    assert server.stdout.readline() == "leased\n"
-    [entry] = cache.entries()
-    assert [(lease.server, lease.pid) for lease in entry.leases] == [("srv-7", server.pid)]
-    with pytest.raises(WeightsInUse, match="srv-7"):
-        cache.remove("mstar-tests/lm")
-    assert cache.gc(EvictionPolicy(max_models=0)) == []
-    server.kill()
-    server.wait()
-    [entry] = cache.entries()
-    assert entry.leases == ()
-    assert cache.remove("mstar-tests/lm") > 0 and cache.entries() == []
+def test_a_running_server_leases_what_it_serves_until_it_is_killed(hub, orpheus_ckpt,
+                                                                   tmp_path):
+    upload_orpheus(hub, orpheus_ckpt)
+    cache = WeightCache(tmp_path / "cache")
+    server = Server(tmp_path, "--config", "orpheus_colocated", "--preset", "tiny",
+                    "--cache-dir", str(cache.cache_dir), "--set", "max_seq_len=256",
+                    env=hub_env(hub))
+    try:
+        server.wait_healthy()
+        name = f"orpheus at 127.0.0.1:{server.port}"
+        leases = {e.repo: [(lease.server, lease.pid) for lease in e.leases]
+                  for e in cache.entries()}
+        assert leases == {LM_REPO: [(name, server.proc.pid)],
+                          SNAC_REPO: [(name, server.proc.pid)]}
+        with pytest.raises(WeightsInUse, match=re.escape(name)):
+            cache.remove(SNAC_REPO)
+        assert cache.gc(EvictionPolicy(max_models=0)) == []
+        workers = children(server.proc.pid)
+    finally:
+        server.proc.kill()  # no release: the lease must expire with the process
+        server.proc.wait()
+    assert all(e.leases == () for e in cache.entries())
+    for pid in workers:  # they die with their parent (PR_SET_PDEATHSIG): wait for it
+        assert wait_exit(pid)
+    assert shm_segments(server.deployment_id + "_") == []
+    assert cache.remove(SNAC_REPO) > 0
+
+
+def wait_exit(pid: int, timeout: float = 60) -> bool:
+    """Wait for a process that is not our child to exit (a pidfd turns readable)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
@@ -293,17 +319,27 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_a_full_disk_fails_the_pull_clearly_and_leaves_nothing_complete(hub, small_disk):
     model_repo(hub, "mstar-tests/big", BIG)
     cache = WeightCache(small_disk)
-    with pytest.raises(WeightsError, match="(?i)space"):
+    with pytest.raises(WeightsError, match="(?i)space") as refused:
         cache.pull("mstar-tests/big", progress=False)
+    assert str(small_disk) in str(refused.value)  # says which directory is full
     assert cache.entries() == []
     blobs = small_disk / "models--mstar-tests--big" / "blobs"
     assert not (blobs / hashlib.sha256(BIG).hexdigest()).exists()
 
 
-def test_a_read_only_cache_dir_fails_the_pull_naming_it(hub, small_disk):
-    model_repo(hub, "mstar-tests/lm")
+def test_a_read_only_cache_dir_refuses_a_pull_naming_it_and_lists_and_serves_its_own(
+        hub, small_disk):
+    held = model_repo(hub, "mstar-tests/held")
+    model_repo(hub, "mstar-tests/new")
+    WeightCache(small_disk).pull("mstar-tests/held", progress=False)
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    with pytest.raises(WeightsError, match=str(small_disk)):
-        WeightCache(small_disk).pull("mstar-tests/lm", progress=False)
-    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
-    assert WeightCache(small_disk).entries() == []
+    try:
+        cache = WeightCache(small_disk)
+        with pytest.raises(WeightsError, match=re.escape(str(small_disk))):
+            cache.pull("mstar-tests/new", progress=False)
+        assert [e.repo for e in cache.entries()] == ["mstar-tests/held"]
+        path = resolve_source("mstar-tests/held", patterns=["*.safetensors"],
+                              cache_dir=small_disk)
+        assert path == cache.path("mstar-tests/held") and path.name == held
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
