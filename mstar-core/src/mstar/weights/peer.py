@@ -55,6 +55,7 @@ from mstar.communication.messages import Handle
 from mstar.communication.tensor_bytes import host_bytes
 from mstar.communication.transport import Transport, weights_scope
 from mstar.weights.cache import resolve_cache_dir
+from mstar.weights.index import pid_alive
 from mstar.weights.loader import load_weights
 from mstar.weights.spec import WeightSpec
 
@@ -150,20 +151,10 @@ class PeerRegistry:
                 + " AND ".join(f"{n} = ?" for n in names) + " ORDER BY started DESC",
                 tuple(asdict(key).values())).fetchall()
             here = socket.gethostname()
-            dead = [r for r in rows if r[1] == here and not _alive(r[2])]
+            dead = [r for r in rows if r[1] == here and not pid_alive(r[2])]
             for endpoint, _, _ in dead:
                 db.execute("DELETE FROM peers WHERE endpoint = ?", (endpoint,))
         return [r for r in rows if r not in dead]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _checksum(tensor: torch.Tensor) -> str:
@@ -330,7 +321,7 @@ class _Peer:
         self.socket.send(msgspec.json.encode(request))
         deadline = time.monotonic() + self.timeout
         while not self.socket.poll(_POLL_MS):
-            if self.local and not _alive(self.pid):
+            if self.local and not pid_alive(self.pid):
                 self.answering = False
                 raise PeerError(f"peer {self.endpoint} (pid {self.pid}) died")
             if time.monotonic() > deadline:
