@@ -5,7 +5,7 @@ loads through the hub path and speaks as it does from the same files on disk; hu
 resolve at a branch, a tag or a commit and fetch only the files their patterns name. The
 weight cache (`mstar.weights.cache`) pulls at any revision, resumes a cut transfer, never
 lists a pull killed midway, lets N concurrent pullers download once, names a corrupt or
-truncated file (and serving refuses the truncated one), evicts by each limit but never a
+truncated file (and serving refuses both), evicts by each limit but never a
 pinned or leased snapshot, holds a running server's lease until the server dies, and
 fails clearly on a full or read-only disk. Unknown repos and revisions are refused by
 name."""
@@ -221,13 +221,19 @@ def test_verify_names_a_corrupt_and_a_truncated_file(hub, tmp_path):
     assert len(problems) == 2 and "config.json" in problems[0]
 
 
-def test_serve_refuses_a_truncated_weight_file_naming_it(hub, orpheus_ckpt, tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_serve_refuses_a_damaged_weight_file_naming_it(hub, orpheus_ckpt, tmp_path, damage):
+    """A truncated file fails the size check; one of the right size but other bytes (after
+    the load that hashed it once) fails its sha256, since its modification time moved."""
     upload_orpheus(hub, orpheus_ckpt)
     cache = WeightCache(tmp_path)
     cache.pull(LM_REPO, progress=False)
     weights = blob(cache, LM_REPO, "model.safetensors")
-    weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises((WeightsError, WeightSourceError), match="model.safetensors"):
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100] if damage == "truncated" else data[:-1] + b"\x00")
+    with pytest.raises((WeightsError, WeightSourceError),
+                       match="model.safetensors.*" + ("bytes" if damage == "truncated"
+                                                      else "sha256")):
         mstar.load("orpheus", preset="tiny", cache_dir=str(tmp_path), max_seq_len=256)
 
 

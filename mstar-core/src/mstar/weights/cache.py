@@ -324,10 +324,13 @@ class WeightCache:
     def _check(self, repo: str, commit: str, snapshot: Path, at: str,
                allow_patterns: Sequence[str] | str | None) -> bool:
         """Refuse a snapshot missing a file or holding one at another size than the hub
-        listed; False when no listing was recorded (nothing to check against)."""
+        listed, or (in a writable cache) one whose content does not match its hash; False
+        when no listing was recorded (nothing to check against)."""
         problems = self._size_problems(repo, commit, snapshot, allow_patterns)
         if problems is None:
             return False
+        if not problems and not self._read_only():
+            problems = self._hash_problems(repo, commit, snapshot, allow_patterns)
         if problems:
             raise WeightsError(f"{at} in {snapshot}: {'; '.join(problems)}. Remove it "
                                f"(`mstar weights rm {repo}`) and pull again")
@@ -398,40 +401,68 @@ class WeightCache:
     def verify(self, repo: str, revision: str | None = None) -> list[str]:
         """Every problem of the snapshot's files, each naming the file: a missing blob, a
         size other than the hub's, a sha256 (LFS files) or git sha1 (others) other than the
-        hub's. Where the listing lacks an LFS file's sha256, or there is no listing, the
-        blob's name is the expected hash, as huggingface_hub names blobs by it."""
+        hub's (`_file_problem`)."""
         entry = self._entry(repo, revision)
         listed = self._hub_files(repo, entry.revision) or {}
-        problems = []
-        for local in sorted(p for p in entry.path.rglob("*") if not p.is_dir()):
-            name = local.relative_to(entry.path).as_posix()
-            if not local.exists():
-                problems.append(f"{name}: its blob is missing")
-                continue
-            blob = local.resolve()
-            hub = listed.get(name)
-            size = local.stat().st_size
-            if hub is not None and size != hub.size:
-                problems.append(f"{name}: {size} bytes, the hub lists {hub.size}")
-                continue
-            if hub is not None and hub.lfs is not None:
-                expected, algorithm = hub.lfs.sha256, "sha256"
-            elif _SHA256.fullmatch(blob.name):
-                # an LFS file (huggingface_hub names its blob by the sha256; its cached
-                # listing may drop the LFS part, leaving only the pointer's git sha1)
-                expected, algorithm = blob.name, "sha256"
-            elif hub is not None:
-                expected, algorithm = hub.blob_id, "sha1"
-            elif _COMMIT.fullmatch(blob.name):
-                expected, algorithm = blob.name, "sha1"
-            else:
-                problems.append(f"{name}: no hash to check it against")
-                continue
-            got = _file_digest(blob, algorithm, git_blob=algorithm == "sha1")
-            if got != expected:
-                what = "sha256" if algorithm == "sha256" else "git sha1"
-                problems.append(f"{name}: {what} {got}, expected {expected} (corrupt)")
+        problems = [problem for local in sorted(p for p in entry.path.rglob("*")
+                                                if not p.is_dir())
+                    if (problem := self._file_problem(entry.path, local, listed))]
         return [f"{repo}@{entry.revision}: {p}" for p in problems]
+
+    def _file_problem(self, snapshot: Path, local: Path, listed: dict[str, Any]
+                      ) -> str | None:
+        """What is wrong with one file of a snapshot (naming it), or None. Where the
+        listing lacks an LFS file's sha256, or there is no listing, the blob's name is the
+        expected hash, as huggingface_hub names blobs by it."""
+        name = local.relative_to(snapshot).as_posix()
+        if not local.exists():
+            return f"{name}: its blob is missing"
+        blob = local.resolve()
+        hub = listed.get(name)
+        size = local.stat().st_size
+        if hub is not None and size != hub.size:
+            return f"{name}: {size} bytes, the hub lists {hub.size}"
+        if hub is not None and hub.lfs is not None:
+            expected, algorithm = hub.lfs.sha256, "sha256"
+        elif _SHA256.fullmatch(blob.name):
+            # an LFS file (huggingface_hub names its blob by the sha256; its cached
+            # listing may drop the LFS part, leaving only the pointer's git sha1)
+            expected, algorithm = blob.name, "sha256"
+        elif hub is not None:
+            expected, algorithm = hub.blob_id, "sha1"
+        elif _COMMIT.fullmatch(blob.name):
+            expected, algorithm = blob.name, "sha1"
+        else:
+            return f"{name}: no hash to check it against"
+        got = _file_digest(blob, algorithm, git_blob=algorithm == "sha1")
+        if got != expected:
+            what = "sha256" if algorithm == "sha256" else "git sha1"
+            return f"{name}: {what} {got}, expected {expected} (corrupt)"
+        return None
+
+    def _hash_problems(self, repo: str, commit: str, snapshot: Path,
+                       allow_patterns: Sequence[str] | str | None) -> list[str]:
+        """The loaded files' hash problems, hashing only a blob not yet seen matching at
+        its current size and modification time (recorded in the index): a snapshot is
+        hashed once after its download, and again only where a file changed since."""
+        from huggingface_hub.utils import filter_repo_objects
+
+        listed = self._hub_files(repo, commit) or {}
+        names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
+                 if not p.is_dir()]
+        problems = []
+        for name in filter_repo_objects(names, allow_patterns=allow_patterns):
+            local = snapshot / name
+            blob = local.resolve()
+            stat = blob.stat()
+            if self.index.verified(str(blob), stat.st_size, stat.st_mtime_ns):
+                continue
+            problem = self._file_problem(snapshot, local, listed)
+            if problem:
+                problems.append(problem)
+            else:
+                self.index.mark_verified(str(blob), stat.st_size, stat.st_mtime_ns)
+        return problems
 
     def remove(self, repo: str, revision: str | None = None) -> int:
         """Delete the snapshot (and the blobs no other revision uses); the bytes freed.

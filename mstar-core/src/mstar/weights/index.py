@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS leases (
     id INTEGER PRIMARY KEY AUTOINCREMENT, server TEXT NOT NULL, pid INTEGER NOT NULL,
     host TEXT NOT NULL, started REAL NOT NULL, heartbeat REAL NOT NULL, ttl REAL NOT NULL,
     repo TEXT NOT NULL, revision TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS verified (
+    blob TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
 """
 
 
@@ -123,6 +125,17 @@ class CacheIndex:
                                "FROM entries").fetchall()
         return {(repo, rev): EntryRow(last_used, bool(pinned), bool(complete))
                 for repo, rev, last_used, pinned, complete in found}
+
+    def verified(self, blob: str, size: int, mtime_ns: int) -> bool:
+        """Whether `blob` matched its hash when it had this size and modification time."""
+        with self._connect() as db:
+            return db.execute("SELECT 1 FROM verified WHERE blob = ? AND size = ? AND "
+                              "mtime_ns = ?", (blob, size, mtime_ns)).fetchone() is not None
+
+    def mark_verified(self, blob: str, size: int, mtime_ns: int) -> None:
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO verified (blob, size, mtime_ns) VALUES "
+                       "(?, ?, ?)", (blob, size, mtime_ns))
 
     def start_pull(self, repo: str, revision: str) -> None:
         """A pull of (repo, revision) begins: a snapshot not known before is recorded as
