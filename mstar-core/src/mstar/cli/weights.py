@@ -214,22 +214,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_ERROR if bad else 0
 
 
-def cmd_pin(args: argparse.Namespace) -> int:
-    """Keep a model's (or repo's) revision from eviction."""
+def _set_pinned(args: argparse.Namespace, pinned: bool) -> int:
     cache = _cache(args)
     for target in _hub(targets(args.target, args.revisions)):
-        cache.pin(target.repo, target.revision)
-        print(f"pinned {target}")
+        (cache.pin if pinned else cache.unpin)(target.repo, target.revision)
+        print(f"{'pinned' if pinned else 'unpinned'} {target}")
     return 0
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    """Keep a model's (or repo's) revision from eviction."""
+    return _set_pinned(args, True)
 
 
 def cmd_unpin(args: argparse.Namespace) -> int:
     """Let eviction take a pinned revision again."""
-    cache = _cache(args)
-    for target in _hub(targets(args.target, args.revisions)):
-        cache.unpin(target.repo, target.revision)
-        print(f"unpinned {target}")
-    return 0
+    return _set_pinned(args, False)
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
