@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from mstar.communication.messages import Handle
-from mstar.communication.mooncake import MooncakeTransport
+from mstar.communication.mooncake import MooncakeTransport, port_free
 from mstar.communication.shm import (
     SHM_DIR,
     ShmTransport,
@@ -563,7 +563,7 @@ for other in (port, port + 2):
 def test_rdma_listens_on_the_mooncake_port():
     # a free port whose successor is free too, where Mooncake takes ports (below 32768)
     port = next(p for p in range(20000 + os.getpid() % 10000, 32766, 2)
-                if all(_port_free(q) for q in (p, p + 1)))
+                if all(port_free(q) for q in (p, p + 1)))
     child = subprocess.run([sys.executable, "-c", ON_A_PORT, str(port)], capture_output=True,
                            text=True, timeout=60)
     assert child.returncode == 0, child.stderr
@@ -573,15 +573,6 @@ def test_rdma_listens_on_the_mooncake_port():
     assert other.startswith(f"--mooncake-port {port + 2}: Mooncake reads its ports once")
     with pytest.raises(ValueError, match="--mooncake-port 40000: Mooncake listens below 32768"):
         MooncakeTransport("worker:0", deployment_id="d", mooncake_port=40000)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("", port))  # every interface, as Mooncake binds
-        except OSError:
-            return False
-    return True
 
 
 def test_core_transports_are_registered_by_protocol():

@@ -20,6 +20,7 @@ from test_multinode import Agent, free_ports
 from test_serving import decoded
 
 import mstar
+from mstar.communication.mooncake import port_free
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mooncake") is None,
                                 reason="Mooncake is not installed")
@@ -38,15 +39,6 @@ def summary(evs: list) -> tuple[list[int], torch.Tensor]:
     return tokens(evs), torch.tensor(logprobs)
 
 
-def bindable(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("", port))  # every interface, as Mooncake binds
-        except OSError:
-            return False
-    return True
-
-
 def listening(host: str, port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex((host, port)) == 0
@@ -60,7 +52,7 @@ def test_two_nodes_over_rdma_give_the_in_process_outputs(tmp_path, tiny_ckpt):
     # six free ports below 32768 (Mooncake's limit): node 0's data worker and rank, then
     # node 1's rank, two each
     first = next(p for p in range(20000 + os.getpid() % 10000, 32760)
-                 if all(bindable(q) for q in range(p, p + 6)))
+                 if all(port_free(q) for q in range(p, p + 6)))
     common = ["--config", "testvla_pd_disaggregated", "--set", "ranks_per_node=1",
               "--model-path", str(tiny_ckpt), "--nnodes", "2", "--master-addr", "127.0.0.1",
               "--master-port", str(free_ports(12)), "--tensor-comm-protocol", "RDMA",

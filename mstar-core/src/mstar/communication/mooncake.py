@@ -220,7 +220,7 @@ class MooncakeTransport:
             # interface) and crashes when both are taken: check first, so that a port in
             # use is an error that names it
             for taken in _ports:
-                if not _port_free(taken):
+                if not port_free(taken):
                     raise OSError(f"--mooncake-port {_ports[0]}: port {taken} is in use "
                                   "(pass 0 to let Mooncake pick)")
         status = engine.initialize(host, "P2PHANDSHAKE", self.protocol, device or "")
@@ -351,8 +351,8 @@ def _parse(handle: Handle) -> tuple[str, int, int]:
     return session, int(item), int(remote)
 
 
-def _port_free(port: int) -> bool:
-    """Whether `port` is free on every interface."""
+def port_free(port: int) -> bool:
+    """Whether `port` is free on every interface (where Mooncake binds its listeners)."""
     with socket.socket() as probe:
         try:
             probe.bind(("", port))
