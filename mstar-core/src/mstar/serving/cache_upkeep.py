@@ -12,8 +12,8 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Sequence
-from typing import Any
 
+from mstar.config.settings import ServerSettings
 from mstar.runtime.builder import LoadOptions
 from mstar.weights.cache import LeaseHandle, WeightCache, WeightsError
 from mstar.weights.eviction import EvictionPolicy
@@ -79,10 +79,9 @@ class CacheUpkeep:
                 log.warning("could not release the weights lease (it expires): %s", err)
 
 
-def start_upkeep(settings: Any, options: LoadOptions, server: str) -> CacheUpkeep:
+def start_upkeep(settings: ServerSettings, options: LoadOptions, server: str) -> CacheUpkeep:
     """The upkeep of a server with `settings` loading by `options` (its hub sources at
     the commits `options.at_commits()` fixed)."""
-    gc = getattr(settings, "cache_gc", False)
     return CacheUpkeep(WeightCache(options.cache_dir), list(options.hub_repos().values()),
-                       server, check_interval=getattr(settings, "cache_check_interval", 3600.0),
-                       policy=settings.eviction_policy() if gc else None)
+                       server, check_interval=settings.cache_check_interval,
+                       policy=settings.eviction_policy() if settings.cache_gc else None)
