@@ -217,7 +217,7 @@ class WeightCache:
 
         return self.cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
 
-    def _commit(self, repo: str, revision: str | None) -> str:
+    def cached_commit(self, repo: str, revision: str | None) -> str:
         """The commit `revision` names in the cache (a commit, or a branch or tag by its
         ref), without asking the hub; `WeightsError` when the cache has no such ref."""
         revision = revision or "main"
@@ -386,7 +386,7 @@ class WeightCache:
 
     def _entry(self, repo: str, revision: str | None, *,
                complete_only: bool = True) -> CacheEntry:
-        commit = self._commit(repo, revision)
+        commit = self.cached_commit(repo, revision)
         for entry in self._scan(complete_only=complete_only):
             if entry.repo == repo and entry.revision == commit:
                 return entry
@@ -531,7 +531,7 @@ class WeightCache:
         pinned = []
         for repo, revision in repos:
             try:
-                pinned.append((repo, self._commit(repo, revision)))
+                pinned.append((repo, self.cached_commit(repo, revision)))
             except WeightsError:  # not pulled yet: held by its name
                 pinned.append((repo, revision or "main"))
         ids = self.index.add_leases(server, pinned, ttl=3 * check_interval, now=time.time())

@@ -54,9 +54,10 @@ from torch import nn
 from mstar.communication.messages import Handle
 from mstar.communication.tensor_bytes import host_bytes
 from mstar.communication.transport import Transport, weights_scope
-from mstar.weights.cache import resolve_cache_dir
+from mstar.weights.cache import WeightCache, WeightsError, resolve_cache_dir
 from mstar.weights.index import pid_alive
 from mstar.weights.loader import load_weights
+from mstar.weights.sources import is_hub_repo
 from mstar.weights.spec import WeightSpec
 
 log = logging.getLogger(__name__)
@@ -94,15 +95,15 @@ class WeightKey:
 
 
 def source_revision(location: str, revision: str | None, cache_dir: str | None) -> str:
-    """The revision a key names: `local` for a checkpoint path, else the commit the hub
-    cache's ref points at (offline), else `revision` as given (default `main`)."""
-    if Path(location).expanduser().is_absolute() or location.startswith((".", "~")):
+    """The revision a key names: `local` for a checkpoint path (or a URL's file), else
+    the commit the hub cache's ref names (offline), else `revision` as given (default
+    `main`)."""
+    if not is_hub_repo(location):
         return "local"
-    ref = revision or "main"
-    refs = resolve_cache_dir(cache_dir) / f"models--{location.replace('/', '--')}" / "refs" / ref
-    with contextlib.suppress(OSError):
-        return refs.read_text().strip()
-    return ref
+    try:
+        return WeightCache(cache_dir).cached_commit(location, revision)
+    except WeightsError:
+        return revision or "main"
 
 
 def registry_dir(cache_dir: str | None) -> Path:
